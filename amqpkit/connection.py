@@ -1,0 +1,737 @@
+"""The Broker: one connection, kept alive, with the topology and consumers it carries.
+
+The Broker is the one place that talks to aiormq. It
+
+- connects with backoff (tenacity), trying every URL in order;
+- after a lost connection reconnects by itself, declares again every
+  exchange, queue and binding it declared, and attaches every consumer
+  again (it holds them by strong reference: nothing is left to weak refs);
+- publishes on one channel with publisher confirms, waiting for a
+  reconnect up to the publish deadline instead of dropping the message;
+- gives each consumer a channel of its own with its own prefetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import aiormq
+import aiormq.exceptions
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+from tenacity.wait import wait_base
+from yarl import URL
+
+from .errors import (
+    ConnectError,
+    ConnectionLost,
+    MessageTooLarge,
+    PublishError,
+    PublishTimeout,
+    TopologyError,
+    map_exceptions,
+)
+from .message import Delivery, Envelope
+from .settings import BrokerSettings, host_port, redact_url
+from .topology import Binding, Exchange, Queue
+
+__all__ = ["Broker", "Consumer", "ConsumerCallback"]
+
+log = logging.getLogger("amqpkit.broker")
+
+ConsumerCallback = Callable[[Delivery[bytes]], Awaitable[None]]
+DisconnectCallback = Callable[[BaseException], None]
+ReconnectCallback = Callable[[], Awaitable[None]]
+
+
+class _Connection(aiormq.Connection):
+    # aiormq waits 3 * (heartbeat + 1) s before it calls a silent link dead.
+    # RabbitMQ itself gives up after two missed heartbeats; so do we.
+    HEARTBEAT_GRACE_MULTIPLIER = 1
+
+
+class _Unreachable(Exception):
+    """One failed connection attempt (internal; becomes ConnectError)."""
+
+
+@dataclass(eq=False)
+class Consumer:
+    """A consumer the Broker keeps attached across reconnects until :meth:`cancel`."""
+
+    broker: Broker
+    queue: Queue
+    callback: ConsumerCallback
+    prefetch: int
+    auto_ack: bool
+    exclusive: bool
+    arguments: dict[str, Any]
+    consumer_tag: str = field(default_factory=lambda: f"amqpkit.{uuid.uuid4().hex[:16]}")
+    channel: AbstractChannel | None = None
+    cancelled: bool = False
+    attached: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+    on_error: Callable[[BaseException], None] | None = None
+
+    async def cancel(self, *, grace: float = 0.0) -> None:
+        """Stop receiving; wait up to ``grace`` seconds for running callbacks."""
+        await self.broker._detach(self, grace=grace)
+
+    @property
+    def queue_name(self) -> str:
+        return self.broker.queue_name(self.queue)
+
+
+class Broker:
+    """A RabbitMQ connection that stays up: use as ``async with Broker(settings) as broker``."""
+
+    def __init__(self, settings: BrokerSettings | str | None = None) -> None:
+        if settings is None:
+            settings = BrokerSettings.from_env()
+        elif isinstance(settings, str):
+            settings = BrokerSettings(url=settings)
+        self.settings = settings
+        self._conn: _Connection | None = None
+        self._channels: dict[str, AbstractChannel] = {}
+        self._channel_lock = asyncio.Lock()
+        self._exchanges: dict[str, Exchange] = {}
+        self._queues: dict[Queue, str] = {}
+        self._bindings: dict[Binding, None] = {}
+        self._consumers: dict[str, Consumer] = {}
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._url_index = 0
+        self._on_disconnect: list[DisconnectCallback] = []
+        self._on_reconnect: list[ReconnectCallback] = []
+        self.generation = 0
+        self.reconnects = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.is_connected else ("closed" if self._closing else "disconnected")
+        return f"<Broker {', '.join(self.settings.safe_urls)} {state}>"
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def server_properties(self) -> dict[str, Any]:
+        """What the broker said of itself on connect (product, version, capabilities)."""
+        if self._conn is None:
+            return {}
+        return dict(self._conn.server_properties)
+
+    @property
+    def server_product(self) -> tuple[str, str]:
+        props = self.server_properties
+        return _text(props.get("product", "")), _text(props.get("version", ""))
+
+    async def connect(self) -> None:
+        """Connect, trying each URL in turn with backoff; :class:`ConnectError` when all fail."""
+        if self._closing:
+            raise ConnectError("this Broker was closed; make a new one")
+        if self.is_connected:
+            return
+        policy = self.settings.reconnect
+        failures: list[str] = []
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(policy.connect_attempts * len(self.settings.urls)),
+                wait=self._wait_strategy(),
+                retry=retry_if_exception_type(_Unreachable),
+                reraise=True,
+            ):
+                with attempt:
+                    try:
+                        await self._open()
+                    except _Unreachable as exc:
+                        failures.append(str(exc))
+                        raise
+        except _Unreachable:
+            targets = ", ".join(dict.fromkeys(host_port(u) for u in self.settings.urls))
+            last = failures[-1] if failures else "no attempt made"
+            raise ConnectError(
+                f"cannot connect to RabbitMQ at {targets} after {len(failures)} attempts: {last}"
+            ) from None
+
+    async def close(self, *, grace: float = 5.0) -> None:
+        """Stop consumers (letting running callbacks finish within ``grace``), then close."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnect_task
+        consumers = list(self._consumers.values())
+        if consumers:
+            await asyncio.gather(*(self._detach(c, grace=grace) for c in consumers))
+        self._connected.clear()
+        conn, self._conn = self._conn, None
+        self._channels.clear()
+        if conn is not None and not conn.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), timeout=5)
+        log.info("closed connection to %s", self._current_url_safe())
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the Broker is connected (after a reconnect); ``TimeoutError`` past ``timeout``."""
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+
+    def on_disconnect(self, callback: DisconnectCallback) -> Callable[[], None]:
+        """Call ``callback(exc)`` each time the connection drops; returns a function that unregisters it."""
+        self._on_disconnect.append(callback)
+        return lambda: _discard(self._on_disconnect, callback)
+
+    def on_reconnect(self, callback: ReconnectCallback) -> Callable[[], None]:
+        """Await ``callback()`` after each reconnect, once topology and consumers are back."""
+        self._on_reconnect.append(callback)
+        return lambda: _discard(self._on_reconnect, callback)
+
+    # ------------------------------------------------------------ connection core
+
+    def _wait_strategy(self) -> wait_base:
+        p = self.settings.reconnect
+        return wait_exponential(multiplier=p.initial_delay, max=p.max_delay, exp_base=p.multiplier) + wait_random(
+            0, p.jitter
+        )
+
+    def _current_url_safe(self) -> str:
+        urls = self.settings.urls
+        return redact_url(urls[self._url_index % len(urls)])
+
+    def _scrub(self, text: str) -> str:
+        for url in self.settings.urls:
+            password = URL(url).password
+            if password:
+                text = text.replace(password, "***")
+        return text
+
+    async def _open(self) -> None:
+        """One attempt at the current URL; on failure move to the next and raise _Unreachable."""
+        urls = self.settings.urls
+        raw = urls[self._url_index % len(urls)]
+        url = URL(raw)
+        heartbeat = int(self.settings.heartbeat)
+        url = url.update_query(heartbeat=str(heartbeat))
+        context = None
+        if url.scheme == "amqps":
+            tls = self.settings.tls
+            context = tls.ssl_context() if tls is not None else _default_tls().ssl_context()
+        properties: dict[str, Any] = {}
+        if self.settings.connection_name:
+            properties["connection_name"] = self.settings.connection_name
+        conn = _Connection(url, context=context, client_properties=properties)
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await conn.connect()
+                await self._setup(conn)
+        except (Exception, asyncio.CancelledError) as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), timeout=1)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self._url_index += 1
+            if isinstance(exc, TimeoutError):
+                reason = f"timed out after {self.settings.connect_timeout:g} s"
+            else:
+                reason = self._scrub(f"{type(exc).__name__}: {exc}")
+            log.warning("connect to %s failed: %s", host_port(raw), reason)
+            raise _Unreachable(f"{host_port(raw)}: {reason}") from None
+        log.info("connected to %s (%s %s)", redact_url(raw), *_product(conn.server_properties))
+
+    async def _setup(self, conn: _Connection) -> None:
+        """Make ``conn`` current: channels, topology, consumers, then mark connected."""
+        self._conn = conn
+        self._channels.clear()
+        self.generation += 1
+        await self._channel("publish")
+        for spec in list(self._exchanges.values()):
+            await self._declare_exchange_on(spec)
+        for queue in list(self._queues):
+            await self._declare_queue_on(queue)
+        for binding in list(self._bindings):
+            await self._bind_on(binding)
+        for consumer in list(self._consumers.values()):
+            await self._attach(consumer)
+        generation = self.generation
+        conn.closing.add_done_callback(lambda fut: self._on_closed(fut, generation))
+        self._connected.set()
+
+    def _on_closed(self, closing: asyncio.Future[Any], generation: int) -> None:
+        if self._closing or generation != self.generation:
+            return
+        self._connected.clear()
+        exc = closing.exception() if not closing.cancelled() else None
+        reason = self._scrub(str(exc) if exc else "closed")
+        log.warning("connection to %s lost: %s; reconnecting", self._current_url_safe(), reason)
+        lost = ConnectionLost(f"connection lost: {reason}")
+        for consumer in self._consumers.values():
+            consumer.attached.clear()
+            consumer.channel = None
+        for callback in list(self._on_disconnect):
+            try:
+                callback(lost)
+            except Exception:
+                log.exception("disconnect callback failed")
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        started = asyncio.get_running_loop().time()
+        async for attempt in AsyncRetrying(wait=self._wait_strategy(), retry=retry_if_exception_type(_Unreachable)):
+            with attempt:
+                await self._open()
+        self.reconnects += 1
+        took = asyncio.get_running_loop().time() - started
+        log.info("reconnected to %s in %.2f s", self._current_url_safe(), took)
+        for callback in list(self._on_reconnect):
+            try:
+                await callback()
+            except Exception:
+                log.exception("reconnect callback failed")
+
+    async def _channel(self, role: str, *, confirms: bool = True) -> AbstractChannel:
+        """The open channel kept for ``role`` on the current connection, reopened when it died."""
+        channel = self._channels.get(role)
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._channel_lock:
+            channel = self._channels.get(role)
+            if channel is not None and not channel.is_closed:
+                return channel
+            conn = self._conn
+            if conn is None or conn.is_closed:
+                raise ConnectionLost("not connected")
+            with map_exceptions(kind="channel", name=role):
+                channel = await conn.channel(publisher_confirms=confirms, on_return_raises=confirms)
+            self._channels[role] = channel
+            return channel
+
+    async def open_channel(self, *, confirms: bool = False, prefetch: int | None = None) -> AbstractChannel:
+        """A new channel on the current connection, for patterns that manage their own.
+
+        The caller owns it; it dies with the connection (see :meth:`on_reconnect`).
+        """
+        await self._connected.wait()
+        conn = self._conn
+        if conn is None:
+            raise ConnectionLost("not connected")
+        with map_exceptions(kind="channel"):
+            channel = await conn.channel(publisher_confirms=confirms, on_return_raises=confirms)
+            if prefetch is not None:
+                await channel.basic_qos(prefetch_count=prefetch)
+        return channel
+
+    # ------------------------------------------------------------------ topology
+
+    async def declare(self, *specs: Exchange | Queue | Binding) -> None:
+        """Declare specs in the order given and remember them for reconnects."""
+        for spec in specs:
+            if isinstance(spec, Exchange):
+                await self.declare_exchange(spec)
+            elif isinstance(spec, Queue):
+                await self.declare_queue(spec)
+            else:
+                await self.bind(spec)
+
+    async def declare_exchange(self, exchange: Exchange) -> None:
+        if exchange.is_builtin:
+            return
+        await self._ready()
+        await self._declare_exchange_on(exchange)
+        self._exchanges[exchange.name] = exchange
+
+    async def declare_queue(self, queue: Queue) -> str:
+        """Declare ``queue``; returns its name (the broker's choice for a server-named queue)."""
+        await self._ready()
+        name = await self._declare_queue_on(queue)
+        # A named queue re-declared with a different spec replaces the old one.
+        self._queues.pop(queue, None)
+        self._queues[queue] = name
+        return name
+
+    async def bind(self, binding: Binding) -> None:
+        await self.declare_exchange(binding.exchange)
+        if binding.queue not in self._queues:
+            await self.declare_queue(binding.queue)
+        await self._bind_on(binding)
+        self._bindings[binding] = None
+
+    async def unbind(self, binding: Binding) -> None:
+        await self._ready()
+        channel = await self._channel("topology", confirms=False)
+        with map_exceptions(kind="binding", name=binding.routing_key):
+            await channel.queue_unbind(
+                queue=self.queue_name(binding.queue),
+                exchange=binding.exchange.name,
+                routing_key=binding.routing_key,
+                arguments=binding.bind_arguments() or None,
+            )
+        self._bindings.pop(binding, None)
+
+    def queue_name(self, queue: Queue) -> str:
+        """The live name of a declared queue."""
+        if queue.server_named:
+            try:
+                return self._queues[queue]
+            except KeyError:
+                raise TopologyError("server-named queue used before it was declared", kind="queue") from None
+        return queue.name
+
+    async def delete_queue(self, queue: Queue | str, *, if_unused: bool = False, if_empty: bool = False) -> int:
+        """Delete a queue and forget it (with its bindings and consumers); returns the messages it held."""
+        name = queue if isinstance(queue, str) else self.queue_name(queue)
+        for spec in [q for q in self._queues if self._queues[q] == name]:
+            del self._queues[spec]
+            for b in [b for b in self._bindings if b.queue is spec or b.queue == spec]:
+                del self._bindings[b]
+        await self._ready()
+        channel = await self._channel("topology", confirms=False)
+        with map_exceptions(kind="queue", name=name):
+            result = await channel.queue_delete(name, if_unused=if_unused, if_empty=if_empty)
+        return int(result.message_count or 0)
+
+    async def delete_exchange(self, name: str | Exchange, *, if_unused: bool = False) -> None:
+        name = name if isinstance(name, str) else name.name
+        self._exchanges.pop(name, None)
+        for b in [b for b in self._bindings if b.exchange.name == name]:
+            del self._bindings[b]
+        await self._ready()
+        channel = await self._channel("topology", confirms=False)
+        with map_exceptions(kind="exchange", name=name):
+            await channel.exchange_delete(name, if_unused=if_unused)
+
+    async def purge_queue(self, queue: Queue | str) -> int:
+        name = queue if isinstance(queue, str) else self.queue_name(queue)
+        await self._ready()
+        channel = await self._channel("topology", confirms=False)
+        with map_exceptions(kind="queue", name=name):
+            result = await channel.queue_purge(name)
+        return int(result.message_count or 0)
+
+    async def queue_counts(self, queue: Queue | str) -> tuple[int, int]:
+        """``(messages ready, consumers)`` of an existing queue; TopologyError when it does not exist."""
+        name = queue if isinstance(queue, str) else self.queue_name(queue)
+        await self._ready()
+        channel = await self._channel("topology", confirms=False)
+        with map_exceptions(kind="queue", name=name):
+            result = await channel.queue_declare(name, passive=True)
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+
+    async def _declare_exchange_on(self, exchange: Exchange) -> None:
+        channel = await self._channel("topology", confirms=False)
+        with map_exceptions(kind="exchange", name=exchange.name):
+            await channel.exchange_declare(
+                exchange=exchange.name,
+                exchange_type=str(exchange.type),
+                durable=exchange.durable,
+                auto_delete=exchange.auto_delete,
+                internal=exchange.internal,
+                arguments=dict(exchange.arguments) or None,
+            )
+
+    async def _declare_queue_on(self, queue: Queue) -> str:
+        channel = await self._channel("topology", confirms=False)
+        with map_exceptions(kind="queue", name=queue.name):
+            result = await channel.queue_declare(
+                queue=queue.name,
+                durable=queue.durable,
+                exclusive=queue.exclusive,
+                auto_delete=queue.auto_delete,
+                arguments=queue.declare_arguments() or None,
+            )
+        name = str(result.queue)
+        if queue.server_named:
+            self._queues[queue] = name
+        return name
+
+    async def _bind_on(self, binding: Binding) -> None:
+        channel = await self._channel("topology", confirms=False)
+        queue_name = self.queue_name(binding.queue)
+        with map_exceptions(kind="binding", name=f"{binding.exchange.name}->{queue_name}"):
+            await channel.queue_bind(
+                queue=queue_name,
+                exchange=binding.exchange.name,
+                routing_key=binding.routing_key,
+                arguments=binding.bind_arguments() or None,
+            )
+
+    async def _ready(self, timeout: float | None = None) -> None:
+        if self._closing:
+            raise ConnectionLost("this Broker is closed")
+        if self.is_connected:
+            return
+        if self._conn is None and self._reconnect_task is None:
+            raise ConnectionLost("not connected: call connect() or use 'async with Broker(...)'")
+        try:
+            await self.wait_connected(self.settings.publish_timeout if timeout is None else timeout)
+        except TimeoutError:
+            raise ConnectionLost("not connected: the reconnect did not finish in time") from None
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish(
+        self,
+        envelope: Envelope,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str = "",
+        mandatory: bool = False,
+        confirm: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish and, with ``confirm`` (the default), wait for the broker's confirm.
+
+        While disconnected it waits for the reconnect, up to ``timeout``
+        (default ``settings.publish_timeout``), and publishes again after a
+        connection lost mid-confirm (at-least-once: consumers may see a
+        duplicate, with the same message id).
+
+        Raises :class:`MessageTooLarge`, :class:`Unroutable` (mandatory and no
+        queue took it), :class:`PublishNacked`, :class:`PublishTimeout`, or
+        :class:`PublishError` (e.g. the exchange does not exist).
+        """
+        body = envelope.body
+        limit = self.settings.max_message_size
+        if len(body) > limit:
+            raise MessageTooLarge(len(body), limit)
+        exchange_name = exchange if isinstance(exchange, str) else exchange.name
+        if mandatory and not confirm:
+            raise ValueError("mandatory publishes need confirms to report a return")
+        if self._closing:
+            raise PublishError("this Broker is closed")
+        loop = asyncio.get_running_loop()
+        wait = self.settings.publish_timeout if timeout is None else timeout
+        deadline = loop.time() + wait
+        properties = envelope.properties()
+        role = "publish" if confirm else "publish-fast"
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    if not self._connected.is_set():
+                        await self._connected.wait()
+                    channel = self._channels.get(role)
+                    if channel is None or channel.is_closed:
+                        channel = await self._channel(role, confirms=confirm)
+                    with map_exceptions(kind="exchange", name=exchange_name):
+                        await channel.basic_publish(
+                            body,
+                            exchange=exchange_name,
+                            routing_key=routing_key,
+                            properties=properties,
+                            mandatory=mandatory,
+                        )
+                return
+            except TimeoutError:
+                state = "broker did not confirm" if self.is_connected else "broker not reachable"
+                raise PublishTimeout(
+                    f"publish to {exchange_name or '(default exchange)'!r} not confirmed within {wait:g} s ({state})"
+                ) from None
+            except TopologyError as exc:
+                raise PublishError(f"publish refused: {exc}") from exc
+            except ConnectionLost:
+                if self._closing:
+                    raise
+                # The connection (or only this channel) died; if the channel died
+                # alone, the next loop reopens it, else we wait for the reconnect.
+                await asyncio.sleep(0.01)
+                continue
+
+    # ------------------------------------------------------------------ consuming
+
+    async def consume(
+        self,
+        queue: Queue,
+        callback: ConsumerCallback,
+        *,
+        prefetch: int = 16,
+        auto_ack: bool = False,
+        exclusive: bool = False,
+        arguments: dict[str, Any] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> Consumer:
+        """Attach ``callback`` to ``queue`` on a channel of its own, kept attached across reconnects.
+
+        The queue is declared first (and remembered). Each delivery runs
+        ``callback`` in its own task; settle it there (unless ``auto_ack``).
+        """
+        if queue not in self._queues:
+            await self.declare_queue(queue)
+        consumer = Consumer(
+            broker=self,
+            queue=queue,
+            callback=callback,
+            prefetch=prefetch,
+            auto_ack=auto_ack,
+            exclusive=exclusive,
+            arguments=dict(arguments or {}),
+            on_error=on_error,
+        )
+        self._consumers[consumer.consumer_tag] = consumer
+        try:
+            await self._ready()
+            await self._attach(consumer)
+        except BaseException:
+            self._consumers.pop(consumer.consumer_tag, None)
+            raise
+        return consumer
+
+    async def get(self, queue: Queue | str, *, auto_ack: bool = False) -> Delivery[bytes] | None:
+        """One message from ``queue`` (basic.get), or None when it is empty."""
+        name = queue if isinstance(queue, str) else self.queue_name(queue)
+        await self._ready()
+        channel = await self._channel("get", confirms=False)
+        with map_exceptions(kind="queue", name=name):
+            message = await channel.basic_get(name, no_ack=auto_ack)
+        if not isinstance(message.delivery, Basic.GetOk):
+            return None
+        return Delivery.from_aiormq(message, auto_ack=auto_ack)
+
+    async def _attach(self, consumer: Consumer) -> None:
+        conn = self._conn
+        if conn is None or conn.is_closed:
+            raise ConnectionLost("not connected")
+        queue_name = self.queue_name(consumer.queue)
+        with map_exceptions(kind="queue", name=queue_name):
+            channel = await conn.channel(publisher_confirms=False)
+            await channel.basic_qos(prefetch_count=consumer.prefetch)
+
+            async def on_message(message: DeliveredMessage) -> None:
+                await self._dispatch(consumer, message)
+
+            channel.on_consumer_cancel_callbacks.add(lambda frame: self._on_broker_cancel(consumer, channel))
+            await channel.basic_consume(
+                queue_name,
+                on_message,
+                no_ack=consumer.auto_ack,
+                exclusive=consumer.exclusive,
+                arguments=consumer.arguments or None,
+                consumer_tag=consumer.consumer_tag,
+            )
+        consumer.channel = channel
+        consumer.attached.set()
+        generation = self.generation
+        channel.closing.add_done_callback(lambda _: self._on_consumer_channel_closed(consumer, channel, generation))
+        log.debug("consumer %s attached to %s", consumer.consumer_tag, queue_name)
+
+    async def _dispatch(self, consumer: Consumer, message: DeliveredMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            consumer.inflight.add(task)
+        try:
+            await consumer.callback(Delivery.from_aiormq(message, auto_ack=consumer.auto_ack))
+        except Exception:
+            # Patterns settle and log their own failures; this is the last net.
+            log.exception("consumer %s callback failed", consumer.consumer_tag)
+        finally:
+            if task is not None:
+                consumer.inflight.discard(task)
+
+    def _on_consumer_channel_closed(self, consumer: Consumer, channel: AbstractChannel, generation: int) -> None:
+        if consumer.cancelled or self._closing or consumer.channel is not channel:
+            return
+        consumer.attached.clear()
+        consumer.channel = None
+        if generation != self.generation or self._conn is None or self._conn.is_closed:
+            return  # the reconnect re-attaches it
+        log.warning("consumer %s lost its channel; re-attaching", consumer.consumer_tag)
+        asyncio.get_running_loop().create_task(self._reattach(consumer))
+
+    def _on_broker_cancel(self, consumer: Consumer, channel: AbstractChannel) -> None:
+        """The broker cancelled the consumer (queue deleted, node down): declare the queue again and re-attach."""
+        if consumer.cancelled or self._closing:
+            return
+        log.warning("broker cancelled consumer %s on %s; re-attaching", consumer.consumer_tag, consumer.queue.name)
+        consumer.attached.clear()
+        consumer.channel = None
+
+        async def close_then_reattach() -> None:
+            with contextlib.suppress(Exception):
+                await channel.close()
+            await self._reattach(consumer, redeclare=True)
+
+        asyncio.get_running_loop().create_task(close_then_reattach())
+
+    async def _reattach(self, consumer: Consumer, *, redeclare: bool = False) -> None:
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(10),
+                wait=self._wait_strategy(),
+                reraise=True,
+            ):
+                with attempt:
+                    if consumer.cancelled or self._closing:
+                        return
+                    await self._ready()
+                    if consumer.channel is not None:
+                        return  # a reconnect got there first
+                    if redeclare and consumer.queue in self._queues:
+                        await self._declare_queue_on(consumer.queue)
+                        for b in [b for b in self._bindings if b.queue == consumer.queue]:
+                            await self._bind_on(b)
+                    await self._attach(consumer)
+        except Exception as exc:
+            log.error("consumer %s could not be re-attached: %s", consumer.consumer_tag, exc)
+            if consumer.on_error is not None:
+                consumer.on_error(exc)
+
+    async def _detach(self, consumer: Consumer, *, grace: float) -> None:
+        if consumer.cancelled:
+            return
+        consumer.cancelled = True
+        self._consumers.pop(consumer.consumer_tag, None)
+        channel, consumer.channel = consumer.channel, None
+        consumer.attached.clear()
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.basic_cancel(consumer.consumer_tag), timeout=5)
+        pending = {t for t in consumer.inflight if t is not asyncio.current_task()}
+        if pending and grace > 0:
+            await asyncio.wait(pending, timeout=grace)
+        if channel is not None and not channel.is_closed:
+            # Closing the channel returns whatever is still unacked to the queue.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), timeout=5)
+
+
+def _discard(items: list[Any], item: Any) -> None:
+    with contextlib.suppress(ValueError):
+        items.remove(item)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _product(props: Any) -> tuple[str, str]:
+    return _text(props.get("product", "?")), _text(props.get("version", "?"))
+
+
+def _default_tls() -> Any:
+    from .settings import TlsSettings
+
+    return TlsSettings()

@@ -1,0 +1,207 @@
+"""Exceptions raised by amqpkit.
+
+Every exception amqpkit raises on purpose derives from :class:`AmqpkitError`.
+Errors from aio-pika and aiormq never reach user code: they are translated at
+one boundary, :func:`map_exceptions`, and chained (``raise ... from exc``).
+
+The hierarchy::
+
+    AmqpkitError
+    ├── ConnectError          no broker in the list could be reached
+    ├── ConnectionLost        the connection dropped while an operation waited
+    ├── TopologyError         a declare was refused (argument drift, bad spec)
+    ├── PublishError          a publish did not reach a queue for sure
+    │   ├── Unroutable        mandatory publish returned: no queue took it
+    │   ├── PublishNacked     the broker nacked the publish
+    │   ├── PublishTimeout    no confirm before the deadline (also TimeoutError)
+    │   └── MessageTooLarge   refused client-side, over max_message_size
+    ├── DecodeError           a body could not be turned into a value
+    ├── SettlementError       a delivery was settled twice
+    └── RpcError              a remote call did not produce a result
+        ├── RpcTimeout        no reply before the deadline (also TimeoutError)
+        ├── NoResponder       no queue took the request
+        └── RemoteError       the remote handler raised; carries its type and text
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import aiormq.exceptions
+
+__all__ = [
+    "AmqpkitError",
+    "ConnectError",
+    "ConnectionLost",
+    "DecodeError",
+    "MessageTooLarge",
+    "NoResponder",
+    "PublishError",
+    "PublishNacked",
+    "PublishTimeout",
+    "RemoteError",
+    "RpcError",
+    "RpcTimeout",
+    "SettlementError",
+    "TopologyError",
+    "Unroutable",
+    "map_exceptions",
+]
+
+
+class AmqpkitError(Exception):
+    """Root of every error amqpkit raises."""
+
+
+class ConnectError(AmqpkitError):
+    """Raised when every broker address failed on connect; names host and port, never the password."""
+
+
+class ConnectionLost(AmqpkitError):
+    """Raised when the connection or channel dropped while an operation was waiting on it."""
+
+
+class TopologyError(AmqpkitError):
+    """Raised when the broker refuses a declare, e.g. a queue whose arguments differ from the live one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str = "queue",
+        name: str = "",
+        argument: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.name = name
+        self.argument = argument
+
+
+class PublishError(AmqpkitError):
+    """Raised when a publish is not known to have reached a queue."""
+
+
+class Unroutable(PublishError):
+    """Raised when a mandatory publish was returned because no queue was bound for it."""
+
+    def __init__(self, exchange: str, routing_key: str, reply_text: str = "NO_ROUTE") -> None:
+        shown = exchange or "(default exchange)"
+        super().__init__(f"unroutable: exchange {shown!r} routing key {routing_key!r}: {reply_text}")
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.reply_text = reply_text
+
+
+class PublishNacked(PublishError):
+    """Raised when the broker answered the publish with basic.nack."""
+
+
+class PublishTimeout(PublishError, TimeoutError):
+    """Raised when no confirm arrived before the publish deadline (broker blocked, or unreachable)."""
+
+
+class MessageTooLarge(PublishError):
+    """Raised before publishing when a body is larger than ``BrokerSettings.max_message_size``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"message body is {size} bytes, over the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class DecodeError(AmqpkitError):
+    """Raised when a body has an unaccepted content type, is not valid for its codec, or fails the schema."""
+
+    def __init__(self, message: str, *, errors: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class SettlementError(AmqpkitError):
+    """Raised when a delivery that was already acked, nacked or rejected is settled again."""
+
+
+class RpcError(AmqpkitError):
+    """Raised when a remote call ends without a result."""
+
+
+class RpcTimeout(RpcError, TimeoutError):
+    """Raised when no reply arrived before the call's deadline."""
+
+
+class NoResponder(RpcError):
+    """Raised when no queue took the request (the mandatory publish was returned)."""
+
+
+class RemoteError(RpcError):
+    """Raised when the remote handler raised; ``remote_type`` and ``remote_message`` say what."""
+
+    def __init__(self, remote_type: str, remote_message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{remote_type}: {remote_message}")
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.details = details or {}
+
+
+_INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (queue|exchange) '([^']*)'")
+
+
+@contextmanager
+def map_exceptions(*, kind: str = "", name: str = "") -> Iterator[None]:
+    """Translate aiormq exceptions raised in the block into amqpkit ones.
+
+    ``kind`` and ``name`` describe the object being worked on (e.g. ``queue``,
+    ``orders``) so that a refused declare names it.
+    """
+    try:
+        yield
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        text = _reply_text(exc)
+        match = _INEQUIVALENT.search(text)
+        if match:
+            argument, found_kind, found_name = match.groups()
+            raise TopologyError(
+                f"{found_kind} {found_name!r} exists with a different {argument!r}: {text}",
+                kind=found_kind,
+                name=found_name,
+                argument=argument,
+            ) from exc
+        raise TopologyError(f"{kind} {name!r} refused: {text}", kind=kind, name=name) from exc
+    except (
+        aiormq.exceptions.ChannelAccessRefused,
+        aiormq.exceptions.ChannelNotFoundEntity,
+        aiormq.exceptions.ChannelLockedResource,
+    ) as exc:
+        raise TopologyError(f"{kind} {name!r}: {_reply_text(exc)}", kind=kind, name=name) from exc
+    except aiormq.exceptions.PublishError as exc:
+        frame = exc.frame
+        raise Unroutable(
+            getattr(frame, "exchange", "") or "",
+            getattr(frame, "routing_key", "") or "",
+            getattr(frame, "reply_text", "") or "NO_ROUTE",
+        ) from exc
+    except aiormq.exceptions.DeliveryError as exc:
+        raise PublishNacked(f"broker nacked the publish to {name!r}") from exc
+    except (
+        aiormq.exceptions.AMQPConnectionError,
+        aiormq.exceptions.ChannelClosed,
+        aiormq.exceptions.ChannelInvalidStateError,
+        ConnectionError,
+    ) as exc:
+        raise ConnectionLost(f"connection lost: {_reply_text(exc)}") from exc
+
+
+def _reply_text(exc: BaseException) -> str:
+    """The broker's reply text of an aiormq exception, without the exception noise."""
+    for arg in exc.args:
+        if isinstance(arg, str) and arg:
+            return arg
+    frame = getattr(exc, "frame", None)
+    text = getattr(frame, "reply_text", None)
+    if isinstance(text, str) and text:
+        return text
+    return type(exc).__name__

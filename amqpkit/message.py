@@ -1,0 +1,237 @@
+"""What is sent (:class:`Envelope`) and what arrives (:class:`Delivery`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pamqp.commands import Basic
+
+from .errors import SettlementError, map_exceptions
+
+if TYPE_CHECKING:
+    from aiormq.abc import AbstractChannel, DeliveredMessage
+
+__all__ = ["Delivery", "Envelope", "Settlement"]
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A message body with its AMQP properties.
+
+    ``expiration`` is in seconds (the broker's per-message TTL); ``persistent``
+    maps to delivery mode 2. ``message_id`` defaults to a fresh uuid.
+    """
+
+    body: bytes
+    content_type: str | None = None
+    content_encoding: str | None = None
+    message_id: str | None = field(default_factory=new_message_id)
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    timestamp: datetime | None = None
+    type: str | None = None
+    expiration: float | None = None
+    persistent: bool = True
+    priority: int | None = None
+    app_id: str | None = None
+
+    def properties(self) -> Basic.Properties:
+        return Basic.Properties(
+            content_type=self.content_type,
+            content_encoding=self.content_encoding,
+            headers=self.headers or None,
+            delivery_mode=2 if self.persistent else 1,
+            priority=self.priority,
+            correlation_id=self.correlation_id,
+            reply_to=self.reply_to,
+            expiration=None if self.expiration is None else str(max(0, round(self.expiration * 1000))),
+            message_id=self.message_id,
+            timestamp=self.timestamp,
+            message_type=self.type,
+            app_id=self.app_id,
+        )
+
+    @classmethod
+    def from_properties(cls, body: bytes, props: Basic.Properties) -> Envelope:
+        expiration: float | None = None
+        if props.expiration:
+            try:
+                expiration = int(props.expiration) / 1000
+            except ValueError:
+                expiration = None
+        return cls(
+            body=body,
+            content_type=props.content_type,
+            content_encoding=props.content_encoding,
+            message_id=props.message_id,
+            correlation_id=props.correlation_id,
+            reply_to=props.reply_to,
+            headers=dict(props.headers or {}),
+            timestamp=props.timestamp.replace(tzinfo=UTC) if props.timestamp else None,
+            type=props.message_type,
+            expiration=expiration,
+            persistent=props.delivery_mode == 2,
+            priority=props.priority,
+            app_id=props.app_id,
+        )
+
+
+class Settlement(Enum):
+    """How a delivery was settled."""
+
+    ACKED = "acked"
+    NACKED = "nacked"
+    REQUEUED = "requeued"
+    REJECTED = "rejected"
+    AUTO = "auto-acked"
+
+
+class _Settler:
+    """The one settle-once state shared by a delivery and its decoded copies."""
+
+    __slots__ = ("channel", "outcome", "tag")
+
+    def __init__(self, channel: AbstractChannel | None, tag: int, auto_ack: bool) -> None:
+        self.channel = channel
+        self.tag = tag
+        self.outcome: Settlement | None = Settlement.AUTO if auto_ack else None
+
+    def claim(self, outcome: Settlement) -> AbstractChannel:
+        if self.outcome is not None:
+            raise SettlementError(f"delivery {self.tag} was already settled ({self.outcome.value})")
+        if self.channel is None:
+            raise SettlementError(f"delivery {self.tag} has no channel to settle on")
+        self.outcome = outcome
+        return self.channel
+
+
+class Delivery(Generic[T]):
+    """A message as it arrives: the decoded ``value``, its ``envelope`` and how to settle it.
+
+    Settle once: ``ack()``, ``nack(requeue=...)`` or ``reject()``. A second
+    settlement raises :class:`~amqpkit.SettlementError`; it is never a no-op.
+    Settling on a channel that has since closed raises
+    :class:`~amqpkit.ConnectionLost` (the broker will deliver the message again).
+    """
+
+    __slots__ = ("_settler", "envelope", "exchange", "redelivered", "routing_key", "value")
+
+    def __init__(
+        self,
+        value: T,
+        envelope: Envelope,
+        *,
+        redelivered: bool = False,
+        exchange: str = "",
+        routing_key: str = "",
+        settler: _Settler | None = None,
+    ) -> None:
+        self.value = value
+        self.envelope = envelope
+        self.redelivered = redelivered
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self._settler = settler or _Settler(None, 0, auto_ack=False)
+
+    @classmethod
+    def from_aiormq(cls, message: DeliveredMessage, *, auto_ack: bool = False) -> Delivery[bytes]:
+        frame = message.delivery
+        return Delivery(
+            message.body,
+            Envelope.from_properties(message.body, message.header.properties),
+            redelivered=bool(getattr(frame, "redelivered", False)),
+            exchange=message.exchange or "",
+            routing_key=message.routing_key or "",
+            settler=_Settler(message.channel, message.delivery_tag or 0, auto_ack),
+        )
+
+    def with_value(self, value: U) -> Delivery[U]:
+        """The same delivery (sharing its settlement) carrying a decoded value."""
+        return Delivery(
+            value,
+            self.envelope,
+            redelivered=self.redelivered,
+            exchange=self.exchange,
+            routing_key=self.routing_key,
+            settler=self._settler,
+        )
+
+    @property
+    def body(self) -> bytes:
+        return self.envelope.body
+
+    @property
+    def message_id(self) -> str | None:
+        return self.envelope.message_id
+
+    @property
+    def headers(self) -> Mapping[str, Any]:
+        return self.envelope.headers
+
+    @property
+    def delivery_tag(self) -> int:
+        return self._settler.tag
+
+    @property
+    def settled(self) -> Settlement | None:
+        return self._settler.outcome
+
+    @property
+    def attempt(self) -> int:
+        """1 for a first delivery; more after failed ones.
+
+        Counted from ``x-delivery-count`` (quorum queues) and from ``x-death``
+        entries with reason ``rejected`` (messages dead-lettered and routed
+        back); a redelivery with neither counts as at least 2.
+        """
+        headers = self.envelope.headers
+        delivery_count = _as_int(headers.get("x-delivery-count"))
+        rejected = 0
+        for death in headers.get("x-death") or ():
+            if isinstance(death, Mapping) and death.get("reason") in ("rejected", "delivery_limit"):
+                rejected += _as_int(death.get("count"))
+        attempt = 1 + max(delivery_count, rejected)
+        return max(attempt, 2) if self.redelivered else attempt
+
+    async def ack(self) -> None:
+        channel = self._settler.claim(Settlement.ACKED)
+        with map_exceptions(kind="delivery"):
+            await channel.basic_ack(self._settler.tag)
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        """Negative-acknowledge: back to the queue with ``requeue=True``, else dead-lettered or dropped."""
+        channel = self._settler.claim(Settlement.REQUEUED if requeue else Settlement.NACKED)
+        with map_exceptions(kind="delivery"):
+            await channel.basic_nack(self._settler.tag, requeue=requeue)
+
+    async def reject(self, *, requeue: bool = False) -> None:
+        """Reject: dead-lettered (or dropped when the queue has no dead-letter exchange)."""
+        channel = self._settler.claim(Settlement.REQUEUED if requeue else Settlement.REJECTED)
+        with map_exceptions(kind="delivery"):
+            await channel.basic_reject(self._settler.tag, requeue=requeue)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Delivery id={self.message_id!r} rk={self.routing_key!r} "
+            f"attempt={self.attempt} settled={self.settled and self.settled.value}>"
+        )
+
+
+def _as_int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0

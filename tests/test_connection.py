@@ -1,0 +1,263 @@
+"""The Broker against the real RabbitMQ: connect, declare, publish, consume, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from amqpkit import (
+    Binding,
+    Broker,
+    BrokerSettings,
+    BytesCodec,
+    Codec,
+    ConnectError,
+    Delivery,
+    Envelope,
+    Exchange,
+    JsonCodec,
+    MessageTooLarge,
+    PublishError,
+    PydanticCodec,
+    Queue,
+    ReconnectPolicy,
+    SettlementError,
+    TextCodec,
+    TopologyError,
+    Unroutable,
+)
+
+from .brokerctl import arabbitmqctl
+
+
+class Order(BaseModel):
+    id: int
+    item: str
+
+
+async def test_connect_reports_the_broker(broker: Broker) -> None:
+    product, version = broker.server_product
+    assert product == "RabbitMQ"
+    assert version.count(".") >= 1
+    assert broker.is_connected
+
+
+async def test_connect_failure_names_host_and_port_not_password(caplog: pytest.LogCaptureFixture) -> None:
+    settings = BrokerSettings(
+        url="amqp://guest:Sup3rSecret@127.0.0.1:1/",
+        connect_timeout=2,
+        reconnect=ReconnectPolicy(initial_delay=0.01, max_delay=0.02, connect_attempts=2),
+    )
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ConnectError) as info:
+        async with Broker(settings):
+            pass
+    text = str(info.value)
+    assert "127.0.0.1:1" in text
+    assert "after 2 attempts" in text
+    assert "Sup3rSecret" not in text
+    assert "Sup3rSecret" not in repr(info.value)
+    assert "Sup3rSecret" not in caplog.text
+
+
+async def test_wrong_password_is_a_connect_error(amqp_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    from yarl import URL
+
+    url = str(URL(amqp_url).with_password("Wr0ngPassw0rd"))
+    settings = BrokerSettings(url=url, reconnect=ReconnectPolicy(initial_delay=0.01, connect_attempts=1))
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ConnectError) as info:
+        await Broker(settings).connect()
+    assert "Wr0ngPassw0rd" not in str(info.value)
+    assert "Wr0ngPassw0rd" not in caplog.text
+
+
+async def test_second_url_is_tried(amqp_url: str) -> None:
+    settings = BrokerSettings(
+        url=["amqp://guest:guest@127.0.0.1:1/", amqp_url],
+        reconnect=ReconnectPolicy(initial_delay=0.01, connect_attempts=1),
+    )
+    async with Broker(settings) as broker:
+        assert broker.is_connected
+
+
+async def test_declare_is_idempotent(broker: Broker, name: str, cleanup: list[str]) -> None:
+    ex = Exchange(f"{name}.x", type="topic")
+    q = Queue(f"{name}.q", type="quorum", delivery_limit=3)
+    cleanup += [f"q:{q.name}", f"x:{ex.name}"]
+    for _ in range(3):
+        await broker.declare(ex, q, Binding(ex, q, routing_key="a.#"))
+    assert await broker.queue_counts(q) == (0, 0)
+
+
+async def test_argument_drift_names_queue_and_argument(broker: Broker, name: str, cleanup: list[str]) -> None:
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name, message_ttl=1.0))
+    with pytest.raises(TopologyError) as info:
+        await broker.declare_queue(Queue(name, message_ttl=2.0))
+    assert info.value.name == name
+    assert info.value.argument == "x-message-ttl"
+    assert name in str(info.value)
+    assert "x-message-ttl" in str(info.value)
+    # The connection is still usable, and so is the queue.
+    await broker.publish(Envelope(b"still fine"), routing_key=name)
+    got = await _get(broker, name)
+    assert got.body == b"still fine"
+    await got.ack()
+
+
+async def test_queue_type_drift(broker: Broker, name: str, cleanup: list[str]) -> None:
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name))
+    with pytest.raises(TopologyError) as info:
+        await broker.declare_queue(Queue(name, type="quorum"))
+    assert info.value.argument == "x-queue-type"
+
+
+async def test_server_named_queue(broker: Broker) -> None:
+    q = Queue(exclusive=True, auto_delete=True, durable=False)
+    live = await broker.declare_queue(q)
+    assert live.startswith("amq.gen-")
+    assert broker.queue_name(q) == live
+
+
+@pytest.mark.parametrize(
+    ("codec", "value"),
+    [
+        (BytesCodec(), b"\x00\x01bytes"),
+        (TextCodec(), "text ünïcode"),
+        (JsonCodec(), {"n": 1, "l": [1, "two"]}),
+        (PydanticCodec(Order), Order(id=7, item="lamp")),
+    ],
+)
+async def test_publish_and_get_with_each_codec(
+    broker: Broker, name: str, cleanup: list[str], codec: Codec[Any], value: Any
+) -> None:
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name))
+    env = Envelope(codec.encode(value), content_type=codec.content_type, headers={"k": "v"}, type="t")
+    await broker.publish(env, routing_key=name)
+    got = await _get(broker, name)
+    assert codec.decode(got.body, got.envelope.content_type) == value
+    assert got.envelope.message_id == env.message_id
+    assert got.headers["k"] == "v"
+    assert got.envelope.type == "t"
+    assert got.envelope.persistent
+    await got.ack()
+
+
+async def test_message_too_large(settings: BrokerSettings, name: str) -> None:
+    small = settings.model_copy(update={"max_message_size": 1024})
+    async with Broker(small) as broker:
+        with pytest.raises(MessageTooLarge) as info:
+            await broker.publish(Envelope(b"x" * 1025), routing_key=name)
+        assert info.value.size == 1025
+        assert info.value.limit == 1024
+        await broker.publish(Envelope(b"x" * 1024), routing_key=name)  # at the limit is fine (and dropped)
+
+
+async def test_mandatory_unroutable(broker: Broker, name: str) -> None:
+    with pytest.raises(Unroutable) as info:
+        await broker.publish(Envelope(b"x"), routing_key=f"{name}.nowhere", mandatory=True)
+    assert info.value.routing_key == f"{name}.nowhere"
+
+
+async def test_publish_to_missing_exchange(broker: Broker, name: str) -> None:
+    with pytest.raises(PublishError, match="NOT_FOUND"):
+        await broker.publish(Envelope(b"x"), exchange=f"{name}.missing", routing_key="k")
+    # the publish channel comes back for the next publish
+    await broker.publish(Envelope(b"x"), routing_key=f"{name}.drop")
+
+
+async def test_double_settlement_raises(broker: Broker, name: str, cleanup: list[str]) -> None:
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name))
+    await broker.publish(Envelope(b"once"), routing_key=name)
+    got = await _get(broker, name)
+    await got.ack()
+    with pytest.raises(SettlementError, match="already settled"):
+        await got.ack()
+    with pytest.raises(SettlementError):
+        await got.nack()
+    decoded = got.with_value("once")
+    with pytest.raises(SettlementError):
+        await decoded.reject()
+
+
+async def test_nack_requeue_counts_attempts_on_quorum(broker: Broker, name: str, cleanup: list[str]) -> None:
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name, type="quorum"))
+    await broker.publish(Envelope(b"x"), routing_key=name)
+    first = await _get(broker, name)
+    assert first.attempt == 1
+    await first.nack(requeue=True)
+    second = await _get(broker, name)
+    assert second.redelivered
+    assert second.attempt == 2
+    await second.ack()
+
+
+async def test_consume_and_reconnect_after_close_all_connections(
+    settings: BrokerSettings, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20 cuts in a row: topology and consumer come back, and a message sent after each cut arrives."""
+    rounds = 20
+    deadline = settings.heartbeat + 5
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def handler(delivery: Delivery[bytes]) -> None:
+        await received.put(delivery.body)
+        await delivery.ack()
+
+    ex = Exchange(f"{name}.x", type="direct", durable=False, auto_delete=True)
+    private = Queue(exclusive=True, auto_delete=True, durable=False)
+    caplog.set_level(logging.WARNING)
+    async with Broker(settings) as broker:
+        await broker.declare(ex, Binding(ex, private, routing_key="k"))
+        consumer = await broker.consume(private, handler, prefetch=10)
+        for i in range(rounds):
+            generation = broker.generation
+            await arabbitmqctl("close_all_connections", "amqpkit reconnect test")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while broker.generation == generation or not consumer.attached.is_set():
+                assert loop.time() - started < deadline, f"round {i}: consumer not back within {deadline} s"
+                await asyncio.sleep(0.02)
+            # The exchange and binding were re-declared (the exchange is auto-delete,
+            # the queue exclusive: both vanished with the old connection).
+            body = f"after cut {i}".encode()
+            await broker.publish(Envelope(body), exchange=ex, routing_key="k", mandatory=True)
+            assert await asyncio.wait_for(received.get(), timeout=deadline) == body
+        assert broker.reconnects == rounds
+    ours = [r for r in caplog.records if r.name.startswith("amqpkit")]
+    assert not [r for r in ours if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_publish_waits_for_reconnect(settings: BrokerSettings, name: str) -> None:
+    async with Broker(settings) as broker:
+        q = Queue(name, durable=False, auto_delete=False)
+        await broker.declare_queue(q)
+        try:
+            await arabbitmqctl("close_all_connections", "amqpkit publish test")
+            # Published while the connection is down or coming back: it must not be dropped.
+            await broker.publish(Envelope(b"kept"), routing_key=name)
+            got = await _get(broker, name)
+            assert got.body == b"kept"
+            await got.ack()
+        finally:
+            await broker.delete_queue(name)
+
+
+async def _get(broker: Broker, queue: str, timeout: float = 5) -> Delivery[bytes]:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        got = await broker.get(queue)
+        if got is not None:
+            return got
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"nothing arrived in {queue} within {timeout} s")
