@@ -21,6 +21,8 @@ from .errors import (
     Unroutable,
 )
 from .message import Delivery, Envelope, Settlement
+from .patterns.pubsub import Publisher, Subscriber
+from .patterns.routing import topic_matches
 from .settings import BrokerSettings, ReconnectPolicy, TlsSettings, redact_url
 from .topology import Binding, DeadLetterStrategy, Exchange, ExchangeType, Overflow, Queue, QueueType
 
@@ -47,6 +49,7 @@ __all__ = [
     "PublishError",
     "PublishNacked",
     "PublishTimeout",
+    "Publisher",
     "PydanticCodec",
     "Queue",
     "QueueType",
@@ -56,6 +59,7 @@ __all__ = [
     "RpcTimeout",
     "Settlement",
     "SettlementError",
+    "Subscriber",
     "TextCodec",
     "TlsSettings",
     "TopologyError",
@@ -63,4 +67,5 @@ __all__ = [
     "__version__",
     "codec_for",
     "redact_url",
+    "topic_matches",
 ]

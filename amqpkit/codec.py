@@ -147,6 +147,8 @@ class PydanticCodec(Generic[M]):
             return self._adapter.validate_json(body)
         except ValidationError as exc:
             errors = exc.errors(include_url=False, include_input=False)
+            if any(err["type"] == "json_invalid" for err in errors):
+                raise DecodeError(f"body is not valid JSON: {errors[0]['msg']}", errors=list(errors)) from exc
             summary = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or '(body)'}: {err['msg']}" for err in errors[:5]
             )

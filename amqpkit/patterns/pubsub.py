@@ -1,0 +1,311 @@
+"""Publish/subscribe over an exchange: a :class:`Publisher` and a :class:`Subscriber`.
+
+Fanout (every subscriber gets every message), direct (by binding key), topic
+(binding patterns with ``*`` and ``#``) and headers (match all / any) are the
+same two classes over different exchange types.
+
+A subscription is *private* (a server-named, exclusive, auto-delete queue:
+every subscriber instance sees every message) or *shared* (a named durable
+queue: instances of one service share the work, and messages wait for them
+across restarts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar, overload
+
+from .._handlers import HandlerInfo, inspect_handler
+from ..codec import Codec, JsonCodec
+from ..connection import Broker, Consumer
+from ..errors import DecodeError, SettlementError
+from ..message import Delivery, Envelope
+from ..topology import Binding, Exchange, ExchangeType, Queue
+
+__all__ = ["Publisher", "Subscriber"]
+
+log = logging.getLogger("amqpkit.pubsub")
+
+T = TypeVar("T")
+
+DEFAULT_PREFETCH = 32
+
+
+class Publisher(Generic[T]):
+    """Publishes values of one type to one exchange, each waiting for its publisher confirm.
+
+    ``Publisher(broker, Exchange("logs", type="fanout"), TextCodec())``.
+    The exchange is declared on first use (the default exchange ``""`` never is).
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        exchange: Exchange | str,
+        codec: Codec[T] | None = None,
+        *,
+        persistent: bool = True,
+        confirm: bool = True,
+        mandatory: bool = False,
+        app_id: str | None = None,
+    ) -> None:
+        self.broker = broker
+        self.exchange = Exchange(exchange) if isinstance(exchange, str) else exchange
+        self.codec: Codec[T] = codec if codec is not None else JsonCodec()
+        self.persistent = persistent
+        self.confirm = confirm
+        self.mandatory = mandatory
+        self.app_id = app_id
+        self._declared = self.exchange.is_builtin
+
+    async def __aenter__(self) -> Self:
+        await self.declare()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    async def declare(self) -> None:
+        if not self._declared:
+            await self.broker.declare_exchange(self.exchange)
+            self._declared = True
+
+    async def publish(
+        self,
+        value: T,
+        *,
+        routing_key: str = "",
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        type: str | None = None,
+        persistent: bool | None = None,
+        mandatory: bool | None = None,
+        expiration: float | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Encode and publish ``value``; returns its message id once the broker confirmed it.
+
+        Raises :class:`~amqpkit.Unroutable` (mandatory, and no queue took it),
+        :class:`~amqpkit.PublishNacked`, :class:`~amqpkit.PublishTimeout`,
+        :class:`~amqpkit.MessageTooLarge`.
+        """
+        if not self._declared:
+            await self.declare()
+        envelope = Envelope(
+            self.codec.encode(value),
+            content_type=self.codec.content_type,
+            headers=dict(headers) if headers else {},
+            correlation_id=correlation_id,
+            type=type,
+            persistent=self.persistent if persistent is None else persistent,
+            expiration=expiration,
+            priority=priority,
+            app_id=self.app_id,
+        )
+        if message_id is not None:
+            envelope.message_id = message_id
+        await self.broker.publish(
+            envelope,
+            exchange=self.exchange.name,
+            routing_key=routing_key,
+            mandatory=self.mandatory if mandatory is None else mandatory,
+            confirm=self.confirm,
+            timeout=timeout,
+        )
+        return envelope.message_id or ""
+
+
+class Subscriber(Generic[T]):
+    """Receives messages from an exchange, through a handler or as an async iterator.
+
+    With a handler::
+
+        async def on_order(order: OrderPlaced) -> None: ...
+        async with Subscriber(broker, orders, on_order, binding_keys=["eu.*"]):
+            ...
+
+    The codec comes from the handler's annotation (a pydantic model, ``str``,
+    ``bytes``, ``dict``) or is given. A handler that takes ``Delivery[X]``
+    settles it itself; one that returns without settling has it acked. A
+    handler exception nacks the message without requeue (to the dead-letter
+    exchange when the queue has one); a body that does not decode is rejected.
+    Both are logged in one line with the message id, and the subscriber goes on.
+
+    Without a handler, iterate: ``async with sub: async for delivery in sub: ...``
+    (settle each one).
+
+    ``queue=None`` makes a private subscription; a name or a :class:`Queue`
+    makes a shared one. ``headers`` (with ``match``) binds on a headers exchange.
+    """
+
+    @overload
+    def __init__(
+        self,
+        broker: Broker,
+        exchange: Exchange,
+        handler: Callable[[Any], Awaitable[Any]],
+        *,
+        binding_keys: Sequence[str] = ...,
+        headers: Mapping[str, Any] | None = ...,
+        match: str = ...,
+        queue: Queue | str | None = ...,
+        codec: Codec[T] | None = ...,
+        prefetch: int = ...,
+        dead_letter_exchange: str | None = ...,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        broker: Broker,
+        exchange: Exchange,
+        handler: None = ...,
+        *,
+        binding_keys: Sequence[str] = ...,
+        headers: Mapping[str, Any] | None = ...,
+        match: str = ...,
+        queue: Queue | str | None = ...,
+        codec: Codec[T] | None = ...,
+        prefetch: int = ...,
+        dead_letter_exchange: str | None = ...,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        broker: Broker,
+        exchange: Exchange,
+        handler: Callable[[Any], Awaitable[Any]] | None = None,
+        *,
+        binding_keys: Sequence[str] = ("",),
+        headers: Mapping[str, Any] | None = None,
+        match: str = "all",
+        queue: Queue | str | None = None,
+        codec: Codec[T] | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
+        dead_letter_exchange: str | None = None,
+    ) -> None:
+        if isinstance(binding_keys, str):
+            raise TypeError("binding_keys takes a list of keys, not one string")
+        self.broker = broker
+        self.exchange = exchange
+        self.prefetch = prefetch
+        self._handler: HandlerInfo | None = inspect_handler(handler, codec) if handler is not None else None
+        if self._handler is not None:
+            self.codec: Codec[Any] = self._handler.codec
+        else:
+            self.codec = codec if codec is not None else JsonCodec()
+        if queue is None:
+            self.queue = Queue(
+                exclusive=True, auto_delete=True, durable=False, dead_letter_exchange=dead_letter_exchange
+            )
+        elif isinstance(queue, str):
+            self.queue = Queue(queue, durable=True, dead_letter_exchange=dead_letter_exchange)
+        else:
+            self.queue = queue
+        if exchange.is_default:
+            # The default exchange routes by queue name; there is nothing to bind.
+            self.bindings: tuple[Binding, ...] = ()
+        elif headers is not None or exchange.type is ExchangeType.HEADERS:
+            self.bindings = (Binding(exchange, self.queue, headers=dict(headers or {}), match=match),)
+        elif exchange.type is ExchangeType.FANOUT:
+            self.bindings = (Binding(exchange, self.queue),)
+        else:
+            self.bindings = tuple(Binding(exchange, self.queue, routing_key=k) for k in dict.fromkeys(binding_keys))
+        self._consumer: Consumer | None = None
+        self._inbox: asyncio.Queue[Delivery[Any]] | None = None
+        self.handled = 0
+        self.failed = 0
+        self.rejected = 0
+
+    @property
+    def private(self) -> bool:
+        return self.queue.server_named
+
+    @property
+    def queue_name(self) -> str:
+        return self.broker.queue_name(self.queue)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Declare exchange, queue and bindings, then start consuming."""
+        if self._consumer is not None:
+            return
+        if not self.exchange.is_builtin:
+            await self.broker.declare_exchange(self.exchange)
+        await self.broker.declare_queue(self.queue)
+        for binding in self.bindings:
+            await self.broker.bind(binding)
+        if self._handler is None:
+            self._inbox = asyncio.Queue()
+        self._consumer = await self.broker.consume(self.queue, self._on_delivery, prefetch=self.prefetch)
+
+    async def stop(self, *, grace: float = 5.0) -> None:
+        """Stop consuming; running handlers get ``grace`` seconds; unsettled messages go back to the queue."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.cancel(grace=grace)
+
+    def __aiter__(self) -> AsyncIterator[Delivery[T]]:
+        if self._handler is not None:
+            raise TypeError("this Subscriber has a handler; iterate only over a Subscriber made without one")
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Delivery[T]]:
+        if self._inbox is None:
+            raise RuntimeError("start the Subscriber first: 'async with subscriber: async for ...'")
+        while self._consumer is not None or not self._inbox.empty():
+            yield await self._inbox.get()
+
+    async def _on_delivery(self, raw: Delivery[bytes]) -> None:
+        try:
+            value = self.codec.decode(raw.body, raw.envelope.content_type)
+        except DecodeError as exc:
+            self.rejected += 1
+            log.error("rejected message id=%s from %s: cannot decode: %s", raw.message_id, self.queue_name, exc)
+            await _settle_quietly(raw.reject(requeue=False))
+            return
+        delivery = raw.with_value(value)
+        if self._handler is None:
+            assert self._inbox is not None
+            await self._inbox.put(delivery)
+            return
+        try:
+            await self._handler(delivery)
+        except Exception as exc:
+            self.failed += 1
+            log.error(
+                "handler failed for message id=%s from %s: %s: %s",
+                raw.message_id,
+                self.queue_name,
+                type(exc).__name__,
+                exc,
+            )
+            if delivery.settled is None:
+                await _settle_quietly(delivery.nack(requeue=False))
+            return
+        self.handled += 1
+        if delivery.settled is None:
+            await _settle_quietly(delivery.ack())
+
+
+async def _settle_quietly(settling: Awaitable[None]) -> None:
+    """Settle, tolerating a channel that died meanwhile (the broker redelivers then)."""
+    try:
+        await settling
+    except SettlementError:
+        raise
+    except Exception as exc:
+        log.warning("could not settle a delivery (it will be redelivered): %s", exc)
