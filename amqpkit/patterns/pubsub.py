@@ -217,6 +217,7 @@ class Subscriber(Generic[T]):
         else:
             self.bindings = tuple(Binding(exchange, self.queue, routing_key=k) for k in dict.fromkeys(binding_keys))
         self._consumer: Consumer | None = None
+        self._declared = False
         self._inbox: asyncio.Queue[Delivery[Any]] | None = None
         self.handled = 0
         self.failed = 0
@@ -239,15 +240,21 @@ class Subscriber(Generic[T]):
     ) -> None:
         await self.stop()
 
-    async def start(self) -> None:
-        """Declare exchange, queue and bindings, then start consuming."""
-        if self._consumer is not None:
-            return
+    async def declare(self) -> None:
+        """Declare exchange, queue and bindings: from here on, messages for this subscription are kept."""
         if not self.exchange.is_builtin:
             await self.broker.declare_exchange(self.exchange)
         await self.broker.declare_queue(self.queue)
         for binding in self.bindings:
             await self.broker.bind(binding)
+        self._declared = True
+
+    async def start(self) -> None:
+        """Declare (unless :meth:`declare` ran), then start consuming."""
+        if self._consumer is not None:
+            return
+        if not self._declared:
+            await self.declare()
         if self._handler is None:
             self._inbox = asyncio.Queue()
         self._consumer = await self.broker.consume(self.queue, self._on_delivery, prefetch=self.prefetch)

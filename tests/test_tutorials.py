@@ -1,0 +1,235 @@
+"""Tutorials 1, 3, 4, 5 as subprocesses: exact output, clean exits, and pika on the other end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+
+import pika
+import pytest
+
+from amqpkit import Broker
+
+from .tutorial_support import Script, run
+
+WAITING_MESSAGES = " [*] Waiting for messages. To exit press CTRL+C"
+WAITING_LOGS = " [*] Waiting for logs. To exit press CTRL+C"
+
+
+@pytest.fixture
+async def tutorial_names(broker: Broker) -> AsyncIterator[None]:
+    """The tutorials' fixed names: start with an empty 'hello', and remove what the run made."""
+    with contextlib.suppress(Exception):  # it may not exist yet
+        await broker.purge_queue("hello")
+    yield
+    with contextlib.suppress(Exception):
+        await broker.delete_queue("hello")
+    for exchange in ("logs", "direct_logs", "topic_logs"):
+        with contextlib.suppress(Exception):
+            await broker.delete_exchange(exchange)
+
+
+async def assert_clean_exit(script: Script, sig: int = signal.SIGTERM) -> None:
+    code, out, err = await script.stop(sig)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1:] == ["Interrupted"]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "01_hello_world/send.py",
+        "01_hello_world/receive.py",
+        "03_publish_subscribe/emit_log.py",
+        "03_publish_subscribe/receive_logs.py",
+        "04_routing/emit_log_direct.py",
+        "04_routing/receive_logs_direct.py",
+        "05_topics/emit_log_topic.py",
+        "05_topics/receive_logs_topic.py",
+    ],
+)
+async def test_help(script: str, amqp_url: str) -> None:
+    code, out, err = await run(script, "--help", url=amqp_url)
+    assert code == 0, err
+    assert "--url" in out
+    assert out.startswith("usage:")
+
+
+@pytest.mark.usefixtures("tutorial_names")
+async def test_hello_world(amqp_url: str) -> None:
+    receiver = await Script.start("01_hello_world/receive.py", url=amqp_url)
+    assert await receiver.line() == WAITING_MESSAGES
+    code, out, err = await run("01_hello_world/send.py", url=amqp_url)
+    assert (code, out, err) == (0, " [x] Sent 'Hello World!'\n", "")
+    assert await receiver.line() == " [x] Received b'Hello World!'"
+    await assert_clean_exit(receiver, signal.SIGINT)
+
+
+@pytest.mark.usefixtures("tutorial_names")
+async def test_publish_subscribe_reaches_every_receiver(amqp_url: str) -> None:
+    receivers = [await Script.start("03_publish_subscribe/receive_logs.py", url=amqp_url) for _ in range(2)]
+    for r in receivers:
+        assert await r.line() == WAITING_LOGS
+    code, out, _ = await run("03_publish_subscribe/emit_log.py", url=amqp_url)
+    assert (code, out) == (0, " [x] Sent info: Hello World!\n")
+    code, out, _ = await run("03_publish_subscribe/emit_log.py", "warning:", "disk", "low", url=amqp_url)
+    assert out == " [x] Sent warning: disk low\n"
+    for r in receivers:
+        assert await r.line() == " [x] b'info: Hello World!'"
+        assert await r.line() == " [x] b'warning: disk low'"
+        await assert_clean_exit(r)
+
+
+@pytest.mark.usefixtures("tutorial_names")
+async def test_routing_by_severity(amqp_url: str) -> None:
+    errors = await Script.start("04_routing/receive_logs_direct.py", "error", url=amqp_url)
+    everything = await Script.start("04_routing/receive_logs_direct.py", "info", "warning", "error", url=amqp_url)
+    for r in (errors, everything):
+        assert await r.line() == WAITING_LOGS
+    for args, printed in [
+        ((), " [x] Sent info:Hello World!"),
+        (("warning", "low", "disk"), " [x] Sent warning:low disk"),
+        (("error", "disk", "full"), " [x] Sent error:disk full"),
+        (("debug", "ignored"), " [x] Sent debug:ignored"),
+    ]:
+        code, out, _ = await run("04_routing/emit_log_direct.py", *args, url=amqp_url)
+        assert (code, out) == (0, printed + "\n")
+    assert await errors.line() == " [x] error:b'disk full'"
+    assert [await everything.line() for _ in range(3)] == [
+        " [x] info:b'Hello World!'",
+        " [x] warning:b'low disk'",
+        " [x] error:b'disk full'",
+    ]
+    for r in (errors, everything):
+        code, out, err = await r.stop()
+        assert code == 0, err
+        assert out == "Interrupted\n"  # nothing else arrived: debug went nowhere
+
+
+async def test_routing_receiver_needs_a_severity(amqp_url: str) -> None:
+    code, _, err = await run("04_routing/receive_logs_direct.py", url=amqp_url)
+    assert code == 1
+    assert err.startswith("Usage: ") and err.rstrip().endswith("[info] [warning] [error]")
+
+
+@pytest.mark.usefixtures("tutorial_names")
+async def test_topics(amqp_url: str) -> None:
+    kern = await Script.start("05_topics/receive_logs_topic.py", "kern.*", url=amqp_url)
+    critical = await Script.start("05_topics/receive_logs_topic.py", "*.critical", url=amqp_url)
+    for r in (kern, critical):
+        assert await r.line() == WAITING_LOGS
+    code, out, _ = await run("05_topics/emit_log_topic.py", "kern.critical", "A critical kernel error", url=amqp_url)
+    assert (code, out) == (0, " [x] Sent kern.critical:A critical kernel error\n")
+    code, out, _ = await run("05_topics/emit_log_topic.py", "cron.info", "tick", url=amqp_url)
+    assert out == " [x] Sent cron.info:tick\n"
+    # A single word is dropped, as in the official script: key anonymous.info, default message.
+    code, out, _ = await run("05_topics/emit_log_topic.py", "lonely", url=amqp_url)
+    assert out == " [x] Sent anonymous.info:Hello World!\n"
+    assert await kern.line() == " [x] kern.critical:b'A critical kernel error'"
+    assert await critical.line() == " [x] kern.critical:b'A critical kernel error'"
+    for r in (kern, critical):
+        code, out, _ = await r.stop()
+        assert (code, out) == (0, "Interrupted\n")
+
+
+async def test_topic_receiver_needs_a_pattern(amqp_url: str) -> None:
+    code, _, err = await run("05_topics/receive_logs_topic.py", url=amqp_url)
+    assert code == 1
+    assert err.rstrip().endswith("[binding_key]...")
+
+
+# ---------------------------------------------------------------- pika, both ways
+
+
+def _pika(url: str) -> pika.BlockingConnection:
+    return pika.BlockingConnection(pika.URLParameters(url))
+
+
+def pika_send_hello(url: str) -> None:
+    """The official tutorial 1 sender, as written there."""
+    connection = _pika(url)
+    channel = connection.channel()
+    channel.queue_declare(queue="hello")
+    channel.basic_publish(exchange="", routing_key="hello", body="Hello World!")
+    connection.close()
+
+
+def pika_receive_hello(url: str, timeout: float = 10) -> bytes:
+    connection = _pika(url)
+    channel = connection.channel()
+    channel.queue_declare(queue="hello")
+    try:
+        for _method, _props, body in channel.consume("hello", auto_ack=True, inactivity_timeout=timeout):
+            if body is None:
+                raise AssertionError("pika received nothing")
+            return bytes(body)
+        raise AssertionError("unreachable")
+    finally:
+        channel.cancel()
+        connection.close()
+
+
+@pytest.mark.usefixtures("tutorial_names")
+async def test_pika_sender_to_our_receiver(amqp_url: str) -> None:
+    receiver = await Script.start("01_hello_world/receive.py", url=amqp_url)
+    assert await receiver.line() == WAITING_MESSAGES
+    await asyncio.to_thread(pika_send_hello, amqp_url)
+    assert await receiver.line() == " [x] Received b'Hello World!'"
+    await assert_clean_exit(receiver)
+
+
+@pytest.mark.usefixtures("tutorial_names")
+async def test_our_sender_to_pika_receiver(amqp_url: str) -> None:
+    # pika then declares 'hello' as the official receiver does: our declaration must be the same.
+    code, _, err = await run("01_hello_world/send.py", url=amqp_url)
+    assert code == 0, err
+    assert await asyncio.to_thread(pika_receive_hello, amqp_url) == b"Hello World!"
+
+
+@pytest.mark.usefixtures("tutorial_names")
+async def test_pika_topic_emitter_to_our_receiver(amqp_url: str) -> None:
+    receiver = await Script.start("05_topics/receive_logs_topic.py", "#.critical", url=amqp_url)
+    assert await receiver.line() == WAITING_LOGS
+
+    def emit() -> None:
+        connection = _pika(amqp_url)
+        channel = connection.channel()
+        channel.exchange_declare(exchange="topic_logs", exchange_type="topic")
+        channel.basic_publish(exchange="topic_logs", routing_key="db.disk.critical", body="full")
+        connection.close()
+
+    await asyncio.to_thread(emit)
+    assert await receiver.line() == " [x] db.disk.critical:b'full'"
+    await assert_clean_exit(receiver)
+
+
+@pytest.mark.usefixtures("tutorial_names")
+async def test_our_topic_emitter_to_pika_receiver(amqp_url: str) -> None:
+    ready = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def receive() -> tuple[str, bytes]:
+        connection = _pika(amqp_url)
+        channel = connection.channel()
+        channel.exchange_declare(exchange="topic_logs", exchange_type="topic")
+        queue = channel.queue_declare(queue="", exclusive=True).method.queue
+        channel.queue_bind(exchange="topic_logs", queue=queue, routing_key="kern.*")
+        loop.call_soon_threadsafe(ready.set)
+        try:
+            for method, _props, body in channel.consume(queue, auto_ack=True, inactivity_timeout=15):
+                if body is None:
+                    raise AssertionError("pika received nothing")
+                return method.routing_key, bytes(body)
+            raise AssertionError("unreachable")
+        finally:
+            channel.cancel()
+            connection.close()
+
+    receiving = asyncio.ensure_future(asyncio.to_thread(receive))
+    await asyncio.wait_for(ready.wait(), 15)
+    code, out, _ = await run("05_topics/emit_log_topic.py", "kern.warning", "hot", url=amqp_url)
+    assert (code, out) == (0, " [x] Sent kern.warning:hot\n")
+    assert await asyncio.wait_for(receiving, 20) == ("kern.warning", b"hot")

@@ -1,0 +1,62 @@
+"""Run tutorial scripts as subprocesses and read what they print."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+
+
+class Script:
+    """A running tutorial script whose stdout is read line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+
+    @classmethod
+    async def start(cls, relpath: str, *args: str, url: str) -> Script:
+        env = {**os.environ, "AMQP_URL": url, "PYTHONUNBUFFERED": "1"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(TUTORIALS / relpath),
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        return cls(proc, relpath)
+
+    async def line(self, timeout: float = 15) -> str:
+        assert self.proc.stdout is not None
+        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not raw:
+            err = await self._stderr()
+            raise AssertionError(f"{self.name} ended without printing more; stderr: {err}")
+        return raw.decode().rstrip("\n")
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> tuple[int, str, str]:
+        """Signal it, wait; returns (exit code, rest of stdout, stderr)."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        assert self.proc.returncode is not None
+        return self.proc.returncode, out.decode(), err.decode()
+
+    async def _stderr(self) -> str:
+        assert self.proc.stderr is not None
+        try:
+            return (await asyncio.wait_for(self.proc.stderr.read(), 5)).decode()
+        except TimeoutError:
+            return "(no stderr)"
+
+
+async def run(relpath: str, *args: str, url: str, timeout: float = 30) -> tuple[int, str, str]:
+    script = await Script.start(relpath, *args, url=url)
+    out, err = await asyncio.wait_for(script.proc.communicate(), timeout)
+    assert script.proc.returncode is not None
+    return script.proc.returncode, out.decode(), err.decode()
