@@ -21,8 +21,10 @@ from .errors import (
     Unroutable,
 )
 from .message import Delivery, Envelope, Settlement
+from .patterns.confirms import ConfirmingPublisher, Outcome
 from .patterns.pubsub import Publisher, Subscriber
 from .patterns.routing import topic_matches
+from .patterns.rpc import RpcClient, RpcServer
 from .settings import BrokerSettings, ReconnectPolicy, TlsSettings, redact_url
 from .topology import Binding, DeadLetterStrategy, Exchange, ExchangeType, Overflow, Queue, QueueType
 
@@ -33,6 +35,7 @@ __all__ = [
     "BrokerSettings",
     "BytesCodec",
     "Codec",
+    "ConfirmingPublisher",
     "ConnectError",
     "ConnectionLost",
     "Consumer",
@@ -45,6 +48,7 @@ __all__ = [
     "JsonCodec",
     "MessageTooLarge",
     "NoResponder",
+    "Outcome",
     "Overflow",
     "PublishError",
     "PublishNacked",
@@ -55,7 +59,9 @@ __all__ = [
     "QueueType",
     "ReconnectPolicy",
     "RemoteError",
+    "RpcClient",
     "RpcError",
+    "RpcServer",
     "RpcTimeout",
     "Settlement",
     "SettlementError",

@@ -14,6 +14,7 @@ import json
 from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from pydantic import TypeAdapter, ValidationError
+from pydantic_core import to_jsonable_python
 
 from .errors import DecodeError
 
@@ -105,13 +106,17 @@ class TextCodec:
 
 
 class JsonCodec:
-    """Any JSON document, as plain Python values (dict, list, str, numbers, bool, None)."""
+    """Any JSON document, decoded as plain Python values (dict, list, str, numbers, bool, None).
+
+    Encodes those, and also pydantic models, dataclasses, datetimes and UUIDs.
+    """
 
     content_type = JSON
     accepts = frozenset({JSON})
 
     def encode(self, value: Any) -> bytes:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        # Pydantic models, dataclasses, datetimes and UUIDs encode as pydantic would encode them.
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=to_jsonable_python).encode()
 
     def decode(self, body: bytes, content_type: str | None = None) -> Any:
         _check_type("JsonCodec", content_type, self.accepts)

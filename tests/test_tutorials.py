@@ -1,4 +1,4 @@
-"""Tutorials 1, 3, 4, 5 as subprocesses: exact output, clean exits, and pika on the other end."""
+"""The tutorials as subprocesses: exact output, clean exits, and pika on the other end."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ async def assert_clean_exit(script: Script, sig: int = signal.SIGTERM) -> None:
         "04_routing/receive_logs_direct.py",
         "05_topics/emit_log_topic.py",
         "05_topics/receive_logs_topic.py",
+        "06_rpc/rpc_server.py",
+        "06_rpc/rpc_client.py",
+        "07_publisher_confirms/publisher_confirms.py",
     ],
 )
 async def test_help(script: str, amqp_url: str) -> None:
@@ -233,3 +236,129 @@ async def test_our_topic_emitter_to_pika_receiver(amqp_url: str) -> None:
     code, out, _ = await run("05_topics/emit_log_topic.py", "kern.warning", "hot", url=amqp_url)
     assert (code, out) == (0, " [x] Sent kern.warning:hot\n")
     assert await asyncio.wait_for(receiving, 20) == ("kern.warning", b"hot")
+
+
+# ---------------------------------------------------------------- tutorials 6 and 7
+
+
+@pytest.fixture
+async def rpc_queue(broker: Broker) -> AsyncIterator[None]:
+    with contextlib.suppress(Exception):
+        await broker.delete_queue("rpc_queue")
+    yield
+    with contextlib.suppress(Exception):
+        await broker.delete_queue("rpc_queue")
+
+
+@pytest.mark.usefixtures("rpc_queue")
+async def test_rpc(amqp_url: str) -> None:
+    server = await Script.start("06_rpc/rpc_server.py", url=amqp_url)
+    assert await server.line() == " [x] Awaiting RPC requests"
+    code, out, err = await run("06_rpc/rpc_client.py", url=amqp_url)
+    assert (code, out, err) == (0, " [x] Requesting fib(30)\n [.] Got 832040\n", "")
+    assert await server.line() == " [.] fib(30)"
+    code, out, _ = await run("06_rpc/rpc_client.py", "10", url=amqp_url)
+    assert out == " [x] Requesting fib(10)\n [.] Got 55\n"
+    assert await server.line() == " [.] fib(10)"
+    await assert_clean_exit(server)
+
+
+@pytest.mark.usefixtures("rpc_queue")
+async def test_rpc_client_without_server_fails_fast(amqp_url: str) -> None:
+    code, out, err = await run("06_rpc/rpc_client.py", "--timeout", "5", url=amqp_url)
+    assert code == 1
+    assert out == " [x] Requesting fib(30)\n"
+    assert "NoResponder" in err
+
+
+def pika_rpc_call(url: str, n: int) -> int:
+    """The official tutorial 6 client, as written there (exclusive callback queue, correlation id)."""
+    import uuid
+
+    connection = _pika(url)
+    channel = connection.channel()
+    callback_queue = channel.queue_declare(queue="", exclusive=True).method.queue
+    response: list[bytes] = []
+    corr_id = str(uuid.uuid4())
+
+    def on_response(ch, method, props, body):  # type: ignore[no-untyped-def]
+        if corr_id == props.correlation_id:
+            response.append(body)
+
+    channel.basic_consume(queue=callback_queue, on_message_callback=on_response, auto_ack=True)
+    channel.basic_publish(
+        exchange="",
+        routing_key="rpc_queue",
+        properties=pika.BasicProperties(reply_to=callback_queue, correlation_id=corr_id),
+        body=str(n),
+    )
+    deadline = 100
+    while not response and deadline:
+        connection.process_data_events(time_limit=0.1)
+        deadline -= 1
+    connection.close()
+    assert response, "no reply within 10 s"
+    return int(response[0])
+
+
+@pytest.mark.usefixtures("rpc_queue")
+async def test_pika_client_to_our_server(amqp_url: str) -> None:
+    server = await Script.start("06_rpc/rpc_server.py", url=amqp_url)
+    assert await server.line() == " [x] Awaiting RPC requests"
+    assert await asyncio.to_thread(pika_rpc_call, amqp_url, 30) == 832040
+    assert await asyncio.to_thread(pika_rpc_call, amqp_url, 1) == 1
+    assert await server.line() == " [.] fib(30)"
+    await assert_clean_exit(server)
+
+
+@pytest.mark.usefixtures("rpc_queue")
+async def test_our_client_to_pika_server(amqp_url: str) -> None:
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def fib(n: int) -> int:
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    def serve() -> None:
+        """The official tutorial 6 server, as written there."""
+        connection = _pika(amqp_url)
+        channel = connection.channel()
+        channel.queue_declare(queue="rpc_queue")
+
+        def on_request(ch, method, props, body):  # type: ignore[no-untyped-def]
+            n = int(body)
+            response = fib(n)
+            ch.basic_publish(
+                exchange="",
+                routing_key=props.reply_to,
+                properties=pika.BasicProperties(correlation_id=props.correlation_id),
+                body=str(response),
+            )
+            ch.basic_ack(delivery_tag=method.delivery_tag)
+
+        channel.basic_qos(prefetch_count=1)
+        channel.basic_consume(queue="rpc_queue", on_message_callback=on_request)
+        loop.call_soon_threadsafe(ready.set)
+        while not stop.is_set():
+            connection.process_data_events(time_limit=0.1)
+        connection.close()
+
+    serving = asyncio.ensure_future(asyncio.to_thread(serve))
+    try:
+        await asyncio.wait_for(ready.wait(), 15)
+        code, out, err = await run("06_rpc/rpc_client.py", "20", url=amqp_url)
+        assert (code, out) == (0, " [x] Requesting fib(20)\n [.] Got 6765\n"), err
+    finally:
+        stop.set()
+        await serving
+
+
+async def test_publisher_confirms(amqp_url: str) -> None:
+    code, out, err = await run("07_publisher_confirms/publisher_confirms.py", "--count", "500", url=amqp_url)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("Published 500 messages individually in ") and lines[0].endswith(" ms")
+    assert lines[1].startswith("Published 500 messages in batch in ")
+    assert lines[2].startswith("Published 500 messages and handled confirms asynchronously in ")

@@ -1,0 +1,164 @@
+"""Publisher confirms, three ways behind one API: the strategies of RabbitMQ's confirms tutorial.
+
+- ``window=1``: one at a time. Each :meth:`ConfirmingPublisher.publish`
+  returns once the broker confirmed that message. Simplest, slowest.
+- ``window=N, batch=True``: in batches. Messages go out without waiting until
+  N are outstanding; then the publisher waits for all N before going on.
+- ``window=N``: asynchronous, with at most N confirms outstanding. A publish
+  waits only while the window is full, and each message's outcome arrives
+  when its own confirm does.
+
+In every mode each message gets an :class:`Outcome` — confirmed, nacked,
+returned (mandatory and unroutable) or failed — reported to ``on_outcome``
+and kept in :attr:`ConfirmingPublisher.failures`; :meth:`flush` waits for
+all outstanding confirms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, Self, TypeVar
+
+from ..codec import Codec, JsonCodec
+from ..connection import Broker
+from ..errors import PublishError
+from ..message import Envelope
+from ..topology import Exchange
+
+__all__ = ["ConfirmingPublisher", "Outcome"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one published message."""
+
+    message_id: str
+    routing_key: str
+    error: PublishError | None = None
+
+    @property
+    def confirmed(self) -> bool:
+        return self.error is None
+
+
+class ConfirmingPublisher(Generic[T]):
+    """Publishes with publisher confirms, ``window`` confirms outstanding at most (see module docs)."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        exchange: Exchange | str = "",
+        codec: Codec[T] | None = None,
+        *,
+        window: int = 1,
+        batch: bool = False,
+        persistent: bool = True,
+        mandatory: bool = False,
+        timeout: float | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.broker = broker
+        self.exchange = Exchange(exchange) if isinstance(exchange, str) else exchange
+        self.codec: Codec[T] = codec if codec is not None else JsonCodec()
+        self.window = window
+        self.batch = batch
+        self.persistent = persistent
+        self.mandatory = mandatory
+        self.timeout = timeout
+        self.on_outcome = on_outcome
+        self._slots = asyncio.Semaphore(window)
+        self._outstanding: set[asyncio.Task[Outcome]] = set()
+        self._declared = self.exchange.is_builtin
+        self.confirmed = 0
+        self.failures: list[Outcome] = []
+
+    async def __aenter__(self) -> Self:
+        if not self._declared:
+            await self.broker.declare_exchange(self.exchange)
+            self._declared = True
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.flush()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)
+
+    async def publish(
+        self,
+        value: T,
+        *,
+        routing_key: str = "",
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+    ) -> asyncio.Future[Outcome]:
+        """Send ``value``; returns a future of its :class:`Outcome`.
+
+        One at a time (``window=1``), the outcome is already there. Otherwise
+        this returns once the message is handed to the connection and a
+        window slot is held (in batch mode, once the batch is confirmed when
+        this message filled it).
+        """
+        if not self._declared:
+            await self.broker.declare_exchange(self.exchange)
+            self._declared = True
+        envelope = Envelope(
+            self.codec.encode(value),
+            content_type=self.codec.content_type,
+            headers=dict(headers) if headers else {},
+            persistent=self.persistent,
+        )
+        if message_id is not None:
+            envelope.message_id = message_id
+        if self.window == 1:
+            outcome = await self._send(envelope, routing_key)
+            done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            done.set_result(outcome)
+            return done
+        if not self.batch:
+            await self._slots.acquire()
+        task = asyncio.ensure_future(self._send(envelope, routing_key))
+        self._outstanding.add(task)
+        task.add_done_callback(self._release)
+        # Let the task write its frames now, so messages leave in publish order.
+        await asyncio.sleep(0)
+        if self.batch and len(self._outstanding) >= self.window:
+            await self.flush()
+        return task
+
+    def _release(self, task: asyncio.Task[Outcome]) -> None:
+        self._outstanding.discard(task)
+        if not self.batch:
+            self._slots.release()
+
+    async def _send(self, envelope: Envelope, routing_key: str) -> Outcome:
+        message_id = envelope.message_id or ""
+        try:
+            await self.broker.publish(
+                envelope,
+                exchange=self.exchange.name,
+                routing_key=routing_key,
+                mandatory=self.mandatory,
+                timeout=self.timeout,
+            )
+            outcome = Outcome(message_id, routing_key)
+            self.confirmed += 1
+        except PublishError as exc:
+            outcome = Outcome(message_id, routing_key, exc)
+            self.failures.append(outcome)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        return outcome
+
+    async def flush(self) -> list[Outcome]:
+        """Wait for every outstanding confirm; returns their outcomes."""
+        if not self._outstanding:
+            return []
+        return list(await asyncio.gather(*self._outstanding))

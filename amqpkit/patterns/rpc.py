@@ -1,0 +1,532 @@
+"""Request/reply over AMQP: :class:`RpcServer` and :class:`RpcClient`.
+
+A request is a message on the server's queue with ``reply_to`` and
+``correlation_id``; its ``type`` names the method. The reply goes to
+``reply_to`` with the same ``correlation_id``: the handler's return value
+encoded with its codec, or an error document under :data:`ERROR_CONTENT_TYPE`.
+
+Every call ends: with the result, a typed error (:class:`~amqpkit.RemoteError`,
+:class:`~amqpkit.NoResponder`, :class:`~amqpkit.ConnectionLost`) or
+:class:`~amqpkit.RpcTimeout` at its deadline. The request carries that
+deadline (as the message expiration and an ``x-deadline`` header), so no
+server starts work the caller has given up on.
+
+Replies come back over RabbitMQ's direct reply-to (``amq.rabbitmq.reply-to``)
+by default: no reply queue to declare, one consumer per client channel. Its
+replies are at-most-once: a reply to a client that has gone is dropped.
+``reply_queue="exclusive"`` uses an exclusive server-named queue instead, as
+the official tutorial does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal, Self, TypeVar, overload
+
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
+from pydantic import TypeAdapter, ValidationError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from .._handlers import HandlerInfo, inspect_handler
+from ..codec import Codec, JsonCodec, TextCodec, codec_for
+from ..connection import Broker, Consumer
+from ..errors import (
+    ConnectionLost,
+    DecodeError,
+    MessageTooLarge,
+    NoResponder,
+    RemoteError,
+    RpcTimeout,
+    Unroutable,
+    map_exceptions,
+)
+from ..message import Delivery, Envelope
+from ..topology import Queue
+
+__all__ = ["DEFAULT_RPC_TIMEOUT", "ERROR_CONTENT_TYPE", "RpcClient", "RpcServer"]
+
+log = logging.getLogger("amqpkit.rpc")
+
+R = TypeVar("R")
+
+ERROR_CONTENT_TYPE = "application/vnd.amqpkit.error+json"
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+DEADLINE_HEADER = "x-deadline"
+DEFAULT_RPC_TIMEOUT = 30.0
+DEFAULT_CONCURRENCY = 32
+
+
+def _error_body(error_type: str, message: str, details: Mapping[str, Any] | None = None) -> bytes:
+    doc: dict[str, Any] = {"type": error_type, "message": message}
+    if details:
+        doc["details"] = dict(details)
+    return json.dumps({"error": doc}, default=str).encode()
+
+
+def _parse_error(body: bytes) -> RemoteError:
+    try:
+        doc = json.loads(body)["error"]
+        return RemoteError(str(doc["type"]), str(doc["message"]), doc.get("details"))
+    except (ValueError, KeyError, TypeError):
+        return RemoteError("UnreadableError", body[:200].decode("utf-8", "replace"))
+
+
+# ---------------------------------------------------------------------- server
+
+
+class RpcServer:
+    """Serves methods from a request queue.
+
+    ::
+
+        server = RpcServer(broker, "billing.rpc")
+
+        @server.method("charge")
+        async def charge(req: Charge) -> Receipt: ...
+
+        async with server:
+            await stop.wait()
+
+    The method is named by the request's ``type``; a server with one method
+    also serves requests with no ``type``. ``concurrency`` requests run at
+    once; several servers may consume the same queue.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        queue: Queue | str = "rpc_queue",
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        handlers: Mapping[str, Callable[..., Awaitable[Any]]] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.queue = Queue(queue, durable=False) if isinstance(queue, str) else queue
+        self.concurrency = concurrency
+        self._methods: dict[str, tuple[HandlerInfo, Codec[Any]]] = {}
+        for name, fn in (handlers or {}).items():
+            self.add(name, fn)
+        self._consumer: Consumer | None = None
+        self.served = 0
+        self.failed = 0
+        self.rejected = 0
+        self.expired = 0
+
+    def add(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[Any]],
+        *,
+        codec: Codec[Any] | None = None,
+        reply_codec: Codec[Any] | None = None,
+    ) -> None:
+        """Serve ``fn`` as method ``name``. Codecs come from its annotations unless given."""
+        info = inspect_handler(fn, codec)
+        if reply_codec is None:
+            reply_codec = codec_for(info.returns) if info.returns not in (Any, None, type(None)) else info.codec
+        self._methods[name] = (info, reply_codec)
+
+    def method(self, name: str | None = None) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
+        """Decorator form of :meth:`add`; the name defaults to the function's name."""
+
+        def register(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+            self.add(name or fn.__name__, fn)
+            return fn
+
+        return register
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if not self._methods:
+            raise ValueError("an RpcServer needs at least one method")
+        if self._consumer is None:
+            await self.broker.declare_queue(self.queue)
+            self._consumer = await self.broker.consume(self.queue, self._on_request, prefetch=self.concurrency)
+
+    async def stop(self, *, grace: float = 5.0) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.cancel(grace=grace)
+
+    def _lookup(self, method: str | None) -> tuple[HandlerInfo, Codec[Any]] | None:
+        if method:
+            return self._methods.get(method)
+        if len(self._methods) == 1:
+            return next(iter(self._methods.values()))
+        return None
+
+    async def _on_request(self, raw: Delivery[bytes]) -> None:
+        env = raw.envelope
+        if not env.reply_to or not env.correlation_id:
+            missing = "reply_to" if not env.reply_to else "correlation_id"
+            self.rejected += 1
+            log.error("rejected request id=%s on %s: no %s", env.message_id, self.queue.name, missing)
+            await raw.reject(requeue=False)
+            return
+        deadline = _as_float(env.headers.get(DEADLINE_HEADER))
+        if deadline is not None and time.time() * 1000 > deadline:
+            self.expired += 1
+            log.info("skipped request id=%s method=%s: its deadline has passed", env.message_id, env.type)
+            await raw.ack()
+            return
+        found = self._lookup(env.type)
+        if found is None:
+            self.rejected += 1
+            known = ", ".join(sorted(self._methods))
+            log.error("rejected request id=%s: unknown method %r (serving %s)", env.message_id, env.type, known)
+            await self._reply(env, _error_body("UnknownMethod", f"no method {env.type!r}; serving {known}"), True)
+            await raw.reject(requeue=False)
+            return
+        info, reply_codec = found
+        try:
+            value = info.codec.decode(raw.body, env.content_type)
+        except DecodeError as exc:
+            self.rejected += 1
+            log.error("rejected request id=%s method=%s: cannot decode: %s", env.message_id, env.type, exc)
+            await self._reply(env, _error_body("DecodeError", str(exc), {"errors": exc.errors}), True)
+            await raw.reject(requeue=False)
+            return
+        try:
+            result = await info(raw.with_value(value))
+            body, content_type, is_error = reply_codec.encode(result), reply_codec.content_type, False
+        except Exception as exc:
+            self.failed += 1
+            log.warning(
+                "method %s failed for request id=%s: %s: %s",
+                env.type or "(default)",
+                env.message_id,
+                type(exc).__name__,
+                exc,
+            )
+            details = getattr(exc, "details", None)
+            body = _error_body(type(exc).__name__, str(exc), details if isinstance(details, Mapping) else None)
+            content_type, is_error = ERROR_CONTENT_TYPE, True
+        await self._reply(env, body, is_error, content_type)
+        self.served += 1
+        await raw.ack()
+
+    async def _reply(self, request: Envelope, body: bytes, is_error: bool, content_type: str | None = None) -> None:
+        assert request.reply_to is not None
+        reply = Envelope(
+            body,
+            content_type=ERROR_CONTENT_TYPE if is_error else content_type,
+            correlation_id=request.correlation_id,
+            persistent=False,
+            message_id=None,
+        )
+        try:
+            await self.broker.publish(reply, routing_key=request.reply_to, confirm=False)
+        except MessageTooLarge as exc:
+            await self.broker.publish(
+                Envelope(
+                    _error_body("MessageTooLarge", str(exc)),
+                    content_type=ERROR_CONTENT_TYPE,
+                    correlation_id=request.correlation_id,
+                    persistent=False,
+                    message_id=None,
+                ),
+                routing_key=request.reply_to,
+                confirm=False,
+            )
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------- client
+
+
+class RpcClient:
+    """Calls methods of an :class:`RpcServer` (or any server following the tutorial's conventions).
+
+    ::
+
+        async with RpcClient(broker, "billing.rpc") as billing:
+            receipt = await billing.call("charge", Charge(...), returns=Receipt, timeout=5)
+
+    Many calls may be in flight at once. Each ends with its result, a typed
+    error or :class:`~amqpkit.RpcTimeout`; if the connection drops, every
+    pending call fails at once with :class:`~amqpkit.ConnectionLost`.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        queue: str = "rpc_queue",
+        *,
+        exchange: str = "",
+        codec: Codec[Any] | None = None,
+        timeout: float = DEFAULT_RPC_TIMEOUT,
+        reply_queue: Literal["direct", "exclusive"] = "direct",
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("an RPC timeout must be positive (calls always end)")
+        self.broker = broker
+        self.routing_key = queue
+        self.exchange = exchange
+        self.codec: Codec[Any] = codec or JsonCodec()
+        self.timeout = timeout
+        self.reply_queue = reply_queue
+        self._pending: dict[str, asyncio.Future[Delivery[bytes]]] = {}
+        self._ids = itertools.count()
+        self._prefix = os.urandom(6).hex()
+        self._channel: AbstractChannel | None = None
+        self._channel_lock = asyncio.Lock()
+        self._reply_consumer: Consumer | None = None
+        self._reply_spec: Queue | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._started = False
+        self.dropped_replies = 0
+
+    @property
+    def pending(self) -> int:
+        """Calls waiting for a reply now."""
+        return len(self._pending)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._unsubscribe.append(self.broker.on_disconnect(self._fail_pending))
+        if self.reply_queue == "exclusive":
+            self._reply_spec = Queue(exclusive=True, auto_delete=True, durable=False)
+            self._reply_consumer = await self.broker.consume(
+                self._reply_spec, self._on_reply_delivery, auto_ack=True, prefetch=0
+            )
+        else:
+            await self._direct_channel()
+
+    async def close(self) -> None:
+        """Stop; calls still pending fail with ConnectionLost."""
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+        self._fail_pending(ConnectionLost("RpcClient closed"))
+        if self._reply_consumer is not None:
+            await self._reply_consumer.cancel()
+            self._reply_consumer = None
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            try:
+                await asyncio.wait_for(channel.close(), 5)
+            except Exception as exc:
+                log.debug("closing the reply channel: %s", exc)
+        self._started = False
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(ConnectionLost(f"connection lost while waiting for a reply: {exc}"))
+
+    async def _direct_channel(self) -> AbstractChannel:
+        """The channel that both publishes requests and consumes direct replies (RabbitMQ requires one channel)."""
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._channel_lock:
+            channel = self._channel
+            if channel is not None and not channel.is_closed:
+                return channel
+            channel = await self.broker.open_channel(confirms=True)
+            with map_exceptions(kind="queue", name=DIRECT_REPLY_TO):
+                await channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+            self._channel = channel
+            channel.closing.add_done_callback(lambda _: self._on_channel_closed(channel))
+            return channel
+
+    def _on_channel_closed(self, channel: AbstractChannel) -> None:
+        # Replies to requests sent on a dead channel can never arrive.
+        if channel is self._channel:
+            self._channel = None
+            self._fail_pending(ConnectionLost("the reply channel closed"))
+
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        cid = message.header.properties.correlation_id
+        future = self._pending.pop(cid, None) if cid else None
+        if future is None or future.done():
+            self.dropped_replies += 1
+            log.debug("dropped a reply with unknown or late correlation id %r", cid)
+            return
+        future.set_result(Delivery.from_aiormq(message, auto_ack=True))
+
+    async def _on_reply_delivery(self, delivery: Delivery[bytes]) -> None:
+        cid = delivery.envelope.correlation_id
+        future = self._pending.pop(cid, None) if cid else None
+        if future is None or future.done():
+            self.dropped_replies += 1
+            return
+        future.set_result(delivery)
+
+    @overload
+    async def call(
+        self,
+        method: str | None,
+        payload: Any = ...,
+        *,
+        returns: type[R],
+        timeout: float | None = ...,
+        headers: Mapping[str, Any] | None = ...,
+    ) -> R: ...
+
+    @overload
+    async def call(
+        self,
+        method: str | None,
+        payload: Any = ...,
+        *,
+        returns: None = ...,
+        timeout: float | None = ...,
+        headers: Mapping[str, Any] | None = ...,
+    ) -> Any: ...
+
+    async def call(
+        self,
+        method: str | None,
+        payload: Any = None,
+        *,
+        returns: Any = None,
+        timeout: float | None = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Call ``method`` with ``payload``; returns the reply decoded as ``returns`` (a type; JSON when None).
+
+        ``method=None`` sends no ``type`` (a single-method server, as in the tutorial).
+        Raises :class:`~amqpkit.RpcTimeout`, :class:`~amqpkit.RemoteError`,
+        :class:`~amqpkit.NoResponder`, :class:`~amqpkit.ConnectionLost`,
+        :class:`~amqpkit.DecodeError` (a reply that does not decode).
+        """
+        if not self._started:
+            await self.start()
+        wait = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        body = self.codec.encode(payload)
+        limit = self.broker.settings.max_message_size
+        if len(body) > limit:
+            raise MessageTooLarge(len(body), limit)
+        cid = f"{self._prefix}.{next(self._ids)}"
+        future: asyncio.Future[Delivery[bytes]] = loop.create_future()
+        hdrs = dict(headers) if headers else {}
+        hdrs[DEADLINE_HEADER] = int((time.time() + wait) * 1000)
+        properties = Basic.Properties(
+            content_type=self.codec.content_type,
+            correlation_id=cid,
+            message_type=method,
+            expiration=str(max(1, int(wait * 1000))),
+            headers=hdrs,
+            delivery_mode=1,
+            message_id=cid,
+        )
+        self._pending[cid] = future
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._send(body, properties)
+                reply = await future
+        except TimeoutError:
+            raise RpcTimeout(f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s") from None
+        finally:
+            self._pending.pop(cid, None)
+        if _media(reply.envelope.content_type) == ERROR_CONTENT_TYPE:
+            raise _parse_error(reply.body)
+        return self._decode_reply(reply, returns)
+
+    def _decode_reply(self, reply: Delivery[bytes], returns: Any) -> Any:
+        """Decode by the reply's content type, then check against ``returns`` when given."""
+        content_type = reply.envelope.content_type
+        media = _media(content_type)
+        if media == "text/plain" or (not media and returns in (str, int, float)):
+            text = TextCodec().decode(reply.body, content_type)
+            if returns in (None, str):
+                return text
+            try:
+                return _adapter(returns).validate_strings(text)
+            except ValidationError as exc:
+                raise DecodeError(f"reply {text[:60]!r} is not a {returns!r}", errors=list(exc.errors())) from exc
+        if media == "application/octet-stream" or returns is bytes:
+            return reply.body
+        codec = self.codec if returns is None else codec_for(returns)
+        return codec.decode(reply.body, content_type)
+
+    async def _send(self, body: bytes, properties: Basic.Properties) -> None:
+        if self.reply_queue == "exclusive":
+            assert self._reply_spec is not None
+            await self.broker.wait_connected()
+            properties.reply_to = self.broker.queue_name(self._reply_spec)
+            env = Envelope.from_properties(body, properties)
+            try:
+                await self.broker.publish(env, exchange=self.exchange, routing_key=self.routing_key, mandatory=True)
+            except Unroutable as exc:
+                raise NoResponder(f"no queue took the request: {self.routing_key!r} has no server") from exc
+            return
+        if not self.broker.is_connected:
+            await self.broker.wait_connected()
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            channel = await self._direct_channel()
+        properties.reply_to = DIRECT_REPLY_TO
+        try:
+            with map_exceptions(kind="exchange", name=self.exchange):
+                await channel.basic_publish(
+                    body, exchange=self.exchange, routing_key=self.routing_key, properties=properties, mandatory=True
+                )
+        except Unroutable as exc:
+            raise NoResponder(f"no queue took the request: {self.routing_key!r} has no server") from exc
+
+    async def call_with_retry(
+        self,
+        method: str | None,
+        payload: Any = None,
+        *,
+        returns: Any = None,
+        timeout: float | None = None,
+        attempts: int = 3,
+        retry_on: tuple[type[BaseException], ...] = (RpcTimeout, ConnectionLost, NoResponder),
+    ) -> Any:
+        """:meth:`call`, retried with backoff on ``retry_on``.
+
+        Only for idempotent methods: a retried call may run twice. Never the default.
+        """
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=0.1, max=2),
+            retry=retry_if_exception_type(retry_on),
+            reraise=True,
+        ):
+            with attempt:
+                return await self.call(method, payload, returns=returns, timeout=timeout)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter(type_: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(type_)
+
+
+def _media(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
