@@ -141,6 +141,8 @@ class Subscriber(Generic[T]):
 
     ``queue=None`` makes a private subscription; a name or a :class:`Queue`
     makes a shared one. ``headers`` (with ``match``) binds on a headers exchange.
+    ``auto_ack=True`` trades safety for speed: the broker forgets each message
+    as it sends it (at-most-once), so a failure cannot dead-letter it.
     """
 
     @overload
@@ -157,6 +159,7 @@ class Subscriber(Generic[T]):
         codec: Codec[T] | None = ...,
         prefetch: int = ...,
         dead_letter_exchange: str | None = ...,
+        auto_ack: bool = ...,
     ) -> None: ...
 
     @overload
@@ -173,6 +176,7 @@ class Subscriber(Generic[T]):
         codec: Codec[T] | None = ...,
         prefetch: int = ...,
         dead_letter_exchange: str | None = ...,
+        auto_ack: bool = ...,
     ) -> None: ...
 
     def __init__(
@@ -188,12 +192,14 @@ class Subscriber(Generic[T]):
         codec: Codec[T] | None = None,
         prefetch: int = DEFAULT_PREFETCH,
         dead_letter_exchange: str | None = None,
+        auto_ack: bool = False,
     ) -> None:
         if isinstance(binding_keys, str):
             raise TypeError("binding_keys takes a list of keys, not one string")
         self.broker = broker
         self.exchange = exchange
         self.prefetch = prefetch
+        self.auto_ack = auto_ack
         self._handler: HandlerInfo | None = inspect_handler(handler, codec) if handler is not None else None
         if self._handler is not None:
             self.codec: Codec[Any] = self._handler.codec
@@ -257,7 +263,9 @@ class Subscriber(Generic[T]):
             await self.declare()
         if self._handler is None:
             self._inbox = asyncio.Queue()
-        self._consumer = await self.broker.consume(self.queue, self._on_delivery, prefetch=self.prefetch)
+        self._consumer = await self.broker.consume(
+            self.queue, self._on_delivery, prefetch=self.prefetch, auto_ack=self.auto_ack
+        )
 
     async def stop(self, *, grace: float = 5.0) -> None:
         """Stop consuming; running handlers get ``grace`` seconds; unsettled messages go back to the queue."""
@@ -282,7 +290,8 @@ class Subscriber(Generic[T]):
         except DecodeError as exc:
             self.rejected += 1
             log.error("rejected message id=%s from %s: cannot decode: %s", raw.message_id, self.queue_name, exc)
-            await _settle_quietly(raw.reject(requeue=False))
+            if raw.settled is None:
+                await _settle_quietly(raw.reject(requeue=False))
             return
         delivery = raw.with_value(value)
         if self._handler is None:

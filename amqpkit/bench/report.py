@@ -1,0 +1,152 @@
+"""Presenting a BenchResult: the table, the comparisons, the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .run import BenchResult, RunResult
+
+__all__ = ["comparisons", "plot", "print_report"]
+
+# (left, right, what the ratio says)
+PAIRS = (
+    ("rpc", "oneway", "RPC vs one-way messaging"),
+    ("rpc", "oneway-confirmed", "RPC vs confirmed one-way messaging"),
+    ("rpc", "raw-rpc", "amqpkit RPC vs bare aiormq RPC"),
+    ("oneway", "raw-oneway", "amqpkit one-way vs bare aiormq one-way"),
+    ("rpc", "aiopika-rpc", "amqpkit RPC vs aio-pika's RPC pattern"),
+    ("rpc", "rpc-reply-queue", "direct reply-to vs an exclusive reply queue"),
+)
+
+
+def _levels(result: BenchResult) -> list[int | float]:
+    seen: dict[int | float, None] = {}
+    for r in result.results:
+        level = r.concurrency or r.rate
+        if level is not None:
+            seen[level] = None
+    return list(seen)
+
+
+def _level_label(result: BenchResult, level: int | float) -> str:
+    return f"{level:g}/s" if result.params.rate is not None else f"c={level}"
+
+
+def comparisons(result: BenchResult) -> list[dict[str, object]]:
+    """For each pair of scenarios run, at each level: median p50 latency ratio and throughput ratio."""
+    names = {r.scenario for r in result.results}
+    rows: list[dict[str, object]] = []
+    for left, right, meaning in PAIRS:
+        if left not in names or right not in names:
+            continue
+        for level in _levels(result):
+            lp50 = result.median_of(left, level, lambda r: r.latency_us.p50)
+            rp50 = result.median_of(right, level, lambda r: r.latency_us.p50)
+            lthr = result.median_of(left, level, lambda r: r.throughput_per_s)
+            rthr = result.median_of(right, level, lambda r: r.throughput_per_s)
+            rows.append(
+                {
+                    "pair": f"{left} / {right}",
+                    "meaning": meaning,
+                    "level": _level_label(result, level),
+                    "p50_ratio": round(lp50 / rp50, 3) if rp50 else None,
+                    "throughput_ratio": round(lthr / rthr, 3) if rthr else None,
+                }
+            )
+    return rows
+
+
+def _spread(result: BenchResult, scenario: str, level: int | float, metric: str) -> str:
+    if result.params.repeat < 2:
+        return ""
+    if metric == "thr":
+        lo, hi = result.spread(scenario, level, lambda r: r.throughput_per_s)
+        return f" [{lo:,.0f}-{hi:,.0f}]"
+    lo, hi = result.spread(scenario, level, lambda r: r.latency_us.p50)
+    return f" [{lo:,.0f}-{hi:,.0f}]"
+
+
+def print_report(result: BenchResult, console: Console | None = None) -> None:
+    console = console or Console()
+    p = result.params
+    console.print(
+        f"[bold]amqpkit bench[/bold] — {result.broker_product} {result.broker_version}, "
+        f"{result.machine.get('cpus')} CPUs, {p.size}-byte bodies, "
+        + (f"open loop at {p.rate:g} msg/s" if p.rate else "closed loop")
+        + (f", {p.repeat} runs (median [min-max])" if p.repeat > 1 else "")
+        + (", in one process" if p.inproc else ", server in its own process")
+    )
+    table = Table(show_lines=False)
+    for col, justify in [
+        ("scenario", "left"), ("load", "right"), ("msgs", "right"), ("throughput/s", "right"),
+        ("p50 µs", "right"), ("p90", "right"), ("p99", "right"), ("p99.9", "right"), ("max", "right"),
+        ("errors", "right"),
+    ]:  # fmt: skip
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for level in _levels(result):
+        for scenario in p.scenarios:
+            run: RunResult | None = result.median(scenario, level)
+            if run is None:
+                continue
+            lat = run.latency_us
+            table.add_row(
+                scenario, _level_label(result, level), f"{run.messages:,}",
+                f"{run.throughput_per_s:,.0f}{_spread(result, scenario, level, 'thr')}",
+                f"{lat.p50:,}{_spread(result, scenario, level, 'p50')}", f"{lat.p90:,}", f"{lat.p99:,}",
+                f"{lat.p999:,}", f"{lat.max:,}", str(run.errors),
+            )  # fmt: skip
+        table.add_section()
+    console.print(table)
+    rows = comparisons(result)
+    if rows:
+        ratios = Table(title="side by side (ratios of medians, same run)")
+        for col in ("comparison", "load", "p50 latency ratio", "throughput ratio"):
+            ratios.add_column(col)
+        for row in rows:
+            ratios.add_row(
+                str(row["meaning"]), str(row["level"]),
+                "-" if row["p50_ratio"] is None else f"{row['p50_ratio']:.2f}x",
+                "-" if row["throughput_ratio"] is None else f"{row['throughput_ratio']:.2f}x",
+            )  # fmt: skip
+        console.print(ratios)
+
+
+def plot(result: BenchResult, path: str | Path) -> None:
+    """Latency percentiles against throughput, one line per scenario (needs the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the extra
+        raise RuntimeError("plotting needs matplotlib: pip install 'amqpkit[plot]'") from exc
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=False)
+    for ax, (metric, title) in zip(axes, [("p50", "median latency"), ("p99", "p99 latency")], strict=True):
+        for scenario in result.params.scenarios:
+            points = []
+            for level in _levels(result):
+                run = result.median(scenario, level)
+                if run is not None:
+                    points.append((run.throughput_per_s, getattr(run.latency_us, metric) / 1000, level))
+            if not points:
+                continue
+            xs, ys, labels = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=scenario)
+            for x, y, level in zip(xs, ys, labels, strict=True):
+                ax.annotate(_level_label(result, level), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("throughput (messages or calls per second)")
+        ax.set_ylabel(f"{metric} latency (ms)")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"amqpkit bench — {result.broker_product} {result.broker_version}, "
+        f"{result.machine.get('cpus')} CPUs, {result.params.size}-byte bodies"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
