@@ -520,15 +520,19 @@ class Broker:
         if len(body) > limit:
             raise MessageTooLarge(len(body), limit)
         exchange_name = exchange if isinstance(exchange, str) else exchange.name
-        if mandatory and not confirm:
-            raise ValueError("mandatory publishes need confirms to report a return")
+        if not confirm:
+            if mandatory:
+                raise ValueError("mandatory publishes need confirms to report a return")
+            await self._publish_unconfirmed(body, envelope.properties(), exchange=exchange_name,
+                                            routing_key=routing_key, timeout=timeout)  # fmt: skip
+            return
         if self._closing:
             raise PublishError("this Broker is closed")
         loop = asyncio.get_running_loop()
         wait = self.settings.publish_timeout if timeout is None else timeout
         deadline = loop.time() + wait
         properties = envelope.properties()
-        role = "publish" if confirm else "publish-fast"
+        role = "publish"
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -560,6 +564,41 @@ class Broker:
                 # alone, the next loop reopens it, else we wait for the reconnect.
                 await asyncio.sleep(0.01)
                 continue
+
+    async def _publish_unconfirmed(
+        self,
+        body: bytes,
+        properties: Basic.Properties,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        timeout: float | None = None,
+    ) -> None:
+        """Publish without a confirm: returns once the frames are queued for the socket.
+
+        At most once: a message in flight when the connection drops is lost,
+        and so is one sent to an exchange that does not exist (the broker
+        closes the channel; the next publish opens another). Used for RPC
+        replies and for one-way messages published with ``confirm=False``.
+        """
+        limit = self.settings.max_message_size
+        if len(body) > limit:
+            raise MessageTooLarge(len(body), limit)
+        channel = self._channels.get("publish-fast")
+        wait = self.settings.publish_timeout if timeout is None else timeout
+        try:
+            if channel is None or channel.is_closed or not self._connected.is_set():
+                async with asyncio.timeout(wait):
+                    await self._ready()
+                    channel = await self._channel("publish-fast", confirms=False)
+            with map_exceptions(kind="exchange", name=exchange):
+                # aiormq bounds the wait for room in its write queue (a blocked connection).
+                await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
+                    body, exchange=exchange, routing_key=routing_key, properties=properties, wait=False, timeout=wait
+                )
+        except TimeoutError:
+            shown = exchange or "(default exchange)"
+            raise PublishTimeout(f"publish to {shown!r} not sent within {wait:g} s") from None
 
     # ------------------------------------------------------------------ consuming
 

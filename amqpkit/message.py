@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pamqp.commands import Basic
@@ -23,7 +24,8 @@ U = TypeVar("U")
 
 
 def new_message_id() -> str:
-    return uuid.uuid4().hex
+    """A random 128-bit id in hex (as unique as a uuid4, at a quarter of the cost)."""
+    return os.urandom(16).hex()
 
 
 @dataclass(slots=True)
@@ -119,20 +121,24 @@ class _Settler:
 
 
 class Delivery(Generic[T]):
-    """A message as it arrives: the decoded ``value``, its ``envelope`` and how to settle it.
+    """A message as it arrives: the decoded ``value``, its properties, and how to settle it.
 
     Settle once: ``ack()``, ``nack(requeue=...)`` or ``reject()``. A second
     settlement raises :class:`~amqpkit.SettlementError`; it is never a no-op.
     Settling on a channel that has since closed raises
     :class:`~amqpkit.ConnectionLost` (the broker will deliver the message again).
+
+    The properties are read straight from the frame; :attr:`envelope` builds
+    the full :class:`Envelope` only when asked for.
     """
 
-    __slots__ = ("_settler", "envelope", "exchange", "redelivered", "routing_key", "value")
+    __slots__ = ("_envelope", "_settler", "body", "exchange", "properties", "redelivered", "routing_key", "value")
 
     def __init__(
         self,
         value: T,
-        envelope: Envelope,
+        body: bytes,
+        properties: Basic.Properties,
         *,
         redelivered: bool = False,
         exchange: str = "",
@@ -140,29 +146,33 @@ class Delivery(Generic[T]):
         settler: _Settler | None = None,
     ) -> None:
         self.value = value
-        self.envelope = envelope
+        self.body = body
+        self.properties = properties
         self.redelivered = redelivered
         self.exchange = exchange
         self.routing_key = routing_key
         self._settler = settler or _Settler(None, 0, auto_ack=False)
+        self._envelope: Envelope | None = None
 
     @classmethod
     def from_aiormq(cls, message: DeliveredMessage, *, auto_ack: bool = False) -> Delivery[bytes]:
         frame = message.delivery
         return Delivery(
             message.body,
-            Envelope.from_properties(message.body, message.header.properties),
+            message.body,
+            message.header.properties,
             redelivered=bool(getattr(frame, "redelivered", False)),
-            exchange=message.exchange or "",
-            routing_key=message.routing_key or "",
-            settler=_Settler(message.channel, message.delivery_tag or 0, auto_ack),
+            exchange=getattr(frame, "exchange", "") or "",
+            routing_key=getattr(frame, "routing_key", "") or "",
+            settler=_Settler(message.channel, getattr(frame, "delivery_tag", 0) or 0, auto_ack),
         )
 
     def with_value(self, value: U) -> Delivery[U]:
         """The same delivery (sharing its settlement) carrying a decoded value."""
         return Delivery(
             value,
-            self.envelope,
+            self.body,
+            self.properties,
             redelivered=self.redelivered,
             exchange=self.exchange,
             routing_key=self.routing_key,
@@ -170,16 +180,34 @@ class Delivery(Generic[T]):
         )
 
     @property
-    def body(self) -> bytes:
-        return self.envelope.body
+    def envelope(self) -> Envelope:
+        if self._envelope is None:
+            self._envelope = Envelope.from_properties(self.body, self.properties)
+        return self._envelope
 
     @property
     def message_id(self) -> str | None:
-        return self.envelope.message_id
+        return self.properties.message_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.properties.correlation_id
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.properties.reply_to
+
+    @property
+    def content_type(self) -> str | None:
+        return self.properties.content_type
+
+    @property
+    def type(self) -> str | None:
+        return self.properties.message_type
 
     @property
     def headers(self) -> Mapping[str, Any]:
-        return self.envelope.headers
+        return self.properties.headers or _NO_HEADERS
 
     @property
     def delivery_tag(self) -> int:
@@ -197,7 +225,7 @@ class Delivery(Generic[T]):
         entries with reason ``rejected`` (messages dead-lettered and routed
         back); a redelivery with neither counts as at least 2.
         """
-        headers = self.envelope.headers
+        headers = self.headers
         delivery_count = _as_int(headers.get("x-delivery-count"))
         rejected = 0
         for death in headers.get("x-death") or ():
@@ -209,25 +237,28 @@ class Delivery(Generic[T]):
     async def ack(self) -> None:
         channel = self._settler.claim(Settlement.ACKED)
         with map_exceptions(kind="delivery"):
-            await channel.basic_ack(self._settler.tag)
+            await channel.basic_ack(self._settler.tag, wait=False)
 
     async def nack(self, *, requeue: bool = True) -> None:
         """Negative-acknowledge: back to the queue with ``requeue=True``, else dead-lettered or dropped."""
         channel = self._settler.claim(Settlement.REQUEUED if requeue else Settlement.NACKED)
         with map_exceptions(kind="delivery"):
-            await channel.basic_nack(self._settler.tag, requeue=requeue)
+            await channel.basic_nack(self._settler.tag, requeue=requeue, wait=False)
 
     async def reject(self, *, requeue: bool = False) -> None:
         """Reject: dead-lettered (or dropped when the queue has no dead-letter exchange)."""
         channel = self._settler.claim(Settlement.REQUEUED if requeue else Settlement.REJECTED)
         with map_exceptions(kind="delivery"):
-            await channel.basic_reject(self._settler.tag, requeue=requeue)
+            await channel.basic_reject(self._settler.tag, requeue=requeue, wait=False)
 
     def __repr__(self) -> str:
         return (
             f"<Delivery id={self.message_id!r} rk={self.routing_key!r} "
             f"attempt={self.attempt} settled={self.settled and self.settled.value}>"
         )
+
+
+_NO_HEADERS: Mapping[str, Any] = MappingProxyType({})
 
 
 def _as_int(value: Any) -> int:

@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
-# Quick start, part 1: set everything up, then run amqpkit's main job against the local broker.
+# Quick start, part 1: set everything up, then run amqpkit's main job against the local broker:
+# RPC against one-way messaging, side by side. Extra arguments go to `amqpkit bench`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if .venv/bin/amqpkit bench --help >/dev/null 2>&1; then
-  exec .venv/bin/amqpkit bench "$@"
-fi
-# Until `amqpkit bench` lands, check the broker instead.
-exec .venv/bin/amqpkit check "$@"
+exec .venv/bin/amqpkit bench "$@"

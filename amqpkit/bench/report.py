@@ -76,7 +76,7 @@ def print_report(result: BenchResult, console: Console | None = None) -> None:
         f"[bold]amqpkit bench[/bold] — {result.broker_product} {result.broker_version}, "
         f"{result.machine.get('cpus')} CPUs, {p.size}-byte bodies, "
         + (f"open loop at {p.rate:g} msg/s" if p.rate else "closed loop")
-        + (f", {p.repeat} runs (median [min-max])" if p.repeat > 1 else "")
+        + (f", {p.repeat} runs (median \\[min-max])" if p.repeat > 1 else "")
         + (", in one process" if p.inproc else ", server in its own process")
     )
     table = Table(show_lines=False)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .._version import __version__
 from ..settings import BrokerSettings, redact_url
-from .scenarios import CLIENTS, SCENARIOS, SERVERS, ClientSide, ServerOptions, ServerSide, is_rpc
+from .scenarios import CLIENTS, SCENARIOS, SERVERS, ClientSide, ServerOptions, ServerSide, Window, is_rpc
 from .stats import LatencyRecorder, Percentiles
 
 __all__ = ["DEFAULT_SCENARIOS", "BenchParams", "BenchResult", "RunResult", "run_bench"]
@@ -190,23 +190,44 @@ class _LocalSide(_Side):
         await self.side.stop()
 
 
+class _Progress(asyncio.Protocol):
+    def __init__(self, window: Window) -> None:
+        self.window = window
+
+    def data_received(self, data: bytes) -> None:
+        self.window.handled_some(len(data))
+
+
 class _RemoteSide(_Side):
-    def __init__(self, scenario: str, options: ServerOptions) -> None:
+    def __init__(self, scenario: str, options: ServerOptions, window: Window | None) -> None:
         self.scenario = scenario
         self.options = options
+        self.window = window
         self.proc: asyncio.subprocess.Process | None = None
+        self._transport: asyncio.BaseTransport | None = None
 
     async def start(self) -> None:
         o = self.options
+        pass_fds: tuple[int, ...] = ()
+        progress: list[str] = []
+        window = self.window
+        if window is not None:
+            read_fd, write_fd = os.pipe()
+            pass_fds = (write_fd,)
+            progress = ["--progress-fd", str(write_fd)]
+            reader = os.fdopen(read_fd, "rb", buffering=0)
+            self._transport, _ = await asyncio.get_running_loop().connect_read_pipe(lambda: _Progress(window), reader)
         args = [
-            "-m", "amqpkit.bench.serve", self.scenario, "--url", o.url, "--queue", o.queue,
+            "-m", "amqpkit.bench.serve", *progress, self.scenario, "--url", o.url, "--queue", o.queue,
             "--prefetch", str(o.prefetch), "--queue-type", o.queue_type,
             "--stall-ms", str(o.stall_ms), "--stall-after", str(o.stall_after),
         ]  # fmt: skip
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds,
         )  # fmt: skip
+        for fd in pass_fds:
+            os.close(fd)  # the child has it now
         await self._read(timeout=60)
 
     async def _read(self, timeout: float) -> dict[str, Any]:
@@ -235,6 +256,8 @@ class _RemoteSide(_Side):
         await self._command("reset")
 
     async def stop(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
         if self.proc is None or self.proc.returncode is not None:
             return
         try:
@@ -350,6 +373,7 @@ async def run_bench(params: BenchParams, *, on_progress: ProgressCallback | None
 
     sides: dict[str, _Side] = {}
     clients: dict[str, ClientSide] = {}
+    windows: dict[str, Window] = {}
     tag = uuid.uuid4().hex[:8]
     try:
         for scenario in params.scenarios:
@@ -358,8 +382,18 @@ async def run_bench(params: BenchParams, *, on_progress: ProgressCallback | None
                 url=params.url, queue=queue, prefetch=params.prefetch, queue_type=params.queue_type,
                 stall_ms=params.stall_ms, stall_after=params.stall_after,
             )  # fmt: skip
-            side: _Side = _LocalSide(SERVERS[scenario](options)) if params.inproc else _RemoteSide(scenario, options)
+            window = None if is_rpc(scenario) else Window()
+            side: _Side
+            if params.inproc:
+                server = SERVERS[scenario](options)
+                if window is not None:
+                    server.on_handled = window.handled_some
+                side = _LocalSide(server)
+            else:
+                side = _RemoteSide(scenario, options, window)
             await side.start()
+            if window is not None:
+                windows[scenario] = window
             sides[scenario] = side
             client = CLIENTS[scenario](params.url, queue, params.size, params.queue_type)
             await client.start()
@@ -371,8 +405,8 @@ async def run_bench(params: BenchParams, *, on_progress: ProgressCallback | None
             for concurrency, rate in levels:
                 for scenario in params.scenarios:
                     result.results.append(
-                        await _one_run(params, scenario, sides[scenario], clients[scenario], concurrency, rate, run,
-                                       on_progress)
+                        await _one_run(params, scenario, sides[scenario], clients[scenario], windows.get(scenario),
+                                       concurrency, rate, run, on_progress)
                     )  # fmt: skip
     finally:
         for client in clients.values():
@@ -389,6 +423,7 @@ async def _one_run(
     scenario: str,
     side: _Side,
     client: ClientSide,
+    window: Window | None,
     concurrency: int | None,
     rate: float | None,
     run: int,
@@ -413,28 +448,39 @@ async def _one_run(
     def quiet() -> None:
         return None
 
+    operate = client.operate
+    if window is not None and concurrency is not None:
+        # One-way closed loop: at most `concurrency` messages sent and not yet handled.
+        limit = concurrency
+
+        async def operate(sent_ns: int, warmup: bool) -> None:
+            await window.acquire(limit)
+            await client.operate(time.monotonic_ns(), warmup)
+
     await side.reset()
     if warm:
         if rate is not None:
-            await _open_loop(client.operate, rate=rate, count=warm, warmup=True, recorder=None, tick=quiet)
+            await _open_loop(operate, rate=rate, count=warm, warmup=True, recorder=None, tick=quiet)
         else:
             assert concurrency is not None
-            await _closed_loop(client.operate, concurrency=concurrency, count=warm, deadline=None, warmup=True,
+            await _closed_loop(operate, concurrency=concurrency, count=warm, deadline=None, warmup=True,
                                recorder=None, tick=quiet)  # fmt: skip
     if not rpc:
         # Let the warm-up drain so it does not queue ahead of the measured messages.
         await side.report(0)
         await asyncio.sleep(0.05)
+        if window is not None:
+            window.sent = window.handled  # what the warm-up lost does not shrink the window
     recorder = LatencyRecorder() if rpc else None
     started_ns = time.monotonic_ns()
     if rate is not None:
-        sent, errors = await _open_loop(client.operate, rate=rate, count=total, warmup=False, recorder=recorder,
+        sent, errors = await _open_loop(operate, rate=rate, count=total, warmup=False, recorder=recorder,
                                         tick=tick)  # fmt: skip
     else:
         assert concurrency is not None
         deadline = time.monotonic() + params.duration if params.messages is None and params.duration else None
         sent, errors = await _closed_loop(
-            client.operate, concurrency=concurrency, count=params.messages, deadline=deadline, warmup=False,
+            operate, concurrency=concurrency, count=params.messages, deadline=deadline, warmup=False,
             recorder=recorder, tick=tick,
         )  # fmt: skip
     finished_ns = time.monotonic_ns()

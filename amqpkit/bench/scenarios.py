@@ -13,6 +13,7 @@ every message scheduled behind it and shows in the percentiles.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -35,7 +36,27 @@ from ..settings import BrokerSettings
 from ..topology import Exchange, Queue, QueueType
 from .stats import LatencyRecorder
 
-__all__ = ["CLIENTS", "SCENARIOS", "SERVERS", "ServerOptions", "ServerSide", "ClientSide", "is_rpc"]
+
+class Window:
+    """The driver's view of one-way messages in flight: sent, and not yet handled by the consumer."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.handled = 0
+        self._moved = asyncio.Event()
+
+    def handled_some(self, count: int = 1) -> None:
+        self.handled += count
+        self._moved.set()
+
+    async def acquire(self, limit: int) -> None:
+        while self.sent - self.handled >= limit:
+            self._moved.clear()
+            await self._moved.wait()
+        self.sent += 1
+
+
+__all__ = ["CLIENTS", "SCENARIOS", "SERVERS", "ClientSide", "ServerOptions", "ServerSide", "Window", "is_rpc"]
 
 SEND_TIME = "t"
 WARMUP = "w"
@@ -49,6 +70,7 @@ class ServerOptions:
     queue_type: str = "classic"
     stall_ms: int = 0
     stall_after: int = 0
+    progress_fd: int | None = None
 
 
 def is_rpc(scenario: str) -> bool:
@@ -69,6 +91,10 @@ class ServerSide(ABC):
         self.last_ns = 0
         self._handled_total = 0
         self._stalled = False
+        self.on_handled: Callable[[], None] | None = None
+        if options.progress_fd is not None:
+            fd = options.progress_fd
+            self.on_handled = lambda: _tell(fd)
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -87,6 +113,8 @@ class ServerSide(ABC):
     def observe(self, headers: Any) -> None:
         """Record a one-way message's latency from its headers (warm-up messages are not counted)."""
         now = time.monotonic_ns()
+        if self.on_handled is not None:
+            self.on_handled()
         if headers and headers.get(WARMUP):
             return
         sent = headers.get(SEND_TIME) if headers else None
@@ -115,6 +143,12 @@ class ServerSide(ABC):
             "last_ns": self.last_ns,
             "hist": self.recorder.encode(),
         }
+
+
+def _tell(fd: int) -> None:
+    """One byte to the driver per handled message: the driver's in-flight window moves on."""
+    with contextlib.suppress(BlockingIOError):  # the driver is behind reading; it counts what it gets
+        os.write(fd, b"\x01")
 
 
 class AmqpkitRpcServer(ServerSide):

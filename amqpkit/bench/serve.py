@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 from .scenarios import SERVERS, ServerOptions, ServerSide
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--queue-type", default="classic")
     parser.add_argument("--stall-ms", type=int, default=0)
     parser.add_argument("--stall-after", type=int, default=0)
+    parser.add_argument("--progress-fd", type=int, default=None, help="write one byte here per handled message")
     args = parser.parse_args()
     options = ServerOptions(
         url=args.url,
@@ -64,7 +66,10 @@ def main() -> None:
         queue_type=args.queue_type,
         stall_ms=args.stall_ms,
         stall_after=args.stall_after,
+        progress_fd=args.progress_fd,
     )
+    if args.progress_fd is not None:
+        os.set_blocking(args.progress_fd, False)
     asyncio.run(serve(SERVERS[args.scenario](options)))
 
 

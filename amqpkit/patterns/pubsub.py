@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar, overload
+from typing import Any, Generic, Self, TypeVar, cast, overload
 
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import Codec, JsonCodec
@@ -286,14 +286,16 @@ class Subscriber(Generic[T]):
 
     async def _on_delivery(self, raw: Delivery[bytes]) -> None:
         try:
-            value = self.codec.decode(raw.body, raw.envelope.content_type)
+            value = self.codec.decode(raw.body, raw.content_type)
         except DecodeError as exc:
             self.rejected += 1
             log.error("rejected message id=%s from %s: cannot decode: %s", raw.message_id, self.queue_name, exc)
             if raw.settled is None:
                 await _settle_quietly(raw.reject(requeue=False))
             return
-        delivery = raw.with_value(value)
+        # Decoded in place: the raw delivery becomes the typed one (no second object per message).
+        delivery = cast("Delivery[Any]", raw)
+        delivery.value = value
         if self._handler is None:
             assert self._inbox is not None
             await self._inbox.put(delivery)

@@ -170,78 +170,62 @@ class RpcServer:
         return None
 
     async def _on_request(self, raw: Delivery[bytes]) -> None:
-        env = raw.envelope
-        if not env.reply_to or not env.correlation_id:
-            missing = "reply_to" if not env.reply_to else "correlation_id"
+        props = raw.properties
+        if not props.reply_to or not props.correlation_id:
+            missing = "reply_to" if not props.reply_to else "correlation_id"
             self.rejected += 1
-            log.error("rejected request id=%s on %s: no %s", env.message_id, self.queue.name, missing)
+            log.error("rejected request id=%s on %s: no %s", props.message_id, self.queue.name, missing)
             await raw.reject(requeue=False)
             return
-        deadline = _as_float(env.headers.get(DEADLINE_HEADER))
-        if deadline is not None and time.time() * 1000 > deadline:
-            self.expired += 1
-            log.info("skipped request id=%s method=%s: its deadline has passed", env.message_id, env.type)
-            await raw.ack()
-            return
-        found = self._lookup(env.type)
+        if props.headers:
+            deadline = _as_float(props.headers.get(DEADLINE_HEADER))
+            if deadline is not None and time.time() * 1000 > deadline:
+                self.expired += 1
+                log.info("skipped request id=%s method=%s: its deadline has passed", props.message_id, raw.type)
+                await raw.ack()
+                return
+        found = self._lookup(props.message_type)
         if found is None:
             self.rejected += 1
             known = ", ".join(sorted(self._methods))
-            log.error("rejected request id=%s: unknown method %r (serving %s)", env.message_id, env.type, known)
-            await self._reply(env, _error_body("UnknownMethod", f"no method {env.type!r}; serving {known}"), True)
+            log.error("rejected request id=%s: unknown method %r (serving %s)", props.message_id, raw.type, known)
+            await self._reply(props, _error_body("UnknownMethod", f"no method {raw.type!r}; serving {known}"))
             await raw.reject(requeue=False)
             return
         info, reply_codec = found
         try:
-            value = info.codec.decode(raw.body, env.content_type)
+            value = info.codec.decode(raw.body, props.content_type)
         except DecodeError as exc:
             self.rejected += 1
-            log.error("rejected request id=%s method=%s: cannot decode: %s", env.message_id, env.type, exc)
-            await self._reply(env, _error_body("DecodeError", str(exc), {"errors": exc.errors}), True)
+            log.error("rejected request id=%s method=%s: cannot decode: %s", props.message_id, raw.type, exc)
+            await self._reply(props, _error_body("DecodeError", str(exc), {"errors": exc.errors}))
             await raw.reject(requeue=False)
             return
         try:
             result = await info(raw.with_value(value))
-            body, content_type, is_error = reply_codec.encode(result), reply_codec.content_type, False
+            body, content_type = reply_codec.encode(result), reply_codec.content_type
         except Exception as exc:
             self.failed += 1
             log.warning(
                 "method %s failed for request id=%s: %s: %s",
-                env.type or "(default)",
-                env.message_id,
-                type(exc).__name__,
-                exc,
-            )
+                raw.type or "(default)", props.message_id, type(exc).__name__, exc,
+            )  # fmt: skip
             details = getattr(exc, "details", None)
             body = _error_body(type(exc).__name__, str(exc), details if isinstance(details, Mapping) else None)
-            content_type, is_error = ERROR_CONTENT_TYPE, True
-        await self._reply(env, body, is_error, content_type)
+            content_type = ERROR_CONTENT_TYPE
+        await self._reply(props, body, content_type)
         self.served += 1
         await raw.ack()
 
-    async def _reply(self, request: Envelope, body: bytes, is_error: bool, content_type: str | None = None) -> None:
+    async def _reply(self, request: Basic.Properties, body: bytes, content_type: str = ERROR_CONTENT_TYPE) -> None:
+        """Send a reply (or, by default content type, an error document) to the request's ``reply_to``."""
         assert request.reply_to is not None
-        reply = Envelope(
-            body,
-            content_type=ERROR_CONTENT_TYPE if is_error else content_type,
-            correlation_id=request.correlation_id,
-            persistent=False,
-            message_id=None,
-        )
-        try:
-            await self.broker.publish(reply, routing_key=request.reply_to, confirm=False)
-        except MessageTooLarge as exc:
-            await self.broker.publish(
-                Envelope(
-                    _error_body("MessageTooLarge", str(exc)),
-                    content_type=ERROR_CONTENT_TYPE,
-                    correlation_id=request.correlation_id,
-                    persistent=False,
-                    message_id=None,
-                ),
-                routing_key=request.reply_to,
-                confirm=False,
-            )
+        limit = self.broker.settings.max_message_size
+        if len(body) > limit:
+            body = _error_body("MessageTooLarge", f"reply of {len(body)} bytes over {limit}")
+            content_type = ERROR_CONTENT_TYPE
+        properties = Basic.Properties(content_type=content_type, correlation_id=request.correlation_id, delivery_mode=1)
+        await self.broker._publish_unconfirmed(body, properties, routing_key=request.reply_to)
 
 
 def _as_float(value: Any) -> float | None:
@@ -353,7 +337,13 @@ class RpcClient:
             channel = self._channel
             if channel is not None and not channel.is_closed:
                 return channel
-            channel = await self.broker.open_channel(confirms=True)
+            # Requests go out mandatory without confirms: a returned request (no
+            # queue took it) fails its call through the return hook, and the
+            # broker sends no confirm frame per call.
+            channel = await self.broker.open_channel(confirms=False)
+            if not _hook_returns(channel, self._on_returned):
+                await channel.close()
+                channel = await self.broker.open_channel(confirms=True)
             with map_exceptions(kind="queue", name=DIRECT_REPLY_TO):
                 await channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
             self._channel = channel
@@ -375,8 +365,13 @@ class RpcClient:
             return
         future.set_result(Delivery.from_aiormq(message, auto_ack=True))
 
+    def _on_returned(self, message: DeliveredMessage) -> None:
+        future = self._pending.pop(message.header.properties.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_exception(NoResponder(f"no queue took the request: {self.routing_key!r} has no server"))
+
     async def _on_reply_delivery(self, delivery: Delivery[bytes]) -> None:
-        cid = delivery.envelope.correlation_id
+        cid = delivery.correlation_id
         future = self._pending.pop(cid, None) if cid else None
         if future is None or future.done():
             self.dropped_replies += 1
@@ -452,13 +447,13 @@ class RpcClient:
             raise RpcTimeout(f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s") from None
         finally:
             self._pending.pop(cid, None)
-        if _media(reply.envelope.content_type) == ERROR_CONTENT_TYPE:
+        if _media(reply.content_type) == ERROR_CONTENT_TYPE:
             raise _parse_error(reply.body)
         return self._decode_reply(reply, returns)
 
     def _decode_reply(self, reply: Delivery[bytes], returns: Any) -> Any:
         """Decode by the reply's content type, then check against ``returns`` when given."""
-        content_type = reply.envelope.content_type
+        content_type = reply.content_type
         media = _media(content_type)
         if media == "text/plain" or (not media and returns in (str, int, float)):
             text = TextCodec().decode(reply.body, content_type)
@@ -492,9 +487,10 @@ class RpcClient:
         properties.reply_to = DIRECT_REPLY_TO
         try:
             with map_exceptions(kind="exchange", name=self.exchange):
-                await channel.basic_publish(
-                    body, exchange=self.exchange, routing_key=self.routing_key, properties=properties, mandatory=True
-                )
+                await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
+                    body, exchange=self.exchange, routing_key=self.routing_key, properties=properties,
+                    mandatory=True, wait=False,
+                )  # fmt: skip
         except Unroutable as exc:
             raise NoResponder(f"no queue took the request: {self.routing_key!r} has no server") from exc
 
@@ -521,6 +517,30 @@ class RpcClient:
             with attempt:
                 return await self.call(method, payload, returns=returns, timeout=timeout)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _hook_returns(channel: AbstractChannel, callback: Callable[[DeliveredMessage], None]) -> bool:
+    """Route basic.return on an unconfirmed channel to ``callback``.
+
+    aiormq only matches returns to publisher confirms; on a channel without
+    confirms it logs and drops them. This replaces its return handler on this
+    one channel. Returns False (and changes nothing) if aiormq's internals are
+    not as expected, so the caller can fall back to confirms.
+    """
+    read_header = getattr(channel, "_Channel__get_content_header", None)
+    read_content = getattr(channel, "_read_content", None)
+    if read_header is None or read_content is None or not hasattr(channel, "_on_return_frame"):
+        return False
+
+    async def on_return(frame: Any) -> None:
+        header = await read_header()
+        callback(await read_content(frame, header))
+
+    try:
+        channel._on_return_frame = on_return
+    except AttributeError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=256)
