@@ -25,6 +25,17 @@ from .patterns.confirms import ConfirmingPublisher, Outcome
 from .patterns.pubsub import Publisher, Subscriber
 from .patterns.routing import topic_matches
 from .patterns.rpc import RpcClient, RpcServer
+from .patterns.work_queue import (
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    Reject,
+    Retry,
+    RetryPolicy,
+    TaskEvent,
+    TaskStatus,
+    Worker,
+    WorkQueue,
+)
 from .settings import BrokerSettings, ReconnectPolicy, TlsSettings, redact_url
 from .topology import Binding, DeadLetterStrategy, Exchange, ExchangeType, Overflow, Queue, QueueType
 
@@ -45,7 +56,9 @@ __all__ = [
     "Envelope",
     "Exchange",
     "ExchangeType",
+    "IdempotencyStore",
     "JsonCodec",
+    "MemoryIdempotencyStore",
     "MessageTooLarge",
     "NoResponder",
     "Outcome",
@@ -58,7 +71,10 @@ __all__ = [
     "Queue",
     "QueueType",
     "ReconnectPolicy",
+    "Reject",
     "RemoteError",
+    "Retry",
+    "RetryPolicy",
     "RpcClient",
     "RpcError",
     "RpcServer",
@@ -66,10 +82,14 @@ __all__ = [
     "Settlement",
     "SettlementError",
     "Subscriber",
+    "TaskEvent",
+    "TaskStatus",
     "TextCodec",
     "TlsSettings",
     "TopologyError",
     "Unroutable",
+    "WorkQueue",
+    "Worker",
     "__version__",
     "codec_for",
     "redact_url",

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ._version import __version__
 from .bench.run import DEFAULT_SCENARIOS
 from .connection import Broker
-from .errors import ConnectError
+from .errors import ConnectError, TopologyError
 from .settings import BrokerSettings
 
 if TYPE_CHECKING:
@@ -178,6 +179,141 @@ def bench(
     if plot_path:
         plot(result, plot_path)
         console.print(f"plot written to {plot_path}")
+
+
+def _load_handler(spec: str) -> Any:
+    """``package.module:function`` -> the function."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise typer.BadParameter(f"expected MODULE:HANDLER, not {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise typer.BadParameter(f"cannot import {module_name!r}: {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise typer.BadParameter(f"{module_name!r} has no {attr!r}") from None
+
+
+@app.command()
+def worker(
+    handler: Annotated[str, typer.Argument(help="the task handler, as MODULE:FUNCTION")],
+    queue: Annotated[str, typer.Option("--queue", "-q", help="work queue name")],
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="tasks in flight")] = 16,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", help="attempts before dead-lettering")] = 5,
+    retry_delay: Annotated[float, typer.Option("--retry-delay", help="first retry delay, seconds")] = 1.0,
+    grace: Annotated[float, typer.Option("--grace", help="seconds running tasks get on SIGTERM")] = 30.0,
+    events: Annotated[bool, typer.Option("--events", help="publish task status events on amqpkit.tasks")] = False,
+    dedupe: Annotated[bool, typer.Option("--dedupe", help="skip tasks this process already completed")] = False,
+    url: UrlOption = None,
+) -> None:
+    """Run a worker over a work queue until SIGTERM or Ctrl-C (then finish or requeue, and exit 0)."""
+    import logging
+
+    from .patterns.work_queue import MemoryIdempotencyStore, RetryPolicy, Worker, WorkQueue
+    from .runner import run_until_signal
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    fn = _load_handler(handler)
+    policy = RetryPolicy(max_attempts=max_attempts, initial_delay=retry_delay)
+
+    async def main(stop: asyncio.Event) -> None:
+        async with Broker(settings_for(url)) as broker:
+            work: WorkQueue[Any] = WorkQueue(broker, queue, retry=policy, events=events)
+            store = MemoryIdempotencyStore() if dedupe else None
+            w: Worker[Any] = Worker(work, fn, concurrency=concurrency, grace=grace, idempotency=store)
+            await w.start()
+            typer.echo(f"worker on {queue!r}: concurrency {concurrency}; Ctrl-C or SIGTERM stops it", err=True)
+            await stop.wait()
+            await w.stop()
+            typer.echo(f"worker stopped: {w.completed} completed, {w.retried} retried, "
+                       f"{w.dead_lettered} dead-lettered", err=True)  # fmt: skip
+
+    try:
+        code = run_until_signal(main)
+    except ConnectError as exc:
+        typer.echo(f"error: {exc}; {BROKER_HINT}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+dlq_app = typer.Typer(help="Inspect, replay and purge a work queue's dead-lettered tasks.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _run_broker_job(url: str | None, job: Any) -> Any:
+    async def run() -> Any:
+        async with Broker(settings_for(url)) as broker:
+            return await job(broker)
+
+    try:
+        return asyncio.run(run())
+    except ConnectError as exc:
+        typer.echo(f"error: {exc}; {BROKER_HINT}", err=True)
+        raise typer.Exit(2) from None
+    except TopologyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _print_dead_letters(letters: Any, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("#", "task id", "error", "reason", "attempts", "age"):
+        table.add_column(col)
+    for i, d in enumerate(letters, 1):
+        age = "-" if d.age_s is None else f"{d.age_s:,.0f} s"
+        table.add_row(str(i), str(d.task_id), d.error[:80], str(d.reason), str(d.attempts), age)
+    Console().print(table)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    queue: Annotated[str, typer.Argument(help="work queue (its DLQ is QUEUE.dlq)")],
+    limit: Annotated[int | None, typer.Option("--limit", help="show at most N")] = None,
+    url: UrlOption = None,
+) -> None:
+    """Show dead-lettered tasks (id, error, attempts, age), leaving the DLQ as it was."""
+    from .patterns.dlq import list_dead_letters
+
+    letters = _run_broker_job(url, lambda b: list_dead_letters(b, queue, limit=limit))
+    _print_dead_letters(letters, f"{len(letters)} dead-lettered tasks in {queue}.dlq")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    queue: Annotated[str, typer.Argument(help="work queue (its DLQ is QUEUE.dlq)")],
+    limit: Annotated[int | None, typer.Option("--limit", help="replay at most N")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would move; move nothing")] = False,
+    url: UrlOption = None,
+) -> None:
+    """Move dead-lettered tasks back to the work queue (each confirmed there before it leaves the DLQ)."""
+    from .patterns.dlq import replay_dead_letters
+
+    letters = _run_broker_job(url, lambda b: replay_dead_letters(b, queue, limit=limit, dry_run=dry_run))
+    verb = "would replay" if dry_run else "replayed"
+    _print_dead_letters(letters, f"{verb} {len(letters)} tasks to {queue}")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    queue: Annotated[str, typer.Argument(help="work queue (its DLQ is QUEUE.dlq)")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+    url: UrlOption = None,
+) -> None:
+    """Delete every dead-lettered task of QUEUE (asks first)."""
+    from .patterns.dlq import dlq_name, purge_dead_letters
+
+    if not yes:
+        typer.confirm(f"Delete every message in {dlq_name(queue)}?", abort=True)
+    count = _run_broker_job(url, lambda b: purge_dead_letters(b, queue))
+    typer.echo(f"purged {count} messages from {dlq_name(queue)}")
 
 
 def main() -> None:

@@ -751,6 +751,15 @@ class Broker:
         pending = {t for t in consumer.inflight if t is not asyncio.current_task()}
         if pending and grace > 0:
             await asyncio.wait(pending, timeout=grace)
+        overdue = {t for t in pending if not t.done()}
+        if overdue:
+            # Out of grace: cancel them; their messages are nacked back to the queue
+            # (a Worker does it explicitly; closing the channel does it for the rest).
+            log.warning("consumer %s: %d callbacks still running after %.3g s; cancelling",
+                        consumer.consumer_tag, len(overdue), grace)  # fmt: skip
+            for task in overdue:
+                task.cancel()
+            await asyncio.wait(overdue, timeout=5)
         if channel is not None and not channel.is_closed:
             # Closing the channel returns whatever is still unacked to the queue.
             with contextlib.suppress(Exception):

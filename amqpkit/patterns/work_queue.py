@@ -1,0 +1,498 @@
+"""Work queues: competing consumers, broker-delayed retries, dead-lettering, graceful shutdown.
+
+Topology of a work queue named ``jobs`` (all declared by amqpkit)::
+
+    producer ──▶ jobs (quorum) ──▶ Worker(s)
+                   ▲   │ failed, attempts left: copy + ack
+                   │   ▼
+                   │ jobs.retry.<ms> (TTL <ms>) ── expires, dead-lettered back ─┘
+                   │
+                   └── failed for good / Reject / undecodable: copy with the
+                       reason in headers, then ack ──▶ jobs.dlq
+
+A failed task is re-published (with a publisher confirm, before the original
+is acked: nothing is lost in between) to a delay queue whose TTL hands it
+back to the work queue when the delay is over; the worker never sleeps while
+holding a message. Delay queues are quorum queues with at-least-once
+dead-lettering, one per delay step, and expire when unused. After the last
+attempt, or at once for :class:`Reject` and undecodable bodies, the task goes
+to ``<queue>.dlq`` carrying the error type and message, a trimmed traceback,
+the attempts, the first and last failure times and where it was first
+published. A task that keeps killing its worker (so is never acked nor
+failed) is dead-lettered by the broker itself after ``delivery_limit``
+deliveries, again at-least-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Generic, Protocol, Self, TypeVar, cast, runtime_checkable
+
+from pamqp.commands import Basic
+from pydantic import BaseModel, ConfigDict, Field
+
+from .._handlers import HandlerInfo, inspect_handler
+from ..codec import Codec, JsonCodec
+from ..connection import Broker, Consumer
+from ..errors import DecodeError, PublishError
+from ..message import Delivery, Envelope
+from ..topology import DeadLetterStrategy, Exchange, ExchangeType, Overflow, Queue, QueueType
+
+__all__ = [
+    "TASK_EVENTS_EXCHANGE",
+    "IdempotencyStore",
+    "MemoryIdempotencyStore",
+    "Reject",
+    "Retry",
+    "RetryPolicy",
+    "TaskEvent",
+    "TaskStatus",
+    "WorkQueue",
+    "Worker",
+]
+
+log = logging.getLogger("amqpkit.worker")
+
+T = TypeVar("T")
+
+TASK_EVENTS_EXCHANGE = Exchange("amqpkit.tasks", type=ExchangeType.TOPIC)
+
+# Headers a work queue keeps on a task.
+ATTEMPT = "x-attempt"
+FIRST_FAILURE = "x-first-failure"
+LAST_FAILURE = "x-last-failure"
+ERROR_TYPE = "x-error-type"
+ERROR_MESSAGE = "x-error-message"
+ERROR_TRACEBACK = "x-error-traceback"
+ORIGINAL_EXCHANGE = "x-original-exchange"
+ORIGINAL_ROUTING_KEY = "x-original-routing-key"
+DEAD_LETTER_REASON = "x-dead-letter-reason"
+ATTEMPTS = "x-attempts"
+
+TRACEBACK_LIMIT = 4000  # characters kept of a traceback, from its end
+
+
+class RetryPolicy(BaseModel):
+    """Exponential backoff with jitter, capped.
+
+    After attempt n fails the task waits ``initial_delay * multiplier**(n-1)``
+    seconds (at most ``max_delay``), give or take ``jitter``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_attempts: int = Field(default=5, ge=1)
+    initial_delay: float = Field(default=1.0, gt=0)
+    multiplier: float = Field(default=2.0, ge=1)
+    max_delay: float = Field(default=300.0, gt=0)
+    jitter: float = Field(default=0.1, ge=0, le=1, description="± fraction of the delay drawn at random")
+
+    def delay(self, failed_attempt: int) -> float:
+        """Seconds to wait after attempt ``failed_attempt`` (1-based) failed."""
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** (failed_attempt - 1))
+        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+
+
+class Retry(Exception):
+    """Raise in a handler to retry the task after ``delay`` seconds (default: the policy's)."""
+
+    def __init__(self, reason: str = "retry requested", *, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class Reject(Exception):
+    """Raise in a handler to dead-letter the task at once, with ``reason``."""
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    DEAD_LETTERED = "dead_lettered"
+
+
+class TaskEvent(BaseModel):
+    """A task's status change, published on ``amqpkit.tasks`` as ``<queue>.<status>``."""
+
+    task_id: str
+    queue: str
+    status: TaskStatus
+    attempt: int
+    timestamp: datetime
+    error: str | None = None
+    retry_in: float | None = None
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    """Remembers the ids of completed tasks, so a redelivered one is not run twice."""
+
+    async def seen(self, task_id: str) -> bool: ...
+
+    async def remember(self, task_id: str) -> None: ...
+
+
+class MemoryIdempotencyStore:
+    """An in-process LRU of the last ``max_size`` completed task ids (per worker process)."""
+
+    def __init__(self, max_size: int = 100_000) -> None:
+        self.max_size = max_size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    async def seen(self, task_id: str) -> bool:
+        if task_id in self._ids:
+            self._ids.move_to_end(task_id)
+            return True
+        return False
+
+    async def remember(self, task_id: str) -> None:
+        self._ids[task_id] = None
+        self._ids.move_to_end(task_id)
+        while len(self._ids) > self.max_size:
+            self._ids.popitem(last=False)
+
+
+def _delay_bucket(seconds: float) -> int:
+    """Delays rounded to two significant digits (in ms), so a few delay queues serve every delay."""
+    ms = max(1, round(seconds * 1000))
+    step = 10 ** max(0, len(str(ms)) - 2)
+    return max(1, int(round(ms / step) * step))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class WorkQueue(Generic[T]):
+    """A durable work queue (a quorum queue by default) with its retry and dead-letter queues.
+
+    ``await queue.enqueue(value)`` publishes a task, waits for the confirm and
+    returns the task id. ``queue`` gives a spec of your own instead (e.g. the
+    classic durable queue of the official tutorial); retries and the DLQ work
+    with it too, only the broker-side delivery limit needs the default spec.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        name: str,
+        codec: Codec[T] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        queue: Queue | None = None,
+        delivery_limit: int = 20,
+        events: bool = False,
+    ) -> None:
+        self.broker = broker
+        self.name = name
+        self.codec: Codec[T] = codec if codec is not None else JsonCodec()
+        self.explicit_codec = codec
+        self.retry = retry or RetryPolicy()
+        self.dlq_name = f"{name}.dlq"
+        self.events = events
+        if queue is not None:
+            if queue.name != name:
+                raise ValueError(f"the queue spec is named {queue.name!r}, not {name!r}")
+            self.queue = queue
+        else:
+            self.queue = Queue(
+                name,
+                type=QueueType.QUORUM,
+                dead_letter_exchange="",
+                dead_letter_routing_key=self.dlq_name,
+                dead_letter_strategy=DeadLetterStrategy.AT_LEAST_ONCE,
+                overflow=Overflow.REJECT_PUBLISH,
+                delivery_limit=delivery_limit,
+            )
+        self.dlq = Queue(self.dlq_name, type=QueueType.QUORUM)
+        self._declared = False
+        self._delay_queues: set[int] = set()
+
+    async def declare(self) -> None:
+        if not self._declared:
+            await self.broker.declare(self.dlq, self.queue)
+            if self.events:
+                await self.broker.declare_exchange(TASK_EVENTS_EXCHANGE)
+            self._declared = True
+
+    async def enqueue(
+        self,
+        value: T,
+        *,
+        task_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Publish a task (persistent, confirmed); returns its id."""
+        await self.declare()
+        envelope = Envelope(
+            self.codec.encode(value), content_type=self.codec.content_type, headers=dict(headers or {}),
+            priority=priority, persistent=True, timestamp=datetime.now(UTC),
+        )  # fmt: skip
+        if task_id is not None:
+            envelope.message_id = task_id
+        await self.broker.publish(envelope, routing_key=self.name, timeout=timeout)
+        task = envelope.message_id or ""
+        if self.events:
+            await self.publish_event(TaskEvent(task_id=task, queue=self.name, status=TaskStatus.PENDING, attempt=1,
+                                               timestamp=datetime.now(UTC)))  # fmt: skip
+        return task
+
+    async def publish_event(self, event: TaskEvent) -> None:
+        """Publish a status change (at most once: events are for watching, not for bookkeeping)."""
+        try:
+            await self.broker.publish(
+                Envelope(event.model_dump_json().encode(), content_type="application/json", message_id=None,
+                         persistent=False),
+                exchange=TASK_EVENTS_EXCHANGE, routing_key=f"{self.name}.{event.status.value}", confirm=False,
+            )  # fmt: skip
+        except PublishError as exc:
+            log.warning("could not publish task event %s: %s", event.status.value, exc)
+
+    async def delay_queue(self, seconds: float) -> tuple[str, float]:
+        """The delay queue for ``seconds`` (declared on first use); returns its name and its real delay."""
+        ms = _delay_bucket(seconds)
+        name = f"{self.name}.retry.{ms}"
+        if ms not in self._delay_queues:
+            await self.broker.declare_queue(
+                Queue(
+                    name, type=QueueType.QUORUM, message_ttl=ms / 1000, expires=max(60.0, ms / 1000 * 3),
+                    dead_letter_exchange="", dead_letter_routing_key=self.name,
+                    dead_letter_strategy=DeadLetterStrategy.AT_LEAST_ONCE,
+                )
+            )  # fmt: skip
+            self._delay_queues.add(ms)
+        return name, ms / 1000
+
+
+class Worker(Generic[T]):
+    """Runs a typed handler over a :class:`WorkQueue` with ``concurrency`` tasks in flight.
+
+    ::
+
+        async def resize(job: ResizeJob) -> None: ...
+
+        async with Worker(WorkQueue(broker, "images"), resize, concurrency=8):
+            await stop.wait()
+
+    A task is acked after its handler returns. On failure it is retried after
+    the policy's delay (``Retry(delay=...)`` chooses the delay), and after the
+    last attempt, or at once on ``Reject`` or a body that does not decode,
+    it is dead-lettered with the reason. :meth:`stop` stops taking tasks at
+    once, lets running ones finish within ``grace`` seconds, and requeues
+    the rest.
+    """
+
+    def __init__(
+        self,
+        queue: WorkQueue[Any],
+        handler: Callable[[Any], Awaitable[Any]],
+        *,
+        concurrency: int = 16,
+        codec: Codec[Any] | None = None,
+        idempotency: IdempotencyStore | None = None,
+        grace: float = 30.0,
+    ) -> None:
+        self.queue = queue
+        self.broker = queue.broker
+        self.concurrency = concurrency
+        self.grace = grace
+        self.idempotency = idempotency
+        # The codec: given here, else given to the queue, else read from the handler's annotation.
+        self._handler: HandlerInfo = inspect_handler(handler, codec or queue.explicit_codec)
+        self._consumer: Consumer | None = None
+        self._stopped = asyncio.Event()
+        self.completed = 0
+        self.retried = 0
+        self.dead_lettered = 0
+        self.duplicates = 0
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._consumer is None:
+            await self.queue.declare()
+            self._stopped.clear()
+            self._consumer = await self.broker.consume(self.queue.queue, self._on_task, prefetch=self.concurrency)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking tasks; wait ``grace`` s for running ones; requeue what still runs; close."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.cancel(grace=self.grace if grace is None else grace)
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # ---------------------------------------------------------------- one task
+
+    async def _on_task(self, raw: Delivery[bytes]) -> None:
+        task_id = raw.message_id or ""
+        attempt = _as_int(raw.headers.get(ATTEMPT), 1)
+        try:
+            value = self._handler.codec.decode(raw.body, raw.content_type)
+        except DecodeError as exc:
+            log.error("task %s on %s cannot be decoded, dead-lettered: %s", task_id, self.queue.name, exc)
+            await self._dead_letter(raw, attempt, "decode-error", exc, None)
+            return
+        if self.idempotency is not None and task_id and await self.idempotency.seen(task_id):
+            self.duplicates += 1
+            log.info("task %s already completed; acked without running it again", task_id)
+            await raw.ack()
+            return
+        delivery = cast("Delivery[Any]", raw)
+        delivery.value = value
+        if self.queue.events:
+            await self._event(task_id, TaskStatus.RUNNING, attempt)
+        try:
+            await self._handler(delivery)
+        except asyncio.CancelledError:
+            # Shutdown ran out of grace: give the task back, untouched.
+            if delivery.settled is None:
+                await _quietly(delivery.nack(requeue=True))
+            raise
+        except Reject as exc:
+            log.warning("task %s rejected by its handler: %s", task_id, exc)
+            await self._dead_letter(raw, attempt, "rejected", exc, exc.__traceback__)
+            return
+        except Retry as exc:
+            await self._retry_or_dead_letter(raw, attempt, exc, exc.__traceback__, exc.delay)
+            return
+        except Exception as exc:
+            await self._retry_or_dead_letter(raw, attempt, exc, exc.__traceback__, None)
+            return
+        if self.idempotency is not None and task_id:
+            await self.idempotency.remember(task_id)
+        if delivery.settled is None:
+            await _quietly(delivery.ack())
+        self.completed += 1
+        if self.queue.events:
+            await self._event(task_id, TaskStatus.COMPLETED, attempt)
+
+    async def _retry_or_dead_letter(
+        self, raw: Delivery[bytes], attempt: int, exc: BaseException, tb: Any, delay: float | None
+    ) -> None:
+        task_id = raw.message_id or ""
+        policy = self.queue.retry
+        if attempt >= policy.max_attempts:
+            log.error(
+                "task %s failed on attempt %d of %d, dead-lettered: %s: %s",
+                task_id, attempt, policy.max_attempts, type(exc).__name__, exc,
+            )  # fmt: skip
+            await self._dead_letter(raw, attempt, "max-attempts", exc, tb)
+            return
+        wanted = policy.delay(attempt) if delay is None else max(0.0, delay)
+        queue_name, real_delay = await self.queue.delay_queue(wanted)
+        headers = self._failure_headers(raw, attempt, exc, tb)
+        headers[ATTEMPT] = attempt + 1
+        log.warning(
+            "task %s failed on attempt %d (%s: %s); retry in %.3g s",
+            task_id, attempt, type(exc).__name__, exc, real_delay,
+        )  # fmt: skip
+        if await self._forward(raw, queue_name, headers):
+            self.retried += 1
+            if self.queue.events:
+                await self._event(task_id, TaskStatus.RETRYING, attempt, error=_error_text(exc), retry_in=real_delay)
+
+    async def _dead_letter(self, raw: Delivery[bytes], attempt: int, reason: str, exc: BaseException, tb: Any) -> None:
+        headers = self._failure_headers(raw, attempt, exc, tb)
+        headers[DEAD_LETTER_REASON] = reason
+        headers[ATTEMPTS] = attempt
+        if await self._forward(raw, self.queue.dlq_name, headers):
+            self.dead_lettered += 1
+            if self.queue.events:
+                await self._event(raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, error=_error_text(exc))
+
+    def _failure_headers(self, raw: Delivery[bytes], attempt: int, exc: BaseException, tb: Any) -> dict[str, Any]:
+        headers = dict(raw.headers)
+        now = _now_ms()
+        headers.setdefault(FIRST_FAILURE, now)
+        headers[LAST_FAILURE] = now
+        headers.setdefault(ORIGINAL_EXCHANGE, raw.exchange)
+        headers.setdefault(ORIGINAL_ROUTING_KEY, raw.routing_key)
+        headers[ERROR_TYPE] = type(exc).__name__
+        headers[ERROR_MESSAGE] = str(exc)[:1000]
+        text = "".join(traceback.format_exception(type(exc), exc, tb)) if tb is not None else ""
+        headers[ERROR_TRACEBACK] = text[-TRACEBACK_LIMIT:]
+        headers[ATTEMPT] = attempt
+        headers.pop("x-death", None)  # the broker's history of the delay queues, not of the task
+        headers.pop("x-delivery-count", None)
+        return headers
+
+    async def _forward(self, raw: Delivery[bytes], routing_key: str, headers: dict[str, Any]) -> bool:
+        """Publish a copy with ``headers`` (confirmed), then ack the original. On failure, requeue it."""
+        props = raw.properties
+        copy = Basic.Properties(
+            content_type=props.content_type, content_encoding=props.content_encoding, headers=headers,
+            delivery_mode=2, priority=props.priority, correlation_id=props.correlation_id, reply_to=props.reply_to,
+            message_id=props.message_id, timestamp=props.timestamp, message_type=props.message_type,
+            app_id=props.app_id,
+        )  # fmt: skip
+        try:
+            await self.broker.publish(Envelope.from_properties(raw.body, copy), routing_key=routing_key)
+        except Exception as exc:
+            # Not safely stored elsewhere: the original goes back to the queue instead.
+            log.error("could not move task %s to %s (%s); requeued", raw.message_id, routing_key, exc)
+            await _quietly(raw.nack(requeue=True))
+            return False
+        await _quietly(raw.ack())
+        return True
+
+    async def _event(
+        self, task_id: str, status: TaskStatus, attempt: int, *, error: str | None = None, retry_in: float | None = None
+    ) -> None:
+        await self.queue.publish_event(
+            TaskEvent(task_id=task_id, queue=self.queue.name, status=status, attempt=attempt,
+                      timestamp=datetime.now(UTC), error=error, retry_in=retry_in)
+        )  # fmt: skip
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _as_int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+async def _quietly(settling: Awaitable[None]) -> None:
+    try:
+        await settling
+    except Exception as exc:
+        log.warning("could not settle a task (the broker will deliver it again): %s", exc)
+
+
+def describe_dead_letter(delivery: Delivery[bytes]) -> dict[str, Any]:
+    """What ``amqpkit dlq list`` shows of a dead-lettered task."""
+    h = delivery.headers
+    last = _as_int(h.get(LAST_FAILURE), 0)
+    death = (h.get("x-death") or [{}])[0] if not last else {}
+    return {
+        "task_id": delivery.message_id,
+        "error": f"{h.get(ERROR_TYPE, death.get('reason', '?'))}: {h.get(ERROR_MESSAGE, '')}".rstrip(": "),
+        "reason": h.get(DEAD_LETTER_REASON) or death.get("reason"),
+        "attempts": _as_int(h.get(ATTEMPTS), _as_int(h.get("x-delivery-count"), 0)),
+        "age_s": round(time.time() - last / 1000, 1) if last else None,
+        "original_routing_key": h.get(ORIGINAL_ROUTING_KEY),
+    }
