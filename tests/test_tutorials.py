@@ -43,6 +43,8 @@ async def assert_clean_exit(script: Script, sig: int = signal.SIGTERM) -> None:
     [
         "01_hello_world/send.py",
         "01_hello_world/receive.py",
+        "02_work_queues/new_task.py",
+        "02_work_queues/worker.py",
         "03_publish_subscribe/emit_log.py",
         "03_publish_subscribe/receive_logs.py",
         "04_routing/emit_log_direct.py",
@@ -362,3 +364,86 @@ async def test_publisher_confirms(amqp_url: str) -> None:
     assert lines[0].startswith("Published 500 messages individually in ") and lines[0].endswith(" ms")
     assert lines[1].startswith("Published 500 messages in batch in ")
     assert lines[2].startswith("Published 500 messages and handled confirms asynchronously in ")
+
+
+# ---------------------------------------------------------------- tutorial 2
+
+
+@pytest.fixture
+async def task_queue(broker: Broker) -> AsyncIterator[None]:
+    for name in ("task_queue", "task_queue.dlq"):
+        with contextlib.suppress(Exception):
+            await broker.delete_queue(name)
+    yield
+    for name in ("task_queue", "task_queue.dlq"):
+        with contextlib.suppress(Exception):
+            await broker.delete_queue(name)
+
+
+@pytest.mark.usefixtures("task_queue")
+async def test_work_queues_share_the_work(amqp_url: str) -> None:
+    workers = [await Script.start("02_work_queues/worker.py", url=amqp_url) for _ in range(2)]
+    for w in workers:
+        assert await w.line() == WAITING_MESSAGES
+    await asyncio.sleep(0.5)  # both consuming
+    for message in ("First message.", "Second message.", "Third.", "Fourth."):
+        code, out, _ = await run("02_work_queues/new_task.py", *message.split(), url=amqp_url)
+        assert (code, out) == (0, f" [x] Sent {message}\n")
+    received: list[str] = []
+    for w in workers:
+        for _ in range(2):
+            line = await w.line()
+            assert line.startswith(" [x] Received ")
+            received.append(line.removeprefix(" [x] Received "))
+            assert await w.line() == " [x] Done"
+    assert sorted(received) == sorted(["First message.", "Second message.", "Third.", "Fourth."])
+    for w in workers:
+        await assert_clean_exit(w)
+
+
+@pytest.mark.usefixtures("task_queue")
+async def test_pika_new_task_to_our_worker(amqp_url: str) -> None:
+    worker = await Script.start("02_work_queues/worker.py", url=amqp_url)
+    assert await worker.line() == WAITING_MESSAGES
+
+    def new_task() -> None:
+        """The official tutorial 2 producer, as written there."""
+        connection = _pika(amqp_url)
+        channel = connection.channel()
+        channel.queue_declare(queue="task_queue", durable=True)
+        channel.basic_publish(
+            exchange="",
+            routing_key="task_queue",
+            body="Hello..",
+            properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent),
+        )
+        connection.close()
+
+    await asyncio.to_thread(new_task)
+    assert await worker.line() == " [x] Received Hello.."
+    assert await worker.line(timeout=10) == " [x] Done"
+    await assert_clean_exit(worker)
+
+
+@pytest.mark.usefixtures("task_queue")
+async def test_our_new_task_to_pika_worker(amqp_url: str) -> None:
+    code, _, err = await run("02_work_queues/new_task.py", "A", "task.", url=amqp_url)
+    assert code == 0, err
+
+    def work() -> tuple[bytes, int]:
+        """The official tutorial 2 worker, as written there (prefetch 1, manual ack)."""
+        connection = _pika(amqp_url)
+        channel = connection.channel()
+        channel.queue_declare(queue="task_queue", durable=True)
+        channel.basic_qos(prefetch_count=1)
+        try:
+            for method, props, body in channel.consume("task_queue", inactivity_timeout=10):
+                assert body is not None, "pika received nothing"
+                channel.basic_ack(delivery_tag=method.delivery_tag)
+                return bytes(body), int(props.delivery_mode)
+            raise AssertionError("unreachable")
+        finally:
+            channel.cancel()
+            connection.close()
+
+    assert await asyncio.to_thread(work) == (b"A task.", 2)
