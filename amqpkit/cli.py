@@ -94,7 +94,8 @@ def bench(
         typer.Option(
             "--scenario",
             "-s",
-            help="comma-separated: rpc, rpc-reply-queue, oneway, oneway-confirmed, raw-rpc, raw-oneway, aiopika-rpc",
+            help="comma-separated: rpc, rpc-reply-queue, oneway, oneway-confirmed, raw-rpc, raw-oneway, "
+            "workqueue, aiopika-rpc, aiopika-workqueue",
         ),
     ] = ",".join(DEFAULT_SCENARIOS),
     concurrency: Annotated[
@@ -111,6 +112,8 @@ def bench(
         str, typer.Option("--queue-type", help="oneway-confirmed queue: classic or quorum")
     ] = "classic",
     inproc: Annotated[bool, typer.Option("--inproc", help="run the serving side in this process")] = False,
+    workers: Annotated[int, typer.Option("--workers", help="worker processes for the workqueue scenarios")] = 1,
+    prefetch: Annotated[int, typer.Option("--prefetch", help="prefetch of servers and consumers")] = 256,
     repeat: Annotated[int, typer.Option("--repeat", help="runs of the whole sweep, interleaved; shows the spread")] = 1,
     json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON to PATH ('-': stdout)")] = None,
     plot_path: Annotated[str | None, typer.Option("--plot", help="draw latency against throughput to PATH.png")] = None,
@@ -142,6 +145,8 @@ def bench(
             queue_type=queue_type,
             inproc=inproc,
             repeat=repeat,
+            workers=workers,
+            prefetch=prefetch,
             stall_ms=stall_ms,
             stall_after=stall_after,
         )

@@ -87,6 +87,17 @@ async def test_every_scenario_runs_in_process(amqp_url: str, tmp_path: Any) -> N
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
+async def test_workqueue_with_several_worker_processes(amqp_url: str) -> None:
+    params = BenchParams(url=amqp_url, scenarios=("workqueue", "aiopika-workqueue"), concurrency=(8,), messages=300,
+                         warmup=20, workers=2)  # fmt: skip
+    result = await run_bench(params)
+    check_schema(result.as_dict())
+    assert [(r.scenario, r.messages, r.errors) for r in result.results] == [
+        ("workqueue", 300, 0),
+        ("aiopika-workqueue", 300, 0),
+    ]
+
+
 @pytest.mark.parametrize("scenario", ["oneway", "rpc"])
 async def test_open_loop_shows_a_stall(amqp_url: str, scenario: str) -> None:
     """A handler that stalls 200 ms once: the messages scheduled behind it carry the stall."""

@@ -19,6 +19,7 @@ PAIRS = (
     ("oneway", "raw-oneway", "amqpkit one-way vs bare aiormq one-way"),
     ("rpc", "aiopika-rpc", "amqpkit RPC vs aio-pika's RPC pattern"),
     ("rpc", "rpc-reply-queue", "direct reply-to vs an exclusive reply queue"),
+    ("workqueue", "aiopika-workqueue", "amqpkit work queue vs bare aio-pika consume-and-ack"),
 )
 
 

@@ -55,6 +55,7 @@ class BenchParams(BaseModel):
     queue_type: str = "classic"
     repeat: int = Field(default=1, ge=1)
     prefetch: int = Field(default=256, ge=1)
+    workers: int = Field(default=1, ge=1, description="worker processes for the workqueue scenarios")
     stall_ms: int = Field(default=0, ge=0)
     stall_after: int = Field(default=0, ge=0)
 
@@ -196,6 +197,44 @@ class _Progress(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.window.handled_some(len(data))
+
+
+class _GroupSide(_Side):
+    """Several worker processes on one queue, reported as one."""
+
+    def __init__(self, sides: list[_Side]) -> None:
+        self.sides = sides
+
+    async def start(self) -> None:
+        for side in self.sides:
+            await side.start()
+
+    async def report(self, expected: int) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 60
+        while True:
+            reports = [await side.report(0) for side in self.sides]
+            received = sum(int(r["received"]) for r in reports)
+            if received >= expected or loop.time() > end:
+                break
+            await asyncio.sleep(0.01)
+        merged = LatencyRecorder()
+        for r in reports:
+            merged.merge(LatencyRecorder.decode(r["hist"]))
+        return {
+            "received": received,
+            "errors": sum(int(r["errors"]) for r in reports),
+            "last_ns": max(int(r["last_ns"]) for r in reports),
+            "hist": merged.encode(),
+        }
+
+    async def reset(self) -> None:
+        for side in self.sides:
+            await side.reset()
+
+    async def stop(self) -> None:
+        for side in self.sides:
+            await side.stop()
 
 
 class _RemoteSide(_Side):
@@ -389,6 +428,8 @@ async def run_bench(params: BenchParams, *, on_progress: ProgressCallback | None
                 if window is not None:
                     server.on_handled = window.handled_some
                 side = _LocalSide(server)
+            elif "workqueue" in scenario and params.workers > 1:
+                side = _GroupSide([_RemoteSide(scenario, options, window) for _ in range(params.workers)])
             else:
                 side = _RemoteSide(scenario, options, window)
             await side.start()

@@ -32,6 +32,7 @@ from ..connection import Broker
 from ..message import Delivery
 from ..patterns.pubsub import Publisher, Subscriber
 from ..patterns.rpc import RpcClient, RpcServer
+from ..patterns.work_queue import Worker, WorkQueue
 from ..settings import BrokerSettings
 from ..topology import Exchange, Queue, QueueType
 from .stats import LatencyRecorder
@@ -270,6 +271,55 @@ class AiopikaRpcServer(ServerSide):
         await self.conn.close()
 
 
+class AmqpkitWorkQueueWorker(ServerSide):
+    """One worker process of the work queue (``--workers`` starts several)."""
+
+    async def start(self) -> None:
+        self.broker = Broker(BrokerSettings(url=self.options.url))
+        await self.broker.connect()
+        self.work: WorkQueue[bytes] = WorkQueue(self.broker, self.options.queue, BytesCodec())
+
+        async def handler(delivery: Delivery[bytes]) -> None:
+            await self.maybe_stall()
+            self.observe(delivery.headers)
+
+        self.worker: Worker[bytes] = Worker(self.work, handler, concurrency=self.options.prefetch)
+        await self.worker.start()
+
+    async def stop(self) -> None:
+        await self.worker.stop(grace=5)
+        for name in (self.work.name, self.work.dlq_name):
+            with contextlib.suppress(Exception):  # another worker process may have deleted it
+                await self.broker.delete_queue(name)
+        await self.broker.close()
+
+
+class AiopikaConsumer(ServerSide):
+    """Bare aio-pika: consume from a durable quorum queue and ack each message."""
+
+    async def start(self) -> None:
+        import aio_pika
+
+        self.conn = await aio_pika.connect(self.options.url)
+        self.channel = await self.conn.channel()
+        await self.channel.set_qos(prefetch_count=self.options.prefetch)
+        self.queue = await self.channel.declare_queue(
+            self.options.queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+
+        async def on_message(message: Any) -> None:
+            await self.maybe_stall()
+            self.observe(message.headers)
+            await message.ack()
+
+        await self.queue.consume(on_message)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.queue.delete(if_unused=False, if_empty=False)
+        await self.conn.close()
+
+
 SERVERS: dict[str, type[ServerSide]] = {
     "rpc": AmqpkitRpcServer,
     "rpc-reply-queue": AmqpkitRpcServer,
@@ -278,6 +328,8 @@ SERVERS: dict[str, type[ServerSide]] = {
     "raw-rpc": RawRpcServer,
     "raw-oneway": RawOnewayConsumer,
     "aiopika-rpc": AiopikaRpcServer,
+    "workqueue": AmqpkitWorkQueueWorker,
+    "aiopika-workqueue": AiopikaConsumer,
 }
 
 
@@ -436,6 +488,48 @@ class AiopikaRpcClient(ClientSide):
         await self.conn.close()
 
 
+class AmqpkitWorkQueueProducer(ClientSide):
+    async def start(self) -> None:
+        self.broker = Broker(BrokerSettings(url=self.url))
+        await self.broker.connect()
+        self.work: WorkQueue[bytes] = WorkQueue(self.broker, self.queue, BytesCodec())
+
+    async def operate(self, sent_ns: int, warmup: bool) -> None:
+        headers: dict[str, Any] = {SEND_TIME: sent_ns}
+        if warmup:
+            headers[WARMUP] = True
+        await self.work.enqueue(self.payload, headers=headers)
+
+    async def stop(self) -> None:
+        await self.broker.close()
+
+    async def server_product(self) -> tuple[str, str]:
+        return self.broker.server_product
+
+
+class AiopikaProducer(ClientSide):
+    """Bare aio-pika: persistent messages on a channel with publisher confirms."""
+
+    async def start(self) -> None:
+        import aio_pika
+
+        self.conn = await aio_pika.connect(self.url)
+        self.channel = await self.conn.channel(publisher_confirms=True)
+        self.exchange = self.channel.default_exchange
+
+    async def operate(self, sent_ns: int, warmup: bool) -> None:
+        import aio_pika
+
+        headers: dict[str, Any] = {SEND_TIME: sent_ns}
+        if warmup:
+            headers[WARMUP] = True
+        message = aio_pika.Message(self.payload, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await self.exchange.publish(message, routing_key=self.queue)
+
+    async def stop(self) -> None:
+        await self.conn.close()
+
+
 CLIENTS: dict[str, type[ClientSide]] = {
     "rpc": AmqpkitRpcClient,
     "rpc-reply-queue": AmqpkitReplyQueueClient,
@@ -444,6 +538,8 @@ CLIENTS: dict[str, type[ClientSide]] = {
     "raw-rpc": RawRpcClient,
     "raw-oneway": RawOnewayPublisher,
     "aiopika-rpc": AiopikaRpcClient,
+    "workqueue": AmqpkitWorkQueueProducer,
+    "aiopika-workqueue": AiopikaProducer,
 }
 
 SCENARIOS = tuple(CLIENTS)
