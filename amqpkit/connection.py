@@ -118,6 +118,7 @@ class Broker:
         self._on_reconnect: list[ReconnectCallback] = []
         self.generation = 0
         self.reconnects = 0
+        self.republished = 0  # confirmed publishes sent again after the connection dropped mid-confirm
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -560,8 +561,11 @@ class Broker:
             except ConnectionLost:
                 if self._closing:
                     raise
-                # The connection (or only this channel) died; if the channel died
-                # alone, the next loop reopens it, else we wait for the reconnect.
+                # The connection (or only this channel) died before the confirm: the
+                # broker may or may not have the message, so it is sent again (at least
+                # once). If the channel died alone the next loop reopens it, else it
+                # waits for the reconnect.
+                self.republished += 1
                 await asyncio.sleep(0.01)
                 continue
 

@@ -72,7 +72,6 @@ class TlsSettings(_Frozen):
     cert_file: str | None = None
     key_file: str | None = None
     verify: bool = True
-    server_hostname: str | None = None
 
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=self.ca_file)

@@ -1,0 +1,137 @@
+"""A TCP proxy between client and broker that injects faults.
+
+- ``cut()``: close every connection now (both sides see a reset/EOF);
+- ``stall()`` / ``resume()``: stop forwarding bytes on open connections
+  without closing them (new connections are forwarded normally);
+- ``latency``: seconds added to every chunk forwarded;
+- ``reset_after(n)``: the next connection is reset after ``n`` bytes from the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+
+
+class FaultProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.latency = 0.0
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._stalled: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._reset_after: int | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def url(self, user: str, password: str) -> str:
+        return f"amqp://{user}:{password}@127.0.0.1:{self.port}/"
+
+    async def start(self) -> FaultProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self.cut()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
+
+    @property
+    def connections(self) -> int:
+        return len(self._pairs)
+
+    def cut(self) -> int:
+        """Reset every open connection; returns how many there were."""
+        pairs = list(self._pairs)
+        for client, upstream in pairs:
+            _reset(client)
+            _reset(upstream)
+        self._pairs.clear()
+        self._stalled.clear()
+        self.cuts += 1
+        return len(pairs)
+
+    def stall(self) -> None:
+        """Forward nothing more on the connections open now (they stay open)."""
+        self._stalled |= self._pairs
+
+    def resume(self) -> None:
+        self._stalled.clear()
+
+    def reset_after(self, nbytes: int) -> None:
+        self._reset_after = nbytes
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            _reset(client_writer)
+            return
+        pair = (client_writer, up_writer)
+        self._pairs.add(pair)
+        limit, self._reset_after = self._reset_after, None
+        for coro in (
+            self._pump(client_reader, up_writer, pair, limit),
+            self._pump(up_reader, client_writer, pair, None),
+        ):
+            task = asyncio.ensure_future(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        limit: int | None,
+    ) -> None:
+        sent = 0
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                while pair in self._stalled:
+                    await asyncio.sleep(0.05)
+                if pair not in self._pairs:
+                    break
+                if self.latency:
+                    await asyncio.sleep(self.latency)
+                if limit is not None and sent + len(data) >= limit:
+                    writer.write(data[: max(0, limit - sent)])
+                    for side in pair:
+                        _reset(side)
+                    self._pairs.discard(pair)
+                    break
+                sent += len(data)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._pairs.discard(pair)
+            self._stalled.discard(pair)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST rather than FIN: what a dropped link or a crashed peer looks like."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(Exception):
+        writer.transport.abort()
