@@ -441,7 +441,7 @@ class RpcClient:
         self._pending[cid] = future
         try:
             async with asyncio.timeout_at(deadline):
-                await self._send(body, properties)
+                await self._send(body, properties, future)
                 reply = await future
         except TimeoutError:
             raise RpcTimeout(f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s") from None
@@ -468,14 +468,22 @@ class RpcClient:
         codec = self.codec if returns is None else codec_for(returns)
         return codec.decode(reply.body, content_type)
 
-    async def _send(self, body: bytes, properties: Basic.Properties) -> None:
+    async def _send(self, body: bytes, properties: Basic.Properties, future: asyncio.Future[Any]) -> None:
         if self.reply_queue == "exclusive":
             assert self._reply_spec is not None
             await self.broker.wait_connected()
             properties.reply_to = self.broker.queue_name(self._reply_spec)
             env = Envelope.from_properties(body, properties)
+            publishing = asyncio.ensure_future(
+                self.broker.publish(env, exchange=self.exchange, routing_key=self.routing_key, mandatory=True)
+            )
+            # A call failed meanwhile (connection lost) must not be published again after the reconnect.
+            await asyncio.wait({publishing, future}, return_when=asyncio.FIRST_COMPLETED)
+            if not publishing.done():
+                publishing.cancel()
+                return
             try:
-                await self.broker.publish(env, exchange=self.exchange, routing_key=self.routing_key, mandatory=True)
+                publishing.result()
             except Unroutable as exc:
                 raise NoResponder(f"no queue took the request: {self.routing_key!r} has no server") from exc
             return
