@@ -53,6 +53,20 @@ async def wait_for(predicate: Any, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.02)
 
 
+_spawned: list[asyncio.subprocess.Process] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_workers() -> Any:
+    """A test that fails half-way must not leave worker processes running."""
+    yield
+    for proc in _spawned:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    _spawned.clear()
+
+
 class WorkerProcess:
     """`amqpkit worker tests.worker_app:handle` as a subprocess, its stdout collected."""
 
@@ -72,8 +86,8 @@ class WorkerProcess:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
         )  # fmt: skip
-        worker = cls(proc)
-        return worker
+        _spawned.append(proc)
+        return cls(proc)
 
     async def _read(self) -> None:
         assert self.proc.stdout is not None
