@@ -616,13 +616,15 @@ class Broker:
         exclusive: bool = False,
         arguments: dict[str, Any] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        declare: bool = True,
     ) -> Consumer:
         """Attach ``callback`` to ``queue`` on a channel of its own, kept attached across reconnects.
 
-        The queue is declared first (and remembered). Each delivery runs
-        ``callback`` in its own task; settle it there (unless ``auto_ack``).
+        The queue is declared first (and remembered) unless ``declare=False``,
+        for a queue someone else owns. Each delivery runs ``callback`` in its
+        own task; settle it there (unless ``auto_ack``).
         """
-        if queue not in self._queues:
+        if declare and queue not in self._queues:
             await self.declare_queue(queue)
         consumer = Consumer(
             broker=self,
