@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC
 from typing import Any, Literal, Self, TypeVar, overload
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -177,13 +178,12 @@ class RpcServer:
             log.error("rejected request id=%s on %s: no %s", props.message_id, self.queue.name, missing)
             await raw.reject(requeue=False)
             return
-        if props.headers:
-            deadline = _as_float(props.headers.get(DEADLINE_HEADER))
-            if deadline is not None and time.time() * 1000 > deadline:
-                self.expired += 1
-                log.info("skipped request id=%s method=%s: its deadline has passed", props.message_id, raw.type)
-                await raw.ack()
-                return
+        deadline = _deadline_ms(props)
+        if deadline is not None and time.time() * 1000 > deadline:
+            self.expired += 1
+            log.info("skipped request id=%s method=%s: its deadline has passed", props.message_id, raw.type)
+            await raw.ack()
+            return
         found = self._lookup(props.message_type)
         if found is None:
             self.rejected += 1
@@ -226,6 +226,23 @@ class RpcServer:
             content_type = ERROR_CONTENT_TYPE
         properties = Basic.Properties(content_type=content_type, correlation_id=request.correlation_id, delivery_mode=1)
         await self.broker._publish_unconfirmed(body, properties, routing_key=request.reply_to)
+
+
+def _deadline_ms(props: Basic.Properties) -> float | None:
+    """When the caller gives up on a request, in epoch ms: its x-deadline header, else timestamp + expiration.
+
+    AMQP timestamps have one-second resolution, so the second form allows a
+    second more: a request is never skipped early.
+    """
+    if props.headers:
+        deadline = _as_float(props.headers.get(DEADLINE_HEADER))
+        if deadline is not None:
+            return deadline
+    expiration = _as_float(props.expiration)
+    if expiration is not None and props.timestamp is not None:
+        sent = props.timestamp.replace(tzinfo=props.timestamp.tzinfo or UTC).timestamp()
+        return (sent + 1) * 1000 + expiration
+    return None
 
 
 def _as_float(value: Any) -> float | None:

@@ -164,6 +164,40 @@ async def test_timeout_and_the_server_skips_the_expired_request(broker: Broker, 
     await server.stop()
 
 
+async def test_expired_request_by_timestamp_and_expiration_is_not_run(broker: Broker, name: str) -> None:
+    """Requests from another client: no deadline header; the deadline is their timestamp plus expiration."""
+    from datetime import UTC, datetime, timedelta
+
+    server = await make_server(broker, name)
+    sent = datetime.now(UTC) - timedelta(seconds=10)
+    await broker.publish(
+        Envelope(b"[1, 2]", content_type="application/json", type="add", reply_to="amq.rabbitmq.reply-to.x",
+                 correlation_id="old", timestamp=sent, expiration=30),
+        routing_key=name,
+    )  # fmt: skip
+    # 30 s from a timestamp 10 s old: still wanted, so it runs.
+    for _ in range(100):
+        if server.served:
+            break
+        await asyncio.sleep(0.02)
+    assert (server.served, server.expired) == (1, 0)
+    await server.stop()
+    server = await make_server(broker, name)
+    await broker.publish(
+        Envelope(b"[1, 2]", content_type="application/json", type="add", reply_to="amq.rabbitmq.reply-to.x",
+                 correlation_id="old", timestamp=sent, expiration=2),
+        routing_key=name,
+    )  # fmt: skip
+    # 2 s from a timestamp 10 s old: past, so the server skips it (the broker's queue TTL alone would not).
+    for _ in range(100):
+        if server.expired:
+            break
+        await asyncio.sleep(0.02)
+    assert server.expired == 1
+    assert server.served == 0
+    await server.stop()
+
+
 async def test_requests_without_reply_to_or_correlation_id_are_rejected(
     broker: Broker, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
