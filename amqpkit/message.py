@@ -179,6 +179,15 @@ class Delivery(Generic[T]):
             settler=self._settler,
         )
 
+    def forwarded(self, headers: dict[str, Any]) -> Envelope:
+        """This message to publish elsewhere: same body and properties (message id included),
+        ``headers`` in place of its own, persistent, and no expiration (it must not expire where it goes)."""
+        envelope = Envelope.from_properties(self.body, self.properties)
+        envelope.headers = headers
+        envelope.persistent = True
+        envelope.expiration = None
+        return envelope
+
     @property
     def envelope(self) -> Envelope:
         if self._envelope is None:

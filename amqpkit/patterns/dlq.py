@@ -12,10 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pamqp.commands import Basic
-
 from ..connection import Broker
-from ..message import Delivery, Envelope
+from ..message import Delivery
 from .work_queue import ATTEMPT, describe_dead_letter
 
 __all__ = ["DeadLetter", "list_dead_letters", "purge_dead_letters", "replay_dead_letters"]
@@ -99,14 +97,8 @@ async def replay_dead_letters(
         headers[ATTEMPT] = 1
         replays = headers.get("x-replayed")
         headers["x-replayed"] = replays + 1 if isinstance(replays, int) else 1
-        copy = Basic.Properties(
-            content_type=props.content_type, content_encoding=props.content_encoding, headers=headers,
-            delivery_mode=2, priority=props.priority, correlation_id=props.correlation_id,
-            message_id=props.message_id, timestamp=props.timestamp, message_type=props.message_type,
-            app_id=props.app_id,
-        )  # fmt: skip
         try:
-            await broker.publish(Envelope.from_properties(delivery.body, copy), routing_key=target)
+            await broker.publish(delivery.forwarded(headers), routing_key=target)
         except BaseException:
             await delivery.nack(requeue=True)
             raise

@@ -36,7 +36,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Generic, Protocol, Self, TypeVar, cast, runtime_checkable
 
-from pamqp.commands import Basic
 from pydantic import BaseModel, ConfigDict, Field
 
 from .._handlers import HandlerInfo, inspect_handler
@@ -439,15 +438,8 @@ class Worker(Generic[T]):
 
     async def _forward(self, raw: Delivery[bytes], routing_key: str, headers: dict[str, Any]) -> bool:
         """Publish a copy with ``headers`` (confirmed), then ack the original. On failure, requeue it."""
-        props = raw.properties
-        copy = Basic.Properties(
-            content_type=props.content_type, content_encoding=props.content_encoding, headers=headers,
-            delivery_mode=2, priority=props.priority, correlation_id=props.correlation_id, reply_to=props.reply_to,
-            message_id=props.message_id, timestamp=props.timestamp, message_type=props.message_type,
-            app_id=props.app_id,
-        )  # fmt: skip
         try:
-            await self.broker.publish(Envelope.from_properties(raw.body, copy), routing_key=routing_key)
+            await self.broker.publish(raw.forwarded(headers), routing_key=routing_key)
         except Exception as exc:
             # Not safely stored elsewhere: the original goes back to the queue instead.
             log.error("could not move task %s to %s (%s); requeued", raw.message_id, routing_key, exc)
