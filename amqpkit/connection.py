@@ -236,8 +236,7 @@ class Broker:
         urls = self.settings.urls
         raw = urls[self._url_index % len(urls)]
         url = URL(raw)
-        heartbeat = int(self.settings.heartbeat)
-        url = url.update_query(heartbeat=str(heartbeat))
+        url = url.update_query(heartbeat=str(self.settings.heartbeat))
         context = None
         if url.scheme == "amqps":
             tls = self.settings.tls
@@ -529,6 +528,8 @@ class Broker:
             return
         if self._closing:
             raise PublishError("this Broker is closed")
+        if self._conn is None and self._reconnect_task is None:
+            raise ConnectionLost("not connected: call connect() or use 'async with Broker(...)'")
         loop = asyncio.get_running_loop()
         wait = self.settings.publish_timeout if timeout is None else timeout
         deadline = loop.time() + wait

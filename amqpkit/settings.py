@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
-DEFAULT_HEARTBEAT = 10.0
+DEFAULT_HEARTBEAT = 10
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_PUBLISH_TIMEOUT = 30.0
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -101,7 +101,7 @@ class BrokerSettings(_Frozen):
     """
 
     urls: tuple[str, ...] = Field(default=(DEFAULT_URL,), min_length=1)
-    heartbeat: float = Field(default=DEFAULT_HEARTBEAT, ge=0)
+    heartbeat: int = Field(default=DEFAULT_HEARTBEAT, ge=0, description="seconds; 0 turns heartbeats off")
     connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
     publish_timeout: float = Field(default=DEFAULT_PUBLISH_TIMEOUT, gt=0)
     connection_name: str | None = None

@@ -261,3 +261,10 @@ async def _get(broker: Broker, queue: str, timeout: float = 5) -> Delivery[bytes
             return got
         await asyncio.sleep(0.02)
     raise AssertionError(f"nothing arrived in {queue} within {timeout} s")
+
+
+async def test_publish_before_connect_fails_at_once(settings: BrokerSettings) -> None:
+    from amqpkit import ConnectionLost
+
+    with pytest.raises(ConnectionLost, match="not connected"):
+        await Broker(settings).publish(Envelope(b"x"), routing_key="nowhere")
