@@ -127,6 +127,16 @@ async def test_repeat_interleaves_and_reports_spread(amqp_url: str) -> None:
     assert 0 < lo <= hi
 
 
+async def test_duration_mode(amqp_url: str) -> None:
+    params = BenchParams(url=amqp_url, scenarios=("rpc", "oneway"), concurrency=(2,), duration=1.0, warmup=10,
+                         inproc=True)  # fmt: skip
+    result = await run_bench(params)
+    check_schema(result.as_dict())
+    for run in result.results:
+        assert run.messages > 10
+        assert 0.9 <= run.duration_s < 5
+
+
 async def test_no_broker_is_one_line_and_exit_2() -> None:
     code, out, err = await _cli("bench", "--url", "amqp://guest:Hidden1@127.0.0.1:1/", "--messages", "10")
     assert code == 2

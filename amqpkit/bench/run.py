@@ -480,11 +480,20 @@ async def _one_run(
         total = int((rate or 0) * params.duration) if rate else 0
     done = 0
 
+    timed = params.messages is None and not rate and params.duration is not None
+    run_started = time.monotonic()
+
     def tick() -> None:
         nonlocal done
         done += 1
-        if on_progress is not None and total:
+        if on_progress is None:
+            return
+        if total:
             on_progress(label, min(done, total), total)
+        elif timed and done % 100 == 0:  # --duration: progress in tenths of a second
+            assert params.duration is not None
+            tenths = int(params.duration * 10)
+            on_progress(label, min(tenths, int((time.monotonic() - run_started) * 10)), tenths)
 
     def quiet() -> None:
         return None
