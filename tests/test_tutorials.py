@@ -386,19 +386,22 @@ async def test_work_queues_share_the_work(amqp_url: str) -> None:
     for w in workers:
         assert await w.line() == WAITING_MESSAGES
     await asyncio.sleep(0.5)  # both consuming
-    for message in ("First message.", "Second message.", "Third.", "Fourth."):
+    messages = ["First message.", "Second message.", "Third.", "Fourth."]
+    for message in messages:
         code, out, _ = await run("02_work_queues/new_task.py", *message.split(), url=amqp_url)
         assert (code, out) == (0, f" [x] Sent {message}\n")
-    received: list[str] = []
+    await asyncio.sleep(3.5)  # four one-second tasks on two workers
+    received: list[list[str]] = []
     for w in workers:
-        for _ in range(2):
-            line = await w.line()
-            assert line.startswith(" [x] Received ")
-            received.append(line.removeprefix(" [x] Received "))
-            assert await w.line() == " [x] Done"
-    assert sorted(received) == sorted(["First message.", "Second message.", "Third.", "Fourth."])
-    for w in workers:
-        await assert_clean_exit(w)
+        code, out, err = await w.stop()  # SIGTERM: a task still running gets the grace period
+        assert code == 0, err
+        lines = out.splitlines()
+        assert lines[-1] == "Interrupted"
+        got = [line.removeprefix(" [x] Received ") for line in lines if line.startswith(" [x] Received ")]
+        assert lines.count(" [x] Done") == len(got)
+        received.append(got)
+    assert sorted(m for got in received for m in got) == sorted(messages)
+    assert all(got for got in received), received  # prefetch 1: the work was shared
 
 
 @pytest.mark.usefixtures("task_queue")
