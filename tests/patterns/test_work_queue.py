@@ -313,6 +313,7 @@ async def test_status_events(broker: Broker, name: str) -> None:
     finally:
         for q in [work.name, work.dlq_name, *(f"{work.name}.retry.{ms}" for ms in work._delay_queues)]:
             await broker.delete_queue(q)
+        await broker.delete_exchange("amqpkit.tasks")
 
 
 async def test_sigterm_finishes_a_short_task_and_exits_0(broker: Broker, work: WorkQueue[Job], amqp_url: str) -> None:
