@@ -724,9 +724,12 @@ class Broker:
 
     async def _reattach(self, consumer: Consumer, *, redeclare: bool = False) -> None:
         try:
+            # Only a lost connection is worth retrying; a refused declare or a
+            # missing queue goes straight to the consumer's on_error.
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(10),
                 wait=self._wait_strategy(),
+                retry=retry_if_exception_type(ConnectionLost),
                 reraise=True,
             ):
                 with attempt:
@@ -741,7 +744,9 @@ class Broker:
                             await self._bind_on(b)
                     await self._attach(consumer)
         except Exception as exc:
-            log.error("consumer %s could not be re-attached: %s", consumer.consumer_tag, exc)
+            log.error("consumer %s on %s could not be re-attached: %s", consumer.consumer_tag, consumer.queue.name, exc)
+            self._consumers.pop(consumer.consumer_tag, None)
+            consumer.cancelled = True
             if consumer.on_error is not None:
                 consumer.on_error(exc)
 

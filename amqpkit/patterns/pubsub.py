@@ -141,7 +141,9 @@ class Subscriber(Generic[T]):
 
     ``queue=None`` makes a private subscription; a name or a :class:`Queue`
     makes a shared one. ``headers`` (with ``match``) binds on a headers exchange.
-    ``auto_ack=True`` trades safety for speed: the broker forgets each message
+    If the subscription cannot be re-attached (its queue deleted and not
+    declarable again), ``on_error`` is called and iteration raises: it never
+    sits idle in silence. ``auto_ack=True`` trades safety for speed: the broker forgets each message
     as it sends it (at-most-once), so a failure cannot dead-letter it.
     """
 
@@ -160,6 +162,7 @@ class Subscriber(Generic[T]):
         prefetch: int = ...,
         dead_letter_exchange: str | None = ...,
         auto_ack: bool = ...,
+        on_error: Callable[[BaseException], None] | None = ...,
     ) -> None: ...
 
     @overload
@@ -177,6 +180,7 @@ class Subscriber(Generic[T]):
         prefetch: int = ...,
         dead_letter_exchange: str | None = ...,
         auto_ack: bool = ...,
+        on_error: Callable[[BaseException], None] | None = ...,
     ) -> None: ...
 
     def __init__(
@@ -193,6 +197,7 @@ class Subscriber(Generic[T]):
         prefetch: int = DEFAULT_PREFETCH,
         dead_letter_exchange: str | None = None,
         auto_ack: bool = False,
+        on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         if isinstance(binding_keys, str):
             raise TypeError("binding_keys takes a list of keys, not one string")
@@ -200,6 +205,8 @@ class Subscriber(Generic[T]):
         self.exchange = exchange
         self.prefetch = prefetch
         self.auto_ack = auto_ack
+        self.on_error = on_error
+        self.error: BaseException | None = None
         self._handler: HandlerInfo | None = inspect_handler(handler, codec) if handler is not None else None
         if self._handler is not None:
             self.codec: Codec[Any] = self._handler.codec
@@ -224,7 +231,7 @@ class Subscriber(Generic[T]):
             self.bindings = tuple(Binding(exchange, self.queue, routing_key=k) for k in dict.fromkeys(binding_keys))
         self._consumer: Consumer | None = None
         self._declared = False
-        self._inbox: asyncio.Queue[Delivery[Any]] | None = None
+        self._inbox: asyncio.Queue[Delivery[Any] | _Failed] | None = None
         self.handled = 0
         self.failed = 0
         self.rejected = 0
@@ -264,8 +271,17 @@ class Subscriber(Generic[T]):
         if self._handler is None:
             self._inbox = asyncio.Queue()
         self._consumer = await self.broker.consume(
-            self.queue, self._on_delivery, prefetch=self.prefetch, auto_ack=self.auto_ack
+            self.queue, self._on_delivery, prefetch=self.prefetch, auto_ack=self.auto_ack, on_error=self._failed
         )
+
+    def _failed(self, exc: BaseException) -> None:
+        """The subscription is gone for good (its queue could not be re-attached): tell the user's code."""
+        self.error = exc
+        self._consumer = None
+        if self.on_error is not None:
+            self.on_error(exc)
+        if self._inbox is not None:
+            self._inbox.put_nowait(_Failed(exc))
 
     async def stop(self, *, grace: float = 5.0) -> None:
         """Stop consuming; running handlers get ``grace`` seconds; unsettled messages go back to the queue."""
@@ -282,7 +298,10 @@ class Subscriber(Generic[T]):
         if self._inbox is None:
             raise RuntimeError("start the Subscriber first: 'async with subscriber: async for ...'")
         while self._consumer is not None or not self._inbox.empty():
-            yield await self._inbox.get()
+            item = await self._inbox.get()
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
 
     async def _on_delivery(self, raw: Delivery[bytes]) -> None:
         try:
@@ -317,6 +336,13 @@ class Subscriber(Generic[T]):
         self.handled += 1
         if delivery.settled is None:
             await _settle_quietly(delivery.ack())
+
+
+class _Failed:
+    """Put in the iterator's inbox when the subscription ends with an error."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 async def _settle_quietly(settling: Awaitable[None]) -> None:

@@ -303,12 +303,14 @@ class Worker(Generic[T]):
         codec: Codec[Any] | None = None,
         idempotency: IdempotencyStore | None = None,
         grace: float = 30.0,
+        on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.queue = queue
         self.broker = queue.broker
         self.concurrency = concurrency
         self.grace = grace
         self.idempotency = idempotency
+        self.on_error = on_error
         # The codec: given here, else given to the queue, else read from the handler's annotation.
         self._handler: HandlerInfo = inspect_handler(handler, codec or queue.explicit_codec)
         self._consumer: Consumer | None = None
@@ -329,7 +331,16 @@ class Worker(Generic[T]):
         if self._consumer is None:
             await self.queue.declare()
             self._stopped.clear()
-            self._consumer = await self.broker.consume(self.queue.queue, self._on_task, prefetch=self.concurrency)
+            self._consumer = await self.broker.consume(
+                self.queue.queue, self._on_task, prefetch=self.concurrency, on_error=self._failed
+            )
+
+    def _failed(self, exc: BaseException) -> None:
+        """The queue could not be re-attached: the worker stops, and says so."""
+        self._consumer = None
+        self._stopped.set()
+        if self.on_error is not None:
+            self.on_error(exc)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking tasks; wait ``grace`` s for running ones; requeue what still runs; close."""

@@ -315,3 +315,15 @@ async def test_retry_helper_is_opt_in(broker: Broker, name: str) -> None:
         with pytest.raises(NoResponder):
             await client.call_with_retry("x", 1, attempts=3)
         assert time.monotonic() - started >= 0.2  # it did wait between attempts
+
+
+async def test_late_replies_are_dropped_and_counted(broker: Broker, name: str) -> None:
+    server = await make_server(broker, name, concurrency=4)
+    async with RpcClient(broker, name) as client:
+        with pytest.raises(RpcTimeout):
+            await client.call("slow", 0.4, timeout=0.2)  # delivered at once, so the server runs it
+        await asyncio.sleep(0.5)
+        assert client.dropped_replies == 1
+        assert client.pending == 0
+        assert await client.call("add", [1, 1]) == 2
+    await server.stop()

@@ -329,3 +329,23 @@ async def test_queue_deleted_under_a_consumer_is_reattached(
         await b.delete_exchange(ex)
     report["queue_deleted"] = {"fault": "queue deleted under its consumer", "reattached_s": round(back, 2)}
     print(report["queue_deleted"])
+
+
+async def test_consumer_that_cannot_come_back_reports_the_error(
+    settings: BrokerSettings, broker: Broker, name: str
+) -> None:
+    """A queue someone else owns is deleted under our consumer: the error reaches our code, at once."""
+    queue = f"{name}.theirs"
+    await broker.declare_queue(Queue(queue, durable=False))
+    errors: list[BaseException] = []
+
+    async def handler(_: Delivery[bytes]) -> None:
+        return None
+
+    async with Broker(settings) as b:
+        consumer = await b.consume(Queue(queue), handler, declare=False, on_error=errors.append)
+        assert consumer.attached.is_set()
+        await broker.delete_queue(queue)
+        await wait_for(lambda: errors, 5)
+        assert "NOT_FOUND" in str(errors[0])
+        assert consumer.cancelled
