@@ -215,15 +215,18 @@ def worker(
     grace: Annotated[float, typer.Option("--grace", help="seconds running tasks get on SIGTERM")] = 30.0,
     events: Annotated[bool, typer.Option("--events", help="publish task status events on amqpkit.tasks")] = False,
     dedupe: Annotated[bool, typer.Option("--dedupe", help="skip tasks this process already completed")] = False,
+    log_json: Annotated[bool, typer.Option("--log-json", help="log one JSON object per line")] = False,
     url: UrlOption = None,
 ) -> None:
-    """Run a worker over a work queue until SIGTERM or Ctrl-C (then finish or requeue, and exit 0)."""
-    import logging
+    """Run a worker over a work queue until SIGTERM or Ctrl-C (then finish or requeue, and exit 0).
 
+    Logs go to stdout, one line per event (JSON with --log-json).
+    """
+    from .logs import configure_logging
     from .patterns.work_queue import MemoryIdempotencyStore, RetryPolicy, Worker, WorkQueue
     from .runner import run_until_signal
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(json_lines=log_json)
     fn = _load_handler(handler)
     policy = RetryPolicy(max_attempts=max_attempts, initial_delay=retry_delay)
 

@@ -1,0 +1,44 @@
+import io
+import json
+import logging
+
+from amqpkit.logs import configure_logging
+from amqpkit.patterns.work_queue import RetryPolicy, _delay_bucket
+
+
+def test_json_lines() -> None:
+    stream = io.StringIO()
+    configure_logging(json_lines=True, stream=stream)
+    try:
+        logging.getLogger("amqpkit.test").warning("task %s failed", "t1")
+        try:
+            raise ValueError("bad")
+        except ValueError:
+            logging.getLogger("amqpkit.test").exception("with error")
+    finally:
+        logging.getLogger().handlers.clear()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["level"] == "warning"
+    assert first["logger"] == "amqpkit.test"
+    assert first["message"] == "task t1 failed"
+    assert first["time"].endswith("+00:00")
+    assert second["error"] == "ValueError: bad"
+
+
+def test_retry_policy_delays() -> None:
+    policy = RetryPolicy(initial_delay=1, multiplier=2, max_delay=5, jitter=0)
+    assert [policy.delay(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 5]
+    jittered = RetryPolicy(initial_delay=1, jitter=0.1)
+    assert all(0.9 <= jittered.delay(1) <= 1.1 for _ in range(100))
+
+
+def test_delay_buckets_keep_two_significant_digits() -> None:
+    assert _delay_bucket(0.0004) == 1
+    assert _delay_bucket(0.05) == 50
+    assert _delay_bucket(1.234) == 1200
+    assert _delay_bucket(1.26) == 1300
+    assert _delay_bucket(123.4) == 120_000
+    # a jittered 1 s delay lands in one of a handful of queues
+    assert len({_delay_bucket(RetryPolicy(jitter=0.1).delay(1)) for _ in range(500)}) <= 21
