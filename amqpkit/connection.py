@@ -45,7 +45,7 @@ from .errors import (
     map_exceptions,
 )
 from .message import Delivery, Envelope
-from .settings import BrokerSettings, host_port, redact_url
+from .settings import BrokerSettings, TlsSettings, host_port, redact_url
 from .topology import Binding, Exchange, Queue
 
 __all__ = ["Broker", "Consumer", "ConsumerCallback"]
@@ -146,8 +146,8 @@ class Broker:
 
     @property
     def server_product(self) -> tuple[str, str]:
-        props = self.server_properties
-        return _text(props.get("product", "")), _text(props.get("version", ""))
+        """(product, version) the broker announced, e.g. ('RabbitMQ', '3.13.7')."""
+        return _product(self.server_properties)
 
     async def connect(self) -> None:
         """Connect, trying each URL in turn with backoff; :class:`ConnectError` when all fail."""
@@ -240,7 +240,7 @@ class Broker:
         context = None
         if url.scheme == "amqps":
             tls = self.settings.tls
-            context = tls.ssl_context() if tls is not None else _default_tls().ssl_context()
+            context = (tls or TlsSettings()).ssl_context()  # verification on, the system's CAs by default
         properties: dict[str, Any] = {}
         if self.settings.connection_name:
             properties["connection_name"] = self.settings.connection_name
@@ -789,9 +789,3 @@ def _text(value: Any) -> str:
 
 def _product(props: Any) -> tuple[str, str]:
     return _text(props.get("product", "?")), _text(props.get("version", "?"))
-
-
-def _default_tls() -> Any:
-    from .settings import TlsSettings
-
-    return TlsSettings()
