@@ -25,21 +25,13 @@ from amqpkit import (
 )
 
 from ..brokerctl import arabbitmqctl
+from ..waiting import until_ready, wait_for
 from .test_routing import TABLE
 
 
 class Order(BaseModel):
     id: int
     item: str
-
-
-async def wait_for(predicate: object, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():  # type: ignore[operator]
-        if loop.time() > end:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 async def test_fanout_reaches_every_private_subscriber_in_order(broker: Broker, name: str) -> None:
@@ -236,7 +228,7 @@ async def test_failing_handler_dead_letters_and_keeps_going(
                 await pub.publish(n, message_id=f"m{n}")
             await wait_for(lambda: len(handled) == 20 and sub.failed == 10)
         assert handled == [n for n in range(1, 31) if n % 3]
-        await wait_for(lambda: True)
+        await until_ready(broker, dlq.name, 10)
         dead: list[int] = []
         while (d := await broker.get(dlq)) is not None:
             dead.append(JsonCodec().decode(d.body))

@@ -30,6 +30,7 @@ from amqpkit import (
 )
 from amqpkit.patterns.dlq import list_dead_letters
 
+from ..waiting import until_ready, wait_for
 from ..worker_app import Job
 
 FAST = RetryPolicy(max_attempts=3, initial_delay=0.05, multiplier=2, jitter=0)
@@ -42,15 +43,6 @@ async def work(broker: Broker, name: str) -> AsyncIterator[WorkQueue[Job]]:
     for q in [queue.name, queue.dlq_name, *(f"{queue.name}.retry.{ms}" for ms in queue._delay_queues)]:
         with contextlib.suppress(Exception):
             await broker.delete_queue(q)
-
-
-async def wait_for(predicate: Any, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 _spawned: list[asyncio.subprocess.Process] = []
@@ -340,7 +332,7 @@ async def test_sigterm_requeues_a_long_task_after_grace(broker: Broker, work: Wo
     assert took < 1 + 2
     assert worker.count("done") == 0
     # Nothing lost: the task is back in the queue, whole.
-    await wait_for(lambda: True)
+    await until_ready(broker, work.name, 1)
     got = await broker.get(work.name)
     assert got is not None
     assert json.loads(got.body) == {"n": 2, "sleep": 30.0, "fail": False}

@@ -7,7 +7,6 @@ processed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -32,6 +31,8 @@ from amqpkit import (
     Worker,
     WorkQueue,
 )
+
+from ..waiting import until_ready, wait_for
 
 
 class Order(BaseModel):
@@ -100,14 +101,6 @@ async def send_good(channel: Any, routing_key: str, n: int, text: bool, exchange
                                     message_id=f"good-{n}", reply_to="amq.rabbitmq.reply-to.none",
                                     correlation_id=f"g{n}"),
     )  # fmt: skip
-
-
-async def wait_for(predicate: Any, timeout: float = 15) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def drain(broker: Broker, queue: str) -> dict[str, Delivery[bytes]]:
@@ -180,8 +173,7 @@ async def test_subscriber(broker: Broker, raw: Any, name: str, text: bool, caplo
                 await send_raw(raw, "", bad, f"bad-{bad.label}", exchange=ex.name)
             await send_good(raw, "", 99, text, exchange=ex.name)
             await wait_for(lambda: len(done) == len(bads) + 1 and sub.rejected == len(bads))
-        await wait_for(lambda: True)
-        await asyncio.sleep(0.2)
+        await until_ready(broker, dlq.name, len(bads))
         dead = await drain(broker, dlq.name)
         assert set(dead) == {f"bad-{b.label}" for b in bads}
         for message_id in dead:
@@ -222,7 +214,7 @@ async def test_rpc_server(broker: Broker, raw: Any, name: str, text: bool, caplo
                 await send_raw(raw, queue.name, bad, f"bad-{bad.label}")
             await send_good(raw, queue.name, 99, text)
             await wait_for(lambda: len(done) == len(bads) + 1 and server.rejected == len(bads))
-        await asyncio.sleep(0.2)
+        await until_ready(broker, dlq.name, len(bads))
         dead = await drain(broker, dlq.name)
         assert set(dead) == {f"bad-{b.label}" for b in bads}
         for message_id in dead:

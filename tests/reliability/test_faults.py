@@ -30,19 +30,9 @@ from amqpkit import (
 )
 
 from ..brokerctl import arabbitmqctl
+from ..waiting import wait_for
 from .conftest import HEARTBEAT
 from .proxy import FaultProxy
-
-
-async def wait_for(predicate: Any, timeout: float) -> float:
-    """Wait until predicate() is true; returns the seconds it took."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while not predicate():
-        if loop.time() - started > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
-    return loop.time() - started
 
 
 async def restart_broker_app() -> None:

@@ -1,0 +1,28 @@
+"""Waiting in tests: for a condition, or for a queue to fill (dead-lettering is asynchronous)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from amqpkit import Broker
+
+
+async def wait_for(predicate: Callable[[], object], timeout: float = 15.0) -> float:
+    """Wait until ``predicate()`` is true; returns the seconds it took. AssertionError past ``timeout``."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not predicate():
+        if loop.time() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
+    return loop.time() - started
+
+
+async def until_ready(broker: Broker, queue: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until ``queue`` holds at least ``count`` ready messages."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while (await broker.queue_counts(queue))[0] < count:
+        assert loop.time() < end, f"{queue} did not reach {count} messages"
+        await asyncio.sleep(0.02)
