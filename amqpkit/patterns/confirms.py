@@ -21,11 +21,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar
 
-from ..codec import Codec, JsonCodec
+from ..codec import Codec
 from ..connection import Broker
 from ..errors import PublishError
-from ..message import Envelope
+from ..message import new_message_id
 from ..topology import Exchange
+from .pubsub import Publisher
 
 __all__ = ["ConfirmingPublisher", "Outcome"]
 
@@ -46,7 +47,11 @@ class Outcome:
 
 
 class ConfirmingPublisher(Generic[T]):
-    """Publishes with publisher confirms, ``window`` confirms outstanding at most (see module docs)."""
+    """Publishes with publisher confirms, ``window`` confirms outstanding at most (see module docs).
+
+    Built on :class:`~amqpkit.Publisher`, which does the encoding, declaring and
+    confirming; this class adds the window and the per-message outcomes.
+    """
 
     def __init__(
         self,
@@ -63,25 +68,18 @@ class ConfirmingPublisher(Generic[T]):
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
-        self.broker = broker
-        self.exchange = Exchange(exchange) if isinstance(exchange, str) else exchange
-        self.codec: Codec[T] = codec if codec is not None else JsonCodec()
+        self.publisher: Publisher[T] = Publisher(broker, exchange, codec, persistent=persistent, mandatory=mandatory)
         self.window = window
         self.batch = batch
-        self.persistent = persistent
-        self.mandatory = mandatory
         self.timeout = timeout
         self.on_outcome = on_outcome
         self._slots = asyncio.Semaphore(window)
         self._outstanding: set[asyncio.Task[Outcome]] = set()
-        self._declared = self.exchange.is_builtin
         self.confirmed = 0
         self.failures: list[Outcome] = []
 
     async def __aenter__(self) -> Self:
-        if not self._declared:
-            await self.broker.declare_exchange(self.exchange)
-            self._declared = True
+        await self.publisher.declare()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -106,25 +104,15 @@ class ConfirmingPublisher(Generic[T]):
         window slot is held (in batch mode, once the batch is confirmed when
         this message filled it).
         """
-        if not self._declared:
-            await self.broker.declare_exchange(self.exchange)
-            self._declared = True
-        envelope = Envelope(
-            self.codec.encode(value),
-            content_type=self.codec.content_type,
-            headers=dict(headers) if headers else {},
-            persistent=self.persistent,
-        )
-        if message_id is not None:
-            envelope.message_id = message_id
+        await self.publisher.declare()
+        send = self._send(value, routing_key, headers, message_id or new_message_id())
         if self.window == 1:
-            outcome = await self._send(envelope, routing_key)
             done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-            done.set_result(outcome)
+            done.set_result(await send)
             return done
         if not self.batch:
             await self._slots.acquire()
-        task = asyncio.ensure_future(self._send(envelope, routing_key))
+        task = asyncio.ensure_future(send)
         self._outstanding.add(task)
         task.add_done_callback(self._release)
         # Let the task write its frames now, so messages leave in publish order.
@@ -138,15 +126,10 @@ class ConfirmingPublisher(Generic[T]):
         if not self.batch:
             self._slots.release()
 
-    async def _send(self, envelope: Envelope, routing_key: str) -> Outcome:
-        message_id = envelope.message_id or ""
+    async def _send(self, value: T, routing_key: str, headers: Mapping[str, Any] | None, message_id: str) -> Outcome:
         try:
-            await self.broker.publish(
-                envelope,
-                exchange=self.exchange.name,
-                routing_key=routing_key,
-                mandatory=self.mandatory,
-                timeout=self.timeout,
+            await self.publisher.publish(
+                value, routing_key=routing_key, headers=headers, message_id=message_id, timeout=self.timeout
             )
             outcome = Outcome(message_id, routing_key)
             self.confirmed += 1
