@@ -331,10 +331,10 @@ class Broker:
             self._channels[role] = channel
             return channel
 
-    async def open_channel(self, *, confirms: bool = False, prefetch: int | None = None) -> AbstractChannel:
-        """A new channel on the current connection, for patterns that manage their own.
+    async def _open_channel(self, *, confirms: bool = False, prefetch: int | None = None) -> AbstractChannel:
+        """A new raw channel on the current connection, for amqpkit's patterns that manage their own.
 
-        The caller owns it; it dies with the connection (see :meth:`on_reconnect`).
+        The caller owns it; it dies with the connection (see :meth:`on_disconnect`).
         """
         await self._connected.wait()
         conn = self._conn

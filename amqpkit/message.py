@@ -128,11 +128,12 @@ class Delivery(Generic[T]):
     Settling on a channel that has since closed raises
     :class:`~amqpkit.ConnectionLost` (the broker will deliver the message again).
 
-    The properties are read straight from the frame; :attr:`envelope` builds
-    the full :class:`Envelope` only when asked for.
+    The properties are read straight from the frame (``message_id``,
+    ``headers``, ``content_type``...); :attr:`envelope` builds the full
+    :class:`Envelope` only when asked for.
     """
 
-    __slots__ = ("_envelope", "_settler", "body", "exchange", "properties", "redelivered", "routing_key", "value")
+    __slots__ = ("_envelope", "_properties", "_settler", "body", "exchange", "redelivered", "routing_key", "value")
 
     def __init__(
         self,
@@ -147,7 +148,7 @@ class Delivery(Generic[T]):
     ) -> None:
         self.value = value
         self.body = body
-        self.properties = properties
+        self._properties = properties
         self.redelivered = redelivered
         self.exchange = exchange
         self.routing_key = routing_key
@@ -172,7 +173,7 @@ class Delivery(Generic[T]):
         return Delivery(
             value,
             self.body,
-            self.properties,
+            self._properties,
             redelivered=self.redelivered,
             exchange=self.exchange,
             routing_key=self.routing_key,
@@ -182,7 +183,7 @@ class Delivery(Generic[T]):
     def forwarded(self, headers: dict[str, Any]) -> Envelope:
         """This message to publish elsewhere: same body and properties (message id included),
         ``headers`` in place of its own, persistent, and no expiration (it must not expire where it goes)."""
-        envelope = Envelope.from_properties(self.body, self.properties)
+        envelope = Envelope.from_properties(self.body, self._properties)
         envelope.headers = headers
         envelope.persistent = True
         envelope.expiration = None
@@ -191,32 +192,32 @@ class Delivery(Generic[T]):
     @property
     def envelope(self) -> Envelope:
         if self._envelope is None:
-            self._envelope = Envelope.from_properties(self.body, self.properties)
+            self._envelope = Envelope.from_properties(self.body, self._properties)
         return self._envelope
 
     @property
     def message_id(self) -> str | None:
-        return self.properties.message_id
+        return self._properties.message_id
 
     @property
     def correlation_id(self) -> str | None:
-        return self.properties.correlation_id
+        return self._properties.correlation_id
 
     @property
     def reply_to(self) -> str | None:
-        return self.properties.reply_to
+        return self._properties.reply_to
 
     @property
     def content_type(self) -> str | None:
-        return self.properties.content_type
+        return self._properties.content_type
 
     @property
     def type(self) -> str | None:
-        return self.properties.message_type
+        return self._properties.message_type
 
     @property
     def headers(self) -> Mapping[str, Any]:
-        return self.properties.headers or _NO_HEADERS
+        return self._properties.headers or _NO_HEADERS
 
     @property
     def delivery_tag(self) -> int:

@@ -92,7 +92,7 @@ async def replay_dead_letters(
         delivery = await broker.get(dlq)
         if delivery is None:
             break
-        props = delivery.properties
+        props = delivery._properties
         headers = {k: v for k, v in (props.headers or {}).items() if k != "x-death"}
         headers[ATTEMPT] = 1
         replays = headers.get("x-replayed")

@@ -171,7 +171,7 @@ class RpcServer:
         return None
 
     async def _on_request(self, raw: Delivery[bytes]) -> None:
-        props = raw.properties
+        props = raw._properties
         if not props.reply_to or not props.correlation_id:
             missing = "reply_to" if not props.reply_to else "correlation_id"
             self.rejected += 1
@@ -357,10 +357,10 @@ class RpcClient:
             # Requests go out mandatory without confirms: a returned request (no
             # queue took it) fails its call through the return hook, and the
             # broker sends no confirm frame per call.
-            channel = await self.broker.open_channel(confirms=False)
+            channel = await self.broker._open_channel(confirms=False)
             if not _hook_returns(channel, self._on_returned):
                 await channel.close()
-                channel = await self.broker.open_channel(confirms=True)
+                channel = await self.broker._open_channel(confirms=True)
             with map_exceptions(kind="queue", name=DIRECT_REPLY_TO):
                 await channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
             self._channel = channel
