@@ -516,9 +516,6 @@ class Broker:
         :class:`PublishError` (e.g. the exchange does not exist).
         """
         body = envelope.body
-        limit = self.settings.max_message_size
-        if len(body) > limit:
-            raise MessageTooLarge(len(body), limit)
         exchange_name = exchange if isinstance(exchange, str) else exchange.name
         if not confirm:
             if mandatory:
@@ -526,6 +523,7 @@ class Broker:
             await self._publish_unconfirmed(body, envelope.properties(), exchange=exchange_name,
                                             routing_key=routing_key, timeout=timeout)  # fmt: skip
             return
+        self._check_size(body)
         if self._closing:
             raise PublishError("this Broker is closed")
         if self._conn is None and self._reconnect_task is None:
@@ -534,15 +532,14 @@ class Broker:
         wait = self.settings.publish_timeout if timeout is None else timeout
         deadline = loop.time() + wait
         properties = envelope.properties()
-        role = "publish"
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
                     if not self._connected.is_set():
                         await self._connected.wait()
-                    channel = self._channels.get(role)
+                    channel = self._channels.get("publish")
                     if channel is None or channel.is_closed:
-                        channel = await self._channel(role, confirms=confirm)
+                        channel = await self._channel("publish", confirms=True)
                     with map_exceptions(kind="exchange", name=exchange_name):
                         await channel.basic_publish(
                             body,
@@ -570,6 +567,11 @@ class Broker:
                 await asyncio.sleep(0.01)
                 continue
 
+    def _check_size(self, body: bytes) -> None:
+        limit = self.settings.max_message_size
+        if len(body) > limit:
+            raise MessageTooLarge(len(body), limit)
+
     async def _publish_unconfirmed(
         self,
         body: bytes,
@@ -586,9 +588,7 @@ class Broker:
         closes the channel; the next publish opens another). Used for RPC
         replies and for one-way messages published with ``confirm=False``.
         """
-        limit = self.settings.max_message_size
-        if len(body) > limit:
-            raise MessageTooLarge(len(body), limit)
+        self._check_size(body)
         channel = self._channels.get("publish-fast")
         wait = self.settings.publish_timeout if timeout is None else timeout
         try:
