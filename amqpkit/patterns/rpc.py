@@ -42,7 +42,6 @@ from ..connection import Broker, Consumer
 from ..errors import (
     ConnectionLost,
     DecodeError,
-    MessageTooLarge,
     NoResponder,
     RemoteError,
     RpcTimeout,
@@ -374,26 +373,26 @@ class RpcClient:
             self._fail_pending(ConnectionLost("the reply channel closed"))
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
-        cid = message.header.properties.correlation_id
+        """A reply over direct reply-to."""
+        await self._on_reply_delivery(Delivery.from_aiormq(message, auto_ack=True))
+
+    async def _on_reply_delivery(self, delivery: Delivery[bytes]) -> None:
+        """A reply, by either route: it completes the call with its correlation id, or is dropped and counted."""
+        cid = delivery.correlation_id
         future = self._pending.pop(cid, None) if cid else None
         if future is None or future.done():
             self.dropped_replies += 1
             log.debug("dropped a reply with unknown or late correlation id %r", cid)
             return
-        future.set_result(Delivery.from_aiormq(message, auto_ack=True))
+        future.set_result(delivery)
 
     def _on_returned(self, message: DeliveredMessage) -> None:
         future = self._pending.pop(message.header.properties.correlation_id or "", None)
         if future is not None and not future.done():
-            future.set_exception(NoResponder(f"no queue took the request: {self.routing_key!r} has no server"))
+            future.set_exception(self._no_responder())
 
-    async def _on_reply_delivery(self, delivery: Delivery[bytes]) -> None:
-        cid = delivery.correlation_id
-        future = self._pending.pop(cid, None) if cid else None
-        if future is None or future.done():
-            self.dropped_replies += 1
-            return
-        future.set_result(delivery)
+    def _no_responder(self) -> NoResponder:
+        return NoResponder(f"no queue took the request: {self.routing_key!r} has no server")
 
     @overload
     async def call(
@@ -439,9 +438,7 @@ class RpcClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         body = self.codec.encode(payload)
-        limit = self.broker.settings.max_message_size
-        if len(body) > limit:
-            raise MessageTooLarge(len(body), limit)
+        self.broker._check_size(body)
         cid = f"{self._prefix}.{next(self._ids)}"
         future: asyncio.Future[Delivery[bytes]] = loop.create_future()
         hdrs = dict(headers) if headers else {}
@@ -502,7 +499,7 @@ class RpcClient:
             try:
                 publishing.result()
             except Unroutable as exc:
-                raise NoResponder(f"no queue took the request: {self.routing_key!r} has no server") from exc
+                raise self._no_responder() from exc
             return
         if not self.broker.is_connected:
             await self.broker.wait_connected()
@@ -517,7 +514,7 @@ class RpcClient:
                     mandatory=True, wait=False,
                 )  # fmt: skip
         except Unroutable as exc:
-            raise NoResponder(f"no queue took the request: {self.routing_key!r} has no server") from exc
+            raise self._no_responder() from exc
 
     async def call_with_retry(
         self,
