@@ -26,9 +26,8 @@ PAIRS = (
 def _levels(result: BenchResult) -> list[int | float]:
     seen: dict[int | float, None] = {}
     for r in result.results:
-        level = r.concurrency or r.rate
-        if level is not None:
-            seen[level] = None
+        if r.level is not None:
+            seen[r.level] = None
     return list(seen)
 
 

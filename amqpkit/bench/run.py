@@ -99,6 +99,11 @@ class RunResult:
     run: int = 0
     duration_s: float = 0.0
 
+    @property
+    def level(self) -> int | float | None:
+        """The load: concurrency in closed loop, rate in open loop."""
+        return self.concurrency or self.rate
+
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["latency_us"] = self.latency_us.as_dict()
@@ -127,22 +132,23 @@ class BenchResult:
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2)
 
+    def runs(self, scenario: str, level: int | float | None) -> list[RunResult]:
+        """Every run (one per repeat) of ``scenario`` at ``level``."""
+        return [r for r in self.results if r.scenario == scenario and r.level == level]
+
     def median(self, scenario: str, level: int | float | None) -> RunResult | None:
         """The run of ``scenario`` at ``level`` with the median throughput (over repeats)."""
-        runs = [r for r in self.results if r.scenario == scenario and (r.concurrency or r.rate) == level]
-        if not runs:
-            return None
-        runs.sort(key=lambda r: r.throughput_per_s)
-        return runs[len(runs) // 2]
+        runs = sorted(self.runs(scenario, level), key=lambda r: r.throughput_per_s)
+        return runs[len(runs) // 2] if runs else None
 
     def spread(
         self, scenario: str, level: int | float | None, metric: Callable[[RunResult], float]
     ) -> tuple[float, float]:
-        values = [metric(r) for r in self.results if r.scenario == scenario and (r.concurrency or r.rate) == level]
+        values = [metric(r) for r in self.runs(scenario, level)]
         return (min(values), max(values)) if values else (0.0, 0.0)
 
     def median_of(self, scenario: str, level: int | float | None, metric: Callable[[RunResult], float]) -> float:
-        values = [metric(r) for r in self.results if r.scenario == scenario and (r.concurrency or r.rate) == level]
+        values = [metric(r) for r in self.runs(scenario, level)]
         return statistics.median(values) if values else 0.0
 
 
