@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -102,22 +102,36 @@ class Settlement(Enum):
 
 
 class _Settler:
-    """The one settle-once state shared by a delivery and its decoded copies."""
+    """The one settle-once state shared by a delivery and its decoded copies.
 
-    __slots__ = ("channel", "outcome", "tag")
+    ``outcome`` is set only once the settlement frame was handed to the
+    connection; while it is being written, ``writing`` holds it so that a
+    concurrent second settlement is refused. A write that fails leaves the
+    delivery unsettled (the broker delivers it again when the channel closes).
+    """
+
+    __slots__ = ("channel", "outcome", "tag", "writing")
 
     def __init__(self, channel: AbstractChannel | None, tag: int, auto_ack: bool) -> None:
         self.channel = channel
         self.tag = tag
         self.outcome: Settlement | None = Settlement.AUTO if auto_ack else None
+        self.writing: Settlement | None = None
 
-    def claim(self, outcome: Settlement) -> AbstractChannel:
+    async def settle(self, outcome: Settlement, write: Callable[[AbstractChannel], Awaitable[None]]) -> None:
         if self.outcome is not None:
             raise SettlementError(f"delivery {self.tag} was already settled ({self.outcome.value})")
+        if self.writing is not None:
+            raise SettlementError(f"delivery {self.tag} is already being settled ({self.writing.value})")
         if self.channel is None:
             raise SettlementError(f"delivery {self.tag} has no channel to settle on")
+        self.writing = outcome
+        try:
+            with map_exceptions(kind="delivery"):
+                await write(self.channel)
+        finally:
+            self.writing = None
         self.outcome = outcome
-        return self.channel
 
 
 class Delivery(Generic[T]):
@@ -126,7 +140,9 @@ class Delivery(Generic[T]):
     Settle once: ``ack()``, ``nack(requeue=...)`` or ``reject()``. A second
     settlement raises :class:`~amqpkit.SettlementError`; it is never a no-op.
     Settling on a channel that has since closed raises
-    :class:`~amqpkit.ConnectionLost` (the broker will deliver the message again).
+    :class:`~amqpkit.ConnectionLost` and leaves the delivery unsettled (the
+    broker will deliver the message again). :attr:`settled` reports only a
+    settlement that was written.
 
     The properties are read straight from the frame (``message_id``,
     ``headers``, ``content_type``...); :attr:`envelope` builds the full
@@ -225,6 +241,7 @@ class Delivery(Generic[T]):
 
     @property
     def settled(self) -> Settlement | None:
+        """How this delivery was settled, once the settlement was handed to the connection; else None."""
         return self._settler.outcome
 
     @property
@@ -245,21 +262,24 @@ class Delivery(Generic[T]):
         return max(attempt, 2) if self.redelivered else attempt
 
     async def ack(self) -> None:
-        channel = self._settler.claim(Settlement.ACKED)
-        with map_exceptions(kind="delivery"):
-            await channel.basic_ack(self._settler.tag, wait=False)
+        tag = self._settler.tag
+        await self._settler.settle(Settlement.ACKED, lambda channel: channel.basic_ack(tag, wait=False))
 
     async def nack(self, *, requeue: bool = True) -> None:
         """Negative-acknowledge: back to the queue with ``requeue=True``, else dead-lettered or dropped."""
-        channel = self._settler.claim(Settlement.REQUEUED if requeue else Settlement.NACKED)
-        with map_exceptions(kind="delivery"):
-            await channel.basic_nack(self._settler.tag, requeue=requeue, wait=False)
+        tag = self._settler.tag
+        await self._settler.settle(
+            Settlement.REQUEUED if requeue else Settlement.NACKED,
+            lambda channel: channel.basic_nack(tag, requeue=requeue, wait=False),
+        )
 
     async def reject(self, *, requeue: bool = False) -> None:
         """Reject: dead-lettered (or dropped when the queue has no dead-letter exchange)."""
-        channel = self._settler.claim(Settlement.REQUEUED if requeue else Settlement.REJECTED)
-        with map_exceptions(kind="delivery"):
-            await channel.basic_reject(self._settler.tag, requeue=requeue, wait=False)
+        tag = self._settler.tag
+        await self._settler.settle(
+            Settlement.REQUEUED if requeue else Settlement.REJECTED,
+            lambda channel: channel.basic_reject(tag, requeue=requeue, wait=False),
+        )
 
     def __repr__(self) -> str:
         return (
