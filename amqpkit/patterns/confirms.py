@@ -9,14 +9,17 @@
   when its own confirm does.
 
 In every mode each message gets an :class:`Outcome` — confirmed, nacked,
-returned (mandatory and unroutable) or failed — reported to ``on_outcome``
-and kept in :attr:`ConfirmingPublisher.failures`; :meth:`flush` waits for
+returned (mandatory and unroutable) or failed — reported to ``on_outcome``.
+Failures are counted in :attr:`ConfirmingPublisher.failed`, and the latest
+``keep_failures`` of them are kept in :attr:`ConfirmingPublisher.failures`
+(a long-running publisher must not keep every one); :meth:`flush` waits for
 all outstanding confirms.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar
@@ -31,6 +34,8 @@ from .pubsub import Publisher
 __all__ = ["ConfirmingPublisher", "Outcome"]
 
 T = TypeVar("T")
+
+DEFAULT_KEEP_FAILURES = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +70,12 @@ class ConfirmingPublisher(Generic[T]):
         mandatory: bool = False,
         timeout: float | None = None,
         on_outcome: Callable[[Outcome], None] | None = None,
+        keep_failures: int = DEFAULT_KEEP_FAILURES,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
+        if keep_failures < 0:
+            raise ValueError("keep_failures must not be negative")
         self.publisher: Publisher[T] = Publisher(broker, exchange, codec, persistent=persistent, mandatory=mandatory)
         self.window = window
         self.batch = batch
@@ -76,7 +84,9 @@ class ConfirmingPublisher(Generic[T]):
         self._slots = asyncio.Semaphore(window)
         self._outstanding: set[asyncio.Task[Outcome]] = set()
         self.confirmed = 0
-        self.failures: list[Outcome] = []
+        self.failed = 0
+        # The latest failures only: the count above has them all, ``on_outcome`` sees each one.
+        self.failures: deque[Outcome] = deque(maxlen=keep_failures)
 
     async def __aenter__(self) -> Self:
         await self.publisher.declare()
@@ -135,6 +145,7 @@ class ConfirmingPublisher(Generic[T]):
             self.confirmed += 1
         except PublishError as exc:
             outcome = Outcome(message_id, routing_key, exc)
+            self.failed += 1
             self.failures.append(outcome)
         if self.on_outcome is not None:
             self.on_outcome(outcome)
