@@ -27,6 +27,7 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 from tenacity import (
     AsyncRetrying,
+    retry_if_exception,
     retry_if_exception_type,
     stop_after_attempt,
     wait_exponential,
@@ -55,6 +56,12 @@ log = logging.getLogger("amqpkit.broker")
 ConsumerCallback = Callable[[Delivery[bytes]], Awaitable[None]]
 DisconnectCallback = Callable[[BaseException], None]
 ReconnectCallback = Callable[[], Awaitable[None]]
+TopologyErrorCallback = Callable[["Exchange | Queue | Binding", BaseException], None]
+
+# Exchanges every vhost has: a publish to them never needs a check first.
+_BUILTIN_EXCHANGES = frozenset(
+    {"", "amq.direct", "amq.fanout", "amq.topic", "amq.headers", "amq.match", "amq.rabbitmq.trace"}
+)
 
 
 class _Connection(aiormq.Connection):
@@ -65,6 +72,10 @@ class _Connection(aiormq.Connection):
 
 class _Unreachable(Exception):
     """One failed connection attempt (internal; becomes ConnectError)."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass(eq=False)
@@ -84,6 +95,8 @@ class Consumer:
     attached: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     on_error: Callable[[BaseException], None] | None = None
+    error: BaseException | None = None  # why it stopped, when it could not be re-attached
+    attach_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def cancel(self, *, grace: float = 0.0) -> None:
         """Stop receiving; wait up to ``grace`` seconds for running callbacks."""
@@ -116,6 +129,11 @@ class Broker:
         self._url_index = 0
         self._on_disconnect: list[DisconnectCallback] = []
         self._on_reconnect: list[ReconnectCallback] = []
+        self._on_topology_error: list[TopologyErrorCallback] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        # Exchanges a publish may use on the shared confirm channel: ours, or seen to exist on this connection.
+        self._known_exchanges: set[str] = set()
+        self._exchange_check_lock = asyncio.Lock()
         self.generation = 0
         self.reconnects = 0
         self.republished = 0  # confirmed publishes sent again after the connection dropped mid-confirm
@@ -161,7 +179,7 @@ class Broker:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(policy.connect_attempts * len(self.settings.urls)),
                 wait=self._wait_strategy(),
-                retry=retry_if_exception_type(_Unreachable),
+                retry=retry_if_exception(_worth_retrying),
                 reraise=True,
             ):
                 with attempt:
@@ -170,12 +188,17 @@ class Broker:
                     except _Unreachable as exc:
                         failures.append(str(exc))
                         raise
-        except _Unreachable:
+        except _Unreachable as exc:
             targets = ", ".join(dict.fromkeys(host_port(u) for u in self.settings.urls))
             last = failures[-1] if failures else "no attempt made"
-            raise ConnectError(
-                f"cannot connect to RabbitMQ at {targets} after {len(failures)} attempts: {last}"
-            ) from None
+            attempts = f"{len(failures)} attempt{'s' if len(failures) != 1 else ''}"
+            if exc.refused:
+                raise ConnectError(
+                    f"RabbitMQ at {targets} refused the login after {attempts} (check user, password and vhost): "
+                    f"{last}",
+                    reason="refused",
+                ) from None
+            raise ConnectError(f"cannot connect to RabbitMQ at {targets} after {attempts}: {last}") from None
 
     async def close(self, *, grace: float = 5.0) -> None:
         """Stop consumers (letting running callbacks finish within ``grace``), then close."""
@@ -189,6 +212,11 @@ class Broker:
         consumers = list(self._consumers.values())
         if consumers:
             await asyncio.gather(*(self._detach(c, grace=grace) for c in consumers))
+        background = [t for t in self._background if t is not asyncio.current_task()]
+        for task in background:
+            task.cancel()
+        if background:
+            await asyncio.wait(background, timeout=5)
         self._connected.clear()
         conn, self._conn = self._conn, None
         self._channels.clear()
@@ -211,6 +239,30 @@ class Broker:
         """Await ``callback()`` after each reconnect, once topology and consumers are back."""
         self._on_reconnect.append(callback)
         return lambda: _discard(self._on_reconnect, callback)
+
+    def on_topology_error(self, callback: TopologyErrorCallback) -> Callable[[], None]:
+        """Call ``callback(spec, exc)`` for each exchange, queue or binding a reconnect could not restore.
+
+        Such a spec is forgotten (the next reconnect does not try it again);
+        the consumers that depended on it hear of it through their own
+        ``on_error``. Returns a function that unregisters the callback.
+        """
+        self._on_topology_error.append(callback)
+        return lambda: _discard(self._on_topology_error, callback)
+
+    @property
+    def background_tasks(self) -> frozenset[asyncio.Task[Any]]:
+        """Re-attaches and reconnects running in the background (held here so none is garbage-collected)."""
+        tasks = set(self._background)
+        if self._reconnect_task is not None and not self._reconnect_task.done():
+            tasks.add(self._reconnect_task)
+        return frozenset(tasks)
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # ------------------------------------------------------------ connection core
 
@@ -255,31 +307,94 @@ class Broker:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             self._url_index += 1
+            refused = isinstance(
+                exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
+            )
             if isinstance(exc, TimeoutError):
                 reason = f"timed out after {self.settings.connect_timeout:g} s"
+            elif refused:
+                reason = f"login refused (ACCESS_REFUSED): {self._scrub(str(exc))}"
             else:
                 reason = self._scrub(f"{type(exc).__name__}: {exc}")
             log.warning("connect to %s failed: %s", host_port(raw), reason)
-            raise _Unreachable(f"{host_port(raw)}: {reason}") from None
+            raise _Unreachable(f"{host_port(raw)}: {reason}", refused=refused) from None
         log.info("connected to %s (%s %s)", redact_url(raw), *_product(conn.server_properties))
 
     async def _setup(self, conn: _Connection) -> None:
-        """Make ``conn`` current: channels, topology, consumers, then mark connected."""
+        """Make ``conn`` current: channels, topology, consumers, then mark connected.
+
+        What the broker refuses (a queue gone that is not ours to declare, one
+        re-declared with other arguments, ...) does not stop the rest: each
+        refused spec is forgotten and reported, and every consumer that
+        depended on it stops with the error passed to its ``on_error``. Only a
+        lost connection fails the attempt (and is retried).
+        """
         self._conn = conn
         self._channels.clear()
+        self._known_exchanges.clear()
         self.generation += 1
         await self._channel("publish")
+        refused: list[tuple[Exchange | Queue | Binding, TopologyError]] = []
         for spec in list(self._exchanges.values()):
-            await self._declare_exchange_on(spec)
+            try:
+                await self._declare_exchange_on(spec)
+            except TopologyError as exc:
+                refused.append((spec, exc))
+        failed_queues: dict[Queue, TopologyError] = {}
         for queue in list(self._queues):
-            await self._declare_queue_on(queue)
+            try:
+                await self._declare_queue_on(queue)
+            except TopologyError as exc:
+                refused.append((queue, exc))
+                failed_queues[queue] = exc
         for binding in list(self._bindings):
-            await self._bind_on(binding)
+            if binding.queue in failed_queues:
+                continue  # goes with its queue
+            try:
+                await self._bind_on(binding)
+            except TopologyError as exc:
+                refused.append((binding, exc))
+                failed_queues.setdefault(binding.queue, exc)
+        stopped: list[tuple[Consumer, BaseException]] = []
         for consumer in list(self._consumers.values()):
-            await self._attach(consumer)
+            cause = failed_queues.get(consumer.queue)
+            if cause is None:
+                try:
+                    await self._attach(consumer)
+                    continue
+                except TopologyError as exc:
+                    cause = exc
+            stopped.append((consumer, cause))
         generation = self.generation
         conn.closing.add_done_callback(lambda fut: self._on_closed(fut, generation))
         self._connected.set()
+        for refused_spec, error in refused:
+            self._forget_refused(refused_spec, error)
+        for stopped_consumer, why in stopped:
+            self._stop_consumer(stopped_consumer, why)
+
+    def _forget_refused(self, spec: Exchange | Queue | Binding, exc: TopologyError) -> None:
+        log.error("could not restore %s after the reconnect (forgotten): %s", _describe(spec), exc)
+        self.forget(spec)
+        for callback in list(self._on_topology_error):
+            try:
+                callback(spec, exc)
+            except Exception:
+                log.exception("topology error callback failed")
+
+    def _stop_consumer(self, consumer: Consumer, exc: BaseException) -> None:
+        """The consumer cannot be attached again: it stops, and its owner hears why."""
+        log.error("consumer %s on %s stopped: %s", consumer.consumer_tag, consumer.queue.name or "(server-named)", exc)
+        self._consumers.pop(consumer.consumer_tag, None)
+        consumer.cancelled = True
+        consumer.error = exc
+        consumer.attached.clear()
+        consumer.channel = None
+        if consumer.on_error is not None:
+            try:
+                consumer.on_error(exc)
+            except Exception:
+                log.exception("on_error of consumer %s failed", consumer.consumer_tag)
 
     def _on_closed(self, closing: asyncio.Future[Any], generation: int) -> None:
         if self._closing or generation != self.generation:
@@ -364,6 +479,7 @@ class Broker:
         await self._ready()
         await self._declare_exchange_on(exchange)
         self._exchanges[exchange.name] = exchange
+        self._known_exchanges.add(exchange.name)
 
     async def declare_queue(self, queue: Queue) -> str:
         """Declare ``queue``; returns its name (the broker's choice for a server-named queue)."""
@@ -393,6 +509,36 @@ class Broker:
             )
         self._bindings.pop(binding, None)
 
+    def forget(self, *specs: Exchange | Queue | Binding) -> None:
+        """Stop remembering ``specs``: a reconnect will not declare them again. Nothing is sent to the broker.
+
+        A forgotten queue takes its bindings with it; a forgotten exchange
+        takes the bindings to it. Consumers are not touched (cancel them).
+        Use it when a pattern stops using topology it declared, so that the
+        next reconnect does not bring back, say, a stopped subscription's
+        queue that would then collect messages nobody reads.
+        """
+        for spec in specs:
+            if isinstance(spec, Exchange):
+                if self._exchanges.get(spec.name) == spec:
+                    del self._exchanges[spec.name]
+                for b in [b for b in self._bindings if b.exchange.name == spec.name]:
+                    del self._bindings[b]
+            elif isinstance(spec, Queue):
+                self._queues.pop(spec, None)
+                for b in [b for b in self._bindings if b.queue == spec]:
+                    del self._bindings[b]
+            else:
+                self._bindings.pop(spec, None)
+
+    def remembers(self, spec: Exchange | Queue | Binding) -> bool:
+        """Whether ``spec`` is declared again after a reconnect."""
+        if isinstance(spec, Exchange):
+            return self._exchanges.get(spec.name) == spec
+        if isinstance(spec, Queue):
+            return spec in self._queues
+        return spec in self._bindings
+
     def queue_name(self, queue: Queue) -> str:
         """The live name of a declared queue."""
         if queue.server_named:
@@ -418,6 +564,7 @@ class Broker:
     async def delete_exchange(self, name: str | Exchange, *, if_unused: bool = False) -> None:
         name = name if isinstance(name, str) else name.name
         self._exchanges.pop(name, None)
+        self._known_exchanges.discard(name)
         for b in [b for b in self._bindings if b.exchange.name == name]:
             del self._bindings[b]
         await self._ready()
@@ -537,6 +684,8 @@ class Broker:
                 async with asyncio.timeout_at(deadline):
                     if not self._connected.is_set():
                         await self._connected.wait()
+                    if exchange_name not in self._known_exchanges and exchange_name not in _BUILTIN_EXCHANGES:
+                        await self._check_exchange(exchange_name)
                     channel = self._channels.get("publish")
                     if channel is None or channel.is_closed:
                         channel = await self._channel("publish", confirms=True)
@@ -555,6 +704,7 @@ class Broker:
                     f"publish to {exchange_name or '(default exchange)'!r} not confirmed within {wait:g} s ({state})"
                 ) from None
             except TopologyError as exc:
+                self._known_exchanges.discard(exchange_name)
                 raise PublishError(f"publish refused: {exc}") from exc
             except ConnectionLost:
                 if self._closing:
@@ -566,6 +716,22 @@ class Broker:
                 self.republished += 1
                 await asyncio.sleep(0.01)
                 continue
+
+    async def _check_exchange(self, name: str) -> None:
+        """Make sure an exchange we did not declare exists before publishing to it on the shared channel.
+
+        A publish to a missing exchange makes the broker close the channel it
+        came on, and every other publish in flight on that channel would be
+        left unconfirmed (and sent again). The check costs one round trip per
+        exchange per connection, on a channel of its own.
+        """
+        async with self._exchange_check_lock:
+            if name in self._known_exchanges:
+                return
+            channel = await self._channel("check", confirms=False)
+            with map_exceptions(kind="exchange", name=name):
+                await channel.exchange_declare(exchange=name, passive=True)
+            self._known_exchanges.add(name)
 
     def _check_size(self, body: bytes) -> None:
         limit = self.settings.max_message_size
@@ -640,9 +806,20 @@ class Broker:
         self._consumers[consumer.consumer_tag] = consumer
         try:
             await self._ready()
+            # While we waited, a reconnect may have attached it already (it attaches every
+            # registered consumer); _attach does nothing then.
             await self._attach(consumer)
+        except ConnectionLost:
+            # The connection dropped under the attach: the reconnect attaches it (it is
+            # registered); wait for that rather than leave an attached consumer nobody holds.
+            try:
+                await self._ready()
+                await self._attach(consumer)
+            except BaseException:
+                await self._detach(consumer, grace=0)
+                raise
         except BaseException:
-            self._consumers.pop(consumer.consumer_tag, None)
+            await self._detach(consumer, grace=0)
             raise
         return consumer
 
@@ -658,6 +835,15 @@ class Broker:
         return Delivery.from_aiormq(message, auto_ack=auto_ack)
 
     async def _attach(self, consumer: Consumer) -> None:
+        """Attach ``consumer`` on the current connection, unless it is attached already (or cancelled)."""
+        async with consumer.attach_lock:
+            if consumer.cancelled:
+                return
+            if consumer.channel is not None and not consumer.channel.is_closed:
+                return
+            await self._attach_now(consumer)
+
+    async def _attach_now(self, consumer: Consumer) -> None:
         conn = self._conn
         if conn is None or conn.is_closed:
             raise ConnectionLost("not connected")
@@ -705,7 +891,7 @@ class Broker:
         if generation != self.generation or self._conn is None or self._conn.is_closed:
             return  # the reconnect re-attaches it
         log.warning("consumer %s lost its channel; re-attaching", consumer.consumer_tag)
-        asyncio.get_running_loop().create_task(self._reattach(consumer))
+        self._spawn(self._reattach(consumer))
 
     def _on_broker_cancel(self, consumer: Consumer, channel: AbstractChannel) -> None:
         """The broker cancelled the consumer (queue deleted, node down): declare the queue again and re-attach."""
@@ -720,7 +906,7 @@ class Broker:
                 await channel.close()
             await self._reattach(consumer, redeclare=True)
 
-        asyncio.get_running_loop().create_task(close_then_reattach())
+        self._spawn(close_then_reattach())
 
     async def _reattach(self, consumer: Consumer, *, redeclare: bool = False) -> None:
         try:
@@ -738,17 +924,18 @@ class Broker:
                     await self._ready()
                     if consumer.channel is not None:
                         return  # a reconnect got there first
+                    if consumer.queue.server_named and consumer.queue not in self._queues:
+                        raise TopologyError("its server-named queue is gone and was not ours to declare",
+                                            kind="queue", name=consumer.queue.name)  # fmt: skip
                     if redeclare and consumer.queue in self._queues:
                         await self._declare_queue_on(consumer.queue)
                         for b in [b for b in self._bindings if b.queue == consumer.queue]:
                             await self._bind_on(b)
                     await self._attach(consumer)
         except Exception as exc:
-            log.error("consumer %s on %s could not be re-attached: %s", consumer.consumer_tag, consumer.queue.name, exc)
-            self._consumers.pop(consumer.consumer_tag, None)
-            consumer.cancelled = True
-            if consumer.on_error is not None:
-                consumer.on_error(exc)
+            if consumer.cancelled or self._closing:
+                return
+            self._stop_consumer(consumer, exc)
 
     async def _detach(self, consumer: Consumer, *, grace: float) -> None:
         if consumer.cancelled:
@@ -776,6 +963,19 @@ class Broker:
             # Closing the channel returns whatever is still unacked to the queue.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(channel.close(), timeout=5)
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """A connect attempt is tried again unless the broker refused the login: that does not get better."""
+    return isinstance(exc, _Unreachable) and not exc.refused
+
+
+def _describe(spec: Exchange | Queue | Binding) -> str:
+    if isinstance(spec, Exchange):
+        return f"exchange {spec.name!r}"
+    if isinstance(spec, Queue):
+        return f"queue {spec.name or '(server-named)'!r}"
+    return f"binding {spec.exchange.name!r} -> {spec.queue.name or '(server-named)'!r} ({spec.routing_key!r})"
 
 
 def _discard(items: list[Any], item: Any) -> None:

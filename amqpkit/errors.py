@@ -57,7 +57,15 @@ class AmqpkitError(Exception):
 
 
 class ConnectError(AmqpkitError):
-    """Raised when every broker address failed on connect; names host and port, never the password."""
+    """Raised when every broker address failed on connect; names host and port, never the password.
+
+    ``reason`` is ``"refused"`` when the broker refused the login (wrong user,
+    password or vhost: not retried), else ``"unreachable"``.
+    """
+
+    def __init__(self, message: str, *, reason: str = "unreachable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ConnectionLost(AmqpkitError):

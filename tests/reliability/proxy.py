@@ -4,7 +4,8 @@
 - ``stall()`` / ``resume()``: stop forwarding bytes on open connections
   without closing them (new connections are forwarded normally);
 - ``latency``: seconds added to every chunk forwarded;
-- ``reset_after(n)``: the next connection is reset after ``n`` bytes from the client.
+- ``reset_after(n)``: the next connection is reset after ``n`` bytes from the client;
+- ``refusing = True``: new connections are reset at once (hold the client out while the test changes things).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class FaultProxy:
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._stalled: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._reset_after: int | None = None
+        self.refusing = False  # True: every new connection is reset at once (the broker "is down")
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -74,6 +76,9 @@ class FaultProxy:
         self._reset_after = nbytes
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            _reset(client_writer)
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:

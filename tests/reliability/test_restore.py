@@ -1,0 +1,227 @@
+"""A reconnect restores what it can and reports what it cannot (issue 10).
+
+The client is held out through the fault proxy (only its own connection is
+cut) while another connection changes the broker under it: a queue it
+consumes from without owning is deleted, or a queue it declared is
+re-declared with other arguments. When it comes back, that one consumer's
+``on_error`` hears why, and everything else on the Broker works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import pytest
+
+from amqpkit import (
+    Binding,
+    Broker,
+    BrokerSettings,
+    Delivery,
+    Envelope,
+    Exchange,
+    PublishError,
+    Queue,
+    TopologyError,
+)
+
+from ..waiting import wait_for
+from .proxy import FaultProxy
+
+
+async def _hold_out(proxy: FaultProxy, broker: Broker) -> None:
+    proxy.refusing = True
+    proxy.cut()
+    await wait_for(lambda: not broker.is_connected, 10)
+
+
+async def _let_in(proxy: FaultProxy, broker: Broker) -> None:
+    proxy.refusing = False
+    await broker.wait_connected(30)
+
+
+async def test_vanished_foreign_queue_is_reported_and_the_rest_reconnects(
+    proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    theirs = f"{name}.theirs"
+    ours = Queue(f"{name}.ours", durable=False, auto_delete=False)
+    cleanup += [f"q:{theirs}", f"q:{ours.name}"]
+    await broker.declare_queue(Queue(theirs, durable=False))
+    errors: list[BaseException] = []
+    got: list[bytes] = []
+
+    async def nothing(_: Delivery[bytes]) -> None:
+        return None
+
+    async def ours_handler(d: Delivery[bytes]) -> None:
+        got.append(d.body)
+        await d.ack()
+
+    async with Broker(proxied) as b:
+        foreign = await b.consume(Queue(theirs), nothing, declare=False, on_error=errors.append)
+        mine = await b.consume(ours, ours_handler)
+        await _hold_out(proxy, b)
+        await broker.delete_queue(theirs)  # what a broker restart does to a transient queue
+        await _let_in(proxy, b)
+
+        await wait_for(lambda: errors, 10)
+        assert isinstance(errors[0], TopologyError)
+        assert "NOT_FOUND" in str(errors[0])
+        assert foreign.cancelled
+        # The rest of the Broker works: publish (confirmed) and the other consumer.
+        await b.publish(Envelope(b"after"), routing_key=ours.name, mandatory=True)
+        await wait_for(lambda: got == [b"after"], 10)
+        assert mine.attached.is_set() and not mine.cancelled
+        # ... and keeps working through the next cut: the failed consumer is not retried.
+        proxy.cut()
+        await wait_for(lambda: not b.is_connected, 10)
+        await b.wait_connected(30)
+        await b.publish(Envelope(b"again"), routing_key=ours.name, mandatory=True)
+        await wait_for(lambda: got == [b"after", b"again"], 10)
+        assert len(errors) == 1
+
+
+async def test_queue_redeclared_with_other_arguments_is_reported(
+    proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    drifted = Queue(f"{name}.drift", durable=False)
+    plain = Queue(f"{name}.plain", durable=False)
+    exchange = Exchange(f"{name}.x", type="direct", durable=False)
+    cleanup += [f"q:{drifted.name}", f"q:{plain.name}", f"x:{exchange.name}"]
+    errors: list[BaseException] = []
+    other_errors: list[BaseException] = []
+    got: list[bytes] = []
+
+    async def nothing(_: Delivery[bytes]) -> None:
+        return None
+
+    async def plain_handler(d: Delivery[bytes]) -> None:
+        got.append(d.body)
+        await d.ack()
+
+    async with Broker(proxied) as b:
+        await b.declare(exchange, Binding(exchange, drifted, "drift"), Binding(exchange, plain, "plain"))
+        await b.consume(drifted, nothing, on_error=errors.append)
+        await b.consume(plain, plain_handler, on_error=other_errors.append)
+        await _hold_out(proxy, b)
+        await broker.delete_queue(drifted.name)
+        await broker.declare_queue(Queue(drifted.name, durable=False, max_length=5))  # someone else's idea of it
+        await _let_in(proxy, b)
+
+        await wait_for(lambda: errors, 10)
+        assert isinstance(errors[0], TopologyError)
+        assert errors[0].argument == "x-max-length"
+        await b.publish(Envelope(b"x"), exchange=exchange, routing_key="plain", mandatory=True)
+        await wait_for(lambda: got == [b"x"], 10)
+        assert other_errors == []
+
+
+async def test_topology_error_hook_hears_about_every_spec_not_restored(
+    proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    drifted = Exchange(f"{name}.x", type="fanout", durable=False)
+    cleanup.append(f"x:{drifted.name}")
+    failures: list[tuple[object, BaseException]] = []
+    async with Broker(proxied) as b:
+        b.on_topology_error(lambda spec, exc: failures.append((spec, exc)))
+        await b.declare_exchange(drifted)
+        await _hold_out(proxy, b)
+        await broker.delete_exchange(drifted.name)
+        await broker.declare_exchange(Exchange(drifted.name, type="topic", durable=False))
+        await _let_in(proxy, b)
+        await wait_for(lambda: failures, 10)
+        assert failures[0][0] == drifted
+        # A spec that could not be restored is forgotten: the next reconnect does not try it again.
+        proxy.cut()
+        await wait_for(lambda: not b.is_connected, 10)
+        await b.wait_connected(30)
+        await b.publish(Envelope(b"ok"), routing_key="amq.nonexistent-is-fine", confirm=True)
+        assert len(failures) == 1
+
+
+async def test_consume_while_reconnecting_attaches_once(
+    proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    queue = Queue(f"{name}.once", durable=False)
+    cleanup.append(f"q:{queue.name}")
+    await broker.declare_queue(queue)
+
+    async def nothing(d: Delivery[bytes]) -> None:
+        await d.ack()
+
+    async with Broker(proxied) as b:
+        await _hold_out(proxy, b)
+        # consume() waits for the reconnect; the reconnect attaches every registered consumer.
+        pending = asyncio.ensure_future(b.consume(queue, nothing, declare=False))
+        await asyncio.sleep(0)  # let it register (the thing under test is what happens next)
+        proxy.refusing = False
+        consumer = await asyncio.wait_for(pending, 30)
+        assert consumer.attached.is_set()
+        await wait_for(lambda: b.is_connected, 10)
+        # The broker counts consumers on the queue: exactly one.
+        _, consumers = await broker.queue_counts(queue)
+        assert consumers == 1
+
+
+async def test_publish_to_a_missing_exchange_does_not_disturb_others_in_flight(
+    broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    queue = Queue(f"{name}.inflight", durable=False)
+    cleanup.append(f"q:{queue.name}")
+    await broker.declare_queue(queue)
+    count = 400
+
+    async def good(i: int) -> None:
+        await broker.publish(Envelope(str(i).encode(), message_id=str(i)), routing_key=queue.name)
+
+    async def bad() -> None:
+        with pytest.raises(PublishError):
+            await broker.publish(Envelope(b"nowhere"), exchange=f"{name}.missing")
+
+    republished_before = broker.republished
+    tasks = [good(i) for i in range(count // 2)] + [bad()] + [good(i) for i in range(count // 2, count)]
+    await asyncio.gather(*tasks)
+    ready, _ = await broker.queue_counts(queue)
+    assert ready == count, f"{ready} messages in the queue for {count} publishes (duplicates or losses)"
+    assert broker.republished == republished_before
+
+
+async def test_close_leaves_no_background_task_behind(settings: BrokerSettings, name: str) -> None:
+    queue = Queue(f"{name}.bg", durable=False)
+    other = Broker(settings)
+    await other.connect()
+    try:
+
+        async def nothing(d: Delivery[bytes]) -> None:
+            await d.ack()
+
+        b = Broker(settings)
+        await b.connect()
+        consumer = await b.consume(queue, nothing)
+        await other.delete_queue(queue.name)  # the broker cancels the consumer: a re-attach starts
+        await wait_for(lambda: not consumer.attached.is_set() or b.background_tasks, 10)
+        await b.close()
+        gc.collect()
+        left = [t for t in asyncio.all_tasks() if not t.done() and "connection.py" in repr(t.get_coro())]
+        assert left == [], left
+        assert not b.background_tasks
+    finally:
+        await other.delete_queue(queue.name)
+        await other.close()
+
+
+async def test_refused_login_says_so_and_is_not_retried(amqp_url: str) -> None:
+    from yarl import URL
+
+    from amqpkit import ConnectError, ReconnectPolicy
+
+    url = str(URL(amqp_url).with_password("Wr0ngPassw0rd"))
+    settings = BrokerSettings(url=url, reconnect=ReconnectPolicy(initial_delay=0.01, connect_attempts=5))
+    with pytest.raises(ConnectError) as info:
+        await Broker(settings).connect()
+    text = str(info.value)
+    assert "refused" in text and "ACCESS_REFUSED" in text, text
+    assert info.value.reason == "refused"
+    assert "after 1 attempt" in text  # wrong credentials do not get better by trying again
+    assert "Wr0ngPassw0rd" not in text
