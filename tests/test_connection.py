@@ -31,7 +31,7 @@ from amqpkit import (
     Unroutable,
 )
 
-from .brokerctl import arabbitmqctl
+from .brokerctl import close_connections
 
 
 class Order(BaseModel):
@@ -201,8 +201,9 @@ async def test_nack_requeue_counts_attempts_on_quorum(broker: Broker, name: str,
     await second.ack()
 
 
+@pytest.mark.whole_broker(vhost_only=True)
 async def test_consume_and_reconnect_after_close_all_connections(
-    settings: BrokerSettings, name: str, caplog: pytest.LogCaptureFixture
+    settings: BrokerSettings, amqp_url: str, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """20 cuts in a row: topology and consumer come back, and a message sent after each cut arrives."""
     rounds = 20
@@ -221,7 +222,7 @@ async def test_consume_and_reconnect_after_close_all_connections(
         consumer = await broker.consume(private, handler, prefetch=10)
         for i in range(rounds):
             generation = broker.generation
-            await arabbitmqctl("close_all_connections", "amqpkit reconnect test")
+            await close_connections(amqp_url, "amqpkit reconnect test")
             loop = asyncio.get_running_loop()
             started = loop.time()
             while broker.generation == generation or not consumer.attached.is_set():
@@ -237,12 +238,13 @@ async def test_consume_and_reconnect_after_close_all_connections(
     assert not [r for r in ours if r.levelno >= logging.ERROR or r.exc_info]
 
 
-async def test_publish_waits_for_reconnect(settings: BrokerSettings, name: str) -> None:
+@pytest.mark.whole_broker(vhost_only=True)
+async def test_publish_waits_for_reconnect(settings: BrokerSettings, amqp_url: str, name: str) -> None:
     async with Broker(settings) as broker:
         q = Queue(name, durable=False, auto_delete=False)
         await broker.declare_queue(q)
         try:
-            await arabbitmqctl("close_all_connections", "amqpkit publish test")
+            await close_connections(amqp_url, "amqpkit publish test")
             # Published while the connection is down or coming back: it must not be dropped.
             await broker.publish(Envelope(b"kept"), routing_key=name)
             got = await _get(broker, name)

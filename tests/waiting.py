@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from amqpkit import Broker
 
@@ -16,6 +16,17 @@ async def wait_for(predicate: Callable[[], object], timeout: float = 15.0) -> fl
         if loop.time() - started > timeout:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.01)
+    return loop.time() - started
+
+
+async def until(check: Callable[[], Awaitable[object]], timeout: float = 15.0, every: float = 0.1) -> float:
+    """Wait until ``await check()`` is true (a check that talks to the broker); the seconds it took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not await check():
+        if loop.time() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(every)
     return loop.time() - started
 
 

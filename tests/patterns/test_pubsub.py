@@ -24,7 +24,7 @@ from amqpkit import (
     topic_matches,
 )
 
-from ..brokerctl import arabbitmqctl
+from ..brokerctl import close_connections
 from ..waiting import until_ready, wait_for
 from .test_routing import TABLE
 
@@ -301,7 +301,10 @@ async def test_handler_taking_delivery_settles_itself(broker: Broker, name: str,
     assert (await broker.queue_counts(queue))[0] == 0
 
 
-async def test_subscriber_survives_reconnect_without_duplicate_consumers(settings: BrokerSettings, name: str) -> None:
+@pytest.mark.whole_broker(vhost_only=True)
+async def test_subscriber_survives_reconnect_without_duplicate_consumers(
+    settings: BrokerSettings, amqp_url: str, name: str
+) -> None:
     ex = Exchange(f"{name}.rc", type="fanout")
     queue = f"{name}.rc.q"
     got: list[int] = []
@@ -316,7 +319,7 @@ async def test_subscriber_survives_reconnect_without_duplicate_consumers(setting
                 await wait_for(lambda: got == [1])
                 for _ in range(3):
                     generation = broker.generation
-                    await arabbitmqctl("close_all_connections", "pubsub reconnect test")
+                    await close_connections(amqp_url, "pubsub reconnect test")
                     await wait_for(
                         lambda g=generation: (
                             broker.generation > g and sub._consumer is not None and sub._consumer.attached.is_set()

@@ -15,6 +15,8 @@ import contextlib
 import socket
 import struct
 
+from ..brokerctl import session_vhost, with_vhost
+
 
 class FaultProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -33,8 +35,9 @@ class FaultProxy:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    def url(self, user: str, password: str) -> str:
-        return f"amqp://{user}:{password}@127.0.0.1:{self.port}/"
+    def url(self, user: str, password: str, vhost: str | None = None) -> str:
+        """An AMQP URL through the proxy; into the test session's own vhost unless ``vhost`` is given."""
+        return with_vhost(f"amqp://{user}:{password}@127.0.0.1:{self.port}/", vhost or session_vhost() or "/")
 
     async def start(self) -> FaultProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)

@@ -20,17 +20,17 @@ from amqpkit import (
     TopologyError,
 )
 
-from ..brokerctl import rabbitmqctl
+from ..brokerctl import rabbitmqctl, vhost_of
 from .proxy import FaultProxy
 
 PASSWORD = f"Pw-{uuid.uuid4().hex[:12]}-secret"
 
 
 @pytest.fixture(scope="module")
-def user() -> Iterator[str]:
+def user(amqp_url: str) -> Iterator[str]:
     name = f"amqpkit-{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_user", name, PASSWORD)
-    rabbitmqctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
+    rabbitmqctl("set_permissions", "-p", vhost_of(amqp_url), name, ".*", ".*", ".*")
     try:
         yield name
     finally:
