@@ -7,9 +7,12 @@ encoded with its codec, or an error document under :data:`ERROR_CONTENT_TYPE`.
 
 Every call ends: with the result, a typed error (:class:`~amqpkit.RemoteError`,
 :class:`~amqpkit.NoResponder`, :class:`~amqpkit.ConnectionLost`) or
-:class:`~amqpkit.RpcTimeout` at its deadline. The request carries that
-deadline (as the message expiration and an ``x-deadline`` header), so no
-server starts work the caller has given up on.
+:class:`~amqpkit.RpcTimeout` at its deadline. The request carries the time
+left until then as a relative budget, stamped when it is sent: the message
+expiration (the broker drops a request still queued when it runs out) and an
+``x-timeout-ms`` header. No absolute time is sent or trusted, so the client's
+and the server's clocks need not agree: a server with a clock ahead of the
+client's does not skip requests the caller still waits for.
 
 Replies come back over RabbitMQ's direct reply-to (``amq.rabbitmq.reply-to``)
 by default: no reply queue to declare, one consumer per client channel. Its
@@ -26,9 +29,7 @@ import itertools
 import json
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC
 from typing import Any, Literal, Self, TypeVar, overload
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -59,7 +60,7 @@ R = TypeVar("R")
 
 ERROR_CONTENT_TYPE = "application/vnd.amqpkit.error+json"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-DEADLINE_HEADER = "x-deadline"
+TIMEOUT_HEADER = "x-timeout-ms"
 DEFAULT_RPC_TIMEOUT = 30.0
 DEFAULT_CONCURRENCY = 32
 
@@ -177,10 +178,10 @@ class RpcServer:
             log.error("rejected request id=%s on %s: no %s", props.message_id, self.queue.name, missing)
             await raw.reject(requeue=False)
             return
-        deadline = _deadline_ms(props)
-        if deadline is not None and time.time() * 1000 > deadline:
+        budget = _budget_ms(props)
+        if budget is not None and budget <= 0:
             self.expired += 1
-            log.info("skipped request id=%s method=%s: its deadline has passed", props.message_id, raw.type)
+            log.info("skipped request id=%s method=%s: the caller has no time left", props.message_id, raw.type)
             await raw.ack()
             return
         found = self._lookup(props.message_type)
@@ -227,20 +228,17 @@ class RpcServer:
         await self.broker._publish_unconfirmed(body, properties, routing_key=request.reply_to)
 
 
-def _deadline_ms(props: Basic.Properties) -> float | None:
-    """When the caller gives up on a request, in epoch ms: its x-deadline header, else timestamp + expiration.
+def _budget_ms(props: Basic.Properties) -> float | None:
+    """The caller's time left when it sent the request, in ms (its ``x-timeout-ms`` header), if it said.
 
-    AMQP timestamps have one-second resolution, so the second form allows a
-    second more: a request is never skipped early.
+    Relative, so it means the same on any clock. Absolute times a request may
+    carry (an older client's ``x-deadline``, timestamp + expiration) are not
+    used: read with another machine's clock they can be in the past for a
+    request the caller still waits for. While the request is queued the
+    broker enforces its expiration, and it delivers no request that ran out.
     """
     if props.headers:
-        deadline = _as_float(props.headers.get(DEADLINE_HEADER))
-        if deadline is not None:
-            return deadline
-    expiration = _as_float(props.expiration)
-    if expiration is not None and props.timestamp is not None:
-        sent = props.timestamp.replace(tzinfo=props.timestamp.tzinfo or UTC).timestamp()
-        return (sent + 1) * 1000 + expiration
+        return _as_float(props.headers.get(TIMEOUT_HEADER))
     return None
 
 
@@ -441,21 +439,18 @@ class RpcClient:
         self.broker._check_size(body)
         cid = f"{self._prefix}.{next(self._ids)}"
         future: asyncio.Future[Delivery[bytes]] = loop.create_future()
-        hdrs = dict(headers) if headers else {}
-        hdrs[DEADLINE_HEADER] = int((time.time() + wait) * 1000)
         properties = Basic.Properties(
             content_type=self.codec.content_type,
             correlation_id=cid,
             message_type=method,
-            expiration=str(max(1, int(wait * 1000))),
-            headers=hdrs,
+            headers=dict(headers) if headers else {},
             delivery_mode=1,
             message_id=cid,
         )
         self._pending[cid] = future
         try:
             async with asyncio.timeout_at(deadline):
-                await self._send(body, properties, future)
+                await self._send(body, properties, future, deadline)
                 reply = await future
         except TimeoutError:
             raise RpcTimeout(f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s") from None
@@ -482,11 +477,14 @@ class RpcClient:
         codec = self.codec if returns is None else codec_for(returns)
         return codec.decode(reply.body, content_type)
 
-    async def _send(self, body: bytes, properties: Basic.Properties, future: asyncio.Future[Any]) -> None:
+    async def _send(
+        self, body: bytes, properties: Basic.Properties, future: asyncio.Future[Any], deadline: float
+    ) -> None:
         if self.reply_queue == "exclusive":
             assert self._reply_spec is not None
             await self.broker.wait_connected()
             properties.reply_to = self.broker.queue_name(self._reply_spec)
+            _stamp_budget(properties, deadline)
             env = Envelope.from_properties(body, properties)
             publishing = asyncio.ensure_future(
                 self.broker.publish(env, exchange=self.exchange, routing_key=self.routing_key, mandatory=True)
@@ -507,6 +505,7 @@ class RpcClient:
         if channel is None or channel.is_closed:
             channel = await self._direct_channel()
         properties.reply_to = DIRECT_REPLY_TO
+        _stamp_budget(properties, deadline)
         try:
             with map_exceptions(kind="exchange", name=self.exchange):
                 await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
@@ -539,6 +538,13 @@ class RpcClient:
             with attempt:
                 return await self.call(method, payload, returns=returns, timeout=timeout)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _stamp_budget(properties: Basic.Properties, deadline: float) -> None:
+    """Write the time left until ``deadline`` (loop time) into the request, just before it is sent."""
+    left_ms = max(1, int((deadline - asyncio.get_running_loop().time()) * 1000))
+    properties.expiration = str(left_ms)
+    properties.headers = {**(properties.headers or {}), TIMEOUT_HEADER: left_ms}
 
 
 def _hook_returns(channel: AbstractChannel, callback: Callable[[DeliveredMessage], None]) -> bool:

@@ -1,0 +1,136 @@
+"""RPC under issue 10: a deadline that does not depend on two clocks agreeing; a server that reports a lost queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from amqpkit import Broker, Envelope, Queue, RpcClient, RpcServer, RpcTimeout
+
+from ..waiting import wait_for
+
+
+def _server(broker: Broker, queue: str, **kw: object) -> RpcServer:
+    server = RpcServer(broker, Queue(queue, durable=False, auto_delete=True), **kw)  # type: ignore[arg-type]
+    server.adds = 0  # type: ignore[attr-defined]
+
+    @server.method("add")
+    async def add(pair: list[int]) -> int:
+        server.adds += 1  # type: ignore[attr-defined]
+        return pair[0] + pair[1]
+
+    return server
+
+
+async def _reply_queue(broker: Broker, name: str, cleanup: list[str]) -> str:
+    replies = f"{name}.replies"
+    cleanup.append(f"q:{replies}")
+    await broker.declare_queue(Queue(replies, durable=False))
+    return replies
+
+
+async def test_a_skewed_absolute_deadline_does_not_skip_a_request_with_time_left(
+    broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    """The caller's clock is 10 s behind the server's: its absolute headers say "past", its budget says 5 s left."""
+    replies = await _reply_queue(broker, name, cleanup)
+    behind = time.time() - 10
+    async with _server(broker, name) as server:
+        await broker.publish(
+            Envelope(
+                b"[1, 2]", content_type="application/json", type="add", reply_to=replies, correlation_id="skewed",
+                timestamp=datetime.fromtimestamp(behind, UTC), expiration=5,
+                headers={"x-deadline": int((behind + 5) * 1000), "x-timeout-ms": 5000},
+            ),
+            routing_key=name,
+            mandatory=True,
+        )  # fmt: skip
+        await wait_for(lambda: server.served == 1, 10)
+        assert server.expired == 0
+        reply = await broker.get(replies, auto_ack=True)
+        assert reply is not None
+        assert (reply.correlation_id, json.loads(reply.body)) == ("skewed", 3)
+
+
+async def test_an_old_client_with_a_skewed_clock_is_served_too(broker: Broker, name: str, cleanup: list[str]) -> None:
+    """Only absolute headers (an older client, or timestamp + expiration): the broker enforces the
+    expiration while the request is queued; the server does not second-guess it with another clock."""
+    replies = await _reply_queue(broker, name, cleanup)
+    behind = time.time() - 10
+    async with _server(broker, name) as server:
+        for cid, headers in (("old-amqpkit", {"x-deadline": int((behind + 5) * 1000)}), ("foreign", {})):
+            await broker.publish(
+                Envelope(
+                    b"[2, 2]", content_type="application/json", type="add", reply_to=replies, correlation_id=cid,
+                    timestamp=datetime.fromtimestamp(behind, UTC), expiration=5, headers=headers,
+                ),
+                routing_key=name,
+                mandatory=True,
+            )  # fmt: skip
+        await wait_for(lambda: server.served == 2, 10)
+        assert server.expired == 0
+
+
+async def test_the_client_sends_a_relative_budget(broker: Broker, name: str, cleanup: list[str]) -> None:
+    """What goes on the wire: the time left as the expiration and as x-timeout-ms, no absolute deadline."""
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name, durable=False))
+    async with RpcClient(broker, name, timeout=5) as client:
+        call = asyncio.ensure_future(client.call("add", [1, 1]))
+        try:
+            request = None
+            while request is None:
+                assert not call.done(), call
+                request = await broker.get(name)
+            budget = request.headers["x-timeout-ms"]
+            assert 0 < budget <= 5000
+            assert "x-deadline" not in request.headers
+            assert request.envelope.expiration is not None
+            assert 0 < request.envelope.expiration <= 5
+            assert request.envelope.timestamp is None
+            # A hand-written server answers; the call completes.
+            assert request.reply_to is not None
+            await broker.publish(
+                Envelope(b"2", content_type="application/json", correlation_id=request.correlation_id),
+                routing_key=request.reply_to,
+                confirm=False,
+            )
+            await request.ack()
+            assert await asyncio.wait_for(call, 10) == 2
+        finally:
+            call.cancel()
+
+
+async def test_a_request_whose_budget_ran_out_in_the_queue_is_not_run(broker: Broker, name: str) -> None:
+    release = asyncio.Event()
+    server = _server(broker, name, concurrency=1)
+
+    @server.method("hold")
+    async def hold(_: None) -> str:
+        await release.wait()
+        return "held"
+
+    async with server, RpcClient(broker, name, timeout=30) as client:
+        holding = asyncio.ensure_future(client.call("hold"))
+        try:
+            await wait_for(lambda: server.broker is broker and client.pending == 1 and _running(server), 10)
+            # The only slot is taken: this request waits in the queue until its 1 s budget is gone.
+            with pytest.raises(RpcTimeout):
+                await client.call("add", [1, 1], timeout=1)
+            release.set()
+            assert await asyncio.wait_for(holding, 10) == "held"
+            # Requests queued behind the expired one are served; the expired one never ran.
+            assert await client.call("add", [2, 2]) == 4
+            assert server.adds == 1  # type: ignore[attr-defined]
+        finally:
+            release.set()
+            holding.cancel()
+
+
+def _running(server: RpcServer) -> bool:
+    consumer = server._consumer
+    return consumer is not None and len(consumer.inflight) == 1
