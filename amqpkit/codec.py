@@ -6,6 +6,13 @@ official tutorials and many clients send none); a body whose content type
 the codec does not accept raises :class:`~amqpkit.DecodeError`. There is
 no pickle codec, and none will be added: unpickling a body runs whatever
 code its sender chose.
+
+When no codec is given, one rule applies (:class:`AutoCodec`): the sender
+writes bytes as they are (``application/octet-stream``) and every other
+value as JSON; the receiver decodes by the message's content type, then
+validates the result against the handler's annotation. So a value sent by
+default arrives as the same type in a handler annotated with that type.
+A codec passed explicitly is used exactly as it is.
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ from pydantic_core import to_jsonable_python
 from .errors import DecodeError
 
 __all__ = [
+    "AutoCodec",
     "BytesCodec",
     "Codec",
     "JsonCodec",
     "PydanticCodec",
     "TextCodec",
     "codec_for",
+    "encode_body",
 ]
 
 T = TypeVar("T")
@@ -151,32 +160,119 @@ class PydanticCodec(Generic[M]):
         try:
             return self._adapter.validate_json(body)
         except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_input=False)
-            if any(err["type"] == "json_invalid" for err in errors):
-                raise DecodeError(f"body is not valid JSON: {errors[0]['msg']}", errors=list(errors)) from exc
-            summary = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '(body)'}: {err['msg']}" for err in errors[:5]
-            )
-            raise DecodeError(f"body does not match {self._name()}: {summary}", errors=list(errors)) from exc
-
-    def _name(self) -> str:
-        return getattr(self.type, "__name__", None) or repr(self.type)
+            raise _invalid(exc, self.type) from exc
 
     def __repr__(self) -> str:
-        return f"PydanticCodec({self._name()})"
+        return f"PydanticCodec({_type_name(self.type)})"
+
+
+def _type_name(type_: Any) -> str:
+    return getattr(type_, "__name__", None) or repr(type_)
+
+
+def _invalid(exc: ValidationError, type_: Any) -> DecodeError:
+    """pydantic's verdict as a DecodeError: a short summary (never the body itself) and the error list."""
+    errors = exc.errors(include_url=False, include_input=False)
+    if any(err["type"] == "json_invalid" for err in errors):
+        return DecodeError(f"body is not valid JSON: {errors[0]['msg']}", errors=list(errors))
+    summary = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(body)'}: {err['msg']}" for err in errors[:5])
+    return DecodeError(f"body does not match {_type_name(type_)}: {summary}", errors=list(errors))
+
+
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+class AutoCodec(Generic[T]):
+    """The codec used when none is given: decode by content type, then validate as ``type_``.
+
+    Reading, by the body's media type (parameters such as ``charset`` are ignored):
+
+    - ``application/json`` and ``*/*+json``: JSON, validated as ``type_``;
+    - ``text/plain``: UTF-8 text, validated as ``type_`` (so ``"42"`` reads as an ``int``);
+    - ``application/octet-stream``: the bytes, validated as ``type_``;
+    - no content type: ``type_``'s own format, as the tutorials expect: text for
+      ``str``, JSON for everything else;
+    - any other content type: :class:`~amqpkit.DecodeError`.
+
+    ``bytes`` always reads as the body itself, whatever its content type.
+    ``Any`` (or ``object``) takes the decoded value as it is. A value that
+    does not validate raises :class:`~amqpkit.DecodeError` with pydantic's
+    error list.
+
+    Writing: :meth:`encode` writes ``type_``'s own format (text for ``str``,
+    raw for ``bytes``, JSON otherwise) under :attr:`content_type`;
+    :meth:`encode_body` also sends a bytes value as it is, under
+    ``application/octet-stream``, which is what the patterns' default
+    senders use.
+    """
+
+    def __init__(self, type_: Any = Any) -> None:
+        self.type = type_
+        self._any = type_ in (Any, object)
+        self._raw = type_ is bytes
+        self._json: Codec[Any] = JsonCodec() if self._any else PydanticCodec(type_)
+        self._own: Codec[Any] = BytesCodec() if self._raw else TextCodec() if type_ is str else self._json
+        self._adapter: TypeAdapter[Any] | None = None if self._any or self._raw else TypeAdapter(type_)
+        self.content_type = self._own.content_type
+
+    def encode(self, value: T) -> bytes:
+        return self._own.encode(value)
+
+    def encode_body(self, value: T) -> tuple[bytes, str]:
+        """The body and the content type to send it with: bytes as they are, the rest as :meth:`encode` writes."""
+        if isinstance(value, _BYTES_LIKE):
+            return bytes(value), OCTETS
+        return self._own.encode(value), self.content_type
+
+    def decode(self, body: bytes, content_type: str | None = None) -> T:
+        if self._raw:
+            return cast(T, body)
+        media = _media_type(content_type)
+        if media is None:
+            return cast(T, self._own.decode(body))
+        if media == JSON or media.endswith("+json"):
+            return cast(T, self._json.decode(body))
+        if media == TEXT:
+            return self._validate(TextCodec().decode(body), strings=True)
+        if media == OCTETS:
+            return self._validate(body, strings=False)
+        raise DecodeError(
+            f"{self!r} does not accept content type {content_type!r} (accepts {JSON}, {TEXT}, {OCTETS}, or none)"
+        )
+
+    def _validate(self, value: Any, *, strings: bool) -> T:
+        if self._adapter is None:
+            return cast(T, value)
+        try:
+            if strings:
+                return cast(T, self._adapter.validate_strings(value))
+            return cast(T, self._adapter.validate_python(value))
+        except ValidationError as exc:
+            raise _invalid(exc, self.type) from exc
+
+    def __repr__(self) -> str:
+        return f"AutoCodec({'Any' if self._any else _type_name(self.type)})"
+
+
+def encode_body(codec: Codec[T], value: T) -> tuple[bytes, str]:
+    """``value`` encoded by ``codec``, and the content type to send it with.
+
+    An :class:`AutoCodec` (the default) picks the content type per value;
+    any other codec writes its own :attr:`~Codec.content_type`.
+    """
+    if isinstance(codec, AutoCodec):
+        return codec.encode_body(value)
+    return codec.encode(value), codec.content_type
 
 
 def codec_for(annotation: Any) -> Codec[Any]:
-    """The codec a handler's parameter annotation asks for.
+    """The codec a handler's parameter annotation asks for, when no codec is given.
 
-    ``bytes`` -> :class:`BytesCodec`; ``str`` -> :class:`TextCodec`;
-    ``dict``/``list``/``Any``/no annotation -> :class:`JsonCodec`; a
-    pydantic model or any other type -> :class:`PydanticCodec`.
+    ``bytes`` -> :class:`BytesCodec` (the body as it is, whatever its content
+    type); anything else -> an :class:`AutoCodec` for it, which decodes by
+    content type and validates against the annotation. No annotation
+    (``Any``, ``object``, ``None``) takes any decoded value.
     """
     if annotation is bytes:
         return BytesCodec()
-    if annotation is str:
-        return TextCodec()
-    if annotation in (Any, dict, list, object, None):
-        return JsonCodec()
-    return cast(Codec[Any], PydanticCodec(annotation))
+    return AutoCodec(Any if annotation is None else annotation)

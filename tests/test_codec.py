@@ -4,6 +4,7 @@ import pytest
 from pydantic import BaseModel
 
 from amqpkit import BytesCodec, Codec, DecodeError, JsonCodec, PydanticCodec, TextCodec, codec_for
+from amqpkit.codec import AutoCodec, encode_body
 
 
 class Order(BaseModel):
@@ -12,7 +13,7 @@ class Order(BaseModel):
 
 
 def test_codecs_satisfy_the_protocol() -> None:
-    for codec in (BytesCodec(), TextCodec(), JsonCodec(), PydanticCodec(Order)):
+    for codec in (BytesCodec(), TextCodec(), JsonCodec(), PydanticCodec(Order), AutoCodec(), AutoCodec(Order)):
         assert isinstance(codec, Codec)
 
 
@@ -82,10 +83,159 @@ def test_encode_type_errors() -> None:
 
 @pytest.mark.parametrize(
     ("annotation", "expected"),
-    [(bytes, BytesCodec), (str, TextCodec), (dict, JsonCodec), (Any, JsonCodec), (Order, PydanticCodec)],
+    [
+        (bytes, "BytesCodec()"),
+        (str, "AutoCodec(str)"),
+        (dict, "AutoCodec(dict)"),
+        (Any, "AutoCodec(Any)"),
+        (None, "AutoCodec(Any)"),
+        (Order, "AutoCodec(Order)"),
+    ],
 )
-def test_codec_for_annotation(annotation: Any, expected: type) -> None:
-    assert isinstance(codec_for(annotation), expected)
+def test_codec_for_annotation(annotation: Any, expected: str) -> None:
+    codec = codec_for(annotation)
+    assert isinstance(codec, Codec)
+    assert repr(codec) == expected
+
+
+# The rule without a codec: decode by content type, then validate against the annotation.
+# (annotation, content type, body, value)
+READS = [
+    # JSON, whatever the annotation
+    (str, "application/json", b'"hi"', "hi"),
+    (int, "application/json", b"42", 42),
+    (float, "application/json", b"2", 2.0),
+    (dict, "application/json; charset=utf-8", b'{"a":1}', {"a": 1}),
+    (list, "application/json", b"[1,2]", [1, 2]),
+    (Order, "application/json", b'{"id":1,"item":"x"}', Order(id=1, item="x")),
+    (type(None), "application/json", b"null", None),
+    (Any, "application/vnd.example+json", b"[true]", [True]),
+    # text, validated as the annotation
+    (str, "text/plain; charset=utf-8", "héllo".encode(), "héllo"),
+    (Any, "text/plain", b"x", "x"),
+    (int, "text/plain", b"42", 42),
+    (float, "Text/Plain", b"2.5", 2.5),
+    # raw bytes
+    (bytes, "application/octet-stream", b"\x00\xff", b"\x00\xff"),
+    (Any, "application/octet-stream", b"\x00\xff", b"\x00\xff"),
+    (str, "application/octet-stream", b"ok", "ok"),
+    # bytes is the body as it is, whatever it is labelled
+    (bytes, "application/json", b'"x"', b'"x"'),
+    (bytes, "application/python-pickle", b"\x80\x04K\x01.", b"\x80\x04K\x01."),
+    # no content type: the annotation's own format (the official tutorials send none)
+    (str, None, b"30", "30"),
+    (int, None, b"30", 30),
+    (bytes, None, b"30", b"30"),
+    (Any, None, b'{"a":1}', {"a": 1}),
+    (Order, "", b'{"id":1,"item":"x"}', Order(id=1, item="x")),
+]
+
+
+@pytest.mark.parametrize(("annotation", "content_type", "body", "value"), READS)
+def test_default_reads_by_content_type(annotation: Any, content_type: str | None, body: bytes, value: Any) -> None:
+    got = codec_for(annotation).decode(body, content_type)
+    assert got == value
+    assert type(got) is type(value)
+
+
+# Each of these is a DecodeError that names what went wrong.
+REFUSED = [
+    (str, "application/json", b'{"a":1}', "does not match str"),
+    (int, "application/json", b'"x"', "does not match int"),
+    (dict, "application/json", b"[1]", "does not match dict"),
+    (Order, "application/json", b'{"id":"x"}', "does not match Order"),
+    (Order, "text/plain", b'{"id":1,"item":"x"}', "does not match Order"),
+    (int, "text/plain", b"forty-two", "does not match int"),
+    (dict, "application/octet-stream", b"{}", "does not match dict"),
+    (type(None), "text/plain", b"", "does not match NoneType"),
+    (Any, "application/json", b"{nope", "not valid JSON"),
+    (int, "application/json", b"", "not valid JSON"),
+    (str, "text/plain", b"\xff\xfe", "UTF-8"),
+    (str, None, b"\xff\xfe", "UTF-8"),
+    (str, "application/python-pickle", b"\x80\x04K\x01.", "python-pickle"),
+    (Order, "application/xml", b"<order/>", "application/xml"),
+]
+
+
+@pytest.mark.parametrize(("annotation", "content_type", "body", "match"), REFUSED)
+def test_default_refuses_with_a_decode_error(
+    annotation: Any, content_type: str | None, body: bytes, match: str
+) -> None:
+    with pytest.raises(DecodeError, match=match):
+        codec_for(annotation).decode(body, content_type)
+
+
+def test_a_decode_error_does_not_carry_the_body() -> None:
+    body = b'"' + b"secret " * 2000 + b'"'
+    for annotation, content_type in [(int, "application/json"), (Order, "text/plain"), (dict, None)]:
+        with pytest.raises(DecodeError) as info:
+            codec_for(annotation).decode(body, content_type)
+        assert "secret" not in str(info.value)
+        assert all("input" not in e for e in info.value.errors)
+
+
+def test_default_validation_errors_carry_pydantic_errors() -> None:
+    with pytest.raises(DecodeError) as info:
+        codec_for(Order).decode(b'{"id": "x"}', "application/json")
+    assert {tuple(e["loc"]) for e in info.value.errors} == {("id",), ("item",)}
+
+
+@pytest.mark.parametrize(
+    ("value", "content_type"),
+    [
+        ("hi", "application/json"),
+        (b"\x00\xff", "application/octet-stream"),
+        (bytearray(b"ab"), "application/octet-stream"),
+        ({"a": 1}, "application/json"),
+        ([1], "application/json"),
+        (1, "application/json"),
+        (2.5, "application/json"),
+        (Order(id=1, item="x"), "application/json"),
+        (None, "application/json"),
+    ],
+)
+def test_default_sender_writes_bytes_raw_and_the_rest_as_json(value: Any, content_type: str) -> None:
+    body, written = encode_body(AutoCodec(), value)
+    assert written == content_type
+    if isinstance(value, bytes | bytearray):
+        assert body == bytes(value)
+    else:
+        assert body == JsonCodec().encode(value)
+
+
+def test_annotation_codecs_write_their_own_format() -> None:
+    """What an RpcServer replies with for a return annotation: unchanged, so the tutorials' clients read it."""
+    assert encode_body(codec_for(str), "55") == (b"55", "text/plain; charset=utf-8")
+    assert encode_body(codec_for(int), 55) == (b"55", "application/json")
+    assert encode_body(codec_for(bytes), b"\x00") == (b"\x00", "application/octet-stream")
+    assert encode_body(codec_for(Order), Order(id=1, item="x")) == (b'{"id":1,"item":"x"}', "application/json")
+
+
+@pytest.mark.parametrize(
+    ("codec", "value", "written"),
+    [
+        (JsonCodec(), "hi", (b'"hi"', "application/json")),
+        (TextCodec(), "hi", (b"hi", "text/plain; charset=utf-8")),
+        (BytesCodec(), b"hi", (b"hi", "application/octet-stream")),
+        (PydanticCodec(int), 1, (b"1", "application/json")),
+    ],
+)
+def test_explicit_codecs_write_as_before(codec: Codec[Any], value: Any, written: tuple[bytes, str]) -> None:
+    assert encode_body(codec, value) == written
+
+
+@pytest.mark.parametrize(
+    ("codec", "content_type"),
+    [
+        (TextCodec(), "application/json"),
+        (JsonCodec(), "text/plain"),
+        (JsonCodec(), "application/octet-stream"),
+        (PydanticCodec(Order), "text/plain"),
+    ],
+)
+def test_explicit_codecs_stay_strict(codec: Codec[Any], content_type: str) -> None:
+    with pytest.raises(DecodeError, match="does not accept content type"):
+        codec.decode(b'"x"', content_type)
 
 
 def test_no_pickle_anywhere() -> None:

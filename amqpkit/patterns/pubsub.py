@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, cast, overload
 
 from .._handlers import HandlerInfo, inspect_handler
-from ..codec import Codec, JsonCodec
+from ..codec import AutoCodec, Codec, encode_body
 from ..connection import Broker, Consumer
 from ..errors import DecodeError, SettlementError
 from ..message import Delivery, Envelope
@@ -54,7 +54,7 @@ class Publisher(Generic[T]):
     ) -> None:
         self.broker = broker
         self.exchange = Exchange(exchange) if isinstance(exchange, str) else exchange
-        self.codec: Codec[T] = codec if codec is not None else JsonCodec()
+        self.codec: Codec[T] = codec if codec is not None else AutoCodec()
         self.persistent = persistent
         self.confirm = confirm
         self.mandatory = mandatory
@@ -96,9 +96,10 @@ class Publisher(Generic[T]):
         """
         if not self._declared:
             await self.declare()
+        body, content_type = encode_body(self.codec, value)
         envelope = Envelope(
-            self.codec.encode(value),
-            content_type=self.codec.content_type,
+            body,
+            content_type=content_type,
             headers=dict(headers) if headers else {},
             correlation_id=correlation_id,
             type=type,
@@ -211,7 +212,7 @@ class Subscriber(Generic[T]):
         if self._handler is not None:
             self.codec: Codec[Any] = self._handler.codec
         else:
-            self.codec = codec if codec is not None else JsonCodec()
+            self.codec = codec if codec is not None else AutoCodec()
         if queue is None:
             self.queue = Queue(
                 exclusive=True, auto_delete=True, durable=False, dead_letter_exchange=dead_letter_exchange

@@ -38,7 +38,7 @@ from pydantic import TypeAdapter, ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from .._handlers import HandlerInfo, inspect_handler
-from ..codec import Codec, JsonCodec, TextCodec, codec_for
+from ..codec import AutoCodec, Codec, TextCodec, codec_for, encode_body
 from ..connection import Broker, Consumer
 from ..errors import (
     ConnectionLost,
@@ -280,7 +280,7 @@ class RpcClient:
         self.broker = broker
         self.routing_key = queue
         self.exchange = exchange
-        self.codec: Codec[Any] = codec or JsonCodec()
+        self.codec: Codec[Any] = codec or AutoCodec()
         self.timeout = timeout
         self.reply_queue = reply_queue
         self._pending: dict[str, asyncio.Future[Delivery[bytes]]] = {}
@@ -435,12 +435,12 @@ class RpcClient:
         wait = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        body = self.codec.encode(payload)
+        body, content_type = encode_body(self.codec, payload)
         self.broker._check_size(body)
         cid = f"{self._prefix}.{next(self._ids)}"
         future: asyncio.Future[Delivery[bytes]] = loop.create_future()
         properties = Basic.Properties(
-            content_type=self.codec.content_type,
+            content_type=content_type,
             correlation_id=cid,
             message_type=method,
             headers=dict(headers) if headers else {},

@@ -39,7 +39,7 @@ from typing import Any, Generic, Protocol, Self, TypeVar, cast, runtime_checkabl
 from pydantic import BaseModel, ConfigDict, Field
 
 from .._handlers import HandlerInfo, inspect_handler
-from ..codec import Codec, JsonCodec
+from ..codec import AutoCodec, Codec, encode_body
 from ..connection import Broker, Consumer
 from ..errors import DecodeError, PublishError
 from ..message import Delivery, Envelope
@@ -195,7 +195,7 @@ class WorkQueue(Generic[T]):
     ) -> None:
         self.broker = broker
         self.name = name
-        self.codec: Codec[T] = codec if codec is not None else JsonCodec()
+        self.codec: Codec[T] = codec if codec is not None else AutoCodec()
         self.explicit_codec = codec
         self.retry = retry or RetryPolicy()
         self.dlq_name = f"{name}.dlq"
@@ -236,8 +236,9 @@ class WorkQueue(Generic[T]):
     ) -> str:
         """Publish a task (persistent, confirmed); returns its id."""
         await self.declare()
+        body, content_type = encode_body(self.codec, value)
         envelope = Envelope(
-            self.codec.encode(value), content_type=self.codec.content_type, headers=dict(headers or {}),
+            body, content_type=content_type, headers=dict(headers or {}),
             priority=priority, persistent=True, timestamp=datetime.now(UTC),
         )  # fmt: skip
         if task_id is not None:
