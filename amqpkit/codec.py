@@ -180,6 +180,7 @@ def _invalid(exc: ValidationError, type_: Any) -> DecodeError:
 
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+_TEXT = TextCodec()
 
 
 class AutoCodec(Generic[T]):
@@ -233,7 +234,8 @@ class AutoCodec(Generic[T]):
         if media == JSON or media.endswith("+json"):
             return cast(T, self._json.decode(body))
         if media == TEXT:
-            return self._validate(TextCodec().decode(body), strings=True)
+            text = _TEXT.decode(body)
+            return cast(T, text) if self.type is str else self._validate(text, strings=True)
         if media == OCTETS:
             return self._validate(body, strings=False)
         raise DecodeError(
