@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -23,6 +24,9 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import pytest
 
 NODE_ENV = "AMQPKIT_RABBITMQCTL_NODE"
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+# Extra nodes share the default node's Erlang cookie (in this HOME), so rabbitmqctl can drive them all.
+NODE_HOME = "/var/lib/rabbitmq"
 
 _session_vhost: list[str] = []  # the vhost the test session made for itself, when it could
 
@@ -156,3 +160,111 @@ def broker_turn(exclusive: bool, timeout: float = 600) -> Iterator[None]:
         yield
     finally:
         os.close(held)
+
+
+# ---------------------------------------------------------------- a node of one's own
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SpareNode:
+    """A RabbitMQ node of its own (name, ports, folders in ``directory``), from the local installation.
+
+    For tests that need a node configured otherwise (TLS), and for running the whole-broker tests
+    against a node nobody else uses::
+
+        AMQP_URL=<node.url> AMQPKIT_RABBITMQCTL_NODE=<node.name> pytest -m whole_broker
+
+    Its crash dump, if it fails to start, goes into ``directory`` too, not the working folder.
+    """
+
+    PREFIX = "amqpkit-node"
+
+    def __init__(self, directory: Path, config: str = "") -> None:
+        self.directory = directory
+        self.name = f"{self.PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:6]}@localhost"
+        self.port = free_port()
+        self.extra_config = config
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return _node_ctl(self.name, *args, timeout=timeout)
+
+    def start(self, timeout: float = 120) -> None:
+        if not (RABBIT_BIN / "rabbitmq-server").exists():
+            pytest.fail("starting a RabbitMQ node of its own needs the local rabbitmq-server", pytrace=False)
+        stop_orphan_nodes()
+        d = self.directory
+        (d / "node.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n{self.extra_config}")
+        (d / "enabled_plugins").write_text("[].\n")
+        env = {
+            **os.environ,
+            "HOME": NODE_HOME,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_CONFIG_FILE": str(d / "node.conf"),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(d / "node.pid"),
+            "ERL_CRASH_DUMP": str(d / "erl_crash.dump"),
+        }
+        subprocess.run([str(RABBIT_BIN / "rabbitmq-server"), "-detached"], env=env, cwd=d, check=True, timeout=30)
+        deadline = time.monotonic() + timeout
+        while self.ctl("await_startup", "--timeout", "30").returncode != 0:
+            if time.monotonic() > deadline:
+                logs = "\n".join(p.read_text()[-3000:] for p in (d / "log").glob("*.log"))
+                self.stop()
+                pytest.fail(f"the node {self.name} did not start:\n{logs}", pytrace=False)
+            time.sleep(1)  # await_startup returned at once: the node is not registered yet
+
+    def stop(self) -> None:
+        self.ctl("stop", timeout=60)
+
+
+def _node_ctl(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(RABBIT_BIN / "rabbitmqctl"), "-n", name, *args],
+        env={**os.environ, "HOME": NODE_HOME, "ERL_CRASH_DUMP": os.devnull},
+        cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def stop_orphan_nodes() -> None:
+    """Stop nodes of our own left running by a test run that was killed (its process is gone)."""
+    try:
+        names = subprocess.run(["epmd", "-names"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    for m in re.finditer(rf"^name ({SpareNode.PREFIX}-(\d+)-[0-9a-f]+) at port", names, re.M):
+        if not Path(f"/proc/{m.group(2)}").exists():
+            _node_ctl(f"{m.group(1)}@localhost", "stop", timeout=60)
+
+
+def main() -> None:
+    """``python -m tests.brokerctl``: a node of one's own until Enter or Ctrl-C, for the whole-broker tests."""
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="amqpkit-node-") as d:
+        spare = SpareNode(Path(d))
+        spare.start()
+        try:
+            print(f"export AMQP_URL={spare.url} {NODE_ENV}={spare.name}", flush=True)
+            print("(Enter or Ctrl-C stops the node)", file=sys.stderr, flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                sys.stdin.readline()
+        finally:
+            spare.stop()
+
+
+if __name__ == "__main__":
+    main()

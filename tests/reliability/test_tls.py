@@ -1,4 +1,4 @@
-"""TLS: a second RabbitMQ node with a TLS listener and a throwaway CA, started by the fixture.
+"""TLS: a RabbitMQ node of its own with a TLS listener and a throwaway CA, started by the fixture.
 
 amqpkit connects over amqps:// with the CA and verification on; with
 another CA the connection is refused with a clear ConnectError.
@@ -6,9 +6,7 @@ another CA the connection is refused with a clear ConnectError.
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,16 +16,7 @@ import pytest
 
 from amqpkit import Broker, BrokerSettings, ConnectError, Envelope, Queue, ReconnectPolicy, TlsSettings
 
-NODE = "amqpkit-tls@localhost"
-RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
-# The second node shares the first one's Erlang cookie, so rabbitmqctl can drive both.
-NODE_HOME = "/var/lib/rabbitmq"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from ..brokerctl import SpareNode, free_port
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -47,59 +36,30 @@ def make_server_cert(directory: Path, ca: str) -> None:
              "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=directory)  # fmt: skip
 
 
-def _ctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(RABBIT_BIN / "rabbitmqctl"), "-n", NODE, *args],
-        env={**os.environ, "HOME": NODE_HOME}, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def tls_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
-    """A TLS-only-for-clients RabbitMQ node on free ports; yields (amqps port, certificate folder)."""
-    for tool in ("openssl",):
-        if shutil.which(tool) is None:
-            pytest.fail(f"the TLS test needs {tool}", pytrace=False)
-    if not (RABBIT_BIN / "rabbitmq-server").exists():
-        pytest.fail("the TLS test starts a second node with the local rabbitmq-server, which is not installed")
+    """A node of its own with a TLS listener, on free ports; yields (amqps port, certificate folder)."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the TLS test needs openssl", pytrace=False)
     d = tmp_path_factory.mktemp("tls")
     make_ca(d, "ca")
     make_ca(d, "other-ca")
     make_server_cert(d, "ca")
-    tls_port, tcp_port, dist_port = _free_port(), _free_port(), _free_port()
-    (d / "node.conf").write_text(
-        f"listeners.tcp.default = 127.0.0.1:{tcp_port}\n"
+    tls_port = free_port()
+    node = SpareNode(
+        d,
         f"listeners.ssl.default = 127.0.0.1:{tls_port}\n"
         f"ssl_options.cacertfile = {d}/ca.pem\n"
         f"ssl_options.certfile = {d}/server.pem\n"
         f"ssl_options.keyfile = {d}/server.key\n"
         "ssl_options.verify = verify_none\n"
-        "ssl_options.fail_if_no_peer_cert = false\n"
+        "ssl_options.fail_if_no_peer_cert = false\n",
     )
-    (d / "enabled_plugins").write_text("[].\n")
-    env = {
-        **os.environ,
-        "HOME": NODE_HOME,
-        "RABBITMQ_NODENAME": NODE,
-        "RABBITMQ_CONFIG_FILE": str(d / "node.conf"),
-        "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(d / "log"),
-        "RABBITMQ_DIST_PORT": str(dist_port),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-        "RABBITMQ_PID_FILE": str(d / "node.pid"),
-    }
-    _ctl("stop", timeout=30)  # a node left over from an interrupted run
-    subprocess.run([str(RABBIT_BIN / "rabbitmq-server"), "-detached"], env=env, check=True, timeout=30)
-    deadline = time.monotonic() + 90
-    while _ctl("await_startup", "--timeout", "30").returncode != 0:
-        if time.monotonic() > deadline:
-            logs = "\n".join(p.read_text()[-3000:] for p in (d / "log").glob("*.log"))
-            pytest.fail(f"the TLS node did not start:\n{logs}", pytrace=False)
-        time.sleep(1)
+    node.start()
     try:
         yield tls_port, d
     finally:
-        _ctl("stop", timeout=60)
+        node.stop()
 
 
 def tls_settings(port: int, ca: Path, **kw: object) -> BrokerSettings:
