@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from ._version import __version__
 from .bench.run import DEFAULT_SCENARIOS
 from .connection import Broker
 from .errors import ConnectError, PublishError, RpcError, TopologyError
+from .logs import configure_logging
 from .settings import BrokerSettings
 
 if TYPE_CHECKING:
@@ -38,6 +40,14 @@ BROKER_HINT = (
     "start one with `rabbitmq-server -detached` (Debian: apt-get install rabbitmq-server), "
     "or `docker compose up -d` from the amqpkit checkout, or point AMQP_URL at yours"
 )
+
+
+def command_logging(level: int = logging.ERROR) -> None:
+    """Logs of the short commands: to stderr, from ``level`` up, without the client libraries' records.
+
+    Their own ``error:`` line tells the outcome; the log adds only what it does not say.
+    """
+    configure_logging(stream=sys.stderr, level=level)
 
 
 def settings_for(url: str | None) -> BrokerSettings:
@@ -64,6 +74,7 @@ def root(
 @app.command()
 def check(url: UrlOption = None) -> None:
     """Connect to the broker and print what it is."""
+    command_logging()
 
     async def run() -> tuple[str, str]:
         settings = settings_for(url).model_copy(
@@ -122,8 +133,6 @@ def bench(
     stall_after: Annotated[int, typer.Option("--stall-after", hidden=True)] = 0,
 ) -> None:
     """Measure RPC against one-way messaging on a real broker: latency percentiles and throughput."""
-    import logging
-
     from pydantic import ValidationError
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -131,7 +140,7 @@ def bench(
     from .bench import BenchParams, run_bench
     from .bench.report import plot, print_report
 
-    logging.basicConfig(level=logging.CRITICAL)
+    command_logging(logging.CRITICAL)  # the report says what failed
     settings = settings_for(url)
     try:
         params = BenchParams(
@@ -216,17 +225,19 @@ def worker(
     events: Annotated[bool, typer.Option("--events", help="publish task status events on amqpkit.tasks")] = False,
     dedupe: Annotated[bool, typer.Option("--dedupe", help="skip tasks this process already completed")] = False,
     log_json: Annotated[bool, typer.Option("--log-json", help="log one JSON object per line")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="log everything, down to DEBUG, aiormq's records too")
+    ] = False,
     url: UrlOption = None,
 ) -> None:
     """Run a worker over a work queue until SIGTERM or Ctrl-C (then finish or requeue, and exit 0).
 
     Logs go to stdout, one line per event (JSON with --log-json).
     """
-    from .logs import configure_logging
     from .patterns.work_queue import MemoryIdempotencyStore, RetryPolicy, Worker, WorkQueue
     from .runner import run_until_signal
 
-    configure_logging(json_lines=log_json)
+    configure_logging(json_lines=log_json, verbose=verbose)
     fn = _load_handler(handler)
     policy = RetryPolicy(max_attempts=max_attempts, initial_delay=retry_delay)
 
@@ -254,7 +265,9 @@ dlq_app = typer.Typer(help="Inspect, replay and purge a work queue's dead-letter
 app.add_typer(dlq_app, name="dlq")
 
 
-def _run_broker_job(url: str | None, job: Any) -> Any:
+def _run_broker_job(url: str | None, job: Any, *, log_level: int = logging.ERROR) -> Any:
+    command_logging(log_level)
+
     async def run() -> Any:
         async with Broker(settings_for(url)) as broker:
             return await job(broker)
@@ -438,7 +451,7 @@ def consume(
         return seen
 
     try:
-        seen = _run_broker_job(url, job)
+        seen = _run_broker_job(url, job, log_level=logging.WARNING)  # a reconnect is worth a line
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
     typer.echo(f"{seen} message(s)", err=True)
