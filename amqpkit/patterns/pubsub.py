@@ -232,6 +232,7 @@ class Subscriber(Generic[T]):
             self.bindings = tuple(Binding(exchange, self.queue, routing_key=k) for k in dict.fromkeys(binding_keys))
         self._consumer: Consumer | None = None
         self._declared = False
+        self._queue_name: str | None = None
         self._inbox: asyncio.Queue[Delivery[Any] | _Failed] | None = None
         self.handled = 0
         self.failed = 0
@@ -243,7 +244,10 @@ class Subscriber(Generic[T]):
 
     @property
     def queue_name(self) -> str:
-        return self.broker.queue_name(self.queue)
+        """The subscription queue's name (for a private one, the name the broker gave it last)."""
+        if self._queue_name is None or self.broker.remembers(self.queue):
+            self._queue_name = self.broker.queue_name(self.queue)
+        return self._queue_name
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -258,7 +262,7 @@ class Subscriber(Generic[T]):
         """Declare exchange, queue and bindings: from here on, messages for this subscription are kept."""
         if not self.exchange.is_builtin:
             await self.broker.declare_exchange(self.exchange)
-        await self.broker.declare_queue(self.queue)
+        self._queue_name = await self.broker.declare_queue(self.queue)
         for binding in self.bindings:
             await self.broker.bind(binding)
         self._declared = True
@@ -279,16 +283,37 @@ class Subscriber(Generic[T]):
         """The subscription is gone for good (its queue could not be re-attached): tell the user's code."""
         self.error = exc
         self._consumer = None
+        self._forget()
         if self.on_error is not None:
             self.on_error(exc)
         if self._inbox is not None:
             self._inbox.put_nowait(_Failed(exc))
 
     async def stop(self, *, grace: float = 5.0) -> None:
-        """Stop consuming; running handlers get ``grace`` seconds; unsettled messages go back to the queue."""
+        """Stop consuming; running handlers get ``grace`` seconds; unsettled messages go back to the queue.
+
+        The Broker forgets the subscription, so a reconnect does not bring it
+        back: a private queue (gone with its consumer) is not declared again,
+        and a shared queue is not bound again. A shared queue itself is never
+        deleted: it stays bound on the broker and keeps messages for the next
+        start. What another consumer on this Broker still reads is kept.
+        """
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.cancel(grace=grace)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop this subscription's queue (private) or bindings (shared) from the Broker's registry."""
+        if not self._declared:
+            return
+        self._declared = False
+        if _consumed_elsewhere(self.broker, self.queue):
+            return
+        if self.private:
+            self.broker.forget(self.queue)  # its bindings go with it
+        else:
+            self.broker.forget(*self.bindings)
 
     def __aiter__(self) -> AsyncIterator[Delivery[T]]:
         if self._handler is not None:
@@ -337,6 +362,11 @@ class Subscriber(Generic[T]):
         self.handled += 1
         if delivery.settled is None:
             await _settle_quietly(delivery.ack())
+
+
+def _consumed_elsewhere(broker: Broker, queue: Queue) -> bool:
+    """Whether a live consumer on ``broker`` still reads ``queue`` (its topology must then stay remembered)."""
+    return any(not c.cancelled and c.queue == queue for c in broker._consumers.values())
 
 
 class _Failed:

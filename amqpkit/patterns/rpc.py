@@ -51,6 +51,7 @@ from ..errors import (
 )
 from ..message import Delivery, Envelope
 from ..topology import Queue
+from .pubsub import _consumed_elsewhere
 
 __all__ = ["DEFAULT_RPC_TIMEOUT", "ERROR_CONTENT_TYPE", "RpcClient", "RpcServer"]
 
@@ -159,9 +160,18 @@ class RpcServer:
             self._consumer = await self.broker.consume(self.queue, self._on_request, prefetch=self.concurrency)
 
     async def stop(self, *, grace: float = 5.0) -> None:
+        """Stop taking requests; running ones get ``grace`` seconds.
+
+        The Broker forgets the request queue (unless another consumer on it
+        still reads it), so a reconnect does not declare it again: a request
+        sent while no server runs is returned (``NoResponder``) instead of
+        waiting in a queue nobody reads.
+        """
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.cancel(grace=grace)
+            if not _consumed_elsewhere(self.broker, self.queue):
+                self.broker.forget(self.queue)
 
     def _lookup(self, method: str | None) -> tuple[HandlerInfo, Codec[Any]] | None:
         if method:
@@ -328,6 +338,10 @@ class RpcClient:
         if self._reply_consumer is not None:
             await self._reply_consumer.cancel()
             self._reply_consumer = None
+        if self._reply_spec is not None:
+            # Not declared again after a reconnect: a new start makes a new reply queue.
+            self.broker.forget(self._reply_spec)
+            self._reply_spec = None
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
             try:
