@@ -8,14 +8,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from ._version import __version__
 from .bench.run import DEFAULT_SCENARIOS
 from .connection import Broker
-from .errors import ConnectError, PublishError, RpcError, TopologyError
+from .errors import AmqpkitError, ConnectError, PublishError, RpcError, TopologyError
 from .logs import configure_logging
 from .settings import BrokerSettings
 
@@ -40,6 +40,14 @@ BROKER_HINT = (
     "start one with `rabbitmq-server -detached` (Debian: apt-get install rabbitmq-server), "
     "or `docker compose up -d` from the amqpkit checkout, or point AMQP_URL at yours"
 )
+CREDENTIALS_HINT = "the user and password are those of the URL given by --url, else AMQP_URL"
+
+
+def connect_failed(exc: ConnectError) -> NoReturn:
+    """Say why the connection failed, with the hint that fits the cause; exit 2."""
+    hint = CREDENTIALS_HINT if exc.reason == "refused" else BROKER_HINT
+    typer.echo(f"error: {exc}; {hint}", err=True)
+    raise typer.Exit(2) from None
 
 
 def command_logging(level: int = logging.ERROR) -> None:
@@ -86,8 +94,7 @@ def check(url: UrlOption = None) -> None:
     try:
         product, version = asyncio.run(run())
     except ConnectError as exc:
-        typer.echo(f"error: {exc}; {BROKER_HINT}", err=True)
-        raise typer.Exit(2) from None
+        connect_failed(exc)
     typer.echo(f"ok: {product} {version} at {', '.join(settings_for(url).safe_urls)}")
 
 
@@ -182,8 +189,7 @@ def bench(
         with progress:
             result = asyncio.run(run_bench(params, on_progress=on_progress))
     except ConnectError as exc:
-        typer.echo(f"error: no broker: {exc}; {BROKER_HINT}", err=True)
-        raise typer.Exit(2) from None
+        connect_failed(exc)
     print_report(result, console)
     if json_path:
         if to_stdout:
@@ -232,7 +238,10 @@ def worker(
 ) -> None:
     """Run a worker over a work queue until SIGTERM or Ctrl-C (then finish or requeue, and exit 0).
 
-    Logs go to stdout, one line per event (JSON with --log-json).
+    Logs go to stdout, one line per event (JSON with --log-json). If the queue
+    cannot be consumed any more (deleted, or declared again with other
+    arguments, while the connection was down), the worker stops and exits 1
+    with the reason.
     """
     from .patterns.work_queue import MemoryIdempotencyStore, RetryPolicy, Worker, WorkQueue
     from .runner import run_until_signal
@@ -241,23 +250,37 @@ def worker(
     fn = _load_handler(handler)
     policy = RetryPolicy(max_attempts=max_attempts, initial_delay=retry_delay)
 
-    async def main(stop: asyncio.Event) -> None:
+    async def main(stop: asyncio.Event) -> int:
         async with Broker(settings_for(url)) as broker:
             work: WorkQueue[Any] = WorkQueue(broker, queue, retry=policy, events=events)
             store = MemoryIdempotencyStore() if dedupe else None
-            w: Worker[Any] = Worker(work, fn, concurrency=concurrency, grace=grace, idempotency=store)
+            failures: list[BaseException] = []
+            w: Worker[Any] = Worker(
+                work, fn, concurrency=concurrency, grace=grace, idempotency=store, on_error=failures.append
+            )
             await w.start()
             typer.echo(f"worker on {queue!r}: concurrency {concurrency}; Ctrl-C or SIGTERM stops it", err=True)
-            await stop.wait()
+            waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(w.wait_stopped())}
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
             await w.stop()
-            typer.echo(f"worker stopped: {w.completed} completed, {w.retried} retried, "
-                       f"{w.dead_lettered} dead-lettered", err=True)  # fmt: skip
+            counts = f"{w.completed} completed, {w.retried} retried, {w.dead_lettered} dead-lettered"
+            if failures:
+                typer.echo(f"error: worker on {queue!r} stopped ({counts}): {failures[0]}", err=True)
+                return 1
+            typer.echo(f"worker stopped: {counts}", err=True)
+            return 0
 
     try:
         code = run_until_signal(main)
     except ConnectError as exc:
-        typer.echo(f"error: {exc}; {BROKER_HINT}", err=True)
-        raise typer.Exit(2) from None
+        connect_failed(exc)
+    except AmqpkitError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     raise typer.Exit(code)
 
 
@@ -275,8 +298,7 @@ def _run_broker_job(url: str | None, job: Any, *, log_level: int = logging.ERROR
     try:
         return asyncio.run(run())
     except ConnectError as exc:
-        typer.echo(f"error: {exc}; {BROKER_HINT}", err=True)
-        raise typer.Exit(2) from None
+        connect_failed(exc)
     except TopologyError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -1,0 +1,122 @@
+"""`amqpkit worker` and `amqpkit check` say what went wrong: a lost queue ends the worker, a refused login is named.
+
+The worker runs as a subprocess through the fault proxy, which stalls or cuts
+only that worker's connection; its queue is replaced under it from this
+test's own connection.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from amqpkit import Broker, Queue
+
+from .reliability.proxy import FaultProxy
+from .test_logs_events import CliProcess, proxied_url
+
+START_A_BROKER = "rabbitmq-server -detached"
+
+
+@pytest.fixture
+async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
+    parts = urlsplit(amqp_url)
+    p = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+async def queue(broker: Broker, name: str) -> AsyncIterator[str]:
+    try:
+        yield name
+    finally:
+        await broker.delete_queue(name)
+        await broker.delete_queue(f"{name}.dlq")
+
+
+async def start_worker(proxy: FaultProxy, amqp_url: str, queue: str) -> CliProcess:
+    worker = await CliProcess.start(
+        "worker", "tests.worker_app:handle", "--queue", queue, env={"AMQP_URL": proxied_url(proxy, amqp_url)}
+    )
+    try:
+        await worker.until(lambda line: line.startswith("worker on"), stderr=True)  # consuming now
+    except BaseException:
+        await worker.end(timeout=5)
+        raise
+    return worker
+
+
+async def replace_queue(broker: Broker, queue: str) -> None:
+    """Delete the worker's (quorum) queue and declare a classic one of the same name in its place."""
+    await broker.delete_queue(queue)
+    await broker.declare_queue(Queue(queue, durable=True))
+
+
+async def test_worker_exits_non_zero_when_its_queue_is_replaced_under_it(
+    proxy: FaultProxy, amqp_url: str, broker: Broker, queue: str
+) -> None:
+    """The broker cancels the consumer; declaring the queue again is refused (PRECONDITION_FAILED)."""
+    worker = await start_worker(proxy, amqp_url, queue)
+    try:
+        proxy.stall()  # the worker hears of the deletion only once the other queue is in place
+        await replace_queue(broker, queue)
+        proxy.resume()
+        code, err = await worker.wait_exit(timeout=30)
+    finally:
+        await worker.end(timeout=5)
+    assert code == 1, err
+    last = worker.err_lines[-1]
+    assert last.startswith("error: "), err
+    assert queue in last and "PRECONDITION_FAILED" in last, err
+
+
+async def test_worker_exits_non_zero_when_its_queue_cannot_be_restored_after_a_cut(
+    proxy: FaultProxy, amqp_url: str, broker: Broker, queue: str
+) -> None:
+    """The connection is cut while the queue is replaced; the reconnect cannot re-attach the worker."""
+    worker = await start_worker(proxy, amqp_url, queue)
+    try:
+        proxy.stall()  # what the broker says about the deletion is dropped by the cut
+        await replace_queue(broker, queue)
+        proxy.cut()
+        code, err = await worker.wait_exit(timeout=60)
+    finally:
+        await worker.end(timeout=5)
+    assert code == 1, err
+    last = worker.err_lines[-1]
+    assert last.startswith("error: "), err
+    assert queue in last and "PRECONDITION_FAILED" in last, err
+
+
+def with_password(amqp_url: str, password: str) -> str:
+    parts = urlsplit(amqp_url)
+    netloc = f"{parts.username or 'guest'}:{password}@{parts.hostname}:{parts.port or 5672}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+@pytest.mark.parametrize("command", [["check"], ["worker", "tests.worker_app:handle", "--queue", "unused"]])
+async def test_a_refused_login_says_the_credentials_were_refused(amqp_url: str, command: list[str]) -> None:
+    password = f"wrong-{uuid.uuid4().hex[:8]}"
+    cli = await CliProcess.start(*command, env={"AMQP_URL": with_password(amqp_url, password)})
+    code, err = await cli.wait_exit(timeout=60)
+    out = "\n".join(cli.lines)
+    assert code == 2, err
+    last = cli.err_lines[-1]
+    assert last.startswith("error: ") and "refused" in last, err
+    assert "password" in last, err
+    assert START_A_BROKER not in err
+    assert password not in out + err
+
+
+async def test_no_broker_still_says_start_one() -> None:
+    cli = await CliProcess.start("check", env={"AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"})
+    code, err = await cli.wait_exit(timeout=60)
+    assert code == 2, err
+    assert START_A_BROKER in cli.err_lines[-1], err
+    assert "password" not in cli.err_lines[-1], err
