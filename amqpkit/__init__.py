@@ -1,7 +1,7 @@
 """amqpkit: asyncio messaging patterns for RabbitMQ (AMQP 0-9-1)."""
 
 from ._version import __version__
-from .codec import BytesCodec, Codec, JsonCodec, PydanticCodec, TextCodec, codec_for
+from .codec import AutoCodec, BytesCodec, Codec, JsonCodec, PydanticCodec, TextCodec, codec_for
 from .connection import Broker, Consumer
 from .errors import (
     AmqpkitError,
@@ -41,6 +41,7 @@ from .topology import Binding, DeadLetterStrategy, Exchange, ExchangeType, Overf
 
 __all__ = [
     "AmqpkitError",
+    "AutoCodec",
     "Binding",
     "Broker",
     "BrokerSettings",
