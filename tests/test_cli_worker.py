@@ -18,6 +18,7 @@ from amqpkit import Broker, Queue
 from .reliability.proxy import FaultProxy
 from .test_logs_events import CliProcess, proxied_url
 
+pytestmark = pytest.mark.usefixtures("spawned")  # every process a test starts is ended, whatever the outcome
 START_A_BROKER = "rabbitmq-server -detached"
 
 

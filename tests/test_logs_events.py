@@ -23,13 +23,19 @@ import pytest
 from amqpkit import Broker
 from amqpkit.logs import configure_logging
 
+from . import processes
 from .reliability.proxy import FaultProxy
+
+pytestmark = pytest.mark.usefixtures("spawned")  # every process a test starts is ended, whatever the outcome
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class CliProcess:
-    """An ``amqpkit`` subprocess whose stdout is read line by line. :meth:`end` always ends it."""
+    """An ``amqpkit`` subprocess whose stdout is read line by line.
+
+    Started with ``processes.spawn``: the ``spawned`` fixture ends it (and what it started) after the test.
+    """
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
@@ -38,7 +44,7 @@ class CliProcess:
 
     @classmethod
     async def start(cls, *args: str, env: dict[str, str]) -> CliProcess:
-        proc = await asyncio.create_subprocess_exec(
+        proc = await processes.spawn(
             sys.executable, "-m", "amqpkit.cli", *args, cwd=ROOT, env={**os.environ, **env},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
