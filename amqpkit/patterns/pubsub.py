@@ -143,8 +143,10 @@ class Subscriber(Generic[T]):
     ``queue=None`` makes a private subscription; a name or a :class:`Queue`
     makes a shared one. ``headers`` (with ``match``) binds on a headers exchange.
     If the subscription cannot be re-attached (its queue deleted and not
-    declarable again), ``on_error`` is called and iteration raises: it never
-    sits idle in silence. ``auto_ack=True`` trades safety for speed: the broker forgets each message
+    declarable again, or re-declared by someone else with other arguments),
+    ``on_error`` is called, :attr:`error` holds the reason, iteration raises
+    it and :meth:`wait_stopped` returns: it never sits idle in silence.
+    ``auto_ack=True`` trades safety for speed: the broker forgets each message
     as it sends it (at-most-once), so a failure cannot dead-letter it.
     """
 
@@ -233,6 +235,7 @@ class Subscriber(Generic[T]):
         self._consumer: Consumer | None = None
         self._declared = False
         self._queue_name: str | None = None
+        self._stopped = asyncio.Event()
         self._inbox: asyncio.Queue[Delivery[Any] | _Failed] | None = None
         self.handled = 0
         self.failed = 0
@@ -275,6 +278,8 @@ class Subscriber(Generic[T]):
             await self.declare()
         if self._handler is None:
             self._inbox = asyncio.Queue()
+        self.error = None
+        self._stopped.clear()
         self._consumer = await self.broker.consume(
             self.queue, self._on_delivery, prefetch=self.prefetch, auto_ack=self.auto_ack, on_error=self._failed
         )
@@ -284,6 +289,7 @@ class Subscriber(Generic[T]):
         self.error = exc
         self._consumer = None
         self._forget()
+        self._stopped.set()
         if self.on_error is not None:
             self.on_error(exc)
         if self._inbox is not None:
@@ -302,6 +308,11 @@ class Subscriber(Generic[T]):
         if consumer is not None:
             await consumer.cancel(grace=grace)
         self._forget()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once the subscription has stopped: by :meth:`stop`, or failed (then :attr:`error` says why)."""
+        await self._stopped.wait()
 
     def _forget(self) -> None:
         """Drop this subscription's queue (private) or bindings (shared) from the Broker's registry."""

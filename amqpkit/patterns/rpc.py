@@ -100,6 +100,12 @@ class RpcServer:
     The method is named by the request's ``type``; a server with one method
     also serves requests with no ``type``. ``concurrency`` requests run at
     once; several servers may consume the same queue.
+
+    If the request queue cannot be attached again after a reconnect (deleted
+    and not ours to declare, or re-declared by someone else with other
+    arguments), the server stops and says why: ``on_error`` is called with
+    the error, :attr:`error` holds it and :meth:`wait_stopped` returns. It
+    never sits idle in silence.
     """
 
     def __init__(
@@ -109,10 +115,14 @@ class RpcServer:
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
         handlers: Mapping[str, Callable[..., Awaitable[Any]]] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.broker = broker
         self.queue = Queue(queue, durable=False) if isinstance(queue, str) else queue
         self.concurrency = concurrency
+        self.on_error = on_error
+        self.error: BaseException | None = None
+        self._stopped = asyncio.Event()
         self._methods: dict[str, tuple[HandlerInfo, Codec[Any]]] = {}
         for name, fn in (handlers or {}).items():
             self.add(name, fn)
@@ -157,7 +167,31 @@ class RpcServer:
             raise ValueError("an RpcServer needs at least one method")
         if self._consumer is None:
             await self.broker.declare_queue(self.queue)
-            self._consumer = await self.broker.consume(self.queue, self._on_request, prefetch=self.concurrency)
+            self.error = None
+            self._stopped.clear()
+            self._consumer = await self.broker.consume(
+                self.queue, self._on_request, prefetch=self.concurrency, on_error=self._failed
+            )
+
+    @property
+    def running(self) -> bool:
+        """Taking requests now (started, and neither stopped nor failed)."""
+        return self._consumer is not None
+
+    def _failed(self, exc: BaseException) -> None:
+        """The request queue could not be attached again: the server stops, and says so."""
+        log.error("RPC server on %s stopped: %s", self.queue.name, exc)
+        self.error = exc
+        self._consumer = None
+        if not _consumed_elsewhere(self.broker, self.queue):
+            self.broker.forget(self.queue)
+        self._stopped.set()
+        if self.on_error is not None:
+            self.on_error(exc)
+
+    async def wait_stopped(self) -> None:
+        """Return once the server has stopped: by :meth:`stop`, or failed (then :attr:`error` says why)."""
+        await self._stopped.wait()
 
     async def stop(self, *, grace: float = 5.0) -> None:
         """Stop taking requests; running ones get ``grace`` seconds.
@@ -172,6 +206,7 @@ class RpcServer:
             await consumer.cancel(grace=grace)
             if not _consumed_elsewhere(self.broker, self.queue):
                 self.broker.forget(self.queue)
+        self._stopped.set()
 
     def _lookup(self, method: str | None) -> tuple[HandlerInfo, Codec[Any]] | None:
         if method:

@@ -1,10 +1,13 @@
-"""What a pattern stops using, the Broker forgets: a reconnect does not bring it back (issue 10).
+"""What a pattern stops using, the Broker forgets: a reconnect does not bring it back; and what a
+pattern can no longer use after a reconnect, it reports (issue 10).
 
-Only this test's own connection is cut, through the fault proxy; the checks are made from
-another connection (the ``broker`` fixture), which the cut does not touch.
+Only this test's own connection is cut, through the fault proxy; the checks and the changes made
+under the client are made from another connection (the ``broker`` fixture), which the cut does not touch.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
@@ -24,6 +27,17 @@ from amqpkit import (
 
 from ..waiting import wait_for
 from .proxy import FaultProxy
+
+
+async def _hold_out(proxy: FaultProxy, b: Broker) -> None:
+    proxy.refusing = True
+    proxy.cut()
+    await wait_for(lambda: not b.is_connected, 10)
+
+
+async def _let_in(proxy: FaultProxy, b: Broker) -> None:
+    proxy.refusing = False
+    await b.wait_connected(30)
 
 
 async def _cut_and_wait_for_the_reconnect(proxy: FaultProxy, b: Broker) -> None:
@@ -130,3 +144,64 @@ async def test_a_stopped_rpc_server_leaves_no_queue_to_collect_requests(
 
 async def _echo(text: str) -> str:
     return text
+
+
+# ------------------------------------------------- a queue that cannot come back is reported
+
+
+async def test_an_rpc_server_whose_queue_was_redeclared_under_it_reports_it(
+    proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    queue = Queue(f"{name}.rpc", durable=False)
+    cleanup.append(f"q:{queue.name}")
+    errors: list[BaseException] = []
+    async with Broker(proxied) as b:
+        server = RpcServer(b, queue, handlers={"echo": _echo}, on_error=errors.append)
+        async with server:
+            async with RpcClient(b, queue.name, timeout=10) as client:
+                assert await client.call("echo", "before") == "before"
+            await _hold_out(proxy, b)
+            await broker.delete_queue(queue.name)
+            await broker.declare_queue(Queue(queue.name, durable=False, max_length=5))  # someone else's idea of it
+            await _let_in(proxy, b)
+
+            await asyncio.wait_for(server.wait_stopped(), 10)
+            assert len(errors) == 1
+            assert isinstance(errors[0], TopologyError)
+            assert server.error is errors[0]
+            assert not server.running
+        # Stopping a server that already stopped with an error is quiet, and leaves the error readable.
+        assert server.error is errors[0]
+
+
+async def test_a_subscriber_whose_queue_was_redeclared_under_it_raises_from_its_iteration(
+    proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    exchange = Exchange(f"{name}.x", type="fanout", durable=False)
+    shared = f"{name}.shared"
+    cleanup += [f"q:{shared}", f"x:{exchange.name}"]
+    errors: list[BaseException] = []
+    async with Broker(proxied) as b:
+        sub: Subscriber[object] = Subscriber(b, exchange, queue=shared, on_error=errors.append)
+        async with sub:
+            got: list[object] = []
+
+            async def iterate() -> None:
+                async for delivery in sub:
+                    got.append(delivery.value)
+                    await delivery.ack()
+
+            reading = asyncio.ensure_future(iterate())
+            try:
+                await broker.publish(Envelope(b"1", content_type="application/json"), exchange=exchange)
+                await wait_for(lambda: got == [1], 10)
+                await _hold_out(proxy, b)
+                await broker.delete_queue(shared)
+                await broker.declare_queue(Queue(shared, durable=True, max_length=5))
+                await _let_in(proxy, b)
+                with pytest.raises(TopologyError):
+                    await asyncio.wait_for(reading, 10)
+            finally:
+                reading.cancel()
+            assert len(errors) == 1 and sub.error is errors[0]
+            await asyncio.wait_for(sub.wait_stopped(), 10)
