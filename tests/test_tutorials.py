@@ -13,6 +13,11 @@ import pytest
 from amqpkit import Broker
 
 from .tutorial_support import Script, run
+from .waiting import until, wait_for
+
+# Every script a test starts is ended when the test ends, passed or failed (a failed test once left
+# RPC servers consuming rpc_queue, and later runs failed).
+pytestmark = pytest.mark.usefixtures("spawned")
 
 WAITING_MESSAGES = " [*] Waiting for messages. To exit press CTRL+C"
 WAITING_LOGS = " [*] Waiting for logs. To exit press CTRL+C"
@@ -381,27 +386,45 @@ async def task_queue(broker: Broker) -> AsyncIterator[None]:
 
 
 @pytest.mark.usefixtures("task_queue")
-async def test_work_queues_share_the_work(amqp_url: str) -> None:
+async def test_work_queues_share_the_work(amqp_url: str, broker: Broker) -> None:
     workers = [await Script.start("02_work_queues/worker.py", url=amqp_url) for _ in range(2)]
     for w in workers:
         assert await w.line() == WAITING_MESSAGES
-    await asyncio.sleep(0.5)  # both consuming
+    await until(lambda: _consumers(broker, "task_queue", 2))  # both consuming
     messages = ["First message.", "Second message.", "Third.", "Fourth."]
     for message in messages:
         code, out, _ = await run("02_work_queues/new_task.py", *message.split(), url=amqp_url)
         assert (code, out) == (0, f" [x] Sent {message}\n")
-    await asyncio.sleep(3.5)  # four one-second tasks on two workers
+    printed: list[list[str]] = [[], []]
+
+    async def follow(i: int) -> None:
+        while True:
+            printed[i].append(await workers[i].line(timeout=60))
+
+    readers = [asyncio.ensure_future(follow(i)) for i in range(2)]
+    try:  # four one-second tasks on two workers
+        await wait_for(lambda: sum(lines.count(" [x] Done") for lines in printed) == 4, 30)
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
     received: list[list[str]] = []
-    for w in workers:
-        code, out, err = await w.stop()  # SIGTERM: a task still running gets the grace period
+    for w, before in zip(workers, printed, strict=True):
+        code, out, err = await w.stop()  # SIGTERM
         assert code == 0, err
-        lines = out.splitlines()
+        lines = before + out.splitlines()
         assert lines[-1] == "Interrupted"
         got = [line.removeprefix(" [x] Received ") for line in lines if line.startswith(" [x] Received ")]
         assert lines.count(" [x] Done") == len(got)
         received.append(got)
     assert sorted(m for got in received for m in got) == sorted(messages)
     assert all(got for got in received), received  # prefetch 1: the work was shared
+
+
+async def _consumers(broker: Broker, queue: str, count: int) -> bool:
+    with contextlib.suppress(Exception):  # not declared yet
+        return (await broker.queue_counts(queue))[1] >= count
+    return False
 
 
 @pytest.mark.usefixtures("task_queue")

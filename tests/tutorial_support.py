@@ -1,4 +1,8 @@
-"""Run tutorial scripts as subprocesses and read what they print."""
+"""Run tutorial scripts as subprocesses and read what they print.
+
+They are started with ``processes.spawn``: a test that uses them takes the ``spawned``
+fixture, which ends any script still running when the test ends, however it ends.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+from . import processes
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 
@@ -21,7 +27,7 @@ class Script:
     @classmethod
     async def start(cls, relpath: str, *args: str, url: str) -> Script:
         env = {**os.environ, "AMQP_URL": url, "PYTHONUNBUFFERED": "1"}
-        proc = await asyncio.create_subprocess_exec(
+        proc = await processes.spawn(
             sys.executable,
             str(TUTORIALS / relpath),
             *args,
@@ -56,7 +62,12 @@ class Script:
 
 
 async def run(relpath: str, *args: str, url: str, timeout: float = 30) -> tuple[int, str, str]:
+    """Run a script to its end; (exit code, stdout, stderr). Past ``timeout`` it is ended and the test fails."""
     script = await Script.start(relpath, *args, url=url)
-    out, err = await asyncio.wait_for(script.proc.communicate(), timeout)
+    try:
+        out, err = await asyncio.wait_for(script.proc.communicate(), timeout)
+    except TimeoutError:
+        await processes.end(script.proc)
+        raise AssertionError(f"{relpath} {' '.join(args)} did not end within {timeout} s") from None
     assert script.proc.returncode is not None
     return script.proc.returncode, out.decode(), err.decode()
