@@ -336,6 +336,7 @@ class RpcClient:
         self._reply_consumer: Consumer | None = None
         self._reply_spec: Queue | None = None
         self._unsubscribe: list[Callable[[], None]] = []
+        self._tasks: set[asyncio.Future[None]] = set()
         self._started = False
         self.dropped_replies = 0
 
@@ -538,10 +539,16 @@ class RpcClient:
             publishing = asyncio.ensure_future(
                 self.broker.publish(env, exchange=self.exchange, routing_key=self.routing_key, mandatory=True)
             )
-            # A call failed meanwhile (connection lost) must not be published again after the reconnect.
-            await asyncio.wait({publishing, future}, return_when=asyncio.FIRST_COMPLETED)
-            if not publishing.done():
-                publishing.cancel()
+            self._tasks.add(publishing)  # held until done: a task nobody references may be collected mid-flight
+            publishing.add_done_callback(self._tasks.discard)
+            try:
+                await asyncio.wait({publishing, future}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # A call that ended meanwhile (connection lost, timed out, cancelled) abandons its
+                # request: it must not be published again after a reconnect, for nobody.
+                if not publishing.done():
+                    publishing.cancel()
+            if publishing.cancelled():
                 return
             try:
                 publishing.result()

@@ -5,13 +5,37 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import pytest
 
-from amqpkit import Broker, Envelope, Queue, RpcClient, RpcServer, RpcTimeout
+from amqpkit import Broker, BrokerSettings, Envelope, Queue, ReconnectPolicy, RpcClient, RpcServer, RpcTimeout
 
+from ..reliability.proxy import FaultProxy
 from ..waiting import wait_for
+
+
+@pytest.fixture
+async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
+    parts = urlsplit(amqp_url)
+    p = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def proxied(proxy: FaultProxy, amqp_url: str) -> BrokerSettings:
+    """Through the fault proxy: only this test's connection is cut or stalled."""
+    parts = urlsplit(amqp_url)
+    return BrokerSettings(
+        url=proxy.url(parts.username or "guest", parts.password or "guest"),
+        heartbeat=2,
+        connect_timeout=5,
+        publish_timeout=10,
+        reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=1.0, jitter=0.1, connect_attempts=3),
+    )
 
 
 def _server(broker: Broker, queue: str, **kw: object) -> RpcServer:
@@ -134,3 +158,22 @@ async def test_a_request_whose_budget_ran_out_in_the_queue_is_not_run(broker: Br
 def _running(server: RpcServer) -> bool:
     consumer = server._consumer
     return consumer is not None and len(consumer.inflight) == 1
+
+
+async def test_a_call_given_up_on_is_not_sent_after_the_reconnect(
+    proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str
+) -> None:
+    """The request's publish is still waiting for its confirm when the call times out: it is abandoned
+    with the call, not sent again after the reconnect (to a server that would run it for nobody)."""
+    async with _server(broker, name) as server, Broker(proxied) as b:
+        async with RpcClient(b, name, timeout=10, reply_queue="exclusive") as client:
+            assert await client.call("add", [0, 0]) == 0
+            proxy.stall()  # nothing more reaches the broker on this connection: no confirm comes back
+            with pytest.raises(RpcTimeout):
+                await client.call("add", [1, 1], timeout=1)
+            generation = b.generation
+            proxy.cut()
+            await wait_for(lambda: b.generation > generation and b.is_connected, 30)
+            assert await client.call("add", [2, 2]) == 4
+        assert b.republished == 0
+    assert server.adds == 2  # type: ignore[attr-defined]
