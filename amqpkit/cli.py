@@ -43,10 +43,15 @@ BROKER_HINT = (
 CREDENTIALS_HINT = "the user and password are those of the URL given by --url, else AMQP_URL"
 
 
-def connect_failed(exc: ConnectError) -> NoReturn:
-    """Say why the connection failed, with the hint that fits the cause; exit 2."""
-    hint = CREDENTIALS_HINT if exc.reason == "refused" else BROKER_HINT
-    typer.echo(f"error: {exc}; {hint}", err=True)
+def connect_failed(exc: ConnectError, *, unreachable: str = "") -> NoReturn:
+    """Say why the connection failed, with the hint that fits the cause; exit 2.
+
+    ``unreachable`` goes before the text when no broker answered.
+    """
+    if exc.reason == "refused":
+        typer.echo(f"error: {exc}; {CREDENTIALS_HINT}", err=True)
+    else:
+        typer.echo(f"error: {unreachable}{exc}; {BROKER_HINT}", err=True)
     raise typer.Exit(2) from None
 
 
@@ -189,7 +194,7 @@ def bench(
         with progress:
             result = asyncio.run(run_bench(params, on_progress=on_progress))
     except ConnectError as exc:
-        connect_failed(exc)
+        connect_failed(exc, unreachable="no broker: ")
     print_report(result, console)
     if json_path:
         if to_stdout:
