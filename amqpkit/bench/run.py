@@ -263,13 +263,15 @@ class _RemoteSide(_Side):
             reader = os.fdopen(read_fd, "rb", buffering=0)
             self._transport, _ = await asyncio.get_running_loop().connect_read_pipe(lambda: _Progress(window), reader)
         args = [
-            "-m", "amqpkit.bench.serve", *progress, self.scenario, "--url", o.url, "--queue", o.queue,
+            "-m", "amqpkit.bench.serve", *progress, self.scenario, "--queue", o.queue,
             "--prefetch", str(o.prefetch), "--queue-type", o.queue_type,
             "--stall-ms", str(o.stall_ms), "--stall-after", str(o.stall_after),
         ]  # fmt: skip
+        # The URL holds the password: it goes in the environment, which only this user can read,
+        # never on the command line, which `ps` shows to everyone.
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds,
+            stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds, env={**os.environ, "AMQP_URL": o.url},
         )  # fmt: skip
         for fd in pass_fds:
             os.close(fd)  # the child has it now

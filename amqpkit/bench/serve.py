@@ -1,8 +1,10 @@
 """The serving side of a benchmark scenario, as its own process.
 
-``python -m amqpkit.bench.serve SCENARIO --url URL --queue NAME`` starts the
-server or consumer, prints ``{"ready": true}``, then answers commands read
-from stdin, one per line, each with one JSON line on stdout:
+``python -m amqpkit.bench.serve SCENARIO --queue NAME`` starts the server or
+consumer on the broker named by ``AMQP_URL`` (never an argument: a command
+line is visible to every local user, and the URL holds the password), prints
+``{"ready": true}``, then answers commands read from stdin, one per line, each
+with one JSON line on stdout:
 
 - ``report N``: waits until N measured messages arrived (one-way) and prints
   ``{"received", "errors", "last_ns", "hist"}`` (``hist``: an encoded HDR histogram);
@@ -18,6 +20,7 @@ import json
 import os
 import sys
 
+from ..settings import BrokerSettings
 from .scenarios import SERVERS, ServerOptions, ServerSide
 
 
@@ -51,7 +54,6 @@ def _say(doc: dict[str, object]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m amqpkit.bench.serve", description=__doc__)
     parser.add_argument("scenario", choices=sorted(SERVERS))
-    parser.add_argument("--url", required=True)
     parser.add_argument("--queue", required=True)
     parser.add_argument("--prefetch", type=int, default=256)
     parser.add_argument("--queue-type", default="classic")
@@ -60,7 +62,7 @@ def main() -> None:
     parser.add_argument("--progress-fd", type=int, default=None, help="write one byte here per handled message")
     args = parser.parse_args()
     options = ServerOptions(
-        url=args.url,
+        url=BrokerSettings.from_env().urls[0],
         queue=args.queue,
         prefetch=args.prefetch,
         queue_type=args.queue_type,
