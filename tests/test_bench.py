@@ -17,6 +17,8 @@ from amqpkit.bench import BenchParams, run_bench
 from amqpkit.bench.report import comparisons
 from amqpkit.bench.scenarios import Window
 
+from . import processes
+
 PERCENTILES = {"p50", "p90", "p99", "p999", "max"}
 RESULT_KEYS = {
     "scenario", "concurrency", "rate", "messages", "size", "throughput_per_s", "latency_us", "errors", "run",
@@ -24,8 +26,9 @@ RESULT_KEYS = {
 }  # fmt: skip
 
 
-async def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
+async def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 100) -> tuple[int, str, str]:
+    """``amqpkit ...`` in a process of its own, ended (with the bench's serving processes) when the test ends."""
+    proc = await processes.spawn(
         sys.executable, "-m", "amqpkit.cli", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})},
     )  # fmt: skip
@@ -49,6 +52,7 @@ def check_schema(doc: dict[str, Any]) -> None:
         assert isinstance(result["errors"], int)
 
 
+@pytest.mark.usefixtures("spawned")
 async def test_cli_bench_json_to_stdout(amqp_url: str) -> None:
     code, out, err = await _cli(
         "bench", "--url", amqp_url, "--messages", "300", "--warmup", "50", "--concurrency", "1,8",
@@ -137,6 +141,7 @@ async def test_duration_mode(amqp_url: str) -> None:
         assert 0.9 <= run.duration_s < 5
 
 
+@pytest.mark.usefixtures("spawned")
 async def test_no_broker_is_one_line_and_exit_2() -> None:
     code, out, err = await _cli("bench", "--url", "amqp://guest:Hidden1@127.0.0.1:1/", "--messages", "10")
     assert code == 2
@@ -160,7 +165,8 @@ async def test_window_bounds_messages_in_flight() -> None:
     await window.acquire(2)
     await window.acquire(2)
     third = asyncio.ensure_future(window.acquire(2))
-    await asyncio.sleep(0.01)
+    for _ in range(10):  # let it run as far as it can: a window that let it through would finish it here
+        await asyncio.sleep(0)
     assert not third.done()
     window.handled_some()
     await asyncio.wait_for(third, 1)

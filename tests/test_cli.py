@@ -10,9 +10,13 @@ import pytest
 
 from amqpkit import Broker, Queue, RpcServer, __version__
 
+from . import processes
+
+pytestmark = pytest.mark.usefixtures("spawned")  # every CLI process ends with its test
+
 
 async def cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
+    proc = await processes.spawn(
         sys.executable, "-m", "amqpkit.cli", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
@@ -57,23 +61,25 @@ async def test_publish_then_consume_a_queue(broker: Broker, amqp_url: str, name:
 
 async def test_consume_an_exchange_with_bindings(broker: Broker, amqp_url: str, name: str) -> None:
     exchange = f"{name}.x"
-    proc = await asyncio.create_subprocess_exec(
+    proc = await processes.spawn(
         sys.executable, "-m", "amqpkit.cli", "consume", "--exchange", exchange, "-b", "a.*", "--count", "1",
         "--timeout", "20", "--url", amqp_url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stderr is not None
-    assert b"consuming from" in await asyncio.wait_for(proc.stderr.readline(), 15)
-    code, _, err = await cli("publish", "not me", "-e", exchange, "-k", "b.x", "--url", amqp_url)
-    assert code == 0, err
-    code, _, err = await cli("publish", "me", "-e", exchange, "-k", "a.x", "--url", amqp_url)
-    assert code == 0, err
-    out, _ = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 0
-    lines = out.decode().splitlines()
-    assert len(lines) == 1  # 'b.x' did not match the binding
-    assert lines[0].startswith(f"[{exchange} 'a.x' id=")
-    assert lines[0].endswith("] me")
-    await broker.delete_exchange(exchange)
+    try:
+        assert b"consuming from" in await asyncio.wait_for(proc.stderr.readline(), 15)
+        code, _, err = await cli("publish", "not me", "-e", exchange, "-k", "b.x", "--url", amqp_url)
+        assert code == 0, err
+        code, _, err = await cli("publish", "me", "-e", exchange, "-k", "a.x", "--url", amqp_url)
+        assert code == 0, err
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0
+        lines = out.decode().splitlines()
+        assert len(lines) == 1  # 'b.x' did not match the binding
+        assert lines[0].startswith(f"[{exchange} 'a.x' id=")
+        assert lines[0].endswith("] me")
+    finally:
+        await broker.delete_exchange(exchange)
 
 
 async def test_call(broker: Broker, amqp_url: str, name: str) -> None:
