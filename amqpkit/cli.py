@@ -32,7 +32,10 @@ app = typer.Typer(
 UrlOption = Annotated[
     str | None,
     typer.Option(
-        "--url", envvar="AMQP_URL", help="AMQP URL (default: AMQP_URL, else amqp://guest:guest@127.0.0.1:5672/)"
+        "--url",
+        envvar="AMQP_URL",
+        help="AMQP URL (default: AMQP_URL, else amqp://guest:guest@127.0.0.1:5672/). "
+        "Give a password through AMQP_URL: `ps` shows a command line to every local user.",
     ),
 ]
 
