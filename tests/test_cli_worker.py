@@ -121,3 +121,12 @@ async def test_no_broker_still_says_start_one() -> None:
     assert code == 2, err
     assert START_A_BROKER in cli.err_lines[-1], err
     assert "password" not in cli.err_lines[-1], err
+
+
+async def test_a_queue_refused_at_start_is_one_error_line_and_exit_1(amqp_url: str, broker: Broker, queue: str) -> None:
+    await broker.declare_queue(Queue(queue, durable=True))  # classic, where the worker declares a quorum queue
+    cli = await CliProcess.start("worker", "tests.worker_app:handle", "--queue", queue, env={"AMQP_URL": amqp_url})
+    code, err = await cli.wait_exit(timeout=60)
+    assert code == 1, err
+    assert cli.err_lines == [cli.err_lines[-1]], err  # no traceback
+    assert cli.err_lines[-1].startswith("error: ") and "PRECONDITION_FAILED" in cli.err_lines[-1], err
