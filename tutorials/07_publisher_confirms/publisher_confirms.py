@@ -22,7 +22,7 @@ async def timed(broker: Broker, count: int, *, window: int, batch: bool = False)
             await publisher.publish(str(i), routing_key=queue)
     took = (time.perf_counter() - started) * 1000
     await broker.delete_queue(queue)
-    return took, len(publisher.failures)
+    return took, publisher.failed
 
 
 async def main(url: str, count: int, batch_size: int, window: int) -> None:
