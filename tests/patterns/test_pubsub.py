@@ -83,9 +83,13 @@ async def test_direct_with_several_binding_keys(broker: Broker, name: str) -> No
     async with Subscriber(broker, ex, handler, binding_keys=["error", "warning"]):
         for severity in ["info", "warning", "error", "debug"]:
             await pub.publish(severity, routing_key=severity)
-        await wait_for(lambda: len(got) == 2)
-        await asyncio.sleep(0.2)
-    assert sorted(got) == ["error", "warning"]
+        # A last message, confirmed after the others: once it is in, anything else routed here is too.
+        await pub.publish("end", routing_key="error")
+        await wait_for(lambda: "end" in got)
+    assert sorted(got) == ["end", "error", "warning"]
+
+
+END = "<end of test>"  # not a routing key of the table
 
 
 async def test_topic_routing_table(broker: Broker, name: str) -> None:
@@ -115,10 +119,13 @@ async def test_topic_routing_table(broker: Broker, name: str) -> None:
         await pub.publish(key, routing_key=key)
     expected = {p: sorted(k for k in keys if topic_matches(p, k)) for p in patterns}
     expected_multi = sorted(k for k in keys if any(topic_matches(p, k) for p in ["*.orange.*", "*.*.rabbit", "lazy.#"]))
-    await wait_for(
-        lambda: all(len(received[p]) == len(expected[p]) for p in patterns) and len(multi) == len(expected_multi)
-    )
-    await asyncio.sleep(0.2)  # nothing more arrives
+    # Then a last message straight into each queue: once it is in, anything routed there before it is too.
+    for s in subs:
+        await broker.publish(Envelope(TextCodec().encode(END), content_type="text/plain"), routing_key=s.queue_name)
+    await wait_for(lambda: all(END in v for v in received.values()) and END in multi)
+    for got in [*received.values(), multi]:
+        assert got[-1] == END
+        got.remove(END)
     assert {p: sorted(v) for p, v in received.items()} == expected
     assert sorted(multi) == expected_multi
     # The table itself was checked against the broker: spot-check a few.
@@ -156,10 +163,11 @@ async def test_headers_exchange_all_and_any(broker: Broker, name: str) -> None:
         await pub.publish("both", headers={"format": "pdf", "type": "report"})
         await pub.publish("format-only", headers={"format": "pdf", "type": "log"})
         await pub.publish("neither", headers={"format": "zip"})
-        await wait_for(lambda: len(all_got) == 1 and len(any_got) == 2)
-        await asyncio.sleep(0.2)
-    assert all_got == ["both"]
-    assert sorted(any_got) == ["both", "format-only"]
+        # A last message for both queues: once it is in, anything routed there before it is too.
+        await pub.publish("end", headers={"format": "pdf", "type": "report"})
+        await wait_for(lambda: "end" in all_got and "end" in any_got)
+    assert all_got == ["both", "end"]
+    assert sorted(any_got) == ["both", "end", "format-only"]
 
 
 async def test_shared_subscription_each_message_handled_once(settings: BrokerSettings, name: str) -> None:
@@ -190,10 +198,14 @@ async def test_shared_subscription_each_message_handled_once(settings: BrokerSet
         pub = Publisher(brokers[0], ex, JsonCodec())
         await asyncio.gather(*(pub.publish(n, routing_key="order.created") for n in range(600)))
         await wait_for(lambda: sum(counts.values()) >= 600)
-        await asyncio.sleep(0.3)
+        # Stopped, the subscribers take nothing more; a message delivered but not acked would be back
+        # in the queue. So after the stop the counts are final, and the queue must be empty.
+        for s in subs:
+            await s.stop()
         assert set(counts) == set(range(600))
         assert max(counts.values()) == 1
         assert all(n > 0 for n in per_instance), per_instance
+        assert (await brokers[0].queue_counts(f"{name}.billing"))[0] == 0
     finally:
         for s in subs:
             await s.stop()
