@@ -34,14 +34,15 @@ def test_a_confirmed_message_missing_outside_any_window_is_lost() -> None:
 
 def test_messages_missed_while_the_queue_was_deleted_are_counted_apart_not_lost() -> None:
     sent = _sent(100)  # e0 at t=0 ... e99 at t=9.9
-    # The queue was deleted at t=5.0 (the command returned at 5.2) and was back for e60 (t=6.0).
+    # The queue was deleted at t=5.0 (the command returned at 5.2) and was back for e60 (sent at t=6.0,
+    # confirmed at 6.01).
     missed = {f"e{i}" for i in range(49, 60)}
     window = WindowOpen("sub-3", 5.0, "queue deleted", fault=4, after=5.2)
     ledger = pubsub_ledger(sent, {"sub-3": _got(sent, missed)}, [window], margin_before=0.5, restore_limit=30)
     sub = ledger["subscribers"]["sub-3"]
     assert sub["lost"] == 0
     assert sub["missed_while_queue_deleted"] == len(missed)
-    assert sub["windows"][0]["closed_s"] == 6.0
+    assert sub["windows"][0]["closed_s"] == 6.01
     assert ledger["failures"] == []
 
 
@@ -53,6 +54,21 @@ def test_a_message_missing_before_the_window_margin_is_still_lost() -> None:
     sub = ledger["subscribers"]["sub-3"]
     assert sub["lost"] == 1
     assert sub["lost_sample"][0]["id"] == "e10"
+
+
+def test_a_window_closes_at_a_confirm_not_at_a_start() -> None:
+    """A publish started during an outage is sent after the reconnect: its start proves nothing."""
+    sent = _sent(100)
+    # Broker down from t=5.0 to t=7.0: e50..e69 wait and are confirmed at 7.05; the subscription is back at 7.1.
+    for s in sent[50:70]:
+        s.end = 7.05
+    got = _got(sent, {f"e{i}" for i in range(45, 71)})
+    got.update({f"e{i}": [7.2] for i in range(60, 70)})  # routed after it was back
+    window = WindowOpen("sub-3", 5.0, "connection lost", fault=2)
+    ledger = pubsub_ledger(sent, {"sub-3": got}, [window], margin_before=0.5, restore_limit=30)
+    sub = ledger["subscribers"]["sub-3"]
+    assert sub["windows"][0]["closed_s"] == 7.05
+    assert (sub["lost"], sub["missed_while_disconnected"]) == (0, 16)  # e45..e59 and e70 (sent at 7.0)
 
 
 def test_a_subscription_that_never_comes_back_fails_the_soak() -> None:

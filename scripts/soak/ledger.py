@@ -10,8 +10,9 @@ What is checked is what amqpkit promises, no more:
   by an operator takes what it held; messages routed while such a queue was
   gone are *missed*, legitimately, and counted as such with the window.
   A window opens at the fault (minus ``margin_before`` seconds for what
-  was still waiting in the queue) and closes at the first message published
-  after the fault that the subscriber received (the subscription is back).
+  was still waiting in the queue) and closes when the subscription was
+  surely back: the earliest confirm among the messages published after the
+  fault that the subscriber received.
   A missing confirmed message outside every window is *lost*.
 - **work queue**: every confirmed task is completed (the worker's journal)
   or in the dead-letter queue with its reason; which of the two is known
@@ -88,17 +89,21 @@ def _r(t: float) -> float | None:
 def close_windows(
     opened: Iterable[WindowOpen], sent: Sequence[Sent], arrivals: Mapping[str, Mapping[str, list[float]]]
 ) -> list[dict[str, Any]]:
-    """Each window with its end: the start of the first message published after it opened that the subscriber got."""
-    by_start = sorted(sent, key=lambda s: s.start)
+    """Each window with its end: when the subscription was surely back.
+
+    A message the subscriber received was routed while its queue was bound,
+    at some moment between the publish's start and its confirm. So among the
+    messages published after the fault took effect (``after``) that the
+    subscriber received, the earliest confirm bounds the moment it came back.
+    (Not the earliest start: a publish started during an outage is sent
+    after the reconnect.)
+    """
     windows = []
     for w in sorted(opened, key=lambda w: w.at):
         got = arrivals.get(w.subscriber, {})
-        end = math.inf
         after = w.at if w.after is None else w.after
-        for s in by_start:
-            if s.start >= after and s.id in got:
-                end = s.start
-                break
+        ends = [s.end for s in sent if s.start >= after and s.id in got and not math.isnan(s.end)]
+        end = min(ends, default=math.inf)
         windows.append({"subscriber": w.subscriber, "kind": w.kind, "fault": w.fault, "opened": w.at, "closed": end})
     return windows
 
