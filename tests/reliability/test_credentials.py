@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from amqpkit import (
 )
 
 from ..brokerctl import rabbitmqctl, vhost_of
+from ..waiting import wait_for
 from .proxy import FaultProxy
 
 PASSWORD = f"Pw-{uuid.uuid4().hex[:12]}-secret"
@@ -67,8 +67,7 @@ async def test_no_password_anywhere(
         for _ in range(3):
             generation = broker.generation
             proxy.cut()
-            while broker.generation == generation or not broker.is_connected:
-                await asyncio.sleep(0.02)
+            await wait_for(lambda g=generation: broker.generation > g and broker.is_connected, 30)
         with pytest.raises(TopologyError) as drift:
             await broker.declare_queue(Queue(queue, message_ttl=2))
         texts += [str(drift.value), repr(drift.value)]
