@@ -129,7 +129,10 @@ def _lock_file(kind: str) -> Path:
 
 
 def _flock(path: Path, mode: int, deadline: float, what: str) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # made by another user: reading is enough to lock it
+        fd = os.open(path, os.O_RDONLY)
     while True:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)

@@ -8,7 +8,7 @@ The broker:
 4. otherwise the run fails (it never skips) with how to start a broker.
 
 When rabbitmqctl reaches that broker, the session makes a vhost of its own
-(``amqpkit-test-<random>``), so tests with fixed names (the tutorials' ``hello``,
+(``amqpkit-test-<host>-<pid>-<random>``), so tests with fixed names (the tutorials' ``hello``,
 ``rpc_queue``, ...) do not meet another run's; it is deleted at the end.
 ``AMQPKIT_TEST_VHOST=0`` keeps the URL's own vhost.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -104,6 +105,19 @@ def _opens(url: str) -> bool:
     return True
 
 
+VHOST_PREFIX = "amqpkit-test-"
+HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:20] or "host"
+
+
+def _delete_orphan_vhosts() -> None:
+    """Delete the vhosts of earlier runs on this machine that were killed before their clean-up."""
+    listed = brokerctl.rabbitmqctl("list_vhosts", "-q", "name", timeout=30).split()
+    for vhost in listed:
+        m = re.fullmatch(rf"{VHOST_PREFIX}{HOST}-(\d+)-[0-9a-f]+", vhost)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            brokerctl.rabbitmqctl("delete_vhost", vhost, timeout=120)
+
+
 @contextlib.contextmanager
 def _own_vhost(url: str) -> Iterator[str]:
     """A new vhost on the broker behind ``url``, for this session; yields ``url`` pointed at it.
@@ -114,10 +128,11 @@ def _own_vhost(url: str) -> Iterator[str]:
     if os.environ.get("AMQPKIT_TEST_VHOST") == "0" or not brokerctl.rabbitmqctl_available():
         yield url
         return
-    vhost = f"amqpkit-test-{uuid.uuid4().hex[:10]}"
+    vhost = f"{VHOST_PREFIX}{HOST}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     user = unquote(urlsplit(url.split(",")[0].strip()).username or "guest")
     made = False
     try:
+        _delete_orphan_vhosts()
         brokerctl.rabbitmqctl("add_vhost", vhost, timeout=30)
         made = True
         brokerctl.rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*", timeout=30)
