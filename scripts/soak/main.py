@@ -368,6 +368,17 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
             "queues_at_end": queues,
         }
         state["ledger"] = ledger
+        # The raw records, so the accounting can be done again (or better) from the same run.
+        raw = {
+            "wall0": clock.wall0,
+            "published": [vars(x) for x in pubsub.sent],
+            "arrivals": pubsub.arrivals,
+            "windows": [vars(w) for w in pubsub.windows],
+            "tasks": [vars(x) for x in tasks.sent],
+            "dead_letters": letters,
+            "calls": [vars(c) for c in rpc.calls],
+        }
+        (workdir / "records.json").write_text(json.dumps(raw, default=str))
         if state.get("interrupted"):
             return 130
         return 0 if not failures else 1
