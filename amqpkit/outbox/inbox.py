@@ -1,0 +1,237 @@
+"""The inbox: a handler's effects and "message X was processed by consumer C" commit together.
+
+At-least-once delivery means a handler can see a message twice (a crash
+before the ack, a relay that sent it again). The inbox wraps the handler::
+
+    inbox = Inbox(store, consumer="billing")
+
+    async def charge(order: OrderPaid, tx) -> None:
+        await tx.execute("UPDATE accounts SET balance = balance - $1 WHERE id = $2", order.total, order.account)
+
+    Worker(WorkQueue(broker, "billing"), inbox.handler(charge))     # or Subscriber(..., inbox.handler(charge))
+
+For each delivery it opens a transaction, records (consumer, message id),
+runs the handler with that transaction and commits; the pattern acks after
+that. A message whose id is already recorded is not run again: the wrapper
+returns at once and the pattern acks it. For :class:`~amqpkit.RpcServer`
+the handler's reply is stored with the record, and a repeated request (same
+``x-request-id`` header, else same message id) gets the stored reply.
+
+The wrapper uses only what every pattern gives a handler (the
+:class:`~amqpkit.Delivery`), so the patterns need no change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import typing
+from collections.abc import Awaitable, Callable
+from typing import Any, Self
+
+from ..codec import AutoCodec, Codec, codec_for, encode_body
+from ..message import Delivery
+from .storage import InboxRecord, StorageError, Store
+
+__all__ = ["REQUEST_ID_HEADER", "Inbox", "InboxRecordError", "default_key"]
+
+log = logging.getLogger("amqpkit.inbox")
+
+REQUEST_ID_HEADER = "x-request-id"
+
+InboxHandler = Callable[..., Awaitable[Any]]
+
+
+class InboxRecordError(StorageError):
+    """An inbox record says the message was processed, but its stored reply cannot be read (tampered)."""
+
+
+def default_key(delivery: Delivery[Any]) -> str | None:
+    """The id a message is deduplicated by: its ``x-request-id`` header if it has one, else its message id."""
+    explicit = delivery.headers.get(REQUEST_ID_HEADER)
+    if isinstance(explicit, bytes):
+        explicit = explicit.decode("utf-8", "replace")
+    if isinstance(explicit, str) and explicit:
+        return explicit
+    return delivery.message_id or None
+
+
+class Inbox:
+    """Deduplicates deliveries for one consumer, by message id, in the handler's own transaction.
+
+    ``consumer`` names the logical consumer (the service and its handler);
+    two consumers of the same message each process it once. Records older
+    than ``retention`` seconds are deleted every ``cleanup_interval`` seconds
+    while the inbox runs as a context manager (``async with inbox:``), or by
+    :meth:`purge`: a message redelivered after that is processed again, so
+    keep it longer than any redelivery can take.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        consumer: str,
+        *,
+        retention: float = 7 * 24 * 3600.0,
+        cleanup_interval: float = 3600.0,
+        key: Callable[[Delivery[Any]], str | None] = default_key,
+        requeue_delay: float = 1.0,
+    ) -> None:
+        if not consumer:
+            raise ValueError("an inbox needs a consumer name")
+        self.store = store
+        self.consumer = consumer
+        self.retention = retention
+        self.cleanup_interval = cleanup_interval
+        self.key = key
+        self.requeue_delay = requeue_delay
+        self.processed = 0
+        self.duplicates = 0
+        self.unidentified = 0  # messages without an id: processed without deduplication
+        self.requeued = 0  # deliveries given back after a database failure
+        self.purged = 0
+        self._cleanup: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        if self._cleanup is None or self._cleanup.done():
+            self._cleanup = asyncio.get_running_loop().create_task(self._clean(), name=f"inbox {self.consumer}")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        task, self._cleanup = self._cleanup, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _clean(self) -> None:
+        while True:
+            try:
+                await self.purge()
+            except Exception as exc:
+                log.warning("could not delete old inbox records of %s: %s", self.consumer, exc)
+            await asyncio.sleep(self.cleanup_interval)
+
+    async def purge(self) -> int:
+        """Delete records older than the retention (every consumer's); how many."""
+        purged = await self.store.purge_inbox(self.retention)
+        self.purged += purged
+        return purged
+
+    def handler(self, fn: InboxHandler, *, requeue_on_storage_error: bool = True) -> Callable[..., Awaitable[Any]]:
+        """``fn(message, tx)`` wrapped for a Worker, Subscriber or RpcServer.
+
+        ``fn``'s first parameter is annotated as for any amqpkit handler (a
+        model, ``str``, ``Delivery[X]``...); the pattern decodes with that.
+        Its second receives the transaction (the store's connection). What it
+        returns is stored when not None, and given again for a repeated
+        message (RPC replies).
+
+        When the database fails (a lost connection, a lock), nothing was
+        committed: with ``requeue_on_storage_error`` (the default) the
+        delivery is requeued after ``requeue_delay`` seconds; otherwise the
+        error goes to the pattern (an RpcServer then replies with it, and
+        the caller may send the same request again).
+        """
+        wants_delivery, value_type, returns = _read_handler(fn)
+        reply_codec: Codec[Any] = AutoCodec() if returns in (Any, None, type(None)) else codec_for(returns)
+
+        async def call(delivery: Delivery[Any], tx: Any) -> Any:
+            return await fn(delivery if wants_delivery else delivery.value, tx)
+
+        async def inbox_handler(delivery: Delivery[Any]) -> Any:
+            try:
+                return await self.process(delivery, call, reply_codec)
+            except Exception as exc:
+                if not requeue_on_storage_error or not self.store.transient(exc) or delivery.settled is not None:
+                    raise
+                self.requeued += 1
+                log.warning(
+                    "inbox %s: database failed for message %s (%s: %s); requeued in %.2g s",
+                    self.consumer, delivery.message_id, type(exc).__name__, exc, self.requeue_delay,
+                )  # fmt: skip
+                await asyncio.sleep(self.requeue_delay)
+                try:
+                    await delivery.nack(requeue=True)
+                except Exception as settle_error:
+                    log.warning("could not requeue message %s: %s", delivery.message_id, settle_error)
+                return None
+
+        inbox_handler.__annotations__ = {"delivery": Delivery[value_type], "return": returns}  # type: ignore[valid-type]
+        inbox_handler.__name__ = inbox_handler.__qualname__ = getattr(fn, "__name__", "inbox_handler")
+        inbox_handler.__doc__ = fn.__doc__
+        return inbox_handler
+
+    async def process(
+        self,
+        delivery: Delivery[Any],
+        call: Callable[[Delivery[Any], Any], Awaitable[Any]],
+        reply_codec: Codec[Any] | None = None,
+    ) -> Any:
+        """Run ``call(delivery, tx)`` once per message id; for a repeat, return the stored reply instead.
+
+        For a Subscriber iterated without a handler::
+
+            async for delivery in subscriber:
+                await inbox.process(delivery, apply)
+                await delivery.ack()
+        """
+        message_id = self.key(delivery)
+        if not message_id:
+            self.unidentified += 1
+            log.warning("inbox %s: a message without an id cannot be deduplicated; processed as it is", self.consumer)
+            async with self.store.transaction() as tx:
+                return await call(delivery, tx)
+        codec = reply_codec or AutoCodec()
+        async with self.store.transaction() as tx:
+            record = await self.store.inbox_record(tx, self.consumer, message_id)
+            if record is None:
+                result = await call(delivery, tx)
+                if result is not None:
+                    body, content_type = encode_body(codec, result)
+                    await self.store.inbox_reply(tx, self.consumer, message_id, body, content_type)
+        if record is not None:
+            self.duplicates += 1
+            log.info("inbox %s: message %s was processed before; not run again", self.consumer, message_id)
+            return self._replay(record, codec, message_id)
+        self.processed += 1
+        return result
+
+    def _replay(self, record: InboxRecord, codec: Codec[Any], message_id: str) -> Any:
+        if record.reply is None:
+            return None
+        try:
+            return codec.decode(bytes(record.reply), record.content_type)
+        except Exception as exc:
+            raise InboxRecordError(
+                f"inbox {self.consumer}: message {message_id} was processed, but its stored reply cannot be read "
+                f"({type(exc).__name__}); it is not run again"
+            ) from None
+
+
+def _read_handler(fn: InboxHandler) -> tuple[bool, Any, Any]:
+    """(wants the Delivery, the value's type, the return type) of ``fn(message, tx)``."""
+    call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__call__
+    if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(call):
+        raise TypeError(f"inbox handler {getattr(fn, '__qualname__', fn)!r} must be an async function")
+    params = [
+        p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(params) < 2:
+        raise TypeError(
+            f"inbox handler {getattr(fn, '__qualname__', fn)!r} takes the message and the transaction: "
+            "async def handle(message, tx): ..."
+        )
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    annotation = hints.get(params[0].name, Any)
+    returns = hints.get("return", Any)
+    wants_delivery = annotation is Delivery or typing.get_origin(annotation) is Delivery
+    if wants_delivery:
+        args = typing.get_args(annotation)
+        annotation = args[0] if args else bytes
+    return wants_delivery, annotation, returns

@@ -1,0 +1,326 @@
+"""The relay: publishes committed outbox rows with publisher confirms, then marks them sent.
+
+Each round claims a batch (see :meth:`Store.claim`), publishes it and
+writes the outcomes in one go:
+
+- rows with the same ordering key go out one after the other, each confirmed
+  before the next is sent, so they reach the broker in commit order; rows of
+  different keys (and rows without a key) go out concurrently;
+- a row the broker did not confirm (no connection, returned as unroutable,
+  nacked, timed out) is tried again after a backoff (doubling, with jitter,
+  capped), and the later rows of its key wait for it;
+- a row the broker can never take (larger than the broker allows, properties
+  that cannot be encoded) is kept aside as *failed* with the reason, and the
+  relay goes on; ``amqpkit outbox`` tools (or :meth:`Store.retry_failed`)
+  bring it back.
+
+A crash anywhere, the relay's or the database's or the broker's, at worst
+sends a row again: the mark is written after the confirm, so a row confirmed
+but not yet marked is published once more, with the same message id. A
+consumer dedupes by that id (see :class:`~amqpkit.outbox.Inbox`).
+
+Run it in-process (``async with Relay(store, broker): ...``, a background
+task the service owns) or as its own process
+(``python -m amqpkit.outbox relay --db URL``, see :func:`main`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import sys
+from collections.abc import Sequence
+from typing import Any, Self
+
+from ..connection import Broker
+from ..errors import AmqpkitError, ConnectError, ConnectionLost, MessageTooLarge, PublishError
+from ..settings import BrokerSettings
+from .storage import Claim, OutboxRow, StorageError, Store
+
+__all__ = ["Relay", "main"]
+
+log = logging.getLogger("amqpkit.outbox")
+
+
+class Relay:
+    """Publishes an outbox's committed rows; one or several may run against the same store.
+
+    ``poll_interval``: how long an idle relay waits before it looks again
+    when no wake-up came (default 1 s; PostgreSQL's NOTIFY wakes it sooner,
+    and so does a commit through the same SQLite store object).
+    ``retention``: sent rows are deleted that many seconds after they were
+    sent (every ``cleanup_interval`` seconds). ``max_attempts``: after that
+    many failed publishes a row is kept aside as failed (None: it is tried
+    until it goes, its ordering key waiting behind it).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        *,
+        batch_size: int = 200,
+        poll_interval: float = 1.0,
+        publish_timeout: float = 10.0,
+        retry_initial: float = 0.5,
+        retry_max: float = 60.0,
+        retry_jitter: float = 0.2,
+        max_attempts: int | None = None,
+        retention: float = 24 * 3600.0,
+        cleanup_interval: float = 300.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.store = store
+        self.broker = broker
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.publish_timeout = publish_timeout
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.retry_jitter = retry_jitter
+        self.max_attempts = max_attempts
+        self.retention = retention
+        self.cleanup_interval = cleanup_interval
+        self.sent = 0
+        self.retried = 0
+        self.failed = 0
+        self.errors = 0  # rounds the database failed
+        self.purged = 0
+        self.standby = False  # another relay holds the store (SQLite)
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._last_cleanup: float | None = None
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def start(self) -> None:
+        """Run in the background until :meth:`stop`."""
+        if self._task is None or self._task.done():
+            self._stop.clear()
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="amqpkit outbox relay")
+
+    async def stop(self, grace: float = 15.0) -> None:
+        """Finish the round in progress (up to ``grace`` seconds), then stop."""
+        self._stop.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Relay until ``stop`` is set (or :meth:`stop` is called)."""
+        failures = 0
+        while not self._stopping(stop):
+            try:
+                handled = await self.run_once()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The database (or something under it) failed: nothing was marked, try again shortly.
+                self.errors += 1
+                failures += 1
+                delay = min(5.0, 0.1 * 2 ** min(failures, 6))
+                log.warning("outbox relay round failed (%s: %s); again in %.2g s", type(exc).__name__, exc, delay)
+                await self._pause(delay, stop)
+                continue
+            await self._cleanup_if_due()
+            if handled < self.batch_size:
+                await self._idle(stop)
+
+    def _stopping(self, stop: asyncio.Event | None) -> bool:
+        return self._stop.is_set() or (stop is not None and stop.is_set())
+
+    async def _pause(self, seconds: float, stop: asyncio.Event | None) -> None:
+        waits = [asyncio.ensure_future(self._stop.wait())]
+        if stop is not None:
+            waits.append(asyncio.ensure_future(stop.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _idle(self, stop: asyncio.Event | None) -> None:
+        """Wait for a wake-up from the store, the poll interval, or a stop, whichever comes first."""
+        waiting = asyncio.ensure_future(self.store.wait_for_rows(self.poll_interval))
+        stops = [asyncio.ensure_future(self._stop.wait())]
+        if stop is not None:
+            stops.append(asyncio.ensure_future(stop.wait()))
+        try:
+            await asyncio.wait([waiting, *stops], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in (waiting, *stops):
+                w.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await waiting
+
+    async def _cleanup_if_due(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._last_cleanup is not None and now - self._last_cleanup < self.cleanup_interval:
+            return
+        self._last_cleanup = now
+        try:
+            purged = await self.store.purge_sent(self.retention)
+        except Exception as exc:
+            log.warning("could not delete sent outbox rows: %s", exc)
+            return
+        self.purged += purged
+        if purged:
+            log.info("deleted %d outbox rows sent more than %g s ago", purged, self.retention)
+
+    async def run_once(self) -> int:
+        """One round: claim a batch, publish it, record the outcomes; returns how many rows it claimed."""
+        async with self.store.claim(self.batch_size) as claim:
+            if claim.standby:
+                if not self.standby:
+                    log.info("another relay holds %s; standing by", self.store.description)
+                self.standby = True
+                return 0
+            if self.standby:
+                log.info("relay now active on %s", self.store.description)
+            self.standby = False
+            if claim.rows:
+                await asyncio.gather(*(self._publish_in_order(rows, claim) for rows in _by_key(claim.rows)))
+            return len(claim.rows)
+
+    async def _publish_in_order(self, rows: Sequence[OutboxRow], claim: Claim) -> None:
+        for row in rows:
+            error = await self._publish(row)
+            if error is None:
+                claim.sent(row)
+                self.sent += 1
+                continue
+            permanent, reason = error
+            attempts = row.attempts + 1
+            if permanent or (self.max_attempts is not None and attempts >= self.max_attempts):
+                log.error(
+                    "outbox row %d (message %s to %r %r) kept aside as failed after %d attempt(s): %s",
+                    row.id, row.message_id, row.exchange, row.routing_key, attempts, reason,
+                )  # fmt: skip
+                claim.failed(row, reason)
+                self.failed += 1
+                continue  # a failed row does not hold back its key
+            delay = self._delay(attempts)
+            log.warning(
+                "outbox row %d (message %s) not published (%s); again in %.2g s",
+                row.id, row.message_id, reason, delay,
+            )  # fmt: skip
+            claim.retry(row, delay, reason)
+            self.retried += 1
+            return  # the later rows of this key wait for this one
+
+    def _delay(self, attempts: int) -> float:
+        base = min(self.retry_max, self.retry_initial * 2.0 ** max(0, attempts - 1))
+        return max(0.0, base * (1 + random.uniform(-self.retry_jitter, self.retry_jitter)))
+
+    async def _publish(self, row: OutboxRow) -> tuple[bool, str] | None:
+        """None when confirmed; else (permanent, reason)."""
+        try:
+            await self.broker.publish(
+                row.envelope(),
+                exchange=row.exchange,
+                routing_key=row.routing_key,
+                mandatory=row.mandatory,
+                timeout=self.publish_timeout,
+            )
+        except MessageTooLarge as exc:
+            return True, f"{type(exc).__name__}: {exc}"
+        except (PublishError, ConnectionLost) as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        except (TypeError, ValueError, OverflowError) as exc:
+            # Properties the AMQP encoder refuses (a header value out of range, ...): never publishable.
+            return True, f"cannot encode the message: {type(exc).__name__}: {exc}"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        return None
+
+
+def _by_key(rows: Sequence[OutboxRow]) -> list[list[OutboxRow]]:
+    """Rows grouped by ordering key, in id order within each group; each row without a key alone."""
+    groups: dict[str, list[OutboxRow]] = {}
+    alone: list[list[OutboxRow]] = []
+    for row in rows:
+        if row.ordering_key is None:
+            alone.append([row])
+        else:
+            groups.setdefault(row.ordering_key, []).append(row)
+    return [*groups.values(), *alone]
+
+
+async def serve(
+    db_url: str,
+    amqp_url: str | None,
+    stop: asyncio.Event,
+    *,
+    store_options: dict[str, Any] | None = None,
+    relay_options: dict[str, Any] | None = None,
+) -> int:
+    """The relay process's body: open the store and the broker, relay until ``stop``, report, close."""
+    from .outbox import open_store
+
+    store = await open_store(db_url, **(store_options or {}))
+    try:
+        settings = BrokerSettings(url=amqp_url) if amqp_url else BrokerSettings.from_env()
+        async with Broker(settings) as broker:
+            relay = Relay(store, broker, **(relay_options or {}))
+            print(f"outbox relay: {store.description} -> {', '.join(settings.safe_urls)}", file=sys.stderr)
+            await relay.run(stop)
+            print(
+                f"outbox relay stopped: {relay.sent} sent, {relay.retried} retried, {relay.failed} failed",
+                file=sys.stderr,
+            )
+    finally:
+        await store.close()
+    return 0
+
+
+def main(db_url: str | None = None, amqp_url: str | None = None, **options: Any) -> int:
+    """Run a relay as a process until SIGTERM or Ctrl-C; returns the exit code (0, or 2 when it cannot start).
+
+    ``db_url`` defaults to ``AMQPKIT_OUTBOX_DB``, ``amqp_url`` to ``AMQP_URL``
+    (give passwords through the environment: ``ps`` shows command lines).
+    ``options`` are :class:`Relay` keywords, plus ``prefix`` and ``schema``
+    for the store.
+    """
+    from ..logs import configure_logging
+    from ..runner import run_until_signal
+
+    db_url = db_url or os.environ.get("AMQPKIT_OUTBOX_DB")
+    if not db_url:
+        print("error: no database: give --db URL or set AMQPKIT_OUTBOX_DB", file=sys.stderr)
+        return 2
+    store_options = {k: options.pop(k) for k in ("prefix", "schema") if options.get(k) is not None}
+    options = {k: v for k, v in options.items() if v is not None}
+    configure_logging(stream=sys.stderr, level=logging.INFO)
+
+    async def run(stop: asyncio.Event) -> int:
+        return await serve(db_url, amqp_url, stop, store_options=store_options, relay_options=options)
+
+    try:
+        return run_until_signal(run)
+    except (StorageError, ConnectError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (AmqpkitError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
