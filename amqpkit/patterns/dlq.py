@@ -2,13 +2,16 @@
 
 Listing takes the messages without acking them and hands them all back at
 once (one multiple nack with requeue), so the queue keeps every message in
-its order. Replaying re-publishes each task to its work queue with a
-publisher confirm *before* acking it in the DLQ, so an interrupted replay
-loses nothing (at worst a task is replayed twice: same task id).
+its order. Replaying re-publishes each task to its work queue, mandatory and
+with a publisher confirm, *before* acking it in the DLQ: an interrupted
+replay loses nothing (at worst a task is replayed twice: same task id), and
+a task that no queue took (the work queue was deleted) stays in the DLQ and
+the replay stops with :class:`~amqpkit.Unroutable`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,17 +81,23 @@ async def replay_dead_letters(
 ) -> list[DeadLetter]:
     """Move dead-lettered tasks back to ``queue``, each confirmed there before it leaves the DLQ.
 
-    They start again at attempt 1. With ``dry_run`` nothing moves: the tasks
-    that would be replayed are returned and the DLQ is left as it was.
+    At most ``limit``, and no more than the DLQ held when the replay started
+    (a task dead-lettered again meanwhile waits for the next replay). They
+    start again at attempt 1. Each is published mandatory: if no queue took
+    it, it stays in the DLQ and :class:`~amqpkit.Unroutable` is raised. With
+    ``dry_run`` nothing moves: the tasks that would be replayed are returned
+    and the DLQ is left as it was.
     """
     dlq = dlq_name(queue)
     target = work_queue_name(queue)
-    await broker.queue_counts(dlq)
+    wanted, _ = await broker.queue_counts(dlq)
     await broker.queue_counts(target)
+    if limit is not None:
+        wanted = min(wanted, limit)
     if dry_run:
-        return await list_dead_letters(broker, queue, limit=limit)
+        return await list_dead_letters(broker, queue, limit=wanted)
     replayed: list[DeadLetter] = []
-    while limit is None or len(replayed) < limit:
+    for _ in range(wanted):
         delivery = await broker.get(dlq)
         if delivery is None:
             break
@@ -98,9 +107,11 @@ async def replay_dead_letters(
         replays = headers.get("x-replayed")
         headers["x-replayed"] = replays + 1 if isinstance(replays, int) else 1
         try:
-            await broker.publish(delivery.forwarded(headers), routing_key=target)
+            await broker.publish(delivery.forwarded(headers), routing_key=target, mandatory=True)
         except BaseException:
-            await delivery.nack(requeue=True)
+            # Not stored in the work queue: it stays in the DLQ (if the channel is gone, it went back already).
+            with contextlib.suppress(Exception):
+                await delivery.nack(requeue=True)
             raise
         await delivery.ack()
         replayed.append(DeadLetter(body=delivery.body, **_described(delivery)))

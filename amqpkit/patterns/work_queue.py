@@ -10,11 +10,14 @@ Topology of a work queue named ``jobs`` (all declared by amqpkit)::
                    └── failed for good / Reject / undecodable: copy with the
                        reason in headers, then ack ──▶ jobs.dlq
 
-A failed task is re-published (with a publisher confirm, before the original
-is acked: nothing is lost in between) to a delay queue whose TTL hands it
-back to the work queue when the delay is over; the worker never sleeps while
-holding a message. Delay queues are quorum queues with at-least-once
-dead-lettering, one per delay step, and expire when unused. After the last
+A failed task is re-published (mandatory, with a publisher confirm, before
+the original is acked: nothing is lost in between) to a delay queue whose TTL
+hands it back to the work queue when the delay is over; the worker never
+sleeps while holding a message. Delay queues are quorum queues with
+at-least-once dead-lettering, one per delay step, and expire when unused.
+A copy that no queue takes is not acked: the worker declares its own target
+again and tries once more, else it requeues the task after a short pause and
+logs why. After the last
 attempt, or at once for :class:`Reject` and undecodable bodies, the task goes
 to ``<queue>.dlq`` carrying the error type and message, a trimmed traceback,
 the attempts, the first and last failure times and where it was first
@@ -41,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import AutoCodec, Codec, encode_body
 from ..connection import Broker, Consumer
-from ..errors import DecodeError, PublishError
+from ..errors import DecodeError, PublishError, Unroutable
 from ..message import Delivery, Envelope
 from ..topology import DeadLetterStrategy, Exchange, ExchangeType, Overflow, Queue, QueueType
 
@@ -234,7 +237,12 @@ class WorkQueue(Generic[T]):
         priority: int | None = None,
         timeout: float | None = None,
     ) -> str:
-        """Publish a task (persistent, confirmed); returns its id."""
+        """Publish a task (persistent, mandatory, confirmed); returns its id.
+
+        Raises :class:`~amqpkit.Unroutable` when no queue took the task (the
+        work queue was deleted under us): nothing was stored. The next
+        ``enqueue`` (or :meth:`declare`) declares the queue again.
+        """
         await self.declare()
         body, content_type = encode_body(self.codec, value)
         envelope = Envelope(
@@ -243,7 +251,11 @@ class WorkQueue(Generic[T]):
         )  # fmt: skip
         if task_id is not None:
             envelope.message_id = task_id
-        await self.broker.publish(envelope, routing_key=self.name, timeout=timeout)
+        try:
+            await self.broker.publish(envelope, routing_key=self.name, mandatory=True, timeout=timeout)
+        except Unroutable:
+            self._declared = False
+            raise
         task = envelope.message_id or ""
         if self.events:
             await self.publish_event(TaskEvent(task_id=task, queue=self.name, status=TaskStatus.PENDING, attempt=1,
@@ -261,11 +273,12 @@ class WorkQueue(Generic[T]):
         except PublishError as exc:
             log.warning("could not publish task event %s: %s", event.status.value, exc)
 
-    async def delay_queue(self, seconds: float) -> tuple[str, float]:
-        """The delay queue for ``seconds`` (declared on first use); returns its name and its real delay."""
+    async def delay_queue(self, seconds: float, *, renew: bool = False) -> tuple[str, float]:
+        """The delay queue for ``seconds`` (declared on first use, or again with ``renew``); returns its name and
+        its real delay."""
         ms = _delay_bucket(seconds)
         name = f"{self.name}.retry.{ms}"
-        if ms not in self._delay_queues:
+        if renew or ms not in self._delay_queues:
             await self.broker.declare_queue(
                 Queue(
                     name, type=QueueType.QUORUM, message_ttl=ms / 1000, expires=max(60.0, ms / 1000 * 3),
@@ -293,7 +306,18 @@ class Worker(Generic[T]):
     it is dead-lettered with the reason. :meth:`stop` stops taking tasks at
     once, lets running ones finish within ``grace`` seconds, and requeues
     the rest.
+
+    The copy to the delay queue or the DLQ is published mandatory and
+    confirmed before the original is acked. If no queue takes it, the worker
+    declares that queue again (both are its own) and tries once more; if the
+    copy still fails, the task is requeued after ``requeue_backoff`` seconds
+    (a target that stays broken is not hammered; after ``delivery_limit``
+    deliveries the broker dead-letters the task itself) and the failure is
+    logged and counted in ``forward_failures``.
     """
+
+    #: Seconds a task whose copy could not be stored is held before it is requeued.
+    requeue_backoff: float = 1.0
 
     def __init__(
         self,
@@ -320,6 +344,7 @@ class Worker(Generic[T]):
         self.retried = 0
         self.dead_lettered = 0
         self.duplicates = 0
+        self.forward_failures = 0
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -411,14 +436,22 @@ class Worker(Generic[T]):
             await self._dead_letter(raw, attempt, "max-attempts", exc, tb)
             return
         wanted = policy.delay(attempt) if delay is None else max(0.0, delay)
-        queue_name, real_delay = await self.queue.delay_queue(wanted)
+        try:
+            queue_name, real_delay = await self.queue.delay_queue(wanted)
+        except Exception as failure:
+            await self._hold_then_requeue(raw, f"the delay queue for {wanted:.3g} s", failure)
+            return
         headers = self._failure_headers(raw, attempt, exc, tb)
         headers[ATTEMPT] = attempt + 1
         log.warning(
             "task %s failed on attempt %d (%s: %s); retry in %.3g s",
             task_id, attempt, type(exc).__name__, exc, real_delay,
         )  # fmt: skip
-        if await self._forward(raw, queue_name, headers):
+
+        async def redeclare() -> None:
+            await self.queue.delay_queue(real_delay, renew=True)
+
+        if await self._forward(raw, queue_name, headers, redeclare):
             self.retried += 1
             if self.queue.events:
                 await self._event(task_id, TaskStatus.RETRYING, attempt, error=_error_text(exc), retry_in=real_delay)
@@ -427,7 +460,11 @@ class Worker(Generic[T]):
         headers = self._failure_headers(raw, attempt, exc, tb)
         headers[DEAD_LETTER_REASON] = reason
         headers[ATTEMPTS] = attempt
-        if await self._forward(raw, self.queue.dlq_name, headers):
+
+        async def redeclare() -> None:
+            await self.broker.declare_queue(self.queue.dlq)
+
+        if await self._forward(raw, self.queue.dlq_name, headers, redeclare):
             self.dead_lettered += 1
             if self.queue.events:
                 await self._event(raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, error=_error_text(exc))
@@ -448,17 +485,36 @@ class Worker(Generic[T]):
         headers.pop("x-delivery-count", None)
         return headers
 
-    async def _forward(self, raw: Delivery[bytes], routing_key: str, headers: dict[str, Any]) -> bool:
-        """Publish a copy with ``headers`` (confirmed), then ack the original. On failure, requeue it."""
+    async def _forward(
+        self, raw: Delivery[bytes], routing_key: str, headers: dict[str, Any], redeclare: Callable[[], Awaitable[None]]
+    ) -> bool:
+        """Publish a copy with ``headers`` to our own queue ``routing_key`` (mandatory, confirmed), then ack
+        the original. A copy no queue took: ``redeclare`` the queue and try once more. Failed: requeue it."""
+        copy = raw.forwarded(headers)
         try:
-            await self.broker.publish(raw.forwarded(headers), routing_key=routing_key)
+            try:
+                await self.broker.publish(copy, routing_key=routing_key, mandatory=True)
+            except Unroutable:
+                log.warning("queue %s was missing when task %s was sent there; declared it again",
+                            routing_key, raw.message_id)  # fmt: skip
+                await redeclare()
+                await self.broker.publish(copy, routing_key=routing_key, mandatory=True)
         except Exception as exc:
             # Not safely stored elsewhere: the original goes back to the queue instead.
-            log.error("could not move task %s to %s (%s); requeued", raw.message_id, routing_key, exc)
-            await _quietly(raw.nack(requeue=True))
+            await self._hold_then_requeue(raw, routing_key, exc)
             return False
         await _quietly(raw.ack())
         return True
+
+    async def _hold_then_requeue(self, raw: Delivery[bytes], target: str, exc: BaseException) -> None:
+        """The task could not be moved to ``target``: log it, and requeue it after ``requeue_backoff``."""
+        self.forward_failures += 1
+        log.error("could not move task %s to %s (%s: %s); requeued in %.3g s",
+                  raw.message_id, target, type(exc).__name__, exc, self.requeue_backoff)  # fmt: skip
+        try:
+            await asyncio.sleep(self.requeue_backoff)
+        finally:
+            await _quietly(raw.nack(requeue=True))
 
     async def _event(
         self, task_id: str, status: TaskStatus, attempt: int, *, error: str | None = None, retry_in: float | None = None

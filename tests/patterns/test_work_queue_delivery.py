@@ -1,0 +1,193 @@
+"""Work queues: what the pattern publishes by itself reaches a queue or fails loudly; delay queues stay while used.
+
+Each test removes a queue the pattern relies on while it runs (from another
+connection, or with ``broker.delete_queue``), or lets a delay queue reach its
+expiry, and checks that no task goes missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from amqpkit import (
+    Broker,
+    BrokerSettings,
+    Delivery,
+    Envelope,
+    Overflow,
+    Queue,
+    Reject,
+    RetryPolicy,
+    TopologyError,
+    Unroutable,
+    Worker,
+    WorkQueue,
+)
+from amqpkit.patterns.dlq import list_dead_letters, replay_dead_letters
+
+from ..waiting import until_ready, wait_for
+from ..worker_app import Job
+
+# Every task fails on its first attempt and completes on its second, 0.2 s later.
+ONCE = RetryPolicy(max_attempts=3, initial_delay=0.2, multiplier=1, jitter=0)
+DELAY_QUEUE_MS = 200
+
+# RabbitMQ 3.10 looks for expired quorum queues every few seconds (about 5 s
+# measured), so a queue outlives its x-expires by up to that much.
+BROKER_EXPIRY_CHECK = 6.0
+
+
+@pytest.fixture
+async def work(broker: Broker, name: str) -> AsyncIterator[WorkQueue[Job]]:
+    queue: WorkQueue[Job] = WorkQueue(broker, f"{name}.jobs", retry=ONCE)
+    yield queue
+    for q in [queue.name, queue.dlq_name, f"{queue.name}.retry.{DELAY_QUEUE_MS}"]:
+        with contextlib.suppress(Exception):
+            await broker.delete_queue(q)
+
+
+def fails_once(done: list[str]) -> Callable[[Delivery[Job]], Awaitable[None]]:
+    async def handler(delivery: Delivery[Job]) -> None:
+        if int(delivery.headers.get("x-attempt", 1)) == 1:
+            raise RuntimeError("the first attempt fails")
+        done.append(delivery.message_id or "")
+
+    return handler
+
+
+async def exists(broker: Broker, queue: str) -> bool:
+    """A passive declare: it does not count as use of a quorum queue, so it does not keep one alive."""
+    try:
+        await broker.queue_counts(queue)
+    except TopologyError:
+        return False
+    return True
+
+
+async def wait_gone(broker: Broker, queue: str, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while await exists(broker, queue):
+        assert loop.time() < end, f"{queue} still exists after {timeout} s"
+        await asyncio.sleep(0.25)
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "amqpkit.worker" and "could not move task" in r.getMessage()]
+
+
+# ---------------------------------------------------------------- a queue goes missing
+
+
+async def test_enqueue_to_a_deleted_work_queue_raises_unroutable(
+    broker: Broker, settings: BrokerSettings, work: WorkQueue[Job]
+) -> None:
+    await work.enqueue(Job(n=1))
+    async with Broker(settings) as other:
+        await other.delete_queue(work.name)
+    with pytest.raises(Unroutable) as raised:
+        await work.enqueue(Job(n=2))
+    assert raised.value.routing_key == work.name
+    # The caller knows; the next enqueue declares the queue again and the task is kept.
+    await work.enqueue(Job(n=3))
+    assert (await broker.queue_counts(work.name))[0] == 1
+
+
+async def test_retry_to_a_deleted_delay_queue_declares_it_again(
+    broker: Broker, settings: BrokerSettings, work: WorkQueue[Job]
+) -> None:
+    done: list[str] = []
+    async with Worker(work, fails_once(done)) as worker:
+        first = await work.enqueue(Job(n=1))
+        await wait_for(lambda: done == [first])
+        async with Broker(settings) as other:
+            await other.delete_queue(f"{work.name}.retry.{DELAY_QUEUE_MS}")
+        second = await work.enqueue(Job(n=2))
+        await wait_for(lambda: done == [first, second], timeout=30)
+    assert worker.retried == 2
+
+
+async def test_dead_letter_to_a_deleted_dlq_declares_it_again(broker: Broker, work: WorkQueue[Job]) -> None:
+    async def handler(job: Job) -> None:
+        raise Reject(f"not {job.n}")
+
+    async with Worker(work, handler) as worker:
+        await work.enqueue(Job(n=1), task_id="first")
+        await wait_for(lambda: worker.dead_lettered == 1)
+        await broker.delete_queue(work.dlq_name)
+        await work.enqueue(Job(n=2), task_id="second")
+        await wait_for(lambda: worker.dead_lettered == 2, timeout=30)
+    assert [d.task_id for d in await list_dead_letters(broker, work.name)] == ["second"]
+
+
+async def test_a_target_that_stays_broken_keeps_the_task_and_backs_off(
+    broker: Broker, settings: BrokerSettings, work: WorkQueue[Job], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="amqpkit.worker")
+
+    async def handler(job: Job) -> None:
+        raise Reject(f"not {job.n}")
+
+    loop = asyncio.get_running_loop()
+    async with Worker(work, handler) as worker, Broker(settings) as other:
+        await work.declare()
+        # In place of the DLQ, a queue that refuses every message: each copy is nacked.
+        await other.delete_queue(work.dlq_name)
+        await other.declare_queue(Queue(work.dlq_name, max_length=0, overflow=Overflow.REJECT_PUBLISH))
+        started = loop.time()
+        await work.enqueue(Job(n=1), task_id="kept")
+        await wait_for(lambda: len(refusals(caplog)) >= 3, timeout=30)
+        took = loop.time() - started
+        # A pause before each requeue (1 s by default), not a tight loop of redeliveries.
+        assert took >= 2.0, f"3 failed moves in {took:.3f} s"
+        assert worker.dead_lettered == 0
+        assert "kept" in refusals(caplog)[0].getMessage()
+        # Repaired: the next attempt finds no DLQ, declares it again, and the copy lands.
+        await other.delete_queue(work.dlq_name)
+        await wait_for(lambda: worker.dead_lettered == 1, timeout=30)
+    assert [d.task_id for d in await list_dead_letters(broker, work.name)] == ["kept"]
+    assert await broker.queue_counts(work.name) == (0, 0)
+
+
+async def test_dlq_replay_stops_when_the_work_queue_vanishes_and_keeps_the_rest(
+    broker: Broker, settings: BrokerSettings, work: WorkQueue[Job], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count, vanish_at = 30, 10
+    await _fill_dlq(broker, work, count)
+    # The work queue is deleted (from another connection) just before the replay takes its 10th task.
+    # (Deleting it at a random moment instead can hit a RabbitMQ 3.10 race: a publish that reaches a
+    # quorum queue while it is being deleted closes the publisher's connection with INTERNAL_ERROR.)
+    taken = 0
+    get = broker.get
+
+    async def get_then_vanish(queue: str, **kwargs: bool) -> Delivery[bytes] | None:
+        nonlocal taken
+        taken += 1
+        if taken == vanish_at:
+            async with Broker(settings) as other:
+                await other.delete_queue(work.name)
+        return await get(queue, **kwargs)
+
+    monkeypatch.setattr(broker, "get", get_then_vanish)
+    with pytest.raises(Unroutable):
+        await replay_dead_letters(broker, work.name)
+    monkeypatch.undo()
+    # The nine replayed went with the deleted queue; the rest, the one that found no queue included, stay.
+    await until_ready(broker, work.dlq_name, count - (vanish_at - 1))
+    assert (await broker.queue_counts(work.dlq_name))[0] == count - (vanish_at - 1)
+    letters = await list_dead_letters(broker, work.name)
+    assert sorted(d.task_id or "" for d in letters) == sorted(f"task-{i}" for i in range(vanish_at - 1, count))
+
+
+async def _fill_dlq(broker: Broker, work: WorkQueue[Job], count: int, body: bytes = b'{"n": 1}') -> None:
+    """``count`` tasks task-0, task-1, ... in the DLQ, in that order."""
+    await work.declare()
+    for i in range(count):
+        envelope = Envelope(body, content_type="application/json", message_id=f"task-{i}")
+        await broker.publish(envelope, routing_key=work.dlq_name)
+    await until_ready(broker, work.dlq_name, count)
