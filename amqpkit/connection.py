@@ -194,8 +194,7 @@ class Broker:
             attempts = f"{len(failures)} attempt{'s' if len(failures) != 1 else ''}"
             if exc.refused:
                 raise ConnectError(
-                    f"RabbitMQ at {targets} refused the login after {attempts} (check user, password and vhost): "
-                    f"{last}",
+                    f"RabbitMQ refused the login after {attempts} (check user, password and vhost): {last}",
                     reason="refused",
                 ) from None
             raise ConnectError(f"cannot connect to RabbitMQ at {targets} after {attempts}: {last}") from None
@@ -310,15 +309,24 @@ class Broker:
             refused = isinstance(
                 exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
             )
+            vhost_refused = isinstance(exc, aiormq.exceptions.InvalidFrameError) and _closed_on_open(exc)
             if isinstance(exc, TimeoutError):
                 reason = f"timed out after {self.settings.connect_timeout:g} s"
             elif refused:
-                reason = f"login refused (ACCESS_REFUSED): {self._scrub(str(exc))}"
+                reason = self._scrub(str(exc.args[0]) if exc.args else str(exc))
+            elif vhost_refused:
+                refused = True
+                vhost = url.path[1:] or "/"
+                reason = f"NOT_ALLOWED - vhost {vhost!r} does not exist or the user may not use it"
             else:
                 reason = self._scrub(f"{type(exc).__name__}: {exc}")
             log.warning("connect to %s failed: %s", host_port(raw), reason)
             raise _Unreachable(f"{host_port(raw)}: {reason}", refused=refused) from None
-        log.info("connected to %s (%s %s)", redact_url(raw), *_product(conn.server_properties))
+        # A reconnect says so once, in _reconnect; the first connect says where it went.
+        log.log(
+            logging.INFO if self._reconnect_task is None else logging.DEBUG,
+            "connected to %s (%s %s)", redact_url(raw), *_product(conn.server_properties),
+        )  # fmt: skip
 
     async def _setup(self, conn: _Connection) -> None:
         """Make ``conn`` current: channels, topology, consumers, then mark connected.
@@ -963,6 +971,12 @@ class Broker:
             # Closing the channel returns whatever is still unacked to the queue.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(channel.close(), timeout=5)
+
+
+def _closed_on_open(exc: BaseException) -> bool:
+    """The broker answered connection.open with connection.close: RabbitMQ's NOT_ALLOWED for a vhost."""
+    text = str(exc)
+    return "Connection.OpenOk" in text and "Connection.Close" in text
 
 
 def _worth_retrying(exc: BaseException) -> bool:

@@ -225,3 +225,17 @@ async def test_refused_login_says_so_and_is_not_retried(amqp_url: str) -> None:
     assert info.value.reason == "refused"
     assert "after 1 attempt" in text  # wrong credentials do not get better by trying again
     assert "Wr0ngPassw0rd" not in text
+
+
+async def test_unknown_vhost_is_a_refusal_not_an_outage(amqp_url: str) -> None:
+    from yarl import URL
+
+    from amqpkit import ConnectError, ReconnectPolicy
+
+    url = str(URL(amqp_url).with_path("/amqpkit-no-such-vhost"))
+    settings = BrokerSettings(url=url, reconnect=ReconnectPolicy(initial_delay=0.01, connect_attempts=5))
+    with pytest.raises(ConnectError) as info:
+        await Broker(settings).connect()
+    assert info.value.reason == "refused"
+    assert "NOT_ALLOWED" in str(info.value) and "amqpkit-no-such-vhost" in str(info.value)
+    assert str(info.value).count("refused") == 1, str(info.value)
