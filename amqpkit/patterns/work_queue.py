@@ -14,10 +14,11 @@ A failed task is re-published (mandatory, with a publisher confirm, before
 the original is acked: nothing is lost in between) to a delay queue whose TTL
 hands it back to the work queue when the delay is over; the worker never
 sleeps while holding a message. Delay queues are quorum queues with
-at-least-once dead-lettering, one per delay step, and expire when unused.
-A copy that no queue takes is not acked: the worker declares its own target
-again and tries once more, else it requeues the task after a short pause and
-logs why. After the last
+at-least-once dead-lettering, one per delay step, and expire when unused:
+while a worker uses one it renews the queue's lease (see
+:meth:`WorkQueue.delay_queue`). A copy that no queue takes is not acked: the
+worker declares its own target again and tries once more, else it requeues
+the task after a short pause and logs why. After the last
 attempt, or at once for :class:`Reject` and undecodable bodies, the task goes
 to ``<queue>.dlq`` carrying the error type and message, a trimmed traceback,
 the attempts, the first and last failure times and where it was first
@@ -29,6 +30,7 @@ deliveries, again at-least-once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -39,12 +41,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Generic, Protocol, Self, TypeVar, cast, runtime_checkable
 
+from aiormq.abc import AbstractChannel
+from pamqp.commands import Basic
 from pydantic import BaseModel, ConfigDict, Field
 
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import AutoCodec, Codec, encode_body
 from ..connection import Broker, Consumer
-from ..errors import DecodeError, PublishError, Unroutable
+from ..errors import DecodeError, PublishError, Unroutable, map_exceptions
 from ..message import Delivery, Envelope
 from ..topology import DeadLetterStrategy, Exchange, ExchangeType, Overflow, Queue, QueueType
 
@@ -176,6 +180,16 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class _DelayQueueState:
+    """What a WorkQueue knows of one of its delay queues: its spec and when its lease was last renewed."""
+
+    __slots__ = ("renewed", "spec")
+
+    def __init__(self, spec: Queue) -> None:
+        self.spec = spec
+        self.renewed: float | None = None  # loop time at which the last renewal was sent
+
+
 class WorkQueue(Generic[T]):
     """A durable work queue (a quorum queue by default) with its retry and dead-letter queues.
 
@@ -184,6 +198,12 @@ class WorkQueue(Generic[T]):
     classic durable queue of the official tutorial); retries and the DLQ work
     with it too, only the broker-side delivery limit needs the default spec.
     """
+
+    #: A delay queue of ``d`` seconds expires after ``max(delay_queue_min_expiry, 3 * d)`` seconds unused.
+    #: Every worker of a queue must use the same value (it is part of the delay queue's declaration).
+    delay_queue_min_expiry: float = 60.0
+    #: A delay queue's lease is renewed once this fraction of its expiry has passed since the last renewal.
+    delay_queue_renew_fraction: float = 1 / 3
 
     def __init__(
         self,
@@ -219,7 +239,10 @@ class WorkQueue(Generic[T]):
             )
         self.dlq = Queue(self.dlq_name, type=QueueType.QUORUM)
         self._declared = False
-        self._delay_queues: set[int] = set()
+        self._delay_queues: dict[int, _DelayQueueState] = {}  # by delay in ms
+        self._renewing = asyncio.Lock()
+        self._touch_channel: AbstractChannel | None = None  # ours, for the basic.get that renews a lease
+        self.delay_renewals = 0
 
     async def declare(self) -> None:
         if not self._declared:
@@ -273,21 +296,84 @@ class WorkQueue(Generic[T]):
         except PublishError as exc:
             log.warning("could not publish task event %s: %s", event.status.value, exc)
 
+    def delay_queue_expiry(self, ms: int) -> float:
+        """Seconds a delay queue of ``ms`` milliseconds lives unused (its ``x-expires``)."""
+        return max(self.delay_queue_min_expiry, ms / 1000 * 3)
+
     async def delay_queue(self, seconds: float, *, renew: bool = False) -> tuple[str, float]:
-        """The delay queue for ``seconds`` (declared on first use, or again with ``renew``); returns its name and
-        its real delay."""
+        """The delay queue for ``seconds``; returns its name and its real delay.
+
+        Declared on first use, and its lease renewed before use once
+        ``delay_queue_renew_fraction`` of its expiry has passed since the
+        last renewal (``renew`` forces both, e.g. after a publish to it came
+        back unroutable). A quorum queue on RabbitMQ 3.10 counts as used only
+        while it has a consumer or sees a ``basic.get`` — a re-declare does
+        not reset its expiry, nor does publishing to it — so the renewal is
+        a declare (it brings the queue back if it went) followed by one
+        ``basic.get``; a message that get takes is handed straight back
+        (its TTL keeps running from when it was queued).
+
+        A message is sent to a delay queue at most a third of the expiry
+        after the last renewal, so the queue has at least two thirds of its
+        expiry to run — twice the delay, and 40 s at the default — when the
+        message's TTL hands it back to the work queue. While a worker runs,
+        it also renews every delay queue it has used (see :class:`Worker`).
+        """
         ms = _delay_bucket(seconds)
-        name = f"{self.name}.retry.{ms}"
-        if renew or ms not in self._delay_queues:
-            await self.broker.declare_queue(
-                Queue(
-                    name, type=QueueType.QUORUM, message_ttl=ms / 1000, expires=max(60.0, ms / 1000 * 3),
-                    dead_letter_exchange="", dead_letter_routing_key=self.name,
-                    dead_letter_strategy=DeadLetterStrategy.AT_LEAST_ONCE,
-                )
-            )  # fmt: skip
-            self._delay_queues.add(ms)
-        return name, ms / 1000
+        state = self._delay_queues.get(ms)
+        if state is None or renew or self._renewal_due(ms, state):
+            await self._renew(ms, force=renew)
+        return f"{self.name}.retry.{ms}", ms / 1000
+
+    def _renewal_due(self, ms: int, state: _DelayQueueState) -> bool:
+        if state.renewed is None:
+            return True
+        age = asyncio.get_running_loop().time() - state.renewed
+        return age >= self.delay_queue_expiry(ms) * self.delay_queue_renew_fraction
+
+    def _delay_spec(self, ms: int) -> Queue:
+        return Queue(
+            f"{self.name}.retry.{ms}", type=QueueType.QUORUM, message_ttl=ms / 1000,
+            expires=self.delay_queue_expiry(ms), dead_letter_exchange="", dead_letter_routing_key=self.name,
+            dead_letter_strategy=DeadLetterStrategy.AT_LEAST_ONCE,
+        )  # fmt: skip
+
+    async def _renew(self, ms: int, *, force: bool = False) -> None:
+        """Declare the delay queue of ``ms`` and renew its lease (one at a time; skipped if another just did)."""
+        async with self._renewing:
+            state = self._delay_queues.get(ms)
+            if state is not None and not force and not self._renewal_due(ms, state):
+                return
+            spec = state.spec if state is not None else self._delay_spec(ms)
+            sent = asyncio.get_running_loop().time()  # the lease runs from no earlier than this
+            await self.broker.declare_queue(spec)
+            if state is None:
+                state = self._delay_queues[ms] = _DelayQueueState(spec)
+            try:
+                await asyncio.wait_for(self._touch(spec.name), self.broker.settings.publish_timeout)
+            except Exception as exc:
+                # The queue exists (just declared) but its lease may be as old as before: try again next use.
+                log.warning("could not renew delay queue %s: %s", spec.name, exc)
+                return
+            state.renewed = sent
+            self.delay_renewals += 1
+
+    async def renew_delay_queues(self) -> None:
+        """Renew the lease of every delay queue this WorkQueue has used, where it is due."""
+        for ms in list(self._delay_queues):
+            state = self._delay_queues[ms]
+            if self._renewal_due(ms, state):
+                await self._renew(ms)
+
+    async def _touch(self, queue: str) -> None:
+        """One basic.get on ``queue``, which counts as use; a message it takes goes straight back."""
+        channel = self._touch_channel
+        if channel is None or channel.is_closed:
+            channel = self._touch_channel = await self.broker._open_channel()
+        with map_exceptions(kind="queue", name=queue):
+            message = await channel.basic_get(queue, no_ack=False)
+            if isinstance(message.delivery, Basic.GetOk):
+                await channel.basic_reject(message.delivery.delivery_tag or 0, requeue=True)
 
 
 class Worker(Generic[T]):
@@ -314,6 +400,12 @@ class Worker(Generic[T]):
     (a target that stays broken is not hammered; after ``delivery_limit``
     deliveries the broker dead-letters the task itself) and the failure is
     logged and counted in ``forward_failures``.
+
+    While it runs, the worker renews the lease of every delay queue it has
+    used (every sixth of the shortest expiry it checks which are due), so a
+    delay queue is never removed while a worker that sends to it runs, even
+    if a message stays in it past its TTL because the work queue cannot take
+    it back yet. Once every such worker has stopped, it expires.
     """
 
     #: Seconds a task whose copy could not be stored is held before it is requeued.
@@ -339,6 +431,7 @@ class Worker(Generic[T]):
         # The codec: given here, else given to the queue, else read from the handler's annotation.
         self._handler: HandlerInfo = inspect_handler(handler, codec or queue.explicit_codec)
         self._consumer: Consumer | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.completed = 0
         self.retried = 0
@@ -360,10 +453,16 @@ class Worker(Generic[T]):
             self._consumer = await self.broker.consume(
                 self.queue.queue, self._on_task, prefetch=self.concurrency, on_error=self._failed
             )
+            if self._keeper is None or self._keeper.done():
+                self._keeper = asyncio.get_running_loop().create_task(
+                    self._keep_delay_queues(), name=f"amqpkit delay queues of {self.queue.name}"
+                )
 
     def _failed(self, exc: BaseException) -> None:
         """The queue could not be re-attached: the worker stops, and says so."""
         self._consumer = None
+        if self._keeper is not None:
+            self._keeper.cancel()
         self._stopped.set()
         if self.on_error is not None:
             self.on_error(exc)
@@ -373,7 +472,21 @@ class Worker(Generic[T]):
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.cancel(grace=self.grace if grace is None else grace)
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
         self._stopped.set()
+
+    async def _keep_delay_queues(self) -> None:
+        """Renew the delay queues' leases while the worker runs (a failed renewal is tried again next tick)."""
+        while True:
+            await asyncio.sleep(self.queue.delay_queue_min_expiry / 6)
+            try:
+                await self.queue.renew_delay_queues()
+            except Exception as exc:
+                log.warning("could not renew the delay queues of %s (tried again shortly): %s", self.queue.name, exc)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

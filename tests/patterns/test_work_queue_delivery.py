@@ -184,6 +184,50 @@ async def test_dlq_replay_stops_when_the_work_queue_vanishes_and_keeps_the_rest(
     assert sorted(d.task_id or "" for d in letters) == sorted(f"task-{i}" for i in range(vanish_at - 1, count))
 
 
+# ---------------------------------------------------------------- delay queues and their expiry
+
+
+async def test_a_delay_queue_in_constant_use_outlives_its_expiry(broker: Broker, work: WorkQueue[Job]) -> None:
+    work.delay_queue_min_expiry = 2.0  # x-expires of 2 s instead of 60 s
+    done: list[str] = []
+    sent: list[str] = []
+    loop = asyncio.get_running_loop()
+    async with Worker(work, fails_once(done)):
+        # A retry every 0.25 s for longer than the expiry and the broker's expiry check.
+        end = loop.time() + work.delay_queue_min_expiry + BROKER_EXPIRY_CHECK + 2
+        while loop.time() < end:
+            sent.append(await work.enqueue(Job(n=len(sent))))
+            await asyncio.sleep(0.25)  # pacing the producer, not waiting for anything
+        await wait_for(lambda: len(done) >= len(sent), timeout=30)
+    assert sorted(done) == sorted(sent)
+
+
+async def test_an_idle_delay_queue_stays_while_its_worker_runs_and_expires_after(
+    broker: Broker, work: WorkQueue[Job]
+) -> None:
+    work.delay_queue_min_expiry = 2.0
+    delay_queue = f"{work.name}.retry.{DELAY_QUEUE_MS}"
+    done: list[str] = []
+    loop = asyncio.get_running_loop()
+    async with Worker(work, fails_once(done)):
+        first = await work.enqueue(Job(n=1))
+        await wait_for(lambda: done == [first])
+        # Unused for longer than its expiry (and the broker's check): it is still there...
+        end = loop.time() + work.delay_queue_min_expiry + BROKER_EXPIRY_CHECK + 2
+        while loop.time() < end:
+            assert await exists(broker, delay_queue), "the delay queue expired while its worker ran"
+            await asyncio.sleep(0.25)
+        # ...and the next retry goes through it.
+        second = await work.enqueue(Job(n=2))
+        await wait_for(lambda: done == [first, second], timeout=30)
+    # Once no worker keeps it, the broker removes it...
+    await wait_gone(broker, delay_queue, timeout=60)
+    # ...and a worker started later on the same WorkQueue declares it again.
+    async with Worker(work, fails_once(done)):
+        third = await work.enqueue(Job(n=3))
+        await wait_for(lambda: done == [first, second, third], timeout=30)
+
+
 async def _fill_dlq(broker: Broker, work: WorkQueue[Job], count: int, body: bytes = b'{"n": 1}') -> None:
     """``count`` tasks task-0, task-1, ... in the DLQ, in that order."""
     await work.declare()
