@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -28,6 +29,7 @@ from amqpkit import (
     Worker,
     WorkQueue,
 )
+from amqpkit.patterns import dlq as dlq_module
 from amqpkit.patterns.dlq import list_dead_letters, replay_dead_letters
 
 from ..waiting import until_ready, wait_for
@@ -228,10 +230,54 @@ async def test_an_idle_delay_queue_stays_while_its_worker_runs_and_expires_after
         await wait_for(lambda: done == [first, second, third], timeout=30)
 
 
+# ---------------------------------------------------------------- listing the DLQ
+
+
 async def _fill_dlq(broker: Broker, work: WorkQueue[Job], count: int, body: bytes = b'{"n": 1}') -> None:
     """``count`` tasks task-0, task-1, ... in the DLQ, in that order."""
     await work.declare()
     for i in range(count):
         envelope = Envelope(body, content_type="application/json", message_id=f"task-{i}")
         await broker.publish(envelope, routing_key=work.dlq_name)
+    await until_ready(broker, work.dlq_name, count)
+
+
+async def test_dlq_list_without_a_limit_is_bounded(
+    broker: Broker, work: WorkQueue[Job], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dlq_module, "LIST_LIMIT", 5, raising=False)
+    await _fill_dlq(broker, work, 8)
+    letters = await list_dead_letters(broker, work.name)
+    assert [d.task_id for d in letters] == [f"task-{i}" for i in range(5)]
+    # Every message is handed back (on RabbitMQ 3.10 the five listed now come last: it requeues behind).
+    await until_ready(broker, work.dlq_name, 8)
+    again = await list_dead_letters(broker, work.name, limit=8)
+    assert sorted(d.task_id or "" for d in again) == [f"task-{i}" for i in range(8)]
+    # A listing of the whole DLQ leaves its order as it was.
+    await until_ready(broker, work.dlq_name, 8)
+    assert [d.task_id for d in await list_dead_letters(broker, work.name, limit=100)] == [d.task_id for d in again]
+
+
+async def test_iterating_the_dlq_holds_one_message_at_a_time(broker: Broker, work: WorkQueue[Job]) -> None:
+    count, size = 300, 32_000
+    body = b'{"n": 1, "pad": "' + b"x" * size + b'"}'
+    await _fill_dlq(broker, work, count, body)
+    seen: list[str | None] = []
+    tracemalloc.start()
+    try:
+        async with contextlib.aclosing(dlq_module.iter_dead_letters(broker, work.name)) as letters:
+            async for letter in letters:
+                seen.append(letter.task_id)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen == [f"task-{i}" for i in range(count)]
+    # ~9.6 MB of bodies went through; far less was held at once.
+    assert peak < count * size / 4, f"peak {peak:,} bytes"
+    await until_ready(broker, work.dlq_name, count)
+    # Leaving early hands every message back too.
+    async with contextlib.aclosing(dlq_module.iter_dead_letters(broker, work.name)) as letters:
+        async for letter in letters:
+            assert letter.task_id == "task-0"
+            break
     await until_ready(broker, work.dlq_name, count)
