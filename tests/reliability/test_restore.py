@@ -239,3 +239,36 @@ async def test_unknown_vhost_is_a_refusal_not_an_outage(amqp_url: str) -> None:
     assert info.value.reason == "refused"
     assert "NOT_ALLOWED" in str(info.value) and "amqpkit-no-such-vhost" in str(info.value)
     assert str(info.value).count("refused") == 1, str(info.value)
+
+
+@pytest.mark.whole_broker
+async def test_after_a_real_broker_restart_a_vanished_foreign_queue_is_reported(
+    settings: BrokerSettings, broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    """The case as a user met it: a transient queue owned by another client is gone after a restart."""
+    from .test_faults import restart_broker_app
+
+    theirs = f"{name}.transient"
+    ours = Queue(f"{name}.durable", durable=True)
+    cleanup += [f"q:{ours.name}"]
+    await broker.declare_queue(Queue(theirs, durable=False))
+    broker.forget(Queue(theirs, durable=False))  # its owner is not an amqpkit Broker: nobody declares it again
+    errors: list[BaseException] = []
+    got: list[bytes] = []
+
+    async def nothing(_: Delivery[bytes]) -> None:
+        return None
+
+    async def ours_handler(d: Delivery[bytes]) -> None:
+        got.append(d.body)
+        await d.ack()
+
+    async with Broker(settings) as b:
+        await b.consume(Queue(theirs), nothing, declare=False, on_error=errors.append)
+        await b.consume(ours, ours_handler)
+        await restart_broker_app()
+        await b.wait_connected(60)
+        await wait_for(lambda: errors, 30)
+        assert "NOT_FOUND" in str(errors[0])
+        await b.publish(Envelope(b"after restart"), routing_key=ours.name, mandatory=True)
+        await wait_for(lambda: got == [b"after restart"], 15)
