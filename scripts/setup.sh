@@ -63,7 +63,8 @@ ensure_broker() {
     fi
   fi
   log "starting rabbitmq-server"
-  rabbitmq-server -detached >/dev/null 2>&1 || true
+  # A node that fails to start writes an Erlang crash dump; keep it out of the checkout.
+  ERL_CRASH_DUMP="${TMPDIR:-/tmp}/amqpkit-rabbitmq-erl_crash.dump" rabbitmq-server -detached >/dev/null 2>&1 || true
   wait_for_broker
 }
 
