@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,7 +30,7 @@ from amqpkit import (
     WorkQueue,
 )
 
-from ..brokerctl import arabbitmqctl, memory_alarm_raised, memory_watermark, vhost_args
+from ..brokerctl import arabbitmqctl, memory_alarm_raised, memory_watermark, rabbitmqctl, vhost_args
 from ..waiting import until, wait_for
 from .conftest import HEARTBEAT
 from .proxy import FaultProxy
@@ -248,9 +249,19 @@ async def test_stalled_link_is_noticed_by_the_heartbeat(
     assert noticed <= 2 * HEARTBEAT + 0.5
 
 
+@pytest.fixture
+def watermark() -> Iterator[list[str]]:
+    """The node's memory watermark before the test (rabbitmqctl arguments), set back after it whatever happened."""
+    previous = memory_watermark()
+    try:
+        yield previous
+    finally:
+        rabbitmqctl("set_vm_memory_high_watermark", *previous)
+
+
 @pytest.mark.whole_broker
 async def test_memory_alarm_publishes_time_out_then_succeed(
-    settings: BrokerSettings, name: str, report: dict[str, dict[str, object]]
+    settings: BrokerSettings, watermark: list[str], name: str, report: dict[str, dict[str, object]]
 ) -> None:
     queue = f"{name}.alarm"
     confirmed: list[str] = []
@@ -262,7 +273,6 @@ async def test_memory_alarm_publishes_time_out_then_succeed(
             confirmed.append(f"before-{i}")
         timeouts = 0
         took: list[float] = []
-        previous = await asyncio.to_thread(memory_watermark)
         try:
             await arabbitmqctl("set_vm_memory_high_watermark", "0.0000001")
             # The alarm is raised on the node's next memory check.
@@ -274,7 +284,7 @@ async def test_memory_alarm_publishes_time_out_then_succeed(
                 took.append(time.monotonic() - started)
                 timeouts += 1
         finally:
-            await arabbitmqctl("set_vm_memory_high_watermark", *previous)
+            await arabbitmqctl("set_vm_memory_high_watermark", *watermark)  # the fixture does it again at the end
         cleared = time.monotonic()
         while True:
             try:
