@@ -39,7 +39,7 @@ from .proxy import FaultProxy
 async def restart_broker_app() -> None:
     await arabbitmqctl("stop_app")
     try:
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # the fault: the broker stays down a moment
     finally:
         await arabbitmqctl("start_app")
         await arabbitmqctl("await_startup")
@@ -101,7 +101,7 @@ async def test_zero_loss_under_cuts_and_a_broker_restart(
         """Seven cuts and one broker restart; returns (faults, faults that fell while publishing)."""
         faults = during = 0
         for step in range(8):
-            await asyncio.sleep(0.6)
+            await asyncio.sleep(0.6)  # the faults are spread over the publishing, not bunched at its start
             started = time.monotonic()
             generations = (producer.generation, consumer.generation)
             if len(confirmed) < total:
