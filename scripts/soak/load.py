@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -80,6 +81,25 @@ def outcome_of(exc: BaseException) -> str:
     if isinstance(exc, AmqpkitError):
         return type(exc).__name__
     return f"untyped:{type(exc).__name__}"
+
+
+class ErrorSamples:
+    """The first few errors of each kind, with their text; for an untyped one, where it came from."""
+
+    def __init__(self, clock: Clock, keep: int = 3) -> None:
+        self.clock = clock
+        self.keep = keep
+        self.samples: dict[str, list[dict[str, Any]]] = {}
+
+    def add(self, outcome: str, exc: BaseException) -> None:
+        kept = self.samples.setdefault(outcome, [])
+        if len(kept) >= self.keep:
+            return
+        sample: dict[str, Any] = {"t_s": round(self.clock.now(), 3), "error": f"{type(exc).__name__}: {exc}"[:300]}
+        if outcome.startswith("untyped:"):
+            frames = traceback.extract_tb(exc.__traceback__)[-6:]
+            sample["where"] = [f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames]
+        kept.append(sample)
 
 
 class Spawner:
@@ -173,6 +193,7 @@ class PubSub:
         self.subscribers: dict[str, Subscriber[Any]] = {}
         self.brokers: dict[str, Broker] = {}
         self.not_sent_backpressure = 0
+        self.errors = ErrorSamples(clock)
         self.gave_up: list[str] = []
         self._spawner = Spawner()
         self._publisher: Publisher[Any] | None = None
@@ -235,6 +256,7 @@ class PubSub:
             record.outcome = "confirmed"
         except Exception as exc:
             record.outcome = outcome_of(exc)
+            self.errors.add(record.outcome, exc)
         record.end = self.clock.now()
 
     async def finish(self, timeout: float) -> int:
@@ -269,6 +291,7 @@ class Tasks:
         self.failure_rate = failure_rate
         self.rng = random.Random(seed)
         self.sent: list[Sent] = []
+        self.errors = ErrorSamples(clock)
         self.not_sent_backpressure = 0
         self._spawner = Spawner()
         self._queue: WorkQueue[Any] | None = None
@@ -294,6 +317,7 @@ class Tasks:
             record.outcome = "confirmed"
         except Exception as exc:
             record.outcome = outcome_of(exc)
+            self.errors.add(record.outcome, exc)
         record.end = self.clock.now()
 
     async def finish(self, timeout: float) -> int:
@@ -484,6 +508,7 @@ class Rpc:
         self.timeout = timeout
         self.margin = margin
         self.calls: list[Call] = []
+        self.errors = ErrorSamples(clock)
         self.served: dict[int, int] = {}
         self.latest_ok = -1.0  # start of the latest call that succeeded
         self._spawner = Spawner()
@@ -518,12 +543,11 @@ class Rpc:
             if call.outcome == "ok":
                 self.latest_ok = max(self.latest_ok, call.start)
         except TimeoutError as exc:
-            if isinstance(exc, AmqpkitError):
-                call.outcome = type(exc).__name__
-            else:
-                call.outcome = "did-not-end"
+            call.outcome = type(exc).__name__ if isinstance(exc, AmqpkitError) else "did-not-end"
+            self.errors.add(call.outcome, exc)
         except Exception as exc:
             call.outcome = outcome_of(exc)
+            self.errors.add(call.outcome, exc)
         call.end = self.clock.now()
 
     async def finish(self) -> int:

@@ -236,9 +236,11 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
                 faults_over.set()
 
         async def progress() -> None:
+            next_at = 15.0
             while not load_over():
                 await asyncio.sleep(1)
-                if int(clock.now()) % 15 == 0:
+                if clock.now() >= next_at:
+                    next_at += 15
                     confirmed = sum(1 for s in pubsub.sent if s.confirmed)
                     subs = " ".join(f"{n} {len(a)}" for n, a in pubsub.arrivals.items())
                     done = len({x["id"] for x in read_journals(workdir) if x.get("outcome") == "done"})
@@ -330,8 +332,19 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
         if state.get("interrupted"):
             failures.append("interrupted before the end")
         pubsub_part["not_sent_backpressure"] = pubsub.not_sent_backpressure
+        pubsub_part["publish_error_samples"] = pubsub.errors.samples
         task_part["not_sent_backpressure"] = tasks.not_sent_backpressure
+        task_part["enqueue_error_samples"] = tasks.errors.samples
         rpc_part["requests_served_twice"] = rpc.served_twice()
+        rpc_part["error_samples"] = rpc.errors.samples
+        for part, samples in (("pub/sub", pubsub.errors), ("work queue", tasks.errors), ("rpc", rpc.errors)):
+            for outcome, kept in samples.samples.items():
+                if outcome.startswith("untyped:"):
+                    first = kept[0]
+                    failures.append(
+                        f"{part}: not an amqpkit error: {first['error']} at t={first['t_s']:.0f} s, "
+                        f"from {' <- '.join(reversed(first.get('where', [])[-3:]))}"
+                    )
         ordered_lag = sorted(lag) or [0.0]
         ledger = {
             "soak": {
