@@ -48,6 +48,7 @@ from .errors import (
 from .message import Delivery, Envelope
 from .settings import BrokerSettings, TlsSettings, host_port, redact_url
 from .topology import Binding, Exchange, Queue
+from .watchdog import blocked_note, watch
 
 __all__ = ["Broker", "Consumer", "ConsumerCallback"]
 
@@ -96,6 +97,7 @@ class Consumer:
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     on_error: Callable[[BaseException], None] | None = None
     error: BaseException | None = None  # why it stopped, when it could not be re-attached
+    lost_in_flight: int = 0  # deliveries whose callback a lost channel or connection cut short (redelivered)
     attach_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def cancel(self, *, grace: float = 0.0) -> None:
@@ -137,6 +139,7 @@ class Broker:
         self.generation = 0
         self.reconnects = 0
         self.republished = 0  # confirmed publishes sent again after the connection dropped mid-confirm
+        self._unwatch: Callable[[], None] | None = None  # the event-loop watchdog (amqpkit.watchdog)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,12 +201,17 @@ class Broker:
                     reason="refused",
                 ) from None
             raise ConnectError(f"cannot connect to RabbitMQ at {targets} after {attempts}: {last}") from None
+        if self._unwatch is None:
+            self._unwatch = watch(self.settings.loop_block_threshold, self.settings.heartbeat)
 
     async def close(self, *, grace: float = 5.0) -> None:
         """Stop consumers (letting running callbacks finish within ``grace``), then close."""
         if self._closing:
             return
         self._closing = True
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -410,7 +418,9 @@ class Broker:
         self._connected.clear()
         exc = closing.exception() if not closing.cancelled() else None
         reason = self._scrub(str(exc) if exc else "closed")
-        log.warning("connection to %s lost: %s; reconnecting", self._current_url_safe(), reason)
+        # A loop blocked past the heartbeat is the usual cause: say so (see amqpkit.watchdog).
+        note = blocked_note(self.settings.heartbeat)
+        log.warning("connection to %s lost: %s%s; reconnecting", self._current_url_safe(), reason, note)
         lost = ConnectionLost(f"connection lost: {reason}")
         for consumer in self._consumers.values():
             consumer.attached.clear()
@@ -884,6 +894,10 @@ class Broker:
             consumer.inflight.add(task)
         try:
             await consumer.callback(Delivery.from_aiormq(message, auto_ack=consumer.auto_ack))
+        except asyncio.CancelledError:
+            if not consumer.cancelled:  # cut short by a lost channel or connection, not by a stop
+                consumer.lost_in_flight += 1
+            raise
         except Exception:
             # Patterns settle and log their own failures; this is the last net.
             log.exception("consumer %s callback failed", consumer.consumer_tag)
@@ -971,6 +985,14 @@ class Broker:
             # Closing the channel returns whatever is still unacked to the queue.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(channel.close(), timeout=5)
+        if consumer.lost_in_flight:
+            n = consumer.lost_in_flight
+            log.warning("consumer %s on %s stopped; %d message%s in flight %s lost with the connection or channel "
+                        "while it ran (the broker delivers %s again)", consumer.consumer_tag, consumer.queue.name,
+                        n, "s" if n != 1 else "", "were" if n != 1 else "was", "them" if n != 1 else "it")  # fmt: skip
+        elif not self.is_connected:
+            log.info("consumer %s on %s stopped while the connection was down", consumer.consumer_tag,
+                     consumer.queue.name)  # fmt: skip
 
 
 def _closed_on_open(exc: BaseException) -> bool:

@@ -108,6 +108,12 @@ class BrokerSettings(_Frozen):
     tls: TlsSettings | None = None
     max_message_size: int = Field(default=DEFAULT_MAX_MESSAGE_SIZE, gt=0)
     reconnect: ReconnectPolicy = ReconnectPolicy()
+    loop_block_warning: float | None = Field(
+        default=None,
+        ge=0,
+        description="seconds the event loop may be blocked before the watchdog names the culprit; "
+        "None: a quarter of the heartbeat; 0: no watchdog",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -146,6 +152,13 @@ class BrokerSettings(_Frozen):
         if raw and "url" not in overrides and "urls" not in overrides:
             overrides["urls"] = tuple(u.strip() for u in raw.split(",") if u.strip())
         return cls(**overrides)
+
+    @property
+    def loop_block_threshold(self) -> float:
+        """The watchdog's threshold in seconds (0: off): ``loop_block_warning``, else a quarter of the heartbeat."""
+        if self.loop_block_warning is not None:
+            return self.loop_block_warning
+        return (self.heartbeat or DEFAULT_HEARTBEAT) / 4
 
     @property
     def safe_urls(self) -> tuple[str, ...]:
