@@ -3,11 +3,13 @@
 from ._version import __version__
 from .codec import AutoCodec, BytesCodec, Codec, JsonCodec, PydanticCodec, TextCodec, codec_for
 from .connection import Broker, Consumer
+from .context import TaskContext
 from .errors import (
     AmqpkitError,
     ConnectError,
     ConnectionLost,
     DecodeError,
+    HandlerCrashed,
     MessageTooLarge,
     NoResponder,
     PublishError,
@@ -57,6 +59,7 @@ __all__ = [
     "Envelope",
     "Exchange",
     "ExchangeType",
+    "HandlerCrashed",
     "IdempotencyStore",
     "JsonCodec",
     "MemoryIdempotencyStore",
@@ -83,6 +86,7 @@ __all__ = [
     "Settlement",
     "SettlementError",
     "Subscriber",
+    "TaskContext",
     "TaskEvent",
     "TaskStatus",
     "TextCodec",

@@ -17,6 +17,7 @@ The hierarchy::
     │   └── MessageTooLarge   refused client-side, over max_message_size
     ├── DecodeError           a body could not be turned into a value
     ├── SettlementError       a delivery was settled twice
+    ├── HandlerCrashed        the pool process running a handler died before it returned
     └── RpcError              a remote call did not produce a result
         ├── RpcTimeout        no reply before the deadline (also TimeoutError)
         ├── NoResponder       no queue took the request
@@ -37,6 +38,7 @@ __all__ = [
     "ConnectError",
     "ConnectionLost",
     "DecodeError",
+    "HandlerCrashed",
     "MessageTooLarge",
     "NoResponder",
     "PublishError",
@@ -131,6 +133,19 @@ class DecodeError(AmqpkitError):
 
 class SettlementError(AmqpkitError):
     """Raised when a delivery that was already acked, nacked or rejected is settled again."""
+
+
+class HandlerCrashed(AmqpkitError):
+    """Raised for a task whose pool process died before it returned (``os._exit``, a signal, the OOM killer).
+
+    Only that task fails (it then follows the retry policy like any failure);
+    the pool starts a fresh process in its place. ``exitcode`` is the dead
+    process's exit status when known (negative: killed by that signal).
+    """
+
+    def __init__(self, message: str, *, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
 
 
 class RpcError(AmqpkitError):

@@ -155,7 +155,7 @@ class Subscriber(Generic[T]):
         self,
         broker: Broker,
         exchange: Exchange,
-        handler: Callable[[Any], Awaitable[Any]],
+        handler: Callable[..., Any],
         *,
         binding_keys: Sequence[str] = ...,
         headers: Mapping[str, Any] | None = ...,
@@ -190,7 +190,7 @@ class Subscriber(Generic[T]):
         self,
         broker: Broker,
         exchange: Exchange,
-        handler: Callable[[Any], Awaitable[Any]] | None = None,
+        handler: Callable[..., Any] | None = None,
         *,
         binding_keys: Sequence[str] = ("",),
         headers: Mapping[str, Any] | None = None,
@@ -210,7 +210,10 @@ class Subscriber(Generic[T]):
         self.auto_ack = auto_ack
         self.on_error = on_error
         self.error: BaseException | None = None
-        self._handler: HandlerInfo | None = inspect_handler(handler, codec) if handler is not None else None
+        # A plain def runs in a pool of `prefetch` threads.
+        self._handler: HandlerInfo | None = (
+            inspect_handler(handler, codec, concurrency=prefetch) if handler is not None else None
+        )
         if self._handler is not None:
             self.codec: Codec[Any] = self._handler.codec
         else:
@@ -307,6 +310,8 @@ class Subscriber(Generic[T]):
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.cancel(grace=grace)
+        if self._handler is not None:
+            self._handler.close()
         self._forget()
         self._stopped.set()
 

@@ -29,7 +29,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Self, TypeVar, overload
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -58,6 +58,7 @@ __all__ = ["DEFAULT_RPC_TIMEOUT", "ERROR_CONTENT_TYPE", "RpcClient", "RpcServer"
 log = logging.getLogger("amqpkit.rpc")
 
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
 
 ERROR_CONTENT_TYPE = "application/vnd.amqpkit.error+json"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -114,7 +115,7 @@ class RpcServer:
         queue: Queue | str = "rpc_queue",
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
-        handlers: Mapping[str, Callable[..., Awaitable[Any]]] | None = None,
+        handlers: Mapping[str, Callable[..., Any]] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.broker = broker
@@ -135,21 +136,21 @@ class RpcServer:
     def add(
         self,
         name: str,
-        fn: Callable[..., Awaitable[Any]],
+        fn: Callable[..., Any],
         *,
         codec: Codec[Any] | None = None,
         reply_codec: Codec[Any] | None = None,
     ) -> None:
         """Serve ``fn`` as method ``name``. Codecs come from its annotations unless given."""
-        info = inspect_handler(fn, codec)
+        info = inspect_handler(fn, codec, concurrency=self.concurrency)  # a plain def: in a thread
         if reply_codec is None:
             reply_codec = codec_for(info.returns) if info.returns not in (Any, None, type(None)) else info.codec
         self._methods[name] = (info, reply_codec)
 
-    def method(self, name: str | None = None) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
+    def method(self, name: str | None = None) -> Callable[[F], F]:
         """Decorator form of :meth:`add`; the name defaults to the function's name."""
 
-        def register(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+        def register(fn: F) -> F:
             self.add(name or fn.__name__, fn)
             return fn
 
@@ -204,6 +205,8 @@ class RpcServer:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.cancel(grace=grace)
+            for info, _ in self._methods.values():
+                info.close()
             if not _consumed_elsewhere(self.broker, self.queue):
                 self.broker.forget(self.queue)
         self._stopped.set()

@@ -49,8 +49,10 @@ from .._handlers import HandlerInfo, inspect_handler
 from ..codec import AutoCodec, Codec, encode_body
 from ..connection import Broker, Consumer
 from ..errors import DecodeError, PublishError, Unroutable, map_exceptions
+from ..executors import ExecutorKind
 from ..message import Delivery, Envelope
 from ..topology import DeadLetterStrategy, Exchange, ExchangeType, Overflow, Queue, QueueType
+from .long_tasks import ConsumerTimeouts, task_context
 
 __all__ = [
     "TASK_EVENTS_EXCHANGE",
@@ -126,6 +128,7 @@ class TaskStatus(StrEnum):
     FAILED = "failed"
     RETRYING = "retrying"
     DEAD_LETTERED = "dead_lettered"
+    PROGRESS = "progress"
 
 
 class TaskEvent(BaseModel):
@@ -138,6 +141,8 @@ class TaskEvent(BaseModel):
     timestamp: datetime
     error: str | None = None
     retry_in: float | None = None
+    progress: float | None = None  # 0 to 1, for status "progress" (see TaskContext)
+    note: str | None = None
 
 
 @runtime_checkable
@@ -414,13 +419,15 @@ class Worker(Generic[T]):
     def __init__(
         self,
         queue: WorkQueue[Any],
-        handler: Callable[[Any], Awaitable[Any]],
+        handler: Callable[..., Any],
         *,
         concurrency: int = 16,
         codec: Codec[Any] | None = None,
         idempotency: IdempotencyStore | None = None,
         grace: float = 30.0,
         on_error: Callable[[BaseException], None] | None = None,
+        executor: ExecutorKind | None = None,
+        processes: int | None = None,
     ) -> None:
         self.queue = queue
         self.broker = queue.broker
@@ -429,7 +436,12 @@ class Worker(Generic[T]):
         self.idempotency = idempotency
         self.on_error = on_error
         # The codec: given here, else given to the queue, else read from the handler's annotation.
-        self._handler: HandlerInfo = inspect_handler(handler, codec or queue.explicit_codec)
+        # A plain def runs in `concurrency` threads; executor="process" in `processes` processes.
+        self._handler: HandlerInfo = inspect_handler(
+            handler, codec or queue.explicit_codec, concurrency=concurrency, executor=executor,
+            processes=processes, context=lambda delivery: task_context(self, delivery),
+        )  # fmt: skip
+        self._timeouts = ConsumerTimeouts(self)
         self._consumer: Consumer | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -451,8 +463,9 @@ class Worker(Generic[T]):
             await self.queue.declare()
             self._stopped.clear()
             self._consumer = await self.broker.consume(
-                self.queue.queue, self._on_task, prefetch=self.concurrency, on_error=self._failed
-            )
+                self.queue.queue, self._timeouts.wrap(self._on_task), prefetch=self.concurrency,
+                on_error=self._failed,
+            )  # fmt: skip
             if self._keeper is None or self._keeper.done():
                 self._keeper = asyncio.get_running_loop().create_task(
                     self._keep_delay_queues(), name=f"amqpkit delay queues of {self.queue.name}"
@@ -472,6 +485,7 @@ class Worker(Generic[T]):
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.cancel(grace=self.grace if grace is None else grace)
+        self._handler.close()  # its thread or process pool
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             keeper.cancel()

@@ -1,0 +1,331 @@
+"""Where a handler runs when it is not an ``async def`` on the event loop: threads, or processes.
+
+- :class:`ThreadRunner`: a bounded pool of threads for plain ``def``
+  handlers (blocking I/O, libraries without asyncio). Its size is the
+  handler's concurrency (``Worker(concurrency=)``, ``Subscriber(prefetch=)``,
+  ``RpcServer(concurrency=)``), so every message in flight has a thread and
+  the event loop, with the connection's heartbeats, keeps running.
+- :class:`ProcessRunner`: ``processes`` worker processes for CPU-bound work
+  (``executor="process"``). The decoded value goes in and the result comes
+  back through the standard library's process pool (which pickles them
+  between its own processes; what goes over the wire stays JSON). Each
+  process is a pool of its own, so a process that dies (``os._exit``,
+  SIGKILL, the OOM killer) fails only the task it was running, with
+  :class:`~amqpkit.HandlerCrashed`, and a fresh process takes its place.
+  Processes are started with ``spawn``: the handler must be importable by
+  name (a module-level function), and so must its argument types.
+
+An exception a handler raises in a process comes back as the same type with
+the same arguments and attributes (so ``Retry(delay=5)`` and ``Reject`` work
+as on the loop); its traceback from the child is chained as the cause. A type
+that cannot be found again in the parent becomes a ``RuntimeError`` naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import contextlib
+import contextvars
+import importlib
+import itertools
+import logging
+import multiprocessing
+import os
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Literal
+
+from .context import TaskContext, _child_relay
+from .errors import HandlerCrashed
+
+__all__ = ["ExecutorKind", "ProcessRunner", "ThreadRunner"]
+
+log = logging.getLogger("amqpkit.executors")
+
+ExecutorKind = Literal["thread", "process"]
+
+
+class ThreadRunner:
+    """Up to ``max_workers`` threads for plain ``def`` handlers; made on first use."""
+
+    def __init__(self, max_workers: int, name: str = "handler") -> None:
+        if max_workers < 1:
+            raise ValueError("a thread pool needs at least one thread")
+        self.max_workers = max_workers
+        self.name = name
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    async def submit(self, fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any]) -> concurrent.futures.Future[Any]:
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.max_workers, thread_name_prefix=f"amqpkit-{self.name}"
+                )
+            pool = self._pool
+        # The handler sees the context variables of the task that received the message.
+        ctx = contextvars.copy_context()
+        return pool.submit(ctx.run, _call_sync, fn, arg, kwargs)
+
+    def close(self) -> None:
+        """Queued calls are dropped; running ones finish in their threads (a thread cannot be stopped)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Slot:
+    """One process: a pool of its own, so that its death breaks nothing else."""
+
+    __slots__ = ("index", "pool")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+class ProcessRunner:
+    """``processes`` worker processes, each running one call at a time."""
+
+    def __init__(self, processes: int, name: str = "handler") -> None:
+        if processes < 1:
+            raise ValueError("a process pool needs at least one process")
+        self.processes = processes
+        self.name = name
+        self.crashes = 0
+        self._mp = multiprocessing.get_context("spawn")
+        self._slots = [_Slot(i) for i in range(processes)]
+        self._free: asyncio.Queue[_Slot] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tokens = itertools.count(1)
+        self._contexts: dict[int, TaskContext] = {}
+        self._progress: Any = None  # a multiprocessing queue, made with the first process
+        self._reader: threading.Thread | None = None
+        self._closed = False
+
+    async def submit(self, fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any]) -> concurrent.futures.Future[Any]:
+        """Wait for a free process, then start ``fn(arg, **kwargs)`` in it; the call's future."""
+        loop = asyncio.get_running_loop()
+        if self._closed or self._free is None or self._loop is not loop:
+            self._closed = False  # started again after close(): fresh processes
+            self._loop = loop
+            self._free = asyncio.Queue()
+            for slot in self._slots:
+                self._free.put_nowait(slot)
+        slot = await self._free.get()
+        try:
+            pool = self._pool_of(slot)
+            token = None
+            for value in kwargs.values():
+                if isinstance(value, TaskContext):
+                    token = value.token = next(self._tokens)
+                    self._contexts[token] = value
+            future = pool.submit(_call_in_child, fn, arg, kwargs, asyncio.iscoroutinefunction(fn))
+        except BaseException:
+            self._free.put_nowait(slot)
+            raise
+        future.add_done_callback(lambda f: self._from_any_thread(self._release, slot, pool, f, token))
+        return future
+
+    def _pool_of(self, slot: _Slot) -> concurrent.futures.ProcessPoolExecutor:
+        if slot.pool is None:
+            if self._progress is None:
+                self._progress = self._mp.Queue()
+                self._reader = threading.Thread(
+                    target=self._read_progress, args=(self._progress,), name=f"amqpkit-{self.name}-progress",
+                    daemon=True,
+                )  # fmt: skip
+                self._reader.start()
+            slot.pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=self._mp, initializer=_child_init, initargs=(self._progress,)
+            )
+        return slot.pool
+
+    def _from_any_thread(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _release(
+        self, slot: _Slot, pool: concurrent.futures.ProcessPoolExecutor, future: concurrent.futures.Future[Any],
+        token: int | None,
+    ) -> None:  # fmt: skip
+        if token is not None:
+            self._contexts.pop(token, None)
+        if slot.pool is not pool or self._free is None:
+            return  # closed since: the slot is not handed out from this pool any more
+        broken = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
+        if broken:
+            self.crashes += 1
+            codes = [p.exitcode for p in (getattr(pool, "_processes", None) or {}).values() if p.exitcode]
+            if codes:
+                future._amqpkit_exitcode = codes[0]  # type: ignore[attr-defined]  # read by crash()
+            slot.pool = None  # a fresh process next time
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._free.put_nowait(slot)
+
+    def crash(self, future: concurrent.futures.Future[Any], handler: str) -> HandlerCrashed:
+        """The error for a call whose process died under it (with its exit status when known)."""
+        code: int | None = getattr(future, "_amqpkit_exitcode", None)
+        how = f"exit status {code}" if code is not None and code >= 0 else ""
+        if code is not None and code < 0:
+            how = f"killed by signal {-code}"
+        return HandlerCrashed(
+            f"the process running handler {handler} died before it returned ({how or 'killed, or os._exit'}); "
+            "a fresh process takes its place",
+            exitcode=code,
+        )
+
+    def _read_progress(self, queue: Any) -> None:
+        while True:
+            try:
+                item = queue.get()
+            except (EOFError, OSError, ValueError):
+                return
+            if item is None:
+                return
+            token, fraction, note = item
+            self._from_any_thread(self._progress_arrived, token, fraction, note)
+
+    def _progress_arrived(self, token: int, fraction: float, note: str | None) -> None:
+        ctx = self._contexts.get(token)
+        if ctx is not None:
+            with contextlib.suppress(ValueError):
+                ctx.progress_nowait(fraction, note)
+
+    def close(self) -> None:
+        """Stop every process now (a running call is killed: its task was given back to the queue)."""
+        self._closed = True
+        for slot in self._slots:
+            pool, slot.pool = slot.pool, None
+            if pool is not None:
+                _terminate(pool)
+        if self._progress is not None:
+            with contextlib.suppress(Exception):
+                self._progress.put(None)
+            if self._reader is not None:
+                self._reader.join(timeout=5)
+            with contextlib.suppress(Exception):
+                self._progress.close()
+            self._progress = None
+            self._reader = None
+        self._contexts.clear()
+        self._free = None
+
+
+def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            if process.is_alive():
+                process.terminate()
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(timeout=2)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=2)
+
+
+# ---------------------------------------------------------------- in the thread, in the child
+
+
+def _call_sync(fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any]) -> Any:
+    result = fn(arg, **kwargs)
+    if asyncio.iscoroutine(result):
+        result.close()
+        raise TypeError(f"handler {getattr(fn, '__qualname__', fn)!r} returned a coroutine: make it 'async def'")
+    return result
+
+
+def _child_init(progress: Any) -> None:
+    def relay(token: int, fraction: float, note: str | None) -> None:
+        progress.put((token, fraction, note))
+
+    _child_relay[:] = [relay]
+
+
+def _call_in_child(fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any], is_async: bool) -> Any:
+    try:
+        if is_async:
+            return asyncio.run(fn(arg, **kwargs))
+        return _call_sync(fn, arg, kwargs)
+    except BaseException as exc:
+        raise _Carried.of(exc) from None
+
+
+class _Carried(Exception):
+    """An exception on its way back from a pool process, as plain data (type by name, args, attributes)."""
+
+    def __init__(self, module: str, qualname: str, args: tuple[Any, ...], state: dict[str, Any], tb: str) -> None:
+        super().__init__(module, qualname, args, state, tb)
+        self.module, self.qualname, self.exc_args, self.state, self.tb = module, qualname, args, state, tb
+
+    @classmethod
+    def of(cls, exc: BaseException) -> _Carried:
+        kind = type(exc)
+        tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
+        state = {k: _plain(v) for k, v in getattr(exc, "__dict__", {}).items() if not k.startswith("__")}
+        return cls(kind.__module__, kind.__qualname__, tuple(_plain(a) for a in exc.args), state, tb)
+
+    def restore(self) -> BaseException:
+        kind = _find_exception(self.module, self.qualname)
+        exc: BaseException
+        if kind is None:
+            text = ", ".join(str(a) for a in self.exc_args)
+            exc = RuntimeError(f"{self.module}.{self.qualname}: {text}")
+        else:
+            try:
+                exc = kind.__new__(kind)
+                exc.args = self.exc_args
+                if hasattr(exc, "__dict__"):
+                    exc.__dict__.update(self.state)
+            except Exception:
+                exc = RuntimeError(f"{self.module}.{self.qualname}: {', '.join(str(a) for a in self.exc_args)}")
+        exc.__cause__ = RemoteTraceback(self.tb)
+        return exc
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a pool process, as the child printed it."""
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.args[0] if self.args else ""}"""'
+
+
+def _find_exception(module: str, qualname: str) -> type[BaseException] | None:
+    try:
+        target: Any = builtins if module == "builtins" else importlib.import_module(module)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError):
+        return None
+    return target if isinstance(target, type) and issubclass(target, BaseException) else None
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` as plain data (str, numbers, lists, dicts of those), else its repr."""
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        return value
+    if depth < 4 and isinstance(value, list | tuple):
+        return (
+            type(value)(_plain(v, depth + 1) for v in value)
+            if isinstance(value, tuple)
+            else [_plain(v, depth + 1) for v in value]
+        )
+    if depth < 4 and isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    return repr(value)
+
+
+def default_processes(concurrency: int) -> int:
+    """As many processes as cores, at most one per message in flight."""
+    return max(1, min(concurrency, os.cpu_count() or 1))

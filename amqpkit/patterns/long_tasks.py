@@ -1,0 +1,224 @@
+"""Long tasks on a work queue: progress reports, and the broker's delivery timeout.
+
+RabbitMQ gives a consumer ``consumer_timeout`` (30 minutes by default) to
+acknowledge a delivery. Past it, the broker closes the consumer's channel
+with ``PRECONDITION_FAILED - delivery acknowledgement on channel N timed
+out`` and puts every unacknowledged message of that channel back in the
+queue. A worker that simply runs the copy again times out again: the task
+loops for ever, and never completes.
+
+:class:`ConsumerTimeouts` sits in front of a :class:`~amqpkit.Worker`'s task
+callback. When a channel closes for that reason it names the task that was
+held (the oldest in flight on the channel: the broker checks only that one)
+in one ERROR line, and remembers it. When the broker delivers that task
+again (same task id, flagged redelivered):
+
+- if its first run goes on (a plain ``def`` in its thread, or a process:
+  those cannot be stopped), the copy waits for it, at most half the timeout,
+  and takes its outcome: completed, retried or dead-lettered as usual. The
+  handler does not run twice;
+- otherwise (an ``async def`` run is cancelled with its channel, or the
+  first run is still going after the wait) the copy goes to the DLQ with
+  reason ``consumer-timeout``, and is not run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import aiormq.exceptions
+
+from ..context import TaskContext
+from ..errors import AmqpkitError
+from ..message import Delivery
+
+if TYPE_CHECKING:
+    from .work_queue import Worker
+
+__all__ = ["ConsumerTimeoutExceeded", "ConsumerTimeouts", "task_context"]
+
+log = logging.getLogger("amqpkit.worker")
+
+TaskCallback = Callable[[Delivery[bytes]], Awaitable[None]]
+
+DEAD_LETTER_REASON = "consumer-timeout"
+REMEMBER = 10_000  # timed-out task ids kept until their copy comes back
+_TIMEOUT_TEXT = re.compile(r"delivery acknowledgement on channel \d+ timed out")
+_TIMEOUT_VALUE = re.compile(r"Timeout value used: (\d+) ms")
+
+
+class ConsumerTimeoutExceeded(AmqpkitError):
+    """What a task dead-lettered for the broker's ``consumer_timeout`` carries as its error."""
+
+
+def task_context(worker: Worker[Any], delivery: Delivery[Any]) -> TaskContext:
+    """The :class:`TaskContext` a Worker's handler gets: the task, and progress as ``<queue>.progress`` events."""
+    from .work_queue import ATTEMPT, TaskEvent, TaskStatus, _as_int
+
+    queue = worker.queue
+    task_id = delivery.message_id or ""
+    attempt = _as_int(delivery.headers.get(ATTEMPT), 1)
+
+    async def publish(fraction: float, note: str | None) -> None:
+        if queue.events:
+            await queue.publish_event(
+                TaskEvent(task_id=task_id, queue=queue.name, status=TaskStatus.PROGRESS, attempt=attempt,
+                          timestamp=datetime.now(UTC), progress=fraction, note=note)
+            )  # fmt: skip
+
+    return TaskContext(task_id, queue.name, attempt, publish=publish, loop=asyncio.get_running_loop())
+
+
+@dataclass(eq=False)
+class _Run:
+    task_id: str
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _TimedOut:
+    timeout_ms: int | None
+    held_for: float
+
+    @property
+    def wait(self) -> float:
+        """How long a copy may wait for the first run: half the timeout (the copy's own clock runs too)."""
+        return (self.timeout_ms or 60_000) / 2000
+
+
+class ConsumerTimeouts:
+    """Notices channels the broker closed for ``consumer_timeout``, and keeps the copies from looping."""
+
+    def __init__(self, worker: Worker[Any]) -> None:
+        self.worker = worker
+        self.timed_out = 0  # tasks the broker took back for consumer_timeout
+        # Runs by channel: running ones, and those cut short (kept until their channel's close is seen:
+        # aiormq cancels a channel's tasks before the close reaches us).
+        self._runs: dict[int, dict[int, _Run]] = {}
+        self._remembered: OrderedDict[str, _TimedOut] = OrderedDict()
+
+    def wrap(self, inner: TaskCallback) -> TaskCallback:
+        async def on_task(raw: Delivery[bytes]) -> None:
+            key = raw.message_id
+            if key and raw.redelivered and key in self._remembered and await self._copy(raw, key):
+                return
+            channel = raw._settler.channel
+            run = _Run(key or "")
+            runs = self._watch(channel)
+            runs[id(run)] = run
+            try:
+                await inner(raw)
+            except asyncio.CancelledError:
+                raise  # kept in `runs` until the channel's close says why
+            except BaseException:
+                runs.pop(id(run), None)
+                raise
+            runs.pop(id(run), None)
+
+        return on_task
+
+    # ------------------------------------------------------------------ the broker closed a channel
+
+    def _watch(self, channel: Any) -> dict[int, _Run]:
+        runs = self._runs.get(id(channel))
+        if runs is not None:
+            return runs
+        runs = self._runs[id(channel)] = {}
+        closing = getattr(channel, "closing", None)
+        if closing is not None:
+            closing.add_done_callback(lambda fut: self._closed(channel, fut))
+        return runs
+
+    def _closed(self, channel: Any, closing: asyncio.Future[Any]) -> None:
+        held_runs = self._runs.pop(id(channel), {})
+        exc = None if closing.cancelled() else closing.exception()
+        text = str(exc) if exc is not None else ""
+        if not isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed) or not _TIMEOUT_TEXT.search(text):
+            return
+        match = _TIMEOUT_VALUE.search(text)
+        timeout_ms = int(match.group(1)) if match else None
+        runs = sorted(held_runs.values(), key=lambda r: r.started)
+        if not runs:
+            log.error("the broker closed a worker channel on %s for consumer_timeout (%s); no task was running "
+                      "on it any more", self.worker.queue.name, _ms(timeout_ms))  # fmt: skip
+            return
+        held, others = runs[0], len(runs) - 1
+        held_for = time.monotonic() - held.started
+        self.timed_out += 1
+        if held.task_id:
+            self._remembered[held.task_id] = _TimedOut(timeout_ms, held_for)
+            self._remembered.move_to_end(held.task_id)
+            while len(self._remembered) > REMEMBER:
+                self._remembered.popitem(last=False)
+        handler = self.worker._handler
+        if handler.runs_on == "loop":
+            then = "its run is cancelled, and its copy goes to the DLQ (reason consumer-timeout) instead of running"
+        else:
+            then = (f"its run goes on in its {handler.runs_on}; the copy the broker delivers next waits up to "
+                    f"{_TimedOut(timeout_ms, 0).wait:g} s for it instead of running again, else goes to the "
+                    "DLQ (reason consumer-timeout)")  # fmt: skip
+        log.error(
+            "task %s on %s was held %.1f s, past the broker's consumer_timeout (%s): RabbitMQ closed the worker's "
+            "channel and gives the task back; %s.%s For tasks this long, raise consumer_timeout "
+            "(see patterns/work-queue.md)",
+            held.task_id or "(no id)", self.worker.queue.name, held_for, _ms(timeout_ms), then,
+            f" {others} other task{'s' if others != 1 else ''} in flight on that channel go back to the queue too."
+            if others else "",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ its copy comes back
+
+    async def _copy(self, raw: Delivery[bytes], key: str) -> bool:
+        """Handle the copy of a timed-out task; False: let the worker run it (it takes the first run's outcome)."""
+        info = self._remembered.pop(key)
+        first = self.worker._handler.orphan(key)
+        if first is not None:
+            if not first.done():
+                await _wait(first, info.wait)
+            if first.done():
+                return False  # the worker adopts the outcome (see HandlerInfo): no second run
+            first.add_done_callback(lambda f: _late(key, self.worker.queue.name, f))
+        from .work_queue import ATTEMPT, _as_int
+
+        why = ConsumerTimeoutExceeded(
+            f"held {info.held_for:.0f} s, past the broker's consumer_timeout ({_ms(info.timeout_ms)}); "
+            "not run again: raise consumer_timeout or split the task, then replay it"
+        )
+        log.error("task %s delivered again after its consumer_timeout: dead-lettered (reason %s), not run again",
+                  key, DEAD_LETTER_REASON)  # fmt: skip
+        await self.worker._dead_letter(raw, _as_int(raw.headers.get(ATTEMPT), 1), DEAD_LETTER_REASON, why, None)
+        return True
+
+
+async def _wait(future: concurrent.futures.Future[Any], timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def wake(_: object) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(done.set)
+
+    future.add_done_callback(wake)
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    except TimeoutError:
+        return
+
+
+def _late(key: str, queue: str, future: concurrent.futures.Future[Any]) -> None:
+    outcome = "was cancelled" if future.cancelled() else ("failed" if future.exception() else "completed")
+    log.warning("task %s on %s %s after its copy went to the DLQ for consumer_timeout: check before replaying it",
+                key, queue, outcome)  # fmt: skip
+
+
+def _ms(timeout_ms: int | None) -> str:
+    return f"{timeout_ms} ms" if timeout_ms is not None else "its value not given"

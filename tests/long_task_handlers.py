@@ -1,0 +1,63 @@
+"""Handlers the long-task tests run in pool processes (a module of their own, light to import in a child).
+
+Each run appends a line to the file the job names, so a test counts runs
+across processes without a broker round trip.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+
+def note_run(job: dict[str, Any], what: str = "run") -> None:
+    with open(job["log"], "a") as f:
+        f.write(f"{what} {job.get('n', 0)} pid={os.getpid()}\n")
+
+
+def runs(log: str | Path, what: str = "run") -> list[str]:
+    path = Path(log)
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if line.startswith(what + " ")]
+
+
+def crunch(job: dict[str, Any]) -> int:
+    """CPU-bound for ``job['seconds']`` of pure Python (holds the GIL all along); returns the loop count."""
+    note_run(job)
+    deadline = time.monotonic() + float(job["seconds"])
+    count = 0
+    while time.monotonic() < deadline:
+        for i in range(10_000):
+            count += i & 1
+    note_run(job, "done")
+    return count
+
+
+def square(job: dict[str, Any]) -> int:
+    note_run(job)
+    return int(job["x"]) ** 2
+
+
+def die_once(job: dict[str, Any]) -> str:
+    """The first run kills its own process (as the OOM killer would); the next one completes."""
+    marker = Path(job["log"] + ".died")
+    note_run(job)
+    if not marker.exists():
+        marker.write_text("x")
+        if job.get("how") == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(3)
+    time.sleep(float(job.get("seconds", 0)))
+    note_run(job, "done")
+    return "ok"
+
+
+def sleep_then_done(job: dict[str, Any]) -> str:
+    note_run(job)
+    time.sleep(float(job["seconds"]))
+    note_run(job, "done")
+    return "ok"
