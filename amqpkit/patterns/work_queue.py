@@ -364,11 +364,17 @@ class WorkQueue(Generic[T]):
             self.delay_renewals += 1
 
     async def renew_delay_queues(self) -> None:
-        """Renew the lease of every delay queue this WorkQueue has used, where it is due."""
+        """Renew the lease of every delay queue this WorkQueue has used, where it is due.
+
+        One that fails (logged; tried again next time) does not keep the others from being renewed.
+        """
         for ms in list(self._delay_queues):
             state = self._delay_queues[ms]
             if self._renewal_due(ms, state):
-                await self._renew(ms)
+                try:
+                    await self._renew(ms)
+                except Exception as exc:
+                    log.warning("could not renew delay queue %s (tried again shortly): %s", state.spec.name, exc)
 
     async def _touch(self, queue: str) -> None:
         """One basic.get on ``queue``, which counts as use; a message it takes goes straight back."""

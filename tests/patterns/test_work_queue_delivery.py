@@ -23,6 +23,7 @@ from amqpkit import (
     Overflow,
     Queue,
     Reject,
+    Retry,
     RetryPolicy,
     TopologyError,
     Unroutable,
@@ -228,6 +229,38 @@ async def test_an_idle_delay_queue_stays_while_its_worker_runs_and_expires_after
     async with Worker(work, fails_once(done)):
         third = await work.enqueue(Job(n=3))
         await wait_for(lambda: done == [first, second, third], timeout=30)
+
+
+async def test_one_delay_queue_that_cannot_be_renewed_does_not_stop_the_others(
+    broker: Broker, settings: BrokerSettings, name: str
+) -> None:
+    work: WorkQueue[Job] = WorkQueue(broker, f"{name}.jobs", retry=ONCE)
+    work.delay_queue_min_expiry = 2.0
+    broken, kept = f"{work.name}.retry.200", f"{work.name}.retry.400"
+    done: list[str] = []
+
+    async def handler(delivery: Delivery[Job]) -> None:
+        if int(delivery.headers.get("x-attempt", 1)) == 1:
+            raise Retry("later", delay=delivery.value.n / 1000)
+        done.append(delivery.message_id or "")
+
+    loop = asyncio.get_running_loop()
+    try:
+        async with Worker(work, handler), Broker(settings) as other:
+            first = await work.enqueue(Job(n=200))
+            second = await work.enqueue(Job(n=400))
+            await wait_for(lambda: sorted(done) == sorted([first, second]))
+            # The 200 ms queue replaced by one with other arguments: declaring ours now fails.
+            await other.delete_queue(broken)
+            await other.declare_queue(Queue(broken))
+            end = loop.time() + work.delay_queue_min_expiry + BROKER_EXPIRY_CHECK + 2
+            while loop.time() < end:
+                assert await exists(broker, kept), "the 400 ms delay queue expired"
+                await asyncio.sleep(0.25)
+    finally:
+        for q in [work.name, work.dlq_name, broken, kept]:
+            with contextlib.suppress(Exception):
+                await broker.delete_queue(q)
 
 
 # ---------------------------------------------------------------- listing the DLQ
