@@ -66,7 +66,8 @@ class Inbox:
     than ``retention`` seconds are deleted every ``cleanup_interval`` seconds
     while the inbox runs as a context manager (``async with inbox:``), or by
     :meth:`purge`: a message redelivered after that is processed again, so
-    keep it longer than any redelivery can take.
+    keep it longer than any redelivery can take. ``on_duplicate(id)`` is
+    called for each repeat absorbed (for metrics).
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class Inbox:
         cleanup_interval: float = 3600.0,
         key: Callable[[Delivery[Any]], str | None] = default_key,
         requeue_delay: float = 1.0,
+        on_duplicate: Callable[[str], None] | None = None,
     ) -> None:
         if not consumer:
             raise ValueError("an inbox needs a consumer name")
@@ -87,6 +89,7 @@ class Inbox:
         self.cleanup_interval = cleanup_interval
         self.key = key
         self.requeue_delay = requeue_delay
+        self.on_duplicate = on_duplicate
         self.processed = 0
         self.duplicates = 0
         self.unidentified = 0  # messages without an id: processed without deduplication
@@ -194,6 +197,8 @@ class Inbox:
                     await self.store.inbox_reply(tx, self.consumer, message_id, body, content_type)
         if record is not None:
             self.duplicates += 1
+            if self.on_duplicate is not None:
+                self.on_duplicate(message_id)
             log.info("inbox %s: message %s was processed before; not run again", self.consumer, message_id)
             return self._replay(record, codec, message_id)
         self.processed += 1
