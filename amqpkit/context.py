@@ -62,7 +62,7 @@ class TaskContext:
         self.token: int | None = None  # set while the context travels to a pool process
         self._publish = publish
         self._loop = loop
-        self._relay: Callable[[int, float, str | None], None] | None = None  # in a pool process
+        self._relay: Callable[[int, float | None, str | None], None] | None = None  # in a pool process
         self._pending: tuple[float, str | None] | None = None
         self._flushing: asyncio.Future[None] | None = None
         self._lock = threading.Lock()
@@ -148,7 +148,7 @@ class TaskContext:
 
 
 # In a pool process: where progress reports go (set by the pool's initializer).
-_child_relay: list[Callable[[int, float, str | None], None]] = []
+_child_relay: list[Callable[[int, float | None, str | None], None]] = []
 
 
 def _context_in_child(task_id: str, queue: str, attempt: int, token: int) -> TaskContext:

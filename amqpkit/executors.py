@@ -104,7 +104,7 @@ class ProcessRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokens = itertools.count(1)
         self._contexts: dict[int, TaskContext] = {}
-        self._progress: Any = None  # a multiprocessing queue, made with the first process
+        self._progress: Any = None  # a SimpleQueue every process writes its progress reports to
         self._reader: threading.Thread | None = None
         self._closed = False
 
@@ -135,7 +135,7 @@ class ProcessRunner:
     def _pool_of(self, slot: _Slot) -> concurrent.futures.ProcessPoolExecutor:
         if slot.pool is None:
             if self._progress is None:
-                self._progress = self._mp.Queue()
+                self._progress = self._mp.SimpleQueue()
                 self._reader = threading.Thread(
                     target=self._read_progress, args=(self._progress,), name=f"amqpkit-{self.name}-progress",
                     daemon=True,
@@ -157,23 +157,28 @@ class ProcessRunner:
         self, slot: _Slot, pool: concurrent.futures.ProcessPoolExecutor, future: concurrent.futures.Future[Any],
         token: int | None,
     ) -> None:  # fmt: skip
-        if token is not None:
-            self._contexts.pop(token, None)
+        broken = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
+        if token is not None and (broken or future.cancelled()):
+            self._contexts.pop(token, None)  # else the child's end-of-call marker on the progress queue drops it
         if slot.pool is not pool or self._free is None:
             return  # closed since: the slot is not handed out from this pool any more
-        broken = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
         if broken:
             self.crashes += 1
-            codes = [p.exitcode for p in (getattr(pool, "_processes", None) or {}).values() if p.exitcode]
-            if codes:
-                future._amqpkit_exitcode = codes[0]  # type: ignore[attr-defined]  # read by crash()
+            # For crash(): the dead process (its exit status may not be collected yet).
+            future._amqpkit_processes = list((getattr(pool, "_processes", None) or {}).values())  # type: ignore[attr-defined]
             slot.pool = None  # a fresh process next time
             pool.shutdown(wait=False, cancel_futures=True)
         self._free.put_nowait(slot)
 
     def crash(self, future: concurrent.futures.Future[Any], handler: str) -> HandlerCrashed:
         """The error for a call whose process died under it (with its exit status when known)."""
-        code: int | None = getattr(future, "_amqpkit_exitcode", None)
+        code: int | None = None
+        for process in getattr(future, "_amqpkit_processes", ()):
+            with contextlib.suppress(Exception):
+                process.join(timeout=0.2)  # it is dead: this only collects its exit status
+                if process.exitcode:
+                    code = process.exitcode
+                    break
         how = f"exit status {code}" if code is not None and code >= 0 else ""
         if code is not None and code < 0:
             how = f"killed by signal {-code}"
@@ -194,7 +199,10 @@ class ProcessRunner:
             token, fraction, note = item
             self._from_any_thread(self._progress_arrived, token, fraction, note)
 
-    def _progress_arrived(self, token: int, fraction: float, note: str | None) -> None:
+    def _progress_arrived(self, token: int, fraction: float | None, note: str | None) -> None:
+        if fraction is None:  # the call ended: every report it made came before this
+            self._contexts.pop(token, None)
+            return
         ctx = self._contexts.get(token)
         if ctx is not None:
             with contextlib.suppress(ValueError):
@@ -247,7 +255,7 @@ def _call_sync(fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any]) -> Any:
 
 
 def _child_init(progress: Any) -> None:
-    def relay(token: int, fraction: float, note: str | None) -> None:
+    def relay(token: int, fraction: float | None, note: str | None) -> None:
         progress.put((token, fraction, note))
 
     _child_relay[:] = [relay]
@@ -260,6 +268,10 @@ def _call_in_child(fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any], is_
         return _call_sync(fn, arg, kwargs)
     except BaseException as exc:
         raise _Carried.of(exc) from None
+    finally:
+        for value in kwargs.values():
+            if isinstance(value, TaskContext) and value.token is not None and _child_relay:
+                _child_relay[0](value.token, None, None)  # the end of this call's reports
 
 
 class _Carried(Exception):

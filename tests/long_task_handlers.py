@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from amqpkit import TaskContext
+
 
 def note_run(job: dict[str, Any], what: str = "run") -> None:
     with open(job["log"], "a") as f:
@@ -43,10 +45,10 @@ def square(job: dict[str, Any]) -> int:
 
 
 def die_once(job: dict[str, Any]) -> str:
-    """The first run kills its own process (as the OOM killer would); the next one completes."""
+    """With ``how``, the first run kills its own process (as the OOM killer would); the next one completes."""
     marker = Path(job["log"] + ".died")
     note_run(job)
-    if not marker.exists():
+    if job.get("how") and not marker.exists():
         marker.write_text("x")
         if job.get("how") == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -60,4 +62,29 @@ def sleep_then_done(job: dict[str, Any]) -> str:
     note_run(job)
     time.sleep(float(job["seconds"]))
     note_run(job, "done")
+    return "ok"
+
+
+def fails(job: dict[str, Any]) -> str:
+    """Fails as the job says: 'error' (ValueError), 'reject', or 'retry-once' (Retry(delay=0.1), then completes)."""
+    from amqpkit import Reject, Retry
+
+    note_run(job)
+    how = job["how"]
+    if how == "error":
+        raise ValueError(f"bad input {job.get('n', 0)}")
+    if how == "reject":
+        raise Reject("not for us")
+    marker = Path(job["log"] + ".retried")
+    if not marker.exists():
+        marker.write_text("x")
+        raise Retry("not yet", delay=0.1)
+    note_run(job, "done")
+    return "ok"
+
+
+def report_progress(job: dict[str, Any], ctx: TaskContext) -> str:
+    """Reports 0.5 then 1.0 from a pool process (or a thread)."""
+    ctx.progress_nowait(0.5, "half way")
+    ctx.progress_nowait(1.0, f"done {ctx.task_id}")
     return "ok"
