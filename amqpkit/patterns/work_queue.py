@@ -404,6 +404,15 @@ class Worker(Generic[T]):
     once, lets running ones finish within ``grace`` seconds, and requeues
     the rest.
 
+    Where the handler runs: an ``async def`` on the event loop; a plain
+    ``def`` in a pool of ``concurrency`` threads (blocking code never stops
+    the loop and its heartbeats); with ``executor="process"`` in
+    ``processes`` processes, for CPU-bound work (see
+    :mod:`amqpkit.executors`). A parameter annotated
+    :class:`~amqpkit.TaskContext` reports progress. A task held past the
+    broker's ``consumer_timeout`` is named and never loops (see
+    :mod:`amqpkit.patterns.long_tasks`).
+
     The copy to the delay queue or the DLQ is published mandatory and
     confirmed before the original is acked. If no queue takes it, the worker
     declares that queue again (both are its own) and tries once more; if the
