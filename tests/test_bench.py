@@ -154,7 +154,7 @@ async def test_no_broker_is_one_line_and_exit_2() -> None:
 
 
 def test_bad_parameters() -> None:
-    with pytest.raises(ValueError, match="unknown scenarios"):
+    with pytest.raises(ValueError, match="unknown scenario"):
         BenchParams(scenarios=("nope",))
     with pytest.raises(ValueError, match="concurrency"):
         BenchParams(concurrency=(0,))

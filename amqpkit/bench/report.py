@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .run import BenchResult, RunResult
+from .results import BenchResult, RunResult
 
 __all__ = ["comparisons", "plot", "print_report"]
 

@@ -3,12 +3,17 @@
 ``python -m amqpkit.bench.serve SCENARIO --queue NAME`` starts the server or
 consumer on the broker named by ``AMQP_URL`` (never an argument: a command
 line is visible to every local user, and the URL holds the password), prints
-``{"ready": true}``, then answers commands read from stdin, one per line, each
-with one JSON line on stdout:
+``{"ready": true, "endpoint": "host:port"}`` (the endpoint for HTTP and gRPC
+servers), then answers commands read from stdin, one per line, each with one
+JSON line on stdout:
 
-- ``report N``: waits until N measured messages arrived (one-way) and prints
-  ``{"received", "errors", "last_ns", "hist"}`` (``hist``: an encoded HDR histogram);
-- ``reset``: forgets what was measured (between runs of a sweep);
+- ``report N [TIMEOUT]``: waits until N measured messages arrived (one-way)
+  and prints ``{"received", "errors", "last_ns", "hist", "distinct",
+  "duplicates"}`` (``hist``: an encoded HDR histogram; ``distinct``: sequence
+  numbers seen, for the ledger), and ``series`` (per second: count and
+  histogram) after a ``reset`` with an origin;
+- ``reset [ORIGIN_NS]``: forgets what was measured (between runs); with an
+  origin (monotonic ns), counts per second from then on;
 - ``quit``: stops and exits.
 """
 
@@ -19,6 +24,8 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from ..settings import BrokerSettings
 from .scenarios import SERVERS, ServerOptions, ServerSide
@@ -29,14 +36,16 @@ async def serve(side: ServerSide) -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     await side.start()
-    _say({"ready": True})
+    _say({"ready": True, "endpoint": side.endpoint})
     try:
         while line := (await reader.readline()).decode().strip():
-            command, _, argument = line.partition(" ")
+            command, *arguments = line.split()
             if command == "report":
-                _say(await side.report(int(argument or 0)))
+                expected = int(arguments[0]) if arguments else 0
+                timeout = float(arguments[1]) if len(arguments) > 1 else 60.0
+                _say(await side.report(expected, timeout))
             elif command == "reset":
-                side.reset()
+                side.reset(int(arguments[0]) if arguments else None)
                 _say({"ok": True})
             elif command == "quit":
                 break
@@ -51,6 +60,16 @@ def _say(doc: dict[str, object]) -> None:
     sys.stdout.flush()
 
 
+def run_in_loop(main: Callable[[], Coroutine[Any, Any, Any]], loop: str) -> Any:
+    """``asyncio.run`` on the event loop named: ``asyncio`` (the standard one) or ``uvloop``."""
+    if loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
+    return asyncio.run(main())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m amqpkit.bench.serve", description=__doc__)
     parser.add_argument("scenario", choices=sorted(SERVERS))
@@ -59,6 +78,11 @@ def main() -> None:
     parser.add_argument("--queue-type", default="classic")
     parser.add_argument("--stall-ms", type=int, default=0)
     parser.add_argument("--stall-after", type=int, default=0)
+    parser.add_argument("--service-ms", type=float, default=0.0)
+    parser.add_argument("--deadline", type=float, default=30.0)
+    parser.add_argument("--role", default="", help="a chain's service: b, c or d")
+    parser.add_argument("--next", default="", help="host:port of the next service of an HTTP chain")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--progress-fd", type=int, default=None, help="write one byte here per handled message")
     args = parser.parse_args()
     options = ServerOptions(
@@ -69,10 +93,14 @@ def main() -> None:
         stall_ms=args.stall_ms,
         stall_after=args.stall_after,
         progress_fd=args.progress_fd,
+        service_ms=args.service_ms,
+        role=args.role,
+        next_endpoint=args.next,
+        deadline=args.deadline,
     )
     if args.progress_fd is not None:
         os.set_blocking(args.progress_fd, False)
-    asyncio.run(serve(SERVERS[args.scenario](options)))
+    run_in_loop(lambda: serve(SERVERS[args.scenario](options)), args.loop)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,193 @@
+"""The serving sides of the AMQP scenarios: amqpkit's, bare aiormq's and aio-pika's."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import aiormq
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+
+from ..codec import BytesCodec
+from ..connection import Broker
+from ..message import Delivery
+from ..patterns.pubsub import Subscriber
+from ..patterns.rpc import RpcServer
+from ..patterns.work_queue import Worker, WorkQueue
+from ..settings import BrokerSettings
+from ..topology import Exchange, Queue, QueueType
+from .base import ServerSide
+
+__all__ = [
+    "AiopikaConsumer", "AiopikaRpcServer", "AmqpkitConfirmedConsumer", "AmqpkitOnewayConsumer", "AmqpkitRpcServer",
+    "AmqpkitWorkQueueWorker", "RawOnewayConsumer", "RawRpcServer",
+]  # fmt: skip
+
+
+class AmqpkitRpcServer(ServerSide):
+    async def start(self) -> None:
+        self.broker = Broker(BrokerSettings(url=self.options.url))
+        await self.broker.connect()
+        self.server = RpcServer(
+            self.broker, Queue(self.options.queue, durable=False, auto_delete=True), concurrency=self.options.prefetch
+        )
+
+        async def echo(body: bytes) -> bytes:
+            await self.work()
+            self.received += 1
+            return body
+
+        self.server.add("echo", echo, codec=BytesCodec())
+        await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        await self.broker.close()
+
+
+class AmqpkitOnewayConsumer(ServerSide):
+    confirmed = False
+
+    async def start(self) -> None:
+        self.broker = Broker(BrokerSettings(url=self.options.url))
+        await self.broker.connect()
+        queue_type = QueueType(self.options.queue_type) if self.confirmed else QueueType.CLASSIC
+        queue = Queue(self.options.queue, type=queue_type, durable=self.confirmed)
+        await self.broker.declare_queue(queue)
+
+        async def handler(delivery: Delivery[bytes]) -> None:
+            await self.work()
+            self.observe(delivery.envelope.headers)
+            if not self.subscriber.auto_ack:
+                await delivery.ack()
+
+        self.subscriber: Subscriber[bytes] = Subscriber(
+            self.broker, Exchange(""), handler, queue=queue, prefetch=self.options.prefetch, auto_ack=not self.confirmed
+        )
+        await self.subscriber.start()
+
+    async def stop(self) -> None:
+        await self.subscriber.stop()
+        await self.broker.delete_queue(self.options.queue)
+        await self.broker.close()
+
+
+class AmqpkitConfirmedConsumer(AmqpkitOnewayConsumer):
+    confirmed = True
+
+
+class RawRpcServer(ServerSide):
+    async def start(self) -> None:
+        self.conn = await aiormq.connect(self.options.url)
+        self.channel = await self.conn.channel(publisher_confirms=False)
+        await self.channel.queue_declare(self.options.queue, auto_delete=True)
+        await self.channel.basic_qos(prefetch_count=self.options.prefetch)
+        channel = self.channel
+
+        async def on_request(message: DeliveredMessage) -> None:
+            await self.work()
+            props = message.header.properties
+            await channel.basic_publish(
+                message.body,
+                routing_key=props.reply_to or "",
+                properties=Basic.Properties(correlation_id=props.correlation_id),
+            )
+            await channel.basic_ack(message.delivery_tag or 0)
+            self.received += 1
+
+        await self.channel.basic_consume(self.options.queue, on_request)
+
+    async def stop(self) -> None:
+        await self.conn.close()
+
+
+class RawOnewayConsumer(ServerSide):
+    async def start(self) -> None:
+        self.conn = await aiormq.connect(self.options.url)
+        self.channel = await self.conn.channel(publisher_confirms=False)
+        await self.channel.queue_declare(self.options.queue, durable=False)
+        await self.channel.basic_qos(prefetch_count=self.options.prefetch)
+
+        async def on_message(message: DeliveredMessage) -> None:
+            await self.work()
+            self.observe(message.header.properties.headers)
+
+        await self.channel.basic_consume(self.options.queue, on_message, no_ack=True)
+
+    async def stop(self) -> None:
+        await self.channel.queue_delete(self.options.queue)
+        await self.conn.close()
+
+
+class AiopikaRpcServer(ServerSide):
+    """aio-pika's own RPC pattern (its JSON flavour: the default one pickles)."""
+
+    async def start(self) -> None:
+        import aio_pika
+        from aio_pika.patterns import JsonRPC
+
+        self.conn = await aio_pika.connect(self.options.url)
+        self.channel = await self.conn.channel()
+        await self.channel.set_qos(prefetch_count=self.options.prefetch)
+        self.rpc = await JsonRPC.create(self.channel)
+
+        async def echo(*, data: str) -> str:
+            await self.work()
+            self.received += 1
+            return data
+
+        await self.rpc.register(self.options.queue, echo, auto_delete=True)
+
+    async def stop(self) -> None:
+        await self.rpc.close()
+        await self.conn.close()
+
+
+class AmqpkitWorkQueueWorker(ServerSide):
+    """One worker process of the work queue (``--workers`` starts several)."""
+
+    async def start(self) -> None:
+        self.broker = Broker(BrokerSettings(url=self.options.url))
+        await self.broker.connect()
+        self.work_queue: WorkQueue[bytes] = WorkQueue(self.broker, self.options.queue, BytesCodec())
+
+        async def handler(delivery: Delivery[bytes]) -> None:
+            await self.work()
+            self.observe(delivery.headers)
+
+        self.worker: Worker[bytes] = Worker(self.work_queue, handler, concurrency=self.options.prefetch)
+        await self.worker.start()
+
+    async def stop(self) -> None:
+        await self.worker.stop(grace=5)
+        for name in (self.work_queue.name, self.work_queue.dlq_name):
+            with contextlib.suppress(Exception):  # another worker process may have deleted it
+                await self.broker.delete_queue(name)
+        await self.broker.close()
+
+
+class AiopikaConsumer(ServerSide):
+    """Bare aio-pika: consume from a durable quorum queue and ack each message."""
+
+    async def start(self) -> None:
+        import aio_pika
+
+        self.conn = await aio_pika.connect(self.options.url)
+        self.channel = await self.conn.channel()
+        await self.channel.set_qos(prefetch_count=self.options.prefetch)
+        self.queue = await self.channel.declare_queue(
+            self.options.queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+
+        async def on_message(message: Any) -> None:
+            await self.work()
+            self.observe(message.headers)
+            await message.ack()
+
+        await self.queue.consume(on_message)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.queue.delete(if_unused=False, if_empty=False)
+        await self.conn.close()
