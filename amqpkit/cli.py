@@ -122,7 +122,8 @@ def bench(
             "--scenario",
             "-s",
             help="comma-separated: rpc, rpc-reply-queue, oneway, oneway-confirmed, raw-rpc, raw-oneway, "
-            "workqueue, aiopika-rpc, aiopika-workqueue",
+            "workqueue, aiopika-rpc, aiopika-workqueue, http-rpc (both HTTP clients: http-rpc-aiohttp, "
+            "http-rpc-httpx), grpc-rpc, chain-rpc, chain-events, chain-http",
         ),
     ] = ",".join(DEFAULT_SCENARIOS),
     concurrency: Annotated[
@@ -144,19 +145,36 @@ def bench(
     repeat: Annotated[int, typer.Option("--repeat", help="runs of the whole sweep, interleaved; shows the spread")] = 1,
     json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON to PATH ('-': stdout)")] = None,
     plot_path: Annotated[str | None, typer.Option("--plot", help="draw latency against throughput to PATH.png")] = None,
+    burst: Annotated[
+        str | None,
+        typer.Option("--burst", help="open-loop profile RATE:SECONDS,... (e.g. 1600:10,400:20), per-second report"),
+    ] = None,
+    service_ms: Annotated[
+        float, typer.Option("--service-ms", help="each server's work per request, ms (at most --prefetch at once)")
+    ] = 0.0,
+    deadline: Annotated[float, typer.Option("--deadline", help="a caller's deadline in seconds")] = 30.0,
+    loop: Annotated[str, typer.Option("--loop", help="event loop: asyncio, uvloop, or asyncio,uvloop for both")] = (
+        "asyncio"
+    ),
     stall_ms: Annotated[int, typer.Option("--stall-ms", hidden=True)] = 0,
     stall_after: Annotated[int, typer.Option("--stall-after", hidden=True)] = 0,
 ) -> None:
-    """Measure RPC against one-way messaging on a real broker: latency percentiles and throughput."""
+    """Measure RPC against messaging, HTTP and gRPC on a real broker: latency percentiles and throughput."""
     from pydantic import ValidationError
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .bench import BenchParams, run_bench
+    from .bench import BenchParams, MissingDependency, run_loops
+    from .bench.burst import parse_profile
     from .bench.report import plot, print_report
 
     command_logging(logging.CRITICAL)  # the report says what failed
     settings = settings_for(url)
+    try:
+        profile = parse_profile(burst) if burst is not None else None
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         params = BenchParams(
             url=settings.urls[0],
@@ -174,9 +192,14 @@ def bench(
             prefetch=prefetch,
             stall_ms=stall_ms,
             stall_after=stall_after,
+            burst=profile,
+            service_ms=service_ms,
+            deadline=deadline,
+            loop=tuple(part.strip() for part in loop.split(",") if part.strip()),
         )
     except ValidationError as exc:
-        typer.echo(f"error: {exc.errors()[0]['msg']}", err=True)
+        message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2) from None
     to_stdout = json_path == "-"
     console = Console(stderr=to_stdout)
@@ -195,9 +218,12 @@ def bench(
 
     try:
         with progress:
-            result = asyncio.run(run_bench(params, on_progress=on_progress))
+            result = run_loops(params, on_progress=on_progress)
     except ConnectError as exc:
         connect_failed(exc, unreachable="no broker: ")
+    except MissingDependency as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     print_report(result, console)
     if json_path:
         if to_stdout:
@@ -249,47 +275,148 @@ def worker(
     Logs go to stdout, one line per event (JSON with --log-json). If the queue
     cannot be consumed any more (deleted, or declared again with other
     arguments, while the connection was down), the worker stops and exits 1
-    with the reason.
+    with the reason. It is `amqpkit run` for a service of one worker.
     """
-    from .patterns.work_queue import MemoryIdempotencyStore, RetryPolicy, Worker, WorkQueue
-    from .runner import run_until_signal
+    from .patterns.work_queue import MemoryIdempotencyStore, RetryPolicy
+    from .runner import RunOptions
+    from .service import RunningService, Service
 
     configure_logging(json_lines=log_json, verbose=verbose)
     fn = _load_handler(handler)
-    policy = RetryPolicy(max_attempts=max_attempts, initial_delay=retry_delay)
+    service = Service(f"worker-{queue}")
+    service.worker(
+        queue, concurrency=concurrency, retry=RetryPolicy(max_attempts=max_attempts, initial_delay=retry_delay),
+        events=events, idempotency=MemoryIdempotencyStore() if dedupe else None,
+    )(fn)  # fmt: skip
+
+    def started(running: RunningService) -> None:
+        typer.echo(f"worker on {queue!r}: concurrency {concurrency}; Ctrl-C or SIGTERM stops it", err=True)
+
+    outcome = _run_service(service, url, RunOptions(grace=grace), on_started=started)
+    running = outcome.running
+    w = next(iter(running.workers.values())) if running is not None else None
+    counts = f"{w.completed} completed, {w.retried} retried, {w.dead_lettered} dead-lettered" if w else "not started"
+    if outcome.code:
+        why = running.failures[0][1] if running is not None and running.failures else outcome.reason
+        typer.echo(f"error: worker on {queue!r} stopped ({counts}): {why}", err=True)
+        raise typer.Exit(outcome.code)
+    typer.echo(f"worker stopped: {counts}", err=True)
+    raise typer.Exit(0)
+
+
+def _run_service(
+    service: Any, url: str | None, options: Any, *, on_started: Any = None, status_fd: int | None = None
+) -> Any:
+    """Run ``service`` until a signal (see :func:`amqpkit.runner.serve`); startup errors end the command.
+
+    ``status_fd``: report readiness to a supervising ``amqpkit run --processes N`` on that descriptor.
+    """
+    from .runner import Outcome, StatusReporter, run_until_signal, serve
+    from .service import ServiceError
+
+    settings = settings_for(url) if url else (service.settings or BrokerSettings())
+    outcome: list[Outcome] = []
 
     async def main(stop: asyncio.Event) -> int:
-        async with Broker(settings_for(url)) as broker:
-            work: WorkQueue[Any] = WorkQueue(broker, queue, retry=policy, events=events)
-            store = MemoryIdempotencyStore() if dedupe else None
-            failures: list[BaseException] = []
-            w: Worker[Any] = Worker(
-                work, fn, concurrency=concurrency, grace=grace, idempotency=store, on_error=failures.append
-            )
-            await w.start()
-            typer.echo(f"worker on {queue!r}: concurrency {concurrency}; Ctrl-C or SIGTERM stops it", err=True)
-            waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(w.wait_stopped())}
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiting in waits:
-                    waiting.cancel()
-            await w.stop()
-            counts = f"{w.completed} completed, {w.retried} retried, {w.dead_lettered} dead-lettered"
-            if failures:
-                typer.echo(f"error: worker on {queue!r} stopped ({counts}): {failures[0]}", err=True)
-                return 1
-            typer.echo(f"worker stopped: {counts}", err=True)
-            return 0
+        reporter = await StatusReporter(status_fd, stop).start() if status_fd is not None else None
+        try:
+            result = await serve(service, stop, settings=settings, options=options, on_started=on_started,
+                                 on_change=reporter.report if reporter is not None else None)  # fmt: skip
+        finally:
+            if reporter is not None:
+                await reporter.close()
+        outcome.append(result)
+        return result.code
 
     try:
         code = run_until_signal(main)
     except ConnectError as exc:
         connect_failed(exc)
+    except ServiceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except AmqpkitError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    raise typer.Exit(code)
+    return outcome[0] if outcome else Outcome(code)
+
+
+@app.command()
+def run(
+    target: Annotated[str, typer.Argument(help="the service, as MODULE:ATTR (an amqpkit Service)")],
+    grace: Annotated[float, typer.Option("--grace", help="seconds running handlers get on SIGTERM")] = 30.0,
+    processes: Annotated[
+        int, typer.Option("--processes", "-p", min=1, help="run N copies in child processes (CPU-bound handlers)")
+    ] = 1,
+    health_port: Annotated[
+        int | None, typer.Option("--health-port", help="serve GET /healthz and /readyz on this port")
+    ] = None,
+    health_host: Annotated[
+        str, typer.Option("--health-host", help="address of the health endpoints (0.0.0.0 in a container)")
+    ] = "127.0.0.1",
+    give_up_after: Annotated[
+        float | None,
+        typer.Option("--give-up-after", help="exit 1 once the broker has been unreachable this many seconds"),
+    ] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="log one JSON object per line")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="log everything, down to DEBUG, aiormq's records too")
+    ] = False,
+    url: UrlOption = None,
+    status_fd: Annotated[int | None, typer.Option("--status-fd", hidden=True)] = None,
+) -> None:
+    """Run a service until SIGTERM or Ctrl-C; then stop taking messages, let handlers finish within --grace, exit 0.
+
+    Logs go to stdout, one line per event (JSON with --log-json). Exit 1 with
+    the reason when a consumer or a declared exchange, queue or binding
+    cannot be restored after a reconnect, or the broker stays unreachable
+    past --give-up-after; exit 2 when MODULE:ATTR is not a service, its
+    declarations do not add up, or no broker answers at start.
+    """
+    from .runner import RunOptions, run_until_signal
+    from .service import RunningService, ServiceError, load_service
+
+    configure_logging(json_lines=log_json, verbose=verbose)
+    try:
+        service = load_service(target)
+        service.check()
+    except ServiceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    options = RunOptions(grace=grace, health_port=health_port, health_host=health_host, give_up_after=give_up_after)
+
+    if processes > 1:
+        argv = [sys.executable, "-m", "amqpkit.cli", "run", target, "--grace", str(grace)]
+        argv += ["--log-json"] * log_json + ["--verbose"] * verbose
+        if give_up_after is not None:
+            argv += ["--give-up-after", str(give_up_after)]
+        env = dict(os.environ)
+        if url:
+            env["AMQP_URL"] = url  # in the environment, not on a command line `ps` shows
+        typer.echo(f"service {service.name}: {processes} processes; Ctrl-C or SIGTERM stops them", err=True)
+        code = run_until_signal(lambda stop: _supervised(argv, processes, stop, env, options))
+        raise typer.Exit(code)
+
+    def started(running: RunningService) -> None:
+        typer.echo(f"service {service.name} running: {running.describe()}; Ctrl-C or SIGTERM stops it", err=True)
+
+    if status_fd is not None:  # a child of `--processes N`: the supervisor serves the health endpoints
+        options = RunOptions(grace=grace, give_up_after=give_up_after)
+    outcome = _run_service(service, url, options, on_started=started, status_fd=status_fd)
+    if outcome.code:
+        typer.echo(f"error: service {service.name} stopped: {outcome.reason}", err=True)
+        raise typer.Exit(outcome.code)
+    typer.echo(f"service {service.name} stopped", err=True)
+    raise typer.Exit(0)
+
+
+async def _supervised(argv: list[str], processes: int, stop: asyncio.Event, env: dict[str, str], options: Any) -> int:
+    from .runner import supervise
+
+    outcome = await supervise(argv, processes, stop, env=env, options=options)
+    if outcome.code:
+        typer.echo(f"error: {outcome.reason}", err=True)
+    return outcome.code
 
 
 dlq_app = typer.Typer(help="Inspect, replay and purge a work queue's dead-lettered tasks.", no_args_is_help=True)
