@@ -44,11 +44,8 @@ log = logging.getLogger("amqpkit.watchdog")
 
 REPEAT_AFTER = 60.0  # seconds before the same culprit is warned about again
 _HANDLERS: dict[CodeType, str] = {}
-_SKIP_DIRS = (
-    os.path.dirname(asyncio.__file__) + os.sep,
-    os.path.dirname(logging.__file__) + os.sep,
-    os.path.dirname(os.path.abspath(__file__)) + os.sep,  # amqpkit itself
-)
+# The loop's own machinery: never "where" a block is.
+_LOOP_FILES = (os.path.dirname(asyncio.__file__) + os.sep, os.path.abspath(__file__))
 
 
 def handler_name(fn: Any) -> str:
@@ -90,7 +87,8 @@ class Block:
     started: float  # monotonic
     culprit: str | None = None  # the handler, when one was on the loop's stack
     where: str | None = None  # file:line it was blocked on
-    warned: bool = False  # the warning went out while it was still blocked (past the heartbeat)
+    warned: bool = False  # dealt with while it was still blocked (past the heartbeat)
+    told: bool = False  # ... and a warning went out then
     ended: float | None = None
 
     @property
@@ -125,6 +123,7 @@ class LoopWatchdog:
         self._thread: threading.Thread | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._quiet: dict[str, tuple[float, int]] = {}  # culprit -> (last warned, blocks since)
+        self._quiet_lock = threading.Lock()
 
     # ------------------------------------------------------------------ users
 
@@ -185,17 +184,13 @@ class LoopWatchdog:
     def _report_end(self, block: Block) -> None:
         took = block.duration
         if block.warned:
-            log.info("event loop ran again after %.1f s blocked by %s", took, block.who())
+            level = logging.INFO if block.told else logging.DEBUG
+            log.log(level, "event loop ran again after %.1f s blocked by %s", took, block.who())
             return
-        key = block.culprit or block.where or "?"
-        last, since = self._quiet.get(key, (0.0, 0))
-        now = time.monotonic()
-        if now - last < REPEAT_AFTER:
-            self._quiet[key] = (last, since + 1)
+        allowed, more = self._may_warn(block)
+        if not allowed:
             log.debug("event loop blocked for %.1f s by %s", took, block.who())
             return
-        self._quiet[key] = (now, 0)
-        more = f" ({since} more blocks by it since the last warning)" if since else ""
         advice = _advice(block) if self.heartbeat and took >= self.heartbeat else ""
         log.warning(
             "event loop blocked for %.1f s by %s%s: nothing else ran meanwhile, heartbeats included "
@@ -223,24 +218,41 @@ class LoopWatchdog:
                 if block.warned or not self.heartbeat or late < self.heartbeat:
                     continue
                 block.warned = True
+            allowed, more = self._may_warn(block)
+            if not allowed:
+                continue
+            block.told = True
             log.warning(
-                "event loop blocked for %.1f s and counting by %s, past the %g s heartbeat: the broker will "
+                "event loop blocked for %.1f s and counting by %s%s, past the %g s heartbeat: the broker will "
                 "close the connection and deliver its messages again%s",
-                late, block.who(), self.heartbeat, _advice(block),
+                late, block.who(), more, self.heartbeat, _advice(block),
             )  # fmt: skip
 
+    def _may_warn(self, block: Block) -> tuple[bool, str]:
+        """One warning per culprit a minute; the blocks in between are counted into the next one."""
+        key = block.culprit or block.where or "?"
+        now = time.monotonic()
+        with self._quiet_lock:
+            last, since = self._quiet.get(key, (-REPEAT_AFTER, 0))
+            if now - last < REPEAT_AFTER:
+                self._quiet[key] = (last, since + 1)
+                return False, ""
+            self._quiet[key] = (now, 0)
+        return True, f" ({since} more blocks by it since the last warning)" if since else ""
+
     def _culprit(self) -> tuple[str | None, str | None]:
+        """The handler on the loop thread's stack, and the line it is at (else the innermost line of any code)."""
         frame: FrameType | None = sys._current_frames().get(self.thread_id)
-        where: str | None = None
+        innermost: str | None = None
         while frame is not None:
             code = frame.f_code
             name = _HANDLERS.get(code)
             if name is not None:
-                return name, where or _place(frame)
-            if where is None and not code.co_filename.startswith(_SKIP_DIRS) and not _stdlib(code.co_filename):
-                where = _place(frame)
+                return name, _place(frame)
+            if innermost is None and not code.co_filename.startswith(_LOOP_FILES):
+                innermost = _place(frame)
             frame = frame.f_back
-        return None, where
+        return None, innermost
 
     # ------------------------------------------------------------------ for log lines
 
@@ -271,13 +283,6 @@ def _advice(block: Block) -> str:
 
 def _place(frame: FrameType) -> str:
     return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
-
-
-_STDLIB = os.path.dirname(os.__file__) + os.sep
-
-
-def _stdlib(filename: str) -> bool:
-    return filename.startswith(_STDLIB) and "site-packages" not in filename
 
 
 _watchdogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWatchdog] = weakref.WeakKeyDictionary()

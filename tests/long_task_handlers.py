@@ -88,3 +88,8 @@ def report_progress(job: dict[str, Any], ctx: TaskContext) -> str:
     ctx.progress_nowait(0.5, "half way")
     ctx.progress_nowait(1.0, f"done {ctx.task_id}")
     return "ok"
+
+
+def square_plain(job: dict[str, Any]) -> int:
+    """A trivial task (no file written): for measuring what a pool process costs per task."""
+    return int(job["x"]) ** 2
