@@ -455,14 +455,18 @@ def _print_dead_letters(letters: Any, title: str) -> None:
 @dlq_app.command("list")
 def dlq_list(
     queue: Annotated[str, typer.Argument(help="work queue (its DLQ is QUEUE.dlq)")],
-    limit: Annotated[int | None, typer.Option("--limit", help="show at most N")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="show at most N (default 1000)")] = None,
     url: UrlOption = None,
 ) -> None:
     """Show dead-lettered tasks (id, error, attempts, age), leaving the DLQ as it was."""
-    from .patterns.dlq import list_dead_letters
+    from .patterns.dlq import count_dead_letters, list_dead_letters
 
-    letters = _run_broker_job(url, lambda b: list_dead_letters(b, queue, limit=limit))
-    _print_dead_letters(letters, f"{len(letters)} dead-lettered tasks in {queue}.dlq")
+    async def job(broker: Broker) -> tuple[int, Any]:
+        return await count_dead_letters(broker, queue), await list_dead_letters(broker, queue, limit=limit)
+
+    total, letters = _run_broker_job(url, job)
+    shown = f"{len(letters)} of {total}" if len(letters) < total else f"{len(letters)}"
+    _print_dead_letters(letters, f"{shown} dead-lettered tasks in {queue}.dlq")
 
 
 @dlq_app.command("replay")
