@@ -410,6 +410,36 @@ def run(
     raise typer.Exit(0)
 
 
+@app.command()
+def asyncapi(
+    target: Annotated[str, typer.Argument(help="the service, as MODULE:ATTR (an amqpkit Service)")],
+    output: Annotated[str | None, typer.Option("--output", "-o", help="write to FILE instead of stdout")] = None,
+    yaml: Annotated[bool, typer.Option("--yaml", help="YAML instead of JSON")] = False,
+    url: UrlOption = None,
+) -> None:
+    """Write the service's AsyncAPI 3.0.0 document: servers, channels, operations, messages, AMQP bindings.
+
+    Nothing is sent to the broker. The servers come from --url (else AMQP_URL,
+    else the service's settings); no password is ever written.
+    """
+    from .asyncapi import asyncapi_document, to_json, to_yaml
+    from .service import ServiceError, load_service
+
+    try:
+        service = load_service(target)
+        settings = settings_for(url) if url else (service.settings or BrokerSettings())
+        doc = asyncapi_document(service, settings)
+    except ServiceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    text = to_yaml(doc) if yaml else to_json(doc)
+    if output and output != "-":
+        Path(output).write_text(text, encoding="utf-8")
+        typer.echo(f"AsyncAPI {doc['asyncapi']} document of {service.name} written to {output}", err=True)
+    else:
+        sys.stdout.write(text)
+
+
 async def _supervised(argv: list[str], processes: int, stop: asyncio.Event, env: dict[str, str], options: Any) -> int:
     from .runner import supervise
 
