@@ -142,3 +142,29 @@ def test_rpc_calls_must_end_in_time_with_a_result_or_a_typed_error() -> None:
     assert ledger["late"] == 1
     assert ledger["worst_overrun_s"] == 3.0
     assert len(ledger["failures"]) == 3
+
+
+def test_a_call_late_only_by_a_stall_of_the_soaks_own_event_loop_is_counted_apart() -> None:
+    """No asyncio code ends a call while its loop is not running: such lateness is reported, not failed."""
+    calls = [
+        Call(n=0, start=10.0, timeout=2.0, end=13.4, outcome="RpcTimeout"),  # 1.4 s over; the loop stalled 1.9 s
+        Call(n=1, start=20.0, timeout=2.0, end=25.0, outcome="RpcTimeout"),  # 3 s over; stalled only 0.3 s
+    ]
+    ledger = rpc_ledger(calls, margin=1.0, stalls=[(13.3, 1.9), (24.0, 0.3)])
+    assert (ledger["late"], ledger["late_during_loop_stalls"]) == (1, 1)
+    assert ledger["late_sample"][0]["n"] == 1
+    assert ledger["worst_overrun_s"] == 3.0
+    assert len(ledger["failures"]) == 1
+
+
+def test_the_restore_limit_is_measured_at_the_subscriber_not_at_the_publishers_confirm() -> None:
+    sent = _sent(100)
+    got = _got(sent, {"e49"})
+    for s in sent[50:]:
+        s.end = s.start + 40  # confirms crawl (a starved publisher); deliveries do not
+    window = WindowOpen("sub-2", 4.95, "queue deleted", fault=8, after=4.95)
+    ledger = pubsub_ledger(sent, {"sub-2": got}, [window], margin_before=0.5, restore_limit=30)
+    shown = ledger["subscribers"]["sub-2"]["windows"][0]
+    assert shown["back_after_s"] < 1
+    assert shown["length_s"] > 30
+    assert ledger["failures"] == []

@@ -67,7 +67,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--restore-limit", type=float, default=30.0, help="a subscription must be back within this")
     p.add_argument("--recovery-limit", type=float, default=60.0, help="everything must be back within this")
-    p.add_argument("--drain-limit", type=float, default=120.0, help="at most this long after the load for the rest")
+    p.add_argument("--drain-limit", type=float, default=240.0, help="at most this long after the load for the rest")
+    p.add_argument(
+        "--drain-idle",
+        type=float,
+        default=150.0,
+        help="stop draining after this long without progress once the soak's queues are empty",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for the task plans")
     p.add_argument("--workdir", help="folder for the node, worker logs and journals (default: a new temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (it is kept anyway when the soak fails)")
@@ -246,17 +252,25 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
                     done = len({x["id"] for x in read_journals(workdir) if x.get("outcome") == "done"})
                     ok = sum(1 for c in rpc.calls if c.outcome == "ok")
                     say(
-                        f"t={clock.now():5.0f}s  published {confirmed}/{len(pubsub.sent)} ({subs})  "
+                        f"t={clock.now():5.0f}s  load {os.getloadavg()[0]:.1f}  "
+                        f"published {confirmed}/{len(pubsub.sent)} ({subs})  "
                         f"tasks {len(tasks.sent)} done {done}  rpc ok {ok}/{len(rpc.calls)}  faults {len(faults.done)}"
                     )
 
         lag: list[float] = []
+        stalls: list[tuple[float, float]] = []  # (when, how late) for wake-ups over 50 ms late
+        loads: list[float] = []
 
         async def loop_lag() -> None:
             while not load_over():
                 t = time.monotonic()
                 await asyncio.sleep(0.1)
-                lag.append(time.monotonic() - t - 0.1)
+                late = time.monotonic() - t - 0.1
+                lag.append(late)
+                if late > 0.05:
+                    stalls.append((clock.now(), late))
+                if len(lag) % 50 == 0:
+                    loads.append(os.getloadavg()[0])
 
         await asyncio.gather(
             paced(args.pub_rate, load_over, clock, pubsub.fire),
@@ -287,8 +301,10 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
                 break
             if now_state != last_state:
                 last_state, idle_since = now_state, clock.now()
-            elif clock.now() - idle_since > 20 and not await _anything_left(ctl):
-                break  # nothing changed for 20 s and nothing is left in the soak's queues: it is not coming
+            elif clock.now() - idle_since > args.drain_idle and not await _anything_left(ctl):
+                # Nothing changed for a long while and nothing is left in the soak's queues: it is not coming.
+                # (Long, because a quorum queue holds messages it could not dead-letter yet out of its counts.)
+                break
             await asyncio.sleep(2)
         drain_s = clock.now() - load_s
         say(f"drained in {drain_s:.0f} s")
@@ -296,7 +312,7 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
 
         pubsub_part = pubsub_ledger(pubsub.sent, pubsub.arrivals, pubsub.windows, **kw)
         task_part = task_ledger(tasks.sent, read_journals(workdir), letters, wall0=clock.wall0)
-        rpc_part = rpc_ledger(rpc.calls, margin=args.rpc_margin)
+        rpc_part = rpc_ledger(rpc.calls, margin=args.rpc_margin, stalls=stalls)
         failures = pubsub_part.pop("failures") + task_part.pop("failures") + rpc_part.pop("failures")
         if node is not None:
             deleted = [
@@ -360,6 +376,12 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
                     "platform": platform.platform(),
                     "python": platform.python_version(),
                 },
+                "machine_load_1min": {
+                    "max": max(loads, default=0.0),
+                    "mean": round(sum(loads) / max(1, len(loads)), 2),
+                    "cpus": os.cpu_count(),
+                },
+                "event_loop_stalls_over_1s": [{"t_s": round(t, 1), "s": round(s, 2)} for t, s in stalls if s > 1],
                 "event_loop_lag_ms": {
                     "p99": round(ordered_lag[int(0.99 * (len(ordered_lag) - 1))] * 1000, 1),
                     "max": round(ordered_lag[-1] * 1000, 1),
