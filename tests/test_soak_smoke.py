@@ -157,14 +157,21 @@ def test_a_call_late_only_by_a_stall_of_the_soaks_own_event_loop_is_counted_apar
     assert len(ledger["failures"]) == 1
 
 
-def test_the_restore_limit_is_measured_at_the_subscriber_not_at_the_publishers_confirm() -> None:
+def test_the_time_to_come_back_does_not_count_a_publisher_running_behind() -> None:
+    """Measured against a subscription no fault touched: a backlog delays both alike."""
     sent = _sent(100)
-    got = _got(sent, {"e49"})
-    for s in sent[50:]:
-        s.end = s.start + 40  # confirms crawl (a starved publisher); deliveries do not
+    got = _got(sent, {"e49", "e50"})
+    for s in sent[48:]:
+        s.end = s.start + 40  # the publisher runs 40 s behind from t=4.8 on: sends, confirms, deliveries
+    for i in range(48, 100):
+        got.get(f"e{i}", [0.0])[0] += 40
+    reference = {s.id: [t + 40 if i >= 48 else t for t in _got(sent)[s.id]] for i, s in enumerate(sent)}
     window = WindowOpen("sub-2", 4.95, "queue deleted", fault=8, after=4.95)
-    ledger = pubsub_ledger(sent, {"sub-2": got}, [window], margin_before=0.5, restore_limit=30)
+    arrivals = {"sub-1": reference, "sub-2": got}
+    ledger = pubsub_ledger(sent, arrivals, [window], margin_before=0.5, restore_limit=30, reference="sub-1")
     shown = ledger["subscribers"]["sub-2"]["windows"][0]
     assert shown["back_after_s"] < 1
-    assert shown["length_s"] > 30
+    assert ledger["subscribers"]["sub-2"]["lost"] == 0
     assert ledger["failures"] == []
+    alone = pubsub_ledger(sent, {"sub-2": got}, [window], margin_before=0.5, restore_limit=30)
+    assert any("to come back" in f for f in alone["failures"])

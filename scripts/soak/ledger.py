@@ -87,28 +87,47 @@ def _r(t: float) -> float | None:
 
 
 def close_windows(
-    opened: Iterable[WindowOpen], sent: Sequence[Sent], arrivals: Mapping[str, Mapping[str, list[float]]]
+    opened: Iterable[WindowOpen],
+    sent: Sequence[Sent],
+    arrivals: Mapping[str, Mapping[str, list[float]]],
+    reference: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Each window with its end: when the subscription was surely back.
+    """Each window with its end: when the subscription was surely back, and how long it took.
 
     A message the subscriber received was routed while its queue was bound,
     at some moment between the publish's start and its confirm. So among the
     messages published after the fault took effect (``after``) that the
-    subscriber received, the earliest confirm bounds the moment it came back.
-    (Not the earliest start: a publish started during an outage is sent
-    after the reconnect.)
+    subscriber received, the earliest confirm bounds the moment it came back
+    (not the earliest start: a publish started during an outage is sent after
+    the reconnect). That bound is what the accounting uses.
+
+    How long it took to come back is measured on the ``reference``
+    subscriber's clock, when there is one (a subscription no fault takes
+    away): from its first message sent after the fault to its copy of the
+    first one the faulted subscriber got again. A publisher running behind
+    delays both alike, so the backlog does not count as time away.
     """
+    ref = arrivals.get(reference, {}) if reference else {}
+    by_start = sorted(sent, key=lambda s: s.start)
     windows = []
     for w in sorted(opened, key=lambda w: w.at):
         got = arrivals.get(w.subscriber, {})
         after = w.at if w.after is None else w.after
-        back = [s for s in sent if s.start >= after and s.id in got]
+        since = [s for s in by_start if s.start >= after]
+        back = [s for s in since if s.id in got]
         end = min((s.end for s in back if not math.isnan(s.end)), default=math.inf)
-        # How long it took to come back, seen from the subscriber: its first such message arriving.
-        # (The confirm above is the sound bound for the accounting, but it also waits on the publisher.)
-        first = min((got[s.id][0] for s in back), default=math.inf)
-        windows.append({"subscriber": w.subscriber, "kind": w.kind, "fault": w.fault, "opened": w.at, "closed": end,
-                        "first_arrival": first})  # fmt: skip
+        first_back = back[0] if back else None
+        first_ref = next((s for s in since if s.id in ref), None)
+        if first_back is None:
+            took = math.inf
+        elif ref and w.subscriber != reference and first_ref is not None:
+            seen = ref.get(first_back.id, got[first_back.id])
+            took = max(0.0, seen[0] - ref[first_ref.id][0]) + (after - w.at)
+        else:
+            took = got[first_back.id][0] - w.at
+        windows.append(
+            {"subscriber": w.subscriber, "kind": w.kind, "fault": w.fault, "opened": w.at, "closed": end, "took": took}
+        )
     return windows
 
 
@@ -119,12 +138,13 @@ def pubsub_ledger(
     *,
     margin_before: float,
     restore_limit: float,
+    reference: str | None = None,
 ) -> dict[str, Any]:
     """Per subscriber: expected (confirmed), delivered, missed in windows, lost, duplicates, latency."""
     confirmed = [s for s in sent if s.confirmed]
     unconfirmed_ids = {s.id for s in sent if not s.confirmed}
     known = {s.id for s in sent}
-    windows = close_windows(opened, sent, arrivals)
+    windows = close_windows(opened, sent, arrivals, reference)
     failures: list[str] = []
     subscribers: dict[str, Any] = {}
     for name, got in arrivals.items():
@@ -155,7 +175,7 @@ def pubsub_ledger(
         shown = []
         for w, missed in zip(mine, missed_by_window, strict=True):
             length = w["closed"] - w["opened"]
-            back = w["first_arrival"] - w["opened"]
+            back = w["took"]
             shown.append(
                 {
                     "kind": w["kind"],

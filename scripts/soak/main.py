@@ -287,7 +287,7 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
         # Drain: until every subscriber has every message it must get and every task is accounted for.
         drain_limit = 10.0 if stop.is_set() else args.drain_limit
         drain_end = clock.now() + drain_limit
-        kw = {"margin_before": args.window_margin, "restore_limit": args.restore_limit}
+        kw = {"margin_before": args.window_margin, "restore_limit": args.restore_limit, "reference": "sub-1"}
         letters: list[dict[str, Any]] = []
         idle_since = clock.now()
         last_state: tuple[int, int] = (-1, -1)
