@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -136,6 +136,7 @@ class Broker:
         # Exchanges a publish may use on the shared confirm channel: ours, or seen to exist on this connection.
         self._known_exchanges: set[str] = set()
         self._exchange_check_lock = asyncio.Lock()
+        self._topology_lock = asyncio.Lock()
         self.generation = 0
         self.reconnects = 0
         self.republished = 0  # confirmed publishes sent again after the connection dropped mid-confirm
@@ -517,15 +518,15 @@ class Broker:
 
     async def unbind(self, binding: Binding) -> None:
         await self._ready()
-        channel = await self._channel("topology", confirms=False)
-        with map_exceptions(kind="binding", name=binding.routing_key):
-            await channel.queue_unbind(
-                queue=self.queue_name(binding.queue),
-                exchange=binding.exchange.name,
-                routing_key=binding.routing_key,
-                arguments=binding.bind_arguments() or None,
-            )
-        self._bindings.pop(binding, None)
+        async with self._topology() as channel:
+            with map_exceptions(kind="binding", name=binding.routing_key):
+                await channel.queue_unbind(
+                    queue=self.queue_name(binding.queue),
+                    exchange=binding.exchange.name,
+                    routing_key=binding.routing_key,
+                    arguments=binding.bind_arguments() or None,
+                )
+            self._bindings.pop(binding, None)
 
     def forget(self, *specs: Exchange | Queue | Binding) -> None:
         """Stop remembering ``specs``: a reconnect will not declare them again. Nothing is sent to the broker.
@@ -574,10 +575,10 @@ class Broker:
             for b in [b for b in self._bindings if b.queue is spec or b.queue == spec]:
                 del self._bindings[b]
         await self._ready()
-        channel = await self._channel("topology", confirms=False)
-        with map_exceptions(kind="queue", name=name):
-            result = await channel.queue_delete(name, if_unused=if_unused, if_empty=if_empty)
-        return int(result.message_count or 0)
+        async with self._topology() as channel:
+            with map_exceptions(kind="queue", name=name):
+                result = await channel.queue_delete(name, if_unused=if_unused, if_empty=if_empty)
+            return int(result.message_count or 0)
 
     async def delete_exchange(self, name: str | Exchange, *, if_unused: bool = False) -> None:
         name = name if isinstance(name, str) else name.name
@@ -586,64 +587,64 @@ class Broker:
         for b in [b for b in self._bindings if b.exchange.name == name]:
             del self._bindings[b]
         await self._ready()
-        channel = await self._channel("topology", confirms=False)
-        with map_exceptions(kind="exchange", name=name):
-            await channel.exchange_delete(name, if_unused=if_unused)
+        async with self._topology() as channel:
+            with map_exceptions(kind="exchange", name=name):
+                await channel.exchange_delete(name, if_unused=if_unused)
 
     async def purge_queue(self, queue: Queue | str) -> int:
         name = queue if isinstance(queue, str) else self.queue_name(queue)
         await self._ready()
-        channel = await self._channel("topology", confirms=False)
-        with map_exceptions(kind="queue", name=name):
-            result = await channel.queue_purge(name)
-        return int(result.message_count or 0)
+        async with self._topology() as channel:
+            with map_exceptions(kind="queue", name=name):
+                result = await channel.queue_purge(name)
+            return int(result.message_count or 0)
 
     async def queue_counts(self, queue: Queue | str) -> tuple[int, int]:
         """``(messages ready, consumers)`` of an existing queue; TopologyError when it does not exist."""
         name = queue if isinstance(queue, str) else self.queue_name(queue)
         await self._ready()
-        channel = await self._channel("topology", confirms=False)
-        with map_exceptions(kind="queue", name=name):
-            result = await channel.queue_declare(name, passive=True)
-        return int(result.message_count or 0), int(result.consumer_count or 0)
+        async with self._topology() as channel:
+            with map_exceptions(kind="queue", name=name):
+                result = await channel.queue_declare(name, passive=True)
+            return int(result.message_count or 0), int(result.consumer_count or 0)
 
     async def _declare_exchange_on(self, exchange: Exchange) -> None:
-        channel = await self._channel("topology", confirms=False)
-        with map_exceptions(kind="exchange", name=exchange.name):
-            await channel.exchange_declare(
-                exchange=exchange.name,
-                exchange_type=str(exchange.type),
-                durable=exchange.durable,
-                auto_delete=exchange.auto_delete,
-                internal=exchange.internal,
-                arguments=dict(exchange.arguments) or None,
-            )
+        async with self._topology() as channel:
+            with map_exceptions(kind="exchange", name=exchange.name):
+                await channel.exchange_declare(
+                    exchange=exchange.name,
+                    exchange_type=str(exchange.type),
+                    durable=exchange.durable,
+                    auto_delete=exchange.auto_delete,
+                    internal=exchange.internal,
+                    arguments=dict(exchange.arguments) or None,
+                )
 
     async def _declare_queue_on(self, queue: Queue) -> str:
-        channel = await self._channel("topology", confirms=False)
-        with map_exceptions(kind="queue", name=queue.name):
-            result = await channel.queue_declare(
-                queue=queue.name,
-                durable=queue.durable,
-                exclusive=queue.exclusive,
-                auto_delete=queue.auto_delete,
-                arguments=queue.declare_arguments() or None,
-            )
-        name = str(result.queue)
-        if queue.server_named:
-            self._queues[queue] = name
-        return name
+        async with self._topology() as channel:
+            with map_exceptions(kind="queue", name=queue.name):
+                result = await channel.queue_declare(
+                    queue=queue.name,
+                    durable=queue.durable,
+                    exclusive=queue.exclusive,
+                    auto_delete=queue.auto_delete,
+                    arguments=queue.declare_arguments() or None,
+                )
+            name = str(result.queue)
+            if queue.server_named:
+                self._queues[queue] = name
+            return name
 
     async def _bind_on(self, binding: Binding) -> None:
-        channel = await self._channel("topology", confirms=False)
-        queue_name = self.queue_name(binding.queue)
-        with map_exceptions(kind="binding", name=f"{binding.exchange.name}->{queue_name}"):
-            await channel.queue_bind(
-                queue=queue_name,
-                exchange=binding.exchange.name,
-                routing_key=binding.routing_key,
-                arguments=binding.bind_arguments() or None,
-            )
+        async with self._topology() as channel:
+            queue_name = self.queue_name(binding.queue)
+            with map_exceptions(kind="binding", name=f"{binding.exchange.name}->{queue_name}"):
+                await channel.queue_bind(
+                    queue=queue_name,
+                    exchange=binding.exchange.name,
+                    routing_key=binding.routing_key,
+                    arguments=binding.bind_arguments() or None,
+                )
 
     async def _ready(self, timeout: float | None = None) -> None:
         if self._closing:
@@ -734,6 +735,17 @@ class Broker:
                 self.republished += 1
                 await asyncio.sleep(0.01)
                 continue
+
+    @contextlib.asynccontextmanager
+    async def _topology(self) -> AsyncIterator[AbstractChannel]:
+        """The shared topology channel, one operation at a time.
+
+        A refused declare makes the broker close the channel it came on, and
+        aiormq fails every other call waiting on that channel with the same
+        error: taking turns keeps each error with its own operation.
+        """
+        async with self._topology_lock:
+            yield await self._channel("topology", confirms=False)
 
     async def _check_exchange(self, name: str) -> None:
         """Make sure an exchange we did not declare exists before publishing to it on the shared channel.
