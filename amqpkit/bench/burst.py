@@ -34,6 +34,7 @@ from .stats import LatencyRecorder, Percentiles
 __all__ = ["BurstRun", "Second", "parse_profile", "profile_seconds", "run_burst"]
 
 SAMPLE_S = 0.1
+WARMUP_MAX = 200  # warm-up operations before a burst run, at 8 in flight
 
 
 def parse_profile(text: str) -> tuple[tuple[float, float], ...]:
@@ -149,16 +150,20 @@ async def run_burst(
 ) -> BurstRun:
     """One scenario through the whole profile, then until its backlog drained (or ``drain_timeout``)."""
     result = BurstRun(scenario=scenario, run=run, kind=kind, profile=profile)
+    warmup = min(warmup, WARMUP_MAX)
     if warmup:
 
         def nothing() -> None:
             return None
 
+        handled = window.handled if window is not None else 0
         await closed_loop(client.operate, concurrency=8, count=warmup, deadline=None, warmup=True, recorder=None,
                           tick=nothing)  # fmt: skip
-    if kind is Kind.ONEWAY:
-        await side.report(0)
-        await asyncio.sleep(0.1)  # the warm-up's last messages
+        if window is not None:  # the warm-up must not be queued ahead of the profile
+            loop = asyncio.get_running_loop()
+            end = loop.time() + drain_timeout
+            while window.handled - handled < warmup and loop.time() < end:  # noqa: ASYNC110 - a counter
+                await asyncio.sleep(0.01)
     origin = time.monotonic_ns() + 50_000_000
     await side.reset(origin)
     timeline = _Timeline(origin)

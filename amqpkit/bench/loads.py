@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from .stats import LatencyRecorder
 
-__all__ = ["MAX_OPEN_LOOP_OUTSTANDING", "Operation", "closed_loop", "open_loop"]
+__all__ = ["MAX_OPEN_LOOP_OUTSTANDING", "Operation", "closed_loop", "open_loop", "run_in_loop"]
 
 MAX_OPEN_LOOP_OUTSTANDING = 20_000
 
@@ -109,3 +110,13 @@ async def schedule(one: Callable[[int], Awaitable[None]], start_ns: int, profile
         task.add_done_callback(outstanding.discard)
     if outstanding:
         await asyncio.wait(outstanding)
+
+
+def run_in_loop(main: Callable[[], Coroutine[Any, Any, Any]], loop: str) -> Any:
+    """``asyncio.run`` on the event loop named: ``asyncio`` (the standard one) or ``uvloop``."""
+    if loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
+    return asyncio.run(main())

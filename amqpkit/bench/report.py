@@ -20,15 +20,39 @@ PAIRS = (
     ("rpc", "aiopika-rpc", "amqpkit RPC vs aio-pika's RPC pattern"),
     ("rpc", "rpc-reply-queue", "direct reply-to vs an exclusive reply queue"),
     ("workqueue", "aiopika-workqueue", "amqpkit work queue vs bare aio-pika consume-and-ack"),
+    ("rpc", "http-rpc", "amqpkit RPC vs HTTP (the faster client)"),
+    ("rpc", "grpc-rpc", "amqpkit RPC vs gRPC"),
+    ("http-rpc-aiohttp", "http-rpc-httpx", "HTTP: aiohttp's client vs httpx's"),
+    ("chain-events", "chain-rpc", "chain: events vs RPC over AMQP"),
+    ("chain-events", "chain-http", "chain: events vs HTTP calls"),
+    ("chain-rpc", "chain-http", "chain: RPC over AMQP vs HTTP calls"),
 )
+# A name that stands for the faster of several scenarios, level by level (by median throughput).
+FASTEST = {"http-rpc": ("http-rpc-aiohttp", "http-rpc-httpx")}
 
 
 def _levels(result: BenchResult) -> list[int | float]:
     seen: dict[int | float, None] = {}
-    for r in result.results:
+    for r in (*result.results, *result.chain):
         if r.level is not None:
             seen[r.level] = None
     return list(seen)
+
+
+def _names(runs: list[RunResult]) -> list[str]:
+    """Scenario names in the order they ran (``rpc@uvloop`` after ``rpc`` when both loops ran)."""
+    return list(dict.fromkeys(r.scenario for r in runs))
+
+
+def _resolve(result: BenchResult, name: str, level: int | float, names: set[str]) -> str | None:
+    """The scenario ``name`` stands for at ``level``: itself, or the fastest of those it names."""
+    base, at, loop = name.partition("@")
+    if base not in FASTEST:
+        return name if name in names else None
+    ran = [f"{one}{at}{loop}" for one in FASTEST[base] if f"{one}{at}{loop}" in names]
+    if not ran:
+        return None
+    return max(ran, key=lambda one: result.median_of(one, level, lambda r: r.throughput_per_s))
 
 
 def _level_label(result: BenchResult, level: int | float) -> str:
@@ -37,12 +61,20 @@ def _level_label(result: BenchResult, level: int | float) -> str:
 
 def comparisons(result: BenchResult) -> list[dict[str, object]]:
     """For each pair of scenarios run, at each level: median p50 latency ratio and throughput ratio."""
-    names = {r.scenario for r in result.results}
+    ordered = _names([*result.results, *result.chain])
+    names = set(ordered)
+    loops = sorted({"@" + n.partition("@")[2] for n in names if "@" in n})
+    pairs = [(f"{left}{at}", f"{right}{at}", meaning + (f" ({at[1:]})" if at else "")) for at in ("", *loops)
+             for left, right, meaning in PAIRS]  # fmt: skip
+    pairs += [(n, n.partition("@")[0], f"{n.partition('@')[0]}: {n.partition('@')[2]} vs asyncio") for n in ordered
+              if "@" in n and n.partition("@")[0] in names]  # fmt: skip
     rows: list[dict[str, object]] = []
-    for left, right, meaning in PAIRS:
-        if left not in names or right not in names:
-            continue
+    for pair_left, pair_right, meaning in pairs:
         for level in _levels(result):
+            left = _resolve(result, pair_left, level, names)
+            right = _resolve(result, pair_right, level, names)
+            if left is None or right is None or not result.runs(left, level) or not result.runs(right, level):
+                continue
             lp50 = result.median_of(left, level, lambda r: r.latency_us.p50)
             rp50 = result.median_of(right, level, lambda r: r.latency_us.p50)
             lthr = result.median_of(left, level, lambda r: r.throughput_per_s)
@@ -50,7 +82,7 @@ def comparisons(result: BenchResult) -> list[dict[str, object]]:
             rows.append(
                 {
                     "pair": f"{left} / {right}",
-                    "meaning": meaning,
+                    "meaning": meaning + (f" [{right}]" if right != pair_right else ""),
                     "level": _level_label(result, level),
                     "p50_ratio": round(lp50 / rp50, 3) if rp50 else None,
                     "throughput_ratio": round(lthr / rthr, 3) if rthr else None,
@@ -75,31 +107,15 @@ def print_report(result: BenchResult, console: Console | None = None) -> None:
     console.print(
         f"[bold]amqpkit bench[/bold] — {result.broker_product} {result.broker_version}, "
         f"{result.machine.get('cpus')} CPUs, {p.size}-byte bodies, "
-        + (f"open loop at {p.rate:g} msg/s" if p.rate else "closed loop")
+        + (f"open loop at {p.rate:g} msg/s" if p.rate else "burst profile (open loop)" if p.burst else "closed loop")
+        + f", {' and '.join(p.loop)} event loop"
         + (f", {p.repeat} runs (median \\[min-max])" if p.repeat > 1 else "")
         + (", in one process" if p.inproc else ", server in its own process")
     )
-    table = Table(show_lines=False)
-    for col, justify in [
-        ("scenario", "left"), ("load", "right"), ("msgs", "right"), ("throughput/s", "right"),
-        ("p50 µs", "right"), ("p90", "right"), ("p99", "right"), ("p99.9", "right"), ("max", "right"),
-        ("errors", "right"),
-    ]:  # fmt: skip
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for level in _levels(result):
-        for scenario in p.scenarios:
-            run: RunResult | None = result.median(scenario, level)
-            if run is None:
-                continue
-            lat = run.latency_us
-            table.add_row(
-                scenario, _level_label(result, level), f"{run.messages:,}",
-                f"{run.throughput_per_s:,.0f}{_spread(result, scenario, level, 'thr')}",
-                f"{lat.p50:,}{_spread(result, scenario, level, 'p50')}", f"{lat.p90:,}", f"{lat.p99:,}",
-                f"{lat.p999:,}", f"{lat.max:,}", str(run.errors),
-            )  # fmt: skip
-        table.add_section()
-    console.print(table)
+    if result.results:
+        console.print(_table(result, result.results))
+    if result.chain:
+        console.print(_table(result, result.chain, title="a chain of services: A -> B -> C -> D, end to end"))
     rows = comparisons(result)
     if rows:
         ratios = Table(title="side by side (ratios of medians, same run)")
@@ -112,6 +128,34 @@ def print_report(result: BenchResult, console: Console | None = None) -> None:
                 "-" if row["throughput_ratio"] is None else f"{row['throughput_ratio']:.2f}x",
             )  # fmt: skip
         console.print(ratios)
+    if result.burst:
+        from .report_burst import print_burst
+
+        print_burst(result, console)
+
+
+def _table(result: BenchResult, runs: list[RunResult], title: str | None = None) -> Table:
+    table = Table(show_lines=False, title=title)
+    for col, justify in [
+        ("scenario", "left"), ("load", "right"), ("msgs", "right"), ("throughput/s", "right"),
+        ("p50 µs", "right"), ("p90", "right"), ("p99", "right"), ("p99.9", "right"), ("max", "right"),
+        ("errors", "right"),
+    ]:  # fmt: skip
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for level in _levels(result):
+        for scenario in _names(runs):
+            run: RunResult | None = result.median(scenario, level)
+            if run is None:
+                continue
+            lat = run.latency_us
+            table.add_row(
+                scenario, _level_label(result, level), f"{run.messages:,}",
+                f"{run.throughput_per_s:,.0f}{_spread(result, scenario, level, 'thr')}",
+                f"{lat.p50:,}{_spread(result, scenario, level, 'p50')}", f"{lat.p90:,}", f"{lat.p99:,}",
+                f"{lat.p999:,}", f"{lat.max:,}", str(run.errors),
+            )  # fmt: skip
+        table.add_section()
+    return table
 
 
 def plot(result: BenchResult, path: str | Path) -> None:
@@ -123,9 +167,14 @@ def plot(result: BenchResult, path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - depends on the extra
         raise RuntimeError("plotting needs matplotlib: pip install 'amqpkit[plot]'") from exc
+    if result.burst:
+        from .report_burst import plot_burst
+
+        plot_burst(result, path, plt)
+        return
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=False)
     for ax, (metric, title) in zip(axes, [("p50", "median latency"), ("p99", "p99 latency")], strict=True):
-        for scenario in result.params.scenarios:
+        for scenario in _names([*result.results, *result.chain]):
             points = []
             for level in _levels(result):
                 run = result.median(scenario, level)

@@ -26,10 +26,9 @@ from ..settings import BrokerSettings, redact_url
 from .base import ClientOptions, ClientSide, Kind, ServerOptions, Window
 from .burst import profile_seconds, run_burst
 from .chain import ROLES
-from .loads import closed_loop, open_loop
+from .loads import closed_loop, open_loop, run_in_loop
 from .results import BenchResult, RunResult, machine_info
 from .scenarios import CLIENTS, SERVERS, expand, is_chain, is_rpc, kind_of, require
-from .serve import run_in_loop
 from .sides import ChainSide, GroupSide, LocalSide, RemoteSide, Side
 from .stats import LatencyRecorder
 

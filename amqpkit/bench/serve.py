@@ -24,10 +24,9 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 from ..settings import BrokerSettings
+from .loads import run_in_loop
 from .scenarios import SERVERS, ServerOptions, ServerSide
 
 
@@ -58,16 +57,6 @@ async def serve(side: ServerSide) -> None:
 def _say(doc: dict[str, object]) -> None:
     sys.stdout.write(json.dumps(doc) + "\n")
     sys.stdout.flush()
-
-
-def run_in_loop(main: Callable[[], Coroutine[Any, Any, Any]], loop: str) -> Any:
-    """``asyncio.run`` on the event loop named: ``asyncio`` (the standard one) or ``uvloop``."""
-    if loop == "uvloop":
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(main())
-    return asyncio.run(main())
 
 
 def main() -> None:
