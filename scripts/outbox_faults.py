@@ -617,6 +617,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the node too, as Ctrl-C does
     try:
         return asyncio.run(main_async(args))
     except KeyboardInterrupt:
