@@ -105,8 +105,10 @@ class HandlerInfo:
             future = await self.runner.submit(self.fn, arg, kwargs)
         try:
             return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            if key and not future.done():
+        except asyncio.CancelledError as cancelled:
+            # aiormq cancels with the reason when the channel or connection closed under the delivery;
+            # a stop out of grace cancels without one (the pool is closed right after).
+            if key and cancelled.args and not future.done():
                 self._keep_orphan(key, future)
             raise
         except BrokenProcessPool:

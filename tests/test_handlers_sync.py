@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -226,6 +227,28 @@ async def test_a_process_that_dies_fails_only_its_task(work: WorkQueue[Any], tmp
     assert len(handlers.runs(dies)) == 2  # died once, then completed on its retry
     assert worker.retried == 1 and worker.dead_lettered == 0
     assert getattr(runner, "crashes", 0) == 1
+
+
+async def test_stop_out_of_grace_stops_the_process_and_gives_the_task_back(
+    broker: Broker, work: WorkQueue[Any], tmp_path: Path
+) -> None:
+    log = str(tmp_path / "runs.log")
+    await work.enqueue({"n": 1, "seconds": 60, "log": log})
+    worker = Worker(work, handlers.sleep_then_done, concurrency=1, executor="process", processes=1)
+    await worker.start()
+    try:
+        await wait_for(lambda: bool(handlers.runs(log)), timeout=30)
+    finally:
+        await asyncio.wait_for(worker.stop(grace=0.5), 30)
+    pid = int(handlers.runs(log)[0].rsplit("pid=", 1)[1])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped (and collected), not left running its 60 s
+    assert await until(lambda: _ready(broker, work.name, 1))
+    assert not handlers.runs(log, "done")
+
+
+async def _ready(broker: Broker, queue: str, count: int) -> bool:
+    return (await broker.queue_counts(queue))[0] == count
 
 
 async def test_a_crash_is_a_handler_crashed_error_with_the_exit_status(work: WorkQueue[Any], tmp_path: Path) -> None:
