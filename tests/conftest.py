@@ -1,16 +1,12 @@
-"""Fixtures: a real RabbitMQ, found in the order DESIGN.md gives, a vhost of the session's own, unique names.
+"""Fixtures: a real RabbitMQ and a vhost of each test's own, from amqpkit's pytest plugin (amqpkit.testing).
 
-The broker:
-
-1. ``AMQP_URL`` from the environment;
-2. a broker answering on 127.0.0.1:5672;
-3. a throwaway testcontainers RabbitMQ when a Docker engine answers;
-4. otherwise the run fails (it never skips) with how to start a broker.
-
-When rabbitmqctl reaches that broker, the session makes a vhost of its own
-(``amqpkit-test-<host>-<pid>-<random>``), so tests with fixed names (the tutorials' ``hello``,
-``rpc_queue``, ...) do not meet another run's; it is deleted at the end.
-``AMQPKIT_TEST_VHOST=0`` keeps the URL's own vhost.
+The plugin finds the broker (``AMQP_URL``; a broker on 127.0.0.1:5672; a
+testcontainers RabbitMQ where a Docker engine answers; else the run fails,
+never skips, saying how to start one) and gives each test a fresh vhost
+(``amqp_url``), deleted after it, so tests with fixed names (the tutorials'
+``hello``, ``rpc_queue``, ...) never meet another test's or another run's.
+``AMQPKIT_TEST_VHOST=0`` keeps the URL's own vhost. This file adds the
+project's own fixtures on top (``settings``, ``broker``, ``name``, ``cleanup``).
 
 Tests marked ``whole_broker`` (stop_app, alarms, closing every connection) run
 while no other test runs against the node, in this run or in any other on the
@@ -19,29 +15,15 @@ machine: see ``brokerctl.broker_turn``.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-import shutil
-import socket
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from amqpkit import Broker, BrokerSettings, ReconnectPolicy
+from amqpkit.testing import own_vhost, vhost_of
 
 from . import brokerctl, processes
-
-LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
-
-HOW_TO_START = (
-    "No RabbitMQ broker found. Set AMQP_URL, or start one on 127.0.0.1:5672 "
-    "(`rabbitmq-server -detached`, or `apt-get install rabbitmq-server`), "
-    "or run `docker compose up -d` in the project folder."
-)
 
 SLOW_TIMEOUT = 1800  # seconds, for tests marked slow that do not set their own
 
@@ -52,114 +34,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
 
 
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _docker_answers() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.fixture(scope="session")
-def broker_url() -> Iterator[str]:
+def broker_url(amqp_server_url: str) -> str:
     """The broker's URL as found (its own vhost, usually '/')."""
-    env = os.environ.get("AMQP_URL")
-    if env:
-        yield env
-        return
-    if _answers("127.0.0.1", 5672):
-        yield LOCAL_URL
-        return
-    if _docker_answers():
-        from testcontainers.rabbitmq import RabbitMqContainer
-
-        with RabbitMqContainer("rabbitmq:3.13-management") as container:
-            host = container.get_container_host_ip()
-            port = container.get_exposed_port(5672)
-            yield f"amqp://guest:guest@{host}:{port}/"
-        return
-    pytest.fail(HOW_TO_START, pytrace=False)
+    return amqp_server_url
 
 
-def _opens(url: str) -> bool:
-    """An AMQP connection to ``url`` opens (pika: a small synchronous client)."""
-    import pika
-
-    params = pika.URLParameters(url.split(",")[0].strip())
-    params.connection_attempts = 1
-    params.socket_timeout = 5
-    params.blocked_connection_timeout = 5
+@pytest.fixture
+def amqp_url(amqp_url: str) -> Iterator[str]:
+    """The plugin's per-test vhost; brokerctl (the fault proxy, vhost-only faults) is told which it is."""
+    brokerctl.set_session_vhost(vhost_of(amqp_url) if own_vhost(amqp_url) else None)
     try:
-        pika.BlockingConnection(params).close()
-    except Exception:
-        return False
-    return True
-
-
-VHOST_PREFIX = "amqpkit-test-"
-HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:20] or "host"
-
-
-def _delete_orphan_vhosts() -> None:
-    """Delete the vhosts of earlier runs on this machine that were killed before their clean-up."""
-    listed = brokerctl.rabbitmqctl("list_vhosts", "-q", "name", timeout=30).split()
-    for vhost in listed:
-        m = re.fullmatch(rf"{VHOST_PREFIX}{HOST}-(\d+)-[0-9a-f]+", vhost)
-        if m and not os.path.exists(f"/proc/{m.group(1)}"):
-            brokerctl.rabbitmqctl("delete_vhost", vhost, timeout=120)
-
-
-@contextlib.contextmanager
-def _own_vhost(url: str) -> Iterator[str]:
-    """A new vhost on the broker behind ``url``, for this session; yields ``url`` pointed at it.
-
-    Only when rabbitmqctl reaches that same broker (checked by connecting into the new vhost);
-    otherwise ``url`` itself.
-    """
-    if os.environ.get("AMQPKIT_TEST_VHOST") == "0" or not brokerctl.rabbitmqctl_available():
-        yield url
-        return
-    vhost = f"{VHOST_PREFIX}{HOST}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    user = unquote(urlsplit(url.split(",")[0].strip()).username or "guest")
-    made = False
-    try:
-        _delete_orphan_vhosts()
-        brokerctl.rabbitmqctl("add_vhost", vhost, timeout=30)
-        made = True
-        brokerctl.rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*", timeout=30)
-        own = brokerctl.with_vhost(url, vhost)
-        usable = _opens(own)
-    except (RuntimeError, OSError, subprocess.TimeoutExpired):
-        usable = False
-    if not usable:  # another broker than the one rabbitmqctl drives, or no rights there
-        if made:
-            with contextlib.suppress(RuntimeError, OSError, subprocess.TimeoutExpired):
-                brokerctl.rabbitmqctl("delete_vhost", vhost, timeout=60)
-        yield url
-        return
-    brokerctl.set_session_vhost(vhost)
-    try:
-        yield own
+        yield amqp_url
     finally:
         brokerctl.set_session_vhost(None)
-        with contextlib.suppress(RuntimeError, OSError, subprocess.TimeoutExpired):
-            brokerctl.rabbitmqctl("delete_vhost", vhost, timeout=120)
-
-
-@pytest.fixture(scope="session")
-def amqp_url(broker_url: str) -> Iterator[str]:
-    """The URL tests use: into the session's own vhost when one could be made, else ``broker_url``."""
-    with _own_vhost(broker_url) as url:
-        yield url
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from .proxy import FaultProxy
 PASSWORD = f"Pw-{uuid.uuid4().hex[:12]}-secret"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # per test, as amqp_url is: the user gets rights on this test's vhost
 def user(amqp_url: str) -> Iterator[str]:
     name = f"amqpkit-{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_user", name, PASSWORD)

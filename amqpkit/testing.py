@@ -1,0 +1,501 @@
+"""pytest plugin: test against a real RabbitMQ, each test in a fresh vhost.
+
+Registered with the ``pytest11`` entry point ``amqpkit``, so it is active once
+amqpkit is installed (``pytest -p no:amqpkit`` turns it off). Fixtures:
+
+- ``amqp_url``: the AMQP URL of a vhost made for this test and deleted after
+  it. Nothing a test declares is seen by another test, in this run or in any
+  other against the same broker.
+- ``amqp_settings``: :class:`~amqpkit.BrokerSettings` for ``amqp_url`` with
+  a short heartbeat and fast reconnects (override it to change them).
+- ``amqp_broker``: a connected :class:`~amqpkit.Broker` on that vhost.
+- ``service_runner``: ``await service_runner(service)`` starts a
+  :class:`~amqpkit.service.Service` in-process on that vhost and returns the
+  :class:`~amqpkit.service.RunningService`; it is stopped after the test.
+- ``amqp_server_url`` (session): the broker as found, in its own vhost.
+
+The broker is found in this order, never skipped and never faked:
+``AMQP_URL``; a broker answering on ``127.0.0.1:5672``; a throwaway
+testcontainers RabbitMQ where a Docker engine answers; else the run fails
+saying how to start one.
+
+Vhosts are made through the management HTTP API when it answers
+(``AMQPKIT_MANAGEMENT_URL``, else port 15672 on the broker's host with the
+URL's user), else with ``rabbitmqctl`` on this machine
+(``AMQPKIT_RABBITMQCTL_NODE`` names another node). rabbitmqctl takes a
+second or two per call, so it makes vhosts a few at a time ahead of need and
+deletes used ones in batches in the background; every one is gone by the
+end of the session, and the next session deletes those of a killed run.
+``AMQPKIT_TEST_VHOST=0`` turns vhosts off: every test then uses the URL's
+own vhost, shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import pytest
+
+from .connection import Broker
+from .service import RunningService, Service
+from .settings import BrokerSettings, ReconnectPolicy
+
+try:
+    import pytest_asyncio
+except ImportError:  # the async fixtures then fail, saying what is missing
+    pytest_asyncio = None  # type: ignore[assignment]
+
+__all__ = ["ServiceRunner", "VhostPool", "find_broker", "own_vhost", "vhost_of", "with_vhost"]
+
+LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
+HOW_TO_START = (
+    "No RabbitMQ broker found. Set AMQP_URL, or start one on 127.0.0.1:5672 "
+    "(`rabbitmq-server -detached`, or `apt-get install rabbitmq-server`), "
+    "or run `docker compose up -d` in the amqpkit checkout, or start Docker for a testcontainers broker."
+)
+NO_VHOSTS = (
+    "cannot make a vhost per test on the broker at {where}: its management API does not answer "
+    "(enable it: rabbitmq-plugins enable rabbitmq_management, or set AMQPKIT_MANAGEMENT_URL) and "
+    "rabbitmqctl {ctl}. Set AMQPKIT_TEST_VHOST=0 to run every test in the URL's own vhost instead."
+)
+VHOST_PREFIX = "amqpkit-test-"
+ACTING_USER = "amqpkit-tests"
+NODE_ENV = "AMQPKIT_RABBITMQCTL_NODE"
+HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:20] or "host"
+
+_own: set[str] = set()  # vhosts this process made (and has not deleted yet)
+
+
+# ---------------------------------------------------------------------- URLs
+
+
+def vhost_of(url: str) -> str:
+    """The vhost an AMQP URL names ('/' when it names none)."""
+    path = urlsplit(url.split(",")[0].strip()).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def with_vhost(url: str, vhost: str) -> str:
+    """``url`` (or each of several comma-separated URLs) pointed at ``vhost``."""
+
+    def one(u: str) -> str:
+        parts = urlsplit(u.strip())
+        return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, parts.fragment))
+
+    return ",".join(one(u) for u in url.split(","))
+
+
+def own_vhost(url: str) -> bool:
+    """Whether ``url``'s vhost was made by this plugin for one test (and so is seen by nobody else)."""
+    return vhost_of(url) in _own
+
+
+# ---------------------------------------------------------------------- finding the broker
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@contextlib.contextmanager
+def find_broker() -> Iterator[tuple[str, str | None]]:
+    """(AMQP URL, management URL or None) of the broker to test against; fails the run if there is none."""
+    env = os.environ.get("AMQP_URL")
+    if env:
+        yield env, os.environ.get("AMQPKIT_MANAGEMENT_URL")
+        return
+    if _answers("127.0.0.1", 5672):
+        yield LOCAL_URL, os.environ.get("AMQPKIT_MANAGEMENT_URL")
+        return
+    if _docker_answers():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        container = RabbitMqContainer("rabbitmq:3.13-management").with_exposed_ports(15672)
+        with container:
+            host = container.get_container_host_ip()
+            amqp = f"amqp://guest:guest@{host}:{container.get_exposed_port(5672)}/"
+            yield amqp, f"http://guest:guest@{host}:{container.get_exposed_port(15672)}"
+        return
+    pytest.fail(HOW_TO_START, pytrace=False)
+
+
+# ---------------------------------------------------------------------- making vhosts
+
+
+class _Management:
+    """Vhosts through the management HTTP API."""
+
+    def __init__(self, base: str, user: str, password: str) -> None:
+        parts = urlsplit(base)
+        netloc = f"{parts.hostname}:{parts.port or 15672}"  # the credentials go in a header, never in the URL
+        self.base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+        user = unquote(parts.username) if parts.username else user
+        password = unquote(parts.password) if parts.password else password
+        self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.where = self.base
+
+    def _call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method)  # noqa: S310 - our own URL
+        request.add_header("Authorization", self.auth)
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            raw = response.read()
+        return json.loads(raw) if raw else None
+
+    def usable(self, deadline: float = 2) -> bool:
+        try:
+            self._call("GET", "/api/overview", timeout=deadline)
+        except (OSError, ValueError, urllib.error.URLError):
+            return False
+        return True
+
+    def make(self, names: Sequence[str], user: str) -> None:
+        for name in names:
+            self._call("PUT", f"/api/vhosts/{quote(name, safe='')}", {})
+            self._call(
+                "PUT", f"/api/permissions/{quote(name, safe='')}/{quote(user, safe='')}",
+                {"configure": ".*", "write": ".*", "read": ".*"},
+            )  # fmt: skip
+
+    def delete(self, names: Sequence[str]) -> None:
+        for name in names:
+            with contextlib.suppress(urllib.error.HTTPError):  # already gone
+                self._call("DELETE", f"/api/vhosts/{quote(name, safe='')}", timeout=120)
+
+    def listed(self) -> list[str]:
+        return [v["name"] for v in self._call("GET", "/api/vhosts?columns=name")]
+
+
+class _Rabbitmqctl:
+    """Vhosts with rabbitmqctl on this machine: several per call (it takes a second or two to start)."""
+
+    def __init__(self) -> None:
+        node = os.environ.get(NODE_ENV)
+        self.target = ["-n", node] if node else []
+        self.where = f"node {node}" if node else "the local node"
+        self.batched = True
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("rabbitmqctl") is not None
+
+    def ctl(self, *args: str, timeout: float = 120) -> str:
+        done = subprocess.run(["rabbitmqctl", *self.target, *args], capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {args[0]} failed: {done.stderr.strip()[:500]}")
+        return done.stdout
+
+    def make(self, names: Sequence[str], user: str) -> None:
+        if self.batched and _ERLANG_SAFE.fullmatch(user) and all(_ERLANG_SAFE.fullmatch(n) for n in names):
+            calls = ", ".join(
+                f'{{rabbit_vhost:add(<<"{n}">>, <<"{ACTING_USER}">>), rabbit_auth_backend_internal:set_permissions('
+                f'<<"{user}">>, <<"{n}">>, <<".*">>, <<".*">>, <<".*">>, <<"{ACTING_USER}">>)}}'
+                for n in names
+            )
+            try:
+                if self.ctl("eval", f"[{calls}].").count("{ok,ok}") == len(names):
+                    return
+            except RuntimeError:
+                pass
+            self.batched = False  # this node's internals differ: the public commands, one vhost at a time
+            self.delete(names)
+        for name in names:
+            self.ctl("add_vhost", name)
+            self.ctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
+
+    def delete(self, names: Sequence[str]) -> None:
+        if not names:
+            return
+        if self.batched and all(_ERLANG_SAFE.fullmatch(n) for n in names):
+            calls = ", ".join(f'rabbit_vhost:delete(<<"{n}">>, <<"{ACTING_USER}">>)' for n in names)
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                self.ctl("eval", f"[{calls}].", timeout=300)
+                return
+        for name in names:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # already gone
+                self.ctl("delete_vhost", name, timeout=300)
+
+    def listed(self) -> list[str]:
+        return self.ctl("list_vhosts", "-q", "name", timeout=60).split()
+
+
+_ERLANG_SAFE = re.compile(r"[A-Za-z0-9_.@+-]+")
+
+
+class VhostPool:
+    """Fresh vhosts on demand, made ahead a few at a time; used ones deleted in batches in the background."""
+
+    MAX_BATCH = 16
+    DELETE_BATCH = 8
+
+    def __init__(self, maker: _Management | _Rabbitmqctl, user: str, *, batch: int = 2) -> None:
+        self.maker = maker
+        self.user = user
+        self._batch = batch
+        self._ready: collections.deque[str] = collections.deque()
+        self._used: list[str] = []
+        self._lock = threading.Lock()
+        self._making: concurrent.futures.Future[None] | None = None
+        self._deleting: concurrent.futures.Future[None] | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="amqpkit-vhosts")
+
+    @staticmethod
+    def new_name() -> str:
+        return f"{VHOST_PREFIX}{HOST}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    def _make(self, count: int) -> None:
+        names = [self.new_name() for _ in range(count)]
+        _own.update(names)
+        try:
+            self.maker.make(names, self.user)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.maker.delete(names)
+            _own.difference_update(names)
+            raise
+        with self._lock:
+            self._ready.extend(names)
+
+    def acquire(self) -> str:
+        """A vhost nobody has used."""
+        while True:
+            with self._lock:
+                if self._ready:
+                    name = self._ready.popleft()
+                    self._refill_locked()
+                    return name
+                making = self._making
+            if making is not None:
+                making.result()  # a batch on its way: wait for it (its error, if any, is raised here)
+                with self._lock:
+                    if self._making is making:
+                        self._making = None
+                continue
+            self._make(self._batch)
+            self._batch = min(self.MAX_BATCH, self._batch * 2)
+
+    def _refill_locked(self) -> None:
+        if len(self._ready) < 2 and (self._making is None or self._making.done()):
+            count, self._batch = self._batch, min(self.MAX_BATCH, self._batch * 2)
+            self._making = self._pool.submit(self._make, count)
+
+    def release(self, name: str) -> None:
+        """Done with ``name``: it is deleted (soon, with others)."""
+        with self._lock:
+            self._used.append(name)
+            if len(self._used) >= self.DELETE_BATCH and (self._deleting is None or self._deleting.done()):
+                batch, self._used = self._used, []
+                self._deleting = self._pool.submit(self._delete, batch)
+
+    def _delete(self, names: list[str]) -> None:
+        self.maker.delete(names)
+        _own.difference_update(names)
+
+    def delete_orphans(self) -> None:
+        """Delete the vhosts of earlier runs on this machine that were killed before their clean-up."""
+        for vhost in self.maker.listed():
+            m = re.fullmatch(rf"{VHOST_PREFIX}{HOST}-(\d+)-[0-9a-f]+", vhost)
+            if m and not os.path.exists(f"/proc/{m.group(1)}"):
+                self.maker.delete([vhost])
+
+    def close(self) -> None:
+        """Delete every vhost made, used or not."""
+        for pending in (self._making, self._deleting):
+            if pending is not None:
+                with contextlib.suppress(Exception):
+                    pending.result()
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            left = [*self._used, *self._ready]
+            self._used, self._ready = [], collections.deque()
+        self._delete(left)
+
+
+def _run_async(coro_fn: Callable[[], Any]) -> Any:
+    """Run a coroutine to the end on a loop of its own, in a thread (safe whether or not a loop runs here)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(coro_fn())).result()
+
+
+def _opens(url: str) -> bool:
+    async def attempt() -> bool:
+        settings = BrokerSettings(url=url, connect_timeout=10, reconnect=ReconnectPolicy(connect_attempts=1))
+        broker = Broker(settings)
+        try:
+            await broker.connect()
+        except Exception:
+            return False
+        await broker.close()
+        return True
+
+    return bool(_run_async(attempt))
+
+
+def vhost_pool(url: str, management_url: str | None) -> VhostPool:
+    """A pool that makes vhosts on the broker behind ``url``; fails the run, saying why, if nothing can."""
+    parts = urlsplit(url.split(",")[0].strip())
+    user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
+    makers: list[_Management | _Rabbitmqctl] = []
+    management = _Management(management_url or f"http://{parts.hostname or '127.0.0.1'}:15672", user, password)
+    if management.usable():
+        makers.append(management)
+    if _Rabbitmqctl.available():
+        makers.append(_Rabbitmqctl())
+    problems: list[str] = []
+    for maker in makers:
+        pool = VhostPool(maker, user)
+        try:
+            pool.delete_orphans()
+            first = pool.acquire()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired, urllib.error.URLError) as exc:
+            problems.append(f"{type(maker).__name__.strip('_')}: {exc}")
+            continue
+        if _opens(with_vhost(url, first)):  # the same broker the URL reaches, and the user may use it
+            pool.release(first)
+            return pool
+        pool.release(first)
+        pool.close()
+        problems.append(f"{maker.where} is not the broker at {parts.hostname}:{parts.port or 5672}")
+    ctl = "is not installed here" if not _Rabbitmqctl.available() else "failed: " + "; ".join(problems)
+    pytest.fail(NO_VHOSTS.format(where=f"{parts.hostname}:{parts.port or 5672}", ctl=ctl), pytrace=False)
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def amqp_server_url() -> Iterator[str]:
+    """The broker's URL as found (its own vhost, usually '/')."""
+    with find_broker() as (url, management):
+        if management is not None:
+            _container_management[url] = management
+        yield url
+
+
+@pytest.fixture(scope="session")
+def amqp_vhosts(amqp_server_url: str) -> Iterator[VhostPool | None]:
+    """Where per-test vhosts come from (None with AMQPKIT_TEST_VHOST=0)."""
+    if os.environ.get("AMQPKIT_TEST_VHOST") == "0":
+        yield None
+        return
+    management = os.environ.get("AMQPKIT_MANAGEMENT_URL") or _container_management.get(amqp_server_url)
+    pool = vhost_pool(amqp_server_url, management)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+_container_management: dict[str, str] = {}
+
+
+@pytest.fixture
+def amqp_url(amqp_server_url: str, amqp_vhosts: VhostPool | None) -> Iterator[str]:
+    """The AMQP URL of a vhost made for this test, deleted after it."""
+    if amqp_vhosts is None:
+        yield amqp_server_url
+        return
+    vhost = amqp_vhosts.acquire()
+    try:
+        yield with_vhost(amqp_server_url, vhost)
+    finally:
+        amqp_vhosts.release(vhost)
+
+
+@pytest.fixture
+def amqp_settings(amqp_url: str) -> BrokerSettings:
+    """Settings for ``amqp_url``: a short heartbeat and fast reconnects, so that fault tests stay quick."""
+    return BrokerSettings(
+        url=amqp_url,
+        heartbeat=5,
+        reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=1.0, jitter=0.1),
+        publish_timeout=15,
+    )
+
+
+class ServiceRunner:
+    """Starts services in-process for one test; each is stopped when the test ends."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self._running: list[tuple[RunningService, float]] = []
+
+    async def start(
+        self,
+        service: Service,
+        *,
+        settings: BrokerSettings | None = None,
+        grace: float = 5.0,
+        give_up_after: float | None = None,
+    ) -> RunningService:
+        """Start ``service`` (on this test's vhost unless ``settings`` says otherwise); returns it running."""
+        running = RunningService(service, settings=settings or self.settings, give_up_after=give_up_after)
+        await running.start()
+        self._running.append((running, grace))
+        return running
+
+    __call__ = start
+
+    async def stop_all(self) -> None:
+        while self._running:
+            running, grace = self._running.pop()
+            await running.stop(grace=grace)
+
+
+if pytest_asyncio is not None:
+
+    @pytest_asyncio.fixture
+    async def amqp_broker(amqp_settings: BrokerSettings) -> AsyncIterator[Broker]:
+        """A connected Broker on this test's vhost."""
+        async with Broker(amqp_settings) as broker:
+            yield broker
+
+    @pytest_asyncio.fixture
+    async def service_runner(amqp_settings: BrokerSettings) -> AsyncIterator[ServiceRunner]:
+        """``await service_runner(service)``: the service running on this test's vhost, stopped after the test."""
+        runner = ServiceRunner(amqp_settings)
+        try:
+            yield runner
+        finally:
+            await runner.stop_all()
+
+else:
+
+    @pytest.fixture
+    def amqp_broker() -> None:
+        pytest.fail("amqp_broker is an async fixture: pip install pytest-asyncio", pytrace=False)
+
+    @pytest.fixture
+    def service_runner() -> None:
+        pytest.fail("service_runner is an async fixture: pip install pytest-asyncio", pytrace=False)
