@@ -313,6 +313,8 @@ async def test_iterating_the_dlq_holds_one_message_at_a_time(broker: Broker, wor
     # Leaving early hands every message back too.
     async with contextlib.aclosing(dlq_module.iter_dead_letters(broker, work.name)) as letters:
         async for letter in letters:
-            assert letter.task_id == "task-0"
+            # Which one comes first depends on how the broker ordered the hand-backs of the
+            # first pass (a quorum queue does not promise their order); that it is one of them does.
+            assert letter.task_id in set(seen)
             break
     await until_ready(broker, work.dlq_name, count)
