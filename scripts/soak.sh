@@ -23,6 +23,7 @@ for arg in "$@"; do
 done
 if [ -z "$workdir" ]; then
   workdir=$(mktemp -d "${TMPDIR:-/tmp}/amqpkit-soak.XXXXXX")
+  export SOAK_WORKDIR_MADE="$workdir"
   set -- --workdir "$workdir" "$@"
 fi
 
@@ -42,6 +43,7 @@ cleanup() {
         HOME="$workdir/node/home" /usr/lib/rabbitmq/bin/rabbitmqctl -n "$node" stop >/dev/null 2>&1 || true
       fi
     fi
+    rmdir "$workdir" 2>/dev/null || true  # left empty (--help, a bad option)
   fi
   exit "$code"
 }

@@ -22,10 +22,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import amqpkit
 from amqpkit import AmqpkitError, ConnectError
@@ -35,6 +36,7 @@ from soak.load import Brokers, Clock, Journal, PubSub, Rpc, Tasks, WorkerPool, p
 from soak.node import Ctl, CtlError, OwnNode
 
 ROOT = Path(__file__).resolve().parents[2]
+R = TypeVar("R")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -249,7 +251,8 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
                     next_at += 15
                     confirmed = sum(1 for s in pubsub.sent if s.confirmed)
                     subs = " ".join(f"{n} {len(a)}" for n, a in pubsub.arrivals.items())
-                    done = len({x["id"] for x in read_journals(workdir) if x.get("outcome") == "done"})
+                    lines = await asyncio.to_thread(read_journals, workdir)
+                    done = len({x["id"] for x in lines if x.get("outcome") == "done"})
                     ok = sum(1 for c in rpc.calls if c.outcome == "ok")
                     say(
                         f"t={clock.now():5.0f}s  load {os.getloadavg()[0]:.1f}  "
@@ -294,8 +297,8 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
         while True:
             with contextlib.suppress(AmqpkitError, TimeoutError):
                 letters = await asyncio.wait_for(tasks.dead_letters(), 30)
-            ps = pubsub_ledger(pubsub.sent, pubsub.arrivals, pubsub.windows, **kw)
-            ts = task_ledger(tasks.sent, read_journals(workdir), letters, wall0=clock.wall0)
+            ps = await off_loop(pubsub_ledger, list(pubsub.sent), snapshot(pubsub.arrivals), list(pubsub.windows), **kw)
+            ts = await off_loop(tasks_now, list(tasks.sent), workdir, letters, clock.wall0)
             now_state = (sum(s["lost"] for s in ps["subscribers"].values()), ts["unaccounted"])
             if now_state == (0, 0) or clock.now() >= drain_end:
                 break
@@ -310,9 +313,11 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
         say(f"drained in {drain_s:.0f} s")
         queues = await queue_table(ctl)
 
-        pubsub_part = pubsub_ledger(pubsub.sent, pubsub.arrivals, pubsub.windows, **kw)
-        task_part = task_ledger(tasks.sent, read_journals(workdir), letters, wall0=clock.wall0)
-        rpc_part = rpc_ledger(rpc.calls, margin=args.rpc_margin, stalls=stalls)
+        pubsub_part = await off_loop(
+            pubsub_ledger, list(pubsub.sent), snapshot(pubsub.arrivals), list(pubsub.windows), **kw
+        )
+        task_part = await off_loop(tasks_now, list(tasks.sent), workdir, letters, clock.wall0)
+        rpc_part = await off_loop(rpc_ledger, list(rpc.calls), margin=args.rpc_margin, stalls=list(stalls))
         failures = pubsub_part.pop("failures") + task_part.pop("failures") + rpc_part.pop("failures")
         if node is not None:
             deleted = [
@@ -419,6 +424,21 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
         return 0 if not failures else 1
 
 
+def snapshot(arrivals: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, list[float]]]:
+    """A copy the subscribers' handlers do not add to while the ledger reads it in a thread."""
+    return {name: {k: list(v) for k, v in got.items()} for name, got in arrivals.items()}
+
+
+def tasks_now(sent: list[Any], folder: Path, letters: list[dict[str, Any]], wall0: float) -> dict[str, Any]:
+    return task_ledger(sent, read_journals(folder), letters, wall0=wall0)
+
+
+async def off_loop(fn: Callable[..., R], *args: Any, **kw: Any) -> R:
+    """Run the accounting in a thread: on a starved machine it takes seconds, and the soak's
+    connections (subscribers, heartbeats) must keep running meanwhile."""
+    return await asyncio.to_thread(fn, *args, **kw)
+
+
 async def _anything_left(ctl: Ctl) -> bool:
     """Does any of the soak's queues (the DLQ aside) still hold messages?"""
     rows = await queue_table(ctl)
@@ -434,7 +454,8 @@ async def _anything_left(ctl: Ctl) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    made_workdir = args.workdir is None
+    # A work folder made for this run (here, or by scripts/soak.sh) is removed after a passing run.
+    made_workdir = args.workdir is None or os.environ.get("SOAK_WORKDIR_MADE") == args.workdir
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="amqpkit-soak."))
     workdir.mkdir(parents=True, exist_ok=True)
     node: OwnNode | None = None
