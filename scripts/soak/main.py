@@ -326,6 +326,14 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
                 if q.startswith("soak.tasks.retry.") and t >= clock.wall0
             ]
             task_part["delay_queues_deleted_by_the_node"] = deleted
+            stuck = [{"queue": q, "t_s": clock.of_wall(t)} for t, q in node.dead_letters_stuck() if t >= clock.wall0]
+            task_part["dead_lettering_stuck_in"] = stuck
+            if stuck and task_part["unaccounted"]:
+                failures.append(
+                    f"work queue: the node could not forward dead letters (expired retries) from {len(stuck)} delay "
+                    f"queues, on recovery after a restart (first: {stuck[0]['queue']} at t={stuck[0]['t_s']:.0f} s); "
+                    "such a retry stays in its delay queue: see tasks.dead_lettering_stuck_in"
+                )
             stranded = [u for u in task_part["unaccounted_sample"] if (u["last_seen"] or {}).get("outcome") == "fail"]
             if stranded and deleted:
                 failures.append(

@@ -25,6 +25,9 @@ from pathlib import Path
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 _DELETED = re.compile(r"^(\S+ \S+) \[\w+\] <[^>]*> queue '([^']+)' in vhost '[^']*': terminating with reason 'delete'")
+_CANNOT_FORWARD = re.compile(
+    r"^(\S+ \S+) \[\w+\] <[^>]*> Cannot forward any dead-letter messages from source quorum queue '([^']+)'"
+)
 
 
 class CtlError(RuntimeError):
@@ -163,10 +166,18 @@ class OwnNode:
     def quorum_queues_deleted(self) -> list[tuple[float, str]]:
         """(epoch seconds, name) of each quorum queue the node deleted, from its log: by a client, an
         operator, or its own expiry (``x-expires``); the log does not say which."""
+        return self._log_lines(_DELETED)
+
+    def dead_letters_stuck(self) -> list[tuple[float, str]]:
+        """(epoch seconds, name) of each quorum queue whose at-least-once dead-lettering could not
+        forward, from the node's log (seen on recovery after a restart: the messages stay in the queue)."""
+        return self._log_lines(_CANNOT_FORWARD)
+
+    def _log_lines(self, pattern: re.Pattern[str]) -> list[tuple[float, str]]:
         found = []
         for path in (self.dir / "log").glob("*.log"):
             for line in path.read_text(errors="replace").splitlines():
-                m = _DELETED.match(line)
+                m = pattern.match(line)
                 if m:
                     with contextlib.suppress(ValueError):
                         found.append((datetime.fromisoformat(m.group(1)).timestamp(), m.group(2)))
