@@ -36,6 +36,7 @@ from tenacity import (
 from tenacity.wait import wait_base
 from yarl import URL
 
+from . import _hooks
 from .errors import (
     ConnectError,
     ConnectionLost,
@@ -423,6 +424,8 @@ class Broker:
         note = blocked_note(self.settings.heartbeat)
         log.warning("connection to %s lost: %s%s; reconnecting", self._current_url_safe(), reason, note)
         lost = ConnectionLost(f"connection lost: {reason}")
+        if _hooks.disconnected is not None:
+            _hooks.disconnected(self)
         for consumer in self._consumers.values():
             consumer.attached.clear()
             consumer.channel = None
@@ -442,6 +445,8 @@ class Broker:
         self.reconnects += 1
         took = asyncio.get_running_loop().time() - started
         log.info("reconnected to %s in %.2f s", self._current_url_safe(), took)
+        if _hooks.reconnected is not None:
+            _hooks.reconnected(self, took)
         for callback in list(self._on_reconnect):
             try:
                 await callback()
@@ -681,6 +686,9 @@ class Broker:
         queue took it), :class:`PublishNacked`, :class:`PublishTimeout`, or
         :class:`PublishError` (e.g. the exchange does not exist).
         """
+        if _hooks.publish is not None and not _hooks.quiet.get():  # amqpkit.telemetry: traced, then back here
+            await _hooks.publish(self, envelope, exchange, routing_key, mandatory, confirm, timeout)
+            return
         body = envelope.body
         exchange_name = exchange if isinstance(exchange, str) else exchange.name
         if not confirm:
@@ -905,7 +913,11 @@ class Broker:
         if task is not None:
             consumer.inflight.add(task)
         try:
-            await consumer.callback(Delivery.from_aiormq(message, auto_ack=consumer.auto_ack))
+            delivery = Delivery.from_aiormq(message, auto_ack=consumer.auto_ack)
+            if _hooks.consume is not None:  # amqpkit.telemetry: the callback in a CONSUMER span
+                await _hooks.consume(consumer, delivery)
+            else:
+                await consumer.callback(delivery)
         except asyncio.CancelledError:
             if not consumer.cancelled:  # cut short by a lost channel or connection, not by a stop
                 consumer.lost_in_flight += 1

@@ -39,7 +39,8 @@ class JsonFormatter(logging.Formatter):
 
     With an exception, ``error`` says what it was (type: text) and ``traceback``
     holds the whole traceback as one string; JSON escapes its newlines, so a
-    record never spans two lines.
+    record never spans two lines. Records made inside a span (with
+    ``amqpkit.telemetry`` instrumented) add ``trace_id`` and ``span_id``.
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -49,6 +50,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        trace_id = getattr(record, "trace_id", None)  # set by amqpkit.telemetry inside a span
+        if trace_id is not None:
+            doc["trace_id"] = trace_id
+            doc["span_id"] = getattr(record, "span_id", None)
         if record.exc_info and record.exc_info[1] is not None:
             doc["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
             doc["traceback"] = self.formatException(record.exc_info)

@@ -37,6 +37,7 @@ from pamqp.commands import Basic
 from pydantic import TypeAdapter, ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from .. import _hooks
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import AutoCodec, Codec, TextCodec, codec_for, encode_body
 from ..connection import Broker, Consumer
@@ -254,6 +255,8 @@ class RpcServer:
             body, content_type = reply_codec.encode(result), reply_codec.content_type
         except Exception as exc:
             self.failed += 1
+            if _hooks.handler_failed is not None:  # amqpkit.telemetry: error.type on the SERVER span
+                _hooks.handler_failed(exc)
             log.warning(
                 "method %s failed for request id=%s: %s: %s",
                 raw.type or "(default)", props.message_id, type(exc).__name__, exc,
@@ -483,6 +486,8 @@ class RpcClient:
         :class:`~amqpkit.NoResponder`, :class:`~amqpkit.ConnectionLost`,
         :class:`~amqpkit.DecodeError` (a reply that does not decode).
         """
+        if _hooks.rpc_call is not None and not _hooks.quiet.get():  # amqpkit.telemetry: a CLIENT span, then back here
+            return await _hooks.rpc_call(self, method, payload, returns, timeout, headers)
         if not self._started:
             await self.start()
         wait = self.timeout if timeout is None else timeout

@@ -45,6 +45,7 @@ from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import _hooks
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import AutoCodec, Codec, encode_body
 from ..connection import Broker, Consumer
@@ -585,6 +586,8 @@ class Worker(Generic[T]):
             return
         headers = self._failure_headers(raw, attempt, exc, tb)
         headers[ATTEMPT] = attempt + 1
+        if _hooks.retry is not None:  # amqpkit.telemetry: the attempt's span fails, the copy links to the first
+            _hooks.retry(headers, exc)
         log.warning(
             "task %s failed on attempt %d (%s: %s); retry in %.3g s",
             task_id, attempt, type(exc).__name__, exc, real_delay,
@@ -602,6 +605,8 @@ class Worker(Generic[T]):
         headers = self._failure_headers(raw, attempt, exc, tb)
         headers[DEAD_LETTER_REASON] = reason
         headers[ATTEMPTS] = attempt
+        if _hooks.dead_letter is not None:  # amqpkit.telemetry: the attempt's span fails; the copy keeps the trace
+            _hooks.dead_letter(headers, reason, exc)
 
         async def redeclare() -> None:
             await self.broker.declare_queue(self.queue.dlq)

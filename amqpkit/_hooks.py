@@ -1,0 +1,31 @@
+"""Seams for optional instrumentation: ``amqpkit.telemetry.instrument()`` sets these, ``uninstrument()`` clears them.
+
+Each is ``None`` until then, and the core checks ``if _hooks.x is not None``
+before calling one: without instrumentation a publish or a delivery pays one
+global lookup and nothing else. This module imports nothing, so amqpkit runs
+without OpenTelemetry installed.
+
+- ``publish(broker, envelope, exchange, routing_key, mandatory, confirm, timeout)``: awaited in place of
+  ``Broker.publish``; it publishes through ``Broker.publish`` again with ``quiet`` set.
+- ``consume(consumer, delivery)``: awaited in place of ``consumer.callback(delivery)``.
+- ``rpc_call(client, method, payload, returns, timeout, headers)``: awaited in place of ``RpcClient.call``;
+  it calls again with ``quiet`` set.
+- ``handler_failed(exc)``: a handler raised and the pattern handled it (RPC error reply).
+- ``retry(headers, exc)`` / ``dead_letter(headers, reason, exc)``: a work-queue task is about to be copied to a
+  delay queue / the DLQ with ``headers`` (the hook may add to them).
+- ``disconnected(broker)`` / ``reconnected(broker, seconds)``: a Broker lost its connection / got it back.
+- ``quiet``: a ``contextvars.ContextVar[bool]`` once instrumented; set while a hook's own call runs, so the
+  call is not traced twice.
+"""
+
+from typing import Any
+
+publish: Any = None
+consume: Any = None
+rpc_call: Any = None
+handler_failed: Any = None
+retry: Any = None
+dead_letter: Any = None
+disconnected: Any = None
+reconnected: Any = None
+quiet: Any = None

@@ -1,0 +1,116 @@
+"""Publish and consume in one trace: a PRODUCER span, a CONSUMER span under it, the semconv attributes."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import aiormq
+from opentelemetry.trace import SpanKind
+from pamqp.commands import Basic
+
+from amqpkit import Broker, Delivery, Exchange, Publisher, Subscriber
+from amqpkit.logs import JsonFormatter
+
+from ..waiting import wait_for
+from .conftest import Telemetry
+
+
+async def test_publish_and_consume_are_one_trace(broker: Broker, name: str, otel: Telemetry) -> None:
+    exchange = Exchange(f"{name}.events", type="topic")
+    seen: list[Delivery[bytes]] = []
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler_log = logging.getLogger("test.telemetry.handler")
+    handler_log.addHandler(handler)
+    handler_log.setLevel(logging.INFO)
+
+    async def on_event(delivery: Delivery[bytes]) -> None:
+        handler_log.info("handling %s", delivery.message_id)
+        seen.append(delivery)
+
+    try:
+        async with Subscriber(broker, exchange, on_event, binding_keys=["order.*"]):
+            publisher: Publisher[bytes] = Publisher(broker, exchange)
+            message_id = await publisher.publish(b'{"n": 1}', routing_key="order.placed", correlation_id="conv-1")
+            await wait_for(lambda: seen and otel.named(f"process {broker.queue_name(_queue_of(broker))}"))
+    finally:
+        handler_log.removeHandler(handler)
+        await broker.delete_exchange(exchange.name)
+
+    producer = otel.named(f"send {exchange.name}")
+    assert len(producer) == 1
+    send = producer[0]
+    process = next(s for s in otel.spans() if s.kind is SpanKind.CONSUMER)
+    assert send.kind is SpanKind.PRODUCER
+    assert send.parent is None  # nothing was current: the publish starts the trace
+    assert process.parent is not None and process.parent.span_id == send.context.span_id
+    assert process.context.trace_id == send.context.trace_id
+    for span, operation in ((send, "send"), (process, "process")):
+        attrs = span.attributes or {}
+        assert attrs["messaging.system"] == "rabbitmq"
+        assert attrs["messaging.operation.type"] == operation
+        assert attrs["messaging.operation.name"] == operation
+        assert attrs["messaging.destination.name"] == exchange.name
+        assert attrs["messaging.rabbitmq.destination.routing_key"] == "order.placed"
+        assert attrs["messaging.message.id"] == message_id
+        assert attrs["messaging.message.conversation_id"] == "conv-1"
+        assert attrs["messaging.message.body.size"] == len(b'{"n": 1}')
+        assert "error.type" not in attrs
+    # The headers carried W3C trace context.
+    assert seen[0].headers["traceparent"].split("-")[1] == format(send.context.trace_id, "032x")
+
+    # The handler's log line carries the consumer span's ids.
+    line = json.loads(stream.getvalue().splitlines()[0])
+    assert line["trace_id"] == format(process.context.trace_id, "032x")
+    assert line["span_id"] == format(process.context.span_id, "016x")
+
+    attrs = {"messaging.system": "rabbitmq", "messaging.destination.name": exchange.name}
+    assert (attrs, 1) in otel.metric("messaging.client.sent.messages")
+    assert otel.total("messaging.client.consumed.messages") == 1
+    assert otel.total("amqpkit.messages.acked") == 1
+    assert otel.total("messaging.process.duration") == 1  # one handler run recorded
+    assert otel.total("amqpkit.messages.in_flight") == 0
+
+
+def _queue_of(broker: Broker) -> object:
+    consumer = next(iter(broker._consumers.values()))
+    return consumer.queue
+
+
+async def test_message_without_context_starts_a_new_trace(
+    broker: Broker, amqp_url: str, name: str, otel: Telemetry, caplog: object
+) -> None:
+    """A client that sends no trace context, and one that sends a malformed traceparent: each a new trace."""
+    from amqpkit import Queue
+
+    queue = Queue(f"{name}.plain", durable=False, auto_delete=True)
+    seen: list[Delivery[bytes]] = []
+
+    async def on_message(delivery: Delivery[bytes]) -> None:
+        seen.append(delivery)
+        await delivery.ack()
+
+    consumer = await broker.consume(queue, on_message)
+    connection = await aiormq.connect(amqp_url)  # a plain client, not instrumented
+    try:
+        channel = await connection.channel()
+        await channel.basic_publish(b"plain", routing_key=queue.name, properties=Basic.Properties(message_id="m1"))
+        bad = Basic.Properties(message_id="m2", headers={"traceparent": "00-not-a-trace-01", "tracestate": "x=1"})
+        with caplog.at_level(logging.DEBUG, logger="amqpkit.telemetry"):  # type: ignore[attr-defined]
+            await channel.basic_publish(b"bad", routing_key=queue.name, properties=bad)
+            await wait_for(lambda: len([s for s in otel.spans() if s.kind is SpanKind.CONSUMER]) == 2)
+    finally:
+        await connection.close()
+        await consumer.cancel()
+
+    spans = {s.attributes["messaging.message.id"]: s for s in otel.spans() if s.kind is SpanKind.CONSUMER}
+    assert set(spans) == {"m1", "m2"}
+    for span in spans.values():
+        assert span.parent is None  # a root: the message brought no (usable) context
+        assert span.context.is_valid
+    assert spans["m1"].context.trace_id != spans["m2"].context.trace_id
+    assert "malformed traceparent" in caplog.text  # type: ignore[attr-defined]
+    assert [d.body for d in seen] == [b"plain", b"bad"]
