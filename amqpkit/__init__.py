@@ -38,6 +38,7 @@ from .patterns.work_queue import (
     Worker,
     WorkQueue,
 )
+from .service import Service, ServiceContext, ServiceError
 from .settings import BrokerSettings, ReconnectPolicy, TlsSettings, redact_url
 from .topology import Binding, DeadLetterStrategy, Exchange, ExchangeType, Overflow, Queue, QueueType
 
@@ -83,6 +84,9 @@ __all__ = [
     "RpcError",
     "RpcServer",
     "RpcTimeout",
+    "Service",
+    "ServiceContext",
+    "ServiceError",
     "Settlement",
     "SettlementError",
     "Subscriber",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -172,6 +173,14 @@ class Broker:
         """(product, version) the broker announced, e.g. ('RabbitMQ', '3.13.7')."""
         return _product(self.server_properties)
 
+    @property
+    def server_version(self) -> tuple[int, ...]:
+        """The broker's version as numbers, e.g. (4, 0, 5), as it announced on connect; () when unknown.
+
+        For features that depend on the version: compare with a tuple (``>= (3, 12)``).
+        """
+        return _version(self.server_properties.get("version", ""))
+
     async def connect(self) -> None:
         """Connect, trying each URL in turn with backoff; :class:`ConnectError` when all fail."""
         if self._closing:
@@ -258,6 +267,15 @@ class Broker:
         """
         self._on_topology_error.append(callback)
         return lambda: _discard(self._on_topology_error, callback)
+
+    @property
+    def consumers(self) -> tuple[Consumer, ...]:
+        """The consumers this Broker keeps attached (a snapshot): ``attached``, ``queue_name``, ``cancel()``."""
+        return tuple(self._consumers.values())
+
+    def detached_consumers(self) -> list[str]:
+        """Queue names of consumers not attached right now (e.g. while a re-attach is under way)."""
+        return [c.queue.name or c.consumer_tag for c in self._consumers.values() if not c.attached.is_set()]
 
     @property
     def background_tasks(self) -> frozenset[asyncio.Task[Any]]:
@@ -1045,6 +1063,11 @@ def _discard(items: list[Any], item: Any) -> None:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _version(value: Any) -> tuple[int, ...]:
+    match = re.match(r"\d+(?:\.\d+)*", _text(value))
+    return tuple(int(part) for part in match.group().split(".")) if match else ()
 
 
 def _product(props: Any) -> tuple[str, str]:

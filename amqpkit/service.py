@@ -258,7 +258,7 @@ class Service:
         Every method on one queue is served by one :class:`~amqpkit.RpcServer`.
         """
         options = {
-            "queue": Queue(queue, durable=False) if isinstance(queue, str) else queue, "method": method,
+            "queue": Queue(queue) if isinstance(queue, str) else queue, "method": method,  # durable, as RpcServer's
             "concurrency": concurrency, "codec": codec, "reply_codec": reply_codec,
         }  # fmt: skip
         return self._register("rpc", options, description)
@@ -692,6 +692,9 @@ class RunningService:
             return False, "starting"
         if not self.broker.is_connected:
             return False, "not connected to the broker (reconnecting)"
+        detached = self.broker.detached_consumers()
+        if detached:
+            return False, f"consumers not attached: {', '.join(sorted(detached))}"
         return True, None
 
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:

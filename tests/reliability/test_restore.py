@@ -272,3 +272,21 @@ async def test_after_a_real_broker_restart_a_vanished_foreign_queue_is_reported(
         assert "NOT_FOUND" in str(errors[0])
         await b.publish(Envelope(b"after restart"), routing_key=ours.name, mandatory=True)
         await wait_for(lambda: got == [b"after restart"], 15)
+
+
+async def test_detached_consumers_are_listed_until_they_are_back(
+    proxied: BrokerSettings, proxy: FaultProxy, name: str
+) -> None:
+    queue = Queue(f"{name}.watched", auto_delete=True)
+
+    async def nothing(d: Delivery[bytes]) -> None:
+        await d.ack()
+
+    async with Broker(proxied) as b:
+        consumer = await b.consume(queue, nothing)
+        assert b.consumers == (consumer,)
+        assert b.detached_consumers() == []
+        await _hold_out(proxy, b)
+        assert b.detached_consumers() == [queue.name]
+        await _let_in(proxy, b)
+        assert b.detached_consumers() == []
