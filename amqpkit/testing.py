@@ -22,7 +22,8 @@ saying how to start one.
 Vhosts are made through the management HTTP API when it answers
 (``AMQPKIT_MANAGEMENT_URL``, else port 15672 on the broker's host with the
 URL's user), else with ``rabbitmqctl`` on this machine
-(``AMQPKIT_RABBITMQCTL_NODE`` names another node). rabbitmqctl takes a
+(``AMQPKIT_RABBITMQCTL_NODE`` names another node; ``AMQPKIT_RABBITMQCTL``, a
+command line, stands in for ``rabbitmqctl`` itself). rabbitmqctl takes a
 second or two per call, so it makes vhosts a few at a time ahead of need and
 deletes used ones in batches in the background; every one is gone by the
 end of the session, and the next session deletes those of a killed run.
@@ -40,6 +41,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -78,6 +80,14 @@ NO_VHOSTS = (
 VHOST_PREFIX = "amqpkit-test-"
 ACTING_USER = "amqpkit-tests"
 NODE_ENV = "AMQPKIT_RABBITMQCTL_NODE"
+CTL_ENV = "AMQPKIT_RABBITMQCTL"  # a command line standing for rabbitmqctl (e.g. "scripts/rabbitmq4.sh ctl")
+
+
+def ctl_command() -> list[str]:
+    """How to run rabbitmqctl for the node under test: ``AMQPKIT_RABBITMQCTL`` (shell-split), else ``rabbitmqctl``."""
+    return shlex.split(os.environ.get(CTL_ENV) or "") or ["rabbitmqctl"]
+
+
 HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:20] or "host"
 
 _own: set[str] = set()  # vhosts this process made (and has not deleted yet)
@@ -140,7 +150,7 @@ def find_broker() -> Iterator[tuple[str, str | None]]:
     if _docker_answers():
         from testcontainers.rabbitmq import RabbitMqContainer
 
-        container = RabbitMqContainer("rabbitmq:3.13-management").with_exposed_ports(15672)
+        container = RabbitMqContainer("rabbitmq:4.0-management").with_exposed_ports(15672)
         with container:
             host = container.get_container_host_ip()
             amqp = f"amqp://guest:guest@{host}:{container.get_exposed_port(5672)}/"
@@ -202,16 +212,16 @@ class _Rabbitmqctl:
 
     def __init__(self) -> None:
         node = os.environ.get(NODE_ENV)
-        self.target = ["-n", node] if node else []
-        self.where = f"node {node}" if node else "the local node"
+        self.command = [*ctl_command(), *(["-n", node] if node else [])]
+        self.where = f"node {node}" if node else f"the node of {' '.join(ctl_command())!r}"
         self.batched = True
 
     @staticmethod
     def available() -> bool:
-        return shutil.which("rabbitmqctl") is not None
+        return bool(os.environ.get(CTL_ENV)) or shutil.which("rabbitmqctl") is not None
 
     def ctl(self, *args: str, timeout: float = 120) -> str:
-        done = subprocess.run(["rabbitmqctl", *self.target, *args], capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([*self.command, *args], capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {args[0]} failed: {done.stderr.strip()[:500]}")
         return done.stdout

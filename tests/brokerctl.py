@@ -2,7 +2,9 @@
 
 rabbitmqctl talks to the local default node, or to ``AMQPKIT_RABBITMQCTL_NODE`` when it is set
 (``rabbitmqctl -n NODE``): point AMQP_URL and that variable at a node of your own to run the
-whole-broker tests without disturbing a node that others use.
+whole-broker tests without disturbing a node that others use. ``AMQPKIT_RABBITMQCTL``, a command
+line (shell-split), stands in for ``rabbitmqctl`` itself, for a node whose control tool is run
+otherwise: ``eval "$(scripts/rabbitmq4.sh env)"`` sets it and AMQP_URL for the 4.x node.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import fcntl
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -24,6 +27,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import pytest
 
 NODE_ENV = "AMQPKIT_RABBITMQCTL_NODE"
+CTL_ENV = "AMQPKIT_RABBITMQCTL"
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 # Extra nodes share the default node's Erlang cookie (in this HOME), so rabbitmqctl can drive them all.
 NODE_HOME = "/var/lib/rabbitmq"
@@ -36,16 +40,26 @@ def node() -> str | None:
     return os.environ.get(NODE_ENV) or None
 
 
+def ctl_override() -> list[str]:
+    """``AMQPKIT_RABBITMQCTL`` split as a shell would ([]: not set)."""
+    return shlex.split(os.environ.get(CTL_ENV) or "")
+
+
+def ctl_command() -> list[str]:
+    """The command line that runs rabbitmqctl against the node under test."""
+    target = ["-n", n] if (n := node()) else []
+    return [*(ctl_override() or ["rabbitmqctl"]), *target]
+
+
 def rabbitmqctl_available() -> bool:
-    return shutil.which("rabbitmqctl") is not None
+    return bool(ctl_override()) or shutil.which("rabbitmqctl") is not None
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
     """Run rabbitmqctl against the node under test; its stdout. RuntimeError when it fails."""
     if not rabbitmqctl_available():
         pytest.fail("this test drives the broker with rabbitmqctl, which is not installed here", pytrace=False)
-    target = ["-n", n] if (n := node()) else []
-    result = subprocess.run(["rabbitmqctl", *target, *args], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([*ctl_command(), *args], capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
@@ -123,8 +137,14 @@ def memory_alarm_raised() -> bool:
 # ---------------------------------------------------------------- one at a time
 
 
+def lock_label() -> str:
+    """Names the node under test in the lock files: its rabbitmqctl command line, else its node name."""
+    label = " ".join(ctl_command()) if (ctl_override() or node()) else "default"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)[-80:]
+
+
 def _lock_file(kind: str) -> Path:
-    label = re.sub(r"[^A-Za-z0-9_.-]", "_", node() or "default")
+    label = lock_label()
     return Path(tempfile.gettempdir()) / f"amqpkit-tests.{label}.{kind}.lock"
 
 
