@@ -103,6 +103,13 @@ class RpcServer:
     also serves requests with no ``type``. ``concurrency`` requests run at
     once; several servers may consume the same queue.
 
+    A queue given by name is declared as a durable classic queue (transient
+    non-exclusive queues are deprecated on RabbitMQ 4.x); pass a
+    :class:`~amqpkit.Queue` to declare it otherwise. A queue that already
+    exists as a transient one (declared by an earlier amqpkit, or by the
+    official tutorial) must be deleted once, or given as
+    ``Queue(name, durable=False)``, since RabbitMQ refuses to redeclare it.
+
     If the request queue cannot be attached again after a reconnect (deleted
     and not ours to declare, or re-declared by someone else with other
     arguments), the server stops and says why: ``on_error`` is called with
@@ -120,7 +127,9 @@ class RpcServer:
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.broker = broker
-        self.queue = Queue(queue, durable=False) if isinstance(queue, str) else queue
+        # A name alone: a durable classic queue, shared by competing servers. Requests carry their own
+        # expiration, so nothing piles up in it; a transient non-exclusive queue is deprecated on RabbitMQ 4.x.
+        self.queue = Queue(queue) if isinstance(queue, str) else queue
         self.concurrency = concurrency
         self.on_error = on_error
         self.error: BaseException | None = None
