@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -86,6 +87,8 @@ ORIGINAL_ROUTING_KEY = "x-original-routing-key"
 DEAD_LETTER_REASON = "x-dead-letter-reason"
 ATTEMPTS = "x-attempts"
 
+CONSUMER_TIMEOUT_ARG = "x-consumer-timeout"  # ms; a queue's own consumer timeout
+PER_QUEUE_CONSUMER_TIMEOUT = (3, 12)  # the first RabbitMQ version that honours it
 TRACEBACK_LIMIT = 4000  # characters kept of a traceback, from its end
 
 
@@ -203,6 +206,12 @@ class WorkQueue(Generic[T]):
     returns the task id. ``queue`` gives a spec of your own instead (e.g. the
     classic durable queue of the official tutorial); retries and the DLQ work
     with it too, only the broker-side delivery limit needs the default spec.
+
+    ``consumer_timeout`` (seconds) gives the queue a consumer timeout of its
+    own, for tasks that may run longer than the node's ``consumer_timeout``
+    (30 minutes by default): the ``x-consumer-timeout`` queue argument, which
+    RabbitMQ has from 3.12 on (4.x included). On an older broker the node's
+    setting applies, and :meth:`declare` says so in a warning.
     """
 
     #: A delay queue of ``d`` seconds expires after ``max(delay_queue_min_expiry, 3 * d)`` seconds unused.
@@ -221,7 +230,11 @@ class WorkQueue(Generic[T]):
         queue: Queue | None = None,
         delivery_limit: int = 20,
         events: bool = False,
+        consumer_timeout: float | None = None,
     ) -> None:
+        if consumer_timeout is not None and consumer_timeout <= 0:
+            raise ValueError(f"consumer_timeout is in seconds and positive, not {consumer_timeout!r}")
+        self.consumer_timeout = consumer_timeout
         self.broker = broker
         self.name = name
         self.codec: Codec[T] = codec if codec is not None else AutoCodec()
@@ -252,10 +265,27 @@ class WorkQueue(Generic[T]):
 
     async def declare(self) -> None:
         if not self._declared:
+            if self.consumer_timeout is not None:
+                await self._apply_consumer_timeout()
             await self.broker.declare(self.dlq, self.queue)
             if self.events:
                 await self.broker.declare_exchange(TASK_EVENTS_EXCHANGE)
             self._declared = True
+
+    async def _apply_consumer_timeout(self) -> None:
+        """The queue's own consumer timeout where the broker has it (3.12+); else a warning, once."""
+        assert self.consumer_timeout is not None
+        await self.broker.connect()
+        version = self.broker.server_version
+        if version >= PER_QUEUE_CONSUMER_TIMEOUT:
+            ms = round(self.consumer_timeout * 1000)
+            self.queue = dataclasses.replace(self.queue, arguments={**self.queue.arguments, CONSUMER_TIMEOUT_ARG: ms})
+            return
+        log.warning(
+            "work queue %s: RabbitMQ %s has no per-queue consumer timeout (it came in 3.12), so consumer_timeout=%gs "
+            "is not applied and the node's consumer_timeout (rabbitmq.conf, 30 min by default) holds for its tasks",
+            self.name, ".".join(map(str, version)) or "(version unknown)", self.consumer_timeout,
+        )  # fmt: skip
 
     async def enqueue(
         self,
