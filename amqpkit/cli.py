@@ -364,6 +364,9 @@ def run(
     ] = False,
     url: UrlOption = None,
     status_fd: Annotated[int | None, typer.Option("--status-fd", hidden=True)] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="serve /metrics in Prometheus text (needs amqpkit[otel])")
+    ] = None,
 ) -> None:
     """Run a service until SIGTERM or Ctrl-C; then stop taking messages, let handlers finish within --grace, exit 0.
 
@@ -384,6 +387,16 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     options = RunOptions(grace=grace, health_port=health_port, health_host=health_host, give_up_after=give_up_after)
+    if metrics_port is not None:  # amqpkit.telemetry: instrument this process, serve its metrics
+        try:
+            if processes > 1:
+                raise ValueError("--metrics-port serves one process: use it with --processes 1")
+            from .telemetry import serve_metrics
+
+            serve_metrics(metrics_port, health_host)
+        except (ImportError, ValueError, OSError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
 
     if processes > 1:
         argv = [sys.executable, "-m", "amqpkit.cli", "run", target, "--grace", str(grace)]

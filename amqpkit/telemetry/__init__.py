@@ -203,8 +203,7 @@ class MetricsServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(5)
-        self._reader._registry.unregister(self._reader._collector)
-        self._provider.shutdown()
+        self._provider.shutdown()  # the reader leaves prometheus_client's registry
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> MetricsServer:
@@ -222,7 +221,6 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> MetricsServer:
     try:
         httpd, thread = start_http_server(port, addr=host)
     except BaseException:
-        reader._registry.unregister(reader._collector)
         provider.shutdown()
         raise
     url = f"http://{host}:{httpd.server_port}/metrics"
@@ -466,6 +464,7 @@ def _retry(headers: dict[str, Any], exc: BaseException) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         _fail(span, exc)
+        span.set_attribute("amqpkit.task.attempt", _as_int(headers.get("x-attempt")) - 1)
         span.add_event("amqpkit.task.retry", {"amqpkit.task.next_attempt": _as_int(headers.get("x-attempt"))})
         first = _traceparent(span)
         if first is not None:
@@ -479,6 +478,7 @@ def _dead_letter(headers: dict[str, Any], reason: str, exc: BaseException) -> No
     span = trace.get_current_span()
     if span.is_recording():
         _fail(span, exc)
+        span.set_attribute("amqpkit.task.attempt", _as_int(headers.get("x-attempts")))
         span.add_event("amqpkit.task.dead_letter", {"amqpkit.task.dead_letter_reason": reason})
         first = _traceparent(span)
         if first is not None:
