@@ -69,9 +69,7 @@ class ChainRpcService(ServerSide):
             self.received += 1
             return body
 
-        self.server = RpcServer(
-            self.broker, Queue(f"{o.queue}.{o.role}", durable=False, auto_delete=True), concurrency=o.prefetch
-        )
+        self.server = RpcServer(self.broker, Queue(f"{o.queue}.{o.role}", auto_delete=True), concurrency=o.prefetch)
         self.server.add("step", handle, codec=BytesCodec())
         await self.server.start()
 
@@ -117,7 +115,7 @@ class ChainEventsService(ServerSide):
             await self.publisher.publish(delivery.body, routing_key=done_key, headers=delivery.headers)
             self.received += 1
 
-        self.queue = Queue(f"{o.queue}.{o.role}", durable=False)
+        self.queue = Queue(f"{o.queue}.{o.role}")
         self.subscriber: Subscriber[bytes] = Subscriber(
             self.broker, exchange, react, binding_keys=[LISTENS[o.role]], queue=self.queue, prefetch=o.prefetch
         )
@@ -152,7 +150,7 @@ class ChainEventsClient(ClientSide):
                 return
             future.set_result(None)
 
-        self.done_queue = Queue(f"{self.queue}.a", durable=False)
+        self.done_queue = Queue(f"{self.queue}.a")
         self.subscriber: Subscriber[bytes] = Subscriber(
             self.broker, self.exchange, told, binding_keys=["d.done"], queue=self.done_queue, prefetch=1024,
             auto_ack=True,

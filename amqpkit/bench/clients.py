@@ -147,7 +147,8 @@ class AiopikaRpcClient(ClientSide):
 
         self.conn = await aio_pika.connect(self.url)
         self.channel = await self.conn.channel()
-        self.rpc = await JsonRPC.create(self.channel)
+        # Its reply queue exclusive: RabbitMQ 4.x deprecates transient non-exclusive queues.
+        self.rpc = await JsonRPC.create(self.channel, exclusive=True)
         self.data = self.payload.decode()
 
     async def operate(self, sent_ns: int, warmup: bool) -> None:

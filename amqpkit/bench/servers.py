@@ -30,7 +30,7 @@ class AmqpkitRpcServer(ServerSide):
         self.broker = Broker(BrokerSettings(url=self.options.url))
         await self.broker.connect()
         self.server = RpcServer(
-            self.broker, Queue(self.options.queue, durable=False, auto_delete=True), concurrency=self.options.prefetch
+            self.broker, Queue(self.options.queue, auto_delete=True), concurrency=self.options.prefetch
         )
 
         async def echo(body: bytes) -> bytes:
@@ -53,7 +53,7 @@ class AmqpkitOnewayConsumer(ServerSide):
         self.broker = Broker(BrokerSettings(url=self.options.url))
         await self.broker.connect()
         queue_type = QueueType(self.options.queue_type) if self.confirmed else QueueType.CLASSIC
-        queue = Queue(self.options.queue, type=queue_type, durable=self.confirmed)
+        queue = Queue(self.options.queue, type=queue_type)  # durable: RabbitMQ 4.x deprecates transient shared queues
         await self.broker.declare_queue(queue)
 
         async def handler(delivery: Delivery[bytes]) -> None:
@@ -81,7 +81,7 @@ class RawRpcServer(ServerSide):
     async def start(self) -> None:
         self.conn = await aiormq.connect(self.options.url)
         self.channel = await self.conn.channel(publisher_confirms=False)
-        await self.channel.queue_declare(self.options.queue, auto_delete=True)
+        await self.channel.queue_declare(self.options.queue, durable=True, auto_delete=True)
         await self.channel.basic_qos(prefetch_count=self.options.prefetch)
         channel = self.channel
 
@@ -106,7 +106,7 @@ class RawOnewayConsumer(ServerSide):
     async def start(self) -> None:
         self.conn = await aiormq.connect(self.options.url)
         self.channel = await self.conn.channel(publisher_confirms=False)
-        await self.channel.queue_declare(self.options.queue, durable=False)
+        await self.channel.queue_declare(self.options.queue, durable=True)
         await self.channel.basic_qos(prefetch_count=self.options.prefetch)
 
         async def on_message(message: DeliveredMessage) -> None:
@@ -130,14 +130,15 @@ class AiopikaRpcServer(ServerSide):
         self.conn = await aio_pika.connect(self.options.url)
         self.channel = await self.conn.channel()
         await self.channel.set_qos(prefetch_count=self.options.prefetch)
-        self.rpc = await JsonRPC.create(self.channel)
+        # Its reply queue exclusive: RabbitMQ 4.x deprecates transient non-exclusive queues.
+        self.rpc = await JsonRPC.create(self.channel, exclusive=True)
 
         async def echo(*, data: str) -> str:
             await self.work()
             self.received += 1
             return data
 
-        await self.rpc.register(self.options.queue, echo, auto_delete=True)
+        await self.rpc.register(self.options.queue, echo, durable=True, auto_delete=True)
 
     async def stop(self) -> None:
         await self.rpc.close()
