@@ -353,6 +353,8 @@ async def _consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
     headers = delivery.headers
     parent = extract(headers)
     queue = consumer.queue_name
+    # A server-named queue (a private subscription's amq.gen-...) is one of many: names and metrics use the exchange.
+    target = queue if not queue.startswith("amq.") else (delivery.exchange or "(default)")
     props = delivery._properties
     attributes: dict[str, Any] = {
         "messaging.system": "rabbitmq",
@@ -375,14 +377,14 @@ async def _consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
         attributes["rpc.method"] = method
         name, kind = (f"{queue}/{method}" if method else queue), SpanKind.SERVER
     else:
-        name, kind = f"process {queue}", SpanKind.CONSUMER
+        name, kind = f"process {target}", SpanKind.CONSUMER
         attempt = headers.get("x-attempt")
         if attempt is not None:
             attributes["amqpkit.task.attempt"] = _as_int(attempt)
     span = state.tracer.start_span(name, parent, kind, attributes, _link_to_first(headers))
     token = otel_context.attach(trace.set_span_in_context(span, parent))
     quiet = _QUIET.set(False)
-    metric_attrs = {"messaging.system": "rabbitmq", "messaging.destination.subscription.name": queue}
+    metric_attrs = {"messaging.system": "rabbitmq", "messaging.destination.subscription.name": target}
     state.consumed.add(1, metric_attrs)
     state.in_flight.add(1, metric_attrs)
     started = time.perf_counter()
