@@ -13,6 +13,8 @@
 #   scripts/cluster.sh heal        undo every cut
 #   scripts/cluster.sh ctl N ARGS  node N's rabbitmqctl
 #   scripts/cluster.sh node N      node N's Erlang node name
+#   scripts/cluster.sh ci [ARGS]   for CI: a fresh cluster, tests/cluster (pytest ARGS), then down,
+#                                  also on failure or interruption; bounded by AMQPKIT_CLUSTER_CI_TIMEOUT (900 s)
 #
 # How: each node runs in a network namespace of its own (amqpkit-cl1..3), made
 # here with `ip netns`. A fourth namespace (amqpkit-clhub) holds a bridge; each
@@ -265,6 +267,17 @@ cmd_heal() {
   log "healed"
 }
 
+cmd_ci() {
+  local root
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  cmd_down >/dev/null 2>&1 || true  # a cluster left by an interrupted run
+  trap 'cmd_down' EXIT
+  trap 'exit 130' INT TERM
+  cmd_up
+  AMQPKIT_CLUSTER_URLS="$(cmd_urls)" timeout --kill-after=30 "${AMQPKIT_CLUSTER_CI_TIMEOUT:-900}" \
+    "$root/.venv/bin/python" -m pytest -p no:cacheprovider "$root/tests/cluster" "$@"
+}
+
 case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
@@ -276,6 +289,7 @@ case "${1:-}" in
   partition) cmd_partition "${2:-}" ;;
   heal) cmd_heal ;;
   ctl) check_n "${2:-}"; n="$2"; shift 2; ctl "$n" "$@" ;;
+  ci) shift; cmd_ci "$@" ;;
   node) check_n "${2:-}"; node "$2"; echo ;;
-  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
