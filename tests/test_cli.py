@@ -83,7 +83,7 @@ async def test_consume_an_exchange_with_bindings(broker: Broker, amqp_url: str, 
 
 
 async def test_call(broker: Broker, amqp_url: str, name: str) -> None:
-    server = RpcServer(broker, Queue(name, durable=False, auto_delete=True))
+    server = RpcServer(broker, Queue(name, auto_delete=True))
 
     @server.method("add")
     async def add(pair: list[int]) -> int:

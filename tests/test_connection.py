@@ -241,7 +241,7 @@ async def test_consume_and_reconnect_after_close_all_connections(
 @pytest.mark.whole_broker(vhost_only=True)
 async def test_publish_waits_for_reconnect(settings: BrokerSettings, amqp_url: str, name: str) -> None:
     async with Broker(settings) as broker:
-        q = Queue(name, durable=False, auto_delete=False)
+        q = Queue(name, auto_delete=False)
         await broker.declare_queue(q)
         try:
             await close_connections(amqp_url, "amqpkit publish test")

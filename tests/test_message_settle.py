@@ -28,7 +28,7 @@ async def test_an_ack_on_a_closed_channel_leaves_the_delivery_unsettled(
     broker: Broker, name: str, cleanup: list[str]
 ) -> None:
     cleanup.append(f"q:{name}")
-    await broker.declare_queue(Queue(name, durable=False))
+    await broker.declare_queue(Queue(name))
     await broker.publish(Envelope(b"one"), routing_key=name)
     delivery = await _get(broker, name)
     decoded = delivery.with_value("one")
@@ -58,7 +58,7 @@ async def test_an_ack_on_a_closed_channel_leaves_the_delivery_unsettled(
 
 async def test_concurrent_settlements_one_wins_the_other_raises(broker: Broker, name: str, cleanup: list[str]) -> None:
     cleanup.append(f"q:{name}")
-    await broker.declare_queue(Queue(name, durable=False))
+    await broker.declare_queue(Queue(name))
     await broker.publish(Envelope(b"two"), routing_key=name)
     delivery = await _get(broker, name)
     results = await asyncio.gather(

@@ -94,7 +94,7 @@ async def test_enqueue_to_worker(broker: Broker, name: str, annotation: Any, val
 
 @pytest.mark.parametrize(("annotation", "value"), [m[1:] for m in MATRIX], ids=[m[0] for m in MATRIX])
 async def test_call_to_rpc_server(broker: Broker, name: str, annotation: Any, value: Any) -> None:
-    server = RpcServer(broker, Queue(f"{name}.rpc", durable=False, auto_delete=True))
+    server = RpcServer(broker, Queue(f"{name}.rpc", auto_delete=True))
     got: list[Any] = []
     server.add("echo", annotated(annotation, got))
     async with server, RpcClient(broker, f"{name}.rpc", timeout=10) as client:
@@ -132,7 +132,7 @@ async def test_an_unknown_content_type_is_rejected_not_guessed(broker: Broker, n
     """A handler annotated ``str`` refuses a body labelled as something it cannot read; the DLX keeps it."""
     ex = Exchange(f"{name}.events", type="fanout", durable=False, auto_delete=True)
     dlx = Exchange(f"{name}.dlx", type="fanout", durable=False, auto_delete=True)
-    dlq = Queue(f"{name}.dlq", durable=False)
+    dlq = Queue(f"{name}.dlq")
     await broker.declare(dlx, dlq, Binding(dlx, dlq))
     got: list[Any] = []
     try:

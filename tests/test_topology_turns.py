@@ -12,7 +12,7 @@ from amqpkit import Broker, Queue, TopologyError
 async def test_a_refused_declare_does_not_fail_the_others_in_flight(
     broker: Broker, name: str, cleanup: list[str]
 ) -> None:
-    present = [Queue(f"{name}.q{i}", durable=False) for i in range(20)]
+    present = [Queue(f"{name}.q{i}") for i in range(20)]
     cleanup += [f"q:{q.name}" for q in present]
     for q in present:
         await broker.declare_queue(q)

@@ -60,7 +60,7 @@ async def test_relay_process_publishes_and_stops_on_sigterm(
     else:
         db_url, options, extra = pg_url, {"schema": pg_schema}, ["--schema", pg_schema]
     store = await open_store(db_url, **options)
-    queue = Queue(f"{name}.events", durable=False)
+    queue = Queue(f"{name}.events")
     await broker.declare_queue(queue)
     try:
         outbox = Outbox(store)

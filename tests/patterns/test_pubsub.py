@@ -220,7 +220,7 @@ async def test_failing_handler_dead_letters_and_keeps_going(
 ) -> None:
     ex = Exchange(f"{name}.work", type="fanout", durable=False, auto_delete=True)
     dlx = Exchange(f"{name}.dlx", type="fanout", durable=False, auto_delete=True)
-    dlq = Queue(f"{name}.dlq", durable=False, auto_delete=False)
+    dlq = Queue(f"{name}.dlq", auto_delete=False)
     await broker.declare(dlx, dlq)
     from amqpkit import Binding
 

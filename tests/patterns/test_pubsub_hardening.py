@@ -11,7 +11,7 @@ from amqpkit import Broker, ConfirmingPublisher, Overflow, PublishNacked, Queue,
 async def test_failures_are_bounded_and_counted(broker: Broker, name: str, cleanup: list[str], window: int) -> None:
     cleanup.append(f"q:{name}")
     # A full queue that rejects new publishes makes the broker nack them.
-    await broker.declare_queue(Queue(name, durable=False, max_length=10, overflow=Overflow.REJECT_PUBLISH))
+    await broker.declare_queue(Queue(name, max_length=10, overflow=Overflow.REJECT_PUBLISH))
     seen = 0
 
     def count(_: object) -> None:

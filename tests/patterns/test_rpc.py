@@ -49,7 +49,7 @@ def reply_queue(request: pytest.FixtureRequest) -> str:
 
 
 async def make_server(broker: Broker, queue: str, **kw: object) -> RpcServer:
-    server = RpcServer(broker, Queue(queue, durable=False, auto_delete=True), **kw)  # type: ignore[arg-type]
+    server = RpcServer(broker, Queue(queue, auto_delete=True), **kw)  # type: ignore[arg-type]
 
     @server.method("add")
     async def add(pair: list[int]) -> int:
@@ -243,7 +243,7 @@ SERVER_SCRIPT = textwrap.dedent(
 
     async def main():
         async with Broker(BrokerSettings(url=sys.argv[1])) as broker:
-            server = RpcServer(broker, Queue(sys.argv[2], durable=False, auto_delete=True), concurrency=200)
+            server = RpcServer(broker, Queue(sys.argv[2], auto_delete=True), concurrency=200)
 
             @server.method("slow")
             async def slow(seconds: float) -> str:

@@ -39,7 +39,7 @@ def proxied(proxy: FaultProxy, amqp_url: str) -> BrokerSettings:
 
 
 def _server(broker: Broker, queue: str, **kw: object) -> RpcServer:
-    server = RpcServer(broker, Queue(queue, durable=False, auto_delete=True), **kw)  # type: ignore[arg-type]
+    server = RpcServer(broker, Queue(queue, auto_delete=True), **kw)  # type: ignore[arg-type]
     server.adds = 0  # type: ignore[attr-defined]
 
     @server.method("add")
@@ -53,7 +53,7 @@ def _server(broker: Broker, queue: str, **kw: object) -> RpcServer:
 async def _reply_queue(broker: Broker, name: str, cleanup: list[str]) -> str:
     replies = f"{name}.replies"
     cleanup.append(f"q:{replies}")
-    await broker.declare_queue(Queue(replies, durable=False))
+    await broker.declare_queue(Queue(replies))
     return replies
 
 
@@ -102,7 +102,7 @@ async def test_an_old_client_with_a_skewed_clock_is_served_too(broker: Broker, n
 async def test_the_client_sends_a_relative_budget(broker: Broker, name: str, cleanup: list[str]) -> None:
     """What goes on the wire: the time left as the expiration and as x-timeout-ms, no absolute deadline."""
     cleanup.append(f"q:{name}")
-    await broker.declare_queue(Queue(name, durable=False))
+    await broker.declare_queue(Queue(name))
     async with RpcClient(broker, name, timeout=5) as client:
         call = asyncio.ensure_future(client.call("add", [1, 1]))
         try:

@@ -204,7 +204,7 @@ async def test_rpc_server(broker: Broker, raw: Any, name: str, text: bool, caplo
     dlx = Exchange(f"{name}.dlx", type="fanout")
     dlq = Queue(f"{name}.dlq")
     await broker.declare(dlx, dlq, Binding(dlx, dlq))
-    queue = Queue(f"{name}.rpc", durable=False, dead_letter_exchange=dlx.name)
+    queue = Queue(f"{name}.rpc", dead_letter_exchange=dlx.name)
     server = RpcServer(broker, queue, concurrency=4)
     server.add("m", on_text if text else on_order)
     try:

@@ -170,7 +170,7 @@ async def test_consumers_come_back_after_twenty_cuts(
         sub = Subscriber(proxied_broker, Exchange(f"{name}.x", type="fanout"), nothing, queue=sub_queue)
         work: WorkQueue[Any] = WorkQueue(proxied_broker, work_name)
         worker = Worker(work, nothing)
-        server = RpcServer(proxied_broker, Queue(rpc_queue, durable=False))
+        server = RpcServer(proxied_broker, Queue(rpc_queue))
         server.add("echo", nothing)
         await sub.start()
         await worker.start()
@@ -222,7 +222,7 @@ async def test_stalled_link_is_noticed_by_the_heartbeat(
     lost_at: list[float] = []
     async with Broker(proxied) as b:
         b.on_disconnect(lambda exc: lost_at.append(time.monotonic()))
-        queue = Queue(f"{name}.stall", durable=False, auto_delete=False)
+        queue = Queue(f"{name}.stall", auto_delete=False)
         await b.declare_queue(queue)
         try:
             await asyncio.sleep(HEARTBEAT)  # heartbeats flowing
@@ -348,7 +348,7 @@ async def test_consumer_that_cannot_come_back_reports_the_error(
 ) -> None:
     """A queue someone else owns is deleted under our consumer: the error reaches our code, at once."""
     queue = f"{name}.theirs"
-    await broker.declare_queue(Queue(queue, durable=False))
+    await broker.declare_queue(Queue(queue))
     errors: list[BaseException] = []
 
     async def handler(_: Delivery[bytes]) -> None:

@@ -132,7 +132,7 @@ async def test_a_stopped_rpc_server_leaves_no_queue_to_collect_requests(
     """A request to a server that stopped must fail with NoResponder, not wait in a queue nobody reads."""
     cleanup.append(f"q:{name}")
     async with Broker(proxied) as b:
-        server = RpcServer(b, Queue(name, durable=False, auto_delete=True), handlers={"echo": _echo})
+        server = RpcServer(b, Queue(name, auto_delete=True), handlers={"echo": _echo})
         async with server:
             pass
         assert not b.remembers(server.queue)
@@ -152,7 +152,7 @@ async def _echo(text: str) -> str:
 async def test_an_rpc_server_whose_queue_was_redeclared_under_it_reports_it(
     proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
 ) -> None:
-    queue = Queue(f"{name}.rpc", durable=False)
+    queue = Queue(f"{name}.rpc")
     cleanup.append(f"q:{queue.name}")
     errors: list[BaseException] = []
     async with Broker(proxied) as b:
@@ -162,7 +162,7 @@ async def test_an_rpc_server_whose_queue_was_redeclared_under_it_reports_it(
                 assert await client.call("echo", "before") == "before"
             await _hold_out(proxy, b)
             await broker.delete_queue(queue.name)
-            await broker.declare_queue(Queue(queue.name, durable=False, max_length=5))  # someone else's idea of it
+            await broker.declare_queue(Queue(queue.name, max_length=5))  # someone else's idea of it
             await _let_in(proxy, b)
 
             await asyncio.wait_for(server.wait_stopped(), 10)

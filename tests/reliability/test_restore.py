@@ -45,9 +45,9 @@ async def test_vanished_foreign_queue_is_reported_and_the_rest_reconnects(
     proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
 ) -> None:
     theirs = f"{name}.theirs"
-    ours = Queue(f"{name}.ours", durable=False, auto_delete=False)
+    ours = Queue(f"{name}.ours", auto_delete=False)
     cleanup += [f"q:{theirs}", f"q:{ours.name}"]
-    await broker.declare_queue(Queue(theirs, durable=False))
+    await broker.declare_queue(Queue(theirs))
     errors: list[BaseException] = []
     got: list[bytes] = []
 
@@ -85,8 +85,8 @@ async def test_vanished_foreign_queue_is_reported_and_the_rest_reconnects(
 async def test_queue_redeclared_with_other_arguments_is_reported(
     proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
 ) -> None:
-    drifted = Queue(f"{name}.drift", durable=False)
-    plain = Queue(f"{name}.plain", durable=False)
+    drifted = Queue(f"{name}.drift")
+    plain = Queue(f"{name}.plain")
     exchange = Exchange(f"{name}.x", type="direct", durable=False)
     cleanup += [f"q:{drifted.name}", f"q:{plain.name}", f"x:{exchange.name}"]
     errors: list[BaseException] = []
@@ -106,7 +106,7 @@ async def test_queue_redeclared_with_other_arguments_is_reported(
         await b.consume(plain, plain_handler, on_error=other_errors.append)
         await _hold_out(proxy, b)
         await broker.delete_queue(drifted.name)
-        await broker.declare_queue(Queue(drifted.name, durable=False, max_length=5))  # someone else's idea of it
+        await broker.declare_queue(Queue(drifted.name, max_length=5))  # someone else's idea of it
         await _let_in(proxy, b)
 
         await wait_for(lambda: errors, 10)
@@ -143,7 +143,7 @@ async def test_topology_error_hook_hears_about_every_spec_not_restored(
 async def test_consume_while_reconnecting_attaches_once(
     proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
 ) -> None:
-    queue = Queue(f"{name}.once", durable=False)
+    queue = Queue(f"{name}.once")
     cleanup.append(f"q:{queue.name}")
     await broker.declare_queue(queue)
 
@@ -167,7 +167,7 @@ async def test_consume_while_reconnecting_attaches_once(
 async def test_publish_to_a_missing_exchange_does_not_disturb_others_in_flight(
     broker: Broker, name: str, cleanup: list[str]
 ) -> None:
-    queue = Queue(f"{name}.inflight", durable=False)
+    queue = Queue(f"{name}.inflight")
     cleanup.append(f"q:{queue.name}")
     await broker.declare_queue(queue)
     count = 400
@@ -188,7 +188,7 @@ async def test_publish_to_a_missing_exchange_does_not_disturb_others_in_flight(
 
 
 async def test_close_leaves_no_background_task_behind(settings: BrokerSettings, name: str) -> None:
-    queue = Queue(f"{name}.bg", durable=False)
+    queue = Queue(f"{name}.bg")
     other = Broker(settings)
     await other.connect()
     try:
@@ -251,8 +251,8 @@ async def test_after_a_real_broker_restart_a_vanished_foreign_queue_is_reported(
     theirs = f"{name}.transient"
     ours = Queue(f"{name}.durable", durable=True)
     cleanup += [f"q:{ours.name}"]
-    await broker.declare_queue(Queue(theirs, durable=False))
-    broker.forget(Queue(theirs, durable=False))  # its owner is not an amqpkit Broker: nobody declares it again
+    await broker.declare_queue(Queue(theirs))
+    broker.forget(Queue(theirs))  # its owner is not an amqpkit Broker: nobody declares it again
     errors: list[BaseException] = []
     got: list[bytes] = []
 

@@ -12,7 +12,7 @@ from .conftest import Telemetry
 
 @pytest.mark.parametrize("reply_queue", ["direct", "exclusive"])
 async def test_rpc_call_and_handler_are_one_trace(broker: Broker, name: str, otel: Telemetry, reply_queue: str) -> None:
-    server = RpcServer(broker, Queue(name, durable=False, auto_delete=True))
+    server = RpcServer(broker, Queue(name, auto_delete=True))
 
     @server.method("add")
     async def add(numbers: list[int]) -> int:

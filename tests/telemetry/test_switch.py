@@ -28,7 +28,7 @@ async def test_uninstrumented_messages_carry_no_context(broker: Broker, name: st
     assert _hooks.publish is not None and telemetry.instrumented()
     telemetry.uninstrument()
     assert _hooks.publish is None and _hooks.consume is None and not telemetry.instrumented()
-    queue = Queue(f"{name}.q", durable=False, auto_delete=True)
+    queue = Queue(f"{name}.q", auto_delete=True)
     seen: list[Delivery[bytes]] = []
 
     async def on_message(delivery: Delivery[bytes]) -> None:
@@ -51,7 +51,7 @@ async def test_metrics_in_prometheus_text(broker: Broker, name: str) -> None:
     try:
         from amqpkit import Envelope
 
-        queue = Queue(f"{name}.q", durable=False, auto_delete=True)
+        queue = Queue(f"{name}.q", auto_delete=True)
         await broker.declare_queue(queue)
         await broker.publish(Envelope(b"x"), routing_key=queue.name)
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(server.url, timeout=10).read().decode())  # noqa: S310
