@@ -281,6 +281,12 @@ async def serve(
     store = await open_store(db_url, **(store_options or {}))
     try:
         settings = BrokerSettings(url=amqp_url) if amqp_url else BrokerSettings.from_env()
+        # A relay is a service: a broker restarting as it starts is waited for (about a minute and a
+        # half), not a reason to exit. A refused login still ends it at once.
+        reconnect = settings.reconnect.model_copy(
+            update={"connect_attempts": max(20, settings.reconnect.connect_attempts)}
+        )
+        settings = settings.model_copy(update={"reconnect": reconnect})
         async with Broker(settings) as broker:
             relay = Relay(store, broker, **(relay_options or {}))
             print(f"outbox relay: {store.description} -> {', '.join(settings.safe_urls)}", file=sys.stderr)
@@ -296,6 +302,9 @@ async def serve(
 
 def main(db_url: str | None = None, amqp_url: str | None = None, **options: Any) -> int:
     """Run a relay as a process until SIGTERM or Ctrl-C; returns the exit code (0, or 2 when it cannot start).
+
+    An unreachable database ends it at once; a broker that does not answer
+    yet is tried for about a minute and a half first.
 
     ``db_url`` defaults to ``AMQPKIT_OUTBOX_DB``, ``amqp_url`` to ``AMQP_URL``
     (give passwords through the environment: ``ps`` shows command lines).

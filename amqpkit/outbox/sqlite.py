@@ -96,7 +96,14 @@ class SqliteStore:
     async def open(self) -> None:
         if self._conn is not None:
             return
+
+        def probe() -> None:
+            sqlite3.connect(self.path).close()
+
         try:
+            # Opened once on a plain thread first: a file that cannot be opened fails here, without
+            # leaving aiosqlite's worker thread to report it after the caller's loop has gone.
+            await asyncio.to_thread(probe)
             conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnreachable(f"cannot open SQLite database {self.path}: {exc}", target=str(self.path)) from None
