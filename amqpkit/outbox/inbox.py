@@ -123,7 +123,9 @@ class Inbox:
         self.purged += purged
         return purged
 
-    def handler(self, fn: InboxHandler, *, requeue_on_storage_error: bool = True) -> Callable[..., Awaitable[Any]]:
+    def handler(
+        self, fn: InboxHandler, *, requeue_on_storage_error: bool | None = None
+    ) -> Callable[..., Awaitable[Any]]:
         """``fn(message, tx)`` wrapped for a Worker, Subscriber or RpcServer.
 
         ``fn``'s first parameter is annotated as for any amqpkit handler (a
@@ -133,10 +135,11 @@ class Inbox:
         message (RPC replies).
 
         When the database fails (a lost connection, a lock), nothing was
-        committed: with ``requeue_on_storage_error`` (the default) the
-        delivery is requeued after ``requeue_delay`` seconds; otherwise the
-        error goes to the pattern (an RpcServer then replies with it, and
-        the caller may send the same request again).
+        committed: with ``requeue_on_storage_error`` the delivery is
+        requeued after ``requeue_delay`` seconds; without, the error goes to
+        the pattern (an RpcServer then replies with it, and the caller may
+        send the same request again). By default, an RPC request (one with
+        ``reply_to``) gets the error and anything else is requeued.
         """
         wants_delivery, value_type, returns = _read_handler(fn)
         reply_codec: Codec[Any] = AutoCodec() if returns in (Any, None, type(None)) else codec_for(returns)
@@ -148,7 +151,8 @@ class Inbox:
             try:
                 return await self.process(delivery, call, reply_codec)
             except Exception as exc:
-                if not requeue_on_storage_error or not self.store.transient(exc) or delivery.settled is not None:
+                requeue = requeue_on_storage_error if requeue_on_storage_error is not None else not delivery.reply_to
+                if not requeue or not self.store.transient(exc) or delivery.settled is not None:
                     raise
                 self.requeued += 1
                 log.warning(

@@ -180,7 +180,7 @@ async def test_rpc_repeated_request_id_gets_the_stored_reply(accounts: Store, br
         return Receipt(account=d.account, balance=await deposit_into(store, tx, d))
 
     server = RpcServer(broker, f"{name}.rpc")
-    server.add("deposit", inbox.handler(apply, requeue_on_storage_error=False))
+    server.add("deposit", inbox.handler(apply))
     async with server, RpcClient(broker, f"{name}.rpc", timeout=10) as client:
         first = await client.call("deposit", Deposit(account="a", amount=5), returns=Receipt,
                                   headers={REQUEST_ID_HEADER: "req-1"})  # fmt: skip
@@ -204,7 +204,7 @@ async def test_tampered_stored_reply_is_an_error_reply_not_a_crash(accounts: Sto
         return Receipt(account=d.account, balance=await deposit_into(store, tx, d))
 
     server = RpcServer(broker, f"{name}.rpc")
-    server.add("deposit", inbox.handler(apply, requeue_on_storage_error=False))
+    server.add("deposit", inbox.handler(apply))
     async with server, RpcClient(broker, f"{name}.rpc", timeout=10) as client:
         await client.call("deposit", Deposit(account="a", amount=5), headers={REQUEST_ID_HEADER: "r1"})
         async with store.transaction() as tx:
@@ -332,3 +332,37 @@ async def test_a_locked_database_requeues_the_delivery(tmp_path: Any, broker: Br
         await store.close()
         await broker.delete_queue(queue.name)
         await broker.delete_queue(queue.dlq_name)
+
+
+async def test_rpc_request_with_a_locked_database_gets_an_error_reply_and_can_be_sent_again(
+    tmp_path: Any, broker: Broker, name: str
+) -> None:
+    """An RPC request is not requeued when the database fails: the caller hears of it at once, and the same
+    request id sent again is processed (nothing was committed the first time)."""
+    import sqlite3
+
+    store = SqliteStore(tmp_path / "rpc.db", busy_timeout=0.2)
+    await store.open()
+    await store.create_tables()
+    calls: list[int] = []
+
+    async def double(n: int, tx: Any) -> int:
+        calls.append(n)
+        return 2 * n
+
+    server = RpcServer(broker, f"{name}.rpc")
+    server.add("double", Inbox(store, consumer="math").handler(double))
+    other = sqlite3.connect(tmp_path / "rpc.db", isolation_level=None)
+    try:
+        async with server, RpcClient(broker, f"{name}.rpc", timeout=20) as client:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(RemoteError) as caught:
+                await client.call("double", 21, returns=int, headers={REQUEST_ID_HEADER: "q1"})
+            assert caught.value.remote_type == "OperationalError"
+            other.execute("COMMIT")
+            assert await client.call("double", 21, returns=int, headers={REQUEST_ID_HEADER: "q1"}) == 42
+            assert await client.call("double", 21, returns=int, headers={REQUEST_ID_HEADER: "q1"}) == 42
+        assert calls == [21]
+    finally:
+        other.close()
+        await store.close()
