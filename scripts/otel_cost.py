@@ -9,7 +9,9 @@ Each trial runs a server process and a client process, both in the same mode:
 - ``noop``: ``instrument()`` with the SDK's TracerProvider and MeterProvider, spans handed to an exporter that
   drops them (SimpleSpanProcessor), metrics aggregated in memory;
 - ``batch``: the same with a BatchSpanProcessor whose exporter encodes every span to JSON (the work an OTLP/JSON
-  exporter does before the network) and drops it.
+  exporter does before the network) and drops it;
+- ``sampled``: ``batch`` with a ParentBased(TraceIdRatioBased(0.01)) sampler: 1 % of traces recorded, context
+  still propagated and metrics still counted for every message.
 
 Scenarios: ``rpc`` (RpcClient.call over direct reply-to at --concurrency callers; RpcServer echoes) and
 ``oneway`` (--concurrency publishers, confirmed; a Subscriber acks each). Modes are interleaved within each
@@ -34,7 +36,7 @@ from typing import Any
 
 from amqpkit import Broker, BytesCodec, Delivery, Envelope, Exchange, Queue, RpcClient, RpcServer, Subscriber
 
-MODES = ("off", "noop", "batch")
+MODES = ("off", "noop", "batch", "sampled")
 SCENARIOS = ("rpc", "oneway")
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -64,7 +66,9 @@ def setup(mode: str) -> None:
                 span.to_json(indent=None)
             return SpanExportResult.SUCCESS
 
-    tracer_provider = TracerProvider()
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    tracer_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.01)) if mode == "sampled" else None)
     if mode == "noop":
         tracer_provider.add_span_processor(SimpleSpanProcessor(Drop()))
     else:

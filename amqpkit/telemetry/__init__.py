@@ -46,6 +46,7 @@ try:
     from opentelemetry import context as otel_context
     from opentelemetry import metrics, trace
     from opentelemetry.context import Context
+    from opentelemetry.metrics import CallbackOptions, Observation
     from opentelemetry.propagators.textmap import Getter
     from opentelemetry.trace import Link, Span, SpanContext, SpanKind, StatusCode
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -118,18 +119,23 @@ class _Instruments:
     def __init__(self, tracer_provider: Any, meter_provider: Any) -> None:
         self.tracer = trace.get_tracer("amqpkit", __version__, tracer_provider=tracer_provider)
         meter = metrics.get_meter("amqpkit", __version__, meter_provider=meter_provider)
-        self.published = meter.create_counter("messaging.client.sent.messages", "{message}", "messages published")
-        self.consumed = meter.create_counter(
-            "messaging.client.consumed.messages", "{message}", "messages handed to a consumer"
-        )
+        # The per-message counts are plain sums here, read by the SDK when it collects (observable
+        # instruments): a delivery costs a dict update instead of an SDK measurement each.
+        self.published = _Tally()
+        self.consumed = _Tally()
+        self.acked = _Tally()
+        self.nacked = _Tally()
+        self.in_flight = _Tally()
+        for name, unit, description, tally, counter in (
+            ("messaging.client.sent.messages", "{message}", "messages published", self.published, True),
+            ("messaging.client.consumed.messages", "{message}", "messages handed to a consumer", self.consumed, True),
+            ("amqpkit.messages.acked", "{message}", "deliveries acked", self.acked, True),
+            ("amqpkit.messages.nacked", "{message}", "deliveries nacked, requeued or rejected", self.nacked, True),
+            ("amqpkit.messages.in_flight", "{message}", "deliveries whose handler is running", self.in_flight, False),
+        ):
+            create = meter.create_observable_counter if counter else meter.create_observable_up_down_counter
+            create(name, [tally.observe], unit, description)
         self.process_duration = meter.create_histogram("messaging.process.duration", "s", "handler duration")
-        self.acked = meter.create_counter("amqpkit.messages.acked", "{message}", "deliveries acked")
-        self.nacked = meter.create_counter(
-            "amqpkit.messages.nacked", "{message}", "deliveries nacked, requeued or rejected"
-        )
-        self.in_flight = meter.create_up_down_counter(
-            "amqpkit.messages.in_flight", "{message}", "deliveries whose handler is running"
-        )
         self.retried = meter.create_counter("amqpkit.tasks.retried", "{task}", "tasks sent back for another attempt")
         self.dead_lettered = meter.create_counter("amqpkit.tasks.dead_lettered", "{task}", "tasks sent to their DLQ")
         self.rpc_duration = meter.create_histogram("amqpkit.rpc.client.duration", "s", "RPC call duration")
@@ -137,6 +143,19 @@ class _Instruments:
         self.disconnected_time = meter.create_counter(
             "amqpkit.connection.disconnected.time", "s", "time spent disconnected before a reconnect"
         )
+
+
+class _Tally:
+    """Sums by attribute set, observed by the SDK at collection time."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def add(self, amount: float, key: tuple[tuple[str, str], ...]) -> None:
+        self.values[key] = self.values.get(key, 0) + amount
+
+    def observe(self, options: CallbackOptions) -> list[Observation]:
+        return [Observation(value, dict(key)) for key, value in dict(self.values).items()]  # a copy: another thread
 
 
 _state: _Instruments | None = None
@@ -322,7 +341,7 @@ async def _publish(
         raise
     finally:
         span.end()
-    state.published.add(1, {"messaging.system": "rabbitmq", "messaging.destination.name": exchange_name})
+    state.published.add(1, (("messaging.destination.name", exchange_name), ("messaging.system", "rabbitmq")))
 
 
 async def _quiet_publish(
@@ -384,9 +403,9 @@ async def _consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
     span = state.tracer.start_span(name, parent, kind, attributes, _link_to_first(headers))
     token = otel_context.attach(trace.set_span_in_context(span, parent))
     quiet = _QUIET.set(False)
-    metric_attrs = {"messaging.system": "rabbitmq", "messaging.destination.subscription.name": target}
-    state.consumed.add(1, metric_attrs)
-    state.in_flight.add(1, metric_attrs)
+    key = (("messaging.destination.subscription.name", target), ("messaging.system", "rabbitmq"))
+    state.consumed.add(1, key)
+    state.in_flight.add(1, key)
     started = time.perf_counter()
     try:
         await consumer.callback(delivery)
@@ -394,13 +413,13 @@ async def _consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
         _fail(span, exc)
         raise
     finally:
-        state.process_duration.record(time.perf_counter() - started, metric_attrs)
-        state.in_flight.add(-1, metric_attrs)
+        state.process_duration.record(time.perf_counter() - started, dict(key))
+        state.in_flight.add(-1, key)
         settled = delivery.settled
         if settled is Settlement.ACKED:
-            state.acked.add(1, metric_attrs)
+            state.acked.add(1, key)
         elif settled is not None and settled is not Settlement.AUTO:
-            state.nacked.add(1, {**metric_attrs, "amqpkit.settlement": settled.value})
+            state.nacked.add(1, (("amqpkit.settlement", settled.value), *key))
         _QUIET.reset(quiet)
         otel_context.detach(token)
         span.end()
