@@ -216,6 +216,12 @@ def map_exceptions(*, kind: str = "", name: str = "") -> Iterator[None]:
         ConnectionError,
     ) as exc:
         raise ConnectionLost(f"connection lost: {_reply_text(exc)}") from exc
+    except RuntimeError as exc:
+        # aiormq's Connection.channel() on a connection that closed while we awaited it
+        # raises a bare RuntimeError("<Connection ...> closed").
+        if str(exc).endswith(" closed"):
+            raise ConnectionLost("connection lost: closed while opening a channel") from exc
+        raise
 
 
 def _reply_text(exc: BaseException) -> str:
