@@ -418,9 +418,14 @@ class Broker:
             except Exception:
                 log.exception("topology error callback failed")
 
+    def _shown(self, consumer: Consumer) -> str:
+        """A consumer's queue as a log line names it (a server-named queue by its live name)."""
+        name = consumer.queue.name or self._queues.get(consumer.queue, "")
+        return repr(name) if name else "(a server-named queue)"
+
     def _stop_consumer(self, consumer: Consumer, exc: BaseException) -> None:
         """The consumer cannot be attached again: it stops, and its owner hears why."""
-        log.error("consumer %s on %s stopped: %s", consumer.consumer_tag, consumer.queue.name or "(server-named)", exc)
+        log.error("consumer %s on %s stopped: %s", consumer.consumer_tag, self._shown(consumer), exc)
         self._consumers.pop(consumer.consumer_tag, None)
         consumer.cancelled = True
         consumer.error = exc
@@ -961,7 +966,7 @@ class Broker:
         """The broker cancelled the consumer (queue deleted, node down): declare the queue again and re-attach."""
         if consumer.cancelled or self._closing:
             return
-        log.warning("broker cancelled consumer %s on %s; re-attaching", consumer.consumer_tag, consumer.queue.name)
+        log.warning("broker cancelled consumer %s on %s; re-attaching", consumer.consumer_tag, self._shown(consumer))
         consumer.attached.clear()
         consumer.channel = None
 

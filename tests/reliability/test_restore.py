@@ -290,3 +290,23 @@ async def test_detached_consumers_are_listed_until_they_are_back(
         assert b.detached_consumers() == [queue.name]
         await _let_in(proxy, b)
         assert b.detached_consumers() == []
+
+
+async def test_a_cancelled_private_consumer_is_named_in_the_log(
+    settings: BrokerSettings, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="amqpkit.broker")
+
+    async def nothing(d: Delivery[bytes]) -> None:
+        await d.ack()
+
+    async with Broker(settings) as b:
+        private = Queue("", exclusive=True, auto_delete=True)
+        consumer = await b.consume(private, nothing)
+        live = consumer.queue_name
+        await b.delete_queue(live)  # the broker cancels the consumer
+        await wait_for(lambda: "broker cancelled consumer" in caplog.text, 10)
+    line = next(r.getMessage() for r in caplog.records if "broker cancelled consumer" in r.getMessage())
+    assert " on ; " not in line and (live in line or "server-named" in line), line
