@@ -523,14 +523,16 @@ class RpcClient:
             raise RpcTimeout(f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s") from None
         finally:
             self._pending.pop(cid, None)
-        if _media(reply.content_type) == ERROR_CONTENT_TYPE:
+        reply_type = reply.content_type
+        if reply_type == "application/octet-stream" and returns is bytes:
+            return reply.body  # the common bytes reply, without parsing its content type
+        media = _media(reply_type)
+        if media == ERROR_CONTENT_TYPE:
             raise _parse_error(reply.body)
-        return self._decode_reply(reply, returns)
+        return self._decode_reply(reply, returns, reply_type, media)
 
-    def _decode_reply(self, reply: Delivery[bytes], returns: Any) -> Any:
+    def _decode_reply(self, reply: Delivery[bytes], returns: Any, content_type: str | None, media: str) -> Any:
         """Decode by the reply's content type, then check against ``returns`` when given."""
-        content_type = reply.content_type
-        media = _media(content_type)
         if media == "text/plain" or (not media and returns in (str, int, float)):
             text = TextCodec().decode(reply.body, content_type)
             if returns in (None, str):
@@ -580,13 +582,17 @@ class RpcClient:
         properties.reply_to = DIRECT_REPLY_TO
         _stamp_budget(properties, deadline)
         try:
-            with map_exceptions(kind="exchange", name=self.exchange):
-                await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
-                    body, exchange=self.exchange, routing_key=self.routing_key, properties=properties,
-                    mandatory=True, wait=False,
-                )  # fmt: skip
-        except Unroutable as exc:
-            raise self._no_responder() from exc
+            await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
+                body, exchange=self.exchange, routing_key=self.routing_key, properties=properties,
+                mandatory=True, wait=False,
+            )  # fmt: skip
+        except Exception:
+            # Translated here, off the hot path: a context manager entered on every call costs.
+            try:
+                with map_exceptions(kind="exchange", name=self.exchange):
+                    raise
+            except Unroutable as exc:
+                raise self._no_responder() from exc
 
     async def call_with_retry(
         self,
@@ -617,7 +623,10 @@ def _stamp_budget(properties: Basic.Properties, deadline: float) -> None:
     """Write the time left until ``deadline`` (loop time) into the request, just before it is sent."""
     left_ms = max(1, int((deadline - asyncio.get_running_loop().time()) * 1000))
     properties.expiration = str(left_ms)
-    properties.headers = {**(properties.headers or {}), TIMEOUT_HEADER: left_ms}
+    if properties.headers is None:
+        properties.headers = {TIMEOUT_HEADER: left_ms}
+    else:
+        properties.headers[TIMEOUT_HEADER] = left_ms  # the request's own dict, made by call()
 
 
 def _hook_returns(channel: AbstractChannel, callback: Callable[[DeliveredMessage], None]) -> bool:
