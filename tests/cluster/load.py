@@ -303,6 +303,8 @@ class RpcLoad:
             due = began + n / self.rate
             if (wait := due - time.monotonic()) > 0:
                 await asyncio.sleep(wait)  # pacing the calls
+            if self._stop.is_set():
+                break
             task = asyncio.create_task(self._one(n))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
@@ -311,8 +313,8 @@ class RpcLoad:
 
     async def finish(self) -> None:
         self._stop.set()
-        if self._calls:
-            await asyncio.wait(self._calls)
+        while self._calls:  # the run loop may start one more call before it sees the stop
+            await asyncio.wait(list(self._calls))
 
     async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
