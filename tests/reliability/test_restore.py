@@ -78,7 +78,9 @@ async def test_vanished_foreign_queue_is_reported_and_the_rest_reconnects(
         await wait_for(lambda: not b.is_connected, 10)
         await b.wait_connected(30)
         await b.publish(Envelope(b"again"), routing_key=ours.name, mandatory=True)
-        await wait_for(lambda: got == [b"after", b"again"], 10)
+        # At least once: "after" comes again when its ack was still on the wire at the cut (RabbitMQ 4.x).
+        await wait_for(lambda: got[-1:] == [b"again"], 10)
+        assert set(got) == {b"after", b"again"}, got
         assert len(errors) == 1
 
 
@@ -251,8 +253,9 @@ async def test_after_a_real_broker_restart_a_vanished_foreign_queue_is_reported(
     theirs = f"{name}.transient"
     ours = Queue(f"{name}.durable", durable=True)
     cleanup += [f"q:{ours.name}"]
-    await broker.declare_queue(Queue(theirs))
-    broker.forget(Queue(theirs))  # its owner is not an amqpkit Broker: nobody declares it again
+    # Transient, the case itself: deprecated on RabbitMQ 4.x, so CI runs this test on a 4.x node that permits it.
+    await broker.declare_queue(Queue(theirs, durable=False))
+    broker.forget(Queue(theirs, durable=False))  # its owner is not an amqpkit Broker: nobody declares it again
     errors: list[BaseException] = []
     got: list[bytes] = []
 
