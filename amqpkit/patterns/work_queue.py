@@ -354,6 +354,15 @@ class WorkQueue(Generic[T]):
         expiry to run — twice the delay, and 40 s at the default — when the
         message's TTL hands it back to the work queue. While a worker runs,
         it also renews every delay queue it has used (see :class:`Worker`).
+
+        A retry whose TTL runs out while the node is down is kept, but may
+        come back up to ``dead_letter_worker_publisher_confirm_timeout``
+        (180 s by default) after the node is up again: at start-up a quorum
+        queue can dead-letter before the node has brought its exchanges back,
+        and its dead-letter worker then waits for that timeout before trying
+        again (rabbitmq-server #12625). Nothing a client does reaches that
+        message meanwhile; patterns/work-queue.md ("Retries across a broker
+        restart") gives the node setting that shortens the wait.
         """
         ms = _delay_bucket(seconds)
         state = self._delay_queues.get(ms)
