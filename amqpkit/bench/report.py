@@ -20,7 +20,7 @@ PAIRS = (
     ("rpc", "aiopika-rpc", "amqpkit RPC vs aio-pika's RPC pattern"),
     ("rpc", "rpc-reply-queue", "direct reply-to vs an exclusive reply queue"),
     ("workqueue", "aiopika-workqueue", "amqpkit work queue vs bare aio-pika consume-and-ack"),
-    ("rpc", "http-rpc", "amqpkit RPC vs HTTP (the faster client)"),
+    ("rpc", "http-rpc", "amqpkit RPC vs HTTP, the faster client"),
     ("rpc", "grpc-rpc", "amqpkit RPC vs gRPC"),
     ("http-rpc-aiohttp", "http-rpc-httpx", "HTTP: aiohttp's client vs httpx's"),
     ("chain-events", "chain-rpc", "chain: events vs RPC over AMQP"),
@@ -82,7 +82,7 @@ def comparisons(result: BenchResult) -> list[dict[str, object]]:
             rows.append(
                 {
                     "pair": f"{left} / {right}",
-                    "meaning": meaning + (f" [{right}]" if right != pair_right else ""),
+                    "meaning": meaning + (f": {right}" if right != pair_right else ""),
                     "level": _level_label(result, level),
                     "p50_ratio": round(lp50 / rp50, 3) if rp50 else None,
                     "throughput_ratio": round(lthr / rthr, 3) if rthr else None,
