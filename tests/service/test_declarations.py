@@ -71,7 +71,7 @@ def test_rpc_methods_share_their_queue_but_not_a_name_or_a_spec() -> None:
 
     other = Service("t")
     other.rpc("calc")(add)
-    other.rpc(Queue("calc", durable=True))(sub)
+    other.rpc(Queue("calc", durable=False))(sub)  # a name alone is a durable queue: this one differs
     with pytest.raises(ServiceError, match=r"declare the request queue 'calc' differently"):
         other.check()
 
