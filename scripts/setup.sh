@@ -84,3 +84,5 @@ ensure_venv() {
 
 ensure_venv
 ensure_broker
+# PostgreSQL for the outbox/inbox tests: POSTGRES_URL, the local server, or Debian's, installed when root.
+bash scripts/ensure_postgres.sh
