@@ -1,0 +1,119 @@
+"""A retry whose delay runs out while the broker is down, and the broker's restart.
+
+Soak finding (RELIABILITY.md, "A retry held back by the broker after a restart"): a retry sitting in
+its quorum delay queue when the node stopped, and due while it was down, stayed in that queue after the
+restart, the node logging "Cannot forward any dead-letter messages from source quorum queue ...
+dead-letter-exchange ... does not exist". The cause is on the broker's side (rabbitmq-server #12625,
+see patterns/work-queue.md, "Retries across a broker restart"): when a node starts, it brings its
+queues back before its exchanges, and a quorum queue's dead-letter worker that finds no exchange
+keeps what it holds until its publisher-confirm timeout (``dead_letter_worker_publisher_confirm_timeout``,
+180 s by default) runs out. The more queues the node has to bring back, the wider that window: each
+test here gives its own node a few hundred quorum queues, then stops and starts it with a retry due.
+
+- On a node as installed, the retry usually does not come back within 30 s: xfail, not strict, as the
+  node wins the race now and then (it stuck in 3 of 4 runs measured with 300 other quorum queues).
+- On a node whose confirm timeout is short (advanced.config, as patterns/work-queue.md advises), it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amqpkit import Broker, BrokerSettings, Queue, QueueType, ReconnectPolicy, RetryPolicy, Worker, WorkQueue
+
+from ..brokerctl import SpareNode
+from ..waiting import until, wait_for
+
+DELAY = 14.0  # seconds: longer than stop_app takes on a loaded machine, so the retry is still queued when it stops
+BACK_WITHIN = 30.0  # seconds after the node is up again
+OTHER_QUEUES = 300  # quorum queues the node brings back before its exchanges: they widen the window
+CONFIRM_TIMEOUT_MS = 5000  # the mitigation: the dead-letter worker retries every 5 s instead of 180 s
+
+
+@pytest.fixture
+def own_node(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SpareNode]:
+    """A RabbitMQ node of this test's own (with ``request.param`` as advanced.config), always stopped afterwards."""
+    advanced: str = getattr(request, "param", "")
+    if advanced:
+        (tmp_path / "advanced.config").write_text(advanced)
+        monkeypatch.setenv("RABBITMQ_ADVANCED_CONFIG_FILE", str(tmp_path / "advanced.config"))
+    node = SpareNode(tmp_path)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def ctl(node: SpareNode, *args: str) -> None:
+    result = node.ctl(*args, timeout=120)
+    if result.returncode != 0:  # pytest.fail, not an AssertionError: not the failure the xfail case expects
+        pytest.fail(f"rabbitmqctl {' '.join(args)}: {result.stderr.strip()}", pytrace=False)
+
+
+AS_INSTALLED = pytest.param(
+    "",
+    id="as-installed",
+    marks=pytest.mark.xfail(
+        # Not strict: it is a race on the node's side, lost in 3 of the 4 runs measured with 300 other queues.
+        strict=False,
+        raises=AssertionError,
+        reason="rabbitmq-server #12625: at start-up a quorum queue's dead-letter worker may find no exchange yet "
+        "and holds its messages for dead_letter_worker_publisher_confirm_timeout (180 s)",
+    ),
+)
+SHORT_CONFIRM_TIMEOUT = pytest.param(
+    f"[{{rabbit, [{{dead_letter_worker_publisher_confirm_timeout, {CONFIRM_TIMEOUT_MS}}}]}}].\n",
+    id="short-confirm-timeout",
+)
+
+
+@pytest.mark.whole_broker
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("own_node", [AS_INSTALLED, SHORT_CONFIRM_TIMEOUT], indirect=True)
+async def test_a_retry_due_while_the_node_is_down_comes_back_after_it_restarts(own_node: SpareNode, name: str) -> None:
+    attempts: list[float] = []
+
+    async def handler(value: Any) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise RuntimeError("fails once")
+
+    settings = BrokerSettings(
+        url=own_node.url, heartbeat=5, reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=1.0, jitter=0.1)
+    )
+    async with Broker(settings) as broker:
+        for i in range(OTHER_QUEUES):
+            await broker.declare_queue(Queue(f"{name}.other.{i}", type=QueueType.QUORUM))
+        tasks: WorkQueue[Any] = WorkQueue(
+            broker, name, retry=RetryPolicy(max_attempts=3, initial_delay=DELAY, jitter=0)
+        )
+        async with Worker(tasks, handler, concurrency=2) as worker:
+            await tasks.enqueue({"n": 1}, task_id=f"{name}-task")
+            delay_queue, _ = await tasks.delay_queue(DELAY)
+
+            async def held() -> bool:
+                return (await broker.queue_counts(delay_queue))[0] == 1
+
+            try:  # the retry is in its delay queue (a failure here is not the one the xfail case expects)
+                await wait_for(lambda: worker.retried == 1, 30)
+                await until(held, 10)
+            except AssertionError as exc:
+                pytest.fail(f"the retry never reached its delay queue: {exc}", pytrace=False)
+            sent = time.monotonic()
+            await asyncio.to_thread(ctl, own_node, "stop_app")
+            if len(attempts) != 1:
+                pytest.fail("the retry ran before the node went down: the test proves nothing", pytrace=False)
+            await asyncio.sleep(max(0.0, sent + DELAY + 2 - time.monotonic()))  # the fault: down past the delay
+            await asyncio.to_thread(ctl, own_node, "start_app")
+            await asyncio.to_thread(ctl, own_node, "await_startup")
+            up = time.monotonic()
+            # AssertionError when it does not come back in time: the only failure the xfail case expects.
+            await wait_for(lambda: len(attempts) == 2, BACK_WITHIN)
+            print(f"retry back {attempts[1] - up:+.1f} s from the node's restart")
