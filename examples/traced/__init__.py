@@ -62,7 +62,7 @@ async def run_once(url: str, *, exporters: Sequence[SpanExporter] = ()) -> list[
                 broker, TASKS, retry=RetryPolicy(max_attempts=3, initial_delay=0.05, jitter=0)
             )
             publisher: Publisher[dict[str, Any]] = Publisher(broker, ORDERS)
-            server = RpcServer(broker, Queue(RPC_QUEUE, durable=False, auto_delete=True))
+            server = RpcServer(broker, Queue(RPC_QUEUE, auto_delete=True))
 
             @server.method("place")
             async def place(order: dict[str, Any]) -> dict[str, Any]:
