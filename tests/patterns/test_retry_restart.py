@@ -10,8 +10,8 @@ keeps what it holds until its publisher-confirm timeout (``dead_letter_worker_pu
 180 s by default) runs out. The more queues the node has to bring back, the wider that window: each
 test here gives its own node a few hundred quorum queues, then stops and starts it with a retry due.
 
-- On a node as installed, the retry usually does not come back within 30 s: xfail, not strict, as the
-  node wins the race now and then (it stuck in 3 of 4 runs measured with 300 other quorum queues).
+- On a node as installed, the retry often does not come back within 30 s: xfail, not strict, as the
+  node wins the race now and then (it stuck in 3 of 5 runs measured with 300 other quorum queues).
 - On a node whose confirm timeout is short (advanced.config, as patterns/work-queue.md advises), it does.
 """
 
@@ -61,7 +61,7 @@ AS_INSTALLED = pytest.param(
     "",
     id="as-installed",
     marks=pytest.mark.xfail(
-        # Not strict: it is a race on the node's side, lost in 3 of the 4 runs measured with 300 other queues.
+        # Not strict: it is a race on the node's side, lost in 3 of the 5 runs measured with 300 other queues.
         strict=False,
         raises=AssertionError,
         reason="rabbitmq-server #12625: at start-up a quorum queue's dead-letter worker may find no exchange yet "
