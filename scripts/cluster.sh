@@ -205,6 +205,7 @@ cmd_down() {
     ip netns del "$name"
     rm -rf "/etc/netns/$name"
   done
+  rmdir /etc/netns 2>/dev/null || true  # made by `up` when it was not there; kept if others use it
   rm -rf "$BASE"
   log "down"
 }
