@@ -244,6 +244,7 @@ async def test_unknown_vhost_is_a_refusal_not_an_outage(amqp_url: str) -> None:
 
 
 @pytest.mark.whole_broker
+@pytest.mark.timeout(400)
 async def test_after_a_real_broker_restart_a_vanished_foreign_queue_is_reported(
     settings: BrokerSettings, broker: Broker, name: str, cleanup: list[str]
 ) -> None:
@@ -270,11 +271,11 @@ async def test_after_a_real_broker_restart_a_vanished_foreign_queue_is_reported(
         await b.consume(Queue(theirs), nothing, declare=False, on_error=errors.append)
         await b.consume(ours, ours_handler)
         await restart_broker_app()
-        await b.wait_connected(60)
-        await wait_for(lambda: errors, 30)
+        await b.wait_connected(180)
+        await wait_for(lambda: errors, 120)
         assert "NOT_FOUND" in str(errors[0])
         await b.publish(Envelope(b"after restart"), routing_key=ours.name, mandatory=True)
-        await wait_for(lambda: got == [b"after restart"], 15)
+        await wait_for(lambda: got == [b"after restart"], 60)
 
 
 async def test_detached_consumers_are_listed_until_they_are_back(
