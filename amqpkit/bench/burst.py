@@ -172,6 +172,7 @@ async def run_burst(
     started = finished = 0
     samples: list[tuple[float, int]] = []
     last_completion_ns = 0
+    last_send_ns = 0
     late_before = int(getattr(client, "late", 0))
 
     def backlog() -> int:
@@ -181,7 +182,8 @@ async def run_burst(
         return started - finished
 
     async def one(intended: int) -> None:
-        nonlocal started, finished, last_completion_ns
+        nonlocal started, finished, last_completion_ns, last_send_ns
+        last_send_ns = max(last_send_ns, intended)
         timeline.at(intended).sent += 1
         started += 1
         try:
@@ -213,7 +215,6 @@ async def run_burst(
     try:
         await asyncio.sleep(max(0, origin - time.monotonic_ns()) / 1e9)
         await schedule(one, origin, list(profile))
-        last_send_ns = time.monotonic_ns()
         if kind is Kind.ONEWAY:
             report = await side.report(result.sent, timeout=drain_timeout)
             _merge_consumer(result, timeline, overall, report)

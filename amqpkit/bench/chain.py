@@ -203,10 +203,15 @@ class ChainHttpService(ServerSide):
             async with self.slot():  # held while the next service works, as chain-rpc's is
                 await self.work(in_slot=True)
                 if session is not None:
-                    async with session.post(following, data=body) as response:
-                        body = await response.read()
-                        if response.status != 200:
-                            return Response(body, status_code=502)
+                    try:
+                        async with session.post(following, data=body) as response:
+                            body = await response.read()
+                            if response.status != 200:
+                                return Response(body, status_code=502)
+                    except TimeoutError:
+                        return Response(b"the next service did not answer in time", status_code=504)
+                    except aiohttp.ClientError as exc:
+                        return Response(f"the next service failed: {exc}".encode(), status_code=502)
             self.received += 1
             return Response(body, media_type="application/octet-stream")
 

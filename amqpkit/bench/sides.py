@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -178,19 +179,26 @@ class RemoteSide(Side):
         )  # fmt: skip
         for fd in pass_fds:
             os.close(fd)  # the child has it now
+        # Its stderr is read all along (a full pipe would stop a process that logs), keeping the last lines.
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._stderr_reader = asyncio.ensure_future(self._drain_stderr())
         ready = await self._read(timeout=60)
         self.endpoint = str(ready.get("endpoint", ""))
+
+    async def _drain_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            if text := line.decode(errors="replace").strip():
+                self._stderr_tail.append(text)
 
     async def _read(self, timeout: float) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdout is not None
         line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
         if not line:
-            err = b""
-            if self.proc.stderr is not None:
-                with contextlib.suppress(TimeoutError):
-                    err = await asyncio.wait_for(self.proc.stderr.read(), 5)
-            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["(nothing on stderr)"]
-            raise RuntimeError(f"bench server for {self.scenario} exited: {tail[0]}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._stderr_reader), 5)
+            tail = self._stderr_tail[-1] if self._stderr_tail else "(nothing on stderr)"
+            raise RuntimeError(f"bench server for {self.scenario} exited: {tail}")
         doc: dict[str, Any] = json.loads(line)
         return doc
 
@@ -209,13 +217,19 @@ class RemoteSide(Side):
     async def stop(self) -> None:
         if self._transport is not None:
             self._transport.close()
-        if self.proc is None or self.proc.returncode is not None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
             return
         try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(b"quit\n")
-            await self.proc.stdin.drain()
-            await asyncio.wait_for(self.proc.wait(), 15)
-        except (TimeoutError, ConnectionError):
-            self.proc.kill()
-            await self.proc.wait()
+            assert proc.stdin is not None
+            proc.stdin.write(b"quit\n")
+            await asyncio.wait_for(proc.stdin.drain(), 5)
+            await asyncio.wait_for(proc.wait(), 15)
+        except Exception:  # it did not stop when told: it is ended, whatever the reason
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5)
+        finally:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._stderr_reader, 5)
