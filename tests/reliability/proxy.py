@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from typing import Any
 
 from ..brokerctl import session_vhost, with_vhost
 
@@ -143,3 +144,19 @@ def _reset(writer: asyncio.StreamWriter) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     with contextlib.suppress(Exception):
         writer.transport.abort()
+
+
+async def hold_out(proxy: FaultProxy, broker: Any) -> None:
+    """Cut the client's connection and refuse new ones until :func:`let_in` (the broker "is down" for it)."""
+    proxy.refusing = True
+    proxy.cut()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while broker.is_connected:
+        assert loop.time() < deadline, "the client did not notice the cut within 10 s"
+        await asyncio.sleep(0.01)
+
+
+async def let_in(proxy: FaultProxy, broker: Any) -> None:
+    proxy.refusing = False
+    await broker.wait_connected(30)

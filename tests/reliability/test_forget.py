@@ -26,18 +26,7 @@ from amqpkit import (
 )
 
 from ..waiting import wait_for
-from .proxy import FaultProxy
-
-
-async def _hold_out(proxy: FaultProxy, b: Broker) -> None:
-    proxy.refusing = True
-    proxy.cut()
-    await wait_for(lambda: not b.is_connected, 10)
-
-
-async def _let_in(proxy: FaultProxy, b: Broker) -> None:
-    proxy.refusing = False
-    await b.wait_connected(30)
+from .proxy import FaultProxy, hold_out, let_in
 
 
 async def _cut_and_wait_for_the_reconnect(proxy: FaultProxy, b: Broker) -> None:
@@ -160,10 +149,10 @@ async def test_an_rpc_server_whose_queue_was_redeclared_under_it_reports_it(
         async with server:
             async with RpcClient(b, queue.name, timeout=10) as client:
                 assert await client.call("echo", "before") == "before"
-            await _hold_out(proxy, b)
+            await hold_out(proxy, b)
             await broker.delete_queue(queue.name)
             await broker.declare_queue(Queue(queue.name, max_length=5))  # someone else's idea of it
-            await _let_in(proxy, b)
+            await let_in(proxy, b)
 
             await asyncio.wait_for(server.wait_stopped(), 10)
             assert len(errors) == 1
@@ -195,10 +184,10 @@ async def test_a_subscriber_whose_queue_was_redeclared_under_it_raises_from_its_
             try:
                 await broker.publish(Envelope(b"1", content_type="application/json"), exchange=exchange)
                 await wait_for(lambda: got == [1], 10)
-                await _hold_out(proxy, b)
+                await hold_out(proxy, b)
                 await broker.delete_queue(shared)
                 await broker.declare_queue(Queue(shared, durable=True, max_length=5))
-                await _let_in(proxy, b)
+                await let_in(proxy, b)
                 with pytest.raises(TopologyError):
                     await asyncio.wait_for(reading, 10)
             finally:

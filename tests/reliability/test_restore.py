@@ -27,18 +27,7 @@ from amqpkit import (
 )
 
 from ..waiting import wait_for
-from .proxy import FaultProxy
-
-
-async def _hold_out(proxy: FaultProxy, broker: Broker) -> None:
-    proxy.refusing = True
-    proxy.cut()
-    await wait_for(lambda: not broker.is_connected, 10)
-
-
-async def _let_in(proxy: FaultProxy, broker: Broker) -> None:
-    proxy.refusing = False
-    await broker.wait_connected(30)
+from .proxy import FaultProxy, hold_out, let_in
 
 
 async def test_vanished_foreign_queue_is_reported_and_the_rest_reconnects(
@@ -61,9 +50,9 @@ async def test_vanished_foreign_queue_is_reported_and_the_rest_reconnects(
     async with Broker(proxied) as b:
         foreign = await b.consume(Queue(theirs), nothing, declare=False, on_error=errors.append)
         mine = await b.consume(ours, ours_handler)
-        await _hold_out(proxy, b)
+        await hold_out(proxy, b)
         await broker.delete_queue(theirs)  # what a broker restart does to a transient queue
-        await _let_in(proxy, b)
+        await let_in(proxy, b)
 
         await wait_for(lambda: errors, 10)
         assert isinstance(errors[0], TopologyError)
@@ -106,10 +95,10 @@ async def test_queue_redeclared_with_other_arguments_is_reported(
         await b.declare(exchange, Binding(exchange, drifted, "drift"), Binding(exchange, plain, "plain"))
         await b.consume(drifted, nothing, on_error=errors.append)
         await b.consume(plain, plain_handler, on_error=other_errors.append)
-        await _hold_out(proxy, b)
+        await hold_out(proxy, b)
         await broker.delete_queue(drifted.name)
         await broker.declare_queue(Queue(drifted.name, max_length=5))  # someone else's idea of it
-        await _let_in(proxy, b)
+        await let_in(proxy, b)
 
         await wait_for(lambda: errors, 10)
         assert isinstance(errors[0], TopologyError)
@@ -128,10 +117,10 @@ async def test_topology_error_hook_hears_about_every_spec_not_restored(
     async with Broker(proxied) as b:
         b.on_topology_error(lambda spec, exc: failures.append((spec, exc)))
         await b.declare_exchange(drifted)
-        await _hold_out(proxy, b)
+        await hold_out(proxy, b)
         await broker.delete_exchange(drifted.name)
         await broker.declare_exchange(Exchange(drifted.name, type="topic", durable=False))
-        await _let_in(proxy, b)
+        await let_in(proxy, b)
         await wait_for(lambda: failures, 10)
         assert failures[0][0] == drifted
         # A spec that could not be restored is forgotten: the next reconnect does not try it again.
@@ -153,7 +142,7 @@ async def test_consume_while_reconnecting_attaches_once(
         await d.ack()
 
     async with Broker(proxied) as b:
-        await _hold_out(proxy, b)
+        await hold_out(proxy, b)
         # consume() waits for the reconnect; the reconnect attaches every registered consumer.
         pending = asyncio.ensure_future(b.consume(queue, nothing, declare=False))
         await asyncio.sleep(0)  # let it register (the thing under test is what happens next)
@@ -290,9 +279,9 @@ async def test_detached_consumers_are_listed_until_they_are_back(
         consumer = await b.consume(queue, nothing)
         assert b.consumers == (consumer,)
         assert b.detached_consumers() == []
-        await _hold_out(proxy, b)
+        await hold_out(proxy, b)
         assert b.detached_consumers() == [queue.name]
-        await _let_in(proxy, b)
+        await let_in(proxy, b)
         assert b.detached_consumers() == []
 
 
