@@ -157,6 +157,23 @@ async def hold_out(proxy: FaultProxy, broker: Any) -> None:
         await asyncio.sleep(0.01)
 
 
+async def bounce(proxy: FaultProxy, broker: Any, timeout: float = 30) -> None:
+    """Cut the client's connection and wait until it has reconnected.
+
+    Counted by ``broker.reconnects``, not by watching ``is_connected`` go false:
+    the first reconnect attempt is immediate, so the client can be back before
+    a poll ever sees it gone.
+    """
+    before = broker.reconnects
+    assert proxy.cut(), "the client had no connection through the proxy to cut"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while broker.reconnects == before:
+        assert loop.time() < deadline, f"the client did not reconnect within {timeout} s"
+        await asyncio.sleep(0.01)
+    await broker.wait_connected(timeout)
+
+
 async def let_in(proxy: FaultProxy, broker: Any) -> None:
     proxy.refusing = False
     await broker.wait_connected(30)

@@ -27,7 +27,7 @@ from amqpkit import (
 )
 
 from ..waiting import wait_for
-from .proxy import FaultProxy, hold_out, let_in
+from .proxy import FaultProxy, bounce, hold_out, let_in
 
 
 async def test_vanished_foreign_queue_is_reported_and_the_rest_reconnects(
@@ -63,9 +63,7 @@ async def test_vanished_foreign_queue_is_reported_and_the_rest_reconnects(
         await wait_for(lambda: got == [b"after"], 10)
         assert mine.attached.is_set() and not mine.cancelled
         # ... and keeps working through the next cut: the failed consumer is not retried.
-        proxy.cut()
-        await wait_for(lambda: not b.is_connected, 10)
-        await b.wait_connected(30)
+        await bounce(proxy, b)
         await b.publish(Envelope(b"again"), routing_key=ours.name, mandatory=True)
         # At least once: "after" comes again when its ack was still on the wire at the cut (RabbitMQ 4.x).
         await wait_for(lambda: got[-1:] == [b"again"], 10)
@@ -124,9 +122,7 @@ async def test_topology_error_hook_hears_about_every_spec_not_restored(
         await wait_for(lambda: failures, 10)
         assert failures[0][0] == drifted
         # A spec that could not be restored is forgotten: the next reconnect does not try it again.
-        proxy.cut()
-        await wait_for(lambda: not b.is_connected, 10)
-        await b.wait_connected(30)
+        await bounce(proxy, b)
         await b.publish(Envelope(b"ok"), routing_key="amq.nonexistent-is-fine", confirm=True)
         assert len(failures) == 1
 
