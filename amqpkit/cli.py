@@ -264,6 +264,17 @@ def worker(
     grace: Annotated[float, typer.Option("--grace", help="seconds running tasks get on SIGTERM")] = 30.0,
     events: Annotated[bool, typer.Option("--events", help="publish task status events on amqpkit.tasks")] = False,
     dedupe: Annotated[bool, typer.Option("--dedupe", help="skip tasks this process already completed")] = False,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            "--executor",
+            help="where a plain def handler runs: thread (default, --concurrency threads) or process "
+            "(a process pool, for CPU-bound work; the handler must be a module-level function)",
+        ),
+    ] = None,
+    pool_size: Annotated[
+        int | None, typer.Option("--pool-size", help="processes of --executor process (default: CPU count)")
+    ] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="log one JSON object per line")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="log everything, down to DEBUG, aiormq's records too")
@@ -281,12 +292,20 @@ def worker(
     from .runner import RunOptions
     from .service import RunningService, Service
 
+    if executor not in (None, "thread", "process"):
+        raise typer.BadParameter(f"expected thread or process, not {executor!r}", param_hint="--executor")
+    if pool_size is not None and executor != "process":
+        raise typer.BadParameter("only with --executor process", param_hint="--pool-size")
+    if pool_size is not None and pool_size < 1:
+        raise typer.BadParameter(f"must be at least 1, not {pool_size}", param_hint="--pool-size")
     configure_logging(json_lines=log_json, verbose=verbose)
     fn = _load_handler(handler)
     service = Service(f"worker-{queue}")
     service.worker(
         queue, concurrency=concurrency, retry=RetryPolicy(max_attempts=max_attempts, initial_delay=retry_delay),
         events=events, idempotency=MemoryIdempotencyStore() if dedupe else None,
+        executor="process" if executor == "process" else "thread" if executor == "thread" else None,
+        processes=pool_size,
     )(fn)  # fmt: skip
 
     def started(running: RunningService) -> None:

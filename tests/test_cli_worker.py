@@ -130,3 +130,22 @@ async def test_a_queue_refused_at_start_is_one_error_line_and_exit_1(amqp_url: s
     assert code == 1, err
     assert cli.err_lines == [cli.err_lines[-1]], err  # no traceback
     assert cli.err_lines[-1].startswith("error: ") and "PRECONDITION_FAILED" in cli.err_lines[-1], err
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--executor", "proc"], "expected thread or process, not 'proc'"),
+        (["--pool-size", "2"], "only with --executor process"),
+        (["--executor", "process", "--pool-size", "0"], "must be at least 1"),
+    ],
+)
+async def test_executor_flags_refuse_what_cannot_run(flags: list[str], said: str) -> None:
+    # Checked before anything connects: no broker is needed, and nothing is consumed.
+    cli = await CliProcess.start(
+        "worker", "tests.worker_app:handle", "--queue", "never-consumed", *flags,
+        env={"AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"},
+    )  # fmt: skip
+    code, err = await cli.wait_exit(timeout=60)
+    assert code == 2, err
+    assert said in " ".join(err.split()), err
