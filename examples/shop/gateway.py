@@ -1,0 +1,540 @@
+"""The API gateway: HTTP in front of the shop's services (an ASGI app, Starlette on uvicorn).
+
+Every route is a call to one or more services over AMQP: RPC where the
+caller needs the answer to respond (products, reviews, cart, order-write,
+the read side), and task status *events* for what happens after the
+response (the order-manager's work). What the gateway adds:
+
+- **authentication**: an API key in ``X-API-Key`` (missing: 401, unknown:
+  403); the keys and their users come from ``SHOP_API_KEYS``
+  (``key:user,key:user``), by default the README's two demo keys;
+- **rate limiting**: per key, ``SHOP_RATE_LIMIT`` requests per window
+  (``100/60``: 100 a minute); over it, 429 with ``Retry-After``;
+- **caching**: product reads for ``SHOP_CACHE_TTL`` seconds (10); the
+  response says ``"cached": true`` and ``X-Cache: hit``;
+- **aggregation**: ``GET /products/{id}`` asks products and reviews at once,
+  each with its own timeout; without reviews the answer is marked partial;
+- **error mapping**: no server for a queue (``NoResponder``) 503, no answer
+  in time (``RpcTimeout``) 504, the service refused the input
+  (``RemoteError`` of a ``ValueError``/``ValidationError``) 422, it failed
+  otherwise 502; always a JSON body, never a traceback;
+- **logs**: one line per request (method, path, status, duration, trace id).
+
+``python -m examples.shop gateway --port 8080`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from amqpkit import (
+    Broker,
+    BrokerSettings,
+    ConnectionLost,
+    NoResponder,
+    RemoteError,
+    RpcClient,
+    RpcError,
+    RpcTimeout,
+    Subscriber,
+    TaskEvent,
+)
+from amqpkit.patterns.work_queue import TASK_EVENTS_EXCHANGE
+
+from . import tracing
+from .common import (
+    CART_RPC,
+    HISTORY_RPC,
+    INVOICES_RPC,
+    ORDERS_RPC,
+    PLACE_ORDER_QUEUE,
+    PRODUCTS_RPC,
+    REVIEWS_RPC,
+    Cart,
+    CartAdd,
+    CartItem,
+    OrderAccepted,
+    PlaceOrder,
+    Product,
+    Review,
+)
+
+log = logging.getLogger("shop.gateway")
+
+DEMO_KEYS = "demo-key-ada:ada,demo-key-bob:bob"
+PUBLIC_PATHS = {"/healthz"}
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
+# ---------------------------------------------------------------------- the gateway's own state
+
+
+class RateLimiter:
+    """At most ``limit`` requests per ``window`` seconds per key (a sliding window of request times)."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._seen: dict[str, deque[float]] = {}
+
+    @classmethod
+    def from_text(cls, text: str) -> RateLimiter:
+        limit, _, window = text.partition("/")
+        return cls(int(limit), float(window or 60))
+
+    def check(self, key: str, now: float | None = None) -> float | None:
+        """None if the request may go; else the seconds until it may (for Retry-After)."""
+        now = time.monotonic() if now is None else now
+        times = self._seen.setdefault(key, deque())
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(times) >= self.limit:
+            return times[0] + self.window - now
+        times.append(now)
+        return None
+
+
+class TtlCache:
+    """Values kept for ``ttl`` seconds."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._items: dict[str, tuple[float, Any]] = {}
+
+    def get(self, key: str) -> Any | None:
+        found = self._items.get(key)
+        if found is None or found[0] < time.monotonic():
+            self._items.pop(key, None)
+            return None
+        return found[1]
+
+    def put(self, key: str, value: Any) -> None:
+        if self.ttl > 0:
+            self._items[key] = (time.monotonic() + self.ttl, value)
+
+
+RANK = {"pending": 0, "running": 1, "completed": 2, "failed": 2}
+
+
+@dataclass
+class TaskView:
+    task_id: str
+    user: str
+    status: str = "pending"
+    attempt: int = 1
+    error: str | None = None
+    history: list[str] = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "status": self.status, "attempt": self.attempt, "error": self.error,
+                "history": self.history}  # fmt: skip
+
+
+class Tasks:
+    """Order tasks placed through this gateway, kept up to date from their status events.
+
+    The work queue's statuses map onto the four the API shows: pending;
+    running (and retrying: running again soon); completed; failed (dead-lettered,
+    with the reason). A status never goes back: events from two processes
+    may arrive out of order.
+    """
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, TaskView] = {}
+        self.early: dict[str, list[TaskEvent]] = {}  # events that came before the RPC's answer
+
+    def placed(self, task_id: str, user: str) -> TaskView:
+        view = self.tasks.setdefault(task_id, TaskView(task_id, user))
+        for event in self.early.pop(task_id, []):
+            self.update(event)
+        return view
+
+    def update(self, event: TaskEvent) -> None:
+        view = self.tasks.get(event.task_id)
+        if view is None:
+            self.early.setdefault(event.task_id, []).append(event)
+            return
+        status = {"retrying": "running", "dead_lettered": "failed", "progress": "running"}.get(
+            event.status.value, event.status.value
+        )
+        if status not in RANK:
+            return
+        view.history.append(event.status.value)
+        if RANK[status] >= RANK[view.status] and view.status not in ("completed", "failed"):
+            view.status = status
+            view.attempt = event.attempt
+            view.error = event.error if status == "failed" else None
+
+
+@dataclass
+class Backend:
+    broker: Broker
+    products: RpcClient
+    reviews: RpcClient
+    cart: RpcClient
+    orders: RpcClient
+    invoices: RpcClient
+    history: RpcClient
+    tasks: Tasks
+    cache: TtlCache
+    limiter: RateLimiter
+    keys: dict[str, str]
+    timeout: float
+    reviews_timeout: float
+
+
+def backend(request: Request) -> Backend:
+    return request.app.state.backend  # type: ignore[no-any-return]
+
+
+def user_of(request: Request) -> str:
+    return request.state.user  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------- routes
+
+
+class AddToCart(BaseModel):
+    product_id: str
+    quantity: int = Field(default=1, ge=1, le=100)
+
+
+async def healthz(request: Request) -> Response:
+    ok = backend(request).broker.is_connected
+    return JSONResponse({"status": "ok" if ok else "not connected"}, status_code=200 if ok else 503)
+
+
+async def product_of(b: Backend, product_id: str) -> tuple[Product, bool]:
+    """The product (from the cache when it is there) and whether it came from the cache."""
+    cached = b.cache.get(f"product:{product_id}")
+    if cached is not None:
+        return cached, True
+    try:
+        product = await b.products.call("get", product_id, returns=Product, timeout=b.timeout)
+    except RemoteError as exc:
+        if exc.remote_type == "KeyError":
+            raise HTTPException(404, f"no product {product_id!r}") from None
+        raise
+    b.cache.put(f"product:{product_id}", product)
+    return product, False
+
+
+def cache_header(response: Response, hit: bool) -> Response:
+    response.headers["X-Cache"] = "hit" if hit else "miss"
+    return response
+
+
+async def list_products(request: Request) -> Response:
+    b = backend(request)
+    cached: list[Product] | None = b.cache.get("products")
+    hit = cached is not None
+    products = cached
+    if products is None:
+        products = await b.products.call("list", 100, returns=list[Product], timeout=b.timeout)
+        b.cache.put("products", products)
+    body = {"products": [p.model_dump() for p in products], "cached": hit}
+    return cache_header(JSONResponse(body), hit)
+
+
+async def get_product(request: Request) -> Response:
+    """The product and its reviews, asked at once; without reviews (down, late), a partial answer."""
+    b = backend(request)
+    product_id = request.path_params["product_id"]
+    reviews_call = asyncio.ensure_future(
+        b.reviews.call("for_product", product_id, returns=list[Review], timeout=b.reviews_timeout)
+    )
+    try:
+        product, hit = await product_of(b, product_id)
+    except BaseException:
+        reviews_call.cancel()
+        with contextlib.suppress(BaseException):
+            await reviews_call
+        raise
+    body: dict[str, Any] = {"product": product.model_dump(), "cached": hit, "partial": False}
+    try:
+        reviews: list[Review] = await reviews_call
+        body["reviews"] = [r.model_dump() for r in reviews]
+    except (RpcError, ConnectionLost) as exc:
+        body.update(partial=True, reviews=None, missing={"reviews": _reason(exc)})
+    return cache_header(JSONResponse(body), hit)
+
+
+async def add_to_cart(request: Request) -> Response:
+    b = backend(request)
+    try:
+        wanted = AddToCart.model_validate(await request.json())
+    except (ValueError, ValidationError) as exc:
+        raise HTTPException(422, _validation_text(exc)) from None
+    product, _ = await product_of(b, wanted.product_id)
+    item = CartItem(product_id=product.id, name=product.name, price=product.price, quantity=wanted.quantity)
+    cart = await b.cart.call("add", CartAdd(user=user_of(request), item=item), returns=Cart, timeout=b.timeout)
+    return JSONResponse(cart.model_dump())
+
+
+async def get_cart(request: Request) -> Response:
+    b = backend(request)
+    cart = await b.cart.call("get", user_of(request), returns=Cart, timeout=b.timeout)
+    return JSONResponse(cart.model_dump())
+
+
+async def place_order(request: Request) -> Response:
+    """202: the order is accepted; its task says how it goes (``GET /tasks/{id}``)."""
+    b = backend(request)
+    user = user_of(request)
+    cart = await b.cart.call("get", user, returns=Cart, timeout=b.timeout)
+    if not cart.items:
+        raise HTTPException(422, "the cart is empty")
+    order_id = f"o-{uuid.uuid4().hex[:12]}"
+    command = PlaceOrder(order_id=order_id, user=user, items=cart.items)
+    accepted = await b.orders.call("place", command, returns=OrderAccepted, timeout=b.timeout)
+    b.tasks.placed(accepted.task_id, user)
+    await b.cart.call("clear", user, returns=Cart, timeout=b.timeout)
+    body = {"order_id": order_id, "task_id": accepted.task_id, "status_url": f"/tasks/{accepted.task_id}",
+            "order_url": f"/orders/{order_id}"}  # fmt: skip
+    return JSONResponse(body, status_code=202, headers={"Location": f"/tasks/{accepted.task_id}"})
+
+
+def task_of(request: Request, task_id: str) -> TaskView | None:
+    view = backend(request).tasks.tasks.get(task_id)
+    return view if view is not None and view.user == user_of(request) else None
+
+
+async def get_task(request: Request) -> Response:
+    view = task_of(request, request.path_params["task_id"])
+    if view is None:
+        raise HTTPException(404, "no such task")
+    return JSONResponse(view.public())
+
+
+async def get_order(request: Request) -> Response:
+    """The order as order-write stored it, its invoice once there is one, and its task."""
+    b = backend(request)
+    order_id = request.path_params["order_id"]
+    order, invoice = await asyncio.gather(
+        b.orders.call("status", order_id, timeout=b.timeout), b.invoices.call("for_order", order_id, timeout=b.timeout)
+    )
+    view = task_of(request, order_id)
+    if order is not None and order["user"] != user_of(request):
+        order, invoice = None, None
+    if order is None and view is None:
+        raise HTTPException(404, "no such order")
+    return JSONResponse({"order": order, "invoice": invoice, "task": view.public() if view else None})
+
+
+async def list_orders(request: Request) -> Response:
+    """The caller's orders, from the read side."""
+    b = backend(request)
+    entries = await b.history.call("orders_of", user_of(request), timeout=b.timeout)
+    return JSONResponse({"orders": entries})
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, NoResponder):
+        return "no server is running"
+    if isinstance(exc, RpcTimeout):
+        return "no answer in time"
+    if isinstance(exc, RemoteError):
+        return f"{exc.remote_type}: {exc.remote_message}"
+    return type(exc).__name__
+
+
+def _validation_text(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+    return "the body is not JSON"
+
+
+def error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "code": code, "message": message}}, status_code=status,
+                        headers=headers or None)  # fmt: skip
+
+
+REFUSED_INPUT = {"ValueError", "ValidationError", "DecodeError", "TypeError"}
+
+
+async def on_rpc_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, NoResponder):
+        return error(503, "service_unavailable", f"no server answers on {_queue_of(exc)}")
+    if isinstance(exc, RpcTimeout):
+        return error(504, "service_timeout", "a service did not answer in time")
+    if isinstance(exc, RemoteError):
+        if exc.remote_type in REFUSED_INPUT:
+            return error(422, "rejected", exc.remote_message)
+        log.warning("a service failed: %s: %s", exc.remote_type, exc.remote_message)
+        return error(502, "service_failed", "a service failed")
+    return error(503, "service_unavailable", "the broker connection was lost")
+
+
+def _queue_of(exc: BaseException) -> str:
+    text = str(exc)
+    for queue in (PRODUCTS_RPC, REVIEWS_RPC, CART_RPC, ORDERS_RPC, INVOICES_RPC, HISTORY_RPC):
+        if queue.name in text:
+            return queue.name
+    return "a request queue"
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {401: "unauthenticated", 403: "forbidden", 404: "not_found", 422: "invalid", 405: "method_not_allowed"}
+    return error(exc.status_code, codes.get(exc.status_code, "error"), str(exc.detail))
+
+
+async def on_any_error(request: Request, exc: Exception) -> Response:
+    log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return error(500, "internal", "internal error")
+
+
+# ---------------------------------------------------------------------- middleware
+
+
+class Gatekeeper(BaseHTTPMiddleware):
+    """The request's log line and trace span; then the API key and the rate limit."""
+
+    async def dispatch(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        with tracing.server_span(f"{request.method} {request.url.path}") as trace_id:
+            response = await self._checked(request, call_next)
+        response.headers["X-Trace-Id"] = trace_id
+        log.info(
+            "%s %s %d %.1f ms trace_id=%s", request.method, request.url.path, response.status_code,
+            (time.perf_counter() - started) * 1000, trace_id,
+        )  # fmt: skip
+        return response
+
+    async def _checked(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path in PUBLIC_PATHS or request.method == "OPTIONS":
+            return await call_next(request)
+        b = backend(request)
+        key = request.headers.get("x-api-key")
+        if not key:
+            return error(401, "unauthenticated", "an API key is needed (header X-API-Key)")
+        user = b.keys.get(key)
+        if user is None:
+            return error(403, "forbidden", "unknown API key")
+        wait = b.limiter.check(key)
+        if wait is not None:
+            return error(
+                429, "rate_limited", f"more than {b.limiter.limit} requests in {b.limiter.window:g} s",
+                **{"Retry-After": str(max(1, math.ceil(wait)))},
+            )  # fmt: skip
+        request.state.user = user
+        return await call_next(request)
+
+
+# ---------------------------------------------------------------------- the app
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    broker = Broker(BrokerSettings.from_env())
+    await broker.connect()
+    tasks = Tasks()
+
+    async def on_task_event(event: TaskEvent) -> None:
+        tasks.update(event)
+
+    keys = dict(pair.split(":", 1) for pair in (os.environ.get("SHOP_API_KEYS") or DEMO_KEYS).split(",") if pair)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            queues = {"products": PRODUCTS_RPC, "reviews": REVIEWS_RPC, "cart": CART_RPC, "orders": ORDERS_RPC,
+                      "invoices": INVOICES_RPC, "history": HISTORY_RPC}  # fmt: skip
+            clients = {name: await stack.enter_async_context(RpcClient(broker, q.name)) for name, q in queues.items()}
+            await stack.enter_async_context(
+                Subscriber(broker, TASK_EVENTS_EXCHANGE, on_task_event, binding_keys=[f"{PLACE_ORDER_QUEUE}.*"])
+            )
+            app.state.backend = Backend(
+                broker, **clients, tasks=tasks, cache=TtlCache(_env_float("SHOP_CACHE_TTL", 10)),
+                limiter=RateLimiter.from_text(os.environ.get("SHOP_RATE_LIMIT") or "100/60"), keys=keys,
+                timeout=_env_float("SHOP_RPC_TIMEOUT", 5), reviews_timeout=_env_float("SHOP_REVIEWS_TIMEOUT", 1),
+            )  # fmt: skip
+            log.info(
+                "gateway ready: %d API keys, rate limit %s", len(keys), os.environ.get("SHOP_RATE_LIMIT") or "100/60"
+            )
+            yield
+    finally:
+        await broker.close()
+
+
+def make_app() -> Starlette:
+    tracing.setup_tracing("gateway")
+    origins = [o for o in (os.environ.get("SHOP_CORS_ORIGINS") or "http://localhost:3000").split(",") if o]
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/products", list_products),
+            Route("/products/{product_id}", get_product),
+            Route("/cart/add", add_to_cart, methods=["POST"]),
+            Route("/cart", get_cart),
+            Route("/order/place", place_order, methods=["POST"]),
+            Route("/tasks/{task_id}", get_task),
+            Route("/orders", list_orders),
+            Route("/orders/{order_id}", get_order),
+        ],
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["X-API-Key", "Content-Type"],
+                expose_headers=["X-Cache", "X-Trace-Id", "Retry-After"],
+            ),
+            Middleware(Gatekeeper),
+        ],
+        exception_handlers={
+            RpcError: on_rpc_error,
+            ConnectionLost: on_rpc_error,
+            HTTPException: on_http_error,
+            Exception: on_any_error,
+        },
+        lifespan=lifespan,
+    )
+
+
+app = make_app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m examples.shop gateway [--host H] [--port P] [--ssl-certfile F --ssl-keyfile F]``."""
+    import uvicorn
+
+    from amqpkit.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="python -m examples.shop gateway", description="the shop's HTTP gateway")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (else: TLS ends at a proxy)")
+    parser.add_argument("--ssl-keyfile")
+    args = parser.parse_args(argv)
+    configure_logging()
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="warning", access_log=False,
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+    )  # fmt: skip
+    return 0

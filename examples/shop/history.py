@@ -1,0 +1,181 @@
+"""The order-history service: the read side (CQRS), built from events only.
+
+- A subscriber on ``shop.events`` (``order.created``, ``invoice.created``;
+  queue ``shop.history.events``) applies each event to the read model, a table in
+  ``history.db``, through the inbox: an event delivered twice (a relay that
+  sent it again, a redelivery) is applied once.
+- RPC on ``shop.history``: ``orders_of`` (a user's orders, newest first),
+  ``entry`` (one order) and ``stats`` (events applied and duplicates
+  absorbed by this process).
+- ``python -m examples.shop rebuild`` (with this service stopped) drops the
+  read model and replays the event log, the ``shop.events.log`` stream,
+  from its first offset over AMQP 0-9-1 (``x-stream-offset: first``), through
+  the same code: the model comes back the same.
+
+The read model never asks the write side: everything in it came in an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from amqpkit import Broker, BrokerSettings, Delivery, Envelope
+from amqpkit.outbox import Inbox, SqliteStore, open_store
+from amqpkit.service import Service, ServiceContext
+
+from .common import (
+    EVENT_LOG,
+    EVENTS,
+    HISTORY_RPC,
+    INVOICE_CREATED,
+    ORDER_CREATED,
+    HistoryEntry,
+    HistoryStats,
+    declare_event_log,
+    sqlite_url,
+)
+from .tracing import setup_tracing
+
+log = logging.getLogger("shop.history")
+
+service = Service("history", version="1.0.0", description="The read side: each user's orders, from events.")
+setup_tracing(service.name)
+
+CONSUMER = "history"
+COLUMNS = "order_id, user, total, items, created_at, invoice, invoiced_at, events"
+
+
+@dataclass
+class HistoryDb:
+    store: SqliteStore
+    inbox: Inbox
+
+
+async def open_history() -> SqliteStore:
+    store = await open_store(sqlite_url("history"))
+    assert isinstance(store, SqliteStore)
+    async with store.transaction() as tx:
+        await tx.execute(
+            "CREATE TABLE IF NOT EXISTS history (order_id TEXT PRIMARY KEY, user TEXT NOT NULL, total REAL NOT NULL,"
+            " items INTEGER NOT NULL, created_at TEXT, invoice TEXT, invoiced_at TEXT, events INTEGER NOT NULL)"
+        )
+    return store
+
+
+async def apply(delivery: Delivery[Any], tx: Any) -> None:
+    """Apply one event to the read model, inside the inbox's transaction. Order of arrival does not matter."""
+    event = json.loads(delivery.body)
+    if delivery.routing_key == ORDER_CREATED:
+        await tx.execute(
+            "INSERT INTO history (order_id, user, total, items, created_at, events) VALUES (?, ?, ?, ?, ?, 1)"
+            " ON CONFLICT (order_id) DO UPDATE SET user = excluded.user, total = excluded.total,"
+            " items = excluded.items, created_at = excluded.created_at, events = events + 1",
+            (event["order_id"], event["user"], event["total"], event["items"], event["created_at"]),
+        )
+    elif delivery.routing_key == INVOICE_CREATED:
+        await tx.execute(
+            "INSERT INTO history (order_id, user, total, items, invoice, invoiced_at, events)"
+            " VALUES (?, ?, ?, 0, ?, ?, 1)"
+            " ON CONFLICT (order_id) DO UPDATE SET invoice = excluded.invoice, invoiced_at = excluded.invoiced_at,"
+            " events = events + 1",
+            (event["order_id"], event["user"], event["total"], event["number"], event["created_at"]),
+        )
+
+
+@service.resource
+async def database(ctx: ServiceContext) -> AsyncIterator[HistoryDb]:
+    store = await open_history()
+    await declare_event_log(ctx.broker)
+    try:
+        async with Inbox(store, CONSUMER) as inbox:
+            yield HistoryDb(store, inbox)
+    finally:
+        await store.close()
+
+
+@service.subscriber(EVENTS, binding_keys=[ORDER_CREATED, INVOICE_CREATED], queue="shop.history.events")
+async def on_event(event: Delivery[bytes], db: HistoryDb) -> None:
+    """An order or invoice event: into the read model, once."""
+    await db.inbox.process(event, apply)
+
+
+async def read(store: SqliteStore, where: str = "", args: tuple[Any, ...] = ()) -> list[HistoryEntry]:
+    async with store.transaction() as tx:
+        cursor = await tx.execute(f"SELECT {COLUMNS} FROM history {where} ORDER BY created_at DESC, order_id", args)  # noqa: S608
+        rows = await cursor.fetchall()
+    names = COLUMNS.split(", ")
+    return [HistoryEntry.model_validate(dict(zip(names, row, strict=True))) for row in rows]
+
+
+@service.rpc(HISTORY_RPC)
+async def orders_of(user: str, db: HistoryDb) -> list[HistoryEntry]:
+    """A user's orders, newest first."""
+    return await read(db.store, "WHERE user = ?", (user,))
+
+
+@service.rpc(HISTORY_RPC)
+async def entry(order_id: str, db: HistoryDb) -> HistoryEntry | None:
+    """One order, or null if no event about it arrived yet."""
+    found = await read(db.store, "WHERE order_id = ?", (order_id,))
+    return found[0] if found else None
+
+
+@service.rpc(HISTORY_RPC)
+async def stats(_: int, db: HistoryDb) -> HistoryStats:
+    """Events applied and duplicates absorbed by this process's inbox since it started."""
+    return HistoryStats(applied=db.inbox.processed, duplicates=db.inbox.duplicates)
+
+
+# ---------------------------------------------------------------------- replay
+
+
+async def rebuild(broker: Broker, store: SqliteStore, *, timeout: float = 60.0) -> int:
+    """Drop the read model and replay the event log from its first offset; how many events were applied.
+
+    The end of the log is found with a marker: a message of our own, sent to
+    the log just before reading (it is the last message when the reading
+    starts, so everything before it is replayed). Markers are not events; the
+    model ignores them.
+    """
+    async with store.transaction() as tx:
+        await tx.execute("DELETE FROM history")
+        await tx.execute(f"DELETE FROM {store.inbox_table} WHERE consumer = ?", (CONSUMER,))  # noqa: S608
+    await declare_event_log(broker)
+    marker = f"replay-marker-{uuid.uuid4().hex}"
+    await broker.publish(Envelope(b"{}", content_type="application/json", message_id=marker), exchange=EVENTS.name,
+                         routing_key="replay.marker", mandatory=True)  # fmt: skip
+    inbox = Inbox(store, CONSUMER)
+    done = asyncio.Event()
+
+    async def on_entry(delivery: Delivery[bytes]) -> None:
+        if delivery.message_id == marker:
+            done.set()
+        elif delivery.routing_key in (ORDER_CREATED, INVOICE_CREATED) and not done.is_set():
+            await inbox.process(delivery, apply)
+        await delivery.ack()
+
+    consumer = await broker.consume(EVENT_LOG, on_entry, prefetch=100, arguments={"x-stream-offset": "first"})
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    finally:
+        await consumer.cancel()
+    return inbox.processed + inbox.duplicates
+
+
+async def rebuild_main() -> int:
+    """``python -m examples.shop rebuild``: the read model from the log; prints what it did."""
+    store = await open_history()
+    try:
+        async with Broker(BrokerSettings.from_env()) as broker:
+            applied = await rebuild(broker, store)
+        entries = await read(store)
+    finally:
+        await store.close()
+    print(f"replayed {applied} events from {EVENT_LOG.name}: {len(entries)} orders in the read model")
+    return 0
