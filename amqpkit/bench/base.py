@@ -65,6 +65,7 @@ class ServerOptions:
     role: str = ""
     next_endpoint: str = ""
     deadline: float = 30.0
+    task_cpu_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

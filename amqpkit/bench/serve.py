@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--stall-after", type=int, default=0)
     parser.add_argument("--service-ms", type=float, default=0.0)
     parser.add_argument("--deadline", type=float, default=30.0)
+    parser.add_argument("--task-cpu-ms", type=float, default=0.0, help="a work-queue task's CPU work, ms")
     parser.add_argument("--role", default="", help="a chain's service: b, c or d")
     parser.add_argument("--next", default="", help="host:port of the next service of an HTTP chain")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
@@ -86,6 +87,7 @@ def main() -> None:
         role=args.role,
         next_endpoint=args.next,
         deadline=args.deadline,
+        task_cpu_ms=args.task_cpu_ms,
     )
     if args.progress_fd is not None:
         os.set_blocking(args.progress_fd, False)

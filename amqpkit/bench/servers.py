@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import time
+from collections.abc import Callable
 from typing import Any
 
 import aiormq
@@ -11,7 +15,8 @@ from pamqp.commands import Basic
 
 from ..codec import BytesCodec
 from ..connection import Broker
-from ..message import Delivery
+from ..executors import ExecutorKind, ProcessRunner
+from ..message import Delivery, Settlement
 from ..patterns.pubsub import Subscriber
 from ..patterns.rpc import RpcServer
 from ..patterns.work_queue import Worker, WorkQueue
@@ -21,7 +26,8 @@ from .base import ServerSide
 
 __all__ = [
     "AiopikaConsumer", "AiopikaRpcServer", "AmqpkitConfirmedConsumer", "AmqpkitOnewayConsumer", "AmqpkitRpcServer",
-    "AmqpkitWorkQueueWorker", "RawOnewayConsumer", "RawRpcServer",
+    "AmqpkitWorkQueueWorker", "ProcessWorkQueueWorker", "RawOnewayConsumer", "RawRpcServer", "SyncWorkQueueWorker",
+    "spin", "task",
 ]  # fmt: skip
 
 
@@ -145,20 +151,74 @@ class AiopikaRpcServer(ServerSide):
         await self.conn.close()
 
 
+def spin(milliseconds: float) -> None:
+    """Busy CPU work: ``milliseconds`` of this thread's own CPU time (time spent waiting for a core is not counted)."""
+    if milliseconds <= 0:
+        return
+    end = time.thread_time() + milliseconds / 1000
+    while time.thread_time() < end:
+        pass
+
+
+def task(body: bytes, *, cpu_ms: float = 0.0, wait_ms: float = 0.0) -> None:
+    """The work-queue task as a plain ``def``: ``cpu_ms`` of CPU, then ``wait_ms`` blocked (a database call).
+
+    Module-level, so that a process pool can import it by name (``executor="process"``).
+    """
+    spin(cpu_ms)
+    if wait_ms > 0:
+        time.sleep(wait_ms / 1000)
+
+
+class _MeasuredWorker(Worker[bytes]):
+    """A Worker that tells the bench of every task it completed, after the handler returned and the ack went out.
+
+    The same point for every handler variant: an ``async def``'s, a thread's and a process's return
+    all come back to the worker's own task on the event loop, which acks and counts.
+    """
+
+    side: ServerSide
+
+    async def _on_task(self, raw: Delivery[bytes]) -> None:
+        await super()._on_task(raw)
+        if raw.settled is Settlement.ACKED:
+            self.side.observe(raw.headers)
+
+
 class AmqpkitWorkQueueWorker(ServerSide):
-    """One worker process of the work queue (``--workers`` starts several)."""
+    """One worker process of the work queue (``--workers`` starts several), its handler an ``async def``.
+
+    The handler spends ``task_cpu_ms`` of CPU on the event loop, then waits ``service_ms`` (awaited).
+    """
+
+    executor: ExecutorKind | None = None
+
+    def handler(self) -> Callable[..., Any]:
+        cpu_ms = self.options.task_cpu_ms
+
+        async def handler(delivery: Delivery[bytes]) -> None:
+            spin(cpu_ms)
+            await self.work()
+
+        return handler
 
     async def start(self) -> None:
         self.broker = Broker(BrokerSettings(url=self.options.url))
         await self.broker.connect()
         self.work_queue: WorkQueue[bytes] = WorkQueue(self.broker, self.options.queue, BytesCodec())
-
-        async def handler(delivery: Delivery[bytes]) -> None:
-            await self.work()
-            self.observe(delivery.headers)
-
-        self.worker: Worker[bytes] = Worker(self.work_queue, handler, concurrency=self.options.prefetch)
+        self.worker = _MeasuredWorker(
+            self.work_queue, self.handler(), concurrency=self.options.prefetch, executor=self.executor
+        )
+        self.worker.side = self
         await self.worker.start()
+        await self.warm()
+
+    async def warm(self) -> None:
+        """Start every pool process now (each imports the handler's module), not during the first measured run."""
+        runner = self.worker._handler.runner
+        if isinstance(runner, ProcessRunner):
+            futures = await asyncio.gather(*(runner.submit(task, b"", {}) for _ in range(runner.processes)))
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
 
     async def stop(self) -> None:
         await self.worker.stop(grace=5)
@@ -166,6 +226,22 @@ class AmqpkitWorkQueueWorker(ServerSide):
             with contextlib.suppress(Exception):  # another worker process may have deleted it
                 await self.broker.delete_queue(name)
         await self.broker.close()
+
+
+class SyncWorkQueueWorker(AmqpkitWorkQueueWorker):
+    """The same work queue, its handler a plain ``def``: it runs in the worker's thread pool (one per task in flight).
+
+    ``service_ms`` is a blocking wait in the thread.
+    """
+
+    def handler(self) -> Callable[..., Any]:
+        return functools.partial(task, cpu_ms=self.options.task_cpu_ms, wait_ms=self.options.service_ms)
+
+
+class ProcessWorkQueueWorker(SyncWorkQueueWorker):
+    """The same ``def``, with ``executor="process"``: a pool of one process per CPU (amqpkit's default)."""
+
+    executor = "process"
 
 
 class AiopikaConsumer(ServerSide):

@@ -170,6 +170,7 @@ class RemoteSide(Side):
             "--prefetch", str(o.prefetch), "--queue-type", o.queue_type,
             "--stall-ms", str(o.stall_ms), "--stall-after", str(o.stall_after),
             "--service-ms", str(o.service_ms), "--deadline", str(o.deadline), "--loop", self.loop,
+            "--task-cpu-ms", str(o.task_cpu_ms),
         ]  # fmt: skip
         # The URL holds the password: it goes in the environment, which only this user can read,
         # never on the command line, which `ps` shows to everyone.
