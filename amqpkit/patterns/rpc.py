@@ -523,6 +523,7 @@ class RpcClient:
             raise RpcTimeout(f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s") from None
         finally:
             self._pending.pop(cid, None)
+            _settle_unread(future)
         reply_type = reply.content_type
         if reply_type == "application/octet-stream" and returns is bytes:
             return reply.body  # the common bytes reply, without parsing its content type
@@ -560,6 +561,7 @@ class RpcClient:
             )
             self._tasks.add(publishing)  # held until done: a task nobody references may be collected mid-flight
             publishing.add_done_callback(self._tasks.discard)
+            publishing.add_done_callback(_settle_unread)  # abandoned below: its error, if any, is read there
             try:
                 await asyncio.wait({publishing, future}, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -567,8 +569,8 @@ class RpcClient:
                 # request: it must not be published again after a reconnect, for nobody.
                 if not publishing.done():
                     publishing.cancel()
-            if publishing.cancelled():
-                return
+            if not publishing.done() or publishing.cancelled():
+                return  # the call's future has its outcome (a cancelled task is done only once it ran)
             try:
                 publishing.result()
             except Unroutable as exc:
@@ -576,6 +578,8 @@ class RpcClient:
             return
         if not self.broker.is_connected:
             await self.broker.wait_connected()
+            if future.done():
+                return  # failed while it waited (the connection it was started on is gone): nothing to send
         channel = self._channel
         if channel is None or channel.is_closed:
             channel = await self._direct_channel()
@@ -617,6 +621,19 @@ class RpcClient:
             with attempt:
                 return await self.call(method, payload, returns=returns, timeout=timeout)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _settle_unread(future: asyncio.Future[Any]) -> None:
+    """Read the outcome of a call's future (or of its abandoned publish) that the call itself did not await.
+
+    A disconnect fails every pending call's future, while the call may be
+    ending another way (its deadline, a failed send): the error is known, and
+    asyncio must not report it as never retrieved.
+    """
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()
 
 
 def _stamp_budget(properties: Basic.Properties, deadline: float) -> None:
