@@ -1,8 +1,8 @@
 """``python -m examples.shop trace ORDER_ID``: the trace of an order, from the spans the processes exported.
 
 Reads every ``*.jsonl`` in ``SHOP_TRACES`` (see :mod:`examples.shop.tracing`),
-finds the trace whose spans mention the order (its id is the task's message
-id and the events' ids carry it), and prints it as a tree: start offset,
+finds the trace in which the order's task was sent (the task's message id is
+the order id), and prints it as a tree: start offset,
 duration, kind, name and the process that made the span.
 """
 
@@ -25,8 +25,16 @@ def load(folder: Path) -> list[dict[str, Any]]:
 
 
 def trace_of(spans: list[dict[str, Any]], order_id: str) -> list[dict[str, Any]]:
-    """Every span of the trace that carries ``order_id`` in a message id (the task, the events)."""
-    traces = {s["trace_id"] for s in spans if order_id in str(s["attributes"].get("messaging.message.id", ""))}
+    """Every span of the trace in which the order's task was sent (its message id is the order id).
+
+    Other traces may mention the order too (a replay of the event log, an
+    event sent again by hand): they start elsewhere and are left out.
+    """
+    traces = {
+        s["trace_id"]
+        for s in spans
+        if s["kind"] == "PRODUCER" and s["attributes"].get("messaging.message.id") == order_id
+    }
     return [s for s in spans if s["trace_id"] in traces]
 
 

@@ -7,9 +7,10 @@ response (the order-manager's work). What the gateway adds:
 
 - **authentication**: an API key in ``X-API-Key`` (missing: 401, unknown:
   403); the keys and their users come from ``SHOP_API_KEYS``
-  (``key:user,key:user``), by default the README's two demo keys;
+  (``key:user,key:user:limit/window``), by default the README's demo keys;
 - **rate limiting**: per key, ``SHOP_RATE_LIMIT`` requests per window
-  (``100/60``: 100 a minute); over it, 429 with ``Retry-After``;
+  (``100/60``: 100 a minute), or the key's own limit; over it, 429 with
+  ``Retry-After``;
 - **caching**: product reads for ``SHOP_CACHE_TTL`` seconds (10); the
   response says ``"cached": true`` and ``X-Cache: hit``;
 - **aggregation**: ``GET /products/{id}`` asks products and reviews at once,
@@ -82,7 +83,7 @@ from .common import (
 
 log = logging.getLogger("shop.gateway")
 
-DEMO_KEYS = "demo-key-ada:ada,demo-key-bob:bob"
+DEMO_KEYS = "demo-key-ada:ada,demo-key-bob:bob,demo-key-cy:cy:5/60"  # cy: a low limit, to see a 429
 PUBLIC_PATHS = {"/healthz"}
 
 
@@ -201,8 +202,7 @@ class Backend:
     history: RpcClient
     tasks: Tasks
     cache: TtlCache
-    limiter: RateLimiter
-    keys: dict[str, str]
+    keys: dict[str, tuple[str, RateLimiter]]  # API key -> user, and the key's rate limit
     timeout: float
     reviews_timeout: float
 
@@ -435,13 +435,14 @@ class Gatekeeper(BaseHTTPMiddleware):
         key = request.headers.get("x-api-key")
         if not key:
             return error(401, "unauthenticated", "an API key is needed (header X-API-Key)")
-        user = b.keys.get(key)
-        if user is None:
+        known = b.keys.get(key)
+        if known is None:
             return error(403, "forbidden", "unknown API key")
-        wait = b.limiter.check(key)
+        user, limiter = known
+        wait = limiter.check(key)
         if wait is not None:
             return error(
-                429, "rate_limited", f"more than {b.limiter.limit} requests in {b.limiter.window:g} s",
+                429, "rate_limited", f"more than {limiter.limit} requests in {limiter.window:g} s",
                 **{"Retry-After": str(max(1, math.ceil(wait)))},
             )  # fmt: skip
         request.state.user = user
@@ -449,6 +450,17 @@ class Gatekeeper(BaseHTTPMiddleware):
 
 
 # ---------------------------------------------------------------------- the app
+
+
+def parse_keys(text: str, default_limit: str) -> dict[str, tuple[str, RateLimiter]]:
+    """``key:user[:limit/window],...`` -> {key: (user, its limiter)}."""
+    keys: dict[str, tuple[str, RateLimiter]] = {}
+    for entry in text.split(","):
+        key, _, rest = entry.strip().partition(":")
+        user, _, limit = rest.partition(":")
+        if key and user:
+            keys[key] = (user, RateLimiter.from_text(limit or default_limit))
+    return keys
 
 
 @contextlib.asynccontextmanager
@@ -460,7 +472,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     async def on_task_event(event: TaskEvent) -> None:
         tasks.update(event)
 
-    keys = dict(pair.split(":", 1) for pair in (os.environ.get("SHOP_API_KEYS") or DEMO_KEYS).split(",") if pair)
+    keys = parse_keys(os.environ.get("SHOP_API_KEYS") or DEMO_KEYS, os.environ.get("SHOP_RATE_LIMIT") or "100/60")
     try:
         async with contextlib.AsyncExitStack() as stack:
             queues = {"products": PRODUCTS_RPC, "reviews": REVIEWS_RPC, "cart": CART_RPC, "orders": ORDERS_RPC,
@@ -471,12 +483,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             )
             app.state.backend = Backend(
                 broker, **clients, tasks=tasks, cache=TtlCache(_env_float("SHOP_CACHE_TTL", 10)),
-                limiter=RateLimiter.from_text(os.environ.get("SHOP_RATE_LIMIT") or "100/60"), keys=keys,
+                keys=keys,
                 timeout=_env_float("SHOP_RPC_TIMEOUT", 5), reviews_timeout=_env_float("SHOP_REVIEWS_TIMEOUT", 1),
             )  # fmt: skip
-            log.info(
-                "gateway ready: %d API keys, rate limit %s", len(keys), os.environ.get("SHOP_RATE_LIMIT") or "100/60"
-            )
+            log.info("gateway ready: %d API keys", len(keys))
             yield
     finally:
         await broker.close()

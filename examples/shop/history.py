@@ -135,8 +135,8 @@ async def stats(_: int, db: HistoryDb) -> HistoryStats:
 # ---------------------------------------------------------------------- replay
 
 
-async def rebuild(broker: Broker, store: SqliteStore, *, timeout: float = 60.0) -> int:
-    """Drop the read model and replay the event log from its first offset; how many events were applied.
+async def rebuild(broker: Broker, store: SqliteStore, *, timeout: float = 60.0) -> tuple[int, int]:
+    """Drop the read model and replay the event log from its first offset; (events applied, duplicates skipped).
 
     The end of the log is found with a marker: a message of our own, sent to
     the log just before reading (it is the last message when the reading
@@ -151,21 +151,28 @@ async def rebuild(broker: Broker, store: SqliteStore, *, timeout: float = 60.0) 
     await broker.publish(Envelope(b"{}", content_type="application/json", message_id=marker), exchange=EVENTS.name,
                          routing_key="replay.marker", mandatory=True)  # fmt: skip
     inbox = Inbox(store, CONSUMER)
-    done = asyncio.Event()
+    # The broker's consumer runs each delivery in a task of its own; the log is applied in its order, one by one.
+    entries: asyncio.Queue[Delivery[bytes]] = asyncio.Queue()
 
-    async def on_entry(delivery: Delivery[bytes]) -> None:
-        if delivery.message_id == marker:
-            done.set()
-        elif delivery.routing_key in (ORDER_CREATED, INVOICE_CREATED) and not done.is_set():
-            await inbox.process(delivery, apply)
-        await delivery.ack()
+    async def take(delivery: Delivery[bytes]) -> None:
+        await entries.put(delivery)
 
-    consumer = await broker.consume(EVENT_LOG, on_entry, prefetch=100, arguments={"x-stream-offset": "first"})
+    async def replay() -> None:
+        while True:
+            delivery = await entries.get()
+            if delivery.message_id == marker:
+                await delivery.ack()
+                return
+            if delivery.routing_key in (ORDER_CREATED, INVOICE_CREATED):
+                await inbox.process(delivery, apply)
+            await delivery.ack()
+
+    consumer = await broker.consume(EVENT_LOG, take, prefetch=100, arguments={"x-stream-offset": "first"})
     try:
-        await asyncio.wait_for(done.wait(), timeout)
+        await asyncio.wait_for(replay(), timeout)
     finally:
         await consumer.cancel()
-    return inbox.processed + inbox.duplicates
+    return inbox.processed, inbox.duplicates
 
 
 async def rebuild_main() -> int:
@@ -173,9 +180,12 @@ async def rebuild_main() -> int:
     store = await open_history()
     try:
         async with Broker(BrokerSettings.from_env()) as broker:
-            applied = await rebuild(broker, store)
+            applied, duplicates = await rebuild(broker, store)
         entries = await read(store)
     finally:
         await store.close()
-    print(f"replayed {applied} events from {EVENT_LOG.name}: {len(entries)} orders in the read model")
+    print(
+        f"replayed {EVENT_LOG.name} from its first offset: {applied} events applied, {duplicates} duplicates "
+        f"skipped; {len(entries)} orders in the read model"
+    )
     return 0

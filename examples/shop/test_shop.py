@@ -1,0 +1,211 @@
+"""The shop end to end: real processes, the real broker (the plugin's vhost for this test), HTTP from outside.
+
+Every service runs as ``amqpkit run examples.shop.<name>:service`` and the
+gateway under uvicorn, started by the example's own launcher, in process
+groups of their own; leaving the ``with`` block, however it is left (a
+failed assert, pytest-timeout's signal), ends every one of them. The SQLite
+files and each process's log go to ``tmp_path``; a failure prints the logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from amqpkit import Broker, Envelope, RpcClient
+from examples.shop.common import EVENTS, HISTORY_RPC, ORDER_CREATED, HistoryStats, event_id
+from examples.shop.draw import load, trace_of
+from examples.shop.launcher import ROOT, Landscape, running
+
+ADA = {"X-API-Key": "demo-key-ada"}
+CY = {"X-API-Key": "demo-key-cy"}  # limited to 5 requests a minute
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Call ``probe`` until it returns something true; that value. AssertionError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
+        time.sleep(0.2)
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The JSON error body of a response that must have ``status``; never a traceback."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert "Traceback" not in response.text
+    body: dict[str, Any] = response.json()["error"]
+    assert body["status"] == status
+    return body
+
+
+def dump_logs(logs: Path) -> None:
+    for path in sorted(logs.glob("*.log")):
+        print(f"----- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-40:]))
+
+
+async def _publish_again(url: str, order: dict[str, Any]) -> None:
+    """The order's OrderCreated event once more, with its message id: what a relay resending it would do."""
+    event = {k: order[k] for k in ("order_id", "user", "total", "items", "created_at")}
+    async with Broker(url) as broker:
+        await broker.publish(
+            Envelope(json.dumps(event).encode(), content_type="application/json",
+                     message_id=event_id(ORDER_CREATED, order["order_id"])),
+            exchange=EVENTS.name, routing_key=ORDER_CREATED, mandatory=True,
+        )  # fmt: skip
+
+
+async def _history_stats(url: str) -> HistoryStats:
+    async with Broker(url) as broker, RpcClient(broker, HISTORY_RPC.name) as history:
+        return await history.call("stats", 0, returns=HistoryStats, timeout=10)
+
+
+def rebuild(env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.shop", "rebuild"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_an_order_goes_through_every_service_and_the_read_model_replays(amqp_url: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    env = {
+        "AMQP_URL": amqp_url,
+        "SHOP_DATA": str(tmp_path / "data"),
+        "SHOP_TRACES": str(tmp_path / "traces"),
+        "SHOP_RPC_TIMEOUT": "3",
+        "SHOP_CACHE_TTL": "300",
+    }
+    logs = tmp_path / "logs"
+    try:
+        with running(env, logs=logs, timeout=50) as shop, httpx.Client(base_url=shop.gateway_url, timeout=20) as http:
+            check_flow(shop, http, env, amqp_url)
+    except BaseException:
+        dump_logs(logs)
+        raise
+    print(f"shop end to end: {time.monotonic() - started:.1f} s")
+
+
+def check_flow(shop: Landscape, http: httpx.Client, env: dict[str, str], amqp_url: str) -> None:
+    # Authentication and the rate limit, before anything reaches a service.
+    assert error_of(http.get("/cart"), 401)["code"] == "unauthenticated"
+    assert error_of(http.get("/cart", headers={"X-API-Key": "nope"}), 403)["code"] == "forbidden"
+    assert [http.get("/nowhere", headers=CY).status_code for _ in range(5)] == [404] * 5
+    limited = http.get("/cart", headers=CY)
+    error_of(limited, 429)
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+
+    # Reads: the list, then a product aggregated with its reviews; the second read comes from the cache.
+    first = http.get("/products", headers=ADA)
+    assert first.status_code == 200 and first.json()["cached"] is False and first.headers["X-Cache"] == "miss"
+    assert [p["id"] for p in first.json()["products"]] == ["p1", "p2", "p3", "p4"]
+    assert http.get("/products", headers=ADA).json()["cached"] is True
+    page = http.get("/products/p1", headers=ADA).json()
+    assert page["partial"] is False and page["product"]["name"] == "espresso cup"
+    assert {r["author"] for r in page["reviews"]} == {"ada", "bob"}
+    assert http.get("/products/p1", headers=ADA).headers["X-Cache"] == "hit"
+    error_of(http.get("/products/p9", headers=ADA), 404)
+    error_of(http.post("/cart/add", headers=ADA, json={"product_id": "p1", "quantity": 0}), 422)
+
+    # The order flow: cart, place (202 and a task), the task's status from its events, the invoice.
+    http.post("/cart/add", headers=ADA, json={"product_id": "p1", "quantity": 2}).raise_for_status()
+    cart = http.post("/cart/add", headers=ADA, json={"product_id": "p3"}).json()
+    assert cart["total"] == pytest.approx(2 * 9.5 + 21.9)
+    placed = http.post("/order/place", headers=ADA)
+    assert placed.status_code == 202, placed.text
+    order_id = placed.json()["order_id"]
+    assert http.get("/cart", headers=ADA).json()["items"] == []
+    task = wait_for(
+        "the order task to finish",
+        lambda: (t := http.get(f"/tasks/{order_id}", headers=ADA).json())["status"] in ("completed", "failed") and t,
+    )
+    assert task["status"] == "completed", task
+    assert task["history"][:2] == ["pending", "running"]
+    status = wait_for(
+        "the invoice", lambda: (s := http.get(f"/orders/{order_id}", headers=ADA).json())["invoice"] and s
+    )
+    assert status["invoice"]["number"] == f"INV-{order_id}"
+    assert status["invoice"]["total"] == status["order"]["total"] == pytest.approx(40.9)
+    error_of(http.get(f"/orders/{order_id}", headers={"X-API-Key": "demo-key-bob"}), 404)  # not bob's
+
+    # An order the order-manager refuses (out of stock): the task fails, with the reason.
+    http.post("/cart/add", headers=ADA, json={"product_id": "p4"}).raise_for_status()
+    refused = http.post("/order/place", headers=ADA).json()["order_id"]
+    failed = wait_for(
+        "the refused task",
+        lambda: (t := http.get(f"/tasks/{refused}", headers=ADA).json())["status"] in ("completed", "failed") and t,
+    )
+    assert failed["status"] == "failed" and "in stock" in failed["error"], failed
+
+    # The read side, from events only: the order with its invoice, each event applied once.
+    def history() -> list[dict[str, Any]]:
+        orders: list[dict[str, Any]] = http.get("/orders", headers=ADA).json()["orders"]
+        return orders
+
+    before = wait_for("the read model", lambda: (h := history()) and h[0]["invoice"] and h)
+    assert [(e["order_id"], e["invoice"], e["events"]) for e in before] == [(order_id, f"INV-{order_id}", 2)]
+
+    # A redelivered event (same message id): absorbed by the inbox, not applied twice.
+    duplicates = asyncio.run(_history_stats(amqp_url)).duplicates
+    asyncio.run(_publish_again(amqp_url, before[0]))
+    wait_for("the duplicate to be absorbed", lambda: asyncio.run(_history_stats(amqp_url)).duplicates > duplicates)
+    assert history() == before
+
+    # Replay: history stopped (the gateway answers 503 meanwhile), the model rebuilt from the stream, the same.
+    shop.stop("history")
+    assert error_of(http.get("/orders", headers=ADA), 503)["code"] == "service_unavailable"
+    out = rebuild(env)
+    assert "2 events applied, 1 duplicates skipped; 1 orders" in out, out
+    shop.start("history")
+
+    # Products and reviews down: 503 for what is not cached, a partial page without reviews.
+    shop.stop("reviews", grace=2)
+    shop.stop("products", grace=2)
+    body = error_of(http.get("/products/p2", headers=ADA), 503)
+    assert "shop.products" in body["message"]
+    page = http.get("/products/p1", headers=ADA).json()
+    assert page["partial"] is True and page["reviews"] is None and page["cached"] is True
+    # A slow products service: 504 once the gateway's timeout (3 s) is past.
+    shop.start("products", extra_env={"SHOP_PRODUCTS_DELAY": "5"})
+    shop.wait_ready(["products", "history"])
+    assert history() == before  # the rebuilt read model
+    error_of(http.get("/products/p2", headers=ADA), 504)
+    shop.stop("products", grace=0.5)
+    # Back: the same requests answer again.
+    shop.start("products")
+    shop.start("reviews")
+    shop.wait_ready(["products", "reviews"])
+    assert http.get("/products/p2", headers=ADA).json()["product"]["name"] == "moka pot"
+    assert http.get("/products/p1", headers=ADA).json()["partial"] is False
+
+    # One trace from the HTTP request through RPC, the task and the events, across the processes.
+    spans = trace_of(load(Path(env["SHOP_TRACES"])), order_id)
+    assert len({s["trace_id"] for s in spans}) == 1
+    seen = {(s["service"], s["name"]) for s in spans}
+    for expected in [
+        ("gateway", "POST /order/place"),
+        ("orders", "shop.orders/place"),
+        ("orders", "process shop.place-order"),
+        ("invoices", "shop.invoices/create"),
+        ("invoices", "process shop.create-invoice"),
+        ("orders", "send shop.events"),
+        ("invoices", "send shop.events"),
+        ("history", "process shop.history.events"),
+        ("notifications", "process shop.notifications"),
+    ]:
+        assert expected in seen, (expected, sorted(seen))
