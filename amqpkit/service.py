@@ -55,6 +55,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import sys
 import typing
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,7 +68,14 @@ from .errors import AmqpkitError
 from .message import Delivery
 from .patterns.pubsub import Publisher, Subscriber
 from .patterns.rpc import RpcServer
-from .patterns.work_queue import IdempotencyStore, RetryPolicy, Worker, WorkQueue
+from .patterns.work_queue import (
+    CONSUMER_TIMEOUT_ARG,
+    PER_QUEUE_CONSUMER_TIMEOUT,
+    IdempotencyStore,
+    RetryPolicy,
+    Worker,
+    WorkQueue,
+)
 from .settings import BrokerSettings
 from .topology import Binding, Exchange, Queue
 
@@ -233,13 +241,31 @@ class Service:
         idempotency: IdempotencyStore | None = None,
         executor: Literal["thread", "process"] | None = None,
         processes: int | None = None,
+        consumer_timeout: float | None = None,
         description: str | None = None,
     ) -> Callable[[F], F]:
-        """Run tasks from the work queue ``queue`` (a :class:`~amqpkit.WorkQueue` and its :class:`~amqpkit.Worker`)."""
+        """Run tasks from the work queue ``queue`` (a :class:`~amqpkit.WorkQueue` and its :class:`~amqpkit.Worker`).
+
+        ``executor="process"`` runs the handler in ``processes`` pool
+        processes (CPU-bound work). Each process imports the handler by name,
+        so it must be a module-level function, and it gets only the task's
+        value and a :class:`~amqpkit.TaskContext`: a resource or the
+        :class:`ServiceContext` lives in the service's process and cannot be
+        handed to a pool process. Asking for one is refused here, when the
+        handler is declared (:class:`ServiceError`).
+
+        ``consumer_timeout`` (seconds): the queue's own delivery timeout, for
+        tasks that may run longer than the node's ``consumer_timeout`` (30
+        minutes by default); RabbitMQ 3.12 and later (4.x included) take it as
+        the ``x-consumer-timeout`` queue argument. On an older broker the
+        node's setting holds, and the service says so when it starts.
+        """
+        if consumer_timeout is not None and not consumer_timeout > 0:
+            raise ValueError(f"consumer_timeout is in seconds and positive, not {consumer_timeout!r}")
         options = {
             "queue": queue, "concurrency": concurrency, "retry": retry, "codec": codec, "queue_spec": queue_spec,
             "delivery_limit": delivery_limit, "events": events, "idempotency": idempotency,
-            "executor": executor, "processes": processes,
+            "executor": executor, "processes": processes, "consumer_timeout": consumer_timeout,
         }  # fmt: skip
         return self._register("worker", options, description)
 
@@ -270,6 +296,8 @@ class Service:
             if kind == "rpc" and options["method"] is None:
                 options["method"] = getattr(fn, "__name__", None) or "call"
             spec = HandlerSpec(kind, fn, _name_of(fn), dict(options), description or _first_line(fn))
+            if options.get("executor") == "process":
+                _check_process_handler(spec)
             self.handlers.append(spec)
             return fn
 
@@ -392,9 +420,16 @@ class Service:
                     f"{what}: nothing fills parameter {p.name!r} ({shown}); a handler may ask for the message, "
                     f"ServiceContext, TaskContext (workers) or a resource of the service ({known})"
                 )
-        if spec.injected and spec.options.get("executor") == "process":
-            names = ", ".join(spec.injected)
-            raise ServiceError(f"{what} runs in a pool process: it cannot be given {names} (resources stay here)")
+        if spec.options.get("executor") == "process":
+            if spec.injected:  # declared before a check could see the annotations resolve (see _check_process_handler)
+                shown = ", ".join(f"{n} ({_type_name(t)})" for n, t in spec.injected.items())
+                raise ServiceError(_process_refusal(spec, shown))
+            found = _found_by_name(spec.fn)
+            if found is not None:
+                raise ServiceError(
+                    f"worker {spec.name} runs in pool processes (executor='process'), which find the handler by its "
+                    f"name, and {found}. Make it a module-level function, with @svc.worker as its outermost decorator"
+                )
 
     # ------------------------------------------------------------------ building
 
@@ -420,7 +455,7 @@ class Service:
                 o = spec.options
                 work: WorkQueue[Any] = WorkQueue(
                     broker, o["queue"], o["codec"], retry=o["retry"], queue=o["queue_spec"],
-                    delivery_limit=o["delivery_limit"], events=o["events"],
+                    delivery_limit=o["delivery_limit"], events=o["events"], consumer_timeout=o["consumer_timeout"],
                 )  # fmt: skip
                 extra: dict[str, Any] = {}
                 if o["executor"] is not None:
@@ -793,7 +828,7 @@ class RunningService:
         if plan is None:
             return "nothing"
         parts = [f"subscriber on {sub.exchange.name or '(default)'!r}" for _, sub in plan.subscribers]
-        parts += [f"worker on {work.name!r}" for _, work, _ in plan.workers]
+        parts += [f"worker on {work.name!r}{_timeout_note(work, self.broker)}" for _, work, _ in plan.workers]
         parts += [f"rpc on {name!r} ({', '.join(s.options['method'] for s in specs)})"
                   for name, (_, specs) in plan.servers.items()]  # fmt: skip
         return "; ".join(parts) or "no handlers"
@@ -860,9 +895,15 @@ class RunningService:
 
 
 def _bind(spec: HandlerSpec, running: RunningService | None) -> Callable[..., Any]:
-    """The function given to the pattern: ``spec.fn`` itself, or a wrapper that fills the injected parameters."""
+    """The function given to the pattern: ``spec.fn`` itself, or a wrapper that fills the injected parameters.
+
+    A handler on the process executor always goes as itself: the pool pickles
+    it by name, and a wrapper made here could not be found by that name in a
+    pool process. Such a handler never asks for anything injected
+    (:func:`_check_process_handler`, and :meth:`Service._inspect` again).
+    """
     fn = spec.fn
-    if not spec.injected:
+    if not spec.injected or spec.options.get("executor") == "process":
         return fn
     injected = dict(spec.injected)
 
@@ -922,7 +963,6 @@ def load_service(spec: str) -> Service:
     """
     import importlib
     import os
-    import sys
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -945,6 +985,93 @@ def load_service(spec: str) -> Service:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _check_process_handler(spec: HandlerSpec) -> None:
+    """Refuse, when it is declared, a worker handler the process executor cannot run (:class:`ServiceError`).
+
+    A pool process imports the handler by name and gets the task's value and,
+    if asked for, a :class:`~amqpkit.TaskContext` (its reports travel back).
+    Nothing else crosses: not a resource, not the :class:`ServiceContext`,
+    not the ``Delivery`` (settling it happens in the service's process).
+    Annotations that do not resolve yet are read as written; :meth:`Service.check`
+    looks again once they do.
+    """
+    fn = spec.fn
+    what = f"worker {spec.name} runs in pool processes (executor='process')"
+    if "<locals>" in (getattr(fn, "__qualname__", None) or "") or getattr(fn, "__name__", None) == "<lambda>":
+        raise ServiceError(f"{what}, which import it by name: make it a module-level function")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # Service.check says why
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # a name defined further down the module: read the annotation as written
+        hints = {}
+    params = list(signature.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not positional:
+        return  # Service.check says why
+    first = positional[0]
+    annotation = hints.get(first.name, first.annotation)
+    if annotation is Delivery or typing.get_origin(annotation) is Delivery or _written_as(annotation, "Delivery"):
+        raise ServiceError(
+            f"{what}: it gets the task's value, not the Delivery (the delivery is settled in the service's process)"
+        )
+    refused = []
+    for p in params:
+        if p is first or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is not p.empty:
+            continue
+        wanted = hints.get(p.name, p.annotation)
+        if wanted is TaskContext or _written_as(wanted, "TaskContext"):
+            continue
+        if wanted is p.empty:
+            refused.append(p.name)
+        else:
+            refused.append(f"{p.name} ({wanted if isinstance(wanted, str) else _type_name(wanted)})")
+    if refused:
+        raise ServiceError(_process_refusal(spec, ", ".join(refused)))
+
+
+def _timeout_note(work: WorkQueue[Any], broker: Broker) -> str:
+    """How a work queue's own consumer_timeout stands, for the line a started service logs ('' if none asked)."""
+    if work.consumer_timeout is None:
+        return ""
+    version = broker.server_version
+    if CONSUMER_TIMEOUT_ARG in work.queue.arguments or not version or version >= PER_QUEUE_CONSUMER_TIMEOUT:
+        return f" (consumer_timeout {work.consumer_timeout:g} s)"
+    shown = ".".join(map(str, version))
+    return f" (consumer_timeout {work.consumer_timeout:g} s not applied: RabbitMQ {shown} has only the node's)"
+
+
+def _found_by_name(fn: Any) -> str | None:
+    """Why a pool process would not find function ``fn`` by its module and name (None: it would, or not a function)."""
+    if not inspect.isfunction(fn):
+        return None  # a callable object or a partial is sent as itself, not by name
+    module = sys.modules.get(fn.__module__)
+    target: Any = module
+    for part in fn.__qualname__.split("."):
+        target = getattr(target, part, None)
+    if target is fn:
+        return None
+    if target is None:
+        return f"{fn.__module__}.{fn.__qualname__} names nothing"
+    return f"{fn.__module__}.{fn.__qualname__} is another object (a decorator over @svc.worker?)"
+
+
+def _process_refusal(spec: HandlerSpec, what: str) -> str:
+    return (
+        f"worker {spec.name} runs in pool processes (executor='process'): it cannot be given {what}. "
+        "Resources and the ServiceContext live in the service's process and do not cross to a pool process; "
+        "a process handler gets the task's value and, if it asks, a TaskContext. Leave executor='process' off "
+        "(a plain def then runs in a thread, with its resources), or move what needs them to another handler"
+    )
+
+
+def _written_as(annotation: Any, name: str) -> bool:
+    """A string annotation names ``name`` (``"TaskContext"``, ``"amqpkit.TaskContext"``, ``"Delivery[X]"``)."""
+    return isinstance(annotation, str) and annotation.split("[", 1)[0].strip().rsplit(".", 1)[-1] == name
 
 
 def _hints(fn: Callable[..., Any], what: str) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from pydantic import BaseModel
 from amqpkit import Exchange
 from amqpkit.service import Service
 
+from .. import long_task_handlers
+
 PREFIX = os.environ.get("SVC_PREFIX", "svc")
 
 
@@ -45,3 +47,10 @@ workers = Service("workers")
 @workers.worker(f"{PREFIX}.jobs")
 async def run_job(job: Job) -> None:
     print(f"done {job.n}", flush=True)
+
+
+# A CPU-bound worker on the process executor (a module-level handler), with a queue-level consumer_timeout.
+cpu = Service("cpu")
+cpu.worker(
+    f"{PREFIX}.cpu", concurrency=2, executor="process", processes=2, consumer_timeout=7200
+)(long_task_handlers.crunch)  # fmt: skip

@@ -150,9 +150,8 @@ def test_resources_say_what_they_provide() -> None:
 
 def test_a_process_handler_cannot_be_given_resources() -> None:
     svc = Service("s")
-    svc.worker("q", executor="process")(_crunch)
-    with pytest.raises(ServiceError, match="runs in a pool process: it cannot be given ctx"):
-        svc.check()
+    with pytest.raises(ServiceError, match=r"runs in pool processes .*: it cannot be given ctx \(ServiceContext\)"):
+        svc.worker("q", executor="process")(_crunch)  # refused when declared (more: test_service_executors.py)
 
 
 def _crunch(order: Order, ctx: ServiceContext) -> Any:
