@@ -1,0 +1,70 @@
+"""`amqpkit worker --executor process`: a CPU-bound module-level handler in a pool of processes, from the command line.
+
+The worker runs as a subprocess on the test's vhost; the handler
+(``tests.long_task_handlers.crunch``, pure Python holding the GIL) writes a
+line per run and per completion to a file, so each task is counted across
+processes without the broker.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amqpkit import Broker, WorkQueue
+
+from . import long_task_handlers as handlers
+from .test_logs_events import CliProcess
+from .waiting import wait_for
+
+pytestmark = pytest.mark.usefixtures("spawned")  # every process a test starts is ended, whatever the outcome
+
+
+def by_task(log: str, what: str = "run") -> dict[str, list[str]]:
+    """Task number -> the pids its runs (or completions) were in."""
+    seen: dict[str, list[str]] = {}
+    for line in handlers.runs(log, what):
+        n, pid = re.fullmatch(rf"{what} (\d+) pid=(\d+)", line).groups()  # type: ignore[union-attr]
+        seen.setdefault(n, []).append(pid)
+    return seen
+
+
+async def test_cpu_bound_tasks_each_complete_once_in_the_pool_and_sigterm_exits_0(
+    amqp_url: str, broker: Broker, name: str, tmp_path: Path
+) -> None:
+    log = str(tmp_path / "runs.log")
+    queue: WorkQueue[Any] = WorkQueue(broker, name)
+    cli = await CliProcess.start(
+        "worker", "tests.long_task_handlers:crunch", "--queue", name, "--concurrency", "2",
+        "--executor", "process", "--pool-size", "2", "--grace", "30", env={"AMQP_URL": amqp_url},
+    )  # fmt: skip
+    try:
+        await cli.until(lambda line: line.startswith("worker on"), stderr=True, timeout=60)
+        for n in range(6):
+            await queue.enqueue({"n": n, "seconds": 1.5, "log": log})
+        await wait_for(lambda: len(handlers.runs(log, "done")) == 6, timeout=120)
+
+        # One more, stopped while it runs: SIGTERM lets it finish within the grace, then the worker exits 0.
+        await queue.enqueue({"n": 6, "seconds": 3, "log": log})
+        await wait_for(lambda: "6" in by_task(log), timeout=60)
+        cli.proc.send_signal(signal.SIGTERM)
+        code, err = await cli.wait_exit(timeout=60)
+        assert code == 0, err
+
+        runs, done = by_task(log), by_task(log, "done")
+        assert {n: len(pids) for n, pids in runs.items()} == {str(n): 1 for n in range(7)}, runs
+        assert {n: len(pids) for n, pids in done.items()} == {str(n): 1 for n in range(7)}, done
+        pids = {pid for pids in runs.values() for pid in pids}
+        assert str(cli.proc.pid) not in pids  # in the pool, not in the worker's own process
+        assert 1 <= len(pids) <= 2, pids  # --pool-size 2
+        assert cli.err_lines[-1] == "worker stopped: 7 completed, 0 retried, 0 dead-lettered", err
+        assert not any("Traceback" in line or " lost" in line for line in cli.lines + cli.err_lines), err
+        assert await broker.queue_counts(name) == (0, 0)  # nothing given back to run again
+    finally:
+        await cli.end(timeout=10)
+        await broker.delete_queue(name)
+        await broker.delete_queue(f"{name}.dlq")
