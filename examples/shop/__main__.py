@@ -1,6 +1,6 @@
 """``python -m examples.shop COMMAND``: the shop from the command line.
 
-- ``all`` (or ``up``) ``[--port 8080] [--data DIR]``: every service (products
+- ``all`` (or ``up``) ``[--port 8080] [--data DIR] [--log-json]``: every service (products
   twice), and the gateway, on the broker of ``AMQP_URL``; Ctrl-C ends them all;
 - ``gateway [--port 8080]``: the gateway alone;
 - ``products``, ``reviews``, ``cart``, ``orders``, ``invoices``,
@@ -29,12 +29,13 @@ def up(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8080, help="the gateway's port")
     parser.add_argument("--data", help="folder of the SQLite files (default: SHOP_DATA, else a temporary folder)")
     parser.add_argument("--products", type=int, default=2, help="how many products processes share their queue")
+    parser.add_argument("--log-json", action="store_true", help="every process logs JSON lines, with trace ids")
     args = parser.parse_args(argv)
     env = {"SHOP_DATA": args.data} if args.data else {}
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with running(env, gateway_port=args.port, products=args.products, timeout=120) as shop:
+    with running(env, gateway_port=args.port, products=args.products, timeout=120, log_json=args.log_json) as shop:
         print(f"shop ready on {shop.gateway_url} ({len(shop.procs)} processes); Ctrl-C stops them all", flush=True)
         while not stop.wait(0.5):
             gone = [name for name, proc in shop.procs.items() if proc.popen.poll() is not None]

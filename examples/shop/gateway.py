@@ -149,10 +149,11 @@ class TaskView:
     attempt: int = 1
     error: str | None = None
     history: list[str] = field(default_factory=list)
+    times: dict[str, str] = field(default_factory=dict)  # when each status was first reported (the event's time)
 
     def public(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "status": self.status, "attempt": self.attempt, "error": self.error,
-                "history": self.history}  # fmt: skip
+                "history": self.history, "times": self.times}  # fmt: skip
 
 
 class Tasks:
@@ -185,6 +186,7 @@ class Tasks:
         if status not in RANK:
             return
         view.history.append(event.status.value)
+        view.times.setdefault(status, event.timestamp.isoformat())
         if RANK[status] >= RANK[view.status] and view.status not in ("completed", "failed"):
             view.status = status
             view.attempt = event.attempt
@@ -541,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (else: TLS ends at a proxy)")
     parser.add_argument("--ssl-keyfile")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     args = parser.parse_args(argv)
-    configure_logging()
+    configure_logging(json_lines=args.log_json)
     uvicorn.run(
         app, host=args.host, port=args.port, log_level="warning", access_log=False,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,

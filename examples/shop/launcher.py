@@ -32,19 +32,26 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: examples/ is importe
 SERVICES = ("history", "notifications", "products", "reviews", "cart", "invoices", "orders")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(taken: set[int] | None = None) -> int:
+    """A port nobody listens on now, and not one of ``taken`` (the kernel may hand out the same port twice)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if taken is None or port not in taken:
+            if taken is not None:
+                taken.add(port)
+            return port
 
 
-def service_command(name: str, health_port: int) -> list[str]:
+def service_command(name: str, health_port: int, *, log_json: bool = False) -> list[str]:
     return [sys.executable, "-m", "amqpkit.cli", "run", f"examples.shop.{name}:service",
-            "--health-port", str(health_port), "--grace", "5"]  # fmt: skip
+            "--health-port", str(health_port), "--grace", "5", *(["--log-json"] if log_json else [])]  # fmt: skip
 
 
-def gateway_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "examples.shop", "gateway", "--port", str(port)]
+def gateway_command(port: int, *, log_json: bool = False) -> list[str]:
+    return [sys.executable, "-m", "examples.shop", "gateway", "--port", str(port),
+            *(["--log-json"] if log_json else [])]  # fmt: skip
 
 
 @dataclass
@@ -60,14 +67,25 @@ class Landscape:
 
     ``logs``: a folder for each process's output (``<name>.log``); without it,
     their lines go to this process's stdout, each prefixed with its name.
+    ``log_json``: every process logs JSON lines (with ``trace_id`` inside a span).
     """
 
-    def __init__(self, env: Mapping[str, str], *, logs: Path | None = None, gateway_port: int | None = None) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        logs: Path | None = None,
+        gateway_port: int | None = None,
+        log_json: bool = False,
+    ) -> None:
+        self.log_json = log_json
         self.env = {**os.environ, **env}
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH", "")) if p)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.logs = logs
-        self.gateway_port = gateway_port or free_port()
+        self.ports: set[int] = set()
+        self.gateway_port = gateway_port or free_port(self.ports)
+        self.ports.add(self.gateway_port)
         self.procs: dict[str, Proc] = {}
 
     @property
@@ -79,10 +97,13 @@ class Landscape:
         if name in self.procs and self.procs[name].popen.poll() is None:
             raise RuntimeError(f"{name} is already running")
         if name == "gateway":
-            argv, ready = gateway_command(self.gateway_port), f"{self.gateway_url}/healthz"
+            argv, ready = gateway_command(self.gateway_port, log_json=self.log_json), f"{self.gateway_url}/healthz"
         else:
-            port = free_port()
-            argv, ready = service_command(name.split("-")[0], port), f"http://127.0.0.1:{port}/readyz"
+            port = free_port(self.ports)
+            argv, ready = (
+                service_command(name.split("-")[0], port, log_json=self.log_json),
+                f"http://127.0.0.1:{port}/readyz",
+            )
         env = {**self.env, **(extra_env or {})}
         out: IO[bytes] | int
         log_path = None
@@ -176,9 +197,9 @@ def _prefix(name: str, popen: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def running(env: Mapping[str, str], *, logs: Path | None = None, gateway_port: int | None = None,
-            products: int = 1, timeout: float = 60.0) -> Iterator[Landscape]:  # fmt: skip
+            products: int = 1, timeout: float = 60.0, log_json: bool = False) -> Iterator[Landscape]:  # fmt: skip
     """Every service and the gateway, ready; all ended when the block ends, however it ends."""
-    with Landscape(env, logs=logs, gateway_port=gateway_port) as shop:
+    with Landscape(env, logs=logs, gateway_port=gateway_port, log_json=log_json) as shop:
         for name in SERVICES:
             shop.start(name)
         for n in range(2, products + 1):
