@@ -1,23 +1,39 @@
 """What amqpkit.telemetry costs: RPC and one-way throughput without it, with the SDK and a no-op exporter,
-and with a batch exporter, in the same run.
+and with a batch exporter, in the same run; and, with --floor, how much of a message's cost is the
+OpenTelemetry SDK's own and how much is amqpkit's.
 
-    .venv/bin/python scripts/otel_cost.py [--seconds 5] [--repeats 3] [--concurrency 64] [--out FILE]
+    .venv/bin/python scripts/otel_cost.py [--seconds 5] [--repeats 3] [--concurrency 64] [--modes ...]
+                                          [--before DIR] [--out FILE]
+    .venv/bin/python scripts/otel_cost.py --floor [--repeats 5] [--before DIR] [--out FILE]
 
 Each trial runs a server process and a client process, both in the same mode:
 
 - ``off``: ``instrument()`` never called (the core's hooks stay ``None``);
+- ``uninst``: ``instrument()`` with the SDK, then ``uninstrument()`` (the hooks back to ``None``);
 - ``noop``: ``instrument()`` with the SDK's TracerProvider and MeterProvider, spans handed to an exporter that
   drops them (SimpleSpanProcessor), metrics aggregated in memory;
-- ``batch``: the same with a BatchSpanProcessor whose exporter encodes every span to JSON (the work an OTLP/JSON
-  exporter does before the network) and drops it;
+- ``batch``: the same with a BatchSpanProcessor whose exporter drops the spans;
 - ``sampled``: ``batch`` with a ParentBased(TraceIdRatioBased(0.01)) sampler: 1 % of traces recorded, context
-  still propagated and metrics still counted for every message.
+  still propagated and metrics still counted for every message; ``sampled10``: the same at 10 %;
+- ``json``: ``batch`` whose exporter encodes every span to JSON first (``ReadableSpan.to_json``: roughly the work
+  an exporter does before the network).
+
+``MODE@before`` runs a mode with ``--before DIR`` first on the import path: DIR holds a copy of the ``amqpkit``
+package (say, the working tree's with the previous ``amqpkit/telemetry``), to compare two versions of the
+instrumentation in one run.
 
 Scenarios: ``rpc`` (RpcClient.call over direct reply-to at --concurrency callers; RpcServer echoes) and
 ``oneway`` (--concurrency publishers, confirmed; a Subscriber acks each). Modes are interleaved within each
 repeat (the order rotates), so a machine whose load drifts hurts every mode alike. The figure is completed
 operations per second over the measured window after a one-second warm-up; the report gives each mode's median
 and range, and its ratio to ``off`` (median of the per-repeat ratios, with their range).
+
+``--floor`` needs no broker. In one process per repeat (and per ``--before`` tree, interleaved) it times, per
+message, the SDK's own work for what amqpkit records: a PRODUCER span and a CONSUMER span with the same
+attributes (started and ended; with the batch exporter, flushed and encoded too), W3C inject and extract
+through the SDK's propagator, attaching the consumer span's context, and the one histogram measurement per
+delivery; then amqpkit's publish and consume hooks around a publish and a callback that do nothing. The hooks
+minus the SDK's work is amqpkit's share. It runs the modes above but ``off`` and ``uninst``.
 """
 
 from __future__ import annotations
@@ -36,14 +52,14 @@ from typing import Any
 
 from amqpkit import Broker, BytesCodec, Delivery, Envelope, Exchange, Queue, RpcClient, RpcServer, Subscriber
 
-MODES = ("off", "noop", "batch", "sampled")
+MODES = ("off", "uninst", "noop", "batch", "sampled10", "sampled", "json")
+RATIOS = {"sampled": 0.01, "sampled10": 0.1}
 SCENARIOS = ("rpc", "oneway")
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
-def setup(mode: str) -> None:
-    if mode == "off":
-        return
+def providers(mode: str, max_queue_size: int = 2048) -> tuple[Any, Any]:
+    """The tracer and meter providers of ``mode`` (not ``off``)."""
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -53,8 +69,7 @@ def setup(mode: str) -> None:
         SpanExporter,
         SpanExportResult,
     )
-
-    from amqpkit import telemetry
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     class Drop(SpanExporter):
         def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -66,14 +81,26 @@ def setup(mode: str) -> None:
                 span.to_json(indent=None)
             return SpanExportResult.SUCCESS
 
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-
-    tracer_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.01)) if mode == "sampled" else None)
+    ratio = RATIOS.get(mode)
+    tracer_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)) if ratio is not None else None)
     if mode == "noop":
         tracer_provider.add_span_processor(SimpleSpanProcessor(Drop()))
     else:
-        tracer_provider.add_span_processor(BatchSpanProcessor(EncodeAndDrop()))
-    telemetry.instrument(tracer_provider=tracer_provider, meter_provider=MeterProvider([InMemoryMetricReader()]))
+        exporter = EncodeAndDrop() if mode == "json" else Drop()
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=max_queue_size))
+    return tracer_provider, MeterProvider([InMemoryMetricReader()])
+
+
+def setup(mode: str) -> None:
+    mode = mode.split("@")[0]
+    if mode == "off":
+        return
+    from amqpkit import telemetry
+
+    tracer_provider, meter_provider = providers(mode)
+    telemetry.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    if mode == "uninst":
+        telemetry.uninstrument()
 
 
 async def serve(mode: str, scenario: str, queue: str) -> None:
@@ -146,16 +173,26 @@ async def client(mode: str, scenario: str, queue: str, seconds: float, concurren
     print(json.dumps({"ops_per_s": done / took, "cpu_per_op_us": cpu / max(done, 1) * 1e6}), flush=True)
 
 
-def trial(mode: str, scenario: str, seconds: float, concurrency: int) -> tuple[float, float]:
+def environment(mode: str, before: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if mode.endswith("@before"):
+        if before is None:
+            raise SystemExit(f"mode {mode} needs --before DIR")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (before, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def trial(mode: str, scenario: str, seconds: float, concurrency: int, before: str | None) -> tuple[float, float]:
     """Operations per second, and CPU microseconds per operation (client and server together)."""
     queue = f"otel-cost.{uuid.uuid4().hex[:8]}"
     me = [sys.executable, __file__]
+    env = environment(mode, before)
     server = subprocess.Popen([*me, "--serve", mode, scenario, queue], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)  # fmt: skip
+                              text=True, env=env)  # fmt: skip
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         out = subprocess.run([*me, "--client", mode, scenario, queue, str(seconds), str(concurrency)],
-                             capture_output=True, text=True, timeout=seconds + 120, check=True)  # fmt: skip
+                             capture_output=True, text=True, timeout=seconds + 120, check=True, env=env)  # fmt: skip
         got = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         if server.stdin is not None:
@@ -170,16 +207,177 @@ def trial(mode: str, scenario: str, seconds: float, concurrency: int) -> tuple[f
     return float(got["ops_per_s"]), float(got["cpu_per_op_us"]) + float(served["cpu_per_op_us"])
 
 
+FLOOR_MODES = ("noop", "batch", "sampled10", "sampled", "json")
+FLOOR_PARTS = ("base", "spans", "sdk", "sdk_metric", "hooks")
+
+
+def floor_child(mode: str, count: int, rounds: int) -> dict[str, list[float]]:
+    """CPU microseconds per message (all threads, the exporter's included) of each part, ``rounds`` times each.
+
+    ``base``: a publish and a callback that do nothing (a stub broker: no network); ``spans``: the SDK's
+    PRODUCER and CONSUMER spans with amqpkit's attributes; ``sdk``: that, plus W3C inject/extract through the
+    SDK's propagator and attaching the consumer span's context; ``sdk_metric``: that, plus the one histogram
+    measurement per delivery; ``hooks``: ``base`` through amqpkit's publish and consume hooks.
+    """
+    from types import SimpleNamespace
+
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    from pamqp.commands import Basic
+
+    from amqpkit import telemetry
+    from amqpkit.message import Delivery, new_message_id
+
+    tracer_provider, meter_provider = providers(mode, max_queue_size=count * 4)
+    telemetry.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    tracer = trace.get_tracer("amqpkit.floor", tracer_provider=tracer_provider)
+    histogram = meter_provider.get_meter("amqpkit.floor").create_histogram("floor.duration", "s")
+    propagator = TraceContextTextMapPropagator()
+    body = b"x" * 256
+    queue = "floor.q"
+    sent: list[Envelope] = []
+
+    class StubBroker:
+        async def publish(self, envelope: Envelope, **kwargs: Any) -> None:
+            sent.append(envelope)
+
+    async def callback(delivery: Delivery[bytes]) -> None:
+        return None
+
+    broker = StubBroker()
+    consumer = SimpleNamespace(callback=callback, queue_name=queue)
+
+    def drive(coroutine: Any) -> None:
+        try:
+            coroutine.send(None)
+        except StopIteration:
+            pass
+        else:  # pragma: no cover - the stubs never wait
+            raise RuntimeError("a stub waited")
+
+    def delivery(headers: dict[str, Any], message_id: str | None) -> Delivery[bytes]:
+        props = Basic.Properties(message_id=message_id, headers=headers, content_type="application/octet-stream")
+        return Delivery(body, body, props, exchange="", routing_key=queue)
+
+    def send_attributes(message_id: str) -> dict[str, Any]:
+        return {"messaging.system": "rabbitmq", "messaging.operation.name": "send",
+                "messaging.operation.type": "send", "messaging.destination.name": "",
+                "messaging.rabbitmq.destination.routing_key": queue, "messaging.message.body.size": len(body),
+                "messaging.message.id": message_id}  # fmt: skip
+
+    def process_attributes(message_id: str) -> dict[str, Any]:
+        return {"messaging.system": "rabbitmq", "messaging.operation.name": "process",
+                "messaging.operation.type": "process", "messaging.destination.name": "",
+                "messaging.destination.subscription.name": queue, "messaging.rabbitmq.destination.routing_key": queue,
+                "messaging.message.body.size": len(body), "messaging.rabbitmq.message.delivery_tag": 0,
+                "messaging.message.id": message_id}  # fmt: skip
+
+    duration_attributes = {"messaging.destination.subscription.name": queue, "messaging.system": "rabbitmq"}
+
+    def base() -> None:
+        drive(broker.publish(Envelope(body, content_type="application/octet-stream"), routing_key=queue))
+        envelope = sent.pop()
+        drive(callback(delivery(envelope.headers, envelope.message_id)))
+
+    def sdk(propagate: bool, metric: bool) -> None:
+        message_id = new_message_id()
+        span = tracer.start_span(f"send {queue}", kind=SpanKind.PRODUCER, attributes=send_attributes(message_id))
+        carrier: dict[str, Any] = {}
+        if propagate:
+            propagator.inject(carrier, context=trace.set_span_in_context(span))
+        span.end()
+        parent = propagator.extract(carrier) if propagate else None
+        span = tracer.start_span(f"process {queue}", parent, SpanKind.CONSUMER, process_attributes(message_id))
+        if propagate:
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+            if metric:
+                histogram.record(0.0001, duration_attributes)
+            otel_context.detach(token)
+        span.end()
+
+    def hooks() -> None:
+        drive(telemetry._publish(broker, Envelope(body, content_type="application/octet-stream"),  # type: ignore[arg-type]
+                                 "", queue, False, True, None))  # fmt: skip
+        envelope = sent.pop()
+        drive(telemetry._consume(consumer, delivery(envelope.headers, envelope.message_id)))  # type: ignore[arg-type]
+
+    parts = {"base": base, "spans": lambda: sdk(False, False), "sdk": lambda: sdk(True, False),
+             "sdk_metric": lambda: sdk(True, True), "hooks": hooks}  # fmt: skip
+    figures: dict[str, list[float]] = {part: [] for part in FLOOR_PARTS}
+    for _ in range(rounds):
+        for part in FLOOR_PARTS:
+            fn = parts[part]
+            tracer_provider.force_flush()
+            started = time.process_time()
+            for _ in range(count):
+                fn()
+            tracer_provider.force_flush()  # the batch exporter's encoding counts
+            figures[part].append((time.process_time() - started) / count * 1e6)
+    telemetry.uninstrument()
+    tracer_provider.shutdown()
+    meter_provider.shutdown()
+    return figures
+
+
+def floor_report(args: argparse.Namespace) -> None:
+    trees = ["now", *(["before"] if args.before else [])]
+    runs: dict[str, dict[str, list[float]]] = {
+        f"{mode}@{tree}": {part: [] for part in FLOOR_PARTS} for mode in FLOOR_MODES for tree in trees
+    }
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    for repeat in range(args.repeats):
+        for mode in FLOOR_MODES:
+            for tree in trees if repeat % 2 == 0 else trees[::-1]:
+                key = f"{mode}@{tree}"
+                out = subprocess.run([sys.executable, __file__, "--floor-child", key, str(args.count), "1"],
+                                     capture_output=True, text=True, timeout=600, check=True,
+                                     env=environment(key, args.before))  # fmt: skip
+                got = json.loads(out.stdout.strip().splitlines()[-1])
+                for part in FLOOR_PARTS:
+                    runs[key][part].extend(got[part])
+                shown = " ".join(f"{part} {got[part][0]:.1f}" for part in FLOOR_PARTS)
+                print(f"repeat {repeat + 1} {key:<15} us/message: {shown}", flush=True)
+    print(f"\nCPU us per message (a publish and its delivery), medians of {args.repeats} repeats "
+          f"(range); load average at end {os.getloadavg()}")  # fmt: skip
+    report: dict[str, Any] = {"count": args.count, "repeats": args.repeats, "loadavg_at_end": os.getloadavg(),
+                              "cpus": os.cpu_count(), "runs": runs, "summary": {}}  # fmt: skip
+    for key, parts in runs.items():
+        n = len(parts["base"])
+        spans = [parts["spans"][i] for i in range(n)]
+        propagation = [parts["sdk"][i] - parts["spans"][i] for i in range(n)]
+        metric = [parts["sdk_metric"][i] - parts["sdk"][i] for i in range(n)]
+        total = [parts["hooks"][i] - parts["base"][i] for i in range(n)]
+        amqpkit = [parts["hooks"][i] - parts["base"][i] - parts["sdk_metric"][i] for i in range(n)]
+        summary = {"sdk_spans": spans, "sdk_propagation_and_context": propagation, "sdk_histogram": metric,
+                   "hooks_total": total, "amqpkit_share": amqpkit}  # fmt: skip
+        report["summary"][key] = {k: {"median": statistics.median(v), "range": [min(v), max(v)]}
+                                  for k, v in summary.items()}  # fmt: skip
+        print(f"{key:<15} " + "; ".join(f"{k} {statistics.median(v):.1f} ({min(v):.1f} to {max(v):.1f})"
+                                        for k, v in summary.items()))  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
+    parser.add_argument("--modes", nargs="*", default=list(MODES), help=f"of {', '.join(MODES)}; MODE@before too")
+    parser.add_argument("--before", help="a directory holding another amqpkit package, for the MODE@before modes")
+    parser.add_argument("--floor", action="store_true", help="the SDK's floor against amqpkit's share, no broker")
+    parser.add_argument("--count", type=int, default=3000, help="messages per --floor measurement")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.before:
+        args.before = os.path.abspath(args.before)
     if args.serve:
         asyncio.run(serve(*args.serve))
         return
@@ -187,40 +385,56 @@ def main() -> None:
         mode, scenario, queue, seconds, concurrency = args.client
         asyncio.run(client(mode, scenario, queue, float(seconds), int(concurrency)))
         return
+    if args.floor_child:
+        mode, count, rounds = args.floor_child
+        print(json.dumps(floor_child(mode.split("@")[0], int(count), int(rounds))), flush=True)
+        return
+    if args.floor:
+        floor_report(args)
+        return
 
-    results: dict[str, dict[str, list[float]]] = {s: {m: [] for m in MODES} for s in args.scenarios}
-    cpu: dict[str, dict[str, list[float]]] = {s: {m: [] for m in MODES} for s in args.scenarios}
+    modes = tuple(args.modes)
+    results: dict[str, dict[str, list[float]]] = {s: {m: [] for m in modes} for s in args.scenarios}
+    cpu: dict[str, dict[str, list[float]]] = {s: {m: [] for m in modes} for s in args.scenarios}
+    print(f"load average at start: {os.getloadavg()}", flush=True)
     for repeat in range(args.repeats):
         for scenario in args.scenarios:
-            order = MODES[repeat % len(MODES) :] + MODES[: repeat % len(MODES)]
+            order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
             for mode in order:
-                rate, us = trial(mode, scenario, args.seconds, args.concurrency)
+                rate, us = trial(mode, scenario, args.seconds, args.concurrency, args.before)
                 results[scenario][mode].append(rate)
                 cpu[scenario][mode].append(us)
-                print(f"repeat {repeat + 1} {scenario:<6} {mode:<5} {rate:9.0f} ops/s {us:7.0f} CPU us/op", flush=True)
+                print(f"repeat {repeat + 1} {scenario:<6} {mode:<14} {rate:9.0f} ops/s {us:7.0f} CPU us/op",
+                      flush=True)  # fmt: skip
     report: dict[str, Any] = {"concurrency": args.concurrency, "seconds": args.seconds, "repeats": args.repeats,
                               "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "scenarios": {}}  # fmt: skip
-    print(f"\nc={args.concurrency}, {args.seconds:g} s per trial, {args.repeats} interleaved repeats")
+    print(f"\nc={args.concurrency}, {args.seconds:g} s per trial, {args.repeats} interleaved repeats; "
+          f"load average at end {os.getloadavg()}")  # fmt: skip
     for scenario, by_mode in results.items():
         entry: dict[str, Any] = {}
         for mode, rates in by_mode.items():
             ratios = [r / o for r, o in zip(rates, by_mode["off"], strict=True)]
             used = cpu[scenario][mode]
             extra = [u - o for u, o in zip(used, cpu[scenario]["off"], strict=True)]
+            cpu_ratios = [u / o for u, o in zip(used, cpu[scenario]["off"], strict=True)]
             entry[mode] = {
                 "cpu_us_per_op": used,
                 "cpu_us_per_op_median": statistics.median(used),
                 "extra_cpu_us_per_op_median": statistics.median(extra),
                 "extra_cpu_us_per_op_range": [min(extra), max(extra)],
+                "cpu_ratio_to_off_median": statistics.median(cpu_ratios),
+                "cpu_ratio_range": [min(cpu_ratios), max(cpu_ratios)],
                 "ops_per_s": rates,
                 "median": statistics.median(rates),
                 "ratio_to_off_median": statistics.median(ratios),
                 "ratio_range": [min(ratios), max(ratios)],
             }
-            print(f"{scenario:<6} {mode:<5} median {statistics.median(rates):8.0f} ops/s "
+            print(f"{scenario:<6} {mode:<14} median {statistics.median(rates):8.0f} ops/s "
                   f"(range {min(rates):.0f}-{max(rates):.0f}); vs off x{statistics.median(ratios):.3f} "
                   f"(range {min(ratios):.3f}-{max(ratios):.3f}); CPU {statistics.median(used):.0f} us/op, "
-                  f"+{statistics.median(extra):.0f} (range {min(extra):.0f} to {max(extra):.0f})")  # fmt: skip
+                  f"+{statistics.median(extra):.0f} (range {min(extra):.0f} to {max(extra):.0f}), "
+                  f"x{statistics.median(cpu_ratios):.3f} "
+                  f"(range {min(cpu_ratios):.3f}-{max(cpu_ratios):.3f})")  # fmt: skip
         report["scenarios"][scenario] = entry
     if args.out:
         with open(args.out, "w") as fh:

@@ -39,7 +39,8 @@ import contextvars
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import fields
+from operator import attrgetter
 from typing import Any
 
 try:
@@ -143,19 +144,139 @@ class _Instruments:
         self.disconnected_time = meter.create_counter(
             "amqpkit.connection.disconnected.time", "s", "time spent disconnected before a reconnect"
         )
+        self.send_routes: dict[tuple[str, str], _SendRoute] = {}
+        self.process_routes: dict[tuple[str, str, str, str | None, bool], _ProcessRoute] = {}
+        self.call_routes: dict[tuple[str, str, str | None, str], _CallRoute] = {}
+
+    def send_route(self, exchange: str, routing_key: str) -> _SendRoute:
+        if len(self.send_routes) >= _ROUTES_KEPT:
+            self.send_routes = {}
+        route = self.send_routes[exchange, routing_key] = _SendRoute(self, exchange, routing_key)
+        return route
+
+    def process_route(self, key: tuple[str, str, str, str | None, bool]) -> _ProcessRoute:
+        if len(self.process_routes) >= _ROUTES_KEPT:
+            self.process_routes = {}
+        route = self.process_routes[key] = _ProcessRoute(self, *key)
+        return route
+
+    def call_route(self, key: tuple[str, str, str | None, str]) -> _CallRoute:
+        if len(self.call_routes) >= _ROUTES_KEPT:
+            self.call_routes = {}
+        route = self.call_routes[key] = _CallRoute(*key)
+        return route
 
 
 class _Tally:
-    """Sums by attribute set, observed by the SDK at collection time."""
+    """Sums by attribute set, observed by the SDK at collection time.
+
+    Each attribute set has a one-item list (:meth:`cell`) that the hooks keep
+    in their per-destination routes, so a count is ``cell[0] += 1``.
+    """
 
     def __init__(self) -> None:
-        self.values: dict[tuple[tuple[str, str], ...], float] = {}
+        self.values: dict[tuple[tuple[str, str], ...], list[float]] = {}
+
+    def cell(self, key: tuple[tuple[str, str], ...]) -> list[float]:
+        found = self.values.get(key)
+        if found is None:
+            found = self.values.setdefault(key, [0])
+        return found
 
     def add(self, amount: float, key: tuple[tuple[str, str], ...]) -> None:
-        self.values[key] = self.values.get(key, 0) + amount
+        self.cell(key)[0] += amount
 
     def observe(self, options: CallbackOptions) -> list[Observation]:
-        return [Observation(value, dict(key)) for key, value in dict(self.values).items()]  # a copy: another thread
+        return [Observation(cell[0], dict(key)) for key, cell in list(self.values.items())]  # a copy: another thread
+
+
+_ROUTES_KEPT = 1024
+"""Routes (names, attributes and metric cells per destination) kept per kind; past that the cache starts over."""
+
+
+class _SendRoute:
+    """What every publish to one (exchange, routing key) shares: span name, attributes known before sampling."""
+
+    __slots__ = ("attributes", "name", "published")
+
+    def __init__(self, state: _Instruments, exchange: str, routing_key: str) -> None:
+        self.name = f"send {_destination(exchange, routing_key)}"
+        self.attributes: dict[str, Any] = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.name": "send",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": exchange,
+        }
+        if routing_key:
+            self.attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
+        self.published = state.published.cell(
+            (("messaging.destination.name", exchange), ("messaging.system", "rabbitmq"))
+        )
+
+
+class _ProcessRoute:
+    """What every delivery from one queue, exchange and routing key (and RPC method) shares."""
+
+    __slots__ = ("acked", "attributes", "consumed", "duration_attributes", "in_flight", "key", "kind", "name", "task")
+
+    def __init__(
+        self, state: _Instruments, queue: str, exchange: str, routing_key: str, method: str | None, server: bool
+    ) -> None:
+        # A server-named queue (a private subscription's amq.gen-...) is one of many: names and metrics use the
+        # exchange.
+        target = queue if not queue.startswith("amq.") else (exchange or "(default)")
+        self.attributes: dict[str, Any] = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.name": "process",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": exchange,
+            "messaging.destination.subscription.name": queue,
+        }
+        if routing_key:
+            self.attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
+        if server:
+            self.attributes["rpc.service"] = queue
+            self.attributes["rpc.method"] = method or ""
+            self.name, self.kind = (f"{queue}/{method}" if method else queue), SpanKind.SERVER
+        else:
+            self.name, self.kind = f"process {target}", SpanKind.CONSUMER
+        self.task = not server  # a work-queue attempt number is read from the headers
+        self.key = (("messaging.destination.subscription.name", target), ("messaging.system", "rabbitmq"))
+        self.duration_attributes = dict(self.key)
+        self.consumed = state.consumed.cell(self.key)
+        self.in_flight = state.in_flight.cell(self.key)
+        self.acked = state.acked.cell(self.key)
+
+
+class _CallRoute:
+    """What every RPC call to one queue and method shares."""
+
+    __slots__ = ("attributes", "method", "name", "outcomes", "service")
+
+    def __init__(self, exchange: str, queue: str, method: str | None, reply_queue: str) -> None:
+        self.name = f"{queue}/{method}" if method else queue
+        self.service = queue
+        self.method = method or ""
+        self.attributes: dict[str, Any] = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.name": "send",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": exchange,
+            "rpc.service": queue,
+            "rpc.method": self.method,
+            "amqpkit.rpc.reply_queue": reply_queue,
+        }
+        if queue:
+            self.attributes["messaging.rabbitmq.destination.routing_key"] = queue
+        self.outcomes: dict[str, dict[str, str]] = {}
+
+    def outcome(self, outcome: str) -> dict[str, str]:
+        found = self.outcomes.get(outcome)
+        if found is None:
+            found = {"rpc.service": self.service, "rpc.method": self.method, "amqpkit.rpc.outcome": outcome}
+            if len(self.outcomes) < 64:  # exception class names: few, but not ours to bound
+                self.outcomes[outcome] = found
+        return found
 
 
 _state: _Instruments | None = None
@@ -253,19 +374,31 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> MetricsServer:
 
 def extract(headers: Mapping[str, Any]) -> Context:
     """The trace context a message's headers carry, or an empty context (a new trace) when none or malformed."""
-    if "traceparent" not in headers:
+    if headers.get("traceparent") is None:
         return _EMPTY
     ctx = _PROPAGATOR.extract(headers, context=_EMPTY, getter=_GETTER)
-    if not trace.get_current_span(ctx).get_span_context().is_valid:
+    if ctx is _EMPTY:  # the propagator hands back the context it was given when the header does not parse
         shown = str(headers.get("traceparent"))[:80]
         log.debug("ignored a malformed traceparent header %r; the message starts a new trace", shown)
-        return _EMPTY
     return ctx
 
 
+def _inject(span_context: SpanContext, headers: dict[str, Any]) -> None:
+    """W3C ``traceparent`` (and ``tracestate``) for ``span_context``, as the W3C propagator writes them.
+
+    Written here rather than through the propagator, which wants the span in a new Context first.
+    """
+    if span_context.is_valid:
+        headers["traceparent"] = (
+            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+        )
+        if span_context.trace_state:
+            headers["tracestate"] = span_context.trace_state.to_header()
+
+
 def _traceparent(span: Span) -> str | None:
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    carrier: dict[str, Any] = {}
+    _inject(span.get_span_context(), carrier)
     return carrier.get("traceparent")
 
 
@@ -285,6 +418,8 @@ def _link_to_first(headers: Mapping[str, Any]) -> list[Link] | None:
 
 
 def _fail(span: Span, exc: BaseException) -> None:
+    if not span.is_recording():
+        return
     span.set_attribute("error.type", type(exc).__qualname__)
     span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:300])
     span.record_exception(exc)
@@ -300,6 +435,18 @@ def _destination(exchange: str, routing_key: str) -> str:
     return "(default)"
 
 
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope) if f.init)
+_envelope_values = attrgetter(*_ENVELOPE_FIELDS)
+_HEADERS_AT = _ENVELOPE_FIELDS.index("headers")
+
+
+def _with_headers(envelope: Envelope, headers: dict[str, Any]) -> Envelope:
+    """A copy of ``envelope`` with ``headers`` (``dataclasses.replace`` without its per-call field walk)."""
+    values = list(_envelope_values(envelope))
+    values[_HEADERS_AT] = headers
+    return Envelope(*values)
+
+
 async def _publish(
     broker: Broker,
     envelope: Envelope,
@@ -310,38 +457,33 @@ async def _publish(
     timeout: float | None,
 ) -> None:
     state = _state
-    exchange_name = exchange if isinstance(exchange, str) else exchange.name
     if state is None:  # uninstrumented meanwhile
         await _quiet_publish(broker, envelope, exchange, routing_key, mandatory, confirm, timeout)
         return
-    attributes: dict[str, Any] = {
-        "messaging.system": "rabbitmq",
-        "messaging.operation.name": "send",
-        "messaging.operation.type": "send",
-        "messaging.destination.name": exchange_name,
-        "messaging.message.body.size": len(envelope.body),
-    }
-    if routing_key:
-        attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
-    if envelope.message_id:
-        attributes["messaging.message.id"] = envelope.message_id
-    if envelope.correlation_id:
-        attributes["messaging.message.conversation_id"] = envelope.correlation_id
-    span = state.tracer.start_span(
-        f"send {_destination(exchange_name, routing_key)}", kind=SpanKind.PRODUCER, attributes=attributes
-    )
+    exchange_name = exchange if isinstance(exchange, str) else exchange.name
+    route = state.send_routes.get((exchange_name, routing_key)) or state.send_route(exchange_name, routing_key)
+    # The sampler sees the attributes known before the message (semantic conventions' sampling-relevant ones);
+    # the message's own are added only to a span that records.
+    span = state.tracer.start_span(route.name, kind=SpanKind.PRODUCER, attributes=route.attributes)
+    if span.is_recording():
+        attributes: dict[str, Any] = {"messaging.message.body.size": len(envelope.body)}
+        if envelope.message_id:
+            attributes["messaging.message.id"] = envelope.message_id
+        if envelope.correlation_id:
+            attributes["messaging.message.conversation_id"] = envelope.correlation_id
+        span.set_attributes(attributes)
     headers = dict(envelope.headers)
     headers.pop("tracestate", None)  # a forwarded copy's old state; the new span's own is injected
-    _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
+    _inject(span.get_span_context(), headers)
     try:
-        await _quiet_publish(broker, replace(envelope, headers=headers), exchange, routing_key, mandatory, confirm,
+        await _quiet_publish(broker, _with_headers(envelope, headers), exchange, routing_key, mandatory, confirm,
                              timeout)  # fmt: skip
     except BaseException as exc:
         _fail(span, exc)
         raise
     finally:
         span.end()
-    state.published.add(1, (("messaging.destination.name", exchange_name), ("messaging.system", "rabbitmq")))
+    route.published[0] += 1
 
 
 async def _quiet_publish(
@@ -370,42 +512,30 @@ async def _consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
         await consumer.callback(delivery)
         return
     headers = delivery.headers
-    parent = extract(headers)
-    queue = consumer.queue_name
-    # A server-named queue (a private subscription's amq.gen-...) is one of many: names and metrics use the exchange.
-    target = queue if not queue.startswith("amq.") else (delivery.exchange or "(default)")
     props = delivery._properties
-    attributes: dict[str, Any] = {
-        "messaging.system": "rabbitmq",
-        "messaging.operation.name": "process",
-        "messaging.operation.type": "process",
-        "messaging.destination.name": delivery.exchange,
-        "messaging.destination.subscription.name": queue,
-        "messaging.message.body.size": len(delivery.body),
-        "messaging.rabbitmq.message.delivery_tag": delivery.delivery_tag,
-    }
-    if delivery.routing_key:
-        attributes["messaging.rabbitmq.destination.routing_key"] = delivery.routing_key
-    if props.message_id:
-        attributes["messaging.message.id"] = props.message_id
-    if props.correlation_id:
-        attributes["messaging.message.conversation_id"] = props.correlation_id
-    if isinstance(owner, RpcServer):
-        method = props.message_type or ""
-        attributes["rpc.service"] = queue
-        attributes["rpc.method"] = method
-        name, kind = (f"{queue}/{method}" if method else queue), SpanKind.SERVER
-    else:
-        name, kind = f"process {target}", SpanKind.CONSUMER
-        attempt = headers.get("x-attempt")
-        if attempt is not None:
-            attributes["amqpkit.task.attempt"] = _as_int(attempt)
-    span = state.tracer.start_span(name, parent, kind, attributes, _link_to_first(headers))
+    server = isinstance(owner, RpcServer)
+    key = (consumer.queue_name, delivery.exchange, delivery.routing_key, props.message_type if server else None, server)
+    route = state.process_routes.get(key) or state.process_route(key)
+    parent = extract(headers)
+    span = state.tracer.start_span(route.name, parent, route.kind, route.attributes, _link_to_first(headers))
+    if span.is_recording():
+        attributes: dict[str, Any] = {
+            "messaging.message.body.size": len(delivery.body),
+            "messaging.rabbitmq.message.delivery_tag": delivery.delivery_tag,
+        }
+        if props.message_id:
+            attributes["messaging.message.id"] = props.message_id
+        if props.correlation_id:
+            attributes["messaging.message.conversation_id"] = props.correlation_id
+        if route.task:
+            attempt = headers.get("x-attempt")
+            if attempt is not None:
+                attributes["amqpkit.task.attempt"] = _as_int(attempt)
+        span.set_attributes(attributes)
     token = otel_context.attach(trace.set_span_in_context(span, parent))
-    quiet = _QUIET.set(False)
-    key = (("messaging.destination.subscription.name", target), ("messaging.system", "rabbitmq"))
-    state.consumed.add(1, key)
-    state.in_flight.add(1, key)
+    quiet = _QUIET.set(False) if _QUIET.get() else None
+    route.consumed[0] += 1
+    route.in_flight[0] += 1
     started = time.perf_counter()
     try:
         await consumer.callback(delivery)
@@ -413,14 +543,15 @@ async def _consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
         _fail(span, exc)
         raise
     finally:
-        state.process_duration.record(time.perf_counter() - started, dict(key))
-        state.in_flight.add(-1, key)
+        state.process_duration.record(time.perf_counter() - started, route.duration_attributes)
+        route.in_flight[0] -= 1
         settled = delivery.settled
         if settled is Settlement.ACKED:
-            state.acked.add(1, key)
+            route.acked[0] += 1
         elif settled is not None and settled is not Settlement.AUTO:
-            state.nacked.add(1, (("amqpkit.settlement", settled.value), *key))
-        _QUIET.reset(quiet)
+            state.nacked.add(1, (("amqpkit.settlement", settled.value), *route.key))
+        if quiet is not None:
+            _QUIET.reset(quiet)
         otel_context.detach(token)
         span.end()
 
@@ -441,21 +572,10 @@ async def _rpc_call(
             return await client.call(method, payload, returns=returns, timeout=timeout, headers=carrier)
         finally:
             _QUIET.reset(token)
-    queue = client.routing_key
-    attributes: dict[str, Any] = {
-        "messaging.system": "rabbitmq",
-        "messaging.operation.name": "send",
-        "messaging.operation.type": "send",
-        "messaging.destination.name": client.exchange,
-        "rpc.service": queue,
-        "rpc.method": method or "",
-        "amqpkit.rpc.reply_queue": client.reply_queue,
-    }
-    if queue:
-        attributes["messaging.rabbitmq.destination.routing_key"] = queue
-    span = state.tracer.start_span(f"{queue}/{method}" if method else queue, kind=SpanKind.CLIENT,
-                                   attributes=attributes)  # fmt: skip
-    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    key = (client.exchange, client.routing_key, method, client.reply_queue)
+    route = state.call_routes.get(key) or state.call_route(key)
+    span = state.tracer.start_span(route.name, kind=SpanKind.CLIENT, attributes=route.attributes)
+    _inject(span.get_span_context(), carrier)
     token = _QUIET.set(True)
     started = time.perf_counter()
     outcome = "ok"
@@ -467,10 +587,7 @@ async def _rpc_call(
         raise
     finally:
         _QUIET.reset(token)
-        state.rpc_duration.record(
-            time.perf_counter() - started,
-            {"rpc.service": queue, "rpc.method": method or "", "amqpkit.rpc.outcome": outcome},
-        )
+        state.rpc_duration.record(time.perf_counter() - started, route.outcome(outcome))
         span.end()
 
 

@@ -1,0 +1,157 @@
+"""A sampler makes the cost proportional: a sampled-out message still carries its trace and is counted, with
+no attribute work; and what the hooks keep per destination does not leak from one destination to another."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, SamplingResult
+from opentelemetry.trace import Link, NonRecordingSpan, SpanKind
+from opentelemetry.util.types import Attributes
+
+from amqpkit import Broker, Delivery, Envelope, Exchange, Queue, Subscriber, telemetry
+
+from ..waiting import wait_for
+from .conftest import Telemetry
+
+
+class _Watching(Sampler):
+    """ParentBased(ALWAYS_OFF), remembering the attributes each decision was shown."""
+
+    def __init__(self) -> None:
+        self.inner = ParentBased(ALWAYS_OFF)
+        self.shown: list[dict[str, Any]] = []
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        self.shown.append(dict(attributes or {}))
+        return self.inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return "watching ParentBased(ALWAYS_OFF)"
+
+
+@pytest.fixture
+def sampled_out(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[_Watching, InMemorySpanExporter, Telemetry]]:
+    sampler = _Watching()
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider(sampler=sampler)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    telemetry.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    try:
+        yield sampler, exporter, Telemetry(exporter, reader)
+    finally:
+        telemetry.uninstrument()
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+
+async def test_sampled_out_message_keeps_its_trace_and_counts_without_attribute_work(
+    broker: Broker, name: str, sampled_out: tuple[_Watching, InMemorySpanExporter, Telemetry],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    sampler, exporter, otel = sampled_out
+    set_on_dropped: list[Any] = []
+    monkeypatch.setattr(NonRecordingSpan, "set_attributes", lambda self, a: set_on_dropped.append(a))
+    monkeypatch.setattr(NonRecordingSpan, "set_attribute", lambda self, k, v: set_on_dropped.append({k: v}))
+    queue = Queue(f"{name}.q", auto_delete=True)
+    seen: list[tuple[Delivery[bytes], Any]] = []
+    handler_log = logging.getLogger("test.telemetry.sampled")
+
+    async def on_message(delivery: Delivery[bytes]) -> None:
+        handler_log.warning("handling")
+        seen.append((delivery, trace.get_current_span().get_span_context()))
+        await delivery.ack()
+
+    consumer = await broker.consume(queue, on_message)
+    try:
+        with caplog.at_level(logging.WARNING, logger="test.telemetry.sampled"):
+            await broker.publish(Envelope(b"12345", correlation_id="conv-9"), routing_key=queue.name)
+            await wait_for(lambda: seen and otel.total("amqpkit.messages.acked") == 1)
+    finally:
+        await consumer.cancel()
+
+    assert exporter.get_finished_spans() == ()  # nothing recorded
+    delivery, current = seen[0]
+    # The context still travelled: the handler runs in the publisher's trace, marked not sampled.
+    version, trace_id, _, flags = str(delivery.headers["traceparent"]).split("-")
+    assert version == "00" and int(flags, 16) & 1 == 0
+    assert current.is_valid and format(current.trace_id, "032x") == trace_id
+    record = next(r for r in caplog.records if r.name == "test.telemetry.sampled")
+    assert getattr(record, "trace_id", None) == trace_id  # log lines still carry it
+    # The sampler saw what the conventions list as sampling-relevant, and nothing of the message itself.
+    publish_shown, process_shown = sampler.shown
+    assert publish_shown["messaging.system"] == "rabbitmq" and publish_shown["messaging.operation.type"] == "send"
+    assert publish_shown["messaging.rabbitmq.destination.routing_key"] == queue.name
+    assert process_shown["messaging.destination.subscription.name"] == queue.name
+    for shown in (publish_shown, process_shown):
+        assert not {"messaging.message.id", "messaging.message.body.size", "messaging.message.conversation_id"} & set(
+            shown
+        )
+    assert set_on_dropped == []  # and no attributes were built for the spans it dropped
+    # Metrics count every message, sampled or not.
+    assert otel.total("messaging.client.sent.messages") == 1
+    assert otel.total("messaging.client.consumed.messages") == 1
+    assert otel.total("messaging.process.duration") == 1
+    assert otel.total("amqpkit.messages.in_flight") == 0
+
+
+async def test_each_destination_keeps_its_own_names_attributes_and_counts(
+    broker: Broker, name: str, otel: Telemetry
+) -> None:
+    exchange = Exchange(f"{name}.events", type="topic")
+    seen: list[Delivery[bytes]] = []
+
+    async def on_event(delivery: Delivery[bytes]) -> None:
+        seen.append(delivery)
+        await delivery.ack()
+
+    try:
+        async with Subscriber(broker, exchange, on_event, queue=Queue(f"{name}.all", auto_delete=True),
+                              binding_keys=["#"]):  # fmt: skip
+            for key, body in (("a.one", b"1"), ("b.two", b"22"), ("a.one", b"333")):
+                await broker.publish(Envelope(body), exchange=exchange, routing_key=key)
+            await broker.publish(Envelope(b"4444"), routing_key=f"{name}.all")  # the default exchange, same queue
+            await wait_for(lambda: len([s for s in otel.spans() if s.kind is SpanKind.CONSUMER]) == 4)
+    finally:
+        await broker.delete_exchange(exchange.name)
+
+    sends = sorted((s for s in otel.spans() if s.kind is SpanKind.PRODUCER), key=lambda s: s.start_time or 0)
+    assert [s.name for s in sends] == [f"send {exchange.name}"] * 3 + [f"send {name}.all"]
+    assert [s.attributes["messaging.rabbitmq.destination.routing_key"] for s in sends] == [
+        "a.one", "b.two", "a.one", f"{name}.all"
+    ]  # fmt: skip
+    assert [s.attributes["messaging.message.body.size"] for s in sends] == [1, 2, 3, 4]
+    assert [s.attributes["messaging.destination.name"] for s in sends] == [exchange.name] * 3 + [""]
+    processes = {s.attributes["messaging.message.body.size"]: s for s in otel.spans() if s.kind is SpanKind.CONSUMER}
+    for send in sends:
+        process = processes[send.attributes["messaging.message.body.size"]]
+        assert process.parent is not None and process.parent.span_id == send.context.span_id
+        for attribute in ("messaging.destination.name", "messaging.rabbitmq.destination.routing_key",
+                          "messaging.message.id"):  # fmt: skip
+            assert process.attributes[attribute] == send.attributes[attribute]
+        assert process.name == f"process {name}.all"
+    by_exchange = {attrs["messaging.destination.name"]: n for attrs, n in otel.metric("messaging.client.sent.messages")}
+    assert by_exchange == {exchange.name: 3, "": 1}
+    assert otel.total("messaging.client.consumed.messages") == 4
+    assert otel.total("amqpkit.messages.acked") == 4
