@@ -423,11 +423,11 @@ class Gatekeeper(BaseHTTPMiddleware):
         started = time.perf_counter()
         with tracing.server_span(f"{request.method} {request.url.path}") as trace_id:
             response = await self._checked(request, call_next)
-        response.headers["X-Trace-Id"] = trace_id
-        log.info(
-            "%s %s %d %.1f ms trace_id=%s", request.method, request.url.path, response.status_code,
-            (time.perf_counter() - started) * 1000, trace_id,
-        )  # fmt: skip
+            response.headers["X-Trace-Id"] = trace_id
+            log.info(
+                "%s %s %d %.1f ms trace_id=%s", request.method, request.url.path, response.status_code,
+                (time.perf_counter() - started) * 1000, trace_id,
+            )  # fmt: skip
         return response
 
     async def _checked(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
