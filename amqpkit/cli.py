@@ -122,7 +122,8 @@ def bench(
             "--scenario",
             "-s",
             help="comma-separated: rpc, rpc-reply-queue, oneway, oneway-confirmed, raw-rpc, raw-oneway, "
-            "workqueue, aiopika-rpc, aiopika-workqueue, http-rpc (both HTTP clients: http-rpc-aiohttp, "
+            "workqueue (async def), workqueue-sync (def, threads), workqueue-process (def, process pool), "
+            "aiopika-rpc, aiopika-workqueue, http-rpc (both HTTP clients: http-rpc-aiohttp, "
             "http-rpc-httpx), grpc-rpc, chain-rpc, chain-events, chain-http",
         ),
     ] = ",".join(DEFAULT_SCENARIOS),
@@ -153,6 +154,24 @@ def bench(
         float, typer.Option("--service-ms", help="each server's work per request, ms (at most --prefetch at once)")
     ] = 0.0,
     deadline: Annotated[float, typer.Option("--deadline", help="a caller's deadline in seconds")] = 30.0,
+    task_cpu_ms: Annotated[
+        float, typer.Option("--task-cpu-ms", help="workqueue scenarios: busy CPU work per task, ms")
+    ] = 0.0,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--target",
+            metavar="NAME=URL",
+            help="repeatable: run against each broker, interleaved, with ratios to the first: NAME=URL "
+            "(URL,URL,... for a cluster; NAME=@VAR reads them from VAR, keeping a password off the command line)",
+        ),
+    ] = None,
+    otel: Annotated[
+        str | None,
+        typer.Option(
+            "--otel", metavar="MODES", help="comma-separated: off, noop, batch; each instrumentation mode, interleaved"
+        ),
+    ] = None,
     loop: Annotated[str, typer.Option("--loop", help="event loop: asyncio, uvloop, or asyncio,uvloop for both")] = (
         "asyncio"
     ),
@@ -166,12 +185,14 @@ def bench(
 
     from .bench import BenchParams, MissingDependency, run_loops
     from .bench.burst import parse_profile
+    from .bench.compare import parse_target
     from .bench.report import plot, print_report
 
     command_logging(logging.CRITICAL)  # the report says what failed
     settings = settings_for(url)
     try:
         profile = parse_profile(burst) if burst is not None else None
+        targets = tuple(parse_target(t) for t in target or ())
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -196,6 +217,9 @@ def bench(
             service_ms=service_ms,
             deadline=deadline,
             loop=tuple(part.strip() for part in loop.split(",") if part.strip()),
+            task_cpu_ms=task_cpu_ms,
+            targets=targets,
+            otel=tuple(part.strip() for part in (otel or "").split(",") if part.strip()),
         )
     except ValidationError as exc:
         message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")

@@ -66,6 +66,7 @@ class ServerOptions:
     next_endpoint: str = ""
     deadline: float = 30.0
     task_cpu_ms: float = 0.0
+    otel: str = ""  # --otel mode of this serving process ("": not set up)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,7 @@ class ServerSide(ABC):
         self.last_ns = 0
         self.seen: set[int] = set()
         self.duplicates = 0
+        self.traced = 0
         self.origin_ns: int | None = None
         self.series: dict[int, tuple[list[int], LatencyRecorder]] = {}
         self._handled_total = 0
@@ -180,6 +182,8 @@ class ServerSide(ABC):
                 self.duplicates += 1
             else:
                 self.seen.add(sequence)
+        if headers and "traceparent" in headers:  # the sender was instrumented (amqpkit bench --otel)
+            self.traced += 1
         self.received += 1
         self.last_ns = now
 
@@ -200,6 +204,7 @@ class ServerSide(ABC):
         self.last_ns = 0
         self.seen = set()
         self.duplicates = 0
+        self.traced = 0
         self.origin_ns = origin_ns
         self.series = {}
 
@@ -216,6 +221,7 @@ class ServerSide(ABC):
             "hist": self.recorder.encode(),
             "distinct": len(self.seen),
             "duplicates": self.duplicates,
+            "traced": self.traced,
         }
         if self.origin_ns is not None:
             doc["series"] = {str(s): [c[0], r.encode()] for s, (c, r) in sorted(self.series.items())}

@@ -111,7 +111,13 @@ def print_report(result: BenchResult, console: Console | None = None) -> None:
         + f", {' and '.join(p.loop)} event loop"
         + (f", {p.repeat} runs (median \\[min-max])" if p.repeat > 1 else "")
         + (", in one process" if p.inproc else ", server in its own process")
+        + (f", otel {p.otel[0]}" if len(p.otel) == 1 else "")
     )
+    if result.compare:
+        from .report_compare import print_compare
+
+        print_compare(result, console)
+        return
     if result.results:
         console.print(_table(result, result.results))
     if result.chain:

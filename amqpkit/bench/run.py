@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -27,7 +29,8 @@ from .base import ClientOptions, ClientSide, Kind, ServerOptions, Window
 from .burst import profile_seconds, run_burst
 from .chain import ROLES
 from .loads import closed_loop, open_loop, run_in_loop
-from .results import BenchResult, RunResult, machine_info
+from .otel import OTEL_MODES
+from .results import Arm, BenchResult, RunResult, machine_info
 from .scenarios import CLIENTS, SERVERS, expand, is_chain, is_rpc, kind_of, require
 from .sides import ChainSide, GroupSide, LocalSide, RemoteSide, Side
 from .stats import LatencyRecorder
@@ -36,6 +39,7 @@ __all__ = ["DEFAULT_SCENARIOS", "BenchParams", "BenchResult", "RunResult", "run_
 
 DEFAULT_SCENARIOS = ("rpc", "rpc-reply-queue", "oneway", "oneway-confirmed", "raw-rpc", "raw-oneway")
 LOOPS = ("asyncio", "uvloop")
+TARGET_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -65,10 +69,16 @@ class BenchParams(BaseModel):
     task_cpu_ms: float = Field(default=0.0, ge=0, description="a work-queue task's CPU work (busy, its own CPU time)")
     deadline: float = Field(default=30.0, gt=0, description="a caller's deadline, seconds")
     loop: tuple[str, ...] = ("asyncio",)
+    targets: tuple[tuple[str, tuple[str, ...]], ...] = Field(
+        default=(),
+        description="(name, URLs) of each broker run against, in place of url; the first is the reference",
+    )
+    otel: tuple[str, ...] = Field(default=(), description="instrumentation modes to run in: off, noop, batch")
 
     @model_validator(mode="after")
     def _check(self) -> BenchParams:
         object.__setattr__(self, "scenarios", expand(self.scenarios))
+        self._check_arms()
         if not self.loop or any(loop not in LOOPS for loop in self.loop):
             raise ValueError(f"loop is one or more of {', '.join(LOOPS)}")
         if self.burst is not None and self.rate is not None:
@@ -80,6 +90,38 @@ class BenchParams(BaseModel):
         if self.queue_type not in ("classic", "quorum"):
             raise ValueError("queue_type is classic or quorum")
         return self
+
+    def _check_arms(self) -> None:
+        names = [name for name, _ in self.targets]
+        for name, urls in self.targets:
+            if not TARGET_NAME.fullmatch(name):
+                raise ValueError(f"target name {name!r}: letters, digits, '.', '_' and '-' only")
+            if not urls:
+                raise ValueError(f"target {name}: no URL")
+            for url in urls:
+                if urlsplit(url).scheme not in ("amqp", "amqps"):
+                    raise ValueError(f"target {name}: not an AMQP URL: {redact_url(url)}")
+        if len(set(names)) != len(names):
+            raise ValueError("target names must differ")
+        unknown = [mode for mode in self.otel if mode not in OTEL_MODES]
+        if unknown:
+            raise ValueError(f"unknown otel mode {unknown[0]!r}; valid: {', '.join(OTEL_MODES)}")
+        if len(set(self.otel)) != len(self.otel):
+            raise ValueError("otel modes must differ")
+        if (self.otel or len(self.arms()) > 1) and len(self.loop) > 1:
+            raise ValueError("targets and otel modes are compared on one event loop: give one --loop")
+        if len(self.arms()) > 1 and self.burst is not None:
+            raise ValueError("--burst runs on one broker in one mode: no --target list or --otel list with it")
+
+    def arms(self) -> list[Arm]:
+        """What the run compares: every target in every otel mode (one arm when neither is given)."""
+        targets: list[tuple[str | None, tuple[str, ...]]] = list(self.targets) or [(None, (self.url,))]
+        modes: list[str | None] = list(self.otel) or [None]
+        return [
+            Arm(name="/".join(part for part in (target, mode) if part) or "default", target=target, urls=urls,
+                otel=mode)
+            for target, urls in targets for mode in modes
+        ]  # fmt: skip
 
     def warmup_count(self) -> int:
         if self.warmup is not None:
@@ -95,6 +137,7 @@ class BenchParams(BaseModel):
     def public(self) -> dict[str, Any]:
         doc = self.model_dump()
         doc["url"] = redact_url(self.url)
+        doc["targets"] = [{"name": name, "urls": [redact_url(u) for u in urls]} for name, urls in self.targets]
         doc["warmup"] = self.warmup_count()
         return doc
 
@@ -103,11 +146,18 @@ class BenchParams(BaseModel):
 
 
 async def run_bench(
-    params: BenchParams, *, on_progress: ProgressCallback | None = None, loop: str | None = None, first_run: int = 0
+    params: BenchParams,
+    *,
+    on_progress: ProgressCallback | None = None,
+    loop: str | None = None,
+    first_run: int = 0,
+    arm: Arm | None = None,
 ) -> BenchResult:
     """Run every scenario at every load level on the running event loop; returns what was measured.
 
     ``loop`` names that loop for the serving processes (default: the first of ``params.loop``).
+    ``arm``: the broker and otel mode to run in (default: ``params.url``, no instrumentation);
+    this process is instrumented by the caller (:func:`.compare.run_arms`), the serving ones here.
     Raises :class:`~amqpkit.ConnectError` when no broker answers, and
     :class:`~amqpkit.bench.scenarios.MissingDependency` when a scenario needs the ``bench`` extra.
     """
@@ -115,7 +165,8 @@ async def run_bench(
 
     loop = loop or params.loop[0]
     require(params.scenarios, loop=loop)
-    settings = BrokerSettings(url=params.url)
+    arm = arm or Arm(name="default", target=None, urls=(params.url,), otel=None)
+    settings = BrokerSettings(url=arm.client_url)
     result = BenchResult(params=params, machine=machine_info())
     # Fail fast, with the Broker's own clear error, when there is no broker.
     probe = Broker(settings.model_copy(update={"reconnect": settings.reconnect.model_copy(
@@ -130,14 +181,14 @@ async def run_bench(
     try:
         for scenario in params.scenarios:
             window = None if is_rpc(scenario) else Window()
-            side = _side_for(params, scenario, f"amqpkit.bench.{scenario}.{tag}", window, loop)
+            side = _side_for(params, arm, scenario, f"amqpkit.bench.{scenario}.{tag}", window, loop)
             sides[scenario] = side
             await side.start()
             if window is not None:
                 windows[scenario] = window
             deadline = params.drain_timeout() if params.burst and kind_of(scenario) is Kind.EVENTS else params.deadline
             client = CLIENTS[scenario](ClientOptions(
-                url=params.url, queue=f"amqpkit.bench.{scenario}.{tag}", size=params.size,
+                url=arm.client_url, queue=f"amqpkit.bench.{scenario}.{tag}", size=params.size,
                 queue_type=params.queue_type, endpoint=side.endpoint, deadline=deadline, prefetch=params.prefetch,
             ))  # fmt: skip
             clients[scenario] = client
@@ -162,7 +213,7 @@ async def run_bench(
             for concurrency, rate in levels:
                 for scenario in params.scenarios:
                     one = await _one_run(params, scenario, sides[scenario], clients[scenario], windows.get(scenario),
-                                         concurrency, rate, run, on_progress)  # fmt: skip
+                                         concurrency, rate, run, on_progress, arm.otel)  # fmt: skip
                     (result.chain if is_chain(scenario) else result.results).append(one)
     finally:
         for client in clients.values():
@@ -176,9 +227,9 @@ async def run_bench(
     return result
 
 
-def _side_for(params: BenchParams, scenario: str, queue: str, window: Window | None, loop: str) -> Side:
+def _side_for(params: BenchParams, arm: Arm, scenario: str, queue: str, window: Window | None, loop: str) -> Side:
     options = ServerOptions(
-        url=params.url, queue=queue, prefetch=params.prefetch, queue_type=params.queue_type,
+        url=arm.server_url, otel=arm.otel or "", queue=queue, prefetch=params.prefetch, queue_type=params.queue_type,
         stall_ms=params.stall_ms, stall_after=params.stall_after, service_ms=params.service_ms,
         deadline=params.deadline, task_cpu_ms=params.task_cpu_ms,
     )  # fmt: skip
@@ -205,6 +256,10 @@ def run_loops(params: BenchParams, *, on_progress: ProgressCallback | None = Non
     once on each loop (interleaved); runs on a loop other than the first are
     named ``SCENARIO@LOOP`` (``rpc@uvloop``), so the JSON keeps its shape.
     """
+    if params.otel or len(params.arms()) > 1:
+        from .compare import run_arms
+
+        return run_arms(params, on_progress=on_progress)
     if len(params.loop) == 1:
         return run_in_loop(lambda: run_bench(params, on_progress=on_progress), params.loop[0])  # type: ignore[no-any-return]
     merged: BenchResult | None = None
@@ -239,6 +294,7 @@ async def _one_run(
     rate: float | None,
     run: int,
     on_progress: ProgressCallback | None,
+    otel: str | None = None,
 ) -> RunResult:
     rpc = is_rpc(scenario)
     label = f"{scenario} " + (f"c={concurrency}" if concurrency else f"rate={rate:g}/s")
@@ -319,6 +375,7 @@ async def _one_run(
         recorder = LatencyRecorder.decode(report["hist"])
         measured = int(report["received"])
         errors += int(report["errors"]) + max(0, sent - errors - measured)  # lost counts as errors
+        _check_traced(scenario, otel, measured, int(report.get("traced", 0)))
         end_ns = max(int(report["last_ns"]), finished_ns) if measured else finished_ns
         elapsed = (end_ns - started_ns) / 1e9
     if on_progress is not None and total:
@@ -335,3 +392,12 @@ async def _one_run(
         run=run,
         duration_s=elapsed,
     )
+
+
+def _check_traced(scenario: str, otel: str | None, measured: int, traced: int) -> None:
+    """With ``--otel``, one-way messages carry a ``traceparent`` exactly when the sender was instrumented."""
+    if otel is None or scenario.startswith("chain-"):
+        return
+    wanted = measured if otel != "off" else 0
+    if traced != wanted:
+        raise RuntimeError(f"{scenario} in otel mode {otel}: {traced} of {measured} messages carried a traceparent")

@@ -3,14 +3,16 @@
 ``python -m amqpkit.bench.serve SCENARIO --queue NAME`` starts the server or
 consumer on the broker named by ``AMQP_URL`` (never an argument: a command
 line is visible to every local user, and the URL holds the password), prints
-``{"ready": true, "endpoint": "host:port"}`` (the endpoint for HTTP and gRPC
-servers), then answers commands read from stdin, one per line, each with one
-JSON line on stdout:
+``{"ready": true, "endpoint": "host:port", "instrumented": false}`` (the
+endpoint for HTTP and gRPC servers; whether ``--otel`` instrumented it),
+then answers commands read from stdin, one per line, each with one JSON
+line on stdout:
 
 - ``report N [TIMEOUT]``: waits until N measured messages arrived (one-way)
   and prints ``{"received", "errors", "last_ns", "hist", "distinct",
-  "duplicates"}`` (``hist``: an encoded HDR histogram; ``distinct``: sequence
-  numbers seen, for the ledger), and ``series`` (per second: count and
+  "duplicates", "traced"}`` (``hist``: an encoded HDR histogram; ``distinct``:
+  sequence numbers seen, for the ledger; ``traced``: messages that carried a
+  ``traceparent``), and ``series`` (per second: count and
   histogram) after a ``reset`` with an origin;
 - ``reset [ORIGIN_NS]``: forgets what was measured (between runs); with an
   origin (monotonic ns), counts per second from then on;
@@ -27,6 +29,7 @@ import sys
 
 from ..settings import BrokerSettings
 from .loads import run_in_loop
+from .otel import OTEL_MODES, set_up
 from .scenarios import SERVERS, ServerOptions, ServerSide
 
 
@@ -35,7 +38,7 @@ async def serve(side: ServerSide) -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     await side.start()
-    _say({"ready": True, "endpoint": side.endpoint})
+    _say({"ready": True, "endpoint": side.endpoint, "instrumented": _instrumented()})
     try:
         while line := (await reader.readline()).decode().strip():
             command, *arguments = line.split()
@@ -52,6 +55,12 @@ async def serve(side: ServerSide) -> None:
                 _say({"error": f"unknown command {command!r}"})
     finally:
         await side.stop()
+
+
+def _instrumented() -> bool:
+    """Whether amqpkit.telemetry.instrument() is in effect here (never imports OpenTelemetry to find out)."""
+    telemetry = sys.modules.get("amqpkit.telemetry")
+    return bool(telemetry is not None and telemetry.instrumented())
 
 
 def _say(doc: dict[str, object]) -> None:
@@ -73,6 +82,7 @@ def main() -> None:
     parser.add_argument("--role", default="", help="a chain's service: b, c or d")
     parser.add_argument("--next", default="", help="host:port of the next service of an HTTP chain")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--otel", choices=OTEL_MODES, default=None, help="instrumented as amqpkit bench --otel")
     parser.add_argument("--progress-fd", type=int, default=None, help="write one byte here per handled message")
     args = parser.parse_args()
     options = ServerOptions(
@@ -89,6 +99,8 @@ def main() -> None:
         deadline=args.deadline,
         task_cpu_ms=args.task_cpu_ms,
     )
+    if args.otel is not None:
+        set_up(args.otel)
     if args.progress_fd is not None:
         os.set_blocking(args.progress_fd, False)
     run_in_loop(lambda: serve(SERVERS[args.scenario](options)), args.loop)

@@ -73,6 +73,7 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "hist": merged.encode(),
         "distinct": sum(int(r.get("distinct", 0)) for r in reports),
         "duplicates": sum(int(r.get("duplicates", 0)) for r in reports),
+        "traced": sum(int(r.get("traced", 0)) for r in reports),
     }
     series: dict[str, list[Any]] = {}
     for r in reports:
@@ -165,6 +166,8 @@ class RemoteSide(Side):
             extra += ["--role", o.role]
         if o.next_endpoint:
             extra += ["--next", o.next_endpoint]
+        if o.otel:
+            extra += ["--otel", o.otel]
         args = [
             "-m", "amqpkit.bench.serve", *extra, self.scenario, "--queue", o.queue,
             "--prefetch", str(o.prefetch), "--queue-type", o.queue_type,
@@ -185,6 +188,10 @@ class RemoteSide(Side):
         self._stderr_reader = asyncio.ensure_future(self._drain_stderr())
         ready = await self._read(timeout=60)
         self.endpoint = str(ready.get("endpoint", ""))
+        instrumented = bool(ready.get("instrumented"))
+        if instrumented != (o.otel not in ("", "off")):
+            raise RuntimeError(f"bench server for {self.scenario} is {'' if instrumented else 'not '}instrumented "
+                               f"(--otel {o.otel or 'not given'})")  # fmt: skip
 
     async def _drain_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
