@@ -19,6 +19,7 @@ import logging
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,34 @@ async def test_def_subscriber_worker_and_rpc_run_in_threads_with_their_resources
     finally:
         await drop(broker, f"{name}.orders", f"{name}.jobs", f"{name}.jobs.dlq", f"{name}.rpc")
         await broker.delete_exchange(orders.name)
+
+
+# ---------------------------------------------------------------- the watchdog names a service's handler
+
+
+async def test_an_async_handler_that_blocks_is_named_though_the_service_wraps_it(
+    amqp_url: str, broker: Broker, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler given its ServiceContext runs inside a wrapper the service makes; the warning names the handler."""
+    caplog.set_level(logging.INFO, logger="amqpkit")
+    svc = Service(f"{name}.svc")
+
+    @svc.worker(f"{name}.blocks", concurrency=1)
+    async def blocks_with_its_context(job: dict[str, float], ctx: ServiceContext) -> None:
+        time.sleep(job["seconds"])  # the mistake the watchdog is there to name
+
+    try:
+        async with svc.serve(short_heartbeat(amqp_url)) as running:
+            await running.context.work_queue(f"{name}.blocks").enqueue({"seconds": 1.2})
+            worker = next(iter(running.workers.values()))
+            await wait_for(lambda: worker.completed == 1, timeout=30)
+            await wait_for(lambda: any(r.name == "amqpkit.watchdog" for r in caplog.records), timeout=10)
+        warnings = [r.getMessage() for r in caplog.records if r.name == "amqpkit.watchdog"]
+        assert len(warnings) == 1, warnings
+        assert "blocks_with_its_context" in warnings[0], warnings
+        assert "test_service_executors.py" in warnings[0], warnings  # the line it blocked on, not the wrapper's
+    finally:
+        await drop(broker, f"{name}.blocks", f"{name}.blocks.dlq")
 
 
 # ---------------------------------------------------------------- consumer_timeout
