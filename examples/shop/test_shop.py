@@ -16,15 +16,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from amqpkit import Broker, Envelope, RpcClient
+from amqpkit import Broker, Envelope, RpcClient, TaskEvent, TaskStatus
 from examples.shop.common import EVENTS, HISTORY_RPC, ORDER_CREATED, HistoryStats, event_id
 from examples.shop.draw import load, trace_of
+from examples.shop.gateway import RateLimiter, Tasks, TtlCache, parse_keys
 from examples.shop.launcher import ROOT, Landscape, running
 
 ADA = {"X-API-Key": "demo-key-ada"}
@@ -216,3 +218,50 @@ def check_flow(shop: Landscape, http: httpx.Client, env: dict[str, str], amqp_ur
         ("notifications", "process shop.notifications"),
     ]:
         assert expected in seen, (expected, sorted(seen))
+
+
+# ---------------------------------------------------------------------- the gateway's own parts, without a broker
+
+
+def test_the_rate_limit_is_a_sliding_window_per_key() -> None:
+    limiter = RateLimiter(3, 60)
+    assert [limiter.check("k", now=t) for t in (0, 1, 2)] == [None, None, None]
+    assert limiter.check("k", now=30) == pytest.approx(30)  # the oldest of the three leaves the window at 60
+    assert limiter.check("other", now=30) is None  # each key counts alone
+    assert limiter.check("k", now=60) is None  # 0 is out of the window now
+    assert limiter.check("k", now=60.5) == pytest.approx(0.5)
+
+
+def test_keys_carry_their_user_and_limit() -> None:
+    keys = parse_keys("a:ada,b:bob:5/10, bad ,c:", "100/60")
+    assert sorted(keys) == ["a", "b"]
+    user, limiter = keys["b"]
+    assert (user, limiter.limit, limiter.window) == ("bob", 5, 10)
+    assert (keys["a"][1].limit, keys["a"][1].window) == (100, 60)
+
+
+def test_a_task_status_never_goes_back_and_early_events_are_kept() -> None:
+    def event(status: TaskStatus, error: str | None = None) -> TaskEvent:
+        return TaskEvent(task_id="t1", queue="q", status=status, attempt=1, timestamp=datetime.now(UTC), error=error)
+
+    tasks = Tasks()
+    tasks.update(event(TaskStatus.RUNNING))  # before the gateway knew of the task (its RPC answer came later)
+    view = tasks.placed("t1", "ada")
+    assert view.status == "running"
+    tasks.update(event(TaskStatus.PENDING))  # late: ignored
+    assert view.status == "running"
+    tasks.update(event(TaskStatus.RETRYING))
+    assert view.status == "running"
+    tasks.update(event(TaskStatus.DEAD_LETTERED, "out of stock"))
+    tasks.update(event(TaskStatus.COMPLETED))  # nothing after the end
+    assert (view.status, view.error) == ("failed", "out of stock")
+    assert view.history == ["running", "pending", "retrying", "dead_lettered", "completed"]
+
+
+def test_the_cache_forgets_after_its_ttl() -> None:
+    cache = TtlCache(0.05)
+    cache.put("k", 1)
+    assert cache.get("k") == 1
+    time.sleep(0.06)
+    assert cache.get("k") is None
+    TtlCache(0).put("k", 1)  # a TTL of 0 caches nothing
