@@ -6,7 +6,7 @@
 - ``products``, ``reviews``, ``cart``, ``orders``, ``invoices``,
   ``notifications``, ``history``: one service alone (as ``amqpkit run
   examples.shop.NAME:service`` does);
-- ``rebuild``: the read model again from the event log (stop ``history`` first);
+- ``rebuild`` (or ``history --rebuild``): the read model again from the event log (stop ``history`` first);
 - ``trace ORDER_ID``: the trace of an order, from the spans in ``SHOP_TRACES``.
 """
 
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         from .gateway import main as gateway_main
 
         return gateway_main(rest)
+    if command == "history" and "--rebuild" in rest:
+        command = "rebuild"
     if command in SERVICES:
         cmd = [sys.executable, "-m", "amqpkit.cli", "run", f"examples.shop.{command}:service", *rest]
         return subprocess.call(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
