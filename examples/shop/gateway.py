@@ -37,6 +37,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
@@ -161,13 +162,18 @@ class Tasks:
 
     The work queue's statuses map onto the four the API shows: pending;
     running (and retrying: running again soon); completed; failed (dead-lettered,
-    with the reason). A status never goes back: events from two processes
-    may arrive out of order.
+    with the reason). A status does not go back, as events sent over two
+    connections may arrive out of order; except that a failed task replayed
+    from the dead-letter queue (``amqpkit dlq replay``) runs again: an event
+    stamped after the failure moves it on. Completed is final.
     """
+
+    EARLY_LIMIT = 10_000
 
     def __init__(self) -> None:
         self.tasks: dict[str, TaskView] = {}
         self.early: dict[str, list[TaskEvent]] = {}  # events that came before the RPC's answer
+        self._failed_at: dict[str, datetime] = {}
 
     def placed(self, task_id: str, user: str) -> TaskView:
         view = self.tasks.setdefault(task_id, TaskView(task_id, user))
@@ -177,8 +183,10 @@ class Tasks:
 
     def update(self, event: TaskEvent) -> None:
         view = self.tasks.get(event.task_id)
-        if view is None:
+        if view is None:  # not placed here, or placed and its answer not back yet
             self.early.setdefault(event.task_id, []).append(event)
+            while len(self.early) > self.EARLY_LIMIT:
+                self.early.pop(next(iter(self.early)))
             return
         status = {"retrying": "running", "dead_lettered": "failed", "progress": "running"}.get(
             event.status.value, event.status.value
@@ -187,10 +195,17 @@ class Tasks:
             return
         view.history.append(event.status.value)
         view.times.setdefault(status, event.timestamp.isoformat())
-        if RANK[status] >= RANK[view.status] and view.status not in ("completed", "failed"):
+        failed_at = self._failed_at.get(view.task_id)
+        replayed = view.status == "failed" and failed_at is not None and event.timestamp > failed_at
+        if replayed or (RANK[status] >= RANK[view.status] and view.status not in ("completed", "failed")):
             view.status = status
             view.attempt = event.attempt
             view.error = event.error if status == "failed" else None
+            if status == "failed":
+                self._failed_at[view.task_id] = event.timestamp
+                view.times["failed"] = event.timestamp.isoformat()
+            elif status == "completed":
+                view.times["completed"] = event.timestamp.isoformat()
 
 
 @dataclass
@@ -336,15 +351,25 @@ async def get_order(request: Request) -> Response:
     """The order as order-write stored it, its invoice once there is one, and its task."""
     b = backend(request)
     order_id = request.path_params["order_id"]
-    order, invoice = await asyncio.gather(
-        b.orders.call("status", order_id, timeout=b.timeout), b.invoices.call("for_order", order_id, timeout=b.timeout)
-    )
+    invoice_call = asyncio.ensure_future(b.invoices.call("for_order", order_id, timeout=b.timeout))
+    try:
+        order = await b.orders.call("status", order_id, timeout=b.timeout)
+    except BaseException:
+        invoice_call.cancel()
+        with contextlib.suppress(BaseException):
+            await invoice_call
+        raise
+    body: dict[str, Any] = {"partial": False}
+    try:
+        body["invoice"] = await invoice_call
+    except (RpcError, ConnectionLost) as exc:  # the order without its invoice, marked partial
+        body.update(invoice=None, partial=True, missing={"invoice": _reason(exc)})
     view = task_of(request, order_id)
     if order is not None and order["user"] != user_of(request):
-        order, invoice = None, None
+        order, body["invoice"] = None, None
     if order is None and view is None:
         raise HTTPException(404, "no such order")
-    return JSONResponse({"order": order, "invoice": invoice, "task": view.public() if view else None})
+    return JSONResponse({"order": order, **body, "task": view.public() if view else None})
 
 
 async def list_orders(request: Request) -> Response:

@@ -136,7 +136,9 @@ async def order_manager(task: Delivery[PlaceOrder], db: OrdersDb, peers: Peers) 
         try:
             product = await peers.products.call("get", item.product_id, returns=Product, timeout=5)
         except RemoteError as exc:
-            raise Reject(f"{item.product_id}: {exc.remote_message}") from None
+            if exc.remote_type == "KeyError":  # not in the catalogue: no retry makes it so
+                raise Reject(f"{item.product_id}: {exc.remote_message}") from None
+            raise
         if product.stock < item.quantity:
             raise Reject(f"{product.name}: {product.stock} in stock, {item.quantity} ordered")
         total += product.price * item.quantity  # the catalogue's price, not the cart's

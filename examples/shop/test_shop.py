@@ -240,7 +240,7 @@ def test_keys_carry_their_user_and_limit() -> None:
     assert (keys["a"][1].limit, keys["a"][1].window) == (100, 60)
 
 
-def test_a_task_status_never_goes_back_and_early_events_are_kept() -> None:
+def test_a_task_status_never_goes_back_but_a_replayed_failure_runs_again() -> None:
     def event(status: TaskStatus, error: str | None = None) -> TaskEvent:
         return TaskEvent(task_id="t1", queue="q", status=status, attempt=1, timestamp=datetime.now(UTC), error=error)
 
@@ -248,14 +248,19 @@ def test_a_task_status_never_goes_back_and_early_events_are_kept() -> None:
     tasks.update(event(TaskStatus.RUNNING))  # before the gateway knew of the task (its RPC answer came later)
     view = tasks.placed("t1", "ada")
     assert view.status == "running"
-    tasks.update(event(TaskStatus.PENDING))  # late: ignored
-    assert view.status == "running"
+    late_pending = event(TaskStatus.PENDING)
     tasks.update(event(TaskStatus.RETRYING))
     assert view.status == "running"
-    tasks.update(event(TaskStatus.DEAD_LETTERED, "out of stock"))
-    tasks.update(event(TaskStatus.COMPLETED))  # nothing after the end
-    assert (view.status, view.error) == ("failed", "out of stock")
-    assert view.history == ["running", "pending", "retrying", "dead_lettered", "completed"]
+    failed = event(TaskStatus.DEAD_LETTERED, "no invoices")
+    tasks.update(failed)
+    tasks.update(late_pending)  # stamped before the failure: ignored
+    assert (view.status, view.error) == ("failed", "no invoices")
+    tasks.update(event(TaskStatus.RUNNING))  # replayed from the dead-letter queue
+    tasks.update(event(TaskStatus.COMPLETED))
+    assert (view.status, view.error) == ("completed", None)
+    tasks.update(event(TaskStatus.DEAD_LETTERED, "late"))  # completed is final
+    assert view.status == "completed"
+    assert view.history == ["running", "retrying", "dead_lettered", "pending", "running", "completed", "dead_lettered"]
 
 
 def test_the_cache_forgets_after_its_ttl() -> None:
