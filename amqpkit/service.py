@@ -971,6 +971,8 @@ def load_service(spec: str) -> Service:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except ServiceError as exc:  # a declaration refused while the module was imported: that is the news
+        raise ServiceError(f"{module_name}: {exc}") from None
     except Exception as exc:  # any error while importing the user's module is reported, in one line
         raise ServiceError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     value: Any = module

@@ -177,6 +177,11 @@ async def test_the_example_runs_is_ready_survives_a_cut_and_stops_on_sigterm(
         ("tests.service.apps", "expected MODULE:ATTR"),
         ("tests.service.apps:conflicting", "both consume queue"),
         ("tests.service.apps:unresolvable", "annotation cannot be resolved"),
+        (
+            "tests.service.refused_app:svc",
+            "tests.service.refused_app: worker tests.service.refused_app:crunch runs in "
+            "pool processes (executor='process'): it cannot be given ctx (ServiceContext)",
+        ),
     ],
 )
 async def test_bad_input_is_one_line_and_exit_2(target: str, says: str) -> None:
