@@ -159,10 +159,11 @@ class Landscape:
         procs = list(self.procs.values())
         self.procs.clear()
         for proc in procs:
-            _signal_group(proc.popen, signal.SIGTERM)
+            if proc.popen.poll() is None:
+                _signal_group(proc.popen, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for proc in procs:
-            _end(proc.popen, max(0.1, deadline - time.monotonic()))
+        for proc in procs:  # told once: a second SIGTERM makes `amqpkit run` cut its graceful stop short
+            _wait_or_kill(proc.popen, max(0.1, deadline - time.monotonic()))
 
     def __enter__(self) -> Landscape:
         return self
@@ -179,11 +180,15 @@ def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
 def _end(popen: subprocess.Popen[bytes], grace: float) -> int | None:
     if popen.poll() is None:
         _signal_group(popen, signal.SIGTERM)
-        try:
-            popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            _signal_group(popen, signal.SIGKILL)
-            popen.wait()
+    return _wait_or_kill(popen, grace)
+
+
+def _wait_or_kill(popen: subprocess.Popen[bytes], grace: float) -> int | None:
+    try:
+        popen.wait(grace)
+    except subprocess.TimeoutExpired:
+        _signal_group(popen, signal.SIGKILL)
+        popen.wait()
     _signal_group(popen, signal.SIGKILL)  # anything it left behind in its group
     return popen.returncode
 
