@@ -12,6 +12,7 @@ test here gives its own node a few hundred quorum queues, then stops and starts 
 
 - On a node as installed, the retry often does not come back within 30 s: xfail, not strict, as the
   node wins the race now and then (it stuck in 3 of 5 runs measured with 300 other quorum queues).
+  Marked slow: `pytest -m slow tests/patterns/test_retry_restart.py` runs it.
 - On a node whose confirm timeout is short (advanced.config, as patterns/work-queue.md advises), it does.
 """
 
@@ -60,12 +61,17 @@ def ctl(node: SpareNode, *args: str) -> None:
 AS_INSTALLED = pytest.param(
     "",
     id="as-installed",
-    marks=pytest.mark.xfail(
-        # Not strict: it is a race on the node's side, lost in 3 of the 5 runs measured with 300 other queues.
-        strict=False,
-        raises=AssertionError,
-        reason="rabbitmq-server #12625: at start-up a quorum queue's dead-letter worker may find no exchange yet "
-        "and holds its messages for dead_letter_worker_publisher_confirm_timeout (180 s)",
+    # Kept out of the default run (-m slow runs it): it documents the broker's race and can only xfail or
+    # xpass, at about 80 s a run; the case below is the one that proves amqpkit's advice works.
+    marks=(
+        pytest.mark.slow,
+        pytest.mark.xfail(
+            # Not strict: it is a race on the node's side, lost in 3 of the 5 runs measured with 300 other queues.
+            strict=False,
+            raises=AssertionError,
+            reason="rabbitmq-server #12625: at start-up a quorum queue's dead-letter worker may find no exchange yet "
+            "and holds its messages for dead_letter_worker_publisher_confirm_timeout (180 s)",
+        ),
     ),
 )
 SHORT_CONFIRM_TIMEOUT = pytest.param(
