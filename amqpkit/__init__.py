@@ -22,7 +22,7 @@ from .errors import (
     TopologyError,
     Unroutable,
 )
-from .message import Delivery, Envelope, Settlement
+from .message import Delivery, Envelope, MessageProperties, Settlement
 from .patterns.confirms import ConfirmingPublisher, Outcome
 from .patterns.pubsub import Publisher, Subscriber
 from .patterns.routing import topic_matches
@@ -64,6 +64,7 @@ __all__ = [
     "IdempotencyStore",
     "JsonCodec",
     "MemoryIdempotencyStore",
+    "MessageProperties",
     "MessageTooLarge",
     "NoResponder",
     "Outcome",

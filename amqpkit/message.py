@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from pamqp.commands import Basic
 
@@ -17,7 +17,7 @@ from .errors import SettlementError, map_exceptions
 if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel, DeliveredMessage
 
-__all__ = ["Delivery", "Envelope", "Settlement"]
+__all__ = ["Delivery", "Envelope", "MessageProperties", "Settlement"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -26,6 +26,28 @@ U = TypeVar("U")
 def new_message_id() -> str:
     """A random 128-bit id in hex (as unique as a uuid4, at a quarter of the cost)."""
     return os.urandom(16).hex()
+
+
+class MessageProperties(Protocol):
+    """A message's AMQP basic properties as they travel (AMQP 0-9-1 names; ``expiration`` in ms, as text).
+
+    What :meth:`Envelope.properties` returns and :class:`Delivery` is built
+    from; :class:`Envelope` is the friendlier form of the same thing.
+    """
+
+    content_type: str | None
+    content_encoding: str | None
+    headers: dict[str, Any] | None
+    delivery_mode: int | None
+    priority: int | None
+    correlation_id: str | None
+    reply_to: str | None
+    expiration: str | None
+    message_id: str | None
+    timestamp: datetime | None
+    message_type: str | None
+    user_id: str | None
+    app_id: str | None
 
 
 @dataclass(slots=True)
@@ -50,24 +72,13 @@ class Envelope:
     priority: int | None = None
     app_id: str | None = None
 
-    def properties(self) -> Basic.Properties:
-        return Basic.Properties(
-            content_type=self.content_type,
-            content_encoding=self.content_encoding,
-            headers=self.headers or None,
-            delivery_mode=2 if self.persistent else 1,
-            priority=self.priority,
-            correlation_id=self.correlation_id,
-            reply_to=self.reply_to,
-            expiration=None if self.expiration is None else str(max(0, round(self.expiration * 1000))),
-            message_id=self.message_id,
-            timestamp=self.timestamp,
-            message_type=self.type,
-            app_id=self.app_id,
-        )
+    def properties(self) -> MessageProperties:
+        """The AMQP properties this envelope is sent with."""
+        return basic_properties(self)
 
     @classmethod
-    def from_properties(cls, body: bytes, props: Basic.Properties) -> Envelope:
+    def from_properties(cls, body: bytes, props: MessageProperties) -> Envelope:
+        """An envelope with ``body`` and the properties ``props`` (as a delivery carries them)."""
         expiration: float | None = None
         if props.expiration:
             try:
@@ -89,6 +100,24 @@ class Envelope:
             priority=props.priority,
             app_id=props.app_id,
         )
+
+
+def basic_properties(envelope: Envelope) -> Basic.Properties:
+    """The envelope's properties as the frame carries them (pamqp's type; for the publish paths)."""
+    return Basic.Properties(
+        content_type=envelope.content_type,
+        content_encoding=envelope.content_encoding,
+        headers=envelope.headers or None,
+        delivery_mode=2 if envelope.persistent else 1,
+        priority=envelope.priority,
+        correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to,
+        expiration=None if envelope.expiration is None else str(max(0, round(envelope.expiration * 1000))),
+        message_id=envelope.message_id,
+        timestamp=envelope.timestamp,
+        message_type=envelope.type,
+        app_id=envelope.app_id,
+    )
 
 
 class Settlement(Enum):
@@ -155,7 +184,7 @@ class Delivery(Generic[T]):
         self,
         value: T,
         body: bytes,
-        properties: Basic.Properties,
+        properties: MessageProperties,
         *,
         redelivered: bool = False,
         exchange: str = "",
@@ -172,17 +201,9 @@ class Delivery(Generic[T]):
         self._envelope: Envelope | None = None
 
     @classmethod
-    def from_aiormq(cls, message: DeliveredMessage, *, auto_ack: bool = False) -> Delivery[bytes]:
-        frame = message.delivery
-        return Delivery(
-            message.body,
-            message.body,
-            message.header.properties,
-            redelivered=bool(getattr(frame, "redelivered", False)),
-            exchange=getattr(frame, "exchange", "") or "",
-            routing_key=getattr(frame, "routing_key", "") or "",
-            settler=_Settler(message.channel, getattr(frame, "delivery_tag", 0) or 0, auto_ack),
-        )
+    def from_aiormq(cls, message: Any, *, auto_ack: bool = False) -> Delivery[bytes]:
+        """A delivery from an aiormq ``DeliveredMessage`` (``Broker.lowlevel.delivery`` is the seam for patterns)."""
+        return delivery_from_aiormq(message, auto_ack=auto_ack)
 
     def with_value(self, value: U) -> Delivery[U]:
         """The same delivery (sharing its settlement) carrying a decoded value."""
@@ -289,6 +310,25 @@ class Delivery(Generic[T]):
 
 
 _NO_HEADERS: Mapping[str, Any] = MappingProxyType({})
+
+
+def delivery_from_aiormq(message: DeliveredMessage, *, auto_ack: bool = False) -> Delivery[bytes]:
+    """A :class:`Delivery` from what aiormq hands a consumer or a basic.get."""
+    frame = message.delivery
+    return Delivery(
+        message.body,
+        message.body,
+        message.header.properties,
+        redelivered=bool(getattr(frame, "redelivered", False)),
+        exchange=getattr(frame, "exchange", "") or "",
+        routing_key=getattr(frame, "routing_key", "") or "",
+        settler=_Settler(message.channel, getattr(frame, "delivery_tag", 0) or 0, auto_ack),
+    )
+
+
+def delivery_channel(delivery: Delivery[Any]) -> AbstractChannel | None:
+    """The channel ``delivery`` came on (where it is settled); ``Broker.lowlevel.channel_of`` for patterns."""
+    return delivery._settler.channel
 
 
 def _as_int(value: Any) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "Binding",
@@ -25,6 +25,13 @@ __all__ = [
 ]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+# The enums' values, accepted wherever the enum is (``Exchange("x", type="topic")``); a spec
+# always holds the enum member after construction.
+ExchangeTypeName = Literal["fanout", "direct", "topic", "headers"]
+QueueTypeName = Literal["classic", "quorum", "stream"]
+OverflowName = Literal["drop-head", "reject-publish", "reject-publish-dlx"]
+DeadLetterStrategyName = Literal["at-most-once", "at-least-once"]
 
 
 class ExchangeType(StrEnum):
@@ -62,7 +69,7 @@ class Exchange:
     """An exchange. The default exchange is ``Exchange("")`` and is never declared."""
 
     name: str
-    type: ExchangeType = ExchangeType.DIRECT
+    type: ExchangeType | ExchangeTypeName = ExchangeType.DIRECT
     durable: bool = True
     auto_delete: bool = False
     internal: bool = False
@@ -97,7 +104,7 @@ class Queue:
     """
 
     name: str = ""
-    type: QueueType = QueueType.CLASSIC
+    type: QueueType | QueueTypeName = QueueType.CLASSIC
     durable: bool = True
     exclusive: bool = False
     auto_delete: bool = False
@@ -105,11 +112,11 @@ class Queue:
     expires: float | None = None
     max_length: int | None = None
     max_length_bytes: int | None = None
-    overflow: Overflow | None = None
+    overflow: Overflow | OverflowName | None = None
     dead_letter_exchange: str | None = None
     dead_letter_routing_key: str | None = None
     delivery_limit: int | None = None
-    dead_letter_strategy: DeadLetterStrategy | None = None
+    dead_letter_strategy: DeadLetterStrategy | DeadLetterStrategyName | None = None
     single_active_consumer: bool = False
     arguments: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
 

@@ -22,7 +22,9 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, Self
+
+from typing_extensions import TypeVar  # with a default (PEP 696)
 
 from ..codec import Codec
 from ..connection import Broker
@@ -33,7 +35,8 @@ from .pubsub import Publisher
 
 __all__ = ["ConfirmingPublisher", "Outcome"]
 
-T = TypeVar("T")
+# Any when nothing says (no codec given): `Publisher(broker, x).publish(model)` needs no annotation.
+T = TypeVar("T", default=Any)
 
 DEFAULT_KEEP_FAILURES = 1000
 

@@ -85,7 +85,7 @@ async def iter_dead_letters(
         wanted = min(wanted, limit)
     if wanted <= 0:
         return
-    channel = await broker._open_channel()
+    channel = await broker.lowlevel.open_channel()
     last_tag = 0
     try:
         for _ in range(wanted):
@@ -94,7 +94,7 @@ async def iter_dead_letters(
             if not isinstance(message.delivery, Basic.GetOk):
                 break
             last_tag = message.delivery.delivery_tag or last_tag
-            yield _letter(Delivery.from_aiormq(message))
+            yield _letter(broker.lowlevel.delivery(message))
     finally:
         await _give_back(channel, last_tag)
 
@@ -156,8 +156,7 @@ async def replay_dead_letters(
         delivery = await broker.get(dlq)
         if delivery is None:
             break
-        props = delivery._properties
-        headers = {k: v for k, v in (props.headers or {}).items() if k != "x-death"}
+        headers = {k: v for k, v in delivery.headers.items() if k != "x-death"}
         headers[ATTEMPT] = 1
         replays = headers.get("x-replayed")
         headers["x-replayed"] = replays + 1 if isinstance(replays, int) else 1

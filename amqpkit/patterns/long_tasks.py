@@ -111,7 +111,7 @@ class ConsumerTimeouts:
             key = raw.message_id
             if key and raw.redelivered and key in self._remembered and await self._copy(raw, key):
                 return
-            channel = raw._settler.channel
+            channel = self.worker.broker.lowlevel.channel_of(raw)
             run = _Run(key or "")
             runs = self._watch(channel)
             runs[id(run)] = run

@@ -16,7 +16,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar, cast, overload
+from typing import Any, Generic, Self, cast, overload
+
+from typing_extensions import TypeVar  # with a default (PEP 696)
 
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import AutoCodec, Codec, encode_body
@@ -29,7 +31,8 @@ __all__ = ["Publisher", "Subscriber"]
 
 log = logging.getLogger("amqpkit.pubsub")
 
-T = TypeVar("T")
+# Any when nothing says (no codec given): `Publisher(broker, x).publish(model)` needs no annotation.
+T = TypeVar("T", default=Any)
 
 DEFAULT_PREFETCH = 32
 
@@ -382,7 +385,7 @@ class Subscriber(Generic[T]):
 
 def _consumed_elsewhere(broker: Broker, queue: Queue) -> bool:
     """Whether a live consumer on ``broker`` still reads ``queue`` (its topology must then stay remembered)."""
-    return any(not c.cancelled and c.queue == queue for c in broker._consumers.values())
+    return any(not c.cancelled and c.queue == queue for c in broker.consumers)
 
 
 class _Failed:

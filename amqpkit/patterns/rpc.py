@@ -229,34 +229,36 @@ class RpcServer:
         return None
 
     async def _on_request(self, raw: Delivery[bytes]) -> None:
-        props = raw._properties
-        if not props.reply_to or not props.correlation_id:
-            missing = "reply_to" if not props.reply_to else "correlation_id"
+        reply_to, correlation_id = raw.reply_to, raw.correlation_id
+        if not reply_to or not correlation_id:
+            missing = "reply_to" if not reply_to else "correlation_id"
             self.rejected += 1
-            log.error("rejected request id=%s on %s: no %s", props.message_id, self.queue.name, missing)
+            log.error("rejected request id=%s on %s: no %s", raw.message_id, self.queue.name, missing)
             await raw.reject(requeue=False)
             return
-        budget = _budget_ms(props)
+        budget = _budget_ms(raw.headers)
         if budget is not None and budget <= 0:
             self.expired += 1
-            log.info("skipped request id=%s method=%s: the caller has no time left", props.message_id, raw.type)
+            log.info("skipped request id=%s method=%s: the caller has no time left", raw.message_id, raw.type)
             await raw.ack()
             return
-        found = self._lookup(props.message_type)
+        found = self._lookup(raw.type)
         if found is None:
             self.rejected += 1
             known = ", ".join(sorted(self._methods))
-            log.error("rejected request id=%s: unknown method %r (serving %s)", props.message_id, raw.type, known)
-            await self._reply(props, _error_body("UnknownMethod", f"no method {raw.type!r}; serving {known}"))
+            log.error("rejected request id=%s: unknown method %r (serving %s)", raw.message_id, raw.type, known)
+            await self._reply(
+                reply_to, correlation_id, _error_body("UnknownMethod", f"no method {raw.type!r}; serving {known}")
+            )
             await raw.reject(requeue=False)
             return
         info, reply_codec = found
         try:
-            value = info.codec.decode(raw.body, props.content_type)
+            value = info.codec.decode(raw.body, raw.content_type)
         except DecodeError as exc:
             self.rejected += 1
-            log.error("rejected request id=%s method=%s: cannot decode: %s", props.message_id, raw.type, exc)
-            await self._reply(props, _error_body("DecodeError", str(exc), {"errors": exc.errors}))
+            log.error("rejected request id=%s method=%s: cannot decode: %s", raw.message_id, raw.type, exc)
+            await self._reply(reply_to, correlation_id, _error_body("DecodeError", str(exc), {"errors": exc.errors}))
             await raw.reject(requeue=False)
             return
         try:
@@ -268,27 +270,28 @@ class RpcServer:
                 _hooks.handler_failed(exc)
             log.warning(
                 "method %s failed for request id=%s: %s: %s",
-                raw.type or "(default)", props.message_id, type(exc).__name__, exc,
+                raw.type or "(default)", raw.message_id, type(exc).__name__, exc,
             )  # fmt: skip
             details = getattr(exc, "details", None)
             body = _error_body(type(exc).__name__, str(exc), details if isinstance(details, Mapping) else None)
             content_type = ERROR_CONTENT_TYPE
-        await self._reply(props, body, content_type)
+        await self._reply(reply_to, correlation_id, body, content_type)
         self.served += 1
         await raw.ack()
 
-    async def _reply(self, request: Basic.Properties, body: bytes, content_type: str = ERROR_CONTENT_TYPE) -> None:
+    async def _reply(
+        self, reply_to: str, correlation_id: str, body: bytes, content_type: str = ERROR_CONTENT_TYPE
+    ) -> None:
         """Send a reply (or, by default content type, an error document) to the request's ``reply_to``."""
-        assert request.reply_to is not None
         limit = self.broker.settings.max_message_size
         if len(body) > limit:
             body = _error_body("MessageTooLarge", f"reply of {len(body)} bytes over {limit}")
             content_type = ERROR_CONTENT_TYPE
-        properties = Basic.Properties(content_type=content_type, correlation_id=request.correlation_id, delivery_mode=1)
-        await self.broker._publish_unconfirmed(body, properties, routing_key=request.reply_to)
+        properties = Basic.Properties(content_type=content_type, correlation_id=correlation_id, delivery_mode=1)
+        await self.broker.lowlevel.publish_unconfirmed(body, properties, routing_key=reply_to)
 
 
-def _budget_ms(props: Basic.Properties) -> float | None:
+def _budget_ms(headers: Mapping[str, Any]) -> float | None:
     """The caller's time left when it sent the request, in ms (its ``x-timeout-ms`` header), if it said.
 
     Relative, so it means the same on any clock. Absolute times a request may
@@ -297,9 +300,7 @@ def _budget_ms(props: Basic.Properties) -> float | None:
     request the caller still waits for. While the request is queued the
     broker enforces its expiration, and it delivers no request that ran out.
     """
-    if props.headers:
-        return _as_float(props.headers.get(TIMEOUT_HEADER))
-    return None
+    return _as_float(headers.get(TIMEOUT_HEADER)) if headers else None
 
 
 def _as_float(value: Any) -> float | None:
@@ -354,6 +355,9 @@ class RpcClient:
         self._tasks: set[asyncio.Future[None]] = set()
         self._started = False
         self.dropped_replies = 0
+        # Requests go out on a channel without confirms, their returns read by a hook (see
+        # amqpkit.aiormq_compat); False once a start had to fall back to confirming each request.
+        self.fast_returns = True
 
     @property
     def pending(self) -> int:
@@ -419,10 +423,13 @@ class RpcClient:
             # Requests go out mandatory without confirms: a returned request (no
             # queue took it) fails its call through the return hook, and the
             # broker sends no confirm frame per call.
-            channel = await self.broker._open_channel(confirms=False)
-            if not _hook_returns(channel, self._on_returned):
+            lowlevel = self.broker.lowlevel
+            channel = await lowlevel.open_channel(confirms=False)
+            self.fast_returns = lowlevel.hook_returns(channel, self._on_returned)
+            if not self.fast_returns:
+                log.warning("aiormq does not let returns be read without confirms: RPC requests are confirmed")
                 await channel.close()
-                channel = await self.broker._open_channel(confirms=True)
+                channel = await lowlevel.open_channel(confirms=True)
             with map_exceptions(kind="queue", name=DIRECT_REPLY_TO):
                 await channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
             self._channel = channel
@@ -437,7 +444,7 @@ class RpcClient:
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
         """A reply over direct reply-to."""
-        await self._on_reply_delivery(Delivery.from_aiormq(message, auto_ack=True))
+        await self._on_reply_delivery(self.broker.lowlevel.delivery(message, auto_ack=True))
 
     async def _on_reply_delivery(self, delivery: Delivery[bytes]) -> None:
         """A reply, by either route: it completes the call with its correlation id, or is dropped and counted."""
@@ -503,7 +510,7 @@ class RpcClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         body, content_type = encode_body(self.codec, payload)
-        self.broker._check_size(body)
+        self.broker.check_message_size(body)
         cid = f"{self._prefix}.{next(self._ids)}"
         future: asyncio.Future[Delivery[bytes]] = loop.create_future()
         properties = Basic.Properties(
@@ -586,9 +593,9 @@ class RpcClient:
         properties.reply_to = DIRECT_REPLY_TO
         _stamp_budget(properties, deadline)
         try:
-            await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
-                body, exchange=self.exchange, routing_key=self.routing_key, properties=properties,
-                mandatory=True, wait=False,
+            await self.broker.lowlevel.publish_nowait(
+                channel, body, exchange=self.exchange, routing_key=self.routing_key, properties=properties,
+                mandatory=True,
             )  # fmt: skip
         except Exception:
             # Translated here, off the hot path: a context manager entered on every call costs.
@@ -644,30 +651,6 @@ def _stamp_budget(properties: Basic.Properties, deadline: float) -> None:
         properties.headers = {TIMEOUT_HEADER: left_ms}
     else:
         properties.headers[TIMEOUT_HEADER] = left_ms  # the request's own dict, made by call()
-
-
-def _hook_returns(channel: AbstractChannel, callback: Callable[[DeliveredMessage], None]) -> bool:
-    """Route basic.return on an unconfirmed channel to ``callback``.
-
-    aiormq only matches returns to publisher confirms; on a channel without
-    confirms it logs and drops them. This replaces its return handler on this
-    one channel. Returns False (and changes nothing) if aiormq's internals are
-    not as expected, so the caller can fall back to confirms.
-    """
-    read_header = getattr(channel, "_Channel__get_content_header", None)
-    read_content = getattr(channel, "_read_content", None)
-    if read_header is None or read_content is None or not hasattr(channel, "_on_return_frame"):
-        return False
-
-    async def on_return(frame: Any) -> None:
-        header = await read_header()
-        callback(await read_content(frame, header))
-
-    try:
-        channel._on_return_frame = on_return
-    except AttributeError:
-        return False
-    return True
 
 
 @functools.lru_cache(maxsize=256)

@@ -40,11 +40,12 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Generic, Protocol, Self, TypeVar, cast, runtime_checkable
+from typing import Any, Generic, Protocol, Self, cast, runtime_checkable
 
 from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypeVar  # with a default (PEP 696)
 
 from .. import _hooks
 from .._handlers import HandlerInfo, inspect_handler
@@ -71,7 +72,8 @@ __all__ = [
 
 log = logging.getLogger("amqpkit.worker")
 
-T = TypeVar("T")
+# Any when nothing says (no codec given): `Publisher(broker, x).publish(model)` needs no annotation.
+T = TypeVar("T", default=Any)
 
 TASK_EVENTS_EXCHANGE = Exchange("amqpkit.tasks", type=ExchangeType.TOPIC)
 
@@ -420,7 +422,7 @@ class WorkQueue(Generic[T]):
         """One basic.get on ``queue``, which counts as use; a message it takes goes straight back."""
         channel = self._touch_channel
         if channel is None or channel.is_closed:
-            channel = self._touch_channel = await self.broker._open_channel()
+            channel = self._touch_channel = await self.broker.lowlevel.open_channel()
         with map_exceptions(kind="queue", name=queue):
             message = await channel.basic_get(queue, no_ack=False)
             if isinstance(message.delivery, Basic.GetOk):

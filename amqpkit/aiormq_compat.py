@@ -1,0 +1,102 @@
+"""Every use amqpkit makes of aiormq beyond its declared API, in one place.
+
+aiormq is pinned to the minor version these were checked against (see
+``pyproject.toml``); ``tests/test_aiormq_compat.py`` fails if any of them is
+no longer there, so an upgrade shows here first, never as a silently slower
+path. What amqpkit relies on:
+
+- ``Connection.HEARTBEAT_GRACE_MULTIPLIER`` (a class attribute): how many
+  heartbeat intervals of silence aiormq waits before it calls a link dead.
+- ``Channel.basic_publish(..., wait=False)``: hand the frames to the writer
+  and return without waiting for the write (aiormq's ``AbstractChannel``
+  does not declare ``wait``; its ``Channel`` has it).
+- ``Channel._on_return_frame``, ``Channel._read_content`` and the
+  name-mangled ``Channel.__get_content_header``: how a channel reads a
+  ``basic.return``. aiormq only matches returns to publisher confirms; on a
+  channel without confirms it logs and drops them. :func:`hook_returns`
+  replaces that handler on one channel so that a returned message reaches
+  its sender without a confirm round trip per message (the RPC fast path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiormq
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
+
+__all__ = ["AmqpConnection", "closed_on_open", "hook_returns", "publish_nowait", "returns_hookable"]
+
+
+class AmqpConnection(aiormq.Connection):
+    """aiormq's connection, calling a silent link dead as RabbitMQ does."""
+
+    # aiormq waits 3 * (heartbeat + 1) s before it calls a silent link dead.
+    # RabbitMQ itself gives up after two missed heartbeats; so do we.
+    HEARTBEAT_GRACE_MULTIPLIER = 1
+
+
+async def publish_nowait(
+    channel: AbstractChannel,
+    body: bytes,
+    *,
+    exchange: str = "",
+    routing_key: str = "",
+    properties: Basic.Properties | None = None,
+    mandatory: bool = False,
+    timeout: float | None = None,
+) -> None:
+    """Publish without waiting for the frames to be written; ``timeout`` bounds the wait for room to queue them."""
+    await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
+        body,
+        exchange=exchange,
+        routing_key=routing_key,
+        properties=properties,
+        mandatory=mandatory,
+        wait=False,
+        timeout=timeout,
+    )
+
+
+_READ_HEADER = "_Channel__get_content_header"  # aiormq.Channel.__get_content_header, name-mangled
+
+
+def returns_hookable(channel: AbstractChannel) -> bool:
+    """Whether ``channel`` has the internals :func:`hook_returns` replaces (aiormq as pinned: always)."""
+    return all(hasattr(channel, name) for name in (_READ_HEADER, "_read_content", "_on_return_frame"))
+
+
+def hook_returns(channel: AbstractChannel, callback: Callable[[DeliveredMessage], None]) -> bool:
+    """Route ``basic.return`` on ``channel`` (one without publisher confirms) to ``callback``.
+
+    Returns False, and changes nothing, if aiormq's internals are not as
+    expected: the caller then falls back to a channel with confirms (slower:
+    a confirm frame per message), and ``tests/test_aiormq_compat.py`` fails.
+    """
+    if not returns_hookable(channel):
+        return False
+    read_header = getattr(channel, _READ_HEADER)
+    read_content = channel._read_content  # type: ignore[attr-defined]
+
+    async def on_return(frame: Any) -> None:
+        header = await read_header()
+        callback(await read_content(frame, header))
+
+    try:
+        channel._on_return_frame = on_return  # type: ignore[attr-defined]
+    except AttributeError:
+        return False
+    return True
+
+
+def closed_on_open(exc: BaseException) -> bool:
+    """The broker answered connection.open with connection.close: RabbitMQ's NOT_ALLOWED for a vhost.
+
+    aiormq reports it as an ``InvalidFrameError`` whose text names both frames.
+    """
+    if not isinstance(exc, aiormq.exceptions.InvalidFrameError):
+        return False
+    text = str(exc)
+    return "Connection.OpenOk" in text and "Connection.Close" in text

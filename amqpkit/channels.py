@@ -1,0 +1,292 @@
+"""The Broker's shared state, its channel pool, and the low-level seam patterns build on.
+
+:class:`BrokerCore` holds what every part of the Broker reads: the current
+connection, the channels kept per role, the topology remembered for
+reconnects and the consumers kept attached. The parts themselves live in
+their own modules, each a layer of the Broker:
+
+- :mod:`amqpkit.registry`: declare, bind, delete, purge; what a reconnect declares again;
+- :mod:`amqpkit.publishing`: the confirmed and the unconfirmed publish;
+- :mod:`amqpkit.consuming`: consumers, attached and re-attached;
+- :mod:`amqpkit.connection`: connect, reconnect, close (the :class:`~amqpkit.Broker` itself).
+
+:class:`LowLevel` (``broker.lowlevel``) is the seam for patterns that need
+more than publish and consume: raw channels, the unconfirmed publish with
+prebuilt properties, the channel a delivery came on. amqpkit's own patterns
+use it and nothing else of the core's insides; so can a pattern of your
+own. Its types are aiormq's and pamqp's, stable within the aiormq version
+amqpkit pins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
+from tenacity import wait_exponential, wait_random
+from tenacity.wait import wait_base
+from yarl import URL
+
+from . import aiormq_compat
+from .errors import ConnectionLost, MessageTooLarge, PublishTimeout, map_exceptions
+from .message import Delivery, delivery_channel, delivery_from_aiormq
+from .settings import BrokerSettings, redact_url
+from .topology import Binding, Exchange, Queue
+
+if TYPE_CHECKING:
+    from .consuming import Consumer
+
+__all__ = ["BrokerCore", "LowLevel"]
+
+DisconnectCallback = Callable[[BaseException], None]
+ReconnectCallback = Callable[[], Awaitable[None]]
+TopologyErrorCallback = Callable[["Exchange | Queue | Binding", BaseException], None]
+
+
+class BrokerCore:
+    """State shared by the Broker's layers, with what each of them needs: readiness, channels, size checks."""
+
+    def __init__(self, settings: BrokerSettings | str | None = None) -> None:
+        if settings is None:
+            settings = BrokerSettings.from_env()
+        elif isinstance(settings, str):
+            settings = BrokerSettings(url=settings)
+        self.settings = settings
+        self._conn: aiormq_compat.AmqpConnection | None = None
+        self._channels: dict[str, AbstractChannel] = {}
+        self._channel_lock = asyncio.Lock()
+        self._exchanges: dict[str, Exchange] = {}
+        self._queues: dict[Queue, str] = {}
+        self._bindings: dict[Binding, None] = {}
+        self._consumers: dict[str, Consumer] = {}
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._url_index = 0
+        self._on_disconnect: list[DisconnectCallback] = []
+        self._on_reconnect: list[ReconnectCallback] = []
+        self._on_topology_error: list[TopologyErrorCallback] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        # Exchanges a publish may use on the shared confirm channel: ours, or seen to exist on this connection.
+        self._known_exchanges: set[str] = set()
+        self._exchange_check_lock = asyncio.Lock()
+        self._topology_lock = asyncio.Lock()
+        self.generation = 0
+        self.reconnects = 0
+        self.republished = 0  # confirmed publishes sent again after the connection dropped mid-confirm
+        self._unwatch: Callable[[], None] | None = None  # the event-loop watchdog (amqpkit.watchdog)
+        self._lowlevel = LowLevel(self)
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def lowlevel(self) -> LowLevel:
+        """Raw channels and the unconfirmed publish, for patterns (see :class:`LowLevel`)."""
+        return self._lowlevel
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the Broker is connected (after a reconnect); ``TimeoutError`` past ``timeout``."""
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+
+    def check_message_size(self, body: bytes) -> None:
+        """Raise :class:`~amqpkit.MessageTooLarge` for a body over ``settings.max_message_size``."""
+        limit = self.settings.max_message_size
+        if len(body) > limit:
+            raise MessageTooLarge(len(body), limit)
+
+    _check_size = check_message_size  # the name patterns used before check_message_size
+
+    @property
+    def current_url(self) -> str:
+        """The URL this Broker is (or was last) connected to, without its password."""
+        return self._current_url_safe()
+
+    def _current_url_safe(self) -> str:
+        urls = self.settings.urls
+        return redact_url(urls[self._url_index % len(urls)])
+
+    def _scrub(self, text: str) -> str:
+        for url in self.settings.urls:
+            password = URL(url).password
+            if password:
+                text = text.replace(password, "***")
+        return text
+
+    def _wait_strategy(self) -> wait_base:
+        p = self.settings.reconnect
+        return wait_exponential(multiplier=p.initial_delay, max=p.max_delay, exp_base=p.multiplier) + wait_random(
+            0, p.jitter
+        )
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _ready(self, timeout: float | None = None) -> None:
+        if self._closing:
+            raise ConnectionLost("this Broker is closed")
+        if self.is_connected:
+            return
+        if self._conn is None and self._reconnect_task is None:
+            raise ConnectionLost("not connected: call connect() or use 'async with Broker(...)'")
+        try:
+            await self.wait_connected(self.settings.publish_timeout if timeout is None else timeout)
+        except TimeoutError:
+            raise ConnectionLost("not connected: the reconnect did not finish in time") from None
+
+    async def _channel(self, role: str, *, confirms: bool = True) -> AbstractChannel:
+        """The open channel kept for ``role`` on the current connection, reopened when it died."""
+        channel = self._channels.get(role)
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._channel_lock:
+            channel = self._channels.get(role)
+            if channel is not None and not channel.is_closed:
+                return channel
+            conn = self._conn
+            if conn is None or conn.is_closed:
+                raise ConnectionLost("not connected")
+            with map_exceptions(kind="channel", name=role):
+                channel = await conn.channel(publisher_confirms=confirms, on_return_raises=confirms)
+            self._channels[role] = channel
+            return channel
+
+    async def _open_channel(self, *, confirms: bool = False, prefetch: int | None = None) -> AbstractChannel:
+        return await self._lowlevel.open_channel(confirms=confirms, prefetch=prefetch)
+
+    async def _publish_unconfirmed(
+        self,
+        body: bytes,
+        properties: Basic.Properties,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        timeout: float | None = None,
+    ) -> None:
+        await self._lowlevel.publish_unconfirmed(
+            body, properties, exchange=exchange, routing_key=routing_key, timeout=timeout
+        )
+
+    @contextlib.asynccontextmanager
+    async def _topology(self) -> AsyncIterator[AbstractChannel]:
+        """The shared topology channel, one operation at a time.
+
+        A refused declare makes the broker close the channel it came on, and
+        aiormq fails every other call waiting on that channel with the same
+        error: taking turns keeps each error with its own operation.
+        """
+        async with self._topology_lock:
+            yield await self._channel("topology", confirms=False)
+
+
+class LowLevel:
+    """The Broker's raw side (``broker.lowlevel``): for patterns that manage channels of their own.
+
+    amqpkit's patterns (RPC, dead letters, work queues) use these and no
+    private part of the Broker; a pattern of your own may too (see
+    patterns/custom-pattern.md). Channels and properties here are aiormq's
+    and pamqp's types: stable within the aiormq version amqpkit pins, and
+    the one place they show.
+    """
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: BrokerCore) -> None:
+        self._core = core
+
+    async def open_channel(self, *, confirms: bool = False, prefetch: int | None = None) -> AbstractChannel:
+        """A new channel on the current connection (waiting for it while reconnecting).
+
+        The caller owns it and closes it; it dies with the connection (see
+        ``Broker.on_disconnect``).
+        """
+        core = self._core
+        await core._connected.wait()
+        conn = core._conn
+        if conn is None:
+            raise ConnectionLost("not connected")
+        with map_exceptions(kind="channel"):
+            channel = await conn.channel(publisher_confirms=confirms, on_return_raises=confirms)
+            if prefetch is not None:
+                await channel.basic_qos(prefetch_count=prefetch)
+        return channel
+
+    async def publish_unconfirmed(
+        self,
+        body: bytes,
+        properties: Basic.Properties,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        timeout: float | None = None,
+    ) -> None:
+        """Publish without a confirm: returns once the frames are queued for the socket.
+
+        At most once: a message in flight when the connection drops is lost,
+        and so is one sent to an exchange that does not exist (the broker
+        closes the channel; the next publish opens another). Used for RPC
+        replies and for one-way messages published with ``confirm=False``.
+        """
+        core = self._core
+        core.check_message_size(body)
+        channel = core._channels.get("publish-fast")
+        wait = core.settings.publish_timeout if timeout is None else timeout
+        try:
+            if channel is None or channel.is_closed or not core._connected.is_set():
+                async with asyncio.timeout(wait):
+                    await core._ready()
+                    channel = await core._channel("publish-fast", confirms=False)
+            with map_exceptions(kind="exchange", name=exchange):
+                # aiormq bounds the wait for room in its write queue (a blocked connection).
+                await aiormq_compat.publish_nowait(
+                    channel, body, exchange=exchange, routing_key=routing_key, properties=properties, timeout=wait
+                )
+        except TimeoutError:
+            shown = exchange or "(default exchange)"
+            raise PublishTimeout(f"publish to {shown!r} not sent within {wait:g} s") from None
+
+    @staticmethod
+    async def publish_nowait(
+        channel: AbstractChannel,
+        body: bytes,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: Basic.Properties | None = None,
+        mandatory: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish on a channel of your own without waiting for the write (see :mod:`amqpkit.aiormq_compat`)."""
+        await aiormq_compat.publish_nowait(
+            channel,
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+            timeout=timeout,
+        )
+
+    @staticmethod
+    def hook_returns(channel: AbstractChannel, callback: Callable[[DeliveredMessage], None]) -> bool:
+        """Route returned messages on a channel without confirms to ``callback``; False if aiormq does not allow it."""
+        return aiormq_compat.hook_returns(channel, callback)
+
+    @staticmethod
+    def channel_of(delivery: Delivery[Any]) -> AbstractChannel | None:
+        """The channel ``delivery`` came on (where it is settled), if any."""
+        return delivery_channel(delivery)
+
+    @staticmethod
+    def delivery(message: DeliveredMessage, *, auto_ack: bool = False) -> Delivery[bytes]:
+        """A :class:`~amqpkit.Delivery` from a message read on a raw channel (basic.get, basic.consume)."""
+        return delivery_from_aiormq(message, auto_ack=auto_ack)

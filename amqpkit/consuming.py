@@ -1,0 +1,349 @@
+"""Consuming: each consumer on a channel of its own, kept attached across reconnects until cancelled.
+
+A :class:`Consumer` is the handle :meth:`Consuming.consume` returns: its
+queue, whether it is attached now, why it stopped, and :meth:`Consumer.cancel`.
+Each delivery runs the callback in a task of its own. A channel the broker
+closes under a consumer (or a consumer the broker cancels, e.g. its queue
+deleted) is re-attached; a consumer whose queue cannot come back stops, and
+its ``on_error`` hears why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+from . import _hooks
+from .errors import ConnectionLost, TopologyError, map_exceptions
+from .message import Delivery, delivery_from_aiormq
+from .registry import TopologyRegistry
+from .topology import Queue
+
+__all__ = ["Consumer", "ConsumerCallback", "Consuming"]
+
+log = logging.getLogger("amqpkit.broker")
+
+ConsumerCallback = Callable[[Delivery[bytes]], Awaitable[None]]
+
+
+class Consumer:
+    """A consumer the Broker keeps attached across reconnects until :meth:`cancel`: an opaque handle.
+
+    ``queue``, ``queue_name`` and ``consumer_tag`` say what it reads;
+    ``attached`` (an event) whether it is attached now; ``cancelled`` and
+    ``error`` whether it stopped, and why when it could not be re-attached;
+    ``lost_in_flight`` counts deliveries whose callback a lost channel or
+    connection cut short (the broker delivers them again).
+    """
+
+    __slots__ = (
+        "_attach_lock",
+        "_broker",
+        "_channel",
+        "arguments",
+        "attached",
+        "auto_ack",
+        "callback",
+        "cancelled",
+        "consumer_tag",
+        "error",
+        "exclusive",
+        "inflight",
+        "lost_in_flight",
+        "on_error",
+        "prefetch",
+        "queue",
+    )
+
+    def __init__(
+        self,
+        broker: Consuming,
+        queue: Queue,
+        callback: ConsumerCallback,
+        prefetch: int,
+        auto_ack: bool,
+        exclusive: bool,
+        arguments: dict[str, Any],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._broker = broker
+        self.queue = queue
+        self.callback = callback
+        self.prefetch = prefetch
+        self.auto_ack = auto_ack
+        self.exclusive = exclusive
+        self.arguments = arguments
+        self.on_error = on_error
+        self.consumer_tag = f"amqpkit.{uuid.uuid4().hex[:16]}"
+        self.cancelled = False
+        self.attached = asyncio.Event()
+        self.inflight: set[asyncio.Task[Any]] = set()
+        self.error: BaseException | None = None  # why it stopped, when it could not be re-attached
+        self.lost_in_flight = 0
+        self._channel: AbstractChannel | None = None
+        self._attach_lock = asyncio.Lock()
+
+    async def cancel(self, *, grace: float = 0.0) -> None:
+        """Stop receiving; wait up to ``grace`` seconds for running callbacks."""
+        await self._broker._detach(self, grace=grace)
+
+    @property
+    def queue_name(self) -> str:
+        return self._broker.queue_name(self.queue)
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self.cancelled else ("attached" if self.attached.is_set() else "detached")
+        return f"<Consumer {self.consumer_tag} on {self.queue.name or '(server-named)'!r} {state}>"
+
+
+class Consuming(TopologyRegistry):
+    """The Broker's consuming layer (a base of :class:`~amqpkit.Broker`)."""
+
+    @property
+    def consumers(self) -> tuple[Consumer, ...]:
+        """The consumers this Broker keeps attached (a snapshot): ``attached``, ``queue_name``, ``cancel()``."""
+        return tuple(self._consumers.values())
+
+    def detached_consumers(self) -> list[str]:
+        """Queue names of consumers not attached right now (e.g. while a re-attach is under way)."""
+        return [c.queue.name or c.consumer_tag for c in self._consumers.values() if not c.attached.is_set()]
+
+    async def consume(
+        self,
+        queue: Queue,
+        callback: ConsumerCallback,
+        *,
+        prefetch: int = 16,
+        auto_ack: bool = False,
+        exclusive: bool = False,
+        arguments: dict[str, Any] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        declare: bool = True,
+    ) -> Consumer:
+        """Attach ``callback`` to ``queue`` on a channel of its own, kept attached across reconnects.
+
+        The queue is declared first (and remembered) unless ``declare=False``,
+        for a queue someone else owns. Each delivery runs ``callback`` in its
+        own task; settle it there (unless ``auto_ack``).
+        """
+        if declare and queue not in self._queues:
+            await self.declare_queue(queue)
+        consumer = Consumer(
+            broker=self,
+            queue=queue,
+            callback=callback,
+            prefetch=prefetch,
+            auto_ack=auto_ack,
+            exclusive=exclusive,
+            arguments=dict(arguments or {}),
+            on_error=on_error,
+        )
+        self._consumers[consumer.consumer_tag] = consumer
+        try:
+            await self._ready()
+            # While we waited, a reconnect may have attached it already (it attaches every
+            # registered consumer); _attach does nothing then.
+            await self._attach(consumer)
+        except ConnectionLost:
+            # The connection dropped under the attach: the reconnect attaches it (it is
+            # registered); wait for that rather than leave an attached consumer nobody holds.
+            try:
+                await self._ready()
+                await self._attach(consumer)
+            except BaseException:
+                await self._detach(consumer, grace=0)
+                raise
+        except BaseException:
+            await self._detach(consumer, grace=0)
+            raise
+        return consumer
+
+    async def get(self, queue: Queue | str, *, auto_ack: bool = False) -> Delivery[bytes] | None:
+        """One message from ``queue`` (basic.get), or None when it is empty."""
+        name = queue if isinstance(queue, str) else self.queue_name(queue)
+        await self._ready()
+        channel = await self._channel("get", confirms=False)
+        with map_exceptions(kind="queue", name=name):
+            message = await channel.basic_get(name, no_ack=auto_ack)
+        if not isinstance(message.delivery, Basic.GetOk):
+            return None
+        return delivery_from_aiormq(message, auto_ack=auto_ack)
+
+    async def _attach(self, consumer: Consumer) -> None:
+        """Attach ``consumer`` on the current connection, unless it is attached already (or cancelled)."""
+        async with consumer._attach_lock:
+            if consumer.cancelled:
+                return
+            if consumer._channel is not None and not consumer._channel.is_closed:
+                return
+            await self._attach_now(consumer)
+
+    async def _attach_now(self, consumer: Consumer) -> None:
+        conn = self._conn
+        if conn is None or conn.is_closed:
+            raise ConnectionLost("not connected")
+        queue_name = self.queue_name(consumer.queue)
+        with map_exceptions(kind="queue", name=queue_name):
+            channel = await conn.channel(publisher_confirms=False)
+            await channel.basic_qos(prefetch_count=consumer.prefetch)
+
+            async def on_message(message: DeliveredMessage) -> None:
+                await self._dispatch(consumer, message)
+
+            channel.on_consumer_cancel_callbacks.add(lambda frame: self._on_broker_cancel(consumer, channel))
+            await channel.basic_consume(
+                queue_name,
+                on_message,
+                no_ack=consumer.auto_ack,
+                exclusive=consumer.exclusive,
+                arguments=consumer.arguments or None,
+                consumer_tag=consumer.consumer_tag,
+            )
+        consumer._channel = channel
+        consumer.attached.set()
+        generation = self.generation
+        channel.closing.add_done_callback(lambda _: self._on_consumer_channel_closed(consumer, channel, generation))
+        log.debug("consumer %s attached to %s", consumer.consumer_tag, queue_name)
+
+    async def _dispatch(self, consumer: Consumer, message: DeliveredMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            consumer.inflight.add(task)
+        try:
+            delivery = delivery_from_aiormq(message, auto_ack=consumer.auto_ack)
+            if _hooks.consume is not None:  # amqpkit.telemetry: the callback in a CONSUMER span
+                await _hooks.consume(consumer, delivery)
+            else:
+                await consumer.callback(delivery)
+        except asyncio.CancelledError:
+            if not consumer.cancelled:  # cut short by a lost channel or connection, not by a stop
+                consumer.lost_in_flight += 1
+            raise
+        except Exception:
+            # Patterns settle and log their own failures; this is the last net.
+            log.exception("consumer %s callback failed", consumer.consumer_tag)
+        finally:
+            if task is not None:
+                consumer.inflight.discard(task)
+
+    def _on_consumer_channel_closed(self, consumer: Consumer, channel: AbstractChannel, generation: int) -> None:
+        if consumer.cancelled or self._closing or consumer._channel is not channel:
+            return
+        consumer.attached.clear()
+        consumer._channel = None
+        if generation != self.generation or self._conn is None or self._conn.is_closed:
+            return  # the reconnect re-attaches it
+        log.warning("consumer %s lost its channel; re-attaching", consumer.consumer_tag)
+        self._spawn(self._reattach(consumer))
+
+    def _on_broker_cancel(self, consumer: Consumer, channel: AbstractChannel) -> None:
+        """The broker cancelled the consumer (queue deleted, node down): declare the queue again and re-attach."""
+        if consumer.cancelled or self._closing:
+            return
+        log.warning("broker cancelled consumer %s on %s; re-attaching", consumer.consumer_tag, self._shown(consumer))
+        consumer.attached.clear()
+        consumer._channel = None
+
+        async def close_then_reattach() -> None:
+            with contextlib.suppress(Exception):
+                await channel.close()
+            await self._reattach(consumer, redeclare=True)
+
+        self._spawn(close_then_reattach())
+
+    async def _reattach(self, consumer: Consumer, *, redeclare: bool = False) -> None:
+        try:
+            # Only a lost connection is worth retrying; a refused declare or a
+            # missing queue goes straight to the consumer's on_error.
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(10),
+                wait=self._wait_strategy(),
+                retry=retry_if_exception_type(ConnectionLost),
+                reraise=True,
+            ):
+                with attempt:
+                    if consumer.cancelled or self._closing:
+                        return
+                    await self._ready()
+                    if consumer._channel is not None:
+                        return  # a reconnect got there first
+                    if consumer.queue.server_named and consumer.queue not in self._queues:
+                        raise TopologyError("its server-named queue is gone and was not ours to declare",
+                                            kind="queue", name=consumer.queue.name)  # fmt: skip
+                    if redeclare and consumer.queue in self._queues:
+                        await self._declare_queue_on(consumer.queue)
+                        for b in [b for b in self._bindings if b.queue == consumer.queue]:
+                            await self._bind_on(b)
+                    await self._attach(consumer)
+        except Exception as exc:
+            if consumer.cancelled or self._closing:
+                return
+            self._stop_consumer(consumer, exc)
+
+    async def _detach(self, consumer: Consumer, *, grace: float) -> None:
+        if consumer.cancelled:
+            return
+        consumer.cancelled = True
+        self._consumers.pop(consumer.consumer_tag, None)
+        channel, consumer._channel = consumer._channel, None
+        consumer.attached.clear()
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.basic_cancel(consumer.consumer_tag), timeout=5)
+        pending = {t for t in consumer.inflight if t is not asyncio.current_task()}
+        if pending and grace > 0:
+            await asyncio.wait(pending, timeout=grace)
+        overdue = {t for t in pending if not t.done()}
+        if overdue:
+            # Out of grace: cancel them; their messages are nacked back to the queue
+            # (a Worker does it explicitly; closing the channel does it for the rest).
+            log.warning("consumer %s: %d callbacks still running after %.3g s; cancelling",
+                        consumer.consumer_tag, len(overdue), grace)  # fmt: skip
+            for task in overdue:
+                task.cancel()
+            await asyncio.wait(overdue, timeout=5)
+        if channel is not None and not channel.is_closed:
+            # Closing the channel returns whatever is still unacked to the queue.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), timeout=5)
+        if consumer.lost_in_flight:
+            n = consumer.lost_in_flight
+            log.warning("consumer %s on %s stopped; %d message%s in flight %s lost with the connection or channel "
+                        "while it ran (the broker delivers %s again)", consumer.consumer_tag, consumer.queue.name,
+                        n, "s" if n != 1 else "", "were" if n != 1 else "was", "them" if n != 1 else "it")  # fmt: skip
+        elif not self.is_connected:
+            log.info("consumer %s on %s stopped while the connection was down", consumer.consumer_tag,
+                     consumer.queue.name)  # fmt: skip
+
+    def _consumers_detached(self) -> None:
+        """The connection is gone: no consumer is attached until the reconnect attaches it again."""
+        for consumer in self._consumers.values():
+            consumer.attached.clear()
+            consumer._channel = None
+
+    def _shown(self, consumer: Consumer) -> str:
+        """A consumer's queue as a log line names it (a server-named queue by its live name)."""
+        name = consumer.queue.name or self._queues.get(consumer.queue, "")
+        return repr(name) if name else "(a server-named queue)"
+
+    def _stop_consumer(self, consumer: Consumer, exc: BaseException) -> None:
+        """The consumer cannot be attached again: it stops, and its owner hears why."""
+        log.error("consumer %s on %s stopped: %s", consumer.consumer_tag, self._shown(consumer), exc)
+        self._consumers.pop(consumer.consumer_tag, None)
+        consumer.cancelled = True
+        consumer.error = exc
+        consumer.attached.clear()
+        consumer._channel = None
+        if consumer.on_error is not None:
+            try:
+                consumer.on_error(exc)
+            except Exception:
+                log.exception("on_error of consumer %s failed", consumer.consumer_tag)

@@ -1,0 +1,236 @@
+"""The topology registry: declare, bind, delete and purge, and what a reconnect declares again.
+
+Every exchange, queue and binding declared through the Broker is remembered
+and declared again after a reconnect, until it is deleted or forgotten
+(:meth:`TopologyRegistry.forget`). A server-named queue is known by the
+name the broker gave it on the current connection (:meth:`queue_name`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .channels import BrokerCore
+from .errors import TopologyError, map_exceptions
+from .topology import Binding, Exchange, Queue
+
+__all__ = ["TopologyRegistry"]
+
+Refused = tuple[Exchange | Queue | Binding, TopologyError]
+
+log = logging.getLogger("amqpkit.broker")
+
+
+class TopologyRegistry(BrokerCore):
+    """The Broker's topology layer (a base of :class:`~amqpkit.Broker`)."""
+
+    async def declare(self, *specs: Exchange | Queue | Binding) -> None:
+        """Declare specs in the order given and remember them for reconnects."""
+        for spec in specs:
+            if isinstance(spec, Exchange):
+                await self.declare_exchange(spec)
+            elif isinstance(spec, Queue):
+                await self.declare_queue(spec)
+            else:
+                await self.bind(spec)
+
+    async def declare_exchange(self, exchange: Exchange) -> None:
+        if exchange.is_builtin:
+            return
+        await self._ready()
+        await self._declare_exchange_on(exchange)
+        self._exchanges[exchange.name] = exchange
+        self._known_exchanges.add(exchange.name)
+
+    async def declare_queue(self, queue: Queue) -> str:
+        """Declare ``queue``; returns its name (the broker's choice for a server-named queue)."""
+        await self._ready()
+        name = await self._declare_queue_on(queue)
+        # A named queue re-declared with a different spec replaces the old one.
+        self._queues.pop(queue, None)
+        self._queues[queue] = name
+        return name
+
+    async def bind(self, binding: Binding) -> None:
+        await self.declare_exchange(binding.exchange)
+        if binding.queue not in self._queues:
+            await self.declare_queue(binding.queue)
+        await self._bind_on(binding)
+        self._bindings[binding] = None
+
+    async def unbind(self, binding: Binding) -> None:
+        await self._ready()
+        async with self._topology() as channel:
+            with map_exceptions(kind="binding", name=binding.routing_key):
+                await channel.queue_unbind(
+                    queue=self.queue_name(binding.queue),
+                    exchange=binding.exchange.name,
+                    routing_key=binding.routing_key,
+                    arguments=binding.bind_arguments() or None,
+                )
+            self._bindings.pop(binding, None)
+
+    def forget(self, *specs: Exchange | Queue | Binding) -> None:
+        """Stop remembering ``specs``: a reconnect will not declare them again. Nothing is sent to the broker.
+
+        A forgotten queue takes its bindings with it; a forgotten exchange
+        takes the bindings to it. Consumers are not touched (cancel them).
+        Use it when a pattern stops using topology it declared, so that the
+        next reconnect does not bring back, say, a stopped subscription's
+        queue that would then collect messages nobody reads.
+        """
+        for spec in specs:
+            if isinstance(spec, Exchange):
+                if self._exchanges.get(spec.name) == spec:
+                    del self._exchanges[spec.name]
+                for b in [b for b in self._bindings if b.exchange.name == spec.name]:
+                    del self._bindings[b]
+            elif isinstance(spec, Queue):
+                self._queues.pop(spec, None)
+                for b in [b for b in self._bindings if b.queue == spec]:
+                    del self._bindings[b]
+            else:
+                self._bindings.pop(spec, None)
+
+    def remembers(self, spec: Exchange | Queue | Binding) -> bool:
+        """Whether ``spec`` is declared again after a reconnect."""
+        if isinstance(spec, Exchange):
+            return self._exchanges.get(spec.name) == spec
+        if isinstance(spec, Queue):
+            return spec in self._queues
+        return spec in self._bindings
+
+    def queue_name(self, queue: Queue) -> str:
+        """The live name of a declared queue."""
+        if queue.server_named:
+            try:
+                return self._queues[queue]
+            except KeyError:
+                raise TopologyError("server-named queue used before it was declared", kind="queue") from None
+        return queue.name
+
+    async def delete_queue(self, queue: Queue | str, *, if_unused: bool = False, if_empty: bool = False) -> int:
+        """Delete a queue and forget it (with its bindings and consumers); returns the messages it held."""
+        name = queue if isinstance(queue, str) else self.queue_name(queue)
+        for spec in [q for q in self._queues if self._queues[q] == name]:
+            del self._queues[spec]
+            for b in [b for b in self._bindings if b.queue is spec or b.queue == spec]:
+                del self._bindings[b]
+        await self._ready()
+        async with self._topology() as channel:
+            with map_exceptions(kind="queue", name=name):
+                result = await channel.queue_delete(name, if_unused=if_unused, if_empty=if_empty)
+            return int(result.message_count or 0)
+
+    async def delete_exchange(self, name: str | Exchange, *, if_unused: bool = False) -> None:
+        name = name if isinstance(name, str) else name.name
+        self._exchanges.pop(name, None)
+        self._known_exchanges.discard(name)
+        for b in [b for b in self._bindings if b.exchange.name == name]:
+            del self._bindings[b]
+        await self._ready()
+        async with self._topology() as channel:
+            with map_exceptions(kind="exchange", name=name):
+                await channel.exchange_delete(name, if_unused=if_unused)
+
+    async def purge_queue(self, queue: Queue | str) -> int:
+        name = queue if isinstance(queue, str) else self.queue_name(queue)
+        await self._ready()
+        async with self._topology() as channel:
+            with map_exceptions(kind="queue", name=name):
+                result = await channel.queue_purge(name)
+            return int(result.message_count or 0)
+
+    async def queue_counts(self, queue: Queue | str) -> tuple[int, int]:
+        """``(messages ready, consumers)`` of an existing queue; TopologyError when it does not exist."""
+        name = queue if isinstance(queue, str) else self.queue_name(queue)
+        await self._ready()
+        async with self._topology() as channel:
+            with map_exceptions(kind="queue", name=name):
+                result = await channel.queue_declare(name, passive=True)
+            return int(result.message_count or 0), int(result.consumer_count or 0)
+
+    async def _declare_exchange_on(self, exchange: Exchange) -> None:
+        async with self._topology() as channel:
+            with map_exceptions(kind="exchange", name=exchange.name):
+                await channel.exchange_declare(
+                    exchange=exchange.name,
+                    exchange_type=str(exchange.type),
+                    durable=exchange.durable,
+                    auto_delete=exchange.auto_delete,
+                    internal=exchange.internal,
+                    arguments=dict(exchange.arguments) or None,
+                )
+
+    async def _declare_queue_on(self, queue: Queue) -> str:
+        async with self._topology() as channel:
+            with map_exceptions(kind="queue", name=queue.name):
+                result = await channel.queue_declare(
+                    queue=queue.name,
+                    durable=queue.durable,
+                    exclusive=queue.exclusive,
+                    auto_delete=queue.auto_delete,
+                    arguments=queue.declare_arguments() or None,
+                )
+            name = str(result.queue)
+            if queue.server_named:
+                self._queues[queue] = name
+            return name
+
+    async def _bind_on(self, binding: Binding) -> None:
+        async with self._topology() as channel:
+            queue_name = self.queue_name(binding.queue)
+            with map_exceptions(kind="binding", name=f"{binding.exchange.name}->{queue_name}"):
+                await channel.queue_bind(
+                    queue=queue_name,
+                    exchange=binding.exchange.name,
+                    routing_key=binding.routing_key,
+                    arguments=binding.bind_arguments() or None,
+                )
+
+    async def _restore_topology(self) -> tuple[list[Refused], dict[Queue, TopologyError]]:
+        """Declare again everything remembered, on a new connection.
+
+        What the broker refuses does not stop the rest: returns the refused
+        specs, and the queues that failed (with the error) so that their
+        consumers can be stopped.
+        """
+        refused: list[Refused] = []
+        for spec in list(self._exchanges.values()):
+            try:
+                await self._declare_exchange_on(spec)
+            except TopologyError as exc:
+                refused.append((spec, exc))
+        failed_queues: dict[Queue, TopologyError] = {}
+        for queue in list(self._queues):
+            try:
+                await self._declare_queue_on(queue)
+            except TopologyError as exc:
+                refused.append((queue, exc))
+                failed_queues[queue] = exc
+        for binding in list(self._bindings):
+            if binding.queue in failed_queues:
+                continue  # goes with its queue
+            try:
+                await self._bind_on(binding)
+            except TopologyError as exc:
+                refused.append((binding, exc))
+                failed_queues.setdefault(binding.queue, exc)
+        return refused, failed_queues
+
+    def _forget_refused(self, spec: Exchange | Queue | Binding, exc: TopologyError) -> None:
+        log.error("could not restore %s after the reconnect (forgotten): %s", _describe(spec), exc)
+        self.forget(spec)
+        for callback in list(self._on_topology_error):
+            try:
+                callback(spec, exc)
+            except Exception:
+                log.exception("topology error callback failed")
+
+
+def _describe(spec: Exchange | Queue | Binding) -> str:
+    if isinstance(spec, Exchange):
+        return f"exchange {spec.name!r}"
+    if isinstance(spec, Queue):
+        return f"queue {spec.name or '(server-named)'!r}"
+    return f"binding {spec.exchange.name!r} -> {spec.queue.name or '(server-named)'!r} ({spec.routing_key!r})"
