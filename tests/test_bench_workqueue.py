@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from typing import cast
 
 from amqpkit.bench import BenchParams, run_bench
 from amqpkit.bench.base import ServerOptions
 from amqpkit.bench.servers import ProcessWorkQueueWorker, spin, task
+from amqpkit.executors import ProcessRunner
 
 from .test_bench import check_schema
 
@@ -42,7 +44,7 @@ async def test_the_process_pool_is_started_before_the_first_run(amqp_url: str, n
         started = set(multiprocessing.active_children()) - before
         runner = side.worker._handler.runner
         assert runner is not None
-        assert len(started) == runner.processes >= 1  # every pool process, before any task
+        assert len(started) == cast(ProcessRunner, runner).processes >= 1  # every pool process, before any task
     finally:
         await side.stop()
     deadline = time.monotonic() + 10

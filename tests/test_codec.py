@@ -13,7 +13,15 @@ class Order(BaseModel):
 
 
 def test_codecs_satisfy_the_protocol() -> None:
-    for codec in (BytesCodec(), TextCodec(), JsonCodec(), PydanticCodec(Order), AutoCodec(), AutoCodec(Order)):
+    codecs: tuple[Codec[Any], ...] = (
+        BytesCodec(),
+        TextCodec(),
+        JsonCodec(),
+        PydanticCodec(Order),
+        AutoCodec(),
+        AutoCodec(Order),
+    )
+    for codec in codecs:
         assert isinstance(codec, Codec)
 
 

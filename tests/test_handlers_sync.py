@@ -298,12 +298,12 @@ async def test_progress_is_published_as_task_events(broker: Broker, name: str) -
             for fn in (async_handler, def_handler):
                 task = await work.enqueue({"n": 1})
                 async with Worker(work, fn, concurrency=1) as worker:
-                    await wait_for(lambda w=worker: w.completed == 1)
-                    await wait_for(lambda t=task: any(e["task_id"] == t and e["progress"] == 1.0 for e in events))
+                    await wait_for(lambda w=worker: w.completed == 1)  # type: ignore[misc]
+                    await wait_for(lambda t=task: any(e["task_id"] == t and e["progress"] == 1.0 for e in events))  # type: ignore[misc]
             task = await work.enqueue({"n": 2})
             async with Worker(work, handlers.report_progress, executor="process", processes=1) as worker:
                 await wait_for(lambda: worker.completed == 1, timeout=60)
-                await wait_for(lambda t=task: any(e["task_id"] == t and e["progress"] == 1.0 for e in events))
+                await wait_for(lambda t=task: any(e["task_id"] == t and e["progress"] == 1.0 for e in events))  # type: ignore[misc]
         assert all(e["status"] == TaskStatus.PROGRESS.value and e["queue"] == work.name for e in events)
         by_task: dict[str, list[dict[str, Any]]] = {}
         for e in events:

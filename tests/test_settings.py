@@ -35,7 +35,7 @@ def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_frozen() -> None:
     s = BrokerSettings()
     with pytest.raises(ValidationError):
-        s.heartbeat = 1  # type: ignore[misc]
+        s.heartbeat = 1
 
 
 def test_defaults() -> None:

@@ -298,7 +298,7 @@ async def test_handler_must_take_the_transaction() -> None:
         return None
 
     with pytest.raises(TypeError, match="transaction"):
-        Inbox(SqliteStore("unused.db"), consumer="c").handler(one)  # type: ignore[arg-type]
+        Inbox(SqliteStore("unused.db"), consumer="c").handler(one)
 
 
 async def test_a_locked_database_requeues_the_delivery(tmp_path: Any, broker: Broker, name: str) -> None:

@@ -275,7 +275,7 @@ async def test_crash_between_confirm_and_mark_resends_with_the_same_message_ids(
             ids.append(await outbox.add(tx, str(i).encode(), routing_key=queue.name, ordering_key="k"))
     got, consumer = await collect(broker, queue)
     try:
-        relay = Relay(_CrashBeforeMark(store), broker)  # type: ignore[arg-type]
+        relay = Relay(_CrashBeforeMark(store), broker)
         with pytest.raises(ConnectionResetError):
             await relay.run_once()
         await wait_for(lambda: len(got) >= 5)
@@ -364,6 +364,6 @@ async def test_a_commit_wakes_an_idle_relay(store: Store, broker: Broker, queue:
             for i in range(3):
                 async with store.transaction() as tx:
                     await outbox.add(tx, str(i).encode(), routing_key=queue.name)
-                await wait_for(lambda i=i: len(got) > i, timeout=10)
+                await wait_for(lambda i=i: len(got) > i, timeout=10)  # type: ignore[misc]
     finally:
         await consumer.cancel()

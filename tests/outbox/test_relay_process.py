@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,6 +57,7 @@ async def test_relay_process_publishes_and_stops_on_sigterm(
     spawned: None, backend: str, tmp_path: Path, pg_url: str, pg_schema: str, amqp_url: str, broker: Broker, name: str
 ) -> None:
     if backend == "sqlite":
+        options: dict[str, Any]
         db_url, options, extra = f"sqlite:///{tmp_path / 'app.db'}", {}, []
     else:
         db_url, options, extra = pg_url, {"schema": pg_schema}, ["--schema", pg_schema]

@@ -333,10 +333,10 @@ async def test_subscriber_survives_reconnect_without_duplicate_consumers(
                     generation = broker.generation
                     await close_connections(amqp_url, "pubsub reconnect test")
                     await wait_for(
-                        lambda g=generation: (
+                        lambda g=generation: (  # type: ignore[misc]
                             broker.generation > g and sub._consumer is not None and sub._consumer.attached.is_set()
                         )
-                    )  # type: ignore[misc]
+                    )
                 await Publisher(broker, ex, JsonCodec()).publish(2)
                 await wait_for(lambda: got == [1, 2])
                 assert await broker.queue_counts(queue) == (0, 1)

@@ -67,7 +67,7 @@ async def test_no_password_anywhere(
         for _ in range(3):
             generation = broker.generation
             proxy.cut()
-            await wait_for(lambda g=generation: broker.generation > g and broker.is_connected, 30)
+            await wait_for(lambda g=generation: broker.generation > g and broker.is_connected, 30)  # type: ignore[misc]
         with pytest.raises(TopologyError) as drift:
             await broker.declare_queue(Queue(queue, message_ttl=2))
         texts += [str(drift.value), repr(drift.value)]

@@ -68,7 +68,7 @@ def tls_settings(port: int, ca: Path, **kw: object) -> BrokerSettings:
         tls=TlsSettings(ca_file=str(ca)),
         connect_timeout=5,
         reconnect=ReconnectPolicy(initial_delay=0.05, connect_attempts=1),
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
 
 

@@ -14,7 +14,7 @@ import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -57,4 +57,4 @@ def asyncapi_3_schema() -> dict[str, Any]:
             partial = target.with_suffix(".part")
             partial.write_bytes(data)
             partial.replace(target)  # whole or not at all, for a run that stops half way
-    return json.loads(target.read_text(encoding="utf-8"))
+    return cast(dict[str, Any], json.loads(target.read_text(encoding="utf-8")))

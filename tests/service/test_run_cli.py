@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit
 
 import pytest
@@ -157,7 +158,10 @@ async def test_the_example_runs_is_ready_survives_a_cut_and_stops_on_sigterm(
         await Publisher(broker, orders).publish(order, routing_key="order.placed")
 
         async def invoiced() -> bool:
-            return await billing.call("invoice_for", 5, returns=Invoice | None, timeout=10) is not None
+            return (
+                await billing.call("invoice_for", 5, returns=cast("type[Invoice | None]", Invoice | None), timeout=10)
+                is not None
+            )
 
         await until(invoiced, timeout=30)
 

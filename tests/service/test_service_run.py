@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from amqpkit import Broker, BrokerSettings, Exchange, Publisher, Queue, ReconnectPolicy, RpcClient, Subscriber
-from amqpkit.service import Service, ServiceContext
+from amqpkit.service import PublisherSpec, Service, ServiceContext
 
 from ..reliability.proxy import FaultProxy
 from ..waiting import wait_for
@@ -40,7 +40,7 @@ def build(name: str, events: list[str]) -> tuple[Service, Exchange, Exchange]:
     svc = Service(f"{name}.svc")
     orders = Exchange(f"{name}.orders", type="topic")
     shipping = Exchange(f"{name}.shipping", type="fanout")
-    shipped = svc.publisher(shipping, Shipped)
+    shipped: PublisherSpec[Shipped] = svc.publisher(shipping, Shipped)
 
     @svc.resource
     async def store(ctx: ServiceContext) -> AsyncIterator[Store]:

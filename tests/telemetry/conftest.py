@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -37,7 +37,7 @@ class Telemetry:
                     if m.name == name:
                         for p in m.data.data_points:
                             value = getattr(p, "value", None)
-                            points.append((dict(p.attributes or {}), p.count if value is None else value))
+                            points.append((dict(p.attributes or {}), cast(Any, p).count if value is None else value))
         return points
 
     def total(self, name: str) -> Any:

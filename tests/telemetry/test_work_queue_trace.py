@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
@@ -40,7 +41,8 @@ async def test_retried_task_keeps_its_trace_into_the_dlq(broker: Broker, name: s
     assert len(enqueue) == 1
     trace_id = enqueue[0].context.trace_id
     runs = sorted(
-        (s for s in otel.spans() if s.kind is SpanKind.CONSUMER), key=lambda s: s.attributes["amqpkit.task.attempt"]
+        (s for s in otel.spans() if s.kind is SpanKind.CONSUMER),
+        key=lambda s: cast(int, s.attributes["amqpkit.task.attempt"]),
     )
     assert [s.attributes["amqpkit.task.attempt"] for s in runs] == [1, 2, 3]
     first = runs[0]
