@@ -87,6 +87,7 @@ class Landscape:
         self.gateway_port = gateway_port or free_port(self.ports)
         self.ports.add(self.gateway_port)
         self.procs: dict[str, Proc] = {}
+        self.exit_codes: dict[str, int | None] = {}  # of the processes ended by the last stop_all()
 
     @property
     def gateway_url(self) -> str:
@@ -155,7 +156,10 @@ class Landscape:
         return _end(proc.popen, grace)
 
     def stop_all(self, grace: float = 8.0) -> None:
-        """End every process: all are told at once, then each is waited for (and killed past ``grace``)."""
+        """End every process: all are told at once, then each is waited for (and killed past ``grace``).
+
+        Their exit codes go to :attr:`exit_codes` (0: a clean stop; negative: the signal that ended it).
+        """
         procs = list(self.procs.values())
         self.procs.clear()
         for proc in procs:
@@ -163,7 +167,7 @@ class Landscape:
                 _signal_group(proc.popen, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in procs:  # told once: a second SIGTERM makes `amqpkit run` cut its graceful stop short
-            _wait_or_kill(proc.popen, max(0.1, deadline - time.monotonic()))
+            self.exit_codes[proc.name] = _wait_or_kill(proc.popen, max(0.1, deadline - time.monotonic()))
 
     def __enter__(self) -> Landscape:
         return self
