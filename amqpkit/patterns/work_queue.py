@@ -312,24 +312,39 @@ class WorkQueue(Generic[T]):
         )  # fmt: skip
         if task_id is not None:
             envelope.message_id = task_id
+        task_id = envelope.message_id or ""
+        if self.events:
+            # "pending" goes first, confirmed: the worker's "running" is sent on another channel (often another
+            # connection), and RabbitMQ orders messages only within one, so a watcher could see a task run
+            # before it was pending (it did, for most of 300 tasks) if this were sent after the task.
+            await self.publish_event(
+                TaskEvent(task_id=task_id, queue=self.name, status=TaskStatus.PENDING, attempt=1,
+                          timestamp=datetime.now(UTC)), confirm=True,
+            )  # fmt: skip
         try:
             await self.broker.publish(envelope, routing_key=self.name, mandatory=True, timeout=timeout)
-        except Unroutable:
-            self._declared = False
+        except PublishError as exc:
+            if isinstance(exc, Unroutable):
+                self._declared = False
+            if self.events:  # the watcher saw "pending": it hears that the task never got in
+                await self.publish_event(
+                    TaskEvent(task_id=task_id, queue=self.name, status=TaskStatus.FAILED, attempt=1,
+                              timestamp=datetime.now(UTC), error=f"not enqueued: {type(exc).__name__}: {exc}"),
+                )  # fmt: skip
             raise
-        task = envelope.message_id or ""
-        if self.events:
-            await self.publish_event(TaskEvent(task_id=task, queue=self.name, status=TaskStatus.PENDING, attempt=1,
-                                               timestamp=datetime.now(UTC)))  # fmt: skip
-        return task
+        return task_id
 
-    async def publish_event(self, event: TaskEvent) -> None:
-        """Publish a status change (at most once: events are for watching, not for bookkeeping)."""
+    async def publish_event(self, event: TaskEvent, *, confirm: bool = False) -> None:
+        """Publish a status change (at most once: events are for watching, not for bookkeeping).
+
+        ``confirm=True`` waits until the broker has routed it, so that what is sent after it on any channel
+        reaches a watcher after it.
+        """
         try:
             await self.broker.publish(
                 Envelope(event.model_dump_json().encode(), content_type="application/json", message_id=None,
                          persistent=False),
-                exchange=TASK_EVENTS_EXCHANGE, routing_key=f"{self.name}.{event.status.value}", confirm=False,
+                exchange=TASK_EVENTS_EXCHANGE, routing_key=f"{self.name}.{event.status.value}", confirm=confirm,
             )  # fmt: skip
         except PublishError as exc:
             log.warning("could not publish task event %s: %s", event.status.value, exc)
@@ -498,7 +513,7 @@ class Worker(Generic[T]):
             handler, codec or queue.explicit_codec, concurrency=concurrency, executor=executor,
             processes=processes, context=lambda delivery: task_context(self, delivery),
         )  # fmt: skip
-        self._timeouts = ConsumerTimeouts(self)
+        self._timeouts = ConsumerTimeouts(self, self._handler, self._dead_letter)
         self._consumer: Consumer | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -717,11 +732,15 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _as_int(value: Any, default: int) -> int:
+def as_int(value: Any, default: int) -> int:
+    """A header's value as an int, ``default`` when it is missing or not a number."""
     try:
         return int(value)
     except (TypeError, ValueError):
         return default
+
+
+_as_int = as_int
 
 
 async def _quietly(settling: Awaitable[None]) -> None:

@@ -1,0 +1,74 @@
+"""A task's status events arrive in the order they happened: pending before running.
+
+``enqueue`` says "pending" and the worker says "running"; the two are sent on
+different channels (and often different connections), and RabbitMQ orders
+messages only within one channel. A watcher (a dashboard, a gateway's task
+status page) must still never see a task run before it was pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from amqpkit import Broker, Exchange, Subscriber, Unroutable, Worker, WorkQueue
+
+from ..waiting import wait_for
+from ..worker_app import Job
+
+TASKS = 300
+
+
+async def test_pending_comes_before_running_for_every_task(broker: Broker, name: str) -> None:
+    work: WorkQueue[Job] = WorkQueue(broker, f"{name}.order", events=True)
+    seen: dict[str, list[str]] = defaultdict(list)
+
+    async def on_event(event: dict[str, Any]) -> None:
+        seen[event["task_id"]].append(event["status"])
+
+    async def handler(job: Job) -> None:
+        return None
+
+    try:
+        await work.declare()
+        async with (
+            Subscriber(broker, Exchange("amqpkit.tasks", type="topic"), on_event, binding_keys=[f"{work.name}.*"]),
+            Worker(work, handler, concurrency=64) as worker,
+        ):
+            await asyncio.gather(*(work.enqueue(Job(n=i)) for i in range(TASKS)))
+            await wait_for(lambda: worker.completed == TASKS and sum(map(len, seen.values())) >= 3 * TASKS, 60)
+        out_of_order = {task: statuses for task, statuses in seen.items() if statuses[0] != "pending"}
+        assert not out_of_order, f"{len(out_of_order)} of {TASKS} tasks ran before they were pending"
+        assert all(statuses == ["pending", "running", "completed"] for statuses in seen.values())
+    finally:
+        await broker.delete_queue(work.name)
+        await broker.delete_queue(work.dlq_name)
+        await broker.delete_exchange("amqpkit.tasks")
+
+
+async def test_a_task_that_never_got_in_is_pending_then_failed(broker: Broker, name: str) -> None:
+    work: WorkQueue[Job] = WorkQueue(broker, f"{name}.lost", events=True)
+    seen: list[dict[str, Any]] = []
+
+    async def on_event(event: dict[str, Any]) -> None:
+        seen.append(event)
+
+    try:
+        async with Subscriber(
+            broker, Exchange("amqpkit.tasks", type="topic"), on_event, binding_keys=[f"{work.name}.*"]
+        ):
+            await work.declare()
+            await broker.delete_queue(work.name)  # under the WorkQueue, which believes it declared
+            with pytest.raises(Unroutable):
+                await work.enqueue(Job(n=1), task_id=f"{name}-t")
+            await wait_for(lambda: len(seen) >= 2, 10)
+        assert [e["status"] for e in seen] == ["pending", "failed"]
+        assert seen[1]["task_id"] == f"{name}-t"
+        assert seen[1]["error"].startswith("not enqueued: Unroutable")
+    finally:
+        await broker.delete_queue(work.name)
+        await broker.delete_queue(work.dlq_name)
+        await broker.delete_exchange("amqpkit.tasks")
