@@ -101,8 +101,20 @@ async def database(ctx: ServiceContext) -> AsyncIterator[HistoryDb]:
 
 @service.subscriber(EVENTS, binding_keys=[ORDER_CREATED, INVOICE_CREATED], queue="shop.history.events")
 async def on_event(event: Delivery[bytes], db: HistoryDb) -> None:
-    """An order or invoice event: into the read model, once."""
-    await db.inbox.process(event, apply)
+    """An order or invoice event: into the read model, once.
+
+    A locked database is a reason to try again (the delivery goes back to
+    the queue after a second); anything else fails the delivery, which the
+    subscriber then drops, and the next rebuild from the log applies it.
+    """
+    try:
+        await db.inbox.process(event, apply)
+    except Exception as exc:
+        if not db.store.transient(exc) or event.settled is not None:
+            raise
+        log.warning("history: database busy for event %s (%s); requeued", event.message_id, exc)
+        await asyncio.sleep(1)
+        await event.nack(requeue=True)
 
 
 async def read(store: SqliteStore, where: str = "", args: tuple[Any, ...] = ()) -> list[HistoryEntry]:
