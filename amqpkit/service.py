@@ -45,7 +45,9 @@ for the classes). Any other parameter is filled by its annotation:
 
 Anything else is an error at startup, as is an annotation that does not
 resolve, two handlers on one queue, or one name declared twice with
-different specs (:class:`ServiceError`, naming both).
+different specs (:class:`ServiceError`, naming both). A worker on the
+process executor gets the message and a TaskContext only: asking for more
+is refused already by its decorator.
 """
 
 from __future__ import annotations
