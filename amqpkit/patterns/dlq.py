@@ -30,7 +30,7 @@ from pamqp.commands import Basic
 from ..connection import Broker
 from ..errors import map_exceptions
 from ..message import Delivery
-from .work_queue import ATTEMPT, describe_dead_letter
+from .tasks import ATTEMPT, describe_dead_letter
 
 __all__ = [
     "LIST_LIMIT",

@@ -42,13 +42,16 @@ from ..errors import AmqpkitError
 from ..message import Delivery
 
 if TYPE_CHECKING:
-    from .work_queue import Worker
+    from .._handlers import HandlerInfo
+    from .worker import Worker
 
 __all__ = ["ConsumerTimeoutExceeded", "ConsumerTimeouts", "task_context"]
 
 log = logging.getLogger("amqpkit.worker")
 
 TaskCallback = Callable[[Delivery[bytes]], Awaitable[None]]
+# The worker's dead-lettering: (delivery, attempt, reason, error, traceback).
+DeadLetter = Callable[[Delivery[bytes], int, str, BaseException, Any], Awaitable[None]]
 
 DEAD_LETTER_REASON = "consumer-timeout"
 REMEMBER = 10_000  # timed-out task ids kept until their copy comes back
@@ -62,11 +65,11 @@ class ConsumerTimeoutExceeded(AmqpkitError):
 
 def task_context(worker: Worker[Any], delivery: Delivery[Any]) -> TaskContext:
     """The :class:`TaskContext` a Worker's handler gets: the task, and progress as ``<queue>.progress`` events."""
-    from .work_queue import ATTEMPT, TaskEvent, TaskStatus, _as_int
+    from .tasks import ATTEMPT, TaskEvent, TaskStatus, as_int
 
     queue = worker.queue
     task_id = delivery.message_id or ""
-    attempt = _as_int(delivery.headers.get(ATTEMPT), 1)
+    attempt = as_int(delivery.headers.get(ATTEMPT), 1)
 
     async def publish(fraction: float, note: str | None) -> None:
         if queue.events:
@@ -98,8 +101,10 @@ class _TimedOut:
 class ConsumerTimeouts:
     """Notices channels the broker closed for ``consumer_timeout``, and keeps the copies from looping."""
 
-    def __init__(self, worker: Worker[Any]) -> None:
+    def __init__(self, worker: Worker[Any], handler: HandlerInfo, dead_letter: DeadLetter) -> None:
         self.worker = worker
+        self.handler = handler  # the worker's handler: where its runs go on, and their orphaned futures
+        self.dead_letter = dead_letter  # the worker's way to the DLQ (headers, telemetry, settlement)
         self.timed_out = 0  # tasks the broker took back for consumer_timeout
         # Runs by channel: running ones, and those cut short (kept until their channel's close is seen:
         # aiormq cancels a channel's tasks before the close reaches us).
@@ -159,7 +164,7 @@ class ConsumerTimeouts:
             self._remembered.move_to_end(held.task_id)
             while len(self._remembered) > REMEMBER:
                 self._remembered.popitem(last=False)
-        handler = self.worker._handler
+        handler = self.handler
         if handler.runs_on == "loop":
             then = "its run is cancelled, and its copy goes to the DLQ (reason consumer-timeout) instead of running"
         else:
@@ -180,14 +185,14 @@ class ConsumerTimeouts:
     async def _copy(self, raw: Delivery[bytes], key: str) -> bool:
         """Handle the copy of a timed-out task; False: let the worker run it (it takes the first run's outcome)."""
         info = self._remembered.pop(key)
-        first = self.worker._handler.orphan(key)
+        first = self.handler.orphan(key)
         if first is not None:
             if not first.done():
                 await _wait(first, info.wait)
             if first.done():
                 return False  # the worker adopts the outcome (see HandlerInfo): no second run
             first.add_done_callback(lambda f: _late(key, self.worker.queue.name, f))
-        from .work_queue import ATTEMPT, _as_int
+        from .tasks import ATTEMPT, as_int
 
         why = ConsumerTimeoutExceeded(
             f"held {info.held_for:.0f} s, past the broker's consumer_timeout ({_ms(info.timeout_ms)}); "
@@ -195,7 +200,7 @@ class ConsumerTimeouts:
         )
         log.error("task %s delivered again after its consumer_timeout: dead-lettered (reason %s), not run again",
                   key, DEAD_LETTER_REASON)  # fmt: skip
-        await self.worker._dead_letter(raw, _as_int(raw.headers.get(ATTEMPT), 1), DEAD_LETTER_REASON, why, None)
+        await self.dead_letter(raw, as_int(raw.headers.get(ATTEMPT), 1), DEAD_LETTER_REASON, why, None)
         return True
 
 

@@ -327,7 +327,7 @@ class Subscriber(Generic[T]):
         if not self._declared:
             return
         self._declared = False
-        if _consumed_elsewhere(self.broker, self.queue):
+        if consumed_elsewhere(self.broker, self.queue):
             return
         if self.private:
             self.broker.forget(self.queue)  # its bindings go with it
@@ -383,9 +383,12 @@ class Subscriber(Generic[T]):
             await _settle_quietly(delivery.ack())
 
 
-def _consumed_elsewhere(broker: Broker, queue: Queue) -> bool:
+def consumed_elsewhere(broker: Broker, queue: Queue) -> bool:
     """Whether a live consumer on ``broker`` still reads ``queue`` (its topology must then stay remembered)."""
     return any(not c.cancelled and c.queue == queue for c in broker.consumers)
+
+
+_consumed_elsewhere = consumed_elsewhere  # its name before other patterns shared it
 
 
 class _Failed:

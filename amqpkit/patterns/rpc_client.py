@@ -1,0 +1,382 @@
+"""The calling side of RPC: :class:`RpcClient`, whose every call ends (result, typed error or timeout).
+
+See :mod:`amqpkit.patterns.rpc` for the conventions and :mod:`amqpkit.patterns.rpc_wire` for what travels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Self, TypeVar, overload
+
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
+from pydantic import TypeAdapter, ValidationError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from .. import _hooks
+from ..codec import AutoCodec, Codec, TextCodec, codec_for, encode_body
+from ..connection import Broker, Consumer
+from ..errors import ConnectionLost, DecodeError, NoResponder, RpcTimeout, Unroutable, map_exceptions
+from ..message import Delivery, Envelope
+from ..topology import Queue
+from .rpc_wire import DEFAULT_RPC_TIMEOUT, DIRECT_REPLY_TO, ERROR_CONTENT_TYPE, TIMEOUT_HEADER, parse_error
+
+__all__ = ["RpcClient"]
+
+log = logging.getLogger("amqpkit.rpc")
+
+R = TypeVar("R")
+
+
+class RpcClient:
+    """Calls methods of an :class:`RpcServer` (or any server following the tutorial's conventions).
+
+    ::
+
+        async with RpcClient(broker, "billing.rpc") as billing:
+            receipt = await billing.call("charge", Charge(...), returns=Receipt, timeout=5)
+
+    Many calls may be in flight at once. Each ends with its result, a typed
+    error or :class:`~amqpkit.RpcTimeout`; if the connection drops, every
+    pending call fails at once with :class:`~amqpkit.ConnectionLost`.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        queue: str = "rpc_queue",
+        *,
+        exchange: str = "",
+        codec: Codec[Any] | None = None,
+        timeout: float = DEFAULT_RPC_TIMEOUT,
+        reply_queue: Literal["direct", "exclusive"] = "direct",
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("an RPC timeout must be positive (calls always end)")
+        self.broker = broker
+        self.routing_key = queue
+        self.exchange = exchange
+        self.codec: Codec[Any] = codec or AutoCodec()
+        self.timeout = timeout
+        self.reply_queue = reply_queue
+        self._pending: dict[str, asyncio.Future[Delivery[bytes]]] = {}
+        self._ids = itertools.count()
+        self._prefix = os.urandom(6).hex()
+        self._channel: AbstractChannel | None = None
+        self._channel_lock = asyncio.Lock()
+        self._reply_consumer: Consumer | None = None
+        self._reply_spec: Queue | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._started = False
+        self.dropped_replies = 0
+        # Requests go out on a channel without confirms, their returns read by a hook (see
+        # amqpkit.aiormq_compat); False once a start had to fall back to confirming each request.
+        self.fast_returns = True
+
+    @property
+    def pending(self) -> int:
+        """Calls waiting for a reply now."""
+        return len(self._pending)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._unsubscribe.append(self.broker.on_disconnect(self._fail_pending))
+        if self.reply_queue == "exclusive":
+            self._reply_spec = Queue(exclusive=True, auto_delete=True, durable=False)
+            self._reply_consumer = await self.broker.consume(
+                self._reply_spec, self._on_reply_delivery, auto_ack=True, prefetch=0
+            )
+        else:
+            await self._direct_channel()
+
+    async def close(self) -> None:
+        """Stop; calls still pending fail with ConnectionLost."""
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+        self._fail_pending(ConnectionLost("RpcClient closed"))
+        if self._reply_consumer is not None:
+            await self._reply_consumer.cancel()
+            self._reply_consumer = None
+        if self._reply_spec is not None:
+            # Not declared again after a reconnect: a new start makes a new reply queue.
+            self.broker.forget(self._reply_spec)
+            self._reply_spec = None
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            try:
+                await asyncio.wait_for(channel.close(), 5)
+            except Exception as exc:
+                log.debug("closing the reply channel: %s", exc)
+        self._started = False
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(ConnectionLost(f"connection lost while waiting for a reply: {exc}"))
+
+    async def _direct_channel(self) -> AbstractChannel:
+        """The channel that both publishes requests and consumes direct replies (RabbitMQ requires one channel)."""
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._channel_lock:
+            channel = self._channel
+            if channel is not None and not channel.is_closed:
+                return channel
+            # Requests go out mandatory without confirms: a returned request (no
+            # queue took it) fails its call through the return hook, and the
+            # broker sends no confirm frame per call.
+            lowlevel = self.broker.lowlevel
+            channel = await lowlevel.open_channel(confirms=False)
+            self.fast_returns = lowlevel.hook_returns(channel, self._on_returned)
+            if not self.fast_returns:
+                log.warning("aiormq does not let returns be read without confirms: RPC requests are confirmed")
+                await channel.close()
+                channel = await lowlevel.open_channel(confirms=True)
+            with map_exceptions(kind="queue", name=DIRECT_REPLY_TO):
+                await channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+            self._channel = channel
+            channel.closing.add_done_callback(lambda _: self._on_channel_closed(channel))
+            return channel
+
+    def _on_channel_closed(self, channel: AbstractChannel) -> None:
+        # Replies to requests sent on a dead channel can never arrive.
+        if channel is self._channel:
+            self._channel = None
+            self._fail_pending(ConnectionLost("the reply channel closed"))
+
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        """A reply over direct reply-to."""
+        await self._on_reply_delivery(self.broker.lowlevel.delivery(message, auto_ack=True))
+
+    async def _on_reply_delivery(self, delivery: Delivery[bytes]) -> None:
+        """A reply, by either route: it completes the call with its correlation id, or is dropped and counted."""
+        cid = delivery.correlation_id
+        future = self._pending.pop(cid, None) if cid else None
+        if future is None or future.done():
+            self.dropped_replies += 1
+            log.debug("dropped a reply with unknown or late correlation id %r", cid)
+            return
+        future.set_result(delivery)
+
+    def _on_returned(self, message: DeliveredMessage) -> None:
+        future = self._pending.pop(message.header.properties.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_exception(self._no_responder())
+
+    def _no_responder(self) -> NoResponder:
+        return NoResponder(f"no queue took the request: {self.routing_key!r} has no server")
+
+    @overload
+    async def call(
+        self,
+        method: str | None,
+        payload: Any = ...,
+        *,
+        returns: type[R],
+        timeout: float | None = ...,
+        headers: Mapping[str, Any] | None = ...,
+    ) -> R: ...
+
+    @overload
+    async def call(
+        self,
+        method: str | None,
+        payload: Any = ...,
+        *,
+        returns: None = ...,
+        timeout: float | None = ...,
+        headers: Mapping[str, Any] | None = ...,
+    ) -> Any: ...
+
+    async def call(
+        self,
+        method: str | None,
+        payload: Any = None,
+        *,
+        returns: Any = None,
+        timeout: float | None = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Call ``method`` with ``payload``; returns the reply decoded as ``returns`` (a type; JSON when None).
+
+        ``method=None`` sends no ``type`` (a single-method server, as in the tutorial).
+        Raises :class:`~amqpkit.RpcTimeout`, :class:`~amqpkit.RemoteError`,
+        :class:`~amqpkit.NoResponder`, :class:`~amqpkit.ConnectionLost`,
+        :class:`~amqpkit.DecodeError` (a reply that does not decode).
+        """
+        if _hooks.rpc_call is not None and not _hooks.quiet.get():  # amqpkit.telemetry: a CLIENT span, then back here
+            return await _hooks.rpc_call(self, method, payload, returns, timeout, headers)
+        if not self._started:
+            await self.start()
+        wait = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        body, content_type = encode_body(self.codec, payload)
+        self.broker.check_message_size(body)
+        cid = f"{self._prefix}.{next(self._ids)}"
+        future: asyncio.Future[Delivery[bytes]] = loop.create_future()
+        properties = Basic.Properties(
+            content_type=content_type,
+            correlation_id=cid,
+            message_type=method,
+            headers=dict(headers) if headers else {},
+            delivery_mode=1,
+            message_id=cid,
+        )
+        self._pending[cid] = future
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._send(body, properties, future, deadline)
+                reply = await future
+        except TimeoutError:
+            raise RpcTimeout(f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s") from None
+        finally:
+            self._pending.pop(cid, None)
+            _settle_unread(future)
+        reply_type = reply.content_type
+        if reply_type == "application/octet-stream" and returns is bytes:
+            return reply.body  # the common bytes reply, without parsing its content type
+        media = _media(reply_type)
+        if media == ERROR_CONTENT_TYPE:
+            raise parse_error(reply.body)
+        return self._decode_reply(reply, returns, reply_type, media)
+
+    def _decode_reply(self, reply: Delivery[bytes], returns: Any, content_type: str | None, media: str) -> Any:
+        """Decode by the reply's content type, then check against ``returns`` when given."""
+        if media == "text/plain" or (not media and returns in (str, int, float)):
+            text = TextCodec().decode(reply.body, content_type)
+            if returns in (None, str):
+                return text
+            try:
+                return _adapter(returns).validate_strings(text)
+            except ValidationError as exc:
+                raise DecodeError(f"reply {text[:60]!r} is not a {returns!r}", errors=list(exc.errors())) from exc
+        if media == "application/octet-stream" or returns is bytes:
+            return reply.body
+        codec = self.codec if returns is None else codec_for(returns)
+        return codec.decode(reply.body, content_type)
+
+    async def _send(
+        self, body: bytes, properties: Basic.Properties, future: asyncio.Future[Any], deadline: float
+    ) -> None:
+        if self.reply_queue == "exclusive":
+            assert self._reply_spec is not None
+            await self.broker.wait_connected()
+            properties.reply_to = self.broker.queue_name(self._reply_spec)
+            _stamp_budget(properties, deadline)
+            env = Envelope.from_properties(body, properties)
+            publishing = asyncio.ensure_future(
+                self.broker.publish(env, exchange=self.exchange, routing_key=self.routing_key, mandatory=True)
+            )
+            self._tasks.add(publishing)  # held until done: a task nobody references may be collected mid-flight
+            publishing.add_done_callback(self._tasks.discard)
+            publishing.add_done_callback(_settle_unread)  # abandoned below: its error, if any, is read there
+            try:
+                await asyncio.wait({publishing, future}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # A call that ended meanwhile (connection lost, timed out, cancelled) abandons its
+                # request: it must not be published again after a reconnect, for nobody.
+                if not publishing.done():
+                    publishing.cancel()
+            if not publishing.done() or publishing.cancelled():
+                return  # the call's future has its outcome (a cancelled task is done only once it ran)
+            try:
+                publishing.result()
+            except Unroutable as exc:
+                raise self._no_responder() from exc
+            return
+        if not self.broker.is_connected:
+            await self.broker.wait_connected()
+            if future.done():
+                return  # failed while it waited (the connection it was started on is gone): nothing to send
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            channel = await self._direct_channel()
+        properties.reply_to = DIRECT_REPLY_TO
+        _stamp_budget(properties, deadline)
+        try:
+            await self.broker.lowlevel.publish_nowait(
+                channel, body, exchange=self.exchange, routing_key=self.routing_key, properties=properties,
+                mandatory=True,
+            )  # fmt: skip
+        except Exception:
+            # Translated here, off the hot path: a context manager entered on every call costs.
+            try:
+                with map_exceptions(kind="exchange", name=self.exchange):
+                    raise
+            except Unroutable as exc:
+                raise self._no_responder() from exc
+
+    async def call_with_retry(
+        self,
+        method: str | None,
+        payload: Any = None,
+        *,
+        returns: Any = None,
+        timeout: float | None = None,
+        attempts: int = 3,
+        retry_on: tuple[type[BaseException], ...] = (RpcTimeout, ConnectionLost, NoResponder),
+    ) -> Any:
+        """:meth:`call`, retried with backoff on ``retry_on``.
+
+        Only for idempotent methods: a retried call may run twice. Never the default.
+        """
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=0.1, max=2),
+            retry=retry_if_exception_type(retry_on),
+            reraise=True,
+        ):
+            with attempt:
+                return await self.call(method, payload, returns=returns, timeout=timeout)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _settle_unread(future: asyncio.Future[Any]) -> None:
+    """Read the outcome of a call's future (or of its abandoned publish) that the call itself did not await.
+
+    A disconnect fails every pending call's future, while the call may be
+    ending another way (its deadline, a failed send): the error is known, and
+    asyncio must not report it as never retrieved.
+    """
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()
+
+
+def _stamp_budget(properties: Basic.Properties, deadline: float) -> None:
+    """Write the time left until ``deadline`` (loop time) into the request, just before it is sent."""
+    left_ms = max(1, int((deadline - asyncio.get_running_loop().time()) * 1000))
+    properties.expiration = str(left_ms)
+    if properties.headers is None:
+        properties.headers = {TIMEOUT_HEADER: left_ms}
+    else:
+        properties.headers[TIMEOUT_HEADER] = left_ms  # the request's own dict, made by call()
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter(type_: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(type_)
+
+
+def _media(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()

@@ -1,0 +1,256 @@
+"""The serving side of RPC: :class:`RpcServer` runs typed methods from a request queue.
+
+See :mod:`amqpkit.patterns.rpc` for the conventions and :mod:`amqpkit.patterns.rpc_wire` for what travels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Self, TypeVar
+
+from pamqp.commands import Basic
+
+from .. import _hooks
+from .._handlers import HandlerInfo, inspect_handler
+from ..codec import Codec, codec_for
+from ..connection import Broker, Consumer
+from ..errors import DecodeError
+from ..message import Delivery
+from ..topology import Queue
+from .pubsub import consumed_elsewhere
+from .rpc_wire import DEFAULT_CONCURRENCY, ERROR_CONTENT_TYPE, TIMEOUT_HEADER, error_body
+
+__all__ = ["RpcServer"]
+
+log = logging.getLogger("amqpkit.rpc")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class RpcServer:
+    """Serves methods from a request queue.
+
+    ::
+
+        server = RpcServer(broker, "billing.rpc")
+
+        @server.method("charge")
+        async def charge(req: Charge) -> Receipt: ...
+
+        async with server:
+            await stop.wait()
+
+    The method is named by the request's ``type``; a server with one method
+    also serves requests with no ``type``. ``concurrency`` requests run at
+    once; several servers may consume the same queue.
+
+    A queue given by name is declared as a durable classic queue (transient
+    non-exclusive queues are deprecated on RabbitMQ 4.x); pass a
+    :class:`~amqpkit.Queue` to declare it otherwise. A queue that already
+    exists as a transient one (declared by an earlier amqpkit, or by the
+    official tutorial) must be deleted once, or given as
+    ``Queue(name, durable=False)``, since RabbitMQ refuses to redeclare it.
+
+    If the request queue cannot be attached again after a reconnect (deleted
+    and not ours to declare, or re-declared by someone else with other
+    arguments), the server stops and says why: ``on_error`` is called with
+    the error, :attr:`error` holds it and :meth:`wait_stopped` returns. It
+    never sits idle in silence.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        queue: Queue | str = "rpc_queue",
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        handlers: Mapping[str, Callable[..., Any]] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.broker = broker
+        # A name alone: a durable classic queue, shared by competing servers. Requests carry their own
+        # expiration, so nothing piles up in it; a transient non-exclusive queue is deprecated on RabbitMQ 4.x.
+        self.queue = Queue(queue) if isinstance(queue, str) else queue
+        self.concurrency = concurrency
+        self.on_error = on_error
+        self.error: BaseException | None = None
+        self._stopped = asyncio.Event()
+        self._methods: dict[str, tuple[HandlerInfo, Codec[Any]]] = {}
+        for name, fn in (handlers or {}).items():
+            self.add(name, fn)
+        self._consumer: Consumer | None = None
+        self.served = 0
+        self.failed = 0
+        self.rejected = 0
+        self.expired = 0
+
+    def add(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        codec: Codec[Any] | None = None,
+        reply_codec: Codec[Any] | None = None,
+    ) -> None:
+        """Serve ``fn`` as method ``name``. Codecs come from its annotations unless given."""
+        info = inspect_handler(fn, codec, concurrency=self.concurrency)  # a plain def: in a thread
+        if reply_codec is None:
+            reply_codec = codec_for(info.returns) if info.returns not in (Any, None, type(None)) else info.codec
+        self._methods[name] = (info, reply_codec)
+
+    def method(self, name: str | None = None) -> Callable[[F], F]:
+        """Decorator form of :meth:`add`; the name defaults to the function's name."""
+
+        def register(fn: F) -> F:
+            self.add(name or fn.__name__, fn)
+            return fn
+
+        return register
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if not self._methods:
+            raise ValueError("an RpcServer needs at least one method")
+        if self._consumer is None:
+            await self.broker.declare_queue(self.queue)
+            self.error = None
+            self._stopped.clear()
+            self._consumer = await self.broker.consume(
+                self.queue, self._on_request, prefetch=self.concurrency, on_error=self._failed
+            )
+
+    @property
+    def running(self) -> bool:
+        """Taking requests now (started, and neither stopped nor failed)."""
+        return self._consumer is not None
+
+    def _failed(self, exc: BaseException) -> None:
+        """The request queue could not be attached again: the server stops, and says so."""
+        log.error("RPC server on %s stopped: %s", self.queue.name, exc)
+        self.error = exc
+        self._consumer = None
+        if not consumed_elsewhere(self.broker, self.queue):
+            self.broker.forget(self.queue)
+        self._stopped.set()
+        if self.on_error is not None:
+            self.on_error(exc)
+
+    async def wait_stopped(self) -> None:
+        """Return once the server has stopped: by :meth:`stop`, or failed (then :attr:`error` says why)."""
+        await self._stopped.wait()
+
+    async def stop(self, *, grace: float = 5.0) -> None:
+        """Stop taking requests; running ones get ``grace`` seconds.
+
+        The Broker forgets the request queue (unless another consumer on it
+        still reads it), so a reconnect does not declare it again: a request
+        sent while no server runs is returned (``NoResponder``) instead of
+        waiting in a queue nobody reads.
+        """
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.cancel(grace=grace)
+            for info, _ in self._methods.values():
+                info.close()
+            if not consumed_elsewhere(self.broker, self.queue):
+                self.broker.forget(self.queue)
+        self._stopped.set()
+
+    def _lookup(self, method: str | None) -> tuple[HandlerInfo, Codec[Any]] | None:
+        if method:
+            return self._methods.get(method)
+        if len(self._methods) == 1:
+            return next(iter(self._methods.values()))
+        return None
+
+    async def _on_request(self, raw: Delivery[bytes]) -> None:
+        reply_to, correlation_id = raw.reply_to, raw.correlation_id
+        if not reply_to or not correlation_id:
+            missing = "reply_to" if not reply_to else "correlation_id"
+            self.rejected += 1
+            log.error("rejected request id=%s on %s: no %s", raw.message_id, self.queue.name, missing)
+            await raw.reject(requeue=False)
+            return
+        budget = _budget_ms(raw.headers)
+        if budget is not None and budget <= 0:
+            self.expired += 1
+            log.info("skipped request id=%s method=%s: the caller has no time left", raw.message_id, raw.type)
+            await raw.ack()
+            return
+        found = self._lookup(raw.type)
+        if found is None:
+            self.rejected += 1
+            known = ", ".join(sorted(self._methods))
+            log.error("rejected request id=%s: unknown method %r (serving %s)", raw.message_id, raw.type, known)
+            await self._reply(
+                reply_to, correlation_id, error_body("UnknownMethod", f"no method {raw.type!r}; serving {known}")
+            )
+            await raw.reject(requeue=False)
+            return
+        info, reply_codec = found
+        try:
+            value = info.codec.decode(raw.body, raw.content_type)
+        except DecodeError as exc:
+            self.rejected += 1
+            log.error("rejected request id=%s method=%s: cannot decode: %s", raw.message_id, raw.type, exc)
+            await self._reply(reply_to, correlation_id, error_body("DecodeError", str(exc), {"errors": exc.errors}))
+            await raw.reject(requeue=False)
+            return
+        try:
+            result = await info(raw.with_value(value))
+            body, content_type = reply_codec.encode(result), reply_codec.content_type
+        except Exception as exc:
+            self.failed += 1
+            if _hooks.handler_failed is not None:  # amqpkit.telemetry: error.type on the SERVER span
+                _hooks.handler_failed(exc)
+            log.warning(
+                "method %s failed for request id=%s: %s: %s",
+                raw.type or "(default)", raw.message_id, type(exc).__name__, exc,
+            )  # fmt: skip
+            details = getattr(exc, "details", None)
+            body = error_body(type(exc).__name__, str(exc), details if isinstance(details, Mapping) else None)
+            content_type = ERROR_CONTENT_TYPE
+        await self._reply(reply_to, correlation_id, body, content_type)
+        self.served += 1
+        await raw.ack()
+
+    async def _reply(
+        self, reply_to: str, correlation_id: str, body: bytes, content_type: str = ERROR_CONTENT_TYPE
+    ) -> None:
+        """Send a reply (or, by default content type, an error document) to the request's ``reply_to``."""
+        limit = self.broker.settings.max_message_size
+        if len(body) > limit:
+            body = error_body("MessageTooLarge", f"reply of {len(body)} bytes over {limit}")
+            content_type = ERROR_CONTENT_TYPE
+        properties = Basic.Properties(content_type=content_type, correlation_id=correlation_id, delivery_mode=1)
+        await self.broker.lowlevel.publish_unconfirmed(body, properties, routing_key=reply_to)
+
+
+def _budget_ms(headers: Mapping[str, Any]) -> float | None:
+    """The caller's time left when it sent the request, in ms (its ``x-timeout-ms`` header), if it said.
+
+    Relative, so it means the same on any clock. Absolute times a request may
+    carry (an older client's ``x-deadline``, timestamp + expiration) are not
+    used: read with another machine's clock they can be in the past for a
+    request the caller still waits for. While the request is queued the
+    broker enforces its expiration, and it delivers no request that ran out.
+    """
+    return _as_float(headers.get(TIMEOUT_HEADER)) if headers else None
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------- client

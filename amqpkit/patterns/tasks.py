@@ -1,0 +1,177 @@
+"""What a work-queue task carries and how its outcome is told: header names, the retry policy,
+``Retry`` and ``Reject``, task events, idempotency stores.
+
+Shared by :class:`~amqpkit.WorkQueue` (work_queue.py), :class:`~amqpkit.Worker` (worker.py) and the
+dead-letter tools (dlq.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..message import Delivery
+from ..topology import Exchange, ExchangeType
+
+__all__ = [
+    "TASK_EVENTS_EXCHANGE",
+    "IdempotencyStore",
+    "MemoryIdempotencyStore",
+    "Reject",
+    "Retry",
+    "RetryPolicy",
+    "TaskEvent",
+    "TaskStatus",
+    "as_int",
+    "delay_bucket",
+    "describe_dead_letter",
+    "now_ms",
+]
+
+log = logging.getLogger("amqpkit.worker")
+
+
+TASK_EVENTS_EXCHANGE = Exchange("amqpkit.tasks", type=ExchangeType.TOPIC)
+
+# Headers a work queue keeps on a task.
+ATTEMPT = "x-attempt"
+FIRST_FAILURE = "x-first-failure"
+LAST_FAILURE = "x-last-failure"
+ERROR_TYPE = "x-error-type"
+ERROR_MESSAGE = "x-error-message"
+ERROR_TRACEBACK = "x-error-traceback"
+ORIGINAL_EXCHANGE = "x-original-exchange"
+ORIGINAL_ROUTING_KEY = "x-original-routing-key"
+DEAD_LETTER_REASON = "x-dead-letter-reason"
+ATTEMPTS = "x-attempts"
+
+CONSUMER_TIMEOUT_ARG = "x-consumer-timeout"  # ms; a queue's own consumer timeout
+PER_QUEUE_CONSUMER_TIMEOUT = (3, 12)  # the first RabbitMQ version that honours it
+TRACEBACK_LIMIT = 4000  # characters kept of a traceback, from its end
+
+
+class RetryPolicy(BaseModel):
+    """Exponential backoff with jitter, capped.
+
+    After attempt n fails the task waits ``initial_delay * multiplier**(n-1)``
+    seconds (at most ``max_delay``), give or take ``jitter``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_attempts: int = Field(default=5, ge=1)
+    initial_delay: float = Field(default=1.0, gt=0)
+    multiplier: float = Field(default=2.0, ge=1)
+    max_delay: float = Field(default=300.0, gt=0)
+    jitter: float = Field(default=0.1, ge=0, le=1, description="± fraction of the delay drawn at random")
+
+    def delay(self, failed_attempt: int) -> float:
+        """Seconds to wait after attempt ``failed_attempt`` (1-based) failed."""
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** (failed_attempt - 1))
+        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+
+
+class Retry(Exception):
+    """Raise in a handler to retry the task after ``delay`` seconds (default: the policy's)."""
+
+    def __init__(self, reason: str = "retry requested", *, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class Reject(Exception):
+    """Raise in a handler to dead-letter the task at once, with ``reason``."""
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    DEAD_LETTERED = "dead_lettered"
+    PROGRESS = "progress"
+
+
+class TaskEvent(BaseModel):
+    """A task's status change, published on ``amqpkit.tasks`` as ``<queue>.<status>``."""
+
+    task_id: str
+    queue: str
+    status: TaskStatus
+    attempt: int
+    timestamp: datetime
+    error: str | None = None
+    retry_in: float | None = None
+    progress: float | None = None  # 0 to 1, for status "progress" (see TaskContext)
+    note: str | None = None
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    """Remembers the ids of completed tasks, so a redelivered one is not run twice."""
+
+    async def seen(self, task_id: str) -> bool: ...
+
+    async def remember(self, task_id: str) -> None: ...
+
+
+class MemoryIdempotencyStore:
+    """An in-process LRU of the last ``max_size`` completed task ids (per worker process)."""
+
+    def __init__(self, max_size: int = 100_000) -> None:
+        self.max_size = max_size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    async def seen(self, task_id: str) -> bool:
+        if task_id in self._ids:
+            self._ids.move_to_end(task_id)
+            return True
+        return False
+
+    async def remember(self, task_id: str) -> None:
+        self._ids[task_id] = None
+        self._ids.move_to_end(task_id)
+        while len(self._ids) > self.max_size:
+            self._ids.popitem(last=False)
+
+
+def delay_bucket(seconds: float) -> int:
+    """Delays rounded to two significant digits (in ms), so a few delay queues serve every delay."""
+    ms = max(1, round(seconds * 1000))
+    step = 10 ** max(0, len(str(ms)) - 2)
+    return max(1, int(round(ms / step) * step))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def as_int(value: Any, default: int) -> int:
+    """A header's value as an int, ``default`` when it is missing or not a number."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def describe_dead_letter(delivery: Delivery[bytes]) -> dict[str, Any]:
+    """What ``amqpkit dlq list`` shows of a dead-lettered task."""
+    h = delivery.headers
+    last = as_int(h.get(LAST_FAILURE), 0)
+    death = (h.get("x-death") or [{}])[0] if not last else {}
+    return {
+        "task_id": delivery.message_id,
+        "error": f"{h.get(ERROR_TYPE, death.get('reason', '?'))}: {h.get(ERROR_MESSAGE, '')}".rstrip(": "),
+        "reason": h.get(DEAD_LETTER_REASON) or death.get("reason"),
+        "attempts": as_int(h.get(ATTEMPTS), as_int(h.get("x-delivery-count"), 0)),
+        "age_s": round(time.time() - last / 1000, 1) if last else None,
+        "original_routing_key": h.get(ORIGINAL_ROUTING_KEY),
+    }

@@ -1,0 +1,350 @@
+"""The Worker: runs a typed handler over a :class:`~amqpkit.WorkQueue`, with retries and dead-lettering.
+
+See :mod:`amqpkit.patterns.work_queue` for the topology and what happens to a failed task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import traceback
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Generic, Self, cast
+
+from typing_extensions import TypeVar  # with a default (PEP 696)
+
+from .. import _hooks
+from .._handlers import HandlerInfo, inspect_handler
+from ..codec import Codec
+from ..connection import Consumer
+from ..errors import DecodeError, Unroutable
+from ..executors import ExecutorKind
+from ..message import Delivery
+from .long_tasks import ConsumerTimeouts, task_context
+from .tasks import (
+    ATTEMPT,
+    ATTEMPTS,
+    DEAD_LETTER_REASON,
+    ERROR_MESSAGE,
+    ERROR_TRACEBACK,
+    ERROR_TYPE,
+    FIRST_FAILURE,
+    LAST_FAILURE,
+    ORIGINAL_EXCHANGE,
+    ORIGINAL_ROUTING_KEY,
+    TRACEBACK_LIMIT,
+    IdempotencyStore,
+    Reject,
+    Retry,
+    TaskEvent,
+    TaskStatus,
+    as_int,
+    now_ms,
+)
+
+if TYPE_CHECKING:
+    from .work_queue import WorkQueue
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("amqpkit.worker")
+
+# Any when nothing says (no codec given): `Publisher(broker, x).publish(model)` needs no annotation.
+T = TypeVar("T", default=Any)
+
+
+class Worker(Generic[T]):
+    """Runs a typed handler over a :class:`WorkQueue` with ``concurrency`` tasks in flight.
+
+    ::
+
+        async def resize(job: ResizeJob) -> None: ...
+
+        async with Worker(WorkQueue(broker, "images"), resize, concurrency=8):
+            await stop.wait()
+
+    A task is acked after its handler returns. On failure it is retried after
+    the policy's delay (``Retry(delay=...)`` chooses the delay), and after the
+    last attempt, or at once on ``Reject`` or a body that does not decode,
+    it is dead-lettered with the reason. :meth:`stop` stops taking tasks at
+    once, lets running ones finish within ``grace`` seconds, and requeues
+    the rest.
+
+    Where the handler runs: an ``async def`` on the event loop; a plain
+    ``def`` in a pool of ``concurrency`` threads (blocking code never stops
+    the loop and its heartbeats); with ``executor="process"`` in
+    ``processes`` processes, for CPU-bound work (see
+    :mod:`amqpkit.executors`). A parameter annotated
+    :class:`~amqpkit.TaskContext` reports progress. A task held past the
+    broker's ``consumer_timeout`` is named and never loops (see
+    :mod:`amqpkit.patterns.long_tasks`).
+
+    The copy to the delay queue or the DLQ is published mandatory and
+    confirmed before the original is acked. If no queue takes it, the worker
+    declares that queue again (both are its own) and tries once more; if the
+    copy still fails, the task is requeued after ``requeue_backoff`` seconds
+    (a target that stays broken is not hammered; after ``delivery_limit``
+    deliveries the broker dead-letters the task itself) and the failure is
+    logged and counted in ``forward_failures``.
+
+    While it runs, the worker renews the lease of every delay queue it has
+    used (every sixth of the shortest expiry it checks which are due), so a
+    delay queue is never removed while a worker that sends to it runs, even
+    if a message stays in it past its TTL because the work queue cannot take
+    it back yet. Once every such worker has stopped, it expires.
+    """
+
+    #: Seconds a task whose copy could not be stored is held before it is requeued.
+    requeue_backoff: float = 1.0
+
+    def __init__(
+        self,
+        queue: WorkQueue[Any],
+        handler: Callable[..., Any],
+        *,
+        concurrency: int = 16,
+        codec: Codec[Any] | None = None,
+        idempotency: IdempotencyStore | None = None,
+        grace: float = 30.0,
+        on_error: Callable[[BaseException], None] | None = None,
+        executor: ExecutorKind | None = None,
+        processes: int | None = None,
+    ) -> None:
+        self.queue = queue
+        self.broker = queue.broker
+        self.concurrency = concurrency
+        self.grace = grace
+        self.idempotency = idempotency
+        self.on_error = on_error
+        # The codec: given here, else given to the queue, else read from the handler's annotation.
+        # A plain def runs in `concurrency` threads; executor="process" in `processes` processes.
+        self._handler: HandlerInfo = inspect_handler(
+            handler, codec or queue.explicit_codec, concurrency=concurrency, executor=executor,
+            processes=processes, context=lambda delivery: task_context(self, delivery),
+        )  # fmt: skip
+        self._timeouts = ConsumerTimeouts(self, self._handler, self._dead_letter)
+        self._consumer: Consumer | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self.completed = 0
+        self.retried = 0
+        self.dead_lettered = 0
+        self.duplicates = 0
+        self.forward_failures = 0
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._consumer is None:
+            await self.queue.declare()
+            self._stopped.clear()
+            self._consumer = await self.broker.consume(
+                self.queue.queue, self._timeouts.wrap(self._on_task), prefetch=self.concurrency,
+                on_error=self._failed,
+            )  # fmt: skip
+            if self._keeper is None or self._keeper.done():
+                self._keeper = asyncio.get_running_loop().create_task(
+                    self._keep_delay_queues(), name=f"amqpkit delay queues of {self.queue.name}"
+                )
+
+    def _failed(self, exc: BaseException) -> None:
+        """The queue could not be re-attached: the worker stops, and says so."""
+        self._consumer = None
+        if self._keeper is not None:
+            self._keeper.cancel()
+        self._stopped.set()
+        if self.on_error is not None:
+            self.on_error(exc)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking tasks; wait ``grace`` s for running ones; requeue what still runs; close."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.cancel(grace=self.grace if grace is None else grace)
+        self._handler.close()  # its thread or process pool
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        self._stopped.set()
+
+    async def _keep_delay_queues(self) -> None:
+        """Renew the delay queues' leases while the worker runs (a failed renewal is tried again next tick)."""
+        while True:
+            await asyncio.sleep(self.queue.delay_queue_min_expiry / 6)
+            try:
+                await self.queue.renew_delay_queues()
+            except Exception as exc:
+                log.warning("could not renew the delay queues of %s (tried again shortly): %s", self.queue.name, exc)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # ---------------------------------------------------------------- one task
+
+    async def _on_task(self, raw: Delivery[bytes]) -> None:
+        task_id = raw.message_id or ""
+        attempt = as_int(raw.headers.get(ATTEMPT), 1)
+        try:
+            value = self._handler.codec.decode(raw.body, raw.content_type)
+        except DecodeError as exc:
+            log.error("task %s on %s cannot be decoded, dead-lettered: %s", task_id, self.queue.name, exc)
+            await self._dead_letter(raw, attempt, "decode-error", exc, None)
+            return
+        if self.idempotency is not None and task_id and await self.idempotency.seen(task_id):
+            self.duplicates += 1
+            log.info("task %s already completed; acked without running it again", task_id)
+            await raw.ack()
+            return
+        delivery = cast("Delivery[Any]", raw)
+        delivery.value = value
+        if self.queue.events:
+            await self._event(task_id, TaskStatus.RUNNING, attempt)
+        try:
+            await self._handler(delivery)
+        except asyncio.CancelledError:
+            # Shutdown ran out of grace: give the task back, untouched.
+            if delivery.settled is None:
+                await _quietly(delivery.nack(requeue=True))
+            raise
+        except Reject as exc:
+            log.warning("task %s rejected by its handler: %s", task_id, exc)
+            await self._dead_letter(raw, attempt, "rejected", exc, exc.__traceback__)
+            return
+        except Retry as exc:
+            await self._retry_or_dead_letter(raw, attempt, exc, exc.__traceback__, exc.delay)
+            return
+        except Exception as exc:
+            await self._retry_or_dead_letter(raw, attempt, exc, exc.__traceback__, None)
+            return
+        if self.idempotency is not None and task_id:
+            await self.idempotency.remember(task_id)
+        if delivery.settled is None:
+            await _quietly(delivery.ack())
+        self.completed += 1
+        if self.queue.events:
+            await self._event(task_id, TaskStatus.COMPLETED, attempt)
+
+    async def _retry_or_dead_letter(
+        self, raw: Delivery[bytes], attempt: int, exc: BaseException, tb: Any, delay: float | None
+    ) -> None:
+        task_id = raw.message_id or ""
+        policy = self.queue.retry
+        if attempt >= policy.max_attempts:
+            log.error(
+                "task %s failed on attempt %d of %d, dead-lettered: %s: %s",
+                task_id, attempt, policy.max_attempts, type(exc).__name__, exc,
+            )  # fmt: skip
+            await self._dead_letter(raw, attempt, "max-attempts", exc, tb)
+            return
+        wanted = policy.delay(attempt) if delay is None else max(0.0, delay)
+        try:
+            queue_name, real_delay = await self.queue.delay_queue(wanted)
+        except Exception as failure:
+            await self._hold_then_requeue(raw, f"the delay queue for {wanted:.3g} s", failure)
+            return
+        headers = self._failure_headers(raw, attempt, exc, tb)
+        headers[ATTEMPT] = attempt + 1
+        if _hooks.retry is not None:  # amqpkit.telemetry: the attempt's span fails, the copy links to the first
+            _hooks.retry(headers, exc)
+        log.warning(
+            "task %s failed on attempt %d (%s: %s); retry in %.3g s",
+            task_id, attempt, type(exc).__name__, exc, real_delay,
+        )  # fmt: skip
+
+        async def redeclare() -> None:
+            await self.queue.delay_queue(real_delay, renew=True)
+
+        if await self._forward(raw, queue_name, headers, redeclare):
+            self.retried += 1
+            if self.queue.events:
+                await self._event(task_id, TaskStatus.RETRYING, attempt, error=_error_text(exc), retry_in=real_delay)
+
+    async def _dead_letter(self, raw: Delivery[bytes], attempt: int, reason: str, exc: BaseException, tb: Any) -> None:
+        headers = self._failure_headers(raw, attempt, exc, tb)
+        headers[DEAD_LETTER_REASON] = reason
+        headers[ATTEMPTS] = attempt
+        if _hooks.dead_letter is not None:  # amqpkit.telemetry: the attempt's span fails; the copy keeps the trace
+            _hooks.dead_letter(headers, reason, exc)
+
+        async def redeclare() -> None:
+            await self.broker.declare_queue(self.queue.dlq)
+
+        if await self._forward(raw, self.queue.dlq_name, headers, redeclare):
+            self.dead_lettered += 1
+            if self.queue.events:
+                await self._event(raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, error=_error_text(exc))
+
+    def _failure_headers(self, raw: Delivery[bytes], attempt: int, exc: BaseException, tb: Any) -> dict[str, Any]:
+        headers = dict(raw.headers)
+        now = now_ms()
+        headers.setdefault(FIRST_FAILURE, now)
+        headers[LAST_FAILURE] = now
+        headers.setdefault(ORIGINAL_EXCHANGE, raw.exchange)
+        headers.setdefault(ORIGINAL_ROUTING_KEY, raw.routing_key)
+        headers[ERROR_TYPE] = type(exc).__name__
+        headers[ERROR_MESSAGE] = str(exc)[:1000]
+        text = "".join(traceback.format_exception(type(exc), exc, tb)) if tb is not None else ""
+        headers[ERROR_TRACEBACK] = text[-TRACEBACK_LIMIT:]
+        headers[ATTEMPT] = attempt
+        headers.pop("x-death", None)  # the broker's history of the delay queues, not of the task
+        headers.pop("x-delivery-count", None)
+        return headers
+
+    async def _forward(
+        self, raw: Delivery[bytes], routing_key: str, headers: dict[str, Any], redeclare: Callable[[], Awaitable[None]]
+    ) -> bool:
+        """Publish a copy with ``headers`` to our own queue ``routing_key`` (mandatory, confirmed), then ack
+        the original. A copy no queue took: ``redeclare`` the queue and try once more. Failed: requeue it."""
+        copy = raw.forwarded(headers)
+        try:
+            try:
+                await self.broker.publish(copy, routing_key=routing_key, mandatory=True)
+            except Unroutable:
+                log.warning("queue %s was missing when task %s was sent there; declared it again",
+                            routing_key, raw.message_id)  # fmt: skip
+                await redeclare()
+                await self.broker.publish(copy, routing_key=routing_key, mandatory=True)
+        except Exception as exc:
+            # Not safely stored elsewhere: the original goes back to the queue instead.
+            await self._hold_then_requeue(raw, routing_key, exc)
+            return False
+        await _quietly(raw.ack())
+        return True
+
+    async def _hold_then_requeue(self, raw: Delivery[bytes], target: str, exc: BaseException) -> None:
+        """The task could not be moved to ``target``: log it, and requeue it after ``requeue_backoff``."""
+        self.forward_failures += 1
+        log.error("could not move task %s to %s (%s: %s); requeued in %.3g s",
+                  raw.message_id, target, type(exc).__name__, exc, self.requeue_backoff)  # fmt: skip
+        try:
+            await asyncio.sleep(self.requeue_backoff)
+        finally:
+            await _quietly(raw.nack(requeue=True))
+
+    async def _event(
+        self, task_id: str, status: TaskStatus, attempt: int, *, error: str | None = None, retry_in: float | None = None
+    ) -> None:
+        await self.queue.publish_event(
+            TaskEvent(task_id=task_id, queue=self.queue.name, status=status, attempt=attempt,
+                      timestamp=datetime.now(UTC), error=error, retry_in=retry_in)
+        )  # fmt: skip
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _quietly(settling: Awaitable[None]) -> None:
+    try:
+        await settling
+    except Exception as exc:
+        log.warning("could not settle a task (the broker will deliver it again): %s", exc)
