@@ -16,6 +16,30 @@ requests at once.
   service holds its place only for its own work. Events are transient and
   unconfirmed, like RPC's requests and replies; each service acks after it
   published its event, with ``prefetch`` unacked.
+
+The caller's deadline goes down the chain, so that no service works on a
+request nobody waits for any more. Each hop carries the time left as a
+relative budget in milliseconds (``x-timeout-ms``, as amqpkit's RPC does:
+no clock is shared), which the receiving service counts from when the
+request reached it; a service ends its part when the budget runs out,
+waiting for its place included, and calls or tells the next one only with
+time left, passing on what is left. It cannot see how long the request
+waited in its broker queue before that: the request's expiration, which the
+broker enforces there, bounds that wait. :attr:`Hop.expired` counts the
+requests a service ended or skipped that way.
+
+- ``chain-rpc``: amqpkit's RpcClient stamps the header (and the request's
+  expiration) on every call; each service calls the next one with the time
+  it has left, and ends with an error reply once it is gone.
+- ``chain-http``: the same header on every POST; a service whose time is
+  gone answers 504 without calling the next one, and A counts a 504 as a
+  timeout.
+- ``chain-events``: every event carries the header and expires with it in
+  the next service's queue. A step whose time runs out publishes
+  ``expired`` instead of its ``done`` event, and a service queue
+  dead-letters an event that expired there to ``expired`` as well: A hears
+  the fate of every request, answered or expired, and nothing is dropped
+  unseen.
 """
 
 from __future__ import annotations
@@ -23,34 +47,84 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ..codec import BytesCodec
 from ..connection import Broker
+from ..errors import RemoteError
 from ..message import Delivery
 from ..patterns.pubsub import Publisher, Subscriber
-from ..patterns.rpc import RpcClient, RpcServer
+from ..patterns.rpc import TIMEOUT_HEADER, RpcClient, RpcServer
 from ..settings import BrokerSettings
 from ..topology import Exchange, ExchangeType, Queue
-from .base import ClientSide, ServerSide
+from .base import ClientSide, ServerOptions, ServerSide
 from .peers import AiohttpClient, UvicornApp
 
 __all__ = [
     "ROLES", "ChainEventsClient", "ChainEventsService", "ChainHttpClient", "ChainHttpService", "ChainRpcClient",
-    "ChainRpcService",
+    "ChainRpcService", "DeadlinePassed", "Hop",
 ]  # fmt: skip
 
 ROLES = ("d", "c", "b")  # started in this order, so that each service's next one is up first
 NEXT = {"b": "c", "c": "d", "d": ""}
 LISTENS = {"b": "requested", "c": "b.done", "d": "c.done"}
 CORRELATION = "x-chain-id"
+EXPIRED = "expired"  # the event chain: a request's time ran out before its last step (A binds it too)
+EXPIRED_AT = "x-expired-at"  # the service it ran out in
 
 
 def _exchange(base: str) -> Exchange:
     return Exchange(base, type=ExchangeType.TOPIC, durable=False)
 
 
-class ChainRpcService(ServerSide):
+class DeadlinePassed(TimeoutError):
+    """The caller's deadline passed before the chain was done with its request."""
+
+
+def _deadline(headers: Mapping[str, Any] | None) -> float | None:
+    """The caller's deadline on this loop's clock: now plus the budget its request carries, if it says one."""
+    value = headers.get(TIMEOUT_HEADER) if headers else None
+    try:
+        budget_ms = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return asyncio.get_running_loop().time() + budget_ms / 1000
+
+
+def _left_ms(deadline: float) -> int:
+    """Whole milliseconds left until ``deadline`` (0: none worth passing on)."""
+    return max(0, int((deadline - asyncio.get_running_loop().time()) * 1000))
+
+
+class Hop(ServerSide):
+    """A service of a chain; :attr:`expired` counts the requests it ended or skipped at the caller's deadline."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        super().__init__(options)
+        self.expired = 0
+
+    def reset(self, origin_ns: int | None = None) -> None:
+        super().reset(origin_ns)
+        self.expired = 0
+
+    async def report(self, expected: int, timeout: float = 60.0) -> dict[str, Any]:
+        doc = await super().report(expected, timeout)
+        doc["expired"] = self.expired
+        return doc
+
+
+async def _call_next(client: RpcClient, body: bytes, timeout: float | None) -> bytes:
+    """The next service's answer; its error reply saying that the caller's deadline passed is a timeout."""
+    try:
+        return await client.call("step", body, returns=bytes, timeout=timeout)
+    except RemoteError as exc:
+        if exc.remote_type == DeadlinePassed.__name__:
+            raise DeadlinePassed(exc.remote_message) from None
+        raise
+
+
+class ChainRpcService(Hop):
     async def start(self) -> None:
         o = self.options
         self.broker = Broker(BrokerSettings(url=o.url))
@@ -61,11 +135,28 @@ class ChainRpcService(ServerSide):
             self.client = RpcClient(self.broker, f"{o.queue}.{following}", codec=BytesCodec(), timeout=o.deadline)
             await self.client.start()
         client = self.client
+        role = o.role
 
-        async def handle(body: bytes) -> bytes:
-            await self.work(in_slot=True)  # the RPC server's concurrency is the slot
-            if client is not None:
-                body = await client.call("step", body, returns=bytes)
+        async def handle(request: Delivery[bytes]) -> bytes:
+            body = request.body
+            deadline = _deadline(request.headers)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self.work(in_slot=True)  # the RPC server's concurrency is the slot
+                    if client is not None:
+                        if deadline is None:
+                            body = await client.call("step", body, returns=bytes)
+                        elif (left_ms := _left_ms(deadline)) > 0:
+                            body = await _call_next(client, body, left_ms / 1000)
+                        else:
+                            raise TimeoutError
+            except DeadlinePassed:
+                raise  # the next one ran out, and counted it: said on up the chain as it is
+            except TimeoutError:  # the next one's RpcTimeout included: its timeout was the time left
+                if deadline is None:
+                    raise
+                self.expired += 1
+                raise DeadlinePassed(f"the caller's deadline passed in service {role}") from None
             self.received += 1
             return body
 
@@ -88,7 +179,7 @@ class ChainRpcClient(ClientSide):
         await self.client.start()
 
     async def operate(self, sent_ns: int, warmup: bool) -> None:
-        await self.client.call("step", self.payload, returns=bytes)
+        await _call_next(self.client, self.payload, None)
 
     async def stop(self) -> None:
         await self.client.close()
@@ -98,7 +189,7 @@ class ChainRpcClient(ClientSide):
         return self.broker.server_product
 
 
-class ChainEventsService(ServerSide):
+class ChainEventsService(Hop):
     async def start(self) -> None:
         o = self.options
         self.broker = Broker(BrokerSettings(url=o.url))
@@ -109,13 +200,35 @@ class ChainEventsService(ServerSide):
         )
         await self.publisher.declare()
         done_key = f"{o.role}.done"
+        role = o.role
 
         async def react(delivery: Delivery[bytes]) -> None:
-            await self.work()
-            await self.publisher.publish(delivery.body, routing_key=done_key, headers=delivery.headers)
+            deadline = _deadline(delivery.headers)
+            if deadline is None:
+                await self.work()
+                await self.publisher.publish(delivery.body, routing_key=done_key, headers=delivery.headers)
+                self.received += 1
+                return
+            headers = dict(delivery.headers)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self.work()
+                left_ms = _left_ms(deadline)
+            except TimeoutError:
+                left_ms = 0
+            if left_ms <= 0:  # A is told, not left to guess
+                self.expired += 1
+                headers[EXPIRED_AT] = role
+                await self.publisher.publish(delivery.body, routing_key=EXPIRED, headers=headers)
+                return
+            headers[TIMEOUT_HEADER] = left_ms
+            await self.publisher.publish(
+                delivery.body, routing_key=done_key, headers=headers, expiration=left_ms / 1000
+            )
             self.received += 1
 
-        self.queue = Queue(f"{o.queue}.{o.role}")
+        # An event that expires while it waits here is dead-lettered to A as `expired`, not dropped unseen.
+        self.queue = Queue(f"{o.queue}.{o.role}", dead_letter_exchange=exchange.name, dead_letter_routing_key=EXPIRED)
         self.subscriber: Subscriber[bytes] = Subscriber(
             self.broker, exchange, react, binding_keys=[LISTENS[o.role]], queue=self.queue, prefetch=o.prefetch
         )
@@ -128,7 +241,10 @@ class ChainEventsService(ServerSide):
 
 
 class ChainEventsClient(ClientSide):
-    """A: publishes ``requested`` and waits to hear ``d.done`` for the same id."""
+    """A: publishes ``requested`` and waits to hear ``d.done`` for the same id, or that it expired.
+
+    :attr:`expired` counts the requests a service said had run out of time (also those A gave up on first).
+    """
 
     async def start(self) -> None:
         self.broker = Broker(BrokerSettings(url=self.url))
@@ -142,9 +258,16 @@ class ChainEventsClient(ClientSide):
         self.ids = itertools.count()
         self.prefix = os.urandom(6).hex()
         self.late = 0
+        self.expired = 0
 
         async def told(delivery: Delivery[bytes]) -> None:
             future = self.pending.pop(str(delivery.headers.get(CORRELATION, "")), None)
+            if delivery.routing_key == EXPIRED:
+                self.expired += 1
+                if future is not None and not future.done():
+                    at = delivery.headers.get(EXPIRED_AT) or "a queue"
+                    future.set_exception(DeadlinePassed(f"the deadline passed in {at}"))
+                return
             if future is None or future.done():
                 self.late += 1
                 return
@@ -152,7 +275,7 @@ class ChainEventsClient(ClientSide):
 
         self.done_queue = Queue(f"{self.queue}.a")
         self.subscriber: Subscriber[bytes] = Subscriber(
-            self.broker, self.exchange, told, binding_keys=["d.done"], queue=self.done_queue, prefetch=1024,
+            self.broker, self.exchange, told, binding_keys=["d.done", EXPIRED], queue=self.done_queue, prefetch=1024,
             auto_ack=True,
         )  # fmt: skip
         await self.subscriber.start()
@@ -161,9 +284,11 @@ class ChainEventsClient(ClientSide):
         cid = f"{self.prefix}.{next(self.ids)}"
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending[cid] = future
+        deadline = self.options.deadline
+        headers = {CORRELATION: cid, TIMEOUT_HEADER: int(deadline * 1000)}
         try:
-            await self.publisher.publish(self.payload, routing_key="requested", headers={CORRELATION: cid})
-            async with asyncio.timeout(self.options.deadline):
+            await self.publisher.publish(self.payload, routing_key="requested", headers=headers, expiration=deadline)
+            async with asyncio.timeout(deadline):
                 await future
         finally:
             self.pending.pop(cid, None)
@@ -181,7 +306,7 @@ class ChainEventsClient(ClientSide):
         return tuple(f"{self.queue}.{role}" for role in ("b", "c", "d"))
 
 
-class ChainHttpService(ServerSide):
+class ChainHttpService(Hop):
     async def start(self) -> None:
         import aiohttp
         from starlette.applications import Starlette
@@ -199,19 +324,36 @@ class ChainHttpService(ServerSide):
         session = self.session
 
         async def step(request: Request) -> Response:
+            deadline = _deadline(request.headers)
             body = await request.body()
-            async with self.slot():  # held while the next service works, as chain-rpc's is
-                await self.work(in_slot=True)
-                if session is not None:
-                    try:
-                        async with session.post(following, data=body) as response:
-                            body = await response.read()
-                            if response.status != 200:
-                                return Response(body, status_code=502)
-                    except TimeoutError:
-                        return Response(b"the next service did not answer in time", status_code=504)
-                    except aiohttp.ClientError as exc:
-                        return Response(f"the next service failed: {exc}".encode(), status_code=502)
+            try:
+                async with asyncio.timeout_at(deadline), self.slot():  # held while the next one works, as in chain-rpc
+                    await self.work(in_slot=True)
+                    if session is not None:
+                        options: dict[str, Any] = {}
+                        if deadline is not None:
+                            left_ms = _left_ms(deadline)
+                            if left_ms <= 0:
+                                raise TimeoutError
+                            options = {
+                                "headers": {TIMEOUT_HEADER: str(left_ms)},
+                                "timeout": aiohttp.ClientTimeout(total=left_ms / 1000),
+                            }
+                        try:
+                            async with session.post(following, data=body, **options) as response:
+                                body = await response.read()
+                                if response.status == 504:
+                                    return Response(body, status_code=504)  # counted where it ran out
+                                if response.status != 200:
+                                    return Response(body, status_code=502)
+                        except aiohttp.ClientError as exc:
+                            if isinstance(exc, TimeoutError):
+                                raise
+                            return Response(f"the next service failed: {exc}".encode(), status_code=502)
+            except TimeoutError:
+                if deadline is not None:
+                    self.expired += 1
+                return Response(b"the caller's deadline passed", status_code=504)
             self.received += 1
             return Response(body, media_type="application/octet-stream")
 
@@ -229,4 +371,16 @@ class ChainHttpService(ServerSide):
 
 
 class ChainHttpClient(AiohttpClient):
-    """A: aiohttp's client (the faster of the two) posting to B."""
+    """A: aiohttp's client (the faster of the two) posting to B, with its deadline as the time left.
+
+    A 504 is the chain saying that A's deadline passed: a timeout, as A's own would be.
+    """
+
+    async def operate(self, sent_ns: int, warmup: bool) -> None:
+        headers = {TIMEOUT_HEADER: str(int(self.options.deadline * 1000))}
+        async with self.session.post(self.url_, data=self.payload, headers=headers) as response:
+            await response.read()
+            if response.status == 504:
+                raise DeadlinePassed("HTTP 504: the caller's deadline passed in the chain")
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}")
