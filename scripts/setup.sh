@@ -77,7 +77,7 @@ ensure_venv() {
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     log "installing amqpkit and its test extras into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[test,plot,bench]'
+    .venv/bin/python -m pip install -q -e '.[test,plot,bench,shop]'
     touch "$stamp"
   fi
 }
