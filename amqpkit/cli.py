@@ -228,7 +228,7 @@ def bench(
     to_stdout = json_path == "-"
     console = Console(stderr=to_stdout)
     if not console.is_terminal:
-        console.width = max(console.width, 132)
+        console.width = max(console.width, 180 if len(params.arms()) > 1 else 132)  # side by side is wide
     progress = Progress(
         TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,

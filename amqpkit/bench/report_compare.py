@@ -26,7 +26,7 @@ def _figure(runs: list[RunResult], spread: bool) -> tuple[str, str]:
     thr = f"{statistics.median(throughput):,.0f}"
     lat = f"{statistics.median(p50):,.0f}"
     if spread and len(runs) > 1:
-        thr += f" [{min(throughput):,.0f}-{max(throughput):,.0f}]"
+        thr += f"\n\\[{min(throughput):,.0f}-{max(throughput):,.0f}]"  # the spread below the median
     return thr, lat
 
 
@@ -35,7 +35,7 @@ def _ratio(summary: dict[str, float] | None, spread: bool) -> str:
         return "-"
     text = f"{summary['median']:.2f}x"
     if spread and summary["min"] != summary["max"]:
-        text += f" [{summary['min']:.2f}-{summary['max']:.2f}]"
+        text += f"\n\\[{summary['min']:.2f}-{summary['max']:.2f}]"
     return text
 
 
