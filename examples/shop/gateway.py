@@ -9,8 +9,9 @@ response (the order-manager's work). What the gateway adds:
   403); the keys and their users come from ``SHOP_API_KEYS``
   (``key:user,key:user:limit/window``), by default the README's demo keys;
 - **rate limiting**: per key, ``SHOP_RATE_LIMIT`` requests per window
-  (``100/60``: 100 a minute), or the key's own limit; over it, 429 with
-  ``Retry-After``;
+  (``100/60``: 100 a minute), or the key's own limit, as a moving window
+  kept by the ``limits`` library; over it, 429 with ``Retry-After`` (the
+  seconds until the oldest counted request leaves the window, rounded up);
 - **caching**: product reads for ``SHOP_CACHE_TTL`` seconds (10); the
   response says ``"cached": true`` and ``X-Cache: hit``;
 - **aggregation**: ``GET /products/{id}`` asks products and reviews at once,
@@ -34,12 +35,14 @@ import math
 import os
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from limits import RateLimitItemPerSecond
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 from pydantic import BaseModel, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -96,28 +99,37 @@ def _env_float(name: str, default: float) -> float:
 
 
 class RateLimiter:
-    """At most ``limit`` requests per ``window`` seconds per key (a sliding window of request times)."""
+    """At most ``limit`` requests per ``window`` seconds per key: a moving window, kept by the ``limits`` library.
 
-    def __init__(self, limit: int, window: float) -> None:
+    ``limits``' :class:`~limits.strategies.MovingWindowRateLimiter` over its
+    in-process :class:`~limits.storage.MemoryStorage` (one gateway process;
+    several would share a ``limits`` storage such as Redis instead). The
+    window is whole seconds, as ``limits`` counts them. The memory storage's
+    calls are in-process and short (a lock and a list), so the gateway makes
+    them on its event loop; ``limits.aio`` is not used as its memory storage
+    sweeps expired entries with a thread hop per key.
+    """
+
+    def __init__(self, limit: int, window: int, storage: MemoryStorage | None = None) -> None:
+        if limit < 1 or window < 1:
+            raise ValueError(f"a rate limit is at least 1 request in at least 1 s, not {limit}/{window}")
         self.limit = limit
         self.window = window
-        self._seen: dict[str, deque[float]] = {}
+        self._item = RateLimitItemPerSecond(limit, window)
+        self._limiter = MovingWindowRateLimiter(storage or MemoryStorage())
 
     @classmethod
-    def from_text(cls, text: str) -> RateLimiter:
+    def from_text(cls, text: str, storage: MemoryStorage | None = None) -> RateLimiter:
+        """``limit/window`` (``100/60``: 100 a minute); the window defaults to 60 s."""
         limit, _, window = text.partition("/")
-        return cls(int(limit), float(window or 60))
+        return cls(int(limit), int(window or 60), storage)
 
-    def check(self, key: str, now: float | None = None) -> float | None:
-        """None if the request may go; else the seconds until it may (for Retry-After)."""
-        now = time.monotonic() if now is None else now
-        times = self._seen.setdefault(key, deque())
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if len(times) >= self.limit:
-            return times[0] + self.window - now
-        times.append(now)
-        return None
+    def check(self, key: str) -> float | None:
+        """None if the request may go (it is counted); else the seconds until it may (for Retry-After)."""
+        if self._limiter.hit(self._item, key):
+            return None
+        reset_at, _ = self._limiter.get_window_stats(self._item, key)  # when the oldest request leaves the window
+        return max(0.0, reset_at - time.time())
 
 
 class TtlCache:
@@ -482,11 +494,12 @@ class Gatekeeper(BaseHTTPMiddleware):
 def parse_keys(text: str, default_limit: str) -> dict[str, tuple[str, RateLimiter]]:
     """``key:user[:limit/window],...`` -> {key: (user, its limiter)}."""
     keys: dict[str, tuple[str, RateLimiter]] = {}
+    storage = MemoryStorage()  # one store for every key's counts
     for entry in text.split(","):
         key, _, rest = entry.strip().partition(":")
         user, _, limit = rest.partition(":")
         if key and user:
-            keys[key] = (user, RateLimiter.from_text(limit or default_limit))
+            keys[key] = (user, RateLimiter.from_text(limit or default_limit, storage))
     return keys
 
 

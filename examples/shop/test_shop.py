@@ -230,13 +230,20 @@ def check_flow(shop: Landscape, http: httpx.Client, env: dict[str, str], amqp_ur
 # ---------------------------------------------------------------------- the gateway's own parts, without a broker
 
 
-def test_the_rate_limit_is_a_sliding_window_per_key() -> None:
+def test_the_rate_limit_is_a_moving_window_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]  # the wall clock limits' memory storage reads, and the gateway's Retry-After with it
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+
+    def at(t: float, key: str = "k") -> float | None:
+        clock[0] = 1000.0 + t
+        return limiter.check(key)
+
     limiter = RateLimiter(3, 60)
-    assert [limiter.check("k", now=t) for t in (0, 1, 2)] == [None, None, None]
-    assert limiter.check("k", now=30) == pytest.approx(30)  # the oldest of the three leaves the window at 60
-    assert limiter.check("other", now=30) is None  # each key counts alone
-    assert limiter.check("k", now=60) is None  # 0 is out of the window now
-    assert limiter.check("k", now=60.5) == pytest.approx(0.5)
+    assert [at(t) for t in (0, 1, 2)] == [None, None, None]
+    assert at(30) == pytest.approx(30)  # the oldest of the three leaves the window at 60
+    assert at(30, "other") is None  # each key counts alone
+    assert at(60.5) is None  # 0 is out of the window now
+    assert at(60.6) == pytest.approx(0.4)  # 1 is the oldest in it: it leaves at 61
 
 
 def test_keys_carry_their_user_and_limit() -> None:
