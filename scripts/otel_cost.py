@@ -5,6 +5,7 @@ OpenTelemetry SDK's own and how much is amqpkit's.
     .venv/bin/python scripts/otel_cost.py [--seconds 5] [--repeats 3] [--concurrency 64] [--modes ...]
                                           [--before DIR] [--out FILE]
     .venv/bin/python scripts/otel_cost.py --floor [--repeats 5] [--before DIR] [--out FILE]
+    .venv/bin/python scripts/otel_cost.py --checks [--count 1000]
 
 Each trial runs a server process and a client process, both in the same mode:
 
@@ -28,12 +29,16 @@ repeat (the order rotates), so a machine whose load drifts hurts every mode alik
 operations per second over the measured window after a one-second warm-up; the report gives each mode's median
 and range, and its ratio to ``off`` (median of the per-repeat ratios, with their range).
 
-``--floor`` needs no broker. In one process per repeat (and per ``--before`` tree, interleaved) it times, per
+``--floor`` needs no broker. In one process per mode and repeat it times, round by round, per
 message, the SDK's own work for what amqpkit records: a PRODUCER span and a CONSUMER span with the same
 attributes (started and ended; with the batch exporter, flushed and encoded too), W3C inject and extract
 through the SDK's propagator, attaching the consumer span's context, and the one histogram measurement per
-delivery; then amqpkit's publish and consume hooks around a publish and a callback that do nothing. The hooks
-minus the SDK's work is amqpkit's share. It runs the modes above but ``off`` and ``uninst``.
+delivery; then amqpkit's publish and consume hooks around a publish and a callback that do nothing (and, with
+``--before DIR``, DIR's hooks beside them in the same process). The hooks minus the SDK's work is amqpkit's
+share. It runs the modes above but ``off`` and ``uninst``.
+
+``--checks``, never instrumented, counts the core's reads of :mod:`amqpkit._hooks` per RPC call and per
+published-and-consumed message against the broker, and times one ``if _hooks.x is not None``.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from amqpkit import Broker, BytesCodec, Delivery, Envelope, Exchange, Queue, RpcClient, RpcServer, Subscriber
@@ -208,16 +213,18 @@ def trial(mode: str, scenario: str, seconds: float, concurrency: int, before: st
 
 
 FLOOR_MODES = ("noop", "batch", "sampled10", "sampled", "json")
-FLOOR_PARTS = ("base", "spans", "sdk", "sdk_metric", "hooks")
+FLOOR_PARTS = ("base", "spans", "sdk", "sdk_metric", "hooks", "hooks_before")
 
 
-def floor_child(mode: str, count: int, rounds: int) -> dict[str, list[float]]:
+def floor_child(mode: str, count: int, rounds: int, before: str | None = None) -> dict[str, list[float]]:
     """CPU microseconds per message (all threads, the exporter's included) of each part, ``rounds`` times each.
 
     ``base``: a publish and a callback that do nothing (a stub broker: no network); ``spans``: the SDK's
     PRODUCER and CONSUMER spans with amqpkit's attributes; ``sdk``: that, plus W3C inject/extract through the
     SDK's propagator and attaching the consumer span's context; ``sdk_metric``: that, plus the one histogram
-    measurement per delivery; ``hooks``: ``base`` through amqpkit's publish and consume hooks.
+    measurement per delivery; ``hooks``: ``base`` through amqpkit's publish and consume hooks; ``hooks_before``:
+    the same through the hooks of ``before``'s ``amqpkit/telemetry``, loaded beside this one (same core, same
+    providers), so that the two are measured in the same process, round by round.
     """
     from types import SimpleNamespace
 
@@ -231,6 +238,19 @@ def floor_child(mode: str, count: int, rounds: int) -> dict[str, list[float]]:
     from amqpkit.message import Delivery, new_message_id
 
     tracer_provider, meter_provider = providers(mode, max_queue_size=count * 4)
+    previous: Any = None
+    if before is not None:
+        import importlib.util
+
+        init = os.path.join(before, "amqpkit", "telemetry", "__init__.py")
+        spec = importlib.util.spec_from_file_location(
+            "amqpkit._telemetry_before", init, submodule_search_locations=[os.path.dirname(init)]
+        )
+        assert spec is not None and spec.loader is not None
+        previous = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = previous
+        spec.loader.exec_module(previous)
+        previous.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
     telemetry.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
     tracer = trace.get_tracer("amqpkit.floor", tracer_provider=tracer_provider)
     histogram = meter_provider.get_meter("amqpkit.floor").create_histogram("floor.duration", "s")
@@ -297,17 +317,24 @@ def floor_child(mode: str, count: int, rounds: int) -> dict[str, list[float]]:
             otel_context.detach(token)
         span.end()
 
-    def hooks() -> None:
-        drive(telemetry._publish(broker, Envelope(body, content_type="application/octet-stream"),  # type: ignore[arg-type]
-                                 "", queue, False, True, None))  # fmt: skip
+    def hooks(module: Any = telemetry) -> None:
+        drive(module._publish(broker, Envelope(body, content_type="application/octet-stream"), "", queue, False, True,
+                              None))  # fmt: skip
         envelope = sent.pop()
-        drive(telemetry._consume(consumer, delivery(envelope.headers, envelope.message_id)))  # type: ignore[arg-type]
+        drive(module._consume(consumer, delivery(envelope.headers, envelope.message_id)))
 
-    parts = {"base": base, "spans": lambda: sdk(False, False), "sdk": lambda: sdk(True, False),
-             "sdk_metric": lambda: sdk(True, True), "hooks": hooks}  # fmt: skip
-    figures: dict[str, list[float]] = {part: [] for part in FLOOR_PARTS}
-    for _ in range(rounds):
-        for part in FLOOR_PARTS:
+    parts: dict[str, Callable[[], None]] = {
+        "base": base,
+        "spans": lambda: sdk(False, False),
+        "sdk": lambda: sdk(True, False),
+        "sdk_metric": lambda: sdk(True, True),
+        "hooks": hooks,
+        "hooks_before": lambda: hooks(previous),
+    }
+    measured = FLOOR_PARTS if previous is not None else FLOOR_PARTS[:-1]
+    figures: dict[str, list[float]] = {part: [] for part in measured}
+    for round_ in range(rounds):
+        for part in measured[round_ % len(measured) :] + measured[: round_ % len(measured)]:
             fn = parts[part]
             tracer_provider.force_flush()
             started = time.process_time()
@@ -316,49 +343,145 @@ def floor_child(mode: str, count: int, rounds: int) -> dict[str, list[float]]:
             tracer_provider.force_flush()  # the batch exporter's encoding counts
             figures[part].append((time.process_time() - started) / count * 1e6)
     telemetry.uninstrument()
+    if previous is not None:
+        previous.uninstrument()
     tracer_provider.shutdown()
     meter_provider.shutdown()
     return figures
 
 
-def floor_report(args: argparse.Namespace) -> None:
-    trees = ["now", *(["before"] if args.before else [])]
-    runs: dict[str, dict[str, list[float]]] = {
-        f"{mode}@{tree}": {part: [] for part in FLOOR_PARTS} for mode in FLOOR_MODES for tree in trees
+def floor_summary(got: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per round: the SDK's parts, the hooks' total over ``base``, and amqpkit's share (hooks minus the SDK's)."""
+
+    def minus(a: list[float], b: list[float]) -> list[float]:
+        return [x - y for x, y in zip(a, b, strict=True)]
+
+    hooks = minus(got["hooks"], got["base"])
+    summary = {
+        "sdk_spans": got["spans"],
+        "sdk_propagation_and_context": minus(got["sdk"], got["spans"]),
+        "sdk_histogram": minus(got["sdk_metric"], got["sdk"]),
+        "sdk_floor": got["sdk_metric"],
+        "hooks": hooks,
+        "amqpkit_share": minus(hooks, got["sdk_metric"]),
     }
+    if "hooks_before" in got:
+        before = minus(got["hooks_before"], got["base"])
+        summary["hooks_before"] = before
+        summary["amqpkit_share_before"] = minus(before, got["sdk_metric"])
+        summary["hooks_now_over_before"] = [x / y for x, y in zip(hooks, before, strict=True)]
+    return summary
+
+
+def floor_report(args: argparse.Namespace) -> None:
+    parts = FLOOR_PARTS if args.before else FLOOR_PARTS[:-1]
+    runs: dict[str, dict[str, list[float]]] = {mode: {part: [] for part in parts} for mode in FLOOR_MODES}
     print(f"load average at start: {os.getloadavg()}", flush=True)
     for repeat in range(args.repeats):
         for mode in FLOOR_MODES:
-            for tree in trees if repeat % 2 == 0 else trees[::-1]:
-                key = f"{mode}@{tree}"
-                out = subprocess.run([sys.executable, __file__, "--floor-child", key, str(args.count), "1"],
-                                     capture_output=True, text=True, timeout=600, check=True,
-                                     env=environment(key, args.before))  # fmt: skip
-                got = json.loads(out.stdout.strip().splitlines()[-1])
-                for part in FLOOR_PARTS:
-                    runs[key][part].extend(got[part])
-                shown = " ".join(f"{part} {got[part][0]:.1f}" for part in FLOOR_PARTS)
-                print(f"repeat {repeat + 1} {key:<15} us/message: {shown}", flush=True)
-    print(f"\nCPU us per message (a publish and its delivery), medians of {args.repeats} repeats "
-          f"(range); load average at end {os.getloadavg()}")  # fmt: skip
-    report: dict[str, Any] = {"count": args.count, "repeats": args.repeats, "loadavg_at_end": os.getloadavg(),
-                              "cpus": os.cpu_count(), "runs": runs, "summary": {}}  # fmt: skip
-    for key, parts in runs.items():
-        n = len(parts["base"])
-        spans = [parts["spans"][i] for i in range(n)]
-        propagation = [parts["sdk"][i] - parts["spans"][i] for i in range(n)]
-        metric = [parts["sdk_metric"][i] - parts["sdk"][i] for i in range(n)]
-        total = [parts["hooks"][i] - parts["base"][i] for i in range(n)]
-        amqpkit = [parts["hooks"][i] - parts["base"][i] - parts["sdk_metric"][i] for i in range(n)]
-        summary = {"sdk_spans": spans, "sdk_propagation_and_context": propagation, "sdk_histogram": metric,
-                   "hooks_total": total, "amqpkit_share": amqpkit}  # fmt: skip
-        report["summary"][key] = {k: {"median": statistics.median(v), "range": [min(v), max(v)]}
-                                  for k, v in summary.items()}  # fmt: skip
-        print(f"{key:<15} " + "; ".join(f"{k} {statistics.median(v):.1f} ({min(v):.1f} to {max(v):.1f})"
-                                        for k, v in summary.items()))  # fmt: skip
+            command = [sys.executable, __file__, "--floor-child", mode, str(args.count), str(args.rounds)]
+            if args.before:
+                command += ["--before", args.before]
+            out = subprocess.run(command, capture_output=True, text=True, timeout=900, check=True)
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            for part in parts:
+                runs[mode][part].extend(got[part])
+            shown = " ".join(f"{part} {statistics.median(got[part]):.1f}" for part in parts)
+            print(f"repeat {repeat + 1} {mode:<10} us/message: {shown}", flush=True)
+    print(f"\nCPU us per message (a publish and its delivery), medians of {args.repeats} repeats x {args.rounds} "
+          f"rounds (range); load average at end {os.getloadavg()}")  # fmt: skip
+    report: dict[str, Any] = {"count": args.count, "rounds": args.rounds, "repeats": args.repeats,
+                              "loadavg_at_end": os.getloadavg(), "cpus": os.cpu_count(), "runs": runs,
+                              "summary": {}}  # fmt: skip
+    for mode, got in runs.items():
+        summary = floor_summary(got)
+        report["summary"][mode] = {k: {"median": statistics.median(v), "range": [min(v), max(v)]}
+                                   for k, v in summary.items()}  # fmt: skip
+        print(f"{mode:<10} " + "; ".join(f"{k} {statistics.median(v):.2f} ({min(v):.2f} to {max(v):.2f})"
+                                         for k, v in summary.items()))  # fmt: skip
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=2)
+
+
+async def count_checks(count: int) -> dict[str, Any]:
+    """How many times the core reads a hook per operation, never instrumented, against the real broker."""
+    import collections
+
+    from amqpkit import _hooks
+
+    reads: collections.Counter[str] = collections.Counter()
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            reads[name] += 1
+            return getattr(_hooks, name)
+
+    patched: list[Any] = [
+        m for name, m in sys.modules.items() if name.startswith("amqpkit") and getattr(m, "_hooks", None) is _hooks
+    ]
+    for module in patched:
+        module._hooks = Counting()
+    queue = f"otel-cost.{uuid.uuid4().hex[:8]}"
+    per_op: dict[str, Any] = {}
+    try:
+        async with Broker(URL) as broker:
+            server = RpcServer(broker, Queue(queue, durable=False, auto_delete=True))
+
+            @server.method("echo")
+            async def echo(payload: bytes) -> bytes:
+                return payload
+
+            async with server, RpcClient(broker, queue, codec=BytesCodec(), timeout=30) as rpc:
+                await rpc.call("echo", b"x", returns=bytes)  # a first call sets up the reply consumer
+                reads.clear()
+                for _ in range(count):
+                    await rpc.call("echo", b"x", returns=bytes)
+                per_op["rpc"] = {name: n / count for name, n in sorted(reads.items())}
+            got = 0
+            done = asyncio.Event()
+
+            async def on_message(delivery: Delivery[bytes]) -> None:
+                nonlocal got
+                await delivery.ack()
+                got += 1
+                if got == count:
+                    done.set()
+
+            spec = Queue(queue + ".oneway", durable=False, auto_delete=True)
+            async with Subscriber(broker, Exchange(""), on_message, queue=spec):
+                reads.clear()
+                for _ in range(count):
+                    await broker.publish(Envelope(b"x", persistent=False), routing_key=spec.name)
+                await asyncio.wait_for(done.wait(), 60)
+                per_op["oneway"] = {name: n / count for name, n in sorted(reads.items())}
+    finally:
+        for module in patched:
+            module._hooks = _hooks
+    return per_op
+
+
+def time_check(count: int = 2_000_000) -> float:
+    """Nanoseconds one ``if _hooks.x is not None`` costs over an empty loop, as the core writes it."""
+    from amqpkit import _hooks
+
+    def checked(n: int) -> None:
+        for _ in range(n):
+            if _hooks.publish is not None:
+                pass
+
+    def empty(n: int) -> None:
+        for _ in range(n):
+            pass
+
+    best = []
+    for _ in range(5):
+        started = time.process_time()
+        checked(count)
+        middle = time.process_time()
+        empty(count)
+        best.append(((middle - started) - (time.process_time() - middle)) / count * 1e9)
+    return statistics.median(best)
 
 
 def main() -> None:
@@ -370,7 +493,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=list(MODES), help=f"of {', '.join(MODES)}; MODE@before too")
     parser.add_argument("--before", help="a directory holding another amqpkit package, for the MODE@before modes")
     parser.add_argument("--floor", action="store_true", help="the SDK's floor against amqpkit's share, no broker")
-    parser.add_argument("--count", type=int, default=3000, help="messages per --floor measurement")
+    parser.add_argument("--count", type=int, default=1000, help="messages per --floor measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="--floor measurements of each part per repeat")
+    parser.add_argument("--checks", action="store_true", help="hook reads per operation, never instrumented")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
@@ -387,10 +512,19 @@ def main() -> None:
         return
     if args.floor_child:
         mode, count, rounds = args.floor_child
-        print(json.dumps(floor_child(mode.split("@")[0], int(count), int(rounds))), flush=True)
+        print(json.dumps(floor_child(mode, int(count), int(rounds), args.before)), flush=True)
         return
     if args.floor:
         floor_report(args)
+        return
+    if args.checks:
+        per_op = asyncio.run(count_checks(args.count))
+        ns = time_check()
+        print(f"one 'if _hooks.x is not None': {ns:.1f} ns over an empty loop (median of 5); "
+              f"load average {os.getloadavg()}")  # fmt: skip
+        for scenario, reads in per_op.items():
+            total = sum(reads.values())
+            print(f"{scenario}: {total:g} hook reads per operation ({reads}): {total * ns / 1000:.3f} us")
         return
 
     modes = tuple(args.modes)
@@ -401,7 +535,15 @@ def main() -> None:
         for scenario in args.scenarios:
             order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
             for mode in order:
-                rate, us = trial(mode, scenario, args.seconds, args.concurrency, args.before)
+                for attempt in (1, 2):  # a trial cut short (say, someone restarted the broker) runs once more
+                    try:
+                        rate, us = trial(mode, scenario, args.seconds, args.concurrency, args.before)
+                        break
+                    except (subprocess.SubprocessError, AssertionError, ValueError) as exc:
+                        if attempt == 2:
+                            raise
+                        print(f"repeat {repeat + 1} {scenario} {mode} failed ({exc!r}); again in 10 s", flush=True)
+                        time.sleep(10)
                 results[scenario][mode].append(rate)
                 cpu[scenario][mode].append(us)
                 print(f"repeat {repeat + 1} {scenario:<6} {mode:<14} {rate:9.0f} ops/s {us:7.0f} CPU us/op",

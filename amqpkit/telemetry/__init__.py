@@ -28,6 +28,12 @@ What is traced, following OpenTelemetry's messaging semantic conventions
   DLQ, and attempts after the first carry a link to the first attempt's span
   (the ``x-trace-first-attempt`` header).
 
+Sampling: the sampler is shown, at each span's start, the attributes the semantic conventions call
+sampling-relevant (system, operation, destination, routing key, subscription, RPC service and method). A span
+the sampler drops still carries the trace context on (its message is counted and its logs get the ids), but
+amqpkit builds none of the message's own attributes for it, so a ratio sampler makes the tracing cost
+proportional. A destination whose last span recorded gets the next one's attributes in one pass at its start.
+
 Metrics go through the OpenTelemetry metrics API (:data:`METRICS` lists them).
 Log records made while a span is current get ``trace_id`` and ``span_id``
 attributes, and amqpkit's JSON log lines show them.
@@ -197,7 +203,7 @@ _ROUTES_KEPT = 1024
 class _SendRoute:
     """What every publish to one (exchange, routing key) shares: span name, attributes known before sampling."""
 
-    __slots__ = ("attributes", "name", "published")
+    __slots__ = ("attributes", "name", "published", "recording")
 
     def __init__(self, state: _Instruments, exchange: str, routing_key: str) -> None:
         self.name = f"send {_destination(exchange, routing_key)}"
@@ -209,6 +215,7 @@ class _SendRoute:
         }
         if routing_key:
             self.attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
+        self.recording = False  # whether the last span recorded (see _publish)
         self.published = state.published.cell(
             (("messaging.destination.name", exchange), ("messaging.system", "rabbitmq"))
         )
@@ -217,7 +224,8 @@ class _SendRoute:
 class _ProcessRoute:
     """What every delivery from one queue, exchange and routing key (and RPC method) shares."""
 
-    __slots__ = ("acked", "attributes", "consumed", "duration_attributes", "in_flight", "key", "kind", "name", "task")
+    __slots__ = ("acked", "attributes", "consumed", "duration_attributes", "in_flight", "key", "kind", "name",
+                 "recording", "task")  # fmt: skip
 
     def __init__(
         self, state: _Instruments, queue: str, exchange: str, routing_key: str, method: str | None, server: bool
@@ -241,6 +249,7 @@ class _ProcessRoute:
         else:
             self.name, self.kind = f"process {target}", SpanKind.CONSUMER
         self.task = not server  # a work-queue attempt number is read from the headers
+        self.recording = False  # whether the last span recorded (see _publish)
         self.key = (("messaging.destination.subscription.name", target), ("messaging.system", "rabbitmq"))
         self.duration_attributes = dict(self.key)
         self.consumed = state.consumed.cell(self.key)
@@ -462,16 +471,16 @@ async def _publish(
         return
     exchange_name = exchange if isinstance(exchange, str) else exchange.name
     route = state.send_routes.get((exchange_name, routing_key)) or state.send_route(exchange_name, routing_key)
-    # The sampler sees the attributes known before the message (semantic conventions' sampling-relevant ones);
-    # the message's own are added only to a span that records.
-    span = state.tracer.start_span(route.name, kind=SpanKind.PRODUCER, attributes=route.attributes)
-    if span.is_recording():
-        attributes: dict[str, Any] = {"messaging.message.body.size": len(envelope.body)}
-        if envelope.message_id:
-            attributes["messaging.message.id"] = envelope.message_id
-        if envelope.correlation_id:
-            attributes["messaging.message.conversation_id"] = envelope.correlation_id
-        span.set_attributes(attributes)
+    if route.recording:  # its last span recorded: so will this one, likely; all attributes in one pass
+        span = state.tracer.start_span(route.name, kind=SpanKind.PRODUCER,
+                                       attributes=_sent(envelope, dict(route.attributes)))  # fmt: skip
+        route.recording = span.is_recording()
+    else:  # likely sampled out: the sampler sees the attributes known before the message, and only a span
+        # that records gets the message's own
+        span = state.tracer.start_span(route.name, kind=SpanKind.PRODUCER, attributes=route.attributes)
+        if span.is_recording():
+            route.recording = True
+            span.set_attributes(_sent(envelope, {}))
     headers = dict(envelope.headers)
     headers.pop("tracestate", None)  # a forwarded copy's old state; the new span's own is injected
     _inject(span.get_span_context(), headers)
@@ -484,6 +493,32 @@ async def _publish(
     finally:
         span.end()
     route.published[0] += 1
+
+
+def _sent(envelope: Envelope, attributes: dict[str, Any]) -> dict[str, Any]:
+    """``attributes`` with the message's own added: size, id, conversation id."""
+    attributes["messaging.message.body.size"] = len(envelope.body)
+    if envelope.message_id:
+        attributes["messaging.message.id"] = envelope.message_id
+    if envelope.correlation_id:
+        attributes["messaging.message.conversation_id"] = envelope.correlation_id
+    return attributes
+
+
+def _processed(delivery: Delivery[bytes], route: _ProcessRoute, attributes: dict[str, Any]) -> dict[str, Any]:
+    """``attributes`` with the delivery's own added: size, delivery tag, id, conversation id, task attempt."""
+    props = delivery._properties
+    attributes["messaging.message.body.size"] = len(delivery.body)
+    attributes["messaging.rabbitmq.message.delivery_tag"] = delivery.delivery_tag
+    if props.message_id:
+        attributes["messaging.message.id"] = props.message_id
+    if props.correlation_id:
+        attributes["messaging.message.conversation_id"] = props.correlation_id
+    if route.task:
+        attempt = delivery.headers.get("x-attempt")
+        if attempt is not None:
+            attributes["amqpkit.task.attempt"] = _as_int(attempt)
+    return attributes
 
 
 async def _quiet_publish(
@@ -517,21 +552,16 @@ async def _consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
     key = (consumer.queue_name, delivery.exchange, delivery.routing_key, props.message_type if server else None, server)
     route = state.process_routes.get(key) or state.process_route(key)
     parent = extract(headers)
-    span = state.tracer.start_span(route.name, parent, route.kind, route.attributes, _link_to_first(headers))
-    if span.is_recording():
-        attributes: dict[str, Any] = {
-            "messaging.message.body.size": len(delivery.body),
-            "messaging.rabbitmq.message.delivery_tag": delivery.delivery_tag,
-        }
-        if props.message_id:
-            attributes["messaging.message.id"] = props.message_id
-        if props.correlation_id:
-            attributes["messaging.message.conversation_id"] = props.correlation_id
-        if route.task:
-            attempt = headers.get("x-attempt")
-            if attempt is not None:
-                attributes["amqpkit.task.attempt"] = _as_int(attempt)
-        span.set_attributes(attributes)
+    links = _link_to_first(headers)
+    if route.recording:  # as in _publish
+        attributes = _processed(delivery, route, dict(route.attributes))
+        span = state.tracer.start_span(route.name, parent, route.kind, attributes, links)
+        route.recording = span.is_recording()
+    else:
+        span = state.tracer.start_span(route.name, parent, route.kind, route.attributes, links)
+        if span.is_recording():
+            route.recording = True
+            span.set_attributes(_processed(delivery, route, {}))
     token = otel_context.attach(trace.set_span_in_context(span, parent))
     quiet = _QUIET.set(False) if _QUIET.get() else None
     route.consumed[0] += 1

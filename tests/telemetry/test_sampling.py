@@ -15,7 +15,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, SamplingResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, ParentBased, Sampler, SamplingResult
 from opentelemetry.trace import Link, NonRecordingSpan, SpanKind
 from opentelemetry.util.types import Attributes
 
@@ -155,3 +155,75 @@ async def test_each_destination_keeps_its_own_names_attributes_and_counts(
     assert by_exchange == {exchange.name: 3, "": 1}
     assert otel.total("messaging.client.consumed.messages") == 4
     assert otel.total("amqpkit.messages.acked") == 4
+
+
+class _Scripted(Sampler):
+    """PRODUCER spans sampled as scripted, in order; every other span follows its parent (as ParentBased does)."""
+
+    def __init__(self, script: list[bool]) -> None:
+        self.script = list(script)
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        if kind is SpanKind.PRODUCER:
+            record = self.script.pop(0)
+        else:
+            record = trace.get_current_span(parent_context).get_span_context().trace_flags.sampled
+        decision = Decision.RECORD_AND_SAMPLE if record else Decision.DROP
+        return SamplingResult(decision, attributes if record else None)
+
+    def get_description(self) -> str:
+        return "scripted"
+
+
+async def test_recorded_spans_get_every_attribute_whichever_the_sampler_decided_before(
+    broker: Broker, name: str
+) -> None:
+    """A destination whose last span recorded and one whose last span was dropped take different paths."""
+    script = [False, True, True, False, True]
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider(sampler=_Scripted(script))
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    telemetry.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    queue = Queue(f"{name}.q", auto_delete=True)
+    seen: list[Delivery[bytes]] = []
+
+    async def on_message(delivery: Delivery[bytes]) -> None:
+        seen.append(delivery)
+        await delivery.ack()
+
+    try:
+        consumer = await broker.consume(queue, on_message)
+        try:
+            for n in range(len(script)):
+                await broker.publish(Envelope(b"x" * (n + 1), correlation_id=f"c{n}"), routing_key=queue.name)
+            await wait_for(lambda: len(seen) == len(script) and len(exporter.get_finished_spans()) == 2 * sum(script))
+        finally:
+            await consumer.cancel()
+    finally:
+        telemetry.uninstrument()
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+    sizes = sorted(n + 1 for n, record in enumerate(script) if record)
+    for kind in (SpanKind.PRODUCER, SpanKind.CONSUMER):
+        spans = sorted((s for s in exporter.get_finished_spans() if s.kind is kind),
+                       key=lambda s: s.attributes["messaging.message.body.size"])  # fmt: skip
+        assert [s.attributes["messaging.message.body.size"] for s in spans] == sizes
+        for span in spans:
+            size = span.attributes["messaging.message.body.size"]
+            assert span.attributes["messaging.message.conversation_id"] == f"c{size - 1}"
+            assert span.attributes["messaging.message.id"]
+            assert span.attributes["messaging.system"] == "rabbitmq"
+            assert span.attributes["messaging.rabbitmq.destination.routing_key"] == queue.name
+            if kind is SpanKind.CONSUMER:
+                assert span.attributes["messaging.rabbitmq.message.delivery_tag"] >= 1
