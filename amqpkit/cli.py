@@ -299,6 +299,14 @@ def worker(
     pool_size: Annotated[
         int | None, typer.Option("--pool-size", help="processes of --executor process (default: CPU count)")
     ] = None,
+    consumer_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--consumer-timeout",
+            help="seconds a task may run before the broker takes it back: the queue's own x-consumer-timeout "
+            "(RabbitMQ 3.12+; on older nodes the node's setting applies, and the worker says so)",
+        ),
+    ] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="log one JSON object per line")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="log everything, down to DEBUG, aiormq's records too")
@@ -314,7 +322,7 @@ def worker(
     """
     from .patterns.work_queue import MemoryIdempotencyStore, RetryPolicy
     from .runner import RunOptions
-    from .service import RunningService, Service
+    from .service import RunningService, Service, ServiceError
 
     if executor not in (None, "thread", "process"):
         raise typer.BadParameter(f"expected thread or process, not {executor!r}", param_hint="--executor")
@@ -322,15 +330,21 @@ def worker(
         raise typer.BadParameter("only with --executor process", param_hint="--pool-size")
     if pool_size is not None and pool_size < 1:
         raise typer.BadParameter(f"must be at least 1, not {pool_size}", param_hint="--pool-size")
+    if consumer_timeout is not None and not consumer_timeout > 0:
+        raise typer.BadParameter(f"seconds, more than 0, not {consumer_timeout:g}", param_hint="--consumer-timeout")
     configure_logging(json_lines=log_json, verbose=verbose)
     fn = _load_handler(handler)
     service = Service(f"worker-{queue}")
-    service.worker(
-        queue, concurrency=concurrency, retry=RetryPolicy(max_attempts=max_attempts, initial_delay=retry_delay),
-        events=events, idempotency=MemoryIdempotencyStore() if dedupe else None,
-        executor="process" if executor == "process" else "thread" if executor == "thread" else None,
-        processes=pool_size,
-    )(fn)  # fmt: skip
+    try:
+        service.worker(
+            queue, concurrency=concurrency, retry=RetryPolicy(max_attempts=max_attempts, initial_delay=retry_delay),
+            events=events, idempotency=MemoryIdempotencyStore() if dedupe else None,
+            executor="process" if executor == "process" else "thread" if executor == "thread" else None,
+            processes=pool_size, consumer_timeout=consumer_timeout,
+        )(fn)  # fmt: skip
+    except ServiceError as exc:  # e.g. --executor process with a handler a pool process cannot be given
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
     def started(running: RunningService) -> None:
         typer.echo(f"worker on {queue!r}: concurrency {concurrency}; Ctrl-C or SIGTERM stops it", err=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -138,6 +139,7 @@ async def test_a_queue_refused_at_start_is_one_error_line_and_exit_1(amqp_url: s
         (["--executor", "proc"], "expected thread or process, not 'proc'"),
         (["--pool-size", "2"], "only with --executor process"),
         (["--executor", "process", "--pool-size", "0"], "must be at least 1"),
+        (["--consumer-timeout", "0"], "seconds, more than 0, not 0"),
     ],
 )
 async def test_executor_flags_refuse_what_cannot_run(flags: list[str], said: str) -> None:
@@ -149,3 +151,31 @@ async def test_executor_flags_refuse_what_cannot_run(flags: list[str], said: str
     code, err = await cli.wait_exit(timeout=60)
     assert code == 2, err
     assert said in " ".join(err.split()), err
+
+
+async def test_a_handler_a_process_pool_cannot_take_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    # A lambda has no importable name: a pool process could never be given it.
+    (tmp_path / "lambda_handlers.py").write_text("handle = lambda job: job\n")
+    cli = await CliProcess.start(
+        "worker", "lambda_handlers:handle", "--queue", "never-consumed", "--executor", "process",
+        env={"AMQP_URL": "amqp://guest:guest@127.0.0.1:1/", "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    code, err = await cli.wait_exit(timeout=60)
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert cli.err_lines[-1].startswith("error: "), err
+
+
+async def test_consumer_timeout_reaches_the_queue_or_says_why_not(amqp_url: str, broker: Broker, queue: str) -> None:
+    worker = await CliProcess.start(
+        "worker", "tests.worker_app:handle", "--queue", queue, "--consumer-timeout", "60", env={"AMQP_URL": amqp_url}
+    )
+    try:
+        started = await worker.until(lambda line: "started: worker on" in line)
+    finally:
+        code, err = await worker.end()
+    assert code == 0, err
+    if broker.server_version >= (3, 12):
+        assert "(consumer_timeout 60 s)" in started, started
+    else:  # the node's own setting holds; the worker says so rather than pretend
+        assert "(consumer_timeout 60 s not applied" in started, started
