@@ -62,3 +62,19 @@ def test_the_task_is_busy_for_its_cpu_time_and_is_found_by_name() -> None:
     assert time.thread_time() - started < 0.01
     # A module-level function: the process pool imports it by name.
     assert (task.__module__, task.__qualname__) == ("amqpkit.bench.servers", "task")
+
+
+def test_the_variants_are_compared_with_the_async_handler() -> None:
+    from amqpkit.bench.report import comparisons
+    from amqpkit.bench.results import BenchResult, RunResult
+    from amqpkit.bench.stats import Percentiles
+
+    def run(scenario: str, throughput: float) -> RunResult:
+        return RunResult(scenario, 1, None, 10, 128, throughput, Percentiles(100, 100, 100, 100, 100), 0)
+
+    result = BenchResult(
+        params=BenchParams(scenarios=VARIANTS, concurrency=(1,)),
+        results=[run("workqueue", 100), run("workqueue-sync", 50), run("workqueue-process", 200)],
+    )
+    rows = {row["pair"]: row["throughput_ratio"] for row in comparisons(result)}
+    assert rows == {"workqueue-sync / workqueue": 0.5, "workqueue-process / workqueue": 2.0}

@@ -20,6 +20,8 @@ PAIRS = (
     ("rpc", "aiopika-rpc", "amqpkit RPC vs aio-pika's RPC pattern"),
     ("rpc", "rpc-reply-queue", "direct reply-to vs an exclusive reply queue"),
     ("workqueue", "aiopika-workqueue", "amqpkit work queue vs bare aio-pika consume-and-ack"),
+    ("workqueue-sync", "workqueue", "work queue: def in threads vs async def"),
+    ("workqueue-process", "workqueue", "work queue: def in processes vs async def"),
     ("rpc", "http-rpc", "amqpkit RPC vs HTTP, the faster client"),
     ("rpc", "grpc-rpc", "amqpkit RPC vs gRPC"),
     ("http-rpc-aiohttp", "http-rpc-httpx", "HTTP: aiohttp's client vs httpx's"),
