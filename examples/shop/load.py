@@ -2,7 +2,7 @@
 
 Starts every service and the gateway (the launcher, as ``all`` does, on the
 broker of ``AMQP_URL`` and a fresh data folder), then runs ``--clients``
-concurrent HTTP clients (httpx, one connection pool) for ``--seconds``:
+concurrent HTTP clients (httpx, a client and a connection each) for ``--seconds``:
 mixed product reads, cart additions, history reads and orders. Each client
 has an API key of its own with a limit high enough not to be throttled.
 Prints, per route, requests/s, p50 and p99 latency and errors; then how many
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
+import ssl
 import statistics
 import tempfile
 import time
@@ -42,6 +44,7 @@ class Recorder:
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.errors: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.orders: list[tuple[str, str]] = []  # (api key, order id)
+        self.cpu: dict[str, float] = {}  # CPU seconds each process used while the clients ran
 
     async def call(self, http: httpx.AsyncClient, method: str, route: str, url: str, key: str, **kw: Any) -> Any:
         started = time.perf_counter()
@@ -91,12 +94,28 @@ async def settle(http: httpx.AsyncClient, rec: Recorder, timeout: float) -> list
     return list(done.values())
 
 
-async def run(base_url: str, keys: list[str], seconds: float, rec: Recorder) -> list[dict[str, Any]]:
-    limits = httpx.Limits(max_connections=len(keys), max_keepalive_connections=len(keys))
-    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as http:
+async def run(
+    base_url: str, keys: list[str], seconds: float, rec: Recorder, pids: dict[str, int]
+) -> list[dict[str, Any]]:
+    """Each client with an HTTP client (one keep-alive connection) of its own, as separate users would have.
+
+    One ``httpx.AsyncClient`` with a pool of 200 connections for all of them
+    made the load generator the bottleneck: httpcore walks every connection
+    of its pool (``has_expired``, ``is_idle``, a ``getpeername`` each) when a
+    request starts and ends, so its CPU per request grew with the pool, and
+    it measured its own queue (py-spy: ~95 % of its samples in the pool).
+    """
+    one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    tls = ssl.create_default_context()  # made once: httpx builds one per client otherwise (~50 ms of CPU each)
+    async with contextlib.AsyncExitStack() as stack:
+        https = [await stack.enter_async_context(
+            httpx.AsyncClient(base_url=base_url, timeout=30, limits=one, verify=tls)) for _ in keys]  # fmt: skip
         until = time.monotonic() + seconds
-        await asyncio.gather(*(client(http, rec, key, until, random.Random(i)) for i, key in enumerate(keys)))
-        return await settle(http, rec, timeout=120)
+        cpu_before = cpu_of(pids)
+        await asyncio.gather(*(client(https[i], rec, key, until, random.Random(i)) for i, key in enumerate(keys)))
+        cpu_after = cpu_of(pids)
+        rec.cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_before if name in cpu_after}
+        return await settle(https[0], rec, timeout=120)
 
 
 def report(rec: Recorder, tasks: list[dict[str, Any]], seconds: float) -> str:
@@ -127,6 +146,19 @@ def report(rec: Recorder, tasks: list[dict[str, Any]], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each process has used so far, from /proc (Linux; empty elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    used: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        used[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.shop.load", description=__doc__)
     parser.add_argument("--clients", type=int, default=200)
@@ -142,12 +174,16 @@ def main() -> int:
     }
     rec = Recorder()
     with running(env, logs=Path(data) / "logs", products=args.products, timeout=120) as shop:
+        pids = {name: proc.popen.pid for name, proc in shop.procs.items()} | {"load generator": os.getpid()}
         load_before = os.getloadavg()
-        tasks = asyncio.run(run(shop.gateway_url, keys, args.seconds, rec))
+        tasks = asyncio.run(run(shop.gateway_url, keys, args.seconds, rec, pids))
         load_after = os.getloadavg()
     print(f"{args.clients} clients for {args.seconds:g} s, {args.products} products processes; "
           f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min)")  # fmt: skip
     print(report(rec, tasks, args.seconds))
+    if rec.cpu:
+        used = sorted(rec.cpu.items(), key=lambda kv: -kv[1])
+        print(f"CPU seconds while the clients ran: {', '.join(f'{name} {cpu:.1f}' for name, cpu in used)}")
     print(f"logs and databases in {data}")
     return 0
 
