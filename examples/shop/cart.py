@@ -6,14 +6,19 @@ two instances of the service, or one started again, see the same carts.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import aiosqlite
 
+from amqpkit import Delivery
 from amqpkit.service import Service
 
 from .common import CART_RPC, Cart, CartAdd, CartItem, data_dir
+from .correlation import from_message
 from .tracing import setup_tracing
+
+log = logging.getLogger("shop.cart")
 
 service = Service("cart", version="1.0.0", description="Shopping carts, one per user.")
 setup_tracing(service.name)
@@ -66,18 +71,25 @@ async def carts() -> AsyncIterator[Carts]:
 
 
 @service.rpc(CART_RPC)
-async def add(request: CartAdd, store: Carts) -> Cart:
+@from_message
+async def add(request: Delivery[CartAdd], store: Carts) -> Cart:
     """Add an item (quantities add up, to at most 100 of a product); the cart as it is now."""
-    return await store.add(request.user, request.item)
+    wanted = request.value
+    cart = await store.add(wanted.user, wanted.item)
+    log.info("cart of %s: %d of %s added", wanted.user, wanted.item.quantity, wanted.item.product_id)
+    return cart
 
 
 @service.rpc(CART_RPC)
-async def get(user: str, store: Carts) -> Cart:
+@from_message
+async def get(request: Delivery[str], store: Carts) -> Cart:
     """The user's cart."""
-    return await store.get(user)
+    return await store.get(request.value)
 
 
 @service.rpc(CART_RPC)
-async def clear(user: str, store: Carts) -> Cart:
+@from_message
+async def clear(request: Delivery[str], store: Carts) -> Cart:
     """Empty the user's cart."""
-    return await store.clear(user)
+    log.info("cart of %s cleared", request.value)
+    return await store.clear(request.value)

@@ -40,6 +40,7 @@ from .common import (
     declare_event_log,
     sqlite_url,
 )
+from .correlation import from_message
 from .tracing import setup_tracing
 
 log = logging.getLogger("shop.history")
@@ -86,6 +87,9 @@ async def apply(delivery: Delivery[Any], tx: Any) -> None:
             " events = events + 1",
             (event["order_id"], event["user"], event["total"], event["number"], event["created_at"]),
         )
+    else:
+        return
+    log.info("%s of order %s applied to the read model", delivery.routing_key, event["order_id"])
 
 
 @service.resource
@@ -100,6 +104,7 @@ async def database(ctx: ServiceContext) -> AsyncIterator[HistoryDb]:
 
 
 @service.subscriber(EVENTS, binding_keys=[ORDER_CREATED, INVOICE_CREATED], queue="shop.history.events")
+@from_message
 async def on_event(event: Delivery[bytes], db: HistoryDb) -> None:
     """An order or invoice event: into the read model, once.
 
@@ -126,15 +131,17 @@ async def read(store: SqliteStore, where: str = "", args: tuple[Any, ...] = ()) 
 
 
 @service.rpc(HISTORY_RPC)
-async def orders_of(user: str, db: HistoryDb) -> list[HistoryEntry]:
+@from_message
+async def orders_of(request: Delivery[str], db: HistoryDb) -> list[HistoryEntry]:
     """A user's orders, newest first."""
-    return await read(db.store, "WHERE user = ?", (user,))
+    return await read(db.store, "WHERE user = ?", (request.value,))
 
 
 @service.rpc(HISTORY_RPC)
-async def entry(order_id: str, db: HistoryDb) -> HistoryEntry | None:
+@from_message
+async def entry(request: Delivery[str], db: HistoryDb) -> HistoryEntry | None:
     """One order, or null if no event about it arrived yet."""
-    found = await read(db.store, "WHERE order_id = ?", (order_id,))
+    found = await read(db.store, "WHERE order_id = ?", (request.value,))
     return found[0] if found else None
 
 

@@ -22,6 +22,7 @@ from amqpkit import Delivery
 from amqpkit.outbox import Inbox, Outbox, SqliteStore, open_store
 from amqpkit.service import Service, ServiceContext
 
+from . import correlation
 from .common import (
     CREATE_INVOICE_QUEUE,
     EVENTS,
@@ -35,6 +36,7 @@ from .common import (
     event_id,
     sqlite_url,
 )
+from .correlation import from_message
 from .tracing import TracedRelay, setup_tracing, trace_headers
 
 log = logging.getLogger("shop.invoices")
@@ -69,17 +71,24 @@ async def database(ctx: ServiceContext) -> AsyncIterator[InvoicesDb]:
 
 
 @service.rpc(INVOICES_RPC)
-async def create(command: CreateInvoice, ctx: ServiceContext) -> InvoiceAccepted:
+@from_message
+async def create(request: Delivery[CreateInvoice], ctx: ServiceContext) -> InvoiceAccepted:
     """invoice-write: queue the invoice task of an order; answered once the broker has it."""
+    command = request.value
     if command.total < 0:
         raise ValueError("an invoice cannot be negative")
-    task_id = await ctx.work_queue(CREATE_INVOICE_QUEUE).enqueue(command, task_id=f"invoice-{command.order_id}")
+    task_id = await ctx.work_queue(CREATE_INVOICE_QUEUE).enqueue(
+        command, task_id=f"invoice-{command.order_id}", headers=correlation.headers()
+    )
+    log.info("invoice task %s queued for order %s", task_id, command.order_id)
     return InvoiceAccepted(task_id=task_id)
 
 
 @service.rpc(INVOICES_RPC)
-async def for_order(order_id: str, db: InvoicesDb) -> Invoice | None:
+@from_message
+async def for_order(request: Delivery[str], db: InvoicesDb) -> Invoice | None:
     """The invoice of an order, or null while it has none."""
+    order_id = request.value
     async with db.store.transaction() as tx:
         cursor = await tx.execute(
             "SELECT number, order_id, user, total, created_at FROM invoices WHERE order_id = ?", (order_id,)
@@ -92,6 +101,7 @@ async def for_order(order_id: str, db: InvoicesDb) -> Invoice | None:
 
 
 @service.worker(CREATE_INVOICE_QUEUE, concurrency=8, events=True)
+@from_message
 async def invoice_manager(task: Delivery[CreateInvoice], db: InvoicesDb) -> None:
     """Write the invoice and its event together, once per task id."""
     command = task.value
@@ -109,7 +119,7 @@ async def invoice_manager(task: Delivery[CreateInvoice], db: InvoicesDb) -> None
         await db.outbox.add(
             tx, event.model_dump(mode="json"), exchange=EVENTS.name, routing_key=INVOICE_CREATED,
             message_id=event_id(INVOICE_CREATED, command.order_id), ordering_key=command.order_id,
-            headers=trace_headers(),
+            headers={**trace_headers(), **correlation.headers()},
         )  # fmt: skip
         log.info("invoice %s for order %s: %.2f", number, command.order_id, command.total)
 

@@ -13,6 +13,7 @@ from amqpkit import Delivery
 from amqpkit.service import Service
 
 from .common import EVENTS, INVOICE_CREATED, ORDER_CREATED
+from .correlation import from_message
 from .tracing import setup_tracing
 
 log = logging.getLogger("shop.notifications")
@@ -22,6 +23,7 @@ setup_tracing(service.name)
 
 
 @service.subscriber(EVENTS, binding_keys=[ORDER_CREATED, INVOICE_CREATED], queue="shop.notifications")
+@from_message
 async def notify(event: Delivery[dict[str, Any]]) -> None:
     """One line per event."""
     body = event.value

@@ -30,6 +30,7 @@ from amqpkit import Delivery, Reject, RemoteError, RetryPolicy, RpcClient
 from amqpkit.outbox import Inbox, Outbox, SqliteStore, open_store
 from amqpkit.service import Service, ServiceContext
 
+from . import correlation
 from .common import (
     EVENTS,
     INVOICES_RPC,
@@ -48,6 +49,7 @@ from .common import (
     event_id,
     sqlite_url,
 )
+from .correlation import from_message
 from .tracing import TracedRelay, setup_tracing, trace_headers
 
 log = logging.getLogger("shop.orders")
@@ -99,18 +101,24 @@ async def peers(ctx: ServiceContext) -> AsyncIterator[Peers]:
 
 
 @service.rpc(ORDERS_RPC)
-async def place(command: PlaceOrder, ctx: ServiceContext) -> OrderAccepted:
+@from_message
+async def place(request: Delivery[PlaceOrder], ctx: ServiceContext) -> OrderAccepted:
     """Accept an order: queue the command for the order-manager; the task id is the order id."""
+    command = request.value
     if any(item.quantity < 1 for item in command.items):
         raise ValueError("every item needs a quantity of at least 1")
-    task_id = await ctx.work_queue(PLACE_ORDER_QUEUE).enqueue(command, task_id=command.order_id)
+    task_id = await ctx.work_queue(PLACE_ORDER_QUEUE).enqueue(
+        command, task_id=command.order_id, headers=correlation.headers()
+    )
     log.info("order %s of %s accepted (%d items)", command.order_id, command.user, len(command.items))
     return OrderAccepted(order_id=command.order_id, task_id=task_id)
 
 
 @service.rpc(ORDERS_RPC)
-async def status(order_id: str, db: OrdersDb) -> Order | None:
+@from_message
+async def status(request: Delivery[str], db: OrdersDb) -> Order | None:
     """The order as stored, or null while the order-manager has not written it."""
+    order_id = request.value
     async with db.store.transaction() as tx:
         cursor = await tx.execute(
             "SELECT order_id, user, items, total, created_at FROM orders WHERE order_id = ?", (order_id,)
@@ -128,13 +136,16 @@ async def status(order_id: str, db: OrdersDb) -> Order | None:
 @service.worker(
     PLACE_ORDER_QUEUE, concurrency=8, events=True, retry=RetryPolicy(max_attempts=4, initial_delay=0.5, max_delay=5)
 )
+@from_message
 async def order_manager(task: Delivery[PlaceOrder], db: OrdersDb, peers: Peers) -> None:
     """Write the order and its event (outbox), once (inbox); then have it invoiced (RPC to invoice-write)."""
     command = task.value
     total = 0.0
     for item in command.items:
         try:
-            product = await peers.products.call("get", item.product_id, returns=Product, timeout=5)
+            product = await peers.products.call(
+                "get", item.product_id, returns=Product, timeout=5, headers=correlation.headers()
+            )
         except RemoteError as exc:
             if exc.remote_type == "KeyError":  # not in the catalogue: no retry makes it so
                 raise Reject(f"{item.product_id}: {exc.remote_message}") from None
@@ -157,7 +168,7 @@ async def order_manager(task: Delivery[PlaceOrder], db: OrdersDb, peers: Peers) 
         await db.outbox.add(
             tx, event.model_dump(mode="json"), exchange=EVENTS.name, routing_key=ORDER_CREATED,
             message_id=event_id(ORDER_CREATED, command.order_id), ordering_key=command.order_id,
-            headers=trace_headers(),
+            headers={**trace_headers(), **correlation.headers()},
         )  # fmt: skip
 
     await db.inbox.process(task, write)  # a redelivered task: already written, not again
@@ -165,6 +176,6 @@ async def order_manager(task: Delivery[PlaceOrder], db: OrdersDb, peers: Peers) 
     # takes the invoice task of an order once.
     accepted = await peers.invoices.call(
         "create", CreateInvoice(order_id=command.order_id, user=command.user, total=total),
-        returns=InvoiceAccepted, timeout=10,
+        returns=InvoiceAccepted, timeout=10, headers=correlation.headers(),
     )  # fmt: skip
     log.info("order %s written (%.2f); invoice task %s", command.order_id, total, accepted.task_id)

@@ -12,9 +12,11 @@ import asyncio
 import logging
 import os
 
+from amqpkit import Delivery
 from amqpkit.service import Service
 
 from .common import PRODUCTS_RPC, Product
+from .correlation import from_message
 from .tracing import setup_tracing
 
 log = logging.getLogger("shop.products")
@@ -38,15 +40,18 @@ async def _delay() -> None:
 
 
 @service.rpc(PRODUCTS_RPC, "list")
-async def list_products(limit: int) -> list[Product]:
+@from_message
+async def list_products(request: Delivery[int]) -> list[Product]:
     """The first ``limit`` products."""
     await _delay()
-    return CATALOGUE[:limit]
+    return CATALOGUE[: request.value]
 
 
 @service.rpc(PRODUCTS_RPC)
-async def get(product_id: str) -> Product:
+@from_message
+async def get(request: Delivery[str]) -> Product:
     """One product; a KeyError (the gateway's 404) for an id the catalogue does not have."""
+    product_id = request.value
     await _delay()
     log.info("product %s asked for (pid %d)", product_id, os.getpid())
     try:

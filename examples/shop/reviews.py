@@ -6,9 +6,11 @@ when it is down, a product page is still served, marked partial.
 
 from __future__ import annotations
 
+from amqpkit import Delivery
 from amqpkit.service import Service
 
 from .common import REVIEWS_RPC, Review
+from .correlation import from_message
 from .tracing import setup_tracing
 
 REVIEWS = [
@@ -23,6 +25,7 @@ setup_tracing(service.name)
 
 
 @service.rpc(REVIEWS_RPC)
-async def for_product(product_id: str) -> list[Review]:
+@from_message
+async def for_product(request: Delivery[str]) -> list[Review]:
     """The reviews of a product (none for an unknown one)."""
-    return [r for r in REVIEWS if r.product_id == product_id]
+    return [r for r in REVIEWS if r.product_id == request.value]

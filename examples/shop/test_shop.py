@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -225,6 +226,44 @@ def check_flow(shop: Landscape, http: httpx.Client, env: dict[str, str], amqp_ur
         ("notifications", "process shop.notifications"),
     ]:
         assert expected in seen, (expected, sorted(seen))
+
+
+def test_a_request_id_reaches_every_service_without_tracing(amqp_url: str, tmp_path: Path) -> None:
+    """X-Request-ID travels in a header of every message the request causes and shows in each service's lines."""
+    started = time.monotonic()
+    env = {"AMQP_URL": amqp_url, "SHOP_DATA": str(tmp_path / "data"), "SHOP_RPC_TIMEOUT": "5"}  # no SHOP_TRACES
+    logs = tmp_path / "logs"
+    request_id = f"req-{uuid.uuid4().hex[:12]}"
+    mine = {**ADA, "X-Request-ID": request_id}
+    try:
+        with running(env, logs=logs, timeout=50) as shop, httpx.Client(base_url=shop.gateway_url, timeout=20) as http:
+            added = http.post("/cart/add", headers=mine, json={"product_id": "p2"})  # products get, cart add
+            assert added.status_code == 200 and added.headers["X-Request-ID"] == request_id
+            placed = http.post("/order/place", headers=mine)  # cart get, orders place, cart clear, and all after
+            assert placed.status_code == 202 and placed.headers["X-Request-ID"] == request_id
+            order_id = placed.json()["order_id"]
+            services = ("gateway", "products", "cart", "orders", "invoices", "history", "notifications")
+
+            def lines_of(name: str) -> list[str]:
+                return [
+                    line
+                    for line in (logs / f"{name}.log").read_text().splitlines()
+                    if f"request_id={request_id}" in line
+                ]
+
+            wait_for("the id in every service's log", lambda: all(len(lines_of(n)) >= 2 for n in services))
+            for name in ("orders", "invoices", "history", "notifications"):  # each line about the order has the id
+                about = [line for line in (logs / f"{name}.log").read_text().splitlines() if order_id in line]
+                assert about and all(f"request_id={request_id}" in line for line in about), (name, about)
+            # No id, or one that is not sane (it would go into log lines as it is): the gateway makes one.
+            for sent in ({}, {"X-Request-ID": "two words"}, {"X-Request-ID": "x" * 65}):
+                made = http.get("/cart", headers={**ADA, **sent}).headers["X-Request-ID"]
+                assert len(made) == 32 and made != request_id and int(made, 16) >= 0
+        assert not (tmp_path / "traces").exists() and "trace_id=" in lines_of("gateway")[0]
+    except BaseException:
+        dump_logs(logs)
+        raise
+    print(f"request id across the shop: {time.monotonic() - started:.1f} s")
 
 
 # ---------------------------------------------------------------------- the gateway's own parts, without a broker
