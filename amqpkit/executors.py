@@ -33,6 +33,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import traceback
 from collections.abc import Callable
@@ -231,16 +232,13 @@ class ProcessRunner:
 def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
+    for process in processes:  # SIGKILL: a pool process ignores SIGTERM (see _child_init)
         with contextlib.suppress(Exception):
             if process.is_alive():
-                process.terminate()
+                process.kill()
     for process in processes:
         with contextlib.suppress(Exception):
             process.join(timeout=2)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=2)
 
 
 # ---------------------------------------------------------------- in the thread, in the child
@@ -255,6 +253,12 @@ def _call_sync(fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any]) -> Any:
 
 
 def _child_init(progress: Any) -> None:
+    # Ctrl-C signals the terminal's whole foreground group, and systemd's default KillMode sends SIGTERM
+    # to every process of the unit: a pool process left to die of them would kill the task the worker
+    # is letting finish within its grace. The worker decides when its pool stops (ProcessRunner.close).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     def relay(token: int, fraction: float | None, note: str | None) -> None:
         progress.put((token, fraction, note))
 

@@ -8,6 +8,7 @@ processes without the broker.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from pathlib import Path
@@ -64,6 +65,35 @@ async def test_cpu_bound_tasks_each_complete_once_in_the_pool_and_sigterm_exits_
         assert cli.err_lines[-1] == "worker stopped: 7 completed, 0 retried, 0 dead-lettered", err
         assert not any("Traceback" in line or " lost" in line for line in cli.lines + cli.err_lines), err
         assert await broker.queue_counts(name) == (0, 0)  # nothing given back to run again
+    finally:
+        await cli.end(timeout=10)
+        await broker.delete_queue(name)
+        await broker.delete_queue(f"{name}.dlq")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "group-sigterm"])
+async def test_a_signal_to_the_whole_process_group_lets_the_running_task_finish(
+    amqp_url: str, broker: Broker, name: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Ctrl-C in a terminal signals every process of the foreground group, and systemd's default
+    # KillMode sends SIGTERM to every process of the unit: the pool's processes get it too. They
+    # leave the stop to the worker, which lets the running task finish within its grace.
+    log = str(tmp_path / "runs.log")
+    queue: WorkQueue[Any] = WorkQueue(broker, name)
+    cli = await CliProcess.start(
+        "worker", "tests.long_task_handlers:crunch", "--queue", name, "--executor", "process", "--pool-size", "1",
+        "--grace", "30", env={"AMQP_URL": amqp_url},
+    )  # fmt: skip
+    try:
+        await cli.until(lambda line: line.startswith("worker on"), stderr=True, timeout=60)
+        await queue.enqueue({"n": 0, "seconds": 3, "log": log})
+        await wait_for(lambda: "0" in by_task(log), timeout=60)
+        os.killpg(cli.proc.pid, sig)
+        code, err = await cli.wait_exit(timeout=60)
+        assert code == 0, err
+        assert {n: len(p) for n, p in by_task(log, "done").items()} == {"0": 1}, err
+        assert cli.err_lines[-1] == "worker stopped: 1 completed, 0 retried, 0 dead-lettered", err
+        assert await broker.queue_counts(name) == (0, 0)
     finally:
         await cli.end(timeout=10)
         await broker.delete_queue(name)

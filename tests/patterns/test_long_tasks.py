@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -120,6 +121,7 @@ async def test_cpu_bound_handler_on_the_process_executor_completes_once(
             assert await settled_and_empty(broker, queue.name)
             assert len(handlers.runs(log)) == 1
             assert len(handlers.runs(log, "done")) == 1
+            assert all(f"pid={os.getpid()}" not in run for run in handlers.runs(log))  # in the pool, not here
             assert broker.reconnects == 0
             assert (worker.retried, worker.dead_lettered) == (0, 0)
         finally:
