@@ -20,7 +20,7 @@ from .._handlers import HandlerInfo, inspect_handler
 from ..codec import Codec
 from ..connection import Consumer
 from ..errors import DecodeError, Unroutable
-from ..executors import ExecutorKind
+from ..executors import ExecutorKind, ProcessRunner, ThreadRunner
 from ..message import Delivery
 from .long_tasks import ConsumerTimeouts, task_context
 from .tasks import (
@@ -133,6 +133,12 @@ class Worker(Generic[T]):
         self.dead_lettered = 0
         self.duplicates = 0
         self.forward_failures = 0
+
+    @property
+    def runner(self) -> ThreadRunner | ProcessRunner | None:
+        """The pool a plain ``def`` handler runs in (threads, or processes with ``executor="process"``);
+        None for an ``async def`` handler, which runs on the event loop."""
+        return self._handler.runner
 
     async def __aenter__(self) -> Self:
         await self.start()
