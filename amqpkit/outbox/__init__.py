@@ -11,7 +11,7 @@ Storage sits behind one small protocol, :class:`Store`: :class:`SqliteStore`
 ``open_store(url)`` opens either from a URL. See patterns/outbox-inbox.md.
 """
 
-from .inbox import REQUEST_ID_HEADER, Inbox, InboxRecordError, default_key
+from .inbox import IDEMPOTENCY_KEY_HEADER, Inbox, InboxRecordError, default_key
 from .outbox import Outbox, open_store, store_for
 from .postgres import PostgresStore
 from .relay import Relay, main
@@ -19,7 +19,7 @@ from .sqlite import SqliteStore
 from .storage import Claim, FailedRow, InboxRecord, OutboxRow, StorageError, StorageUnreachable, Store
 
 __all__ = [
-    "REQUEST_ID_HEADER",
+    "IDEMPOTENCY_KEY_HEADER",
     "Claim",
     "FailedRow",
     "Inbox",

@@ -15,7 +15,7 @@ runs the handler with that transaction and commits; the pattern acks after
 that. A message whose id is already recorded is not run again: the wrapper
 returns at once and the pattern acks it. For :class:`~amqpkit.RpcServer`
 the handler's reply is stored with the record, and a repeated request (same
-``x-request-id`` header, else same message id) gets the stored reply.
+``x-idempotency-key`` header, else same message id) gets the stored reply.
 
 The wrapper uses only what every pattern gives a handler (the
 :class:`~amqpkit.Delivery`), so the patterns need no change.
@@ -35,11 +35,14 @@ from ..codec import AutoCodec, Codec, codec_for, encode_body
 from ..message import Delivery
 from .storage import InboxRecord, StorageError, Store
 
-__all__ = ["REQUEST_ID_HEADER", "Inbox", "InboxRecordError", "default_key"]
+__all__ = ["IDEMPOTENCY_KEY_HEADER", "Inbox", "InboxRecordError", "default_key"]
 
 log = logging.getLogger("amqpkit.inbox")
 
-REQUEST_ID_HEADER = "x-request-id"
+#: The header a caller sets to make retries of one call one message (new message id, same key), like
+#: HTTP's Idempotency-Key. Not ``x-request-id``: services put that on everything one HTTP request
+#: causes, for their logs, and two different commands must never be merged into one.
+IDEMPOTENCY_KEY_HEADER = "x-idempotency-key"
 
 InboxHandler = Callable[..., Awaitable[Any]]
 
@@ -49,8 +52,8 @@ class InboxRecordError(StorageError):
 
 
 def default_key(delivery: Delivery[Any]) -> str | None:
-    """The id a message is deduplicated by: its ``x-request-id`` header if it has one, else its message id."""
-    explicit = delivery.headers.get(REQUEST_ID_HEADER)
+    """The id a message is deduplicated by: its ``x-idempotency-key`` header if it has one, else its message id."""
+    explicit = delivery.headers.get(IDEMPOTENCY_KEY_HEADER)
     if isinstance(explicit, bytes):
         explicit = explicit.decode("utf-8", "replace")
     if isinstance(explicit, str) and explicit:

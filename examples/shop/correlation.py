@@ -15,10 +15,8 @@ what it sends and logs carries it on. While an id is current, every log
 record (the shop's, amqpkit's) ends with ``request_id=<id>``, in plain and
 in JSON lines alike.
 
-The header is not ``x-request-id``: amqpkit's :class:`~amqpkit.outbox.Inbox`
-deduplicates by that header when a message has it, so the order-manager's
-and the invoice-manager's inboxes would take every command of one request
-for one message.
+The header is the shop's own name; amqpkit's :class:`~amqpkit.outbox.Inbox`
+deduplicates by ``x-idempotency-key``, which a request id must never be.
 """
 
 from __future__ import annotations

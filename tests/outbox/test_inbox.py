@@ -26,7 +26,7 @@ from amqpkit import (
     Worker,
     WorkQueue,
 )
-from amqpkit.outbox import REQUEST_ID_HEADER, Inbox, PostgresStore, SqliteStore, Store
+from amqpkit.outbox import IDEMPOTENCY_KEY_HEADER, Inbox, PostgresStore, SqliteStore, Store
 
 from ..waiting import until, wait_for
 
@@ -170,7 +170,7 @@ async def test_two_consumers_each_process_the_same_message(accounts: Store) -> N
     assert seen == ["same", "same"]
 
 
-async def test_rpc_repeated_request_id_gets_the_stored_reply(accounts: Store, broker: Broker, name: str) -> None:
+async def test_rpc_repeated_idempotency_key_gets_the_stored_reply(accounts: Store, broker: Broker, name: str) -> None:
     store = accounts
     inbox = Inbox(store, consumer="bank-rpc")
     calls: list[int] = []
@@ -183,14 +183,36 @@ async def test_rpc_repeated_request_id_gets_the_stored_reply(accounts: Store, br
     server.add("deposit", inbox.handler(apply))
     async with server, RpcClient(broker, f"{name}.rpc", timeout=10) as client:
         first = await client.call("deposit", Deposit(account="a", amount=5), returns=Receipt,
-                                  headers={REQUEST_ID_HEADER: "req-1"})  # fmt: skip
+                                  headers={IDEMPOTENCY_KEY_HEADER: "req-1"})  # fmt: skip
         again = await client.call("deposit", Deposit(account="a", amount=5), returns=Receipt,
-                                  headers={REQUEST_ID_HEADER: "req-1"})  # fmt: skip
+                                  headers={IDEMPOTENCY_KEY_HEADER: "req-1"})  # fmt: skip
         other = await client.call("deposit", Deposit(account="a", amount=5), returns=Receipt,
-                                  headers={REQUEST_ID_HEADER: "req-2"})  # fmt: skip
+                                  headers={IDEMPOTENCY_KEY_HEADER: "req-2"})  # fmt: skip
     assert first == again == Receipt(account="a", balance=5)
     assert other == Receipt(account="a", balance=10)
     assert calls == [5, 5]
+    assert await balance(store) == 10
+
+
+async def test_a_request_id_for_tracing_does_not_merge_distinct_messages(
+    accounts: Store, broker: Broker, name: str
+) -> None:
+    """``X-Request-ID`` is what HTTP services put on everything one request causes, for the logs.
+
+    Two deposits caused by one HTTP request carry the same ``x-request-id``; they are two
+    messages (two message ids), and both are applied. Only the idempotency key merges calls.
+    """
+    store = accounts
+    inbox = Inbox(store, consumer="bank-rpc")
+
+    async def apply(d: Deposit, tx: Any) -> Receipt:
+        return Receipt(account=d.account, balance=await deposit_into(store, tx, d))
+
+    server = RpcServer(broker, f"{name}.rpc")
+    server.add("deposit", inbox.handler(apply))
+    async with server, RpcClient(broker, f"{name}.rpc", timeout=10) as client:
+        for _ in range(2):
+            await client.call("deposit", Deposit(account="a", amount=5), headers={"x-request-id": "http-req-7"})
     assert await balance(store) == 10
 
 
@@ -206,7 +228,7 @@ async def test_tampered_stored_reply_is_an_error_reply_not_a_crash(accounts: Sto
     server = RpcServer(broker, f"{name}.rpc")
     server.add("deposit", inbox.handler(apply))
     async with server, RpcClient(broker, f"{name}.rpc", timeout=10) as client:
-        await client.call("deposit", Deposit(account="a", amount=5), headers={REQUEST_ID_HEADER: "r1"})
+        await client.call("deposit", Deposit(account="a", amount=5), headers={IDEMPOTENCY_KEY_HEADER: "r1"})
         async with store.transaction() as tx:
             sql = f"UPDATE {store.inbox_table} SET reply = {'$1' if isinstance(store, PostgresStore) else '?'}"  # type: ignore[attr-defined]
             if isinstance(store, PostgresStore):
@@ -214,12 +236,12 @@ async def test_tampered_stored_reply_is_an_error_reply_not_a_crash(accounts: Sto
             else:
                 await tx.execute(sql, (b"\xff not json",))
         with pytest.raises(RemoteError) as caught:
-            await client.call("deposit", Deposit(account="a", amount=5), headers={REQUEST_ID_HEADER: "r1"})
+            await client.call("deposit", Deposit(account="a", amount=5), headers={IDEMPOTENCY_KEY_HEADER: "r1"})
         assert caught.value.remote_type == "InboxRecordError"
         assert "not run again" in caught.value.remote_message
         # The server goes on.
         assert await client.call("deposit", Deposit(account="a", amount=1), returns=Receipt,
-                                 headers={REQUEST_ID_HEADER: "r2"}) == Receipt(account="a", balance=6)  # fmt: skip
+                                 headers={IDEMPOTENCY_KEY_HEADER: "r2"}) == Receipt(account="a", balance=6)  # fmt: skip
     assert calls == [5, 1]
 
 
@@ -357,11 +379,11 @@ async def test_rpc_request_with_a_locked_database_gets_an_error_reply_and_can_be
         async with server, RpcClient(broker, f"{name}.rpc", timeout=20) as client:
             other.execute("BEGIN IMMEDIATE")
             with pytest.raises(RemoteError) as caught:
-                await client.call("double", 21, returns=int, headers={REQUEST_ID_HEADER: "q1"})
+                await client.call("double", 21, returns=int, headers={IDEMPOTENCY_KEY_HEADER: "q1"})
             assert caught.value.remote_type == "OperationalError"
             other.execute("COMMIT")
-            assert await client.call("double", 21, returns=int, headers={REQUEST_ID_HEADER: "q1"}) == 42
-            assert await client.call("double", 21, returns=int, headers={REQUEST_ID_HEADER: "q1"}) == 42
+            assert await client.call("double", 21, returns=int, headers={IDEMPOTENCY_KEY_HEADER: "q1"}) == 42
+            assert await client.call("double", 21, returns=int, headers={IDEMPOTENCY_KEY_HEADER: "q1"}) == 42
         assert calls == [21]
     finally:
         other.close()
