@@ -2,8 +2,8 @@
 and with a batch exporter, in the same run; and, with --floor, how much of a message's cost is the
 OpenTelemetry SDK's own and how much is amqpkit's.
 
-    .venv/bin/python scripts/otel_cost.py [--seconds 5] [--repeats 3] [--concurrency 64] [--modes ...]
-                                          [--before DIR] [--out FILE]
+    .venv/bin/python scripts/otel_cost.py [--seconds 5] [--repeats 3] [--concurrency 64] [--rate R]
+                                          [--modes ...] [--before DIR] [--out FILE]
     .venv/bin/python scripts/otel_cost.py --floor [--repeats 5] [--before DIR] [--out FILE]
     .venv/bin/python scripts/otel_cost.py --checks [--count 1000]
 
@@ -27,7 +27,10 @@ Scenarios: ``rpc`` (RpcClient.call over direct reply-to at --concurrency callers
 ``oneway`` (--concurrency publishers, confirmed; a Subscriber acks each). Modes are interleaved within each
 repeat (the order rotates), so a machine whose load drifts hurts every mode alike. The figure is completed
 operations per second over the measured window after a one-second warm-up; the report gives each mode's median
-and range, and its ratio to ``off`` (median of the per-repeat ratios, with their range).
+and range, and its ratio to ``off`` (median of the per-repeat ratios, with their range). ``--rate R`` paces the
+callers to R operations per second in all: every mode then does the same work per second, and the CPU per
+operation compares modes without the throughput's own effect on it (fewer operations per event-loop turn cost
+more CPU each).
 
 ``--floor`` needs no broker. In one process per mode and repeat it times, round by round, per
 message, the SDK's own work for what amqpkit records: a PRODUCER span and a CONSUMER span with the same
@@ -144,7 +147,7 @@ async def serve(mode: str, scenario: str, queue: str) -> None:
     print(json.dumps({"cpu_per_op_us": (cpu_last - cpu_first) / max(handled - 1, 1) * 1e6}), flush=True)
 
 
-async def client(mode: str, scenario: str, queue: str, seconds: float, concurrency: int) -> None:
+async def client(mode: str, scenario: str, queue: str, seconds: float, concurrency: int, rate: float = 0) -> None:
     setup(mode)
     payload = b"x" * 256
     done = 0
@@ -159,15 +162,22 @@ async def client(mode: str, scenario: str, queue: str, seconds: float, concurren
                     Envelope(payload, content_type="application/octet-stream", persistent=False), routing_key=queue
                 )
 
-        async def loop(stop_at: float) -> None:
+        async def loop(stop_at: float, offset: float) -> None:
             nonlocal done
+            interval = concurrency / rate if rate else 0.0  # each caller's share of --rate
+            next_at = time.monotonic() + offset * interval
             while time.monotonic() < stop_at:
                 await one()
                 if counting:
                     done += 1
+                if interval:
+                    next_at += interval
+                    delay = next_at - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
 
         start = time.monotonic()
-        workers = [asyncio.ensure_future(loop(start + 1.0 + seconds)) for _ in range(concurrency)]
+        workers = [asyncio.ensure_future(loop(start + 1.0 + seconds, i / concurrency)) for i in range(concurrency)]
         await asyncio.sleep(1.0)  # warm-up
         counting = True
         measured_from = time.monotonic()
@@ -187,7 +197,9 @@ def environment(mode: str, before: str | None) -> dict[str, str]:
     return env
 
 
-def trial(mode: str, scenario: str, seconds: float, concurrency: int, before: str | None) -> tuple[float, float]:
+def trial(
+    mode: str, scenario: str, seconds: float, concurrency: int, before: str | None, rate: float = 0
+) -> tuple[float, float]:
     """Operations per second, and CPU microseconds per operation (client and server together)."""
     queue = f"otel-cost.{uuid.uuid4().hex[:8]}"
     me = [sys.executable, __file__]
@@ -196,7 +208,7 @@ def trial(mode: str, scenario: str, seconds: float, concurrency: int, before: st
                               text=True, env=env)  # fmt: skip
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        out = subprocess.run([*me, "--client", mode, scenario, queue, str(seconds), str(concurrency)],
+        out = subprocess.run([*me, "--client", mode, scenario, queue, str(seconds), str(concurrency), str(rate)],
                              capture_output=True, text=True, timeout=seconds + 120, check=True, env=env)  # fmt: skip
         got = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
@@ -498,7 +510,8 @@ def main() -> None:
     parser.add_argument("--checks", action="store_true", help="hook reads per operation, never instrumented")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=0, help="operations per second in all (0: as fast as it goes)")
+    parser.add_argument("--client", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--floor-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.before:
@@ -507,8 +520,8 @@ def main() -> None:
         asyncio.run(serve(*args.serve))
         return
     if args.client:
-        mode, scenario, queue, seconds, concurrency = args.client
-        asyncio.run(client(mode, scenario, queue, float(seconds), int(concurrency)))
+        mode, scenario, queue, seconds, concurrency, rate = args.client
+        asyncio.run(client(mode, scenario, queue, float(seconds), int(concurrency), float(rate)))
         return
     if args.floor_child:
         mode, count, rounds = args.floor_child
@@ -537,7 +550,7 @@ def main() -> None:
             for mode in order:
                 for attempt in (1, 2):  # a trial cut short (say, someone restarted the broker) runs once more
                     try:
-                        rate, us = trial(mode, scenario, args.seconds, args.concurrency, args.before)
+                        rate, us = trial(mode, scenario, args.seconds, args.concurrency, args.before, args.rate)
                         break
                     except (subprocess.SubprocessError, AssertionError, ValueError) as exc:
                         if attempt == 2:
@@ -548,9 +561,11 @@ def main() -> None:
                 cpu[scenario][mode].append(us)
                 print(f"repeat {repeat + 1} {scenario:<6} {mode:<14} {rate:9.0f} ops/s {us:7.0f} CPU us/op",
                       flush=True)  # fmt: skip
-    report: dict[str, Any] = {"concurrency": args.concurrency, "seconds": args.seconds, "repeats": args.repeats,
+    report: dict[str, Any] = {"concurrency": args.concurrency, "rate": args.rate, "seconds": args.seconds,
+                              "repeats": args.repeats,
                               "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "scenarios": {}}  # fmt: skip
-    print(f"\nc={args.concurrency}, {args.seconds:g} s per trial, {args.repeats} interleaved repeats; "
+    print(f"\nc={args.concurrency}, rate {args.rate or 'unlimited'}, {args.seconds:g} s per trial, "
+          f"{args.repeats} interleaved repeats; "
           f"load average at end {os.getloadavg()}")  # fmt: skip
     for scenario, by_mode in results.items():
         entry: dict[str, Any] = {}
