@@ -75,9 +75,9 @@ ensure_venv() {
   fi
   local stamp=.venv/.amqpkit-installed
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    log "installing amqpkit and its test extras into .venv"
+    log "installing amqpkit, its test and dev extras (pytest, ruff, mypy) into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[test,plot,bench,shop]'
+    .venv/bin/python -m pip install -q -e '.[dev,test,plot,bench,shop]'
     touch "$stamp"
   fi
 }

@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from amqpkit import (
     AmqpkitError,
@@ -71,9 +72,9 @@ def settings(start: int = 1, **kw: Any) -> BrokerSettings:
 
 def connected_node(broker: Broker) -> int:
     """The node (1-3) ``broker`` is connected to now: the position of its current URL in the cluster's list."""
-    urls_now = broker.settings.urls
-    current = urls_now[broker._url_index % len(urls_now)]  # no public accessor for the URL in use
-    return urls().index(current) + 1
+    where = urlsplit(broker.current_url)  # without its password: matched by host and port
+    nodes = [(u.hostname, u.port) for u in map(urlsplit, urls())]
+    return nodes.index((where.hostname, where.port)) + 1
 
 
 def running_nodes() -> list[int]:
