@@ -13,6 +13,10 @@ without OpenTelemetry installed.
 - ``handler_failed(exc)``: a handler raised and the pattern handled it (RPC error reply).
 - ``retry(headers, exc)`` / ``dead_letter(headers, reason, exc)``: a work-queue task is about to be copied to a
   delay queue / the DLQ with ``headers`` (the hook may add to them).
+- ``outbox_add(headers)``: ``Outbox.add`` is storing a row with ``headers`` (its own dict); the hook writes the
+  current trace context into them (``traceparent``/``tracestate``) when a span is current.
+- ``relayed(headers)``: a context manager the outbox relay publishes a row in; it makes the trace context the
+  row's ``headers`` carry current, so the PRODUCER span is a child of the span that added the row.
 - ``disconnected(broker)`` / ``reconnected(broker, seconds)``: a Broker lost its connection / got it back.
 - ``quiet``: a ``contextvars.ContextVar[bool]`` once instrumented; set while a hook's own call runs, so the
   call is not traced twice.
@@ -26,6 +30,8 @@ rpc_call: Any = None
 handler_failed: Any = None
 retry: Any = None
 dead_letter: Any = None
+outbox_add: Any = None
+relayed: Any = None
 disconnected: Any = None
 reconnected: Any = None
 quiet: Any = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .. import _hooks
 from ..codec import AutoCodec, encode_body
 from ..message import Envelope
 from ..topology import Exchange
@@ -31,6 +32,11 @@ class Outbox:
     The row commits or rolls back with the transaction's other changes: a
     rolled-back transaction leaves no event, a committed one always gets its
     event published (at least once, always with the same message id).
+
+    With :func:`amqpkit.telemetry.instrument` in effect, the row also keeps
+    the trace context current at ``add`` (W3C ``traceparent``/``tracestate``
+    in its headers), and the relay publishes it as a child of that span: the
+    event stays in the trace of the request that wrote it.
     """
 
     def __init__(self, store: Store) -> None:
@@ -70,8 +76,11 @@ class Outbox:
         else:
             body, detected = encode_body(_AUTO, message)
             envelope = Envelope(body, content_type=content_type or detected)
-        if headers:
-            envelope.headers = {**envelope.headers, **headers}
+        row_headers = {**envelope.headers, **headers} if headers else envelope.headers
+        hook = _hooks.outbox_add
+        if hook is not None:  # instrumented: the row carries the writer's trace context to the relay
+            row_headers = dict(row_headers)
+            hook(row_headers)
         if message_id is not None:
             envelope.message_id = message_id
         if not envelope.message_id:
@@ -85,7 +94,7 @@ class Outbox:
             "ordering_key": ordering_key,
             "body": bytes(envelope.body),
             "content_type": envelope.content_type,
-            "headers": dump_headers(envelope.headers),
+            "headers": dump_headers(row_headers),
             "properties": dump_properties(envelope),
             "mandatory": mandatory,
         }

@@ -14,6 +14,10 @@ writes the outcomes in one go:
   relay goes on; ``amqpkit outbox`` tools (or :meth:`Store.retry_failed`)
   bring it back.
 
+With :func:`amqpkit.telemetry.instrument` in effect, each row is published
+as a child of the span that added it (the trace context ``Outbox.add``
+stored in its headers), so the event stays in the writer's trace.
+
 A crash anywhere, the relay's or the database's or the broker's, at worst
 sends a row again: the mark is written after the confirm, so a row confirmed
 but not yet marked is published once more, with the same message id. A
@@ -35,6 +39,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Self
 
+from .. import _hooks
 from ..connection import Broker
 from ..errors import AmqpkitError, ConnectError, ConnectionLost, MessageTooLarge, PublishError
 from ..settings import BrokerSettings
@@ -233,6 +238,13 @@ class Relay:
 
     async def _publish(self, row: OutboxRow) -> tuple[bool, str] | None:
         """None when confirmed; else (permanent, reason)."""
+        relayed = _hooks.relayed
+        if relayed is None:
+            return await self._send(row)
+        with relayed(row.headers):  # instrumented: the PRODUCER span is a child of the span that added the row
+            return await self._send(row)
+
+    async def _send(self, row: OutboxRow) -> tuple[bool, str] | None:
         try:
             await self.broker.publish(
                 row.envelope(),

@@ -27,6 +27,10 @@ What is traced, following OpenTelemetry's messaging semantic conventions
   PRODUCER span under it, so the trace runs through every retry into the
   DLQ, and attempts after the first carry a link to the first attempt's span
   (the ``x-trace-first-attempt`` header).
+- an outbox row (:class:`~amqpkit.outbox.Outbox`): ``add`` stores the current
+  trace context in the row's headers, and the relay, later and from a task of
+  its own, publishes the row as a child of that span; so the PRODUCER span
+  and every consumer's span stay in the trace of the request that wrote it.
 
 Sampling: the sampler is shown, at each span's start, the attributes the semantic conventions call
 sampling-relevant (system, operation, destination, routing key, subscription, RPC service and method). A span
@@ -41,10 +45,11 @@ attributes, and amqpkit's JSON log lines show them.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import fields
 from operator import attrgetter
 from typing import Any
@@ -311,6 +316,8 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None) -> None:
     _hooks.handler_failed = _handler_failed
     _hooks.retry = _retry
     _hooks.dead_letter = _dead_letter
+    _hooks.outbox_add = _outbox_add
+    _hooks.relayed = _relayed
     _hooks.disconnected = _disconnected
     _hooks.reconnected = _reconnected
 
@@ -324,6 +331,8 @@ def uninstrument() -> None:
     _hooks.handler_failed = None
     _hooks.retry = None
     _hooks.dead_letter = None
+    _hooks.outbox_add = None
+    _hooks.relayed = None
     _hooks.disconnected = None
     _hooks.reconnected = None
     if _old_record_factory is not None:
@@ -653,6 +662,28 @@ def _dead_letter(headers: dict[str, Any], reason: str, exc: BaseException) -> No
             headers.setdefault(FIRST_ATTEMPT_HEADER, first)
     if state is not None:
         state.dead_lettered.add(1, {"messaging.system": "rabbitmq", "amqpkit.task.dead_letter_reason": reason})
+
+
+def _outbox_add(headers: dict[str, Any]) -> None:
+    """An outbox row is being stored: it keeps the current span's context for the relay (see ``_relayed``)."""
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        headers.pop("tracestate", None)  # a forwarded envelope's old state; the current span's own is written
+        _inject(span_context, headers)
+
+
+@contextlib.contextmanager
+def _relayed(headers: Mapping[str, Any]) -> Iterator[None]:
+    """The relay publishes a row: the context the row carries is current, so the PRODUCER span is its child."""
+    parent = extract(headers)
+    if parent is _EMPTY:  # a row written with no span current (or before instrumenting): as any publish
+        yield
+        return
+    token = otel_context.attach(parent)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 _disconnected_at: dict[int, float] = {}

@@ -15,11 +15,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from amqpkit import telemetry
 
+from ..outbox.conftest import backend, pg_schema, pg_url, store  # noqa: F401  (the outbox's stores, on each backend)
+
 
 @dataclass
 class Telemetry:
     exporter: InMemorySpanExporter
     reader: InMemoryMetricReader
+    tracer_provider: TracerProvider | None = None
 
     def spans(self) -> list[ReadableSpan]:
         return list(self.exporter.get_finished_spans())
@@ -53,7 +56,7 @@ def otel() -> Iterator[Telemetry]:
     meter_provider = MeterProvider(metric_readers=[reader])
     telemetry.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
     try:
-        yield Telemetry(exporter, reader)
+        yield Telemetry(exporter, reader, tracer_provider)
     finally:
         telemetry.uninstrument()
         tracer_provider.shutdown()
