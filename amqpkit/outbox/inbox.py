@@ -71,12 +71,29 @@ class Inbox:
     :meth:`purge`: a message redelivered after that is processed again, so
     keep it longer than any redelivery can take. ``on_duplicate(id)`` is
     called for each repeat absorbed (for metrics).
+
+    In a :class:`~amqpkit.service.Service` the store is a resource made at
+    startup, after the handlers are declared: make the inbox without one and
+    bind it in the resource::
+
+        inbox = Inbox(consumer="billing")
+
+        @svc.resource
+        async def database(ctx: ServiceContext) -> AsyncIterator[Db]:
+            store = await open_store(url)
+            async with inbox.bind(store):     # until shutdown; deletes old records meanwhile
+                yield Db(store)
+            await store.close()
+
+        @svc.worker("billing.charges")
+        @inbox.handler
+        async def charge(order: OrderPaid, tx: Any, ctx: ServiceContext) -> None: ...
     """
 
     def __init__(
         self,
-        store: Store,
-        consumer: str,
+        store: Store | None = None,
+        consumer: str = "",
         *,
         retention: float = 7 * 24 * 3600.0,
         cleanup_interval: float = 3600.0,
@@ -99,6 +116,29 @@ class Inbox:
         self.requeued = 0  # deliveries given back after a database failure
         self.purged = 0
         self._cleanup: asyncio.Task[None] | None = None
+        self._bound = False  # the store came from bind(), and goes with the context's exit
+        self.unbound = 0  # deliveries requeued because no store was bound yet
+
+    def bind(self, store: Store) -> Self:
+        """Give the inbox its store, for an inbox made before the store (``Inbox(consumer=...)`` in a service).
+
+        Returns the inbox; as a context manager (``async with inbox.bind(store):``)
+        it also deletes old records while it runs and lets the store go on exit.
+        A delivery that reaches the handler before a store is bound is requeued.
+        """
+        if self.store is not None:
+            if self.store is not store:
+                raise ValueError(f"inbox {self.consumer} is already bound to {self.store.description}")
+            return self
+        self.store = store
+        self._bound = True
+        return self
+
+    def _store(self) -> Store:
+        store = self.store
+        if store is None:
+            raise StorageError(f"inbox {self.consumer} has no store yet: call inbox.bind(store) at startup")
+        return store
 
     async def __aenter__(self) -> Self:
         if self._cleanup is None or self._cleanup.done():
@@ -111,31 +151,41 @@ class Inbox:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._bound:
+            self.store, self._bound = None, False
 
     async def _clean(self) -> None:
         while True:
             try:
-                await self.purge()
+                if self.store is not None:
+                    await self.purge()
             except Exception as exc:
                 log.warning("could not delete old inbox records of %s: %s", self.consumer, exc)
             await asyncio.sleep(self.cleanup_interval)
 
     async def purge(self) -> int:
         """Delete records older than the retention (every consumer's); how many."""
-        purged = await self.store.purge_inbox(self.retention)
+        purged = await self._store().purge_inbox(self.retention)
         self.purged += purged
         return purged
 
     def handler(
         self, fn: InboxHandler, *, requeue_on_storage_error: bool | None = None
     ) -> Callable[..., Awaitable[Any]]:
-        """``fn(message, tx)`` wrapped for a Worker, Subscriber or RpcServer.
+        """``fn(message, tx)`` wrapped for a Worker, Subscriber or RpcServer; a decorator too.
 
         ``fn``'s first parameter is annotated as for any amqpkit handler (a
         model, ``str``, ``Delivery[X]``...); the pattern decodes with that.
-        Its second receives the transaction (the store's connection). What it
+        Its second receives the transaction (the store's connection). Any
+        parameters after those are the wrapper's too, passed on by keyword:
+        a :class:`~amqpkit.TaskContext`, or in a :class:`~amqpkit.service.Service`
+        its resources and :class:`~amqpkit.service.ServiceContext`. What it
         returns is stored when not None, and given again for a repeated
         message (RPC replies).
+
+        The store may be bound later (:meth:`bind`): a delivery that comes
+        before it is requeued after ``requeue_delay`` seconds, with a warning,
+        and never lost.
 
         When the database fails (a lost connection, a lock), nothing was
         committed: with ``requeue_on_storage_error`` the delivery is
@@ -144,35 +194,56 @@ class Inbox:
         send the same request again). By default, an RPC request (one with
         ``reply_to``) gets the error and anything else is requeued.
         """
-        wants_delivery, value_type, returns = _read_handler(fn)
+        wants_delivery, value_type, returns, extra = _read_handler(fn)
         reply_codec: Codec[Any] = AutoCodec() if returns in (Any, None, type(None)) else codec_for(returns)
 
-        async def call(delivery: Delivery[Any], tx: Any) -> Any:
-            return await fn(delivery if wants_delivery else delivery.value, tx)
+        async def inbox_handler(delivery: Delivery[Any], **kwargs: Any) -> Any:
+            async def call(delivery: Delivery[Any], tx: Any) -> Any:
+                return await fn(delivery if wants_delivery else delivery.value, tx, **kwargs)
 
-        async def inbox_handler(delivery: Delivery[Any]) -> Any:
+            if self.store is None:
+                self.unbound += 1
+                log.warning(
+                    "inbox %s has no store yet (inbox.bind(store) not called): message %s requeued in %.2g s",
+                    self.consumer, delivery.message_id, self.requeue_delay,
+                )  # fmt: skip
+                await self._requeue(delivery)
+                return None
             try:
                 return await self.process(delivery, call, reply_codec)
             except Exception as exc:
                 requeue = requeue_on_storage_error if requeue_on_storage_error is not None else not delivery.reply_to
-                if not requeue or not self.store.transient(exc) or delivery.settled is not None:
+                store = self.store
+                if not requeue or store is None or not store.transient(exc) or delivery.settled is not None:
                     raise
                 self.requeued += 1
                 log.warning(
                     "inbox %s: database failed for message %s (%s: %s); requeued in %.2g s",
                     self.consumer, delivery.message_id, type(exc).__name__, exc, self.requeue_delay,
                 )  # fmt: skip
-                await asyncio.sleep(self.requeue_delay)
-                try:
-                    await delivery.nack(requeue=True)
-                except Exception as settle_error:
-                    log.warning("could not requeue message %s: %s", delivery.message_id, settle_error)
+                await self._requeue(delivery)
                 return None
 
-        inbox_handler.__annotations__ = {"delivery": Delivery[value_type], "return": returns}  # type: ignore[valid-type]
+        message = Delivery[value_type]  # type: ignore[valid-type]
+        params = [inspect.Parameter("delivery", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=message)]
+        params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in extra]
+        inbox_handler.__signature__ = inspect.Signature(params, return_annotation=returns)  # type: ignore[attr-defined]
+        inbox_handler.__annotations__ = {
+            "delivery": message,
+            **{p.name: p.annotation for p in extra if p.annotation is not inspect.Parameter.empty},
+            "return": returns,
+        }
         inbox_handler.__name__ = inbox_handler.__qualname__ = getattr(fn, "__name__", "inbox_handler")
+        inbox_handler.__module__ = getattr(fn, "__module__", inbox_handler.__module__)
         inbox_handler.__doc__ = fn.__doc__
         return inbox_handler
+
+    async def _requeue(self, delivery: Delivery[Any]) -> None:
+        await asyncio.sleep(self.requeue_delay)
+        try:
+            await delivery.nack(requeue=True)
+        except Exception as settle_error:
+            log.warning("could not requeue message %s: %s", delivery.message_id, settle_error)
 
     async def process(
         self,
@@ -188,20 +259,21 @@ class Inbox:
                 await inbox.process(delivery, apply)
                 await delivery.ack()
         """
+        store = self._store()
         message_id = self.key(delivery)
         if not message_id:
             self.unidentified += 1
             log.warning("inbox %s: a message without an id cannot be deduplicated; processed as it is", self.consumer)
-            async with self.store.transaction() as tx:
+            async with store.transaction() as tx:
                 return await call(delivery, tx)
         codec = reply_codec or AutoCodec()
-        async with self.store.transaction() as tx:
-            record = await self.store.inbox_record(tx, self.consumer, message_id)
+        async with store.transaction() as tx:
+            record = await store.inbox_record(tx, self.consumer, message_id)
             if record is None:
                 result = await call(delivery, tx)
                 if result is not None:
                     body, content_type = encode_body(codec, result)
-                    await self.store.inbox_reply(tx, self.consumer, message_id, body, content_type)
+                    await store.inbox_reply(tx, self.consumer, message_id, body, content_type)
         if record is not None:
             self.duplicates += 1
             if self.on_duplicate is not None:
@@ -223,14 +295,13 @@ class Inbox:
             ) from None
 
 
-def _read_handler(fn: InboxHandler) -> tuple[bool, Any, Any]:
-    """(wants the Delivery, the value's type, the return type) of ``fn(message, tx)``."""
+def _read_handler(fn: InboxHandler) -> tuple[bool, Any, Any, list[inspect.Parameter]]:
+    """(wants the Delivery, the value's type, the return type, the parameters after the two) of ``fn(message, tx)``."""
     call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__call__
     if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(call):
         raise TypeError(f"inbox handler {getattr(fn, '__qualname__', fn)!r} must be an async function")
-    params = [
-        p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    every = list(inspect.signature(fn).parameters.values())
+    params = [p for p in every if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(params) < 2:
         raise TypeError(
             f"inbox handler {getattr(fn, '__qualname__', fn)!r} takes the message and the transaction: "
@@ -240,10 +311,20 @@ def _read_handler(fn: InboxHandler) -> tuple[bool, Any, Any]:
         hints = typing.get_type_hints(fn)
     except Exception:
         hints = {}
+    extra: list[inspect.Parameter] = []
+    for p in every:
+        if p in params[:2] or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.kind is p.POSITIONAL_ONLY:
+            raise TypeError(
+                f"inbox handler {getattr(fn, '__qualname__', fn)!r}: parameter {p.name!r} is positional-only; "
+                "what comes after the transaction is passed by keyword"
+            )
+        extra.append(p.replace(annotation=hints.get(p.name, p.annotation)))
     annotation = hints.get(params[0].name, Any)
     returns = hints.get("return", Any)
     wants_delivery = annotation is Delivery or typing.get_origin(annotation) is Delivery
     if wants_delivery:
         args = typing.get_args(annotation)
         annotation = args[0] if args else bytes
-    return wants_delivery, annotation, returns
+    return wants_delivery, annotation, returns, extra
