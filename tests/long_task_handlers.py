@@ -93,3 +93,21 @@ def report_progress(job: dict[str, Any], ctx: TaskContext) -> str:
 def square_plain(job: dict[str, Any]) -> int:
     """A trivial task (no file written): for measuring what a pool process costs per task."""
     return int(job["x"]) ** 2
+
+
+def square_here(x: int) -> dict[str, int]:
+    """CPU-light RPC/subscriber handler: the square and the pid it ran in."""
+    return {"square": x * x, "pid": os.getpid()}
+
+
+def refuse_negative(x: int) -> int:
+    if x < 0:
+        raise ValueError(f"negative: {x}")
+    return x
+
+
+def note_event(event: dict[str, Any]) -> None:
+    """A subscriber handler: notes the event's n and its pid in the file the event names; fails on n < 0."""
+    if int(event["n"]) < 0:
+        raise ValueError("negative")
+    note_run(event)

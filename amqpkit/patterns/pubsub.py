@@ -24,6 +24,7 @@ from .._handlers import HandlerInfo, inspect_handler
 from ..codec import AutoCodec, Codec, encode_body
 from ..connection import Broker, Consumer
 from ..errors import DecodeError, SettlementError
+from ..executors import ExecutorKind
 from ..message import Delivery, Envelope
 from ..topology import Binding, Exchange, ExchangeType, Queue
 
@@ -139,6 +140,9 @@ class Subscriber(Generic[T]):
     handler exception nacks the message without requeue (to the dead-letter
     exchange when the queue has one); a body that does not decode is rejected.
     Both are logged in one line with the message id, and the subscriber goes on.
+    A plain ``def`` handler runs in a pool of ``prefetch`` threads;
+    ``executor="process"`` runs a module-level function in ``processes``
+    pool processes, for CPU-bound work (see :mod:`amqpkit.executors`).
 
     Without a handler, iterate: ``async with sub: async for delivery in sub: ...``
     (settle each one).
@@ -169,6 +173,8 @@ class Subscriber(Generic[T]):
         dead_letter_exchange: str | None = ...,
         auto_ack: bool = ...,
         on_error: Callable[[BaseException], None] | None = ...,
+        executor: ExecutorKind | None = ...,
+        processes: int | None = ...,
     ) -> None: ...
 
     @overload
@@ -187,6 +193,8 @@ class Subscriber(Generic[T]):
         dead_letter_exchange: str | None = ...,
         auto_ack: bool = ...,
         on_error: Callable[[BaseException], None] | None = ...,
+        executor: ExecutorKind | None = ...,
+        processes: int | None = ...,
     ) -> None: ...
 
     def __init__(
@@ -204,6 +212,8 @@ class Subscriber(Generic[T]):
         dead_letter_exchange: str | None = None,
         auto_ack: bool = False,
         on_error: Callable[[BaseException], None] | None = None,
+        executor: ExecutorKind | None = None,
+        processes: int | None = None,
     ) -> None:
         if isinstance(binding_keys, str):
             raise TypeError("binding_keys takes a list of keys, not one string")
@@ -213,9 +223,13 @@ class Subscriber(Generic[T]):
         self.auto_ack = auto_ack
         self.on_error = on_error
         self.error: BaseException | None = None
-        # A plain def runs in a pool of `prefetch` threads.
+        # A plain def runs in a pool of `prefetch` threads; executor="process" in `processes` processes.
+        if handler is None and (executor is not None or processes is not None):
+            raise TypeError("executor= and processes= go with a handler (an iterated Subscriber runs nothing)")
         self._handler: HandlerInfo | None = (
-            inspect_handler(handler, codec, concurrency=prefetch) if handler is not None else None
+            inspect_handler(handler, codec, concurrency=prefetch, executor=executor, processes=processes)
+            if handler is not None
+            else None
         )
         if self._handler is not None:
             self.codec: Codec[Any] = self._handler.codec

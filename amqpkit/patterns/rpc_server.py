@@ -17,6 +17,7 @@ from .._handlers import HandlerInfo, inspect_handler
 from ..codec import Codec, codec_for
 from ..connection import Broker, Consumer
 from ..errors import DecodeError
+from ..executors import ExecutorKind
 from ..message import Delivery
 from ..topology import Queue
 from .pubsub import consumed_elsewhere
@@ -93,18 +94,27 @@ class RpcServer:
         *,
         codec: Codec[Any] | None = None,
         reply_codec: Codec[Any] | None = None,
+        executor: ExecutorKind | None = None,
+        processes: int | None = None,
     ) -> None:
-        """Serve ``fn`` as method ``name``. Codecs come from its annotations unless given."""
-        info = inspect_handler(fn, codec, concurrency=self.concurrency)  # a plain def: in a thread
+        """Serve ``fn`` as method ``name``. Codecs come from its annotations unless given.
+
+        A plain ``def`` runs in a pool of ``concurrency`` threads; ``executor="process"`` runs a
+        module-level function in ``processes`` pool processes, for CPU-bound methods (the request's
+        value goes in, the reply comes back; see :mod:`amqpkit.executors`).
+        """
+        info = inspect_handler(fn, codec, concurrency=self.concurrency, executor=executor, processes=processes)
         if reply_codec is None:
             reply_codec = codec_for(info.returns) if info.returns not in (Any, None, type(None)) else info.codec
         self._methods[name] = (info, reply_codec)
 
-    def method(self, name: str | None = None) -> Callable[[F], F]:
+    def method(
+        self, name: str | None = None, *, executor: ExecutorKind | None = None, processes: int | None = None
+    ) -> Callable[[F], F]:
         """Decorator form of :meth:`add`; the name defaults to the function's name."""
 
         def register(fn: F) -> F:
-            self.add(name or fn.__name__, fn)
+            self.add(name or fn.__name__, fn, executor=executor, processes=processes)
             return fn
 
         return register
