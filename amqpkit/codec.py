@@ -277,4 +277,20 @@ def codec_for(annotation: Any) -> Codec[Any]:
     """
     if annotation is bytes:
         return BytesCodec()
-    return AutoCodec(Any if annotation is None else annotation)
+    try:
+        return _CODECS[annotation]
+    except KeyError:
+        pass
+    except TypeError:  # an annotation that cannot be hashed: built each time
+        return AutoCodec(Any if annotation is None else annotation)
+    codec: Codec[Any] = AutoCodec(Any if annotation is None else annotation)
+    if len(_CODECS) >= _CODECS_MAX:
+        _CODECS.pop(next(iter(_CODECS)))  # the oldest: annotations made on the fly cannot grow it without bound
+    _CODECS[annotation] = codec
+    return codec
+
+
+# Codecs are immutable once built, and building one costs 30-150 µs (pydantic's TypeAdapters): an RPC
+# call with `returns=` asked for one per reply. Kept per annotation, oldest out past the bound.
+_CODECS: dict[Any, Codec[Any]] = {}
+_CODECS_MAX = 512
