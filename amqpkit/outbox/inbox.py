@@ -28,7 +28,7 @@ import contextlib
 import inspect
 import logging
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Self
 
 from ..codec import AutoCodec, Codec, codec_for, encode_body
@@ -171,7 +171,7 @@ class Inbox:
 
     def handler(
         self, fn: InboxHandler, *, requeue_on_storage_error: bool | None = None
-    ) -> Callable[..., Awaitable[Any]]:
+    ) -> Callable[..., Coroutine[Any, Any, Any]]:
         """``fn(message, tx)`` wrapped for a Worker, Subscriber or RpcServer; a decorator too.
 
         ``fn``'s first parameter is annotated as for any amqpkit handler (a

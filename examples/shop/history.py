@@ -52,10 +52,13 @@ CONSUMER = "history"
 COLUMNS = "order_id, user, total, items, created_at, invoice, invoiced_at, events"
 
 
+#: The read model's inbox: made with the handler, bound to history.db when the service opens it.
+inbox = Inbox(consumer=CONSUMER)
+
+
 @dataclass
 class HistoryDb:
     store: SqliteStore
-    inbox: Inbox
 
 
 async def open_history() -> SqliteStore:
@@ -97,29 +100,24 @@ async def database(ctx: ServiceContext) -> AsyncIterator[HistoryDb]:
     store = await open_history()
     await declare_event_log(ctx.broker)
     try:
-        async with Inbox(store, CONSUMER) as inbox:
-            yield HistoryDb(store, inbox)
+        async with inbox.bind(store):
+            yield HistoryDb(store)
     finally:
         await store.close()
 
 
 @service.subscriber(EVENTS, binding_keys=[ORDER_CREATED, INVOICE_CREATED], queue="shop.history.events")
 @from_message
-async def on_event(event: Delivery[bytes], db: HistoryDb) -> None:
+@inbox.handler
+async def on_event(event: Delivery[bytes], tx: Any) -> None:
     """An order or invoice event: into the read model, once.
 
-    A locked database is a reason to try again (the delivery goes back to
-    the queue after a second); anything else fails the delivery, which the
-    subscriber then drops, and the next rebuild from the log applies it.
+    A locked database is a reason to try again (the inbox gives the delivery
+    back to the queue after a second); anything else fails the delivery,
+    which the subscriber then drops, and the next rebuild from the log
+    applies it.
     """
-    try:
-        await db.inbox.process(event, apply)
-    except Exception as exc:
-        if not db.store.transient(exc) or event.settled is not None:
-            raise
-        log.warning("history: database busy for event %s (%s); requeued", event.message_id, exc)
-        await asyncio.sleep(1)
-        await event.nack(requeue=True)
+    await apply(event, tx)
 
 
 async def read(store: SqliteStore, where: str = "", args: tuple[Any, ...] = ()) -> list[HistoryEntry]:
@@ -146,9 +144,9 @@ async def entry(request: Delivery[str], db: HistoryDb) -> HistoryEntry | None:
 
 
 @service.rpc(HISTORY_RPC)
-async def stats(_: int, db: HistoryDb) -> HistoryStats:
+async def stats(_: int) -> HistoryStats:
     """Events applied and duplicates absorbed by this process's inbox since it started."""
-    return HistoryStats(applied=db.inbox.processed, duplicates=db.inbox.duplicates)
+    return HistoryStats(applied=inbox.processed, duplicates=inbox.duplicates)
 
 
 # ---------------------------------------------------------------------- replay
@@ -169,7 +167,7 @@ async def rebuild(broker: Broker, store: SqliteStore, *, timeout: float = 60.0) 
     marker = f"replay-marker-{uuid.uuid4().hex}"
     await broker.publish(Envelope(b"{}", content_type="application/json", message_id=marker), exchange=EVENTS.name,
                          routing_key="replay.marker", mandatory=True)  # fmt: skip
-    inbox = Inbox(store, CONSUMER)
+    replayed = Inbox(store, CONSUMER)
     # The broker's consumer runs each delivery in a task of its own; the log is applied in its order, one by one.
     entries: asyncio.Queue[Delivery[bytes]] = asyncio.Queue()
 
@@ -183,7 +181,7 @@ async def rebuild(broker: Broker, store: SqliteStore, *, timeout: float = 60.0) 
                 await delivery.ack()
                 return
             if delivery.routing_key in (ORDER_CREATED, INVOICE_CREATED):
-                await inbox.process(delivery, apply)
+                await replayed.process(delivery, apply)
             await delivery.ack()
 
     consumer = await broker.consume(EVENT_LOG, take, prefetch=100, arguments={"x-stream-offset": "first"})
@@ -191,7 +189,7 @@ async def rebuild(broker: Broker, store: SqliteStore, *, timeout: float = 60.0) 
         await asyncio.wait_for(replay(), timeout)
     finally:
         await consumer.cancel()
-    return inbox.processed, inbox.duplicates
+    return replayed.processed, replayed.duplicates
 
 
 async def rebuild_main() -> int:

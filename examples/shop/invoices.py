@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from amqpkit import Delivery
-from amqpkit.outbox import Inbox, Outbox, SqliteStore, open_store
+from amqpkit.outbox import Inbox, Outbox, Relay, SqliteStore, open_store
 from amqpkit.service import Service, ServiceContext
 
 from . import correlation
@@ -37,7 +37,7 @@ from .common import (
     sqlite_url,
 )
 from .correlation import from_message
-from .tracing import TracedRelay, setup_tracing, trace_headers
+from .tracing import setup_tracing
 
 log = logging.getLogger("shop.invoices")
 
@@ -45,11 +45,14 @@ service = Service("invoices", version="1.0.0", description="Invoice-write and th
 setup_tracing(service.name)
 
 
+#: The invoice-manager's inbox: made with the handler, bound to invoices.db when the service opens it.
+inbox = Inbox(consumer="invoice-manager")
+
+
 @dataclass
 class InvoicesDb:
     store: SqliteStore
     outbox: Outbox
-    inbox: Inbox
 
 
 @service.resource
@@ -64,8 +67,8 @@ async def database(ctx: ServiceContext) -> AsyncIterator[InvoicesDb]:
         )
     await declare_event_log(ctx.broker)
     try:
-        async with TracedRelay(store, ctx.broker, poll_interval=0.5), Inbox(store, "invoice-manager") as inbox:
-            yield InvoicesDb(store, Outbox(store), inbox)
+        async with Relay(store, ctx.broker, poll_interval=0.5), inbox.bind(store):
+            yield InvoicesDb(store, Outbox(store))
     finally:
         await store.close()
 
@@ -102,25 +105,22 @@ async def for_order(request: Delivery[str], db: InvoicesDb) -> Invoice | None:
 
 @service.worker(CREATE_INVOICE_QUEUE, concurrency=8, events=True)
 @from_message
-async def invoice_manager(task: Delivery[CreateInvoice], db: InvoicesDb) -> None:
-    """Write the invoice and its event together, once per task id."""
+@inbox.handler
+async def invoice_manager(task: Delivery[CreateInvoice], tx: Any, db: InvoicesDb) -> None:
+    """Write the invoice and its event together, once per task id (the inbox's transaction, ``tx``)."""
     command = task.value
-
-    async def write(delivery: Delivery[Any], tx: Any) -> None:
-        created = datetime.now(UTC)
-        number = f"INV-{command.order_id}"
-        await tx.execute(
-            "INSERT INTO invoices (number, order_id, user, total, created_at) VALUES (?, ?, ?, ?, ?)",
-            (number, command.order_id, command.user, command.total, created.isoformat()),
-        )
-        event = InvoiceCreated(
-            number=number, order_id=command.order_id, user=command.user, total=command.total, created_at=created
-        )
-        await db.outbox.add(
-            tx, event.model_dump(mode="json"), exchange=EVENTS.name, routing_key=INVOICE_CREATED,
-            message_id=event_id(INVOICE_CREATED, command.order_id), ordering_key=command.order_id,
-            headers={**trace_headers(), **correlation.headers()},
-        )  # fmt: skip
-        log.info("invoice %s for order %s: %.2f", number, command.order_id, command.total)
-
-    await db.inbox.process(task, write)
+    created = datetime.now(UTC)
+    number = f"INV-{command.order_id}"
+    await tx.execute(
+        "INSERT INTO invoices (number, order_id, user, total, created_at) VALUES (?, ?, ?, ?, ?)",
+        (number, command.order_id, command.user, command.total, created.isoformat()),
+    )
+    event = InvoiceCreated(
+        number=number, order_id=command.order_id, user=command.user, total=command.total, created_at=created
+    )
+    await db.outbox.add(
+        tx, event.model_dump(mode="json"), exchange=EVENTS.name, routing_key=INVOICE_CREATED,
+        message_id=event_id(INVOICE_CREATED, command.order_id), ordering_key=command.order_id,
+        headers=correlation.headers(),
+    )  # fmt: skip
+    log.info("invoice %s for order %s: %.2f", number, command.order_id, command.total)

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from amqpkit import Delivery, Reject, RemoteError, RetryPolicy, RpcClient
-from amqpkit.outbox import Inbox, Outbox, SqliteStore, open_store
+from amqpkit.outbox import Inbox, Outbox, Relay, SqliteStore, open_store
 from amqpkit.service import Service, ServiceContext
 
 from . import correlation
@@ -50,7 +50,7 @@ from .common import (
     sqlite_url,
 )
 from .correlation import from_message
-from .tracing import TracedRelay, setup_tracing, trace_headers
+from .tracing import setup_tracing
 
 log = logging.getLogger("shop.orders")
 
@@ -58,11 +58,14 @@ service = Service("orders", version="1.0.0", description="Order-write and the or
 setup_tracing(service.name)
 
 
+#: The order-manager's inbox: made with the handlers, bound to orders.db when the service opens it.
+inbox = Inbox(consumer="order-manager")
+
+
 @dataclass
 class OrdersDb:
     store: SqliteStore
     outbox: Outbox
-    inbox: Inbox
 
 
 @dataclass
@@ -85,8 +88,8 @@ async def database(ctx: ServiceContext) -> AsyncIterator[OrdersDb]:
         )
     await declare_event_log(ctx.broker)
     try:
-        async with TracedRelay(store, ctx.broker, poll_interval=0.5), Inbox(store, "order-manager") as inbox:
-            yield OrdersDb(store, Outbox(store), inbox)
+        async with Relay(store, ctx.broker, poll_interval=0.5), inbox.bind(store):
+            yield OrdersDb(store, Outbox(store))
     finally:
         await store.close()
 
@@ -168,10 +171,11 @@ async def order_manager(task: Delivery[PlaceOrder], db: OrdersDb, peers: Peers) 
         await db.outbox.add(
             tx, event.model_dump(mode="json"), exchange=EVENTS.name, routing_key=ORDER_CREATED,
             message_id=event_id(ORDER_CREATED, command.order_id), ordering_key=command.order_id,
-            headers={**trace_headers(), **correlation.headers()},
+            headers=correlation.headers(),
         )  # fmt: skip
 
-    await db.inbox.process(task, write)  # a redelivered task: already written, not again
+    # The inbox's transaction covers the write only, not the RPC calls around it.
+    await inbox.process(task, write)  # a redelivered task: already written, not again
     # invoice-write, synchronously. Sent again after a retry, it is harmless: the invoice-manager's inbox
     # takes the invoice task of an order once.
     accepted = await peers.invoices.call(

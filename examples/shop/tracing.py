@@ -7,11 +7,9 @@ trace ORDER`` draws the one trace of an order from those files. Without
 ``SHOP_TRACES`` (or without OpenTelemetry installed) nothing is
 instrumented.
 
-The outbox's relay publishes its rows later, from a task of its own, so a
-publish would start a new trace. :class:`TracedRelay` publishes each row
-under the trace context stored with it at :meth:`Outbox.add` time
-(:func:`trace_headers`), so that the event stays in the trace of the
-request that caused it.
+An event the outbox's relay publishes stays in the trace of the request
+that wrote it: amqpkit stores the trace context with the row
+(``Outbox.add``) and the relay publishes under it.
 """
 
 from __future__ import annotations
@@ -23,12 +21,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from amqpkit.outbox import Relay
-from amqpkit.outbox.storage import OutboxRow
-
 try:
-    from opentelemetry import context as otel_context
-    from opentelemetry import propagate, trace
+    from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
@@ -94,36 +88,6 @@ def setup_tracing(service_name: str) -> None:
     trace.set_tracer_provider(provider)
     telemetry.instrument(tracer_provider=provider)
     _enabled = True
-
-
-def trace_headers() -> dict[str, str]:
-    """The current trace context as message headers (``traceparent``), for a message sent later (the outbox)."""
-    if not _enabled:
-        return {}
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return {"x-shop-traceparent": carrier["traceparent"]} if "traceparent" in carrier else {}
-
-
-@contextlib.contextmanager
-def _context_of(headers: dict[str, Any]) -> Iterator[None]:
-    value = headers.get("x-shop-traceparent")
-    if not _enabled or not isinstance(value, str):
-        yield
-        return
-    token = otel_context.attach(propagate.extract({"traceparent": value}))
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
-
-
-class TracedRelay(Relay):
-    """A Relay that publishes each row inside the trace context stored with it (see the module's text)."""
-
-    async def _publish(self, row: OutboxRow) -> tuple[bool, str] | None:
-        with _context_of(row.headers):
-            return await super()._publish(row)
 
 
 @contextlib.contextmanager
