@@ -75,3 +75,35 @@ async def test_a_row_added_with_no_span_current_starts_its_own_trace(
     process = next(s for s in otel.spans() if s.kind is SpanKind.CONSUMER)
     assert send.parent is None
     assert process.context.trace_id == send.context.trace_id
+
+
+async def test_without_instrumentation_a_row_stores_no_trace_context(store: Store) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from amqpkit import Envelope, _hooks
+
+    assert _hooks.outbox_add is None and _hooks.relayed is None  # nothing instrumented in this test
+    envelope = Envelope(b"{}", headers={"k": "v"})
+    with TracerProvider().get_tracer("test.outbox").start_as_current_span("a span amqpkit does not see"):
+        async with store.transaction() as tx:
+            await Outbox(store).add(tx, envelope, exchange="x", routing_key="r")
+    async with store.claim(10) as claim:
+        assert [row.headers for row in claim.rows] == [{"k": "v"}]
+
+
+async def test_add_does_not_change_the_callers_envelope(otel: Telemetry, store: Store) -> None:
+    from amqpkit import Envelope
+
+    assert otel.tracer_provider is not None
+    envelope = Envelope(b"{}", headers={"k": "v"})
+    with otel.tracer_provider.get_tracer("test.outbox").start_as_current_span("writer") as writer:
+        async with store.transaction() as tx:
+            await Outbox(store).add(tx, envelope, exchange="x", routing_key="r", headers={"more": 1})
+    assert envelope.headers == {"k": "v"}
+    async with store.claim(10) as claim:
+        (row,) = claim.rows
+    assert row.headers["more"] == 1
+    written = writer.get_span_context()
+    assert row.headers["traceparent"] == (
+        f"00-{written.trace_id:032x}-{written.span_id:016x}-{written.trace_flags:02x}"
+    )
