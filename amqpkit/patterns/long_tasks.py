@@ -75,7 +75,8 @@ def task_context(worker: Worker[Any], delivery: Delivery[Any]) -> TaskContext:
         if queue.events:
             await queue.publish_event(
                 TaskEvent(task_id=task_id, queue=queue.name, status=TaskStatus.PROGRESS, attempt=attempt,
-                          timestamp=datetime.now(UTC), progress=fraction, note=note)
+                          timestamp=datetime.now(UTC), progress=fraction, note=note),
+                task_headers=delivery.headers,
             )  # fmt: skip
 
     return TaskContext(task_id, queue.name, attempt, publish=publish, loop=asyncio.get_running_loop())

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic
 
@@ -120,6 +120,10 @@ class WorkQueue(Generic[T]):
     (30 minutes by default): the ``x-consumer-timeout`` queue argument, which
     RabbitMQ has from 3.12 on (4.x included). On an older broker the node's
     setting applies, and :meth:`declare` says so in a warning.
+
+    ``events=True`` publishes each task's status changes on ``amqpkit.tasks``;
+    ``event_headers`` names task headers (a request id, a tenant) copied onto
+    every event of that task, so whoever watches can tell whose task it is.
     """
 
     #: A delay queue of ``d`` seconds expires after ``max(delay_queue_min_expiry, 3 * d)`` seconds unused.
@@ -138,8 +142,11 @@ class WorkQueue(Generic[T]):
         queue: Queue | None = None,
         delivery_limit: int = 20,
         events: bool = False,
+        event_headers: Sequence[str] = (),
         consumer_timeout: float | None = None,
     ) -> None:
+        if isinstance(event_headers, str):
+            raise TypeError("event_headers takes a list of header names, not one string")
         if consumer_timeout is not None and consumer_timeout <= 0:
             raise ValueError(f"consumer_timeout is in seconds and positive, not {consumer_timeout!r}")
         self.consumer_timeout = consumer_timeout
@@ -150,6 +157,7 @@ class WorkQueue(Generic[T]):
         self.retry = retry or RetryPolicy()
         self.dlq_name = f"{name}.dlq"
         self.events = events
+        self.event_headers = tuple(event_headers)
         if queue is not None:
             if queue.name != name:
                 raise ValueError(f"the queue spec is named {queue.name!r}, not {name!r}")
@@ -225,7 +233,7 @@ class WorkQueue(Generic[T]):
             # before it was pending (it did, for most of 300 tasks) if this were sent after the task.
             await self.publish_event(
                 TaskEvent(task_id=task_id, queue=self.name, status=TaskStatus.PENDING, attempt=1,
-                          timestamp=datetime.now(UTC)), confirm=True,
+                          timestamp=datetime.now(UTC)), confirm=True, task_headers=envelope.headers,
             )  # fmt: skip
         try:
             await self.broker.publish(envelope, routing_key=self.name, mandatory=True, timeout=timeout)
@@ -236,20 +244,29 @@ class WorkQueue(Generic[T]):
                 await self.publish_event(
                     TaskEvent(task_id=task_id, queue=self.name, status=TaskStatus.FAILED, attempt=1,
                               timestamp=datetime.now(UTC), error=f"not enqueued: {type(exc).__name__}: {exc}"),
+                    task_headers=envelope.headers,
                 )  # fmt: skip
             raise
         return task_id
 
-    async def publish_event(self, event: TaskEvent, *, confirm: bool = False) -> None:
+    async def publish_event(
+        self, event: TaskEvent, *, confirm: bool = False, task_headers: Mapping[str, Any] | None = None
+    ) -> None:
         """Publish a status change (at most once: events are for watching, not for bookkeeping).
 
         ``confirm=True`` waits until the broker has routed it, so that what is sent after it on any channel
-        reaches a watcher after it.
+        reaches a watcher after it. ``task_headers``: the task's headers, of which those named in
+        ``event_headers`` go on the event.
         """
+        headers = (
+            {k: task_headers[k] for k in self.event_headers if k in task_headers}
+            if task_headers and self.event_headers
+            else {}
+        )
         try:
             await self.broker.publish(
                 Envelope(event.model_dump_json().encode(), content_type="application/json", message_id=None,
-                         persistent=False),
+                         persistent=False, headers=headers),
                 exchange=TASK_EVENTS_EXCHANGE, routing_key=f"{self.name}.{event.status.value}", confirm=confirm,
             )  # fmt: skip
         except PublishError as exc:

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, Self, cast
 
@@ -213,7 +213,7 @@ class Worker(Generic[T]):
         delivery = cast("Delivery[Any]", raw)
         delivery.value = value
         if self.queue.events:
-            await self._event(task_id, TaskStatus.RUNNING, attempt)
+            await self._event(task_id, TaskStatus.RUNNING, attempt, raw.headers)
         try:
             await self._handler(delivery)
         except asyncio.CancelledError:
@@ -237,7 +237,7 @@ class Worker(Generic[T]):
             await _quietly(delivery.ack())
         self.completed += 1
         if self.queue.events:
-            await self._event(task_id, TaskStatus.COMPLETED, attempt)
+            await self._event(task_id, TaskStatus.COMPLETED, attempt, raw.headers)
 
     async def _retry_or_dead_letter(
         self, raw: Delivery[bytes], attempt: int, exc: BaseException, tb: Any, delay: float | None
@@ -272,7 +272,9 @@ class Worker(Generic[T]):
         if await self._forward(raw, queue_name, headers, redeclare):
             self.retried += 1
             if self.queue.events:
-                await self._event(task_id, TaskStatus.RETRYING, attempt, error=_error_text(exc), retry_in=real_delay)
+                await self._event(
+                    task_id, TaskStatus.RETRYING, attempt, raw.headers, error=_error_text(exc), retry_in=real_delay
+                )
 
     async def _dead_letter(self, raw: Delivery[bytes], attempt: int, reason: str, exc: BaseException, tb: Any) -> None:
         headers = self._failure_headers(raw, attempt, exc, tb)
@@ -287,7 +289,9 @@ class Worker(Generic[T]):
         if await self._forward(raw, self.queue.dlq_name, headers, redeclare):
             self.dead_lettered += 1
             if self.queue.events:
-                await self._event(raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, error=_error_text(exc))
+                await self._event(
+                    raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=_error_text(exc)
+                )
 
     def _failure_headers(self, raw: Delivery[bytes], attempt: int, exc: BaseException, tb: Any) -> dict[str, Any]:
         headers = dict(raw.headers)
@@ -337,11 +341,13 @@ class Worker(Generic[T]):
             await _quietly(raw.nack(requeue=True))
 
     async def _event(
-        self, task_id: str, status: TaskStatus, attempt: int, *, error: str | None = None, retry_in: float | None = None
-    ) -> None:
+        self, task_id: str, status: TaskStatus, attempt: int, task_headers: Mapping[str, Any], *,
+        error: str | None = None, retry_in: float | None = None,
+    ) -> None:  # fmt: skip
         await self.queue.publish_event(
             TaskEvent(task_id=task_id, queue=self.queue.name, status=status, attempt=attempt,
-                      timestamp=datetime.now(UTC), error=error, retry_in=retry_in)
+                      timestamp=datetime.now(UTC), error=error, retry_in=retry_in),
+            task_headers=task_headers,
         )  # fmt: skip
 
 

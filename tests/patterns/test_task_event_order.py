@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from amqpkit import Broker, Exchange, Subscriber, Unroutable, Worker, WorkQueue
+from amqpkit import Broker, Delivery, Exchange, RetryPolicy, Subscriber, Unroutable, Worker, WorkQueue
 
 from ..waiting import wait_for
 from ..worker_app import Job
@@ -71,4 +71,40 @@ async def test_a_task_that_never_got_in_is_pending_then_failed(broker: Broker, n
     finally:
         await broker.delete_queue(work.name)
         await broker.delete_queue(work.dlq_name)
+        await broker.delete_exchange("amqpkit.tasks")
+
+
+async def test_chosen_task_headers_travel_on_every_status_event(broker: Broker, name: str) -> None:
+    # A request id (or a tenant) set when the task was enqueued reaches whoever watches its status.
+    work: WorkQueue[Job] = WorkQueue(
+        broker, f"{name}.hdr", events=True, event_headers=["x-request-id"],
+        retry=RetryPolicy(max_attempts=2, initial_delay=0.05, jitter=0),
+    )  # fmt: skip
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    async def on_event(d: Delivery[dict[str, Any]]) -> None:
+        seen.append((d.value["status"], dict(d.headers)))
+
+    attempts = 0
+
+    async def handler(job: Job) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise RuntimeError("once")
+
+    try:
+        await work.declare()
+        async with (
+            Subscriber(broker, Exchange("amqpkit.tasks", type="topic"), on_event, binding_keys=[f"{work.name}.*"]),
+            Worker(work, handler) as worker,
+        ):
+            await work.enqueue(Job(n=1), headers={"x-request-id": "req-42", "x-secret-ish": "not for watchers"})
+            await wait_for(lambda: worker.completed == 1 and len(seen) >= 5, 20)
+        assert [status for status, _ in seen] == ["pending", "running", "retrying", "running", "completed"]
+        assert all(headers.get("x-request-id") == "req-42" for _, headers in seen), seen
+        assert all("x-secret-ish" not in headers for _, headers in seen), seen
+    finally:
+        for q in [work.name, work.dlq_name, *(f"{work.name}.retry.{ms}" for ms in work._delay_queues)]:
+            await broker.delete_queue(q)
         await broker.delete_exchange("amqpkit.tasks")
