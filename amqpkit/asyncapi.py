@@ -41,6 +41,7 @@ from .codec import Codec
 from .connection import Broker
 from .patterns.rpc import ERROR_CONTENT_TYPE
 from .service import HandlerSpec, PublisherSpec, Service
+from .service.plan import build_plan
 from .settings import BrokerSettings
 from .topology import Binding, Exchange, ExchangeType, Queue
 
@@ -73,7 +74,7 @@ ERROR_SCHEMA: dict[str, Any] = {
 def asyncapi_document(service: Service, settings: BrokerSettings | None = None) -> dict[str, Any]:
     """The AsyncAPI 3.0.0 document of ``service`` (a dict ready for JSON); checks the service first."""
     settings = settings or service.settings or BrokerSettings()
-    plan = service._plan(Broker(settings), None)
+    plan = build_plan(service, Broker(settings), None)
     return _Builder(service, settings).build(plan)
 
 
