@@ -1,0 +1,53 @@
+"""The AsyncAPI document as text: JSON, or YAML (block style) without a YAML library."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def to_json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def to_yaml(doc: Any) -> str:
+    """``doc`` as YAML (block style; every string quoted as JSON does, which YAML reads the same)."""
+    lines: list[str] = []
+    _yaml(doc, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value)
+
+
+def _yaml(value: Any, indent: int, lines: list[str]) -> None:
+    pad = " " * indent
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            if isinstance(item, dict | list) and item:
+                lines.append(f"{pad}{_scalar(str(key))}:")
+                _yaml(item, indent + 2, lines)
+            else:
+                lines.append(f"{pad}{_scalar(str(key))}: {_inline(item)}")
+    elif isinstance(value, list) and value:
+        for item in value:
+            if isinstance(item, dict | list) and item:
+                nested: list[str] = []
+                _yaml(item, indent + 2, nested)
+                nested[0] = f"{pad}- {nested[0][indent + 2 :]}"  # the item's first line carries the dash
+                lines.extend(nested)
+            else:
+                lines.append(f"{pad}- {_inline(item)}")
+    else:
+        lines.append(f"{pad}{_inline(value)}")
+
+
+def _inline(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{}"
+    if isinstance(value, list):
+        return "[]"
+    return _scalar(value)
