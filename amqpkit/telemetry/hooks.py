@@ -1,0 +1,300 @@
+"""The hooks :func:`~amqpkit.telemetry.instrument` sets in :mod:`amqpkit._hooks`: spans and counts per message.
+
+``publish``, ``consume`` and ``rpc_call`` wrap the core's own calls (they run once per message: no
+indirection is added here); ``handler_failed``, ``retry`` and ``dead_letter`` mark the current span of a
+work-queue task; ``outbox_add`` and ``relayed`` carry an outbox row's trace context from the writer to the
+relay; ``disconnected`` and ``reconnected`` count reconnects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import fields
+from operator import attrgetter
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, StatusCode
+
+from ..connection import Broker, Consumer
+from ..message import Delivery, Envelope, Settlement
+from ..patterns.rpc import RpcClient, RpcServer
+from ..topology import Exchange
+from .instruments import Instruments
+from .propagation import EMPTY, FIRST_ATTEMPT_HEADER, extract, inject, link_to_first, traceparent
+from .routes import ProcessRoute
+
+current: Instruments | None = None
+"""The instruments of the :func:`~amqpkit.telemetry.instrument` in effect, or None."""
+
+QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("amqpkit_telemetry_quiet", default=False)
+"""True while a hook runs the core's own call (set as :data:`amqpkit._hooks.quiet`): no second span."""
+
+
+def _fail(span: Span, exc: BaseException) -> None:
+    if not span.is_recording():
+        return
+    span.set_attribute("error.type", type(exc).__qualname__)
+    span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:300])
+    span.record_exception(exc)
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope) if f.init)
+_envelope_values = attrgetter(*_ENVELOPE_FIELDS)
+_HEADERS_AT = _ENVELOPE_FIELDS.index("headers")
+
+
+def _with_headers(envelope: Envelope, headers: dict[str, Any]) -> Envelope:
+    """A copy of ``envelope`` with ``headers`` (``dataclasses.replace`` without its per-call field walk)."""
+    values = list(_envelope_values(envelope))
+    values[_HEADERS_AT] = headers
+    return Envelope(*values)
+
+
+async def publish(
+    broker: Broker,
+    envelope: Envelope,
+    exchange: str | Exchange,
+    routing_key: str,
+    mandatory: bool,
+    confirm: bool,
+    timeout: float | None,
+) -> None:
+    state = current
+    if state is None:  # uninstrumented meanwhile
+        await _quiet_publish(broker, envelope, exchange, routing_key, mandatory, confirm, timeout)
+        return
+    exchange_name = exchange if isinstance(exchange, str) else exchange.name
+    route = state.send_routes.get((exchange_name, routing_key)) or state.send_route(exchange_name, routing_key)
+    if route.recording:  # its last span recorded: so will this one, likely; all attributes in one pass
+        span = state.tracer.start_span(route.name, kind=SpanKind.PRODUCER,
+                                       attributes=_sent(envelope, dict(route.attributes)))  # fmt: skip
+        route.recording = span.is_recording()
+    else:  # likely sampled out: the sampler sees the attributes known before the message, and only a span
+        # that records gets the message's own
+        span = state.tracer.start_span(route.name, kind=SpanKind.PRODUCER, attributes=route.attributes)
+        if span.is_recording():
+            route.recording = True
+            span.set_attributes(_sent(envelope, {}))
+    headers = dict(envelope.headers)
+    headers.pop("tracestate", None)  # a forwarded copy's old state; the new span's own is injected
+    inject(span.get_span_context(), headers)
+    try:
+        await _quiet_publish(broker, _with_headers(envelope, headers), exchange, routing_key, mandatory, confirm,
+                             timeout)  # fmt: skip
+    except BaseException as exc:
+        _fail(span, exc)
+        raise
+    finally:
+        span.end()
+    route.published[0] += 1
+
+
+def _sent(envelope: Envelope, attributes: dict[str, Any]) -> dict[str, Any]:
+    """``attributes`` with the message's own added: size, id, conversation id."""
+    attributes["messaging.message.body.size"] = len(envelope.body)
+    if envelope.message_id:
+        attributes["messaging.message.id"] = envelope.message_id
+    if envelope.correlation_id:
+        attributes["messaging.message.conversation_id"] = envelope.correlation_id
+    return attributes
+
+
+def _processed(delivery: Delivery[bytes], route: ProcessRoute, attributes: dict[str, Any]) -> dict[str, Any]:
+    """``attributes`` with the delivery's own added: size, delivery tag, id, conversation id, task attempt."""
+    props = delivery._properties
+    attributes["messaging.message.body.size"] = len(delivery.body)
+    attributes["messaging.rabbitmq.message.delivery_tag"] = delivery.delivery_tag
+    if props.message_id:
+        attributes["messaging.message.id"] = props.message_id
+    if props.correlation_id:
+        attributes["messaging.message.conversation_id"] = props.correlation_id
+    if route.task:
+        attempt = delivery.headers.get("x-attempt")
+        if attempt is not None:
+            attributes["amqpkit.task.attempt"] = _as_int(attempt)
+    return attributes
+
+
+async def _quiet_publish(
+    broker: Broker,
+    envelope: Envelope,
+    exchange: str | Exchange,
+    routing_key: str,
+    mandatory: bool,
+    confirm: bool,
+    timeout: float | None,
+) -> None:
+    token = QUIET.set(True)
+    try:
+        await broker.publish(
+            envelope, exchange=exchange, routing_key=routing_key, mandatory=mandatory, confirm=confirm, timeout=timeout
+        )
+    finally:
+        QUIET.reset(token)
+
+
+async def consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
+    state = current
+    owner = getattr(consumer.callback, "__self__", None)
+    if state is None or isinstance(owner, RpcClient):
+        # An RPC reply ends the caller's CLIENT span: no span of its own.
+        await consumer.callback(delivery)
+        return
+    headers = delivery.headers
+    props = delivery._properties
+    server = isinstance(owner, RpcServer)
+    key = (consumer.queue_name, delivery.exchange, delivery.routing_key, props.message_type if server else None, server)
+    route = state.process_routes.get(key) or state.process_route(key)
+    parent = extract(headers)
+    links = link_to_first(headers)
+    if route.recording:  # as in publish
+        attributes = _processed(delivery, route, dict(route.attributes))
+        span = state.tracer.start_span(route.name, parent, route.kind, attributes, links)
+        route.recording = span.is_recording()
+    else:
+        span = state.tracer.start_span(route.name, parent, route.kind, route.attributes, links)
+        if span.is_recording():
+            route.recording = True
+            span.set_attributes(_processed(delivery, route, {}))
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    quiet = QUIET.set(False) if QUIET.get() else None
+    route.consumed[0] += 1
+    route.in_flight[0] += 1
+    started = time.perf_counter()
+    try:
+        await consumer.callback(delivery)
+    except BaseException as exc:
+        _fail(span, exc)
+        raise
+    finally:
+        state.process_duration.record(time.perf_counter() - started, route.duration_attributes)
+        route.in_flight[0] -= 1
+        settled = delivery.settled
+        if settled is Settlement.ACKED:
+            route.acked[0] += 1
+        elif settled is not None and settled is not Settlement.AUTO:
+            state.nacked.add(1, (("amqpkit.settlement", settled.value), *route.key))
+        if quiet is not None:
+            QUIET.reset(quiet)
+        otel_context.detach(token)
+        span.end()
+
+
+async def rpc_call(
+    client: RpcClient,
+    method: str | None,
+    payload: Any,
+    returns: Any,
+    timeout: float | None,
+    headers: Mapping[str, Any] | None,
+) -> Any:
+    state = current
+    carrier: dict[str, Any] = dict(headers) if headers else {}
+    if state is None:
+        token = QUIET.set(True)
+        try:
+            return await client.call(method, payload, returns=returns, timeout=timeout, headers=carrier)
+        finally:
+            QUIET.reset(token)
+    key = (client.exchange, client.routing_key, method, client.reply_queue)
+    route = state.call_routes.get(key) or state.call_route(key)
+    span = state.tracer.start_span(route.name, kind=SpanKind.CLIENT, attributes=route.attributes)
+    inject(span.get_span_context(), carrier)
+    token = QUIET.set(True)
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        return await client.call(method, payload, returns=returns, timeout=timeout, headers=carrier)
+    except BaseException as exc:
+        outcome = type(exc).__name__
+        _fail(span, exc)
+        raise
+    finally:
+        QUIET.reset(token)
+        state.rpc_duration.record(time.perf_counter() - started, route.outcome(outcome))
+        span.end()
+
+
+def handler_failed(exc: BaseException) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        _fail(span, exc)
+
+
+def retry(headers: dict[str, Any], exc: BaseException) -> None:
+    state = current
+    span = trace.get_current_span()
+    if span.is_recording():
+        _fail(span, exc)
+        span.set_attribute("amqpkit.task.attempt", _as_int(headers.get("x-attempt")) - 1)
+        span.add_event("amqpkit.task.retry", {"amqpkit.task.next_attempt": _as_int(headers.get("x-attempt"))})
+        first = traceparent(span)
+        if first is not None:
+            headers.setdefault(FIRST_ATTEMPT_HEADER, first)
+    if state is not None:
+        state.retried.add(1, {"messaging.system": "rabbitmq"})
+
+
+def dead_letter(headers: dict[str, Any], reason: str, exc: BaseException) -> None:
+    state = current
+    span = trace.get_current_span()
+    if span.is_recording():
+        _fail(span, exc)
+        span.set_attribute("amqpkit.task.attempt", _as_int(headers.get("x-attempts")))
+        span.add_event("amqpkit.task.dead_letter", {"amqpkit.task.dead_letter_reason": reason})
+        first = traceparent(span)
+        if first is not None:
+            headers.setdefault(FIRST_ATTEMPT_HEADER, first)
+    if state is not None:
+        state.dead_lettered.add(1, {"messaging.system": "rabbitmq", "amqpkit.task.dead_letter_reason": reason})
+
+
+def outbox_add(headers: dict[str, Any]) -> None:
+    """An outbox row is being stored: it keeps the current span's context for the relay (see ``relayed``)."""
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        headers.pop("tracestate", None)  # a forwarded envelope's old state; the current span's own is written
+        inject(span_context, headers)
+
+
+@contextlib.contextmanager
+def relayed(headers: Mapping[str, Any]) -> Iterator[None]:
+    """The relay publishes a row: the context the row carries is current, so the PRODUCER span is its child."""
+    parent = extract(headers)
+    if parent is EMPTY:  # a row written with no span current (or before instrumenting): as any publish
+        yield
+        return
+    token = otel_context.attach(parent)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+_disconnected_at: dict[int, float] = {}
+
+
+def disconnected(broker: Broker) -> None:
+    _disconnected_at.setdefault(id(broker), time.monotonic())
+
+
+def reconnected(broker: Broker, seconds: float) -> None:
+    state = current
+    since = _disconnected_at.pop(id(broker), None)
+    if state is None:
+        return
+    away = time.monotonic() - since if since is not None else seconds
+    state.reconnects.add(1, {"messaging.system": "rabbitmq"})
+    state.disconnected_time.add(away, {"messaging.system": "rabbitmq"})
+
+
+def _as_int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0

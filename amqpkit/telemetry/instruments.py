@@ -1,0 +1,105 @@
+"""The tracer and the metric instruments of one :func:`~amqpkit.telemetry.instrument` call.
+
+The per-message counts are plain sums (:class:`Tally`) that the SDK reads when it collects, through
+observable instruments; the rest are SDK counters and histograms. :data:`METRICS` lists every metric.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from .._version import __version__
+from .routes import ROUTES_KEPT, CallRoute, ProcessRoute, SendRoute
+
+METRICS = {
+    "messaging.client.sent.messages": "messages published (counter)",
+    "messaging.client.consumed.messages": "messages handed to a consumer (counter)",
+    "messaging.process.duration": "handler duration, seconds (histogram)",
+    "amqpkit.messages.acked": "deliveries acked by their handler (counter)",
+    "amqpkit.messages.nacked": "deliveries nacked, requeued or rejected (counter; amqpkit.settlement says which)",
+    "amqpkit.messages.in_flight": "deliveries whose handler is running (up-down counter)",
+    "amqpkit.tasks.retried": "work-queue tasks sent to a delay queue for another attempt (counter)",
+    "amqpkit.tasks.dead_lettered": "work-queue tasks sent to their DLQ (counter)",
+    "amqpkit.rpc.client.duration": "RPC call duration, seconds, by amqpkit.rpc.outcome (histogram)",
+    "amqpkit.connection.reconnects": "reconnects after a lost connection (counter)",
+    "amqpkit.connection.disconnected.time": "seconds spent disconnected before each reconnect (counter)",
+}
+
+
+class Instruments:
+    """The tracer, the metric instruments and the routes of one :func:`~amqpkit.telemetry.instrument` call."""
+
+    def __init__(self, tracer_provider: Any, meter_provider: Any) -> None:
+        self.tracer = trace.get_tracer("amqpkit", __version__, tracer_provider=tracer_provider)
+        meter = metrics.get_meter("amqpkit", __version__, meter_provider=meter_provider)
+        # The per-message counts are plain sums here, read by the SDK when it collects (observable
+        # instruments): a delivery costs a dict update instead of an SDK measurement each.
+        self.published = Tally()
+        self.consumed = Tally()
+        self.acked = Tally()
+        self.nacked = Tally()
+        self.in_flight = Tally()
+        for name, unit, description, tally, counter in (
+            ("messaging.client.sent.messages", "{message}", "messages published", self.published, True),
+            ("messaging.client.consumed.messages", "{message}", "messages handed to a consumer", self.consumed, True),
+            ("amqpkit.messages.acked", "{message}", "deliveries acked", self.acked, True),
+            ("amqpkit.messages.nacked", "{message}", "deliveries nacked, requeued or rejected", self.nacked, True),
+            ("amqpkit.messages.in_flight", "{message}", "deliveries whose handler is running", self.in_flight, False),
+        ):
+            create = meter.create_observable_counter if counter else meter.create_observable_up_down_counter
+            create(name, [tally.observe], unit, description)
+        self.process_duration = meter.create_histogram("messaging.process.duration", "s", "handler duration")
+        self.retried = meter.create_counter("amqpkit.tasks.retried", "{task}", "tasks sent back for another attempt")
+        self.dead_lettered = meter.create_counter("amqpkit.tasks.dead_lettered", "{task}", "tasks sent to their DLQ")
+        self.rpc_duration = meter.create_histogram("amqpkit.rpc.client.duration", "s", "RPC call duration")
+        self.reconnects = meter.create_counter("amqpkit.connection.reconnects", "{reconnect}", "reconnects")
+        self.disconnected_time = meter.create_counter(
+            "amqpkit.connection.disconnected.time", "s", "time spent disconnected before a reconnect"
+        )
+        self.send_routes: dict[tuple[str, str], SendRoute] = {}
+        self.process_routes: dict[tuple[str, str, str, str | None, bool], ProcessRoute] = {}
+        self.call_routes: dict[tuple[str, str, str | None, str], CallRoute] = {}
+
+    def send_route(self, exchange: str, routing_key: str) -> SendRoute:
+        if len(self.send_routes) >= ROUTES_KEPT:
+            self.send_routes = {}
+        route = self.send_routes[exchange, routing_key] = SendRoute(self, exchange, routing_key)
+        return route
+
+    def process_route(self, key: tuple[str, str, str, str | None, bool]) -> ProcessRoute:
+        if len(self.process_routes) >= ROUTES_KEPT:
+            self.process_routes = {}
+        route = self.process_routes[key] = ProcessRoute(self, *key)
+        return route
+
+    def call_route(self, key: tuple[str, str, str | None, str]) -> CallRoute:
+        if len(self.call_routes) >= ROUTES_KEPT:
+            self.call_routes = {}
+        route = self.call_routes[key] = CallRoute(*key)
+        return route
+
+
+class Tally:
+    """Sums by attribute set, observed by the SDK at collection time.
+
+    Each attribute set has a one-item list (:meth:`cell`) that the hooks keep
+    in their per-destination routes, so a count is ``cell[0] += 1``.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[tuple[str, str], ...], list[float]] = {}
+
+    def cell(self, key: tuple[tuple[str, str], ...]) -> list[float]:
+        found = self.values.get(key)
+        if found is None:
+            found = self.values.setdefault(key, [0])
+        return found
+
+    def add(self, amount: float, key: tuple[tuple[str, str], ...]) -> None:
+        self.cell(key)[0] += amount
+
+    def observe(self, options: CallbackOptions) -> list[Observation]:
+        return [Observation(cell[0], dict(key)) for key, cell in list(self.values.items())]  # a copy: another thread

@@ -1,0 +1,51 @@
+"""serve_metrics(): this process's metrics in Prometheus text format over HTTP (``amqpkit run --metrics-port``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .wiring import instrument, uninstrument
+
+log = logging.getLogger("amqpkit.telemetry")
+
+
+class MetricsServer:
+    """What :func:`serve_metrics` started: ``url``, and :meth:`close` to stop serving and stop instrumenting."""
+
+    def __init__(self, httpd: Any, thread: Any, reader: Any, provider: Any, url: str) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self._reader = reader
+        self._provider = provider
+        self.url = url
+
+    def close(self) -> None:
+        uninstrument()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+        self._provider.shutdown()  # the reader leaves prometheus_client's registry
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> MetricsServer:
+    """Serve this process's metrics in Prometheus text format on ``http://host:port/metrics``, and instrument.
+
+    Uses ``opentelemetry-exporter-prometheus`` (in the ``otel`` extra); port 0
+    picks a free port (see ``url``). Traces go to the global tracer provider.
+    """
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import start_http_server
+
+    reader = PrometheusMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        httpd, thread = start_http_server(port, addr=host)
+    except BaseException:
+        provider.shutdown()
+        raise
+    url = f"http://{host}:{httpd.server_port}/metrics"
+    instrument(meter_provider=provider)
+    log.info("metrics in Prometheus text format on %s", url)
+    return MetricsServer(httpd, thread, reader, provider, url)

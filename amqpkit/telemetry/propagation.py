@@ -1,0 +1,89 @@
+"""Trace context in AMQP headers: W3C ``traceparent``/``tracestate`` read and written, and a retried task's link.
+
+The headers are read with OpenTelemetry's W3C propagator (string values may arrive as bytes) and written
+directly from the span context, without building a Context first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import Link, Span, SpanContext
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger("amqpkit.telemetry")
+
+FIRST_ATTEMPT_HEADER = "x-trace-first-attempt"
+"""A retried task's header: the ``traceparent`` of its first attempt's span, which later attempts link to."""
+
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+EMPTY = Context()
+"""The empty context: what :func:`extract` gives for a message that carries none (a new trace)."""
+
+
+class _HeaderGetter(Getter[Mapping[str, Any]]):
+    """Reads AMQP headers, whose string values may arrive as bytes."""
+
+    def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        return [str(value)]
+
+    def keys(self, carrier: Mapping[str, Any]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _HeaderGetter()
+
+
+def extract(headers: Mapping[str, Any]) -> Context:
+    """The trace context a message's headers carry, or an empty context (a new trace) when none or malformed."""
+    if headers.get("traceparent") is None:
+        return EMPTY
+    ctx = _PROPAGATOR.extract(headers, context=EMPTY, getter=_GETTER)
+    if ctx is EMPTY:  # the propagator hands back the context it was given when the header does not parse
+        shown = str(headers.get("traceparent"))[:80]
+        log.debug("ignored a malformed traceparent header %r; the message starts a new trace", shown)
+    return ctx
+
+
+def inject(span_context: SpanContext, headers: dict[str, Any]) -> None:
+    """W3C ``traceparent`` (and ``tracestate``) for ``span_context``, as the W3C propagator writes them.
+
+    Written here rather than through the propagator, which wants the span in a new Context first.
+    """
+    if span_context.is_valid:
+        headers["traceparent"] = (
+            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+        )
+        if span_context.trace_state:
+            headers["tracestate"] = span_context.trace_state.to_header()
+
+
+def traceparent(span: Span) -> str | None:
+    """The ``traceparent`` header value for ``span`` (None for an invalid span context)."""
+    carrier: dict[str, Any] = {}
+    inject(span.get_span_context(), carrier)
+    return carrier.get("traceparent")
+
+
+def link_to_first(headers: Mapping[str, Any]) -> list[Link] | None:
+    """The link to a retried task's first attempt (its ``FIRST_ATTEMPT_HEADER``), or None."""
+    value = headers.get(FIRST_ATTEMPT_HEADER)
+    if value is None:
+        return None
+    ctx = _PROPAGATOR.extract({"traceparent": value}, context=EMPTY, getter=_GETTER)
+    first: SpanContext = trace.get_current_span(ctx).get_span_context()
+    if not first.is_valid:
+        log.debug("ignored a malformed %s header %r", FIRST_ATTEMPT_HEADER, str(value)[:80])
+        return None
+    return [Link(first, {"amqpkit.link": "first attempt"})]
