@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from ..codec import Codec
 from ..connection import Broker
@@ -161,6 +161,34 @@ class Service:
             return fn
 
         return register
+
+    @overload
+    def publisher(
+        self,
+        exchange: Exchange | str,
+        message: type[T],
+        *,
+        routing_key: str = "",
+        name: str | None = None,
+        codec: Codec[T] | None = None,
+        persistent: bool = True,
+        mandatory: bool = False,
+        description: str | None = None,
+    ) -> PublisherSpec[T]: ...
+
+    @overload
+    def publisher(
+        self,
+        exchange: Exchange | str,
+        message: Any = Any,
+        *,
+        routing_key: str = "",
+        name: str | None = None,
+        codec: Codec[Any] | None = None,
+        persistent: bool = True,
+        mandatory: bool = False,
+        description: str | None = None,
+    ) -> PublisherSpec[Any]: ...
 
     def publisher(
         self,
