@@ -106,13 +106,14 @@ def _sent(envelope: Envelope, attributes: dict[str, Any]) -> dict[str, Any]:
 
 def _processed(delivery: Delivery[bytes], route: ProcessRoute, attributes: dict[str, Any]) -> dict[str, Any]:
     """``attributes`` with the delivery's own added: size, delivery tag, id, conversation id, task attempt."""
-    props = delivery._properties
     attributes["messaging.message.body.size"] = len(delivery.body)
     attributes["messaging.rabbitmq.message.delivery_tag"] = delivery.delivery_tag
-    if props.message_id:
-        attributes["messaging.message.id"] = props.message_id
-    if props.correlation_id:
-        attributes["messaging.message.conversation_id"] = props.correlation_id
+    message_id = delivery.message_id
+    if message_id:
+        attributes["messaging.message.id"] = message_id
+    correlation_id = delivery.correlation_id
+    if correlation_id:
+        attributes["messaging.message.conversation_id"] = correlation_id
     if route.task:
         attempt = delivery.headers.get("x-attempt")
         if attempt is not None:
@@ -146,9 +147,8 @@ async def consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
         await consumer.callback(delivery)
         return
     headers = delivery.headers
-    props = delivery._properties
     server = isinstance(owner, RpcServer)
-    key = (consumer.queue_name, delivery.exchange, delivery.routing_key, props.message_type if server else None, server)
+    key = (consumer.queue_name, delivery.exchange, delivery.routing_key, delivery.type if server else None, server)
     route = state.process_routes.get(key) or state.process_route(key)
     parent = extract(headers)
     links = link_to_first(headers)
