@@ -70,12 +70,16 @@ class Service:
         prefetch: int = 32,
         dead_letter_exchange: str | None = None,
         auto_ack: bool = False,
+        executor: Literal["thread", "process"] | None = None,
+        processes: int | None = None,
         description: str | None = None,
     ) -> Callable[[F], F]:
         """Handle messages from ``exchange`` (a :class:`~amqpkit.Subscriber`; see it for each option).
 
         ``queue=None``: a private queue per running instance (every instance
         sees every message); a name: a shared durable queue (instances share the work).
+        ``executor="process"``: as for :meth:`worker` (a module-level function that
+        gets only the message's value).
         """
         if isinstance(binding_keys, str):
             raise TypeError("binding_keys takes a list of keys, not one string")
@@ -84,6 +88,7 @@ class Service:
             "binding_keys": tuple(binding_keys), "headers": dict(headers) if headers is not None else None,
             "match": match, "queue": queue, "codec": codec, "prefetch": prefetch,
             "dead_letter_exchange": dead_letter_exchange, "auto_ack": auto_ack,
+            "executor": executor, "processes": processes,
         }  # fmt: skip
         return self._register("subscriber", options, description)
 
@@ -136,15 +141,20 @@ class Service:
         concurrency: int = 32,
         codec: Codec[Any] | None = None,
         reply_codec: Codec[Any] | None = None,
+        executor: Literal["thread", "process"] | None = None,
+        processes: int | None = None,
         description: str | None = None,
     ) -> Callable[[F], F]:
         """Serve the function as RPC method ``method`` (default: its name) on the request queue ``queue``.
 
         Every method on one queue is served by one :class:`~amqpkit.RpcServer`.
+        ``executor="process"``: as for :meth:`worker` (a module-level function that
+        gets only the request's value; its return value is the reply).
         """
         options = {
             "queue": Queue(queue) if isinstance(queue, str) else queue, "method": method,  # durable, as RpcServer's
             "concurrency": concurrency, "codec": codec, "reply_codec": reply_codec,
+            "executor": executor, "processes": processes,
         }  # fmt: skip
         return self._register("rpc", options, description)
 

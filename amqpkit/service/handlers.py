@@ -131,13 +131,14 @@ def inspect_handler(spec: HandlerSpec, resources: Mapping[Any, str]) -> None:
         found = _found_by_name(spec.fn)
         if found is not None:
             raise ServiceError(
-                f"worker {spec.name} runs in pool processes (executor='process'), which find the handler by its "
-                f"name, and {found}. Make it a module-level function, with @svc.worker as its outermost decorator"
+                f"{spec.kind} {spec.name} runs in pool processes (executor='process'), which find the handler by "
+                f"its name, and {found}. Make it a module-level function, with @svc.{spec.kind} as its outermost "
+                "decorator"
             )
 
 
 def check_process_handler(spec: HandlerSpec) -> None:
-    """Refuse, when it is declared, a worker handler the process executor cannot run (:class:`ServiceError`).
+    """Refuse, when it is declared, a handler the process executor cannot run (:class:`ServiceError`).
 
     A pool process imports the handler by name and gets the task's value and,
     if asked for, a :class:`~amqpkit.TaskContext` (its reports travel back).
@@ -147,7 +148,7 @@ def check_process_handler(spec: HandlerSpec) -> None:
     looks again once they do.
     """
     fn = spec.fn
-    what = f"worker {spec.name} runs in pool processes (executor='process')"
+    what = f"{spec.kind} {spec.name} runs in pool processes (executor='process')"
     if "<locals>" in (getattr(fn, "__qualname__", None) or "") or getattr(fn, "__name__", None) == "<lambda>":
         raise ServiceError(f"{what}, which import it by name: make it a module-level function")
     try:
@@ -166,14 +167,14 @@ def check_process_handler(spec: HandlerSpec) -> None:
     annotation = hints.get(first.name, first.annotation)
     if annotation is Delivery or typing.get_origin(annotation) is Delivery or _written_as(annotation, "Delivery"):
         raise ServiceError(
-            f"{what}: it gets the task's value, not the Delivery (the delivery is settled in the service's process)"
+            f"{what}: it gets the message's value, not the Delivery (the delivery is settled in the service's process)"
         )
     refused = []
     for p in params:
         if p is first or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is not p.empty:
             continue
         wanted = hints.get(p.name, p.annotation)
-        if wanted is TaskContext or _written_as(wanted, "TaskContext"):
+        if spec.kind == "worker" and (wanted is TaskContext or _written_as(wanted, "TaskContext")):
             continue
         if wanted is p.empty:
             refused.append(p.name)
@@ -200,9 +201,10 @@ def _found_by_name(fn: Any) -> str | None:
 
 def _process_refusal(spec: HandlerSpec, what: str) -> str:
     return (
-        f"worker {spec.name} runs in pool processes (executor='process'): it cannot be given {what}. "
+        f"{spec.kind} {spec.name} runs in pool processes (executor='process'): it cannot be given {what}. "
         "Resources and the ServiceContext live in the service's process and do not cross to a pool process; "
-        "a process handler gets the task's value and, if it asks, a TaskContext. Leave executor='process' off "
+        "a process handler gets the message's value (and a worker's, if it asks, a TaskContext). Leave "
+        "executor='process' off "
         "(a plain def then runs in a thread, with its resources), or move what needs them to another handler"
     )
 

@@ -46,7 +46,7 @@ def build_plan(service: Service, broker: Broker, running: RunningService | None)
                 broker, o["exchange"], fn, binding_keys=o["binding_keys"], headers=o["headers"], match=o["match"],
                 queue=o["queue"], codec=o["codec"], prefetch=o["prefetch"],
                 dead_letter_exchange=o["dead_letter_exchange"], auto_ack=o["auto_ack"],
-                on_error=plan.on_error(spec),
+                on_error=plan.on_error(spec), executor=o["executor"], processes=o["processes"],
             )  # fmt: skip
             plan.subscribers.append((spec, sub))
         elif spec.kind == "worker":
@@ -121,7 +121,11 @@ class Plan:
                     f"rpc {other.name} and rpc {spec.name} share the request queue {queue.name!r} but ask for "
                     f"concurrency {other.options['concurrency']} and {spec.options['concurrency']}"
                 )
-        server.add(spec.options["method"], fn, codec=spec.options["codec"], reply_codec=spec.options["reply_codec"])
+        o = spec.options
+        server.add(
+            o["method"], fn, codec=o["codec"], reply_codec=o["reply_codec"], executor=o["executor"],
+            processes=o["processes"],
+        )  # fmt: skip
         specs.append(spec)
 
     def consumed(self) -> Iterator[tuple[str, Queue]]:

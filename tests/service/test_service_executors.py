@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import signal
 import threading
@@ -140,7 +141,7 @@ def wants_nothing_it_cannot_have(job: dict[str, Any], task: TaskContext, retries
         (needs_context, r"cannot be given ctx \(ServiceContext\)"),
         (needs_pool, r"cannot be given pool \(Pool\)"),  # refused even before the resource is declared
         (needs_two, r"cannot be given pool \(Pool\), ctx \(ServiceContext\)\. Resources and the ServiceContext"),
-        (wants_the_delivery, r"gets the task's value, not the Delivery"),
+        (wants_the_delivery, r"gets the message's value, not the Delivery"),
         (lambda job: None, r"make it a module-level function"),
     ],
 )
@@ -337,3 +338,42 @@ async def test_amqpkit_run_serves_a_process_worker_and_says_its_consumer_timeout
 def test_a_worker_s_consumer_timeout_is_positive_seconds(bad: float) -> None:
     with pytest.raises(ValueError, match="consumer_timeout is in seconds and positive"):
         Service("s").worker("q", consumer_timeout=bad)
+
+
+async def test_a_service_s_subscriber_and_rpc_method_run_on_the_process_executor(
+    settings: BrokerSettings, broker: Broker, name: str, tmp_path: Path
+) -> None:
+    log = str(tmp_path / "events.log")
+    svc = Service(f"{name}.svc")
+    events = Exchange(f"{name}.events", type="fanout", durable=False)
+    svc.subscriber(events, queue=f"{name}.events", executor="process", processes=1)(handlers.note_event)
+    svc.rpc(f"{name}.rpc", "square", executor="process", processes=1)(handlers.square_here)
+    try:
+        async with svc.serve(settings):
+            async with RpcClient(broker, f"{name}.rpc", timeout=30) as rpc:
+                reply = await rpc.call("square", 7, returns=dict[str, int])
+            assert reply["square"] == 49 and reply["pid"] != os.getpid()
+            await Publisher(broker, events).publish({"n": 5, "log": log})
+            await wait_for(lambda: len(handlers.runs(log)) == 1, timeout=30)
+        assert handlers.runs(log)[0].split(" pid=")[0] == "run 5"
+        assert f"pid={os.getpid()}" not in handlers.runs(log)[0]
+    finally:
+        await drop(broker, f"{name}.events", f"{name}.rpc")
+        await broker.delete_exchange(events.name)
+
+
+def test_a_process_subscriber_or_method_may_not_ask_for_a_resource() -> None:
+    svc = Service("refusals")
+
+    @svc.resource
+    def pool() -> Pool:
+        return Pool()
+
+    with pytest.raises(ServiceError, match=r"subscriber .* runs in pool processes .* cannot be given pool"):
+        svc.subscriber("events", executor="process")(handler_with_pool)
+    with pytest.raises(ServiceError, match=r"rpc .* runs in pool processes .* cannot be given pool"):
+        svc.rpc("requests", executor="process")(handler_with_pool)
+
+
+def handler_with_pool(event: dict[str, int], pool: Pool) -> None:
+    return None
