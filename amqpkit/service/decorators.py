@@ -102,6 +102,7 @@ class Service:
         queue_spec: Queue | None = None,
         delivery_limit: int = 20,
         events: bool = False,
+        event_headers: Sequence[str] = (),
         idempotency: IdempotencyStore | None = None,
         executor: Literal["thread", "process"] | None = None,
         processes: int | None = None,
@@ -128,7 +129,8 @@ class Service:
             raise ValueError(f"consumer_timeout is in seconds and positive, not {consumer_timeout!r}")
         options = {
             "queue": queue, "concurrency": concurrency, "retry": retry, "codec": codec, "queue_spec": queue_spec,
-            "delivery_limit": delivery_limit, "events": events, "idempotency": idempotency,
+            "delivery_limit": delivery_limit, "events": events, "event_headers": tuple(event_headers),
+            "idempotency": idempotency,
             "executor": executor, "processes": processes, "consumer_timeout": consumer_timeout,
         }  # fmt: skip
         return self._register("worker", options, description)

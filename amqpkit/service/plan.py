@@ -53,7 +53,8 @@ def build_plan(service: Service, broker: Broker, running: RunningService | None)
             o = spec.options
             work: WorkQueue[Any] = WorkQueue(
                 broker, o["queue"], o["codec"], retry=o["retry"], queue=o["queue_spec"],
-                delivery_limit=o["delivery_limit"], events=o["events"], consumer_timeout=o["consumer_timeout"],
+                delivery_limit=o["delivery_limit"], events=o["events"], event_headers=o["event_headers"],
+                consumer_timeout=o["consumer_timeout"],
             )  # fmt: skip
             extra: dict[str, Any] = {}
             if o["executor"] is not None:

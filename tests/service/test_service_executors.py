@@ -42,6 +42,7 @@ from amqpkit import (
 )
 from amqpkit.patterns.work_queue import TASK_EVENTS_EXCHANGE
 from amqpkit.service import Service, ServiceContext, ServiceError
+from amqpkit.service.plan import build_plan
 
 from .. import long_task_handlers as handlers
 from ..brokerctl import arabbitmqctl, vhost_args
@@ -377,3 +378,11 @@ def test_a_process_subscriber_or_method_may_not_ask_for_a_resource() -> None:
 
 def handler_with_pool(event: dict[str, int], pool: Pool) -> None:
     return None
+
+
+def test_a_worker_s_event_headers_reach_its_work_queue(broker: Broker, name: str) -> None:
+    svc = Service(f"{name}.svc")
+    svc.worker(f"{name}.jobs", events=True, event_headers=["x-request-id"])(handlers.square)
+    plan = build_plan(svc, broker, None)
+    ((_, work, _),) = plan.workers
+    assert work.event_headers == ("x-request-id",)
