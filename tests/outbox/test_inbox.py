@@ -41,10 +41,19 @@ class Receipt(BaseModel):
     balance: int
 
 
+def accounts_table(store: Store) -> str:
+    """The test's accounts table, in the test's own PostgreSQL schema (unqualified it would land in
+    ``public``, shared by every test run on the server at once)."""
+    if isinstance(store, PostgresStore) and store.schema:
+        return f'"{store.schema}".accounts_t'
+    return "accounts_t"
+
+
 async def make_accounts(store: Store) -> None:
+    table = accounts_table(store)
     async with store.transaction() as tx:
-        await tx.execute("CREATE TABLE IF NOT EXISTS accounts_t (account TEXT PRIMARY KEY, balance INTEGER NOT NULL)")
-        await tx.execute("INSERT INTO accounts_t VALUES ('a', 0)")
+        await tx.execute(f"CREATE TABLE IF NOT EXISTS {table} (account TEXT PRIMARY KEY, balance INTEGER NOT NULL)")
+        await tx.execute(f"INSERT INTO {table} VALUES ('a', 0)")
 
 
 async def deposit_into(store: Store, tx: Any, deposit: Deposit) -> int:
@@ -52,7 +61,7 @@ async def deposit_into(store: Store, tx: Any, deposit: Deposit) -> int:
     if isinstance(store, PostgresStore):
         return int(
             await tx.fetchval(
-                "UPDATE accounts_t SET balance = balance + $1 WHERE account = $2 RETURNING balance",
+                f"UPDATE {accounts_table(store)} SET balance = balance + $1 WHERE account = $2 RETURNING balance",
                 deposit.amount,
                 deposit.account,
             )
@@ -66,7 +75,7 @@ async def deposit_into(store: Store, tx: Any, deposit: Deposit) -> int:
 async def balance(store: Store) -> int:
     async with store.transaction() as tx:
         if isinstance(store, PostgresStore):
-            return int(await tx.fetchval("SELECT balance FROM accounts_t WHERE account = 'a'"))
+            return int(await tx.fetchval(f"SELECT balance FROM {accounts_table(store)} WHERE account = 'a'"))
         cursor = await tx.execute("SELECT balance FROM accounts_t WHERE account = 'a'")
         row = await cursor.fetchone()
         return int(row[0])
@@ -79,7 +88,7 @@ async def accounts(store: Store) -> AsyncIterator[Store]:
         yield store
     finally:
         async with store.transaction() as tx:
-            await tx.execute("DROP TABLE IF EXISTS accounts_t")
+            await tx.execute(f"DROP TABLE IF EXISTS {accounts_table(store)}")
 
 
 def deposit(amount: int, message_id: str) -> Envelope:

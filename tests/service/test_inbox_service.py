@@ -20,7 +20,7 @@ from amqpkit.outbox import Inbox, PostgresStore, Store
 from amqpkit.service import Service, ServiceContext
 
 from ..outbox.conftest import backend, make_store, pg_schema, pg_url  # noqa: F401  (fixtures)
-from ..outbox.test_inbox import Deposit, Receipt, balance, deposit, deposit_into, make_accounts
+from ..outbox.test_inbox import Deposit, Receipt, accounts_table, balance, deposit, deposit_into, make_accounts
 from ..waiting import wait_for
 
 
@@ -48,8 +48,8 @@ def build(name: str, new_store: Any) -> tuple[Service, Inbox, Inbox]:
                 yield Bank(store, asyncio.get_running_loop().time())
         finally:
             try:
-                async with store.transaction() as tx:  # the store's schema holds its own tables, not this one
-                    await tx.execute("DROP TABLE IF EXISTS accounts_t")
+                async with store.transaction() as tx:
+                    await tx.execute(f"DROP TABLE IF EXISTS {accounts_table(store)}")
             finally:
                 await store.close()
 
