@@ -1,0 +1,5 @@
+"""``python -m amqpkit.cli``: the ``amqpkit`` command."""
+
+from . import main
+
+main()
