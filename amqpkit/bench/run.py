@@ -15,134 +15,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import re
 import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from ..settings import BrokerSettings, redact_url
+from ..settings import BrokerSettings
 from .base import ClientOptions, ClientSide, Kind, ServerOptions, Window
-from .burst import profile_seconds, run_burst
+from .burst import run_burst
 from .chain import ROLES
-from .loads import closed_loop, open_loop, run_in_loop
-from .otel import OTEL_MODES
+from .loads import Operation, closed_loop, open_loop, run_in_loop
+from .params import DEFAULT_SCENARIOS, BenchParams
 from .results import Arm, BenchResult, RunResult, machine_info
-from .scenarios import CLIENTS, SERVERS, expand, is_chain, is_rpc, kind_of, require
+from .scenarios import CLIENTS, SERVERS, is_chain, is_rpc, kind_of, require
 from .sides import ChainSide, GroupSide, LocalSide, RemoteSide, Side
 from .stats import LatencyRecorder
 
 __all__ = ["DEFAULT_SCENARIOS", "BenchParams", "BenchResult", "RunResult", "run_bench", "run_loops"]
 
-DEFAULT_SCENARIOS = ("rpc", "rpc-reply-queue", "oneway", "oneway-confirmed", "raw-rpc", "raw-oneway")
-LOOPS = ("asyncio", "uvloop")
-TARGET_NAME = re.compile(r"[A-Za-z0-9._-]+")
-
 ProgressCallback = Callable[[str, int, int], None]
-
-
-class BenchParams(BaseModel):
-    """What to run. Either ``messages`` or ``duration`` bounds each run."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
-    concurrency: tuple[int, ...] = (1, 8, 64)
-    rate: float | None = Field(default=None, gt=0)
-    messages: int | None = Field(default=None, gt=0)
-    duration: float | None = Field(default=None, gt=0)
-    warmup: int | None = Field(default=None, ge=0)
-    size: int = Field(default=128, ge=0)
-    inproc: bool = False
-    queue_type: str = "classic"
-    repeat: int = Field(default=1, ge=1)
-    prefetch: int = Field(default=256, ge=1)
-    workers: int = Field(default=1, ge=1, description="worker processes for the workqueue scenarios")
-    stall_ms: int = Field(default=0, ge=0)
-    stall_after: int = Field(default=0, ge=0)
-    burst: tuple[tuple[float, float], ...] | None = Field(default=None, description="(rate, seconds) steps")
-    service_ms: float = Field(default=0.0, ge=0, description="each server's own work per request")
-    task_cpu_ms: float = Field(default=0.0, ge=0, description="a work-queue task's CPU work (busy, its own CPU time)")
-    deadline: float = Field(default=30.0, gt=0, description="a caller's deadline, seconds")
-    loop: tuple[str, ...] = ("asyncio",)
-    targets: tuple[tuple[str, tuple[str, ...]], ...] = Field(
-        default=(),
-        description="(name, URLs) of each broker run against, in place of url; the first is the reference",
-    )
-    otel: tuple[str, ...] = Field(default=(), description="instrumentation modes to run in: off, noop, batch")
-
-    @model_validator(mode="after")
-    def _check(self) -> BenchParams:
-        object.__setattr__(self, "scenarios", expand(self.scenarios))
-        self._check_arms()
-        if not self.loop or any(loop not in LOOPS for loop in self.loop):
-            raise ValueError(f"loop is one or more of {', '.join(LOOPS)}")
-        if self.burst is not None and self.rate is not None:
-            raise ValueError("--burst and --rate are two different open loops: give one")
-        if self.messages is None and self.duration is None:
-            object.__setattr__(self, "messages", 5000)
-        if not self.concurrency or min(self.concurrency) < 1:
-            raise ValueError("concurrency levels must be at least 1")
-        if self.queue_type not in ("classic", "quorum"):
-            raise ValueError("queue_type is classic or quorum")
-        return self
-
-    def _check_arms(self) -> None:
-        names = [name for name, _ in self.targets]
-        for name, urls in self.targets:
-            if not TARGET_NAME.fullmatch(name):
-                raise ValueError(f"target name {name!r}: letters, digits, '.', '_' and '-' only")
-            if not urls:
-                raise ValueError(f"target {name}: no URL")
-            for url in urls:
-                if urlsplit(url).scheme not in ("amqp", "amqps"):
-                    raise ValueError(f"target {name}: not an AMQP URL: {redact_url(url)}")
-        if len(set(names)) != len(names):
-            raise ValueError("target names must differ")
-        unknown = [mode for mode in self.otel if mode not in OTEL_MODES]
-        if unknown:
-            raise ValueError(f"unknown otel mode {unknown[0]!r}; valid: {', '.join(OTEL_MODES)}")
-        if len(set(self.otel)) != len(self.otel):
-            raise ValueError("otel modes must differ")
-        if (self.otel or len(self.arms()) > 1) and len(self.loop) > 1:
-            raise ValueError("targets and otel modes are compared on one event loop: give one --loop")
-        if len(self.arms()) > 1 and self.burst is not None:
-            raise ValueError("--burst runs on one broker in one mode: no --target list or --otel list with it")
-
-    def arms(self) -> list[Arm]:
-        """What the run compares: every target in every otel mode (one arm when neither is given)."""
-        targets: list[tuple[str | None, tuple[str, ...]]] = list(self.targets) or [(None, (self.url,))]
-        modes: list[str | None] = list(self.otel) or [None]
-        return [
-            Arm(name="/".join(part for part in (target, mode) if part) or "default", target=target, urls=urls,
-                otel=mode)
-            for target, urls in targets for mode in modes
-        ]  # fmt: skip
-
-    def warmup_count(self) -> int:
-        if self.warmup is not None:
-            return self.warmup
-        if self.messages is not None:
-            return min(1000, max(50, self.messages // 10))
-        return 500
-
-    def drain_timeout(self) -> float:
-        """How long a burst run waits, after its last send, for its backlog to drain."""
-        return max(60.0, 2 * profile_seconds(self.burst or ()))
-
-    def public(self) -> dict[str, Any]:
-        doc = self.model_dump()
-        doc["url"] = redact_url(self.url)
-        doc["targets"] = [{"name": name, "urls": [redact_url(u) for u in urls]} for name, urls in self.targets]
-        doc["warmup"] = self.warmup_count()
-        return doc
-
-
-# ------------------------------------------------------------------ the bench
 
 
 async def run_bench(
@@ -296,16 +187,56 @@ async def _one_run(
     on_progress: ProgressCallback | None,
     otel: str | None = None,
 ) -> RunResult:
+    """One scenario at one load level: warm-up, then the measured messages; what they gave."""
     rpc = is_rpc(scenario)
     label = f"{scenario} " + (f"c={concurrency}" if concurrency else f"rate={rate:g}/s")
-    warm = params.warmup_count()
-    if params.messages is not None:
-        total = params.messages
+    total = _total(params, rate)
+    tick = _ticker(params, label, total, rate, on_progress)
+    operate = _operation(client, window, concurrency)
+    await side.reset()
+    await _warm_up(params, operate, concurrency, rate)
+    if not rpc:
+        await _drain_warm_up(side, window)
+    recorder = LatencyRecorder() if rpc else None
+    started_ns = time.monotonic_ns()
+    sent, errors = await _measure(params, operate, concurrency, rate, total, recorder, tick)
+    finished_ns = time.monotonic_ns()
+    if recorder is not None:
+        measured = recorder.count
+        elapsed = (finished_ns - started_ns) / 1e9
     else:
-        assert params.duration is not None
-        total = int((rate or 0) * params.duration) if rate else 0
-    done = 0
+        recorder, measured, errors, elapsed = await _one_way_outcome(
+            scenario, side, otel, sent, errors, started_ns, finished_ns
+        )
+    if on_progress is not None and total:
+        on_progress(label, total, total)
+    return RunResult(
+        scenario=scenario,
+        concurrency=concurrency,
+        rate=rate,
+        messages=measured,
+        size=params.size,
+        throughput_per_s=measured / elapsed if elapsed > 0 else 0.0,
+        latency_us=recorder.percentiles(),
+        errors=errors,
+        run=run,
+        duration_s=elapsed,
+    )
 
+
+def _total(params: BenchParams, rate: float | None) -> int:
+    """Measured messages of a run: ``messages``, else what ``rate`` sends in ``duration`` (0: a timed closed loop)."""
+    if params.messages is not None:
+        return params.messages
+    assert params.duration is not None
+    return int((rate or 0) * params.duration) if rate else 0
+
+
+def _ticker(
+    params: BenchParams, label: str, total: int, rate: float | None, on_progress: ProgressCallback | None
+) -> Callable[[], None]:
+    """What each measured message calls: progress in messages, or for a timed closed loop in tenths of a second."""
+    done = 0
     timed = params.messages is None and not rate and params.duration is not None
     run_started = time.monotonic()
 
@@ -321,77 +252,88 @@ async def _one_run(
             tenths = int(params.duration * 10)
             on_progress(label, min(tenths, int((time.monotonic() - run_started) * 10)), tenths)
 
-    def quiet() -> None:
-        return None
+    return tick
 
-    operate = client.operate
-    if window is not None and concurrency is not None:
-        # One-way closed loop: at most `concurrency` messages sent and not yet handled.
-        limit = concurrency
 
-        async def operate(sent_ns: int, warmup: bool) -> None:
-            await window.acquire(limit)
-            await client.operate(time.monotonic_ns(), warmup)
+def _quiet() -> None:
+    return None
 
-    await side.reset()
-    if warm:
-        if rate is not None:
-            await open_loop(operate, rate=rate, count=warm, warmup=True, recorder=None, tick=quiet)
-        else:
-            assert concurrency is not None
-            await closed_loop(operate, concurrency=concurrency, count=warm, deadline=None, warmup=True,
-                               recorder=None, tick=quiet)  # fmt: skip
-    if not rpc:
-        # Let the warm-up drain so it does not queue ahead of the measured messages.
-        await side.report(0)
-        if window is not None:
-            # Every warm-up message handled (bounded: a lost one must not stop the bench), then the
-            # window starts again from what was handled: what the warm-up lost does not shrink it.
-            waited_until = time.monotonic() + 30
-            while window.handled < window.sent and time.monotonic() < waited_until:  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
-        await asyncio.sleep(0.05)
-        if window is not None:
-            window.sent = window.handled
-    recorder = LatencyRecorder() if rpc else None
-    started_ns = time.monotonic_ns()
+
+def _operation(client: ClientSide, window: Window | None, concurrency: int | None) -> Operation:
+    """The client's operation; for a one-way closed loop, held to ``concurrency`` messages sent and not yet handled."""
+    if window is None or concurrency is None:
+        return client.operate
+    limit = concurrency
+
+    async def operate(sent_ns: int, warmup: bool) -> None:
+        await window.acquire(limit)
+        await client.operate(time.monotonic_ns(), warmup)
+
+    return operate
+
+
+async def _warm_up(params: BenchParams, operate: Operation, concurrency: int | None, rate: float | None) -> None:
+    """The warm-up messages, at the run's own load level; their samples are discarded."""
+    warm = params.warmup_count()
+    if not warm:
+        return
     if rate is not None:
-        sent, errors = await open_loop(operate, rate=rate, count=total, warmup=False, recorder=recorder,
-                                        tick=tick)  # fmt: skip
+        await open_loop(operate, rate=rate, count=warm, warmup=True, recorder=None, tick=_quiet)
     else:
         assert concurrency is not None
-        deadline = time.monotonic() + params.duration if params.messages is None and params.duration else None
-        sent, errors = await closed_loop(
-            operate, concurrency=concurrency, count=params.messages, deadline=deadline, warmup=False,
-            recorder=recorder, tick=tick,
-        )  # fmt: skip
-    finished_ns = time.monotonic_ns()
-    if rpc:
-        assert recorder is not None
-        measured = recorder.count
-        elapsed = (finished_ns - started_ns) / 1e9
-    else:
-        report = await side.report(sent - errors)
-        recorder = LatencyRecorder.decode(report["hist"])
-        measured = int(report["received"])
-        errors += int(report["errors"]) + max(0, sent - errors - measured)  # lost counts as errors
-        _check_traced(scenario, otel, measured, int(report.get("traced", 0)))
-        end_ns = max(int(report["last_ns"]), finished_ns) if measured else finished_ns
-        elapsed = (end_ns - started_ns) / 1e9
-    if on_progress is not None and total:
-        on_progress(label, total, total)
-    return RunResult(
-        scenario=scenario,
-        concurrency=concurrency,
-        rate=rate,
-        messages=measured,
-        size=params.size,
-        throughput_per_s=measured / elapsed if elapsed > 0 else 0.0,
-        latency_us=recorder.percentiles(),
-        errors=errors,
-        run=run,
-        duration_s=elapsed,
-    )
+        await closed_loop(operate, concurrency=concurrency, count=warm, deadline=None, warmup=True,
+                           recorder=None, tick=_quiet)  # fmt: skip
+
+
+async def _drain_warm_up(side: Side, window: Window | None) -> None:
+    """Let a one-way warm-up drain so it does not queue ahead of the measured messages."""
+    await side.report(0)
+    if window is not None:
+        # Every warm-up message handled (bounded: a lost one must not stop the bench), then the
+        # window starts again from what was handled: what the warm-up lost does not shrink it.
+        waited_until = time.monotonic() + 30
+        while window.handled < window.sent and time.monotonic() < waited_until:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)
+    if window is not None:
+        window.sent = window.handled
+
+
+async def _measure(
+    params: BenchParams,
+    operate: Operation,
+    concurrency: int | None,
+    rate: float | None,
+    total: int,
+    recorder: LatencyRecorder | None,
+    tick: Callable[[], None],
+) -> tuple[int, int]:
+    """The measured messages: (sent, errors). RPC latencies go to ``recorder``."""
+    if rate is not None:
+        return await open_loop(operate, rate=rate, count=total, warmup=False, recorder=recorder,
+                               tick=tick)  # fmt: skip
+    assert concurrency is not None
+    deadline = time.monotonic() + params.duration if params.messages is None and params.duration else None
+    return await closed_loop(
+        operate, concurrency=concurrency, count=params.messages, deadline=deadline, warmup=False,
+        recorder=recorder, tick=tick,
+    )  # fmt: skip
+
+
+async def _one_way_outcome(
+    scenario: str, side: Side, otel: str | None, sent: int, errors: int, started_ns: int, finished_ns: int
+) -> tuple[LatencyRecorder, int, int, float]:
+    """What the serving side measured of one-way messages: (latencies, received, errors, seconds).
+
+    A message sent and not received counts as an error; the run lasts until the last one was handled.
+    """
+    report = await side.report(sent - errors)
+    recorder = LatencyRecorder.decode(report["hist"])
+    measured = int(report["received"])
+    errors += int(report["errors"]) + max(0, sent - errors - measured)  # lost counts as errors
+    _check_traced(scenario, otel, measured, int(report.get("traced", 0)))
+    end_ns = max(int(report["last_ns"]), finished_ns) if measured else finished_ns
+    return recorder, measured, errors, (end_ns - started_ns) / 1e9
 
 
 def _check_traced(scenario: str, otel: str | None, measured: int, traced: int) -> None:
