@@ -1,4 +1,4 @@
-"""Publish/subscribe over an exchange: a :class:`Publisher` and a :class:`Subscriber`.
+"""Publish/subscribe over an exchange: a :class:`Subscriber` (and :class:`Publisher`, from publisher.py).
 
 Fanout (every subscriber gets every message), direct (by binding key), topic
 (binding patterns with ``*`` and ``#``) and headers (match all / any) are the
@@ -21,12 +21,13 @@ from typing import Any, Generic, Self, cast, overload
 from typing_extensions import TypeVar  # with a default (PEP 696)
 
 from .._handlers import HandlerInfo, inspect_handler
-from ..codec import AutoCodec, Codec, encode_body
+from ..codec import AutoCodec, Codec
 from ..connection import Broker, Consumer
 from ..errors import DecodeError, SettlementError
 from ..executors import ExecutorKind
-from ..message import Delivery, Envelope
+from ..message import Delivery
 from ..topology import Binding, Exchange, ExchangeType, Queue
+from .publisher import Publisher
 
 __all__ = ["Publisher", "Subscriber"]
 
@@ -36,93 +37,6 @@ log = logging.getLogger("amqpkit.pubsub")
 T = TypeVar("T", default=Any)
 
 DEFAULT_PREFETCH = 32
-
-
-class Publisher(Generic[T]):
-    """Publishes values of one type to one exchange, each waiting for its publisher confirm.
-
-    ``Publisher(broker, Exchange("logs", type="fanout"), TextCodec())``.
-    The exchange is declared on first use (the default exchange ``""`` never is).
-    """
-
-    def __init__(
-        self,
-        broker: Broker,
-        exchange: Exchange | str,
-        codec: Codec[T] | None = None,
-        *,
-        persistent: bool = True,
-        confirm: bool = True,
-        mandatory: bool = False,
-        app_id: str | None = None,
-    ) -> None:
-        self.broker = broker
-        self.exchange = Exchange(exchange) if isinstance(exchange, str) else exchange
-        self.codec: Codec[T] = codec if codec is not None else AutoCodec()
-        self.persistent = persistent
-        self.confirm = confirm
-        self.mandatory = mandatory
-        self.app_id = app_id
-        self._declared = self.exchange.is_builtin
-
-    async def __aenter__(self) -> Self:
-        await self.declare()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        return None
-
-    async def declare(self) -> None:
-        if not self._declared:
-            await self.broker.declare_exchange(self.exchange)
-            self._declared = True
-
-    async def publish(
-        self,
-        value: T,
-        *,
-        routing_key: str = "",
-        headers: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        type: str | None = None,
-        persistent: bool | None = None,
-        mandatory: bool | None = None,
-        expiration: float | None = None,
-        priority: int | None = None,
-        timeout: float | None = None,
-    ) -> str:
-        """Encode and publish ``value``; returns its message id once the broker confirmed it.
-
-        Raises :class:`~amqpkit.Unroutable` (mandatory, and no queue took it),
-        :class:`~amqpkit.PublishNacked`, :class:`~amqpkit.PublishTimeout`,
-        :class:`~amqpkit.MessageTooLarge`.
-        """
-        if not self._declared:
-            await self.declare()
-        body, content_type = encode_body(self.codec, value)
-        envelope = Envelope(
-            body,
-            content_type=content_type,
-            headers=dict(headers) if headers else {},
-            correlation_id=correlation_id,
-            type=type,
-            persistent=self.persistent if persistent is None else persistent,
-            expiration=expiration,
-            priority=priority,
-            app_id=self.app_id,
-        )
-        if message_id is not None:
-            envelope.message_id = message_id
-        await self.broker.publish(
-            envelope,
-            exchange=self.exchange.name,
-            routing_key=routing_key,
-            mandatory=self.mandatory if mandatory is None else mandatory,
-            confirm=self.confirm,
-            timeout=timeout,
-        )
-        return envelope.message_id or ""
 
 
 class Subscriber(Generic[T]):
