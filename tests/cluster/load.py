@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -93,6 +94,33 @@ async def restore(timeout: float = 180) -> None:
 
 def quorum(name: str) -> Queue:
     return Queue(name, type=QueueType.QUORUM)
+
+
+async def wait_replicated(name: str, members: int = 3, timeout: float = 90) -> None:
+    """Wait until quorum queue ``name`` has ``members`` replicas up, leader or follower (asked of node 2).
+
+    A failover test's precondition is a queue replicated on all three nodes. Once, in CI, every
+    publish after the kill was nacked for 10 minutes (85,344 nacks): the queue had no majority
+    on the two nodes left, which is what a queue declared with fewer replicas would do (a quorum
+    queue gets its replicas on the nodes running when it is declared). Not proven to be the
+    cause; the tests now wait until three replicas are up, and say so if they never are.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    seen = "nothing"
+    status = f'rabbit_quorum_queue:status(<<"/">>, <<"{name}">>).'  # one queue: others' state cannot stall it
+    while loop.time() < end:
+        try:
+            out = await acluster("ctl", "2", "eval", status, timeout=60)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            out, seen = "", str(exc)[-200:]
+        states = re.findall(r'\{<<"Raft State">>,(\w+)\}', out)
+        if states:
+            seen = ", ".join(states)
+        if sum(state in ("leader", "follower") for state in states) >= members:
+            return
+        await asyncio.sleep(1)
+    raise AssertionError(f"quorum queue {name} never had {members} replicas online within {timeout} s: {seen}")
 
 
 # ---------------------------------------------------------------- publish + consume

@@ -73,6 +73,7 @@ async def test_node_death_moves_connection_consumer_and_unconfirmed_publishes() 
     await broker.connect()
     try:
         await broker.declare_queue(queue)
+        await L.wait_replicated(queue.name)
         load = L.Load(broker, queue, 1500, workers=32, rate=150)
         await load.start_consumer()
         publishing = asyncio.create_task(load.publish_all())
@@ -101,6 +102,7 @@ async def test_quorum_leader_move_is_only_a_pause() -> None:
     queue = L.quorum(_name("leader"))
     async with Broker(L.settings(1)) as setup:
         await setup.declare_queue(queue)
+    await L.wait_replicated(queue.name)
     leader = await _leader(queue.name, 1)
     other = 1 if leader != 1 else 2
     broker = Broker(L.settings(other, reconnect=ReconnectPolicy(connect_attempts=1)))
@@ -168,6 +170,7 @@ async def test_publishes_to_a_cut_off_node_never_report_success() -> None:
     queue = L.quorum(_name("minority"))
     async with Broker(L.settings(1)) as setup:
         await setup.declare_queue(queue)
+        await L.wait_replicated(queue.name)
         policy = ReconnectPolicy(initial_delay=0.2, max_delay=1, connect_attempts=1000)
         minority = Broker(BrokerSettings(url=L.urls()[2], connect_timeout=3, publish_timeout=5, reconnect=policy))
         await minority.connect()
