@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import shlex
@@ -139,8 +140,12 @@ def memory_alarm_raised() -> bool:
 
 def lock_label() -> str:
     """Names the node under test in the lock files: its rabbitmqctl command line, else its node name."""
-    label = " ".join(ctl_command()) if (ctl_override() or node()) else "default"
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)[-80:]
+    if not (ctl_override() or node()):
+        return "default"
+    label = " ".join(ctl_command())
+    # A readable tail plus a digest of the whole line: two lines that end alike must not share a lock.
+    digest = hashlib.sha256(label.encode()).hexdigest()[:16]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', label)[-60:]}-{digest}"
 
 
 def _lock_file(kind: str) -> Path:

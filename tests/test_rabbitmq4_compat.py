@@ -122,6 +122,17 @@ def test_work_queue_consumer_timeout_must_be_positive(broker: Broker, name: str)
 # ---------------------------------------------------------------- brokerctl drives the node under test
 
 
+def test_lock_labels_of_long_command_lines_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two control commands that end alike still lock apart (a CI run once shared one lock for two nodes)."""
+    tail = " /a/long/checkout/path/scripts/rabbitmq4.sh ctl" * 3
+    monkeypatch.setenv(brokerctl.CTL_ENV, "env A=1" + tail)
+    first = brokerctl.lock_label()
+    monkeypatch.setenv(brokerctl.CTL_ENV, "env A=2" + tail)
+    second = brokerctl.lock_label()
+    assert first != second
+    assert len(first) <= 100 and re.fullmatch(r"[A-Za-z0-9_.-]+", first), first
+
+
 def test_brokerctl_runs_the_command_line_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
     """``AMQPKIT_RABBITMQCTL`` stands in for rabbitmqctl (how the 4.x node's control tool is reached)."""
     if not brokerctl.rabbitmqctl_available():
