@@ -24,8 +24,8 @@ from . import processes
 
 BURST_KEYS = {"profile", "deadline_s", "service_ms", "prefetch", "drain_timeout_s", "runs"}
 RUN_KEYS = {
-    "scenario", "run", "kind", "sent", "completed", "failed", "timeouts", "errors", "lost", "duplicates",
-    "latency_us", "backlog_peak", "backlog_peak_at_s", "drain_s", "end_lag_s", "seconds",
+    "scenario", "run", "kind", "sent", "completed", "failed", "timeouts", "errors", "lost", "expired", "late",
+    "duplicates", "latency_us", "backlog_peak", "backlog_peak_at_s", "drain_s", "end_lag_s", "seconds",
 }  # fmt: skip
 SECOND_KEYS = {"t", "target_rate", "sent", "completed", "failed", "timeouts", "latency_us", "backlog", "queued"}
 
@@ -43,8 +43,12 @@ def check_burst_schema(doc: dict[str, Any]) -> None:
         if run["kind"] == "call":
             assert run["lost"] is None and run["duplicates"] is None
             assert run["sent"] == run["completed"] + run["failed"]
-        else:
+        if run["kind"] != "events":
+            assert run["expired"] is None and run["late"] is None
+        if run["kind"] == "oneway":
             assert run["lost"] == run["sent"] - run["completed"]
+        if run["kind"] == "events":  # every request's end is known: done, expired, done late, or else lost
+            assert run["lost"] == run["sent"] - run["completed"] - run["expired"] - run["late"]
         assert [s["t"] for s in run["seconds"]] == list(range(len(run["seconds"])))
         for second in run["seconds"]:
             assert set(second) == SECOND_KEYS
@@ -95,3 +99,26 @@ async def test_burst_shows_rpc_timeouts_and_messaging_drain(amqp_url: str, tmp_p
     text = out.decode() + err.decode()
     assert "burst totals" in text and "second by second" in text
     assert out_png.stat().st_size > 10_000
+
+
+async def test_burst_events_that_expire_are_counted_apart_from_lost(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chain-events request whose deadline passed is reported to A as expired: that is known, not lost."""
+    from amqpkit.bench.params import BenchParams
+    from amqpkit.bench.run import run_bench
+
+    # Events in a burst normally wait as long as the drain; a short wait here makes requests expire in the queues.
+    # 50 requests/s of capacity against 400 in one second: those still queued after 3 s expire (about half).
+    monkeypatch.setattr(BenchParams, "drain_timeout", lambda self: 3.0)
+    params = BenchParams(
+        url=amqp_url, scenarios=("chain-events",), burst=parse_profile("400:1"), service_ms=20, prefetch=1,
+        warmup=10, inproc=True,
+    )  # fmt: skip
+    result = await asyncio.wait_for(run_bench(params), 60)
+    doc = result.as_dict()
+    check_burst_schema(doc)
+    (run,) = doc["burst"]["runs"]
+    assert run["expired"] > 0 and run["completed"] > 0, run
+    assert run["sent"] == 400 and run["lost"] == 0 and run["duplicates"] == 0, run
+    assert run["completed"] + run["expired"] + run["late"] == 400, run

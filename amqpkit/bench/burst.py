@@ -8,7 +8,10 @@ in that second, the backlog (calls waiting for an answer, or messages sent
 and not yet handled) and the depth of the broker queues where the
 scenario's work waits. Then, for each run: the totals, the ledger (a
 message sent one way and never handled is *lost*; the consumer counts
-distinct sequence numbers, so a duplicate is not mistaken for a delivery),
+distinct sequence numbers, so a duplicate is not mistaken for a delivery;
+an event chain's request that the chain reported past its deadline is
+*expired*, and one done after its caller stopped waiting is *late*: known
+ends, not lost),
 the backlog's peak and how long it took to drain.
 
 Latency counts from each operation's intended send time, as in ``--rate``.
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +103,8 @@ class BurstRun:
     timeouts: int = 0
     errors: int = 0
     lost: int | None = None
+    expired: int | None = None
+    late: int | None = None
     duplicates: int | None = None
     latency_us: Percentiles = field(default_factory=lambda: Percentiles(0, 0, 0, 0, 0))
     backlog_peak: int = 0
@@ -115,7 +121,8 @@ class BurstRun:
         return {
             "scenario": self.scenario, "run": self.run, "kind": str(self.kind),
             "sent": self.sent, "completed": self.completed, "failed": self.failed, "timeouts": self.timeouts,
-            "errors": self.errors, "lost": self.lost, "duplicates": self.duplicates,
+            "errors": self.errors, "lost": self.lost, "expired": self.expired, "late": self.late,
+            "duplicates": self.duplicates,
             "latency_us": self.latency_us.as_dict(), "backlog_peak": self.backlog_peak,
             "backlog_peak_at_s": round(self.backlog_peak_at_s, 1),
             "drain_s": None if self.drain_s is None else round(self.drain_s, 1), "end_lag_s": round(self.end_lag_s, 2),
@@ -173,7 +180,10 @@ async def run_burst(
     samples: list[tuple[float, int]] = []
     last_completion_ns = 0
     last_send_ns = 0
-    late_before = int(getattr(client, "late", 0))
+    before = {counter: int(getattr(client, counter, 0)) for counter in ("expired", "late", "unasked")}
+
+    def since(counter: str) -> int:
+        return int(getattr(client, counter, 0)) - before[counter]
 
     def backlog() -> int:
         if kind is Kind.ONEWAY:
@@ -219,24 +229,42 @@ async def run_burst(
             report = await side.report(result.sent, timeout=drain_timeout)
             _merge_consumer(result, timeline, overall, report)
             last_completion_ns = int(report["last_ns"])
+        elif kind is Kind.EVENTS:
+            unheard = lambda: started - result.errors - result.completed - since("expired") - since("late")  # noqa: E731
+            await _hear_every_fate(unheard, drain_timeout)
         await asyncio.sleep(SAMPLE_S * 2)  # one more sample of the empty backlog
     finally:
         sampling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampling
-    if kind is Kind.CALL:
-        result.sent = started  # a call that failed was sent all the same
-    else:
-        if kind is Kind.EVENTS:
-            # Published unless publishing itself failed; a request not heard back by the end is lost.
-            result.sent = started - result.errors
-            result.duplicates = int(getattr(client, "late", 0)) - late_before
-        result.lost = max(0, result.sent - result.completed)
+    _ledger(result, started, since)
     result.latency_us = overall.percentiles()
     result.seconds = timeline.seconds
     _drain(result, samples, origin)
     result.end_lag_s = max(0.0, (last_completion_ns - last_send_ns) / 1e9) if last_completion_ns else 0.0
     return result
+
+
+def _ledger(result: BurstRun, started: int, since: Callable[[str], int]) -> None:
+    """What was sent, and for messaging how each one ended; ``since(counter)``: the client's count this run."""
+    if result.kind is Kind.CALL:
+        result.sent = started  # a call that failed was sent all the same
+        return
+    if result.kind is Kind.EVENTS:
+        # Published unless publishing itself failed; a request not heard back by the end is lost.
+        result.sent = started - result.errors
+        result.expired = since("expired")  # the chain said so: the request's deadline passed on the way
+        result.late = since("late")  # done, after A had stopped waiting
+        result.duplicates = since("unasked")
+    result.lost = max(0, result.sent - result.completed - (result.expired or 0) - (result.late or 0))
+
+
+async def _hear_every_fate(unheard: Callable[[], int], timeout: float) -> None:
+    """Waits (at most ``timeout``) until every request of an event chain was heard back: done or expired."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while unheard() > 0 and loop.time() < end:  # noqa: ASYNC110 - counters moved by the subscriber
+        await asyncio.sleep(0.01)
 
 
 def _merge_consumer(result: BurstRun, timeline: _Timeline, overall: LatencyRecorder, report: dict[str, Any]) -> None:

@@ -243,7 +243,9 @@ class ChainEventsService(Hop):
 class ChainEventsClient(ClientSide):
     """A: publishes ``requested`` and waits to hear ``d.done`` for the same id, or that it expired.
 
-    :attr:`expired` counts the requests a service said had run out of time (also those A gave up on first).
+    :attr:`expired` counts the requests a service said had run out of time (also those A gave up on first);
+    :attr:`late` the ones done after A had given up on them; :attr:`unasked` answers for no request A is
+    waiting for or gave up on (a duplicate).
     """
 
     async def start(self) -> None:
@@ -258,10 +260,15 @@ class ChainEventsClient(ClientSide):
         self.ids = itertools.count()
         self.prefix = os.urandom(6).hex()
         self.late = 0
+        self.unasked = 0
         self.expired = 0
+        self.given_up: set[str] = set()  # requests A stopped waiting for, whose fate it has not heard yet
 
         async def told(delivery: Delivery[bytes]) -> None:
-            future = self.pending.pop(str(delivery.headers.get(CORRELATION, "")), None)
+            cid = str(delivery.headers.get(CORRELATION, ""))
+            future = self.pending.pop(cid, None)
+            given_up = cid in self.given_up
+            self.given_up.discard(cid)
             if delivery.routing_key == EXPIRED:
                 self.expired += 1
                 if future is not None and not future.done():
@@ -269,7 +276,10 @@ class ChainEventsClient(ClientSide):
                     future.set_exception(DeadlinePassed(f"the deadline passed in {at}"))
                 return
             if future is None or future.done():
-                self.late += 1
+                if given_up:
+                    self.late += 1
+                else:
+                    self.unasked += 1
                 return
             future.set_result(None)
 
@@ -290,6 +300,10 @@ class ChainEventsClient(ClientSide):
             await self.publisher.publish(self.payload, routing_key="requested", headers=headers, expiration=deadline)
             async with asyncio.timeout(deadline):
                 await future
+        except TimeoutError:
+            if future.cancelled():  # A stopped waiting (not told): the chain may still say how this request ended
+                self.given_up.add(cid)
+            raise
         finally:
             self.pending.pop(cid, None)
 

@@ -36,22 +36,27 @@ def _ms(us: int) -> str:
     return f"{us / 1000:,.1f}" if us < 100_000 else f"{us / 1000:,.0f}"
 
 
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
 def print_burst(result: BenchResult, console: Console) -> None:
     console.print(f"[bold]burst[/bold]: {burst_label(result)}")
     totals = Table(
-        title="burst totals (every run). lost: sent one way, never handled. drained: from the backlog's peak "
-        "to (nearly) empty. last done: after the last send"
+        title="burst totals (every run). lost: sent one way, never handled. expired / late (event chain): past "
+        "its deadline on the way / done after the caller gave up. drained: from the backlog's peak to (nearly) "
+        "empty. last done: after the last send"
     )
     for col in (
-        "scenario", "run", "sent", "done", "timeouts", "errors", "lost", "p50 ms", "p99 ms", "max ms",
-        "backlog peak", "drained", "last done",
+        "scenario", "run", "sent", "done", "timeouts", "errors", "lost", "expired", "late", "p50 ms", "p99 ms",
+        "max ms", "backlog peak", "drained", "last done",
     ):  # fmt: skip
         totals.add_column(col, justify="left" if col == "scenario" else "right", no_wrap=True)
     for run in result.burst:
         lat = run.latency_us
         totals.add_row(
             run.scenario, str(run.run), f"{run.sent:,}", f"{run.completed:,}", f"{run.timeouts:,}", f"{run.errors:,}",
-            "-" if run.lost is None else f"{run.lost:,}", _ms(lat.p50), _ms(lat.p99), _ms(lat.max),
+            _count(run.lost), _count(run.expired), _count(run.late), _ms(lat.p50), _ms(lat.p99), _ms(lat.max),
             f"{run.backlog_peak:,} @{run.backlog_peak_at_s:.1f}s",
             "never" if run.drain_s is None else f"{run.drain_s:.1f} s", f"+{run.end_lag_s:.1f} s",
         )  # fmt: skip
