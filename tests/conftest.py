@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -24,6 +25,7 @@ from amqpkit import Broker, BrokerSettings, ReconnectPolicy
 from amqpkit.testing import own_vhost, vhost_of
 
 from . import brokerctl, processes
+from .reliability.proxy import FaultProxy, proxied_settings
 
 SLOW_TIMEOUT = 1800  # seconds, for tests marked slow that do not set their own
 
@@ -74,6 +76,23 @@ async def spawned() -> AsyncIterator[None]:
         yield
     finally:
         await processes.end_all()
+
+
+@pytest.fixture
+async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
+    """A fault proxy in front of the broker (tests/reliability/proxy.py): cut, stall, slow or refuse."""
+    host, port = urlsplit(amqp_url).hostname or "127.0.0.1", urlsplit(amqp_url).port or 5672
+    p = await FaultProxy(host, port).start()
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+def proxied(proxy: FaultProxy, amqp_url: str) -> BrokerSettings:
+    """Through the fault proxy (only this test's connections are cut or stalled), with a 2 s heartbeat."""
+    return proxied_settings(proxy, amqp_url)
 
 
 @pytest.fixture

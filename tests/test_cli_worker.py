@@ -16,21 +16,11 @@ import pytest
 
 from amqpkit import Broker, Queue
 
-from .reliability.proxy import FaultProxy
-from .test_logs_events import CliProcess, proxied_url
+from .reliability.proxy import FaultProxy, proxied_url
+from .test_logs_events import CliProcess
 
 pytestmark = pytest.mark.usefixtures("spawned")  # every process a test starts is ended, whatever the outcome
 START_A_BROKER = "rabbitmq-server -detached"
-
-
-@pytest.fixture
-async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
-    parts = urlsplit(amqp_url)
-    p = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -42,7 +41,7 @@ from amqpkit.patterns.work_queue import TASK_EVENTS_EXCHANGE
 from amqpkit.watchdog import watch
 
 from . import long_task_handlers as handlers
-from .reliability.proxy import FaultProxy
+from .reliability.proxy import FaultProxy, proxied_url
 from .waiting import until, wait_for
 
 FAST = RetryPolicy(max_attempts=3, initial_delay=0.05, multiplier=1, jitter=0)
@@ -334,20 +333,11 @@ async def test_progress_is_a_fraction() -> None:
 # ---------------------------------------------------------------- a run that outlives its delivery
 
 
-@pytest.fixture
-async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
-    parts = urlsplit(amqp_url)
-    p = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    yield p
-    await p.close()
-
-
 async def test_a_def_run_cut_off_by_a_lost_connection_is_not_run_again(
     proxy: FaultProxy, amqp_url: str, name: str, settings: BrokerSettings
 ) -> None:
     """The connection drops mid-task: the thread runs on; the broker's redelivery takes its outcome."""
-    parts = urlsplit(amqp_url)
-    proxied = settings.model_copy(update={"urls": (proxy.url(parts.username or "guest", parts.password or "guest"),)})
+    proxied = settings.model_copy(update={"urls": (proxied_url(proxy, amqp_url),)})
     runs: list[int] = []
     running = threading.Event()
 

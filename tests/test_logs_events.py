@@ -16,7 +16,6 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -24,7 +23,7 @@ from amqpkit import Broker
 from amqpkit.logs import configure_logging
 
 from . import processes
-from .reliability.proxy import FaultProxy
+from .reliability.proxy import FaultProxy, proxied_url
 
 pytestmark = pytest.mark.usefixtures("spawned")  # every process a test starts is ended, whatever the outcome
 
@@ -94,21 +93,6 @@ class CliProcess:
         self.err_lines += err.decode().splitlines()
         assert self.proc.returncode is not None
         return self.proc.returncode, "\n".join(self.err_lines)
-
-
-@pytest.fixture
-async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
-    parts = urlsplit(amqp_url)
-    p = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
-def proxied_url(proxy: FaultProxy, amqp_url: str) -> str:
-    parts = urlsplit(amqp_url)
-    return proxy.url(parts.username or "guest", parts.password or "guest")
 
 
 async def cut_worker_once(proxy: FaultProxy, amqp_url: str, queue: str, *flags: str) -> tuple[list[str], list[str]]:

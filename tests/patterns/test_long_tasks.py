@@ -20,10 +20,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -45,7 +44,7 @@ from amqpkit.patterns.dlq import list_dead_letters
 
 from .. import long_task_handlers as handlers
 from ..brokerctl import SpareNode
-from ..reliability.proxy import FaultProxy
+from ..reliability.proxy import FaultProxy, proxied_url
 from ..waiting import until, wait_for
 
 HEARTBEAT = 2
@@ -269,19 +268,6 @@ async def _has_dead_letters(broker: Broker, dlq: str) -> bool:
 # ---------------------------------------------------------------- stop with the connection gone
 
 
-@pytest.fixture
-async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
-    parts = urlsplit(amqp_url)
-    p = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    yield p
-    await p.close()
-
-
-def proxied(proxy: FaultProxy, amqp_url: str) -> BrokerSettings:
-    parts = urlsplit(amqp_url)
-    return short_heartbeat(proxy.url(parts.username or "guest", parts.password or "guest"))
-
-
 def lost_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name.startswith("amqpkit") and "in flight" in r.getMessage()]
 
@@ -304,7 +290,7 @@ async def test_stop_with_the_connection_gone_raises_nothing_and_counts_what_was_
         await asyncio.sleep(30)
         return value
 
-    async with Broker(proxied(proxy, amqp_url)) as broker:
+    async with Broker(short_heartbeat(proxied_url(proxy, amqp_url))) as broker:
         queue: WorkQueue[Any] = WorkQueue(broker, f"{name}.held", retry=FAST)
         exchange = Exchange(f"{name}.x", type=ExchangeType.FANOUT, durable=False, auto_delete=True)
         server = RpcServer(broker, f"{name}.rpc", handlers={"echo": held_rpc})

@@ -11,36 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import pytest
 
 from amqpkit import Broker, BrokerSettings, ConnectionLost, Queue, ReconnectPolicy, RpcClient, RpcServer, RpcTimeout
 
-from ..reliability.proxy import FaultProxy
+from ..reliability.proxy import FaultProxy, proxied_settings
 from ..waiting import wait_for
 
 
 @pytest.fixture
-async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
-    parts = urlsplit(amqp_url)
-    p = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    yield p
-    await p.close()
-
-
-@pytest.fixture
 def proxied(proxy: FaultProxy, amqp_url: str) -> BrokerSettings:
-    parts = urlsplit(amqp_url)
-    return BrokerSettings(
-        url=proxy.url(parts.username or "guest", parts.password or "guest"),
-        heartbeat=2,
-        connect_timeout=5,
-        publish_timeout=10,
-        reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=0.5, jitter=0.05, connect_attempts=3),
-    )
+    policy = ReconnectPolicy(initial_delay=0.05, max_delay=0.5, jitter=0.05, connect_attempts=3)
+    return proxied_settings(proxy, amqp_url, reconnect=policy)
 
 
 @contextlib.contextmanager

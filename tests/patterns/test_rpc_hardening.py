@@ -5,37 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
 import pytest
 
-from amqpkit import Broker, BrokerSettings, Envelope, Queue, ReconnectPolicy, RpcClient, RpcServer, RpcTimeout
+from amqpkit import Broker, BrokerSettings, Envelope, Queue, RpcClient, RpcServer, RpcTimeout
 
 from ..reliability.proxy import FaultProxy
 from ..waiting import wait_for
-
-
-@pytest.fixture
-async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
-    parts = urlsplit(amqp_url)
-    p = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    yield p
-    await p.close()
-
-
-@pytest.fixture
-def proxied(proxy: FaultProxy, amqp_url: str) -> BrokerSettings:
-    """Through the fault proxy: only this test's connection is cut or stalled."""
-    parts = urlsplit(amqp_url)
-    return BrokerSettings(
-        url=proxy.url(parts.username or "guest", parts.password or "guest"),
-        heartbeat=2,
-        connect_timeout=5,
-        publish_timeout=10,
-        reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=1.0, jitter=0.1, connect_attempts=3),
-    )
 
 
 def _server(broker: Broker, queue: str, **kw: object) -> RpcServer:

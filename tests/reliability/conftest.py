@@ -2,37 +2,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit
+from collections.abc import Iterator
 
 import pytest
 
-from amqpkit import BrokerSettings, ReconnectPolicy
+from .proxy import PROXIED_HEARTBEAT as HEARTBEAT
 
-from .proxy import FaultProxy
-
-HEARTBEAT = 2
-
-
-@pytest.fixture
-async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
-    parts = urlsplit(amqp_url)
-    p = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    yield p
-    await p.close()
-
-
-@pytest.fixture
-def proxied(proxy: FaultProxy, amqp_url: str) -> BrokerSettings:
-    """Settings that reach the broker through the fault proxy, with a short heartbeat."""
-    parts = urlsplit(amqp_url)
-    return BrokerSettings(
-        url=proxy.url(parts.username or "guest", parts.password or "guest"),
-        heartbeat=HEARTBEAT,
-        connect_timeout=5,
-        publish_timeout=10,
-        reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=1.0, jitter=0.1, connect_attempts=3),
-    )
+__all__ = ["HEARTBEAT"]
 
 
 @pytest.fixture(scope="session")

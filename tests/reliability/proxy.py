@@ -15,6 +15,9 @@ import contextlib
 import socket
 import struct
 from typing import Any
+from urllib.parse import urlsplit
+
+from amqpkit import BrokerSettings, ReconnectPolicy
 
 from ..brokerctl import session_vhost, with_vhost
 
@@ -177,3 +180,21 @@ async def bounce(proxy: FaultProxy, broker: Any, timeout: float = 30) -> None:
 async def let_in(proxy: FaultProxy, broker: Any) -> None:
     proxy.refusing = False
     await broker.wait_connected(30)
+
+
+PROXIED_HEARTBEAT = 2  # seconds: a dead connection is noticed within about two of them
+
+
+def proxied_url(proxy: FaultProxy, amqp_url: str) -> str:
+    """``amqp_url``'s user and vhost, reached through ``proxy``."""
+    parts = urlsplit(amqp_url)
+    return proxy.url(parts.username or "guest", parts.password or "guest")
+
+
+def proxied_settings(
+    proxy: FaultProxy, amqp_url: str, *, reconnect: ReconnectPolicy | None = None, **overrides: Any
+) -> BrokerSettings:
+    """Settings through ``proxy`` for fault tests: a 2 s heartbeat, short timeouts and fast reconnects."""
+    options: dict[str, Any] = {"heartbeat": PROXIED_HEARTBEAT, "connect_timeout": 5, "publish_timeout": 10, **overrides}
+    policy = reconnect or ReconnectPolicy(initial_delay=0.05, max_delay=1.0, jitter=0.1, connect_attempts=3)
+    return BrokerSettings(url=proxied_url(proxy, amqp_url), reconnect=policy, **options)

@@ -14,7 +14,6 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,7 +22,7 @@ from examples.billing import Invoice, OrderPlaced, QuoteRequest, orders
 
 from .. import processes
 from ..brokerctl import free_port
-from ..reliability.proxy import FaultProxy
+from ..reliability.proxy import FaultProxy, proxied_url
 from ..waiting import until
 
 pytestmark = pytest.mark.usefixtures("spawned")  # every process a test starts is ended, whatever the outcome
@@ -106,21 +105,6 @@ async def until_status(port: int, status: int, timeout: float = 30) -> dict[str,
 
 
 @pytest.fixture
-async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
-    parts = urlsplit(amqp_url)
-    p = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
-def through(proxy: FaultProxy, amqp_url: str) -> str:
-    parts = urlsplit(amqp_url)
-    return proxy.url(parts.username or "guest", parts.password or "guest")
-
-
-@pytest.fixture
 async def billing_cleanup(broker: Broker) -> AsyncIterator[None]:
     try:
         yield
@@ -137,7 +121,7 @@ async def test_the_example_runs_is_ready_survives_a_cut_and_stops_on_sigterm(
 ) -> None:
     port = free_port()
     run = await Run.start("examples.billing:service", "--health-port", str(port), "--grace", "5",
-                          env={"AMQP_URL": through(proxy, amqp_url)})  # fmt: skip
+                          env={"AMQP_URL": proxied_url(proxy, amqp_url)})  # fmt: skip
     assert await until_status(port, 200) == {"status": "ready"}
     assert await http_get(port, "/healthz") == (200, {"status": "ok"})
     await run.until_err("service billing running")
@@ -198,7 +182,7 @@ async def test_a_worker_queue_that_cannot_be_restored_exits_1_with_the_reason(
     proxy: FaultProxy, amqp_url: str, broker: Broker, name: str
 ) -> None:
     run = await Run.start("tests.service.apps:workers", "--grace", "1",
-                          env={"AMQP_URL": through(proxy, amqp_url), "SVC_PREFIX": name})  # fmt: skip
+                          env={"AMQP_URL": proxied_url(proxy, amqp_url), "SVC_PREFIX": name})  # fmt: skip
     try:
         await run.until_err("service workers running")
         proxy.stall()  # the service hears of the deletion only once the other queue is in place
@@ -218,7 +202,7 @@ async def test_an_unreachable_broker_exits_1_after_give_up_after(
     proxy: FaultProxy, amqp_url: str, broker: Broker, name: str
 ) -> None:
     run = await Run.start("tests.service.apps:workers", "--give-up-after", "2", "--log-json",
-                          env={"AMQP_URL": through(proxy, amqp_url), "SVC_PREFIX": name})  # fmt: skip
+                          env={"AMQP_URL": proxied_url(proxy, amqp_url), "SVC_PREFIX": name})  # fmt: skip
     try:
         await run.until_err("service workers running")
         proxy.refusing = True

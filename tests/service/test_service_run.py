@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import pytest
 from pydantic import BaseModel
@@ -13,7 +12,7 @@ from pydantic import BaseModel
 from amqpkit import Broker, BrokerSettings, Exchange, Publisher, Queue, ReconnectPolicy, RpcClient, Subscriber
 from amqpkit.service import PublisherSpec, Service, ServiceContext
 
-from ..reliability.proxy import FaultProxy
+from ..reliability.proxy import FaultProxy, proxied_settings
 from ..waiting import wait_for
 
 
@@ -115,22 +114,8 @@ async def test_a_service_runs_its_handlers_with_their_resources(
 
 
 @pytest.fixture
-async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
-    parts = urlsplit(amqp_url)
-    p = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
-@pytest.fixture
 def proxied(proxy: FaultProxy, amqp_url: str) -> BrokerSettings:
-    parts = urlsplit(amqp_url)
-    return BrokerSettings(
-        url=proxy.url(parts.username or "guest", parts.password or "guest"), heartbeat=2, connect_timeout=5,
-        reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=0.5, jitter=0.05),
-    )  # fmt: skip
+    return proxied_settings(proxy, amqp_url, reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=0.5, jitter=0.05))
 
 
 async def test_readiness_follows_the_connection(
