@@ -296,3 +296,23 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@contextlib.contextmanager
+def consumer_timeout_node(directory: Path, timeout_ms: int) -> Iterator[SpareNode]:
+    """A node of its own whose ``consumer_timeout`` is ``timeout_ms``, checked every second; stopped after.
+
+    On 3.10 the timeout is node-wide, so it is never changed on a node that others use.
+    """
+    node = SpareNode(directory)
+    node.start()
+    try:
+        done = node.ctl(
+            "eval",
+            f"application:set_env(rabbit, consumer_timeout, {timeout_ms}), "
+            "application:set_env(rabbit, channel_tick_interval, 1000).",
+        )
+        assert done.returncode == 0, done.stderr
+        yield node
+    finally:
+        node.stop()

@@ -43,7 +43,7 @@ from amqpkit import (
 from amqpkit.patterns.dlq import list_dead_letters
 
 from .. import long_task_handlers as handlers
-from ..brokerctl import SpareNode
+from ..brokerctl import SpareNode, consumer_timeout_node
 from ..reliability.proxy import FaultProxy, proxied_url
 from ..waiting import until, wait_for
 
@@ -191,22 +191,9 @@ CONSUMER_TIMEOUT_MS = 5000
 
 @pytest.fixture(scope="module")
 def timeout_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpareNode]:
-    """A node of the test's own with consumer_timeout lowered to 5 s and checked every second.
-
-    On 3.10 the timeout is a node-wide setting: it is never changed on the shared node.
-    """
-    node = SpareNode(tmp_path_factory.mktemp("consumer-timeout"))
-    node.start()
-    try:
-        done = node.ctl(
-            "eval",
-            f"application:set_env(rabbit, consumer_timeout, {CONSUMER_TIMEOUT_MS}), "
-            "application:set_env(rabbit, channel_tick_interval, 1000).",
-        )
-        assert done.returncode == 0, done.stderr
+    """A node of the test's own with consumer_timeout lowered to 5 s and checked every second."""
+    with consumer_timeout_node(tmp_path_factory.mktemp("consumer-timeout"), CONSUMER_TIMEOUT_MS) as node:
         yield node
-    finally:
-        node.stop()
 
 
 @pytest.mark.timeout(240)

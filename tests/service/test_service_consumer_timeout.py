@@ -19,7 +19,7 @@ from amqpkit import Broker, BrokerSettings, ReconnectPolicy, RetryPolicy
 from amqpkit.service import Service
 
 from .. import long_task_handlers as handlers
-from ..brokerctl import SpareNode
+from ..brokerctl import SpareNode, consumer_timeout_node
 from ..waiting import wait_for
 
 CONSUMER_TIMEOUT_MS = 5000
@@ -28,18 +28,8 @@ FAST = RetryPolicy(max_attempts=3, initial_delay=0.2, multiplier=1, jitter=0)
 
 @pytest.fixture(scope="module")
 def timeout_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpareNode]:
-    node = SpareNode(tmp_path_factory.mktemp("service-consumer-timeout"))
-    node.start()
-    try:
-        done = node.ctl(
-            "eval",
-            f"application:set_env(rabbit, consumer_timeout, {CONSUMER_TIMEOUT_MS}), "
-            "application:set_env(rabbit, channel_tick_interval, 1000).",
-        )
-        assert done.returncode == 0, done.stderr
+    with consumer_timeout_node(tmp_path_factory.mktemp("service-consumer-timeout"), CONSUMER_TIMEOUT_MS) as node:
         yield node
-    finally:
-        node.stop()
 
 
 @pytest.mark.timeout(240)
