@@ -10,68 +10,49 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from typing import Any
 
 import pytest
 
-from amqpkit import Broker, Delivery, Exchange, RetryPolicy, Subscriber, Unroutable, Worker, WorkQueue
+from amqpkit import Broker, RetryPolicy, Unroutable, Worker, WorkQueue
 
 from ..waiting import wait_for
 from ..worker_app import Job
+from .status_events import status_events
 
 TASKS = 300
 
 
 async def test_pending_comes_before_running_for_every_task(broker: Broker, name: str) -> None:
     work: WorkQueue[Job] = WorkQueue(broker, f"{name}.order", events=True)
-    seen: dict[str, list[str]] = defaultdict(list)
-
-    async def on_event(event: dict[str, Any]) -> None:
-        seen[event["task_id"]].append(event["status"])
 
     async def handler(job: Job) -> None:
         return None
 
-    try:
+    async with status_events(broker, work) as events:
         await work.declare()
-        async with (
-            Subscriber(broker, Exchange("amqpkit.tasks", type="topic"), on_event, binding_keys=[f"{work.name}.*"]),
-            Worker(work, handler, concurrency=64) as worker,
-        ):
+        async with Worker(work, handler, concurrency=64) as worker:
             await asyncio.gather(*(work.enqueue(Job(n=i)) for i in range(TASKS)))
-            await wait_for(lambda: worker.completed == TASKS and sum(map(len, seen.values())) >= 3 * TASKS, 60)
-        out_of_order = {task: statuses for task, statuses in seen.items() if statuses[0] != "pending"}
-        assert not out_of_order, f"{len(out_of_order)} of {TASKS} tasks ran before they were pending"
-        assert all(statuses == ["pending", "running", "completed"] for statuses in seen.values())
-    finally:
-        await broker.delete_queue(work.name)
-        await broker.delete_queue(work.dlq_name)
-        await broker.delete_exchange("amqpkit.tasks")
+            await wait_for(lambda: worker.completed == TASKS and len(events) >= 3 * TASKS, 60)
+    seen: dict[str, list[str]] = defaultdict(list)
+    for event in events:
+        seen[event.value["task_id"]].append(event.value["status"])
+    out_of_order = {task: statuses for task, statuses in seen.items() if statuses[0] != "pending"}
+    assert not out_of_order, f"{len(out_of_order)} of {TASKS} tasks ran before they were pending"
+    assert all(statuses == ["pending", "running", "completed"] for statuses in seen.values())
 
 
 async def test_a_task_that_never_got_in_is_pending_then_failed(broker: Broker, name: str) -> None:
     work: WorkQueue[Job] = WorkQueue(broker, f"{name}.lost", events=True)
-    seen: list[dict[str, Any]] = []
-
-    async def on_event(event: dict[str, Any]) -> None:
-        seen.append(event)
-
-    try:
-        async with Subscriber(
-            broker, Exchange("amqpkit.tasks", type="topic"), on_event, binding_keys=[f"{work.name}.*"]
-        ):
-            await work.declare()
-            await broker.delete_queue(work.name)  # under the WorkQueue, which believes it declared
-            with pytest.raises(Unroutable):
-                await work.enqueue(Job(n=1), task_id=f"{name}-t")
-            await wait_for(lambda: len(seen) >= 2, 10)
-        assert [e["status"] for e in seen] == ["pending", "failed"]
-        assert seen[1]["task_id"] == f"{name}-t"
-        assert seen[1]["error"].startswith("not enqueued: Unroutable")
-    finally:
-        await broker.delete_queue(work.name)
-        await broker.delete_queue(work.dlq_name)
-        await broker.delete_exchange("amqpkit.tasks")
+    async with status_events(broker, work) as events:
+        await work.declare()
+        await broker.delete_queue(work.name)  # under the WorkQueue, which believes it declared
+        with pytest.raises(Unroutable):
+            await work.enqueue(Job(n=1), task_id=f"{name}-t")
+        await wait_for(lambda: len(events) >= 2, 10)
+    seen = [e.value for e in events]
+    assert [e["status"] for e in seen] == ["pending", "failed"]
+    assert seen[1]["task_id"] == f"{name}-t"
+    assert seen[1]["error"].startswith("not enqueued: Unroutable")
 
 
 async def test_chosen_task_headers_travel_on_every_status_event(broker: Broker, name: str) -> None:
@@ -80,11 +61,6 @@ async def test_chosen_task_headers_travel_on_every_status_event(broker: Broker, 
         broker, f"{name}.hdr", events=True, event_headers=["x-request-id"],
         retry=RetryPolicy(max_attempts=2, initial_delay=0.05, jitter=0),
     )  # fmt: skip
-    seen: list[tuple[str, dict[str, Any]]] = []
-
-    async def on_event(d: Delivery[dict[str, Any]]) -> None:
-        seen.append((d.value["status"], dict(d.headers)))
-
     attempts = 0
 
     async def handler(job: Job) -> None:
@@ -93,18 +69,12 @@ async def test_chosen_task_headers_travel_on_every_status_event(broker: Broker, 
         if attempts == 1:
             raise RuntimeError("once")
 
-    try:
+    async with status_events(broker, work) as events:
         await work.declare()
-        async with (
-            Subscriber(broker, Exchange("amqpkit.tasks", type="topic"), on_event, binding_keys=[f"{work.name}.*"]),
-            Worker(work, handler) as worker,
-        ):
+        async with Worker(work, handler) as worker:
             await work.enqueue(Job(n=1), headers={"x-request-id": "req-42", "x-secret-ish": "not for watchers"})
-            await wait_for(lambda: worker.completed == 1 and len(seen) >= 5, 20)
-        assert [status for status, _ in seen] == ["pending", "running", "retrying", "running", "completed"]
-        assert all(headers.get("x-request-id") == "req-42" for _, headers in seen), seen
-        assert all("x-secret-ish" not in headers for _, headers in seen), seen
-    finally:
-        for q in [work.name, work.dlq_name, *(f"{work.name}.retry.{ms}" for ms in work._delay_queues)]:
-            await broker.delete_queue(q)
-        await broker.delete_exchange("amqpkit.tasks")
+            await wait_for(lambda: worker.completed == 1 and len(events) >= 5, 20)
+    seen = [(d.value["status"], dict(d.headers)) for d in events]
+    assert [status for status, _ in seen] == ["pending", "running", "retrying", "running", "completed"]
+    assert all(headers.get("x-request-id") == "req-42" for _, headers in seen), seen
+    assert all("x-secret-ish" not in headers for _, headers in seen), seen

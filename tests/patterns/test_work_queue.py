@@ -11,7 +11,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
@@ -19,11 +18,9 @@ from amqpkit import (
     Broker,
     Delivery,
     Envelope,
-    Exchange,
     MemoryIdempotencyStore,
     Reject,
     RetryPolicy,
-    Subscriber,
     TaskStatus,
     Worker,
     WorkQueue,
@@ -33,6 +30,7 @@ from amqpkit.patterns.dlq import list_dead_letters
 from .. import processes
 from ..waiting import until_ready, wait_for
 from ..worker_app import Job
+from .status_events import status_events
 
 FAST = RetryPolicy(max_attempts=3, initial_delay=0.05, multiplier=2, jitter=0)
 
@@ -267,11 +265,6 @@ async def test_memory_store_is_an_lru() -> None:
 
 async def test_status_events(broker: Broker, name: str) -> None:
     work: WorkQueue[Job] = WorkQueue(broker, f"{name}.ev", retry=FAST, events=True)
-    events: list[dict[str, Any]] = []
-
-    async def on_event(event: dict[str, Any]) -> None:
-        events.append(event)
-
     attempts = 0
 
     async def handler(job: Job) -> None:
@@ -280,25 +273,19 @@ async def test_status_events(broker: Broker, name: str) -> None:
         if attempts == 1:
             raise RuntimeError("first try fails")
 
-    try:
+    async with status_events(broker, work) as seen:
         await work.declare()
-        async with (
-            Subscriber(broker, Exchange("amqpkit.tasks", type="topic"), on_event, binding_keys=[f"{work.name}.*"]),
-            Worker(work, handler) as worker,
-        ):
+        async with Worker(work, handler) as worker:
             task_id = await work.enqueue(Job(n=1))
-            await wait_for(lambda: worker.completed == 1 and len(events) >= 5)
-        statuses = [e["status"] for e in events]
-        assert statuses == ["pending", "running", "retrying", "running", "completed"]
-        assert all(e["task_id"] == task_id and e["queue"] == work.name for e in events)
-        assert events[2]["error"] == "RuntimeError: first try fails"
-        assert events[2]["attempt"] == 1
-        assert events[3]["attempt"] == 2
-        assert TaskStatus(statuses[-1]) is TaskStatus.COMPLETED
-    finally:
-        for q in [work.name, work.dlq_name, *(f"{work.name}.retry.{ms}" for ms in work._delay_queues)]:
-            await broker.delete_queue(q)
-        await broker.delete_exchange("amqpkit.tasks")
+            await wait_for(lambda: worker.completed == 1 and len(seen) >= 5)
+    events = [d.value for d in seen]
+    statuses = [e["status"] for e in events]
+    assert statuses == ["pending", "running", "retrying", "running", "completed"]
+    assert all(e["task_id"] == task_id and e["queue"] == work.name for e in events)
+    assert events[2]["error"] == "RuntimeError: first try fails"
+    assert events[2]["attempt"] == 1
+    assert events[3]["attempt"] == 2
+    assert TaskStatus(statuses[-1]) is TaskStatus.COMPLETED
 
 
 async def test_sigterm_finishes_a_short_task_and_exits_0(broker: Broker, work: WorkQueue[Job], amqp_url: str) -> None:
