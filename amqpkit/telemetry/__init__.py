@@ -37,6 +37,8 @@ sampling-relevant (system, operation, destination, routing key, subscription, RP
 the sampler drops still carries the trace context on (its message is counted and its logs get the ids), but
 amqpkit builds none of the message's own attributes for it, so a ratio sampler makes the tracing cost
 proportional. A destination whose last span recorded gets the next one's attributes in one pass at its start.
+With the SDK's default sampler (``ParentBased``, unsampled parents dropped), a message whose context is already
+not sampled makes no span at all: its context is passed on as it came, and the SDK is not asked.
 
 Metrics go through the OpenTelemetry metrics API (:data:`METRICS` lists them).
 Log records made while a span is current get ``trace_id`` and ``span_id``

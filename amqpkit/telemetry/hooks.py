@@ -18,7 +18,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode
 
 from ..connection import Broker, Consumer
 from ..message import Delivery, Envelope, Settlement
@@ -70,6 +70,14 @@ async def publish(
         return
     exchange_name = exchange if isinstance(exchange, str) else exchange.name
     route = state.send_routes.get((exchange_name, routing_key)) or state.send_route(exchange_name, routing_key)
+    if state.drops_unsampled:
+        parent = trace.get_current_span().get_span_context()
+        if parent.is_valid and not parent.trace_flags.sampled:  # the sampler would drop the span: none is made,
+            # and the message carries the unsampled context on as it is
+            await _quiet_publish(broker, _with_headers(envelope, _carrying(envelope.headers, parent)), exchange,
+                                 routing_key, mandatory, confirm, timeout)  # fmt: skip
+            route.published[0] += 1
+            return
     if route.recording:  # its last span recorded: so will this one, likely; all attributes in one pass
         span = state.tracer.start_span(route.name, kind=SpanKind.PRODUCER,
                                        attributes=_sent(envelope, dict(route.attributes)))  # fmt: skip
@@ -80,18 +88,23 @@ async def publish(
         if span.is_recording():
             route.recording = True
             span.set_attributes(_sent(envelope, {}))
-    headers = dict(envelope.headers)
-    headers.pop("tracestate", None)  # a forwarded copy's old state; the new span's own is injected
-    inject(span.get_span_context(), headers)
     try:
-        await _quiet_publish(broker, _with_headers(envelope, headers), exchange, routing_key, mandatory, confirm,
-                             timeout)  # fmt: skip
+        await _quiet_publish(broker, _with_headers(envelope, _carrying(envelope.headers, span.get_span_context())),
+                             exchange, routing_key, mandatory, confirm, timeout)  # fmt: skip
     except BaseException as exc:
         _fail(span, exc)
         raise
     finally:
         span.end()
     route.published[0] += 1
+
+
+def _carrying(headers: Mapping[str, Any], span_context: SpanContext) -> dict[str, Any]:
+    """A copy of ``headers`` with the W3C context of ``span_context`` (a forwarded copy's old state replaced)."""
+    carrier = dict(headers)
+    carrier.pop("tracestate", None)
+    inject(span_context, carrier)
+    return carrier
 
 
 def _sent(envelope: Envelope, attributes: dict[str, Any]) -> dict[str, Any]:
@@ -151,17 +164,25 @@ async def consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
     key = (consumer.queue_name, delivery.exchange, delivery.routing_key, delivery.type if server else None, server)
     route = state.process_routes.get(key) or state.process_route(key)
     parent = extract(headers)
-    links = link_to_first(headers)
-    if route.recording:  # as in publish
-        attributes = _processed(delivery, route, dict(route.attributes))
-        span = state.tracer.start_span(route.name, parent, route.kind, attributes, links)
-        route.recording = span.is_recording()
+    span: Span | None
+    if (state.drops_unsampled and parent is not EMPTY
+            and not trace.get_current_span(parent).get_span_context().trace_flags.sampled):  # fmt: skip
+        # The sampler would drop the span: none is made; the handler runs in the context the message brought
+        # (its publishes carry it on, its log records get its ids).
+        span, running = None, parent
     else:
-        span = state.tracer.start_span(route.name, parent, route.kind, route.attributes, links)
-        if span.is_recording():
-            route.recording = True
-            span.set_attributes(_processed(delivery, route, {}))
-    token = otel_context.attach(trace.set_span_in_context(span, parent))
+        links = link_to_first(headers)
+        if route.recording:  # as in publish
+            attributes = _processed(delivery, route, dict(route.attributes))
+            span = state.tracer.start_span(route.name, parent, route.kind, attributes, links)
+            route.recording = span.is_recording()
+        else:
+            span = state.tracer.start_span(route.name, parent, route.kind, route.attributes, links)
+            if span.is_recording():
+                route.recording = True
+                span.set_attributes(_processed(delivery, route, {}))
+        running = trace.set_span_in_context(span, parent)
+    token = otel_context.attach(running)
     quiet = QUIET.set(False) if QUIET.get() else None
     route.consumed[0] += 1
     route.in_flight[0] += 1
@@ -169,7 +190,8 @@ async def consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
     try:
         await consumer.callback(delivery)
     except BaseException as exc:
-        _fail(span, exc)
+        if span is not None:
+            _fail(span, exc)
         raise
     finally:
         state.process_duration.record(time.perf_counter() - started, route.duration_attributes)
@@ -182,7 +204,8 @@ async def consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
         if quiet is not None:
             QUIET.reset(quiet)
         otel_context.detach(token)
-        span.end()
+        if span is not None:
+            span.end()
 
 
 async def rpc_call(
@@ -203,8 +226,13 @@ async def rpc_call(
             QUIET.reset(token)
     key = (client.exchange, client.routing_key, method, client.reply_queue)
     route = state.call_routes.get(key) or state.call_route(key)
-    span = state.tracer.start_span(route.name, kind=SpanKind.CLIENT, attributes=route.attributes)
-    inject(span.get_span_context(), carrier)
+    span: Span | None = None
+    parent = trace.get_current_span().get_span_context() if state.drops_unsampled else None
+    if parent is not None and parent.is_valid and not parent.trace_flags.sampled:
+        inject(parent, carrier)  # the sampler would drop the span: none is made, the context goes on as it is
+    else:
+        span = state.tracer.start_span(route.name, kind=SpanKind.CLIENT, attributes=route.attributes)
+        inject(span.get_span_context(), carrier)
     token = QUIET.set(True)
     started = time.perf_counter()
     outcome = "ok"
@@ -212,12 +240,14 @@ async def rpc_call(
         return await client.call(method, payload, returns=returns, timeout=timeout, headers=carrier)
     except BaseException as exc:
         outcome = type(exc).__name__
-        _fail(span, exc)
+        if span is not None:
+            _fail(span, exc)
         raise
     finally:
         QUIET.reset(token)
         state.rpc_duration.record(time.perf_counter() - started, route.outcome(outcome))
-        span.end()
+        if span is not None:
+            span.end()
 
 
 def handler_failed(exc: BaseException) -> None:

@@ -34,6 +34,7 @@ class Instruments:
 
     def __init__(self, tracer_provider: Any, meter_provider: Any) -> None:
         self.tracer = trace.get_tracer("amqpkit", __version__, tracer_provider=tracer_provider)
+        self.drops_unsampled = drops_unsampled_children(self.tracer)
         meter = metrics.get_meter("amqpkit", __version__, meter_provider=meter_provider)
         # The per-message counts are plain sums here, read by the SDK when it collects (observable
         # instruments): a delivery costs a dict update instead of an SDK measurement each.
@@ -80,6 +81,28 @@ class Instruments:
             self.call_routes = {}
         route = self.call_routes[key] = CallRoute(*key)
         return route
+
+
+def drops_unsampled_children(tracer: Any) -> bool:
+    """Whether ``tracer`` is known to drop every span whose parent was not sampled.
+
+    True for the SDK's default sampler and for ``ParentBased(root)`` with its default delegates (``ALWAYS_OFF``
+    for a remote and for a local parent not sampled). A message whose context is not sampled then needs no
+    span of its own: the hooks pass the context on as it came, and ask the SDK for nothing. Any other sampler
+    (a subclass, a delegate of the user's own) is asked, as before.
+    """
+    try:
+        from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
+    except ImportError:  # pragma: no cover - the otel extra installs the SDK
+        return False
+    sampler = getattr(tracer, "sampler", None)
+    if type(sampler) is not ParentBased:
+        return False
+    for delegate in (getattr(sampler, "_remote_parent_not_sampled", None),
+                     getattr(sampler, "_local_parent_not_sampled", None)):  # fmt: skip
+        if not isinstance(delegate, StaticSampler) or getattr(delegate, "_decision", None) is not Decision.DROP:
+            return False
+    return True
 
 
 class Tally:
