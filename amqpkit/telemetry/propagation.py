@@ -7,13 +7,14 @@ directly from the span context, without building a Context first.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Link, Span, SpanContext
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger("amqpkit.telemetry")
@@ -45,10 +46,27 @@ class _HeaderGetter(Getter[Mapping[str, Any]]):
 _GETTER = _HeaderGetter()
 
 
+_VERSION_00 = re.compile("00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_NO_TRACE, _NO_SPAN = "0" * 32, "0" * 16
+
+
 def extract(headers: Mapping[str, Any]) -> Context:
-    """The trace context a message's headers carry, or an empty context (a new trace) when none or malformed."""
-    if headers.get("traceparent") is None:
+    """The trace context a message's headers carry, or an empty context (a new trace) when none or malformed.
+
+    What amqpkit itself writes (a version-00 ``traceparent``, no ``tracestate``) is read here, in half the time
+    the propagator takes (no getter, no per-call pattern look-up); anything else goes to the propagator, which
+    decides as it always did.
+    """
+    value = headers.get("traceparent")
+    if value is None:
         return EMPTY
+    if type(value) is str and len(value) == 55 and "tracestate" not in headers:
+        match = _VERSION_00.fullmatch(value)
+        if match is not None:
+            trace_id, span_id, flags = match.groups()
+            if trace_id != _NO_TRACE and span_id != _NO_SPAN:
+                remote = SpanContext(int(trace_id, 16), int(span_id, 16), True, TraceFlags(int(flags, 16)))
+                return trace.set_span_in_context(NonRecordingSpan(remote), EMPTY)
     ctx = _PROPAGATOR.extract(headers, context=EMPTY, getter=_GETTER)
     if ctx is EMPTY:  # the propagator hands back the context it was given when the header does not parse
         shown = str(headers.get("traceparent"))[:80]

@@ -1,0 +1,54 @@
+"""Reading trace context from headers: amqpkit's own reading of a plain version-00 ``traceparent`` decides
+exactly as OpenTelemetry's W3C propagator does, for well-formed and malformed headers alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from amqpkit.telemetry.propagation import EMPTY, extract
+
+TRACE, SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+CASES: list[dict[str, Any]] = [
+    {"traceparent": f"00-{TRACE}-{SPAN}-01"},
+    {"traceparent": f"00-{TRACE}-{SPAN}-00"},
+    {"traceparent": f"00-{TRACE}-{SPAN}-03"},
+    {"traceparent": f"00-{TRACE}-{SPAN}-01", "tracestate": "vendor=abc,other=1"},
+    {"traceparent": f"00-{TRACE}-{SPAN}-01".encode()},  # bytes, as some clients' headers arrive
+    {"traceparent": f"00-{TRACE.upper()}-{SPAN}-01"},  # upper-case hex: malformed
+    {"traceparent": f"00-{'0' * 32}-{SPAN}-01"},  # all-zero trace id
+    {"traceparent": f"00-{TRACE}-{'0' * 16}-01"},  # all-zero span id
+    {"traceparent": f"ff-{TRACE}-{SPAN}-01"},  # version ff is invalid
+    {"traceparent": f"00-{TRACE}-{SPAN}-01-extra"},  # version 00 has no more fields
+    {"traceparent": f"01-{TRACE}-{SPAN}-01-extra"},  # a later version may
+    {"traceparent": f" 00-{TRACE}-{SPAN}-01"},  # leading blank
+    {"traceparent": f"00-{TRACE}-{SPAN}-0g"},
+    {"traceparent": f"00_{TRACE}-{SPAN}-01"},
+    {"traceparent": "00-not-a-trace-01"},
+    {"traceparent": 12345},
+    {"traceparent": ""},
+    {},
+]
+
+
+def _sdk(headers: dict[str, Any]) -> Context:
+    """What OpenTelemetry's W3C propagator reads from ``headers`` (bytes decoded, as amqpkit's getter does)."""
+    carrier = {k: v.decode("latin-1") if isinstance(v, bytes) else str(v) for k, v in headers.items()}
+    return TraceContextTextMapPropagator().extract(carrier, context=EMPTY)
+
+
+@pytest.mark.parametrize("headers", CASES, ids=[str(c.get("traceparent", "none"))[:48] for c in CASES])
+def test_extract_decides_as_the_w3c_propagator(headers: dict[str, Any]) -> None:
+    ours, theirs = extract(headers), _sdk(headers)
+    ours_span, theirs_span = trace.get_current_span(ours), trace.get_current_span(theirs)
+    assert ours_span.get_span_context() == theirs_span.get_span_context()
+    assert ours_span.get_span_context().trace_state == theirs_span.get_span_context().trace_state
+    if not theirs_span.get_span_context().is_valid:
+        assert ours is EMPTY  # a new trace
+    else:
+        assert ours_span.get_span_context().is_remote
