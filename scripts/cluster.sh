@@ -111,9 +111,11 @@ start_forwarders() {
   for n in 1 2 3; do
     d="$(dir "$n")"
     rm -f "$d/amqp.sock"
-    in_ns "$n" setsid socat "UNIX-LISTEN:$d/amqp.sock,fork,unlink-early,mode=600" TCP:127.0.0.1:5672 \
+    # nodelay on both TCP ends: without it, AMQP's small frames wait for the peer's delayed ACK
+    # (Nagle), which put ~40 ms on a tenth of all sequential RPC calls through the relay.
+    in_ns "$n" setsid socat "UNIX-LISTEN:$d/amqp.sock,fork,unlink-early,mode=600" TCP:127.0.0.1:5672,nodelay \
       </dev/null >/dev/null 2>"$d/log/socat-in.log" &
-    setsid socat "TCP-LISTEN:${PORTS[$((n - 1))]},bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$d/amqp.sock" \
+    setsid socat "TCP-LISTEN:${PORTS[$((n - 1))]},bind=127.0.0.1,fork,reuseaddr,nodelay" "UNIX-CONNECT:$d/amqp.sock" \
       </dev/null >/dev/null 2>"$d/log/socat-host.log" &
     echo $! >"$d/forwarder.pid"
   done
