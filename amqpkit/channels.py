@@ -198,10 +198,11 @@ class LowLevel:
     the one place they show.
     """
 
-    __slots__ = ("_core",)
+    __slots__ = ("_core", "_unconfirmed_in_flight")
 
     def __init__(self, core: BrokerCore) -> None:
         self._core = core
+        self._unconfirmed_in_flight = 0  # publish_unconfirmed calls between their start and their return
 
     async def open_channel(self, *, confirms: bool = False, prefetch: int | None = None) -> AbstractChannel:
         """A new channel on the current connection (waiting for it while reconnecting).
@@ -239,20 +240,32 @@ class LowLevel:
         core = self._core
         core.check_message_size(body)
         channel = core._channels.get("publish-fast")
+        conn = core._conn
         wait = core.settings.publish_timeout if timeout is None else timeout
+        self._unconfirmed_in_flight += 1
         try:
-            if channel is None or channel.is_closed or not core._connected.is_set():
+            if channel is None or channel.is_closed or conn is None or not core._connected.is_set():
                 async with asyncio.timeout(wait):
                     await core._ready()
                     channel = await core._channel("publish-fast", confirms=False)
-            with map_exceptions(kind="exchange", name=exchange):
-                # aiormq bounds the wait for room in its write queue (a blocked connection).
-                await aiormq_compat.publish_nowait(
-                    channel, body, exchange=exchange, routing_key=routing_key, properties=properties, timeout=wait
-                )
+                conn = core._conn
+            # The publish waits only for the channel's lock (held by another publish on it) or for room in
+            # the connection's write queue (full: a blocked connection). With neither, it cannot wait, and
+            # a timer armed for it (aiormq's timeout) would be set and cancelled for nothing on every reply.
+            may_wait = self._unconfirmed_in_flight > 1 or conn is None or conn.write_queue.full()
+            await aiormq_compat.publish_nowait(
+                channel, body, exchange=exchange, routing_key=routing_key, properties=properties,
+                timeout=wait if may_wait else None,
+            )  # fmt: skip
         except TimeoutError:
             shown = exchange or "(default exchange)"
             raise PublishTimeout(f"publish to {shown!r} not sent within {wait:g} s") from None
+        except Exception:
+            # Translated here, off the hot path: a context manager entered on every publish costs.
+            with map_exceptions(kind="exchange", name=exchange):
+                raise
+        finally:
+            self._unconfirmed_in_flight -= 1
 
     @staticmethod
     async def publish_nowait(
