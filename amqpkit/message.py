@@ -156,8 +156,11 @@ class _Settler:
             raise SettlementError(f"delivery {self.tag} has no channel to settle on")
         self.writing = outcome
         try:
+            await write(self.channel)
+        except Exception:
+            # Translated here, off the hot path: a context manager entered on every settlement costs.
             with map_exceptions(kind="delivery"):
-                await write(self.channel)
+                raise
         finally:
             self.writing = None
         self.outcome = outcome

@@ -215,7 +215,8 @@ class RpcServer:
             await raw.reject(requeue=False)
             return
         try:
-            result = await info(raw.with_value(value))
+            # A codec that hands the body back as it is (bytes) needs no decoded copy of the delivery.
+            result = await info(raw if value is raw.value else raw.with_value(value))
             body, content_type = reply_codec.encode(result), reply_codec.content_type
         except Exception as exc:
             self.failed += 1
@@ -230,7 +231,13 @@ class RpcServer:
             content_type = ERROR_CONTENT_TYPE
         await self._reply(reply_to, correlation_id, body, content_type)
         self.served += 1
-        await raw.ack()
+        # The reply is only queued for the connection's writer. Let the writer send it before the ack is
+        # built and queued: the caller's wait then does not include the ack. The ack goes out even if
+        # this task is cancelled at that point, as it did when nothing came between reply and ack.
+        try:
+            await asyncio.sleep(0)
+        finally:
+            await raw.ack()
 
     async def _reply(
         self, reply_to: str, correlation_id: str, body: bytes, content_type: str = ERROR_CONTENT_TYPE
@@ -240,7 +247,11 @@ class RpcServer:
         if len(body) > limit:
             body = error_body("MessageTooLarge", f"reply of {len(body)} bytes over {limit}")
             content_type = ERROR_CONTENT_TYPE
-        properties = Basic.Properties(content_type=content_type, correlation_id=correlation_id, delivery_mode=1)
+        # Transient without saying so (no delivery mode: a reply is never persisted). The message id is the
+        # request's correlation id: one reply per request, and aiormq does not make a random one per reply.
+        properties = Basic.Properties(
+            content_type=content_type, correlation_id=correlation_id, message_id=correlation_id
+        )
         await self.broker.lowlevel.publish_unconfirmed(body, properties, routing_key=reply_to)
 
 

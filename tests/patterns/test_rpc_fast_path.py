@@ -11,11 +11,111 @@ from typing import Any
 
 import aiormq
 import pytest
-from aiormq.abc import AbstractChannel
+from aiormq.abc import AbstractChannel, DeliveredMessage
 
-from amqpkit import Broker, aiormq_compat
+from amqpkit import Broker, Delivery, Queue, RpcClient, RpcServer, aiormq_compat
 
 from ..waiting import wait_for
+
+
+async def _basic_get(broker: Broker, queue: str) -> DeliveredMessage:
+    """One message of ``queue`` as the frame carries it (its raw AMQP properties)."""
+    channel = await broker.lowlevel.open_channel()
+    try:
+        for _ in range(100):
+            message = await channel.basic_get(queue, no_ack=True)
+            if isinstance(message.delivery, aiormq.spec.Basic.GetOk):
+                return message
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"nothing arrived in {queue}")
+    finally:
+        await channel.close()
+
+
+async def test_a_reply_is_sent_without_a_delivery_mode_under_the_request_correlation_id(
+    broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    replies = f"{name}.replies"
+    cleanup.append(f"q:{replies}")
+    await broker.declare_queue(Queue(replies))
+    server = RpcServer(broker, Queue(name, auto_delete=True))
+
+    @server.method("echo")
+    async def echo(body: bytes) -> bytes:
+        return body
+
+    async with server:
+        properties = aiormq.spec.Basic.Properties(correlation_id="c-1", reply_to=replies, message_type="echo")
+        channel = await broker.lowlevel.open_channel()
+        try:
+            await broker.lowlevel.publish_nowait(channel, b"hello", routing_key=name, properties=properties)
+            reply = await _basic_get(broker, replies)
+        finally:
+            await channel.close()
+    assert reply.body == b"hello"
+    got = reply.header.properties
+    assert got.delivery_mode is None
+    # One reply per request: its id is the request's correlation id, not a random one made per reply.
+    assert (got.correlation_id, got.message_id) == ("c-1", "c-1")
+
+
+async def test_the_reply_leaves_before_the_request_is_acked(
+    broker: Broker, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the server acks a request, its reply is no longer queued for the writer: the ack is not on the
+    caller's path. (Before, the ack was built and queued first, and the reply went out after it.)"""
+    queued_at_ack: list[int] = []
+    original_ack = Delivery.ack
+
+    async def ack(self: Delivery[Any]) -> None:
+        channel = broker.lowlevel.channel_of(self)
+        assert channel is not None
+        queued_at_ack.append(channel.connection.write_queue.qsize())
+        await original_ack(self)
+
+    monkeypatch.setattr(Delivery, "ack", ack)
+    server = RpcServer(broker, Queue(name, auto_delete=True))
+
+    @server.method("echo")
+    async def echo(body: bytes) -> bytes:
+        return body
+
+    async with server:
+        async with Broker(broker.settings) as caller, RpcClient(caller, name, timeout=10) as client:
+            for i in range(5):
+                assert await client.call("echo", b"%d" % i, returns=bytes) == b"%d" % i
+        await wait_for(lambda: len(queued_at_ack) == 5, 5)
+    assert queued_at_ack == [0] * 5
+
+
+async def test_a_server_task_cancelled_right_after_its_reply_still_acks(
+    broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    """The server yields once between queueing the reply and acking; a cancel landing there still acks,
+    as it did when nothing came between them (a reply sent and its request delivered again would run twice)."""
+    cleanup.append(f"q:{name}")
+    server = RpcServer(broker, Queue(name))  # durable: it keeps what a lost ack would requeue
+    calls = 0
+
+    @server.method("echo")
+    async def echo(body: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        if body == b"cut":
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().call_soon(task.cancel)  # lands on the server's yield after the reply
+        return body
+
+    async with server:
+        async with Broker(broker.settings) as caller, RpcClient(caller, name, timeout=10) as client:
+            # The first reply opens the server's reply channel (a wait a cancel could land on): not this one.
+            assert await client.call("echo", b"first", returns=bytes) == b"first"
+            assert await client.call("echo", b"cut", returns=bytes) == b"cut"
+        await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)
+    ready, _ = await broker.queue_counts(name)
+    assert (calls, ready) == (2, 0)  # acked: not back in the queue once the server's channel closed
 
 
 class _PublishSpy:
