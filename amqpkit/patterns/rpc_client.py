@@ -64,7 +64,8 @@ class RpcClient:
         self.codec: Codec[Any] = codec or AutoCodec()
         self.timeout = timeout
         self.reply_queue = reply_queue
-        self._pending: dict[str, asyncio.Future[Delivery[bytes]]] = {}
+        # Each call's future, by correlation id; its result is the reply's body and content type.
+        self._pending: dict[str, asyncio.Future[tuple[bytes, str | None]]] = {}
         self._ids = itertools.count()
         self._prefix = os.urandom(6).hex()
         self._channel: AbstractChannel | None = None
@@ -163,18 +164,22 @@ class RpcClient:
             self._fail_pending(ConnectionLost("the reply channel closed"))
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
-        """A reply over direct reply-to."""
-        await self._on_reply_delivery(self.broker.lowlevel.delivery(message, auto_ack=True))
+        """A reply over direct reply-to, read from the frame as it came (it is auto-acked: no Delivery needed)."""
+        properties = message.header.properties
+        self._complete(properties.correlation_id, message.body, properties.content_type)
 
     async def _on_reply_delivery(self, delivery: Delivery[bytes]) -> None:
+        """A reply over the exclusive reply queue."""
+        self._complete(delivery.correlation_id, delivery.body, delivery.content_type)
+
+    def _complete(self, cid: str | None, body: bytes, content_type: str | None) -> None:
         """A reply, by either route: it completes the call with its correlation id, or is dropped and counted."""
-        cid = delivery.correlation_id
         future = self._pending.pop(cid, None) if cid else None
         if future is None or future.done():
             self.dropped_replies += 1
             log.debug("dropped a reply with unknown or late correlation id %r", cid)
             return
-        future.set_result(delivery)
+        future.set_result((body, content_type))
 
     def _on_returned(self, message: DeliveredMessage) -> None:
         future = self._pending.pop(message.header.properties.correlation_id or "", None)
@@ -232,37 +237,36 @@ class RpcClient:
         body, content_type = encode_body(self.codec, payload)
         self.broker.check_message_size(body)
         cid = f"{self._prefix}.{next(self._ids)}"
-        future: asyncio.Future[Delivery[bytes]] = loop.create_future()
+        future: asyncio.Future[tuple[bytes, str | None]] = loop.create_future()
+        # No delivery mode: transient, as a request always is (one property less to encode per call).
         properties = Basic.Properties(
             content_type=content_type,
             correlation_id=cid,
             message_type=method,
             headers=dict(headers) if headers else {},
-            delivery_mode=1,
             message_id=cid,
         )
         self._pending[cid] = future
         try:
             async with asyncio.timeout_at(deadline):
                 await self._send(body, properties, future, deadline)
-                reply = await future
+                reply, reply_type = await future
         except TimeoutError:
             raise RpcTimeout(f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s") from None
         finally:
             self._pending.pop(cid, None)
             _settle_unread(future)
-        reply_type = reply.content_type
         if reply_type == "application/octet-stream" and returns is bytes:
-            return reply.body  # the common bytes reply, without parsing its content type
+            return reply  # the common bytes reply, without parsing its content type
         media = _media(reply_type)
         if media == ERROR_CONTENT_TYPE:
-            raise parse_error(reply.body)
+            raise parse_error(reply)
         return self._decode_reply(reply, returns, reply_type, media)
 
-    def _decode_reply(self, reply: Delivery[bytes], returns: Any, content_type: str | None, media: str) -> Any:
-        """Decode by the reply's content type, then check against ``returns`` when given."""
+    def _decode_reply(self, reply: bytes, returns: Any, content_type: str | None, media: str) -> Any:
+        """Decode the reply's body by its content type, then check against ``returns`` when given."""
         if media == "text/plain" or (not media and returns in (str, int, float)):
-            text = TextCodec().decode(reply.body, content_type)
+            text = TextCodec().decode(reply, content_type)
             if returns in (None, str):
                 return text
             try:
@@ -270,9 +274,9 @@ class RpcClient:
             except ValidationError as exc:
                 raise DecodeError(f"reply {text[:60]!r} is not a {returns!r}", errors=list(exc.errors())) from exc
         if media == "application/octet-stream" or returns is bytes:
-            return reply.body
+            return reply
         codec = self.codec if returns is None else codec_for(returns)
-        return codec.decode(reply.body, content_type)
+        return codec.decode(reply, content_type)
 
     async def _send(
         self, body: bytes, properties: Basic.Properties, future: asyncio.Future[Any], deadline: float

@@ -32,6 +32,21 @@ async def _basic_get(broker: Broker, queue: str) -> DeliveredMessage:
         await channel.close()
 
 
+async def test_a_request_is_sent_without_a_delivery_mode(broker: Broker, name: str, cleanup: list[str]) -> None:
+    """Transient is what no delivery mode means: the property is not encoded on every call."""
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name))  # a queue nobody serves: the request waits there
+    async with RpcClient(broker, name, timeout=5) as client:
+        call = asyncio.create_task(client.call("echo", b"x", returns=bytes))
+        request = await _basic_get(broker, name)  # taken while the call waits (it expires with the call)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    properties = request.header.properties
+    assert properties.delivery_mode is None
+    assert properties.message_id == properties.correlation_id  # its own id: aiormq makes none per call
+
+
 async def test_a_reply_is_sent_without_a_delivery_mode_under_the_request_correlation_id(
     broker: Broker, name: str, cleanup: list[str]
 ) -> None:
