@@ -267,27 +267,9 @@ class LowLevel:
         finally:
             self._unconfirmed_in_flight -= 1
 
-    @staticmethod
-    async def publish_nowait(
-        channel: AbstractChannel,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Basic.Properties | None = None,
-        mandatory: bool = False,
-        timeout: float | None = None,
-    ) -> None:
-        """Publish on a channel of your own without waiting for the write (see :mod:`amqpkit.aiormq_compat`)."""
-        await aiormq_compat.publish_nowait(
-            channel,
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=mandatory,
-            timeout=timeout,
-        )
+    # Publish on a channel of your own without waiting for the write (see :mod:`amqpkit.aiormq_compat`):
+    # aiormq_compat's own function, not a coroutine wrapped around it (RpcClient sends every request through it).
+    publish_nowait = staticmethod(aiormq_compat.publish_nowait)
 
     @staticmethod
     def hook_returns(channel: AbstractChannel, callback: Callable[[DeliveredMessage], None]) -> bool:

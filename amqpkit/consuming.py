@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -194,10 +195,8 @@ class Consuming(TopologyRegistry):
         with map_exceptions(kind="queue", name=queue_name):
             channel = await conn.channel(publisher_confirms=False)
             await channel.basic_qos(prefetch_count=consumer.prefetch)
-
-            async def on_message(message: DeliveredMessage) -> None:
-                await self._dispatch(consumer, message)
-
+            # aiormq runs it in a task of its own per delivery: _dispatch itself, no coroutine wrapped around it.
+            on_message = functools.partial(self._dispatch, consumer)
             channel.on_consumer_cancel_callbacks.add(lambda frame: self._on_broker_cancel(consumer, channel))
             await channel.basic_consume(
                 queue_name,

@@ -59,6 +59,7 @@ class RpcClient:
         if timeout <= 0:
             raise ValueError("an RPC timeout must be positive (calls always end)")
         self.broker = broker
+        self._lowlevel = broker.lowlevel
         self.routing_key = queue
         self.exchange = exchange
         self.codec: Codec[Any] = codec or AutoCodec()
@@ -144,7 +145,7 @@ class RpcClient:
             # Requests go out mandatory without confirms: a returned request (no
             # queue took it) fails its call through the return hook, and the
             # broker sends no confirm frame per call.
-            lowlevel = self.broker.lowlevel
+            lowlevel = self._lowlevel
             channel = await lowlevel.open_channel(confirms=False)
             self.fast_returns = lowlevel.hook_returns(channel, self._on_returned)
             if not self.fast_returns:
@@ -317,7 +318,7 @@ class RpcClient:
         properties.reply_to = DIRECT_REPLY_TO
         _stamp_budget(properties, deadline)
         try:
-            await self.broker.lowlevel.publish_nowait(
+            await self._lowlevel.publish_nowait(
                 channel, body, exchange=self.exchange, routing_key=self.routing_key, properties=properties,
                 mandatory=True,
             )  # fmt: skip
