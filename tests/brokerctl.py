@@ -278,26 +278,6 @@ def stop_orphan_nodes() -> None:
             _node_ctl(f"{m.group(1)}@localhost", "stop", timeout=60)
 
 
-def main() -> None:
-    """``python -m tests.brokerctl``: a node of one's own until Enter or Ctrl-C, for the whole-broker tests."""
-    import sys
-
-    with tempfile.TemporaryDirectory(prefix="amqpkit-node-") as d:
-        spare = SpareNode(Path(d))
-        spare.start()
-        try:
-            print(f"export AMQP_URL={spare.url} {NODE_ENV}={spare.name}", flush=True)
-            print("(Enter or Ctrl-C stops the node)", file=sys.stderr, flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                sys.stdin.readline()
-        finally:
-            spare.stop()
-
-
-if __name__ == "__main__":
-    main()
-
-
 @contextlib.contextmanager
 def consumer_timeout_node(directory: Path, timeout_ms: int) -> Iterator[SpareNode]:
     """A node of its own whose ``consumer_timeout`` is ``timeout_ms``, checked every second; stopped after.
@@ -316,3 +296,23 @@ def consumer_timeout_node(directory: Path, timeout_ms: int) -> Iterator[SpareNod
         yield node
     finally:
         node.stop()
+
+
+def main() -> None:
+    """``python -m tests.brokerctl``: a node of one's own until Enter or Ctrl-C, for the whole-broker tests."""
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="amqpkit-node-") as d:
+        spare = SpareNode(Path(d))
+        spare.start()
+        try:
+            print(f"export AMQP_URL={spare.url} {NODE_ENV}={spare.name}", flush=True)
+            print("(Enter or Ctrl-C stops the node)", file=sys.stderr, flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                sys.stdin.readline()
+        finally:
+            spare.stop()
+
+
+if __name__ == "__main__":
+    main()
