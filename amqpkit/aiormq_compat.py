@@ -16,10 +16,16 @@ path. What amqpkit relies on:
   channel without confirms it logs and drops them. :func:`hook_returns`
   replaces that handler on one channel so that a returned message reaches
   its sender without a confirm round trip per message (the RPC fast path).
+- ``Channel._on_deliver_frame`` (with the same two readers): how a channel
+  reads a ``basic.deliver``. aiormq runs every consumer callback in a task
+  of its own; :func:`hook_deliveries` reads one consumer's deliveries in
+  the channel's reader and hands them to a plain function instead (direct
+  replies to RPC calls: no task, no coroutine per reply).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +33,17 @@ import aiormq
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
-__all__ = ["AmqpConnection", "closed_on_open", "hook_returns", "publish_nowait", "returns_hookable"]
+__all__ = [
+    "AmqpConnection",
+    "closed_on_open",
+    "deliveries_hookable",
+    "hook_deliveries",
+    "hook_returns",
+    "publish_nowait",
+    "returns_hookable",
+]
+
+log = logging.getLogger("amqpkit.aiormq_compat")
 
 
 class AmqpConnection(aiormq.Connection):
@@ -86,6 +102,43 @@ def hook_returns(channel: AbstractChannel, callback: Callable[[DeliveredMessage]
 
     try:
         channel._on_return_frame = on_return  # type: ignore[attr-defined]
+    except AttributeError:
+        return False
+    return True
+
+
+def deliveries_hookable(channel: AbstractChannel) -> bool:
+    """Whether ``channel`` has the internals :func:`hook_deliveries` replaces (aiormq as pinned: always)."""
+    return all(hasattr(channel, name) for name in (_READ_HEADER, "_read_content", "_on_deliver_frame"))
+
+
+def hook_deliveries(channel: AbstractChannel, consumer_tag: str, callback: Callable[[DeliveredMessage], None]) -> bool:
+    """Hand ``consumer_tag``'s deliveries on ``channel`` to ``callback``, called in the channel's reader.
+
+    ``callback`` must be quick and must not block: the channel reads nothing
+    else while it runs. An exception it raises is logged, not raised into the
+    reader. Other consumers of the channel are served as before. Returns
+    False, and changes nothing, if aiormq's internals are not as expected
+    (the consumer then keeps aiormq's task per delivery).
+    """
+    if not deliveries_hookable(channel):
+        return False
+    read_header = getattr(channel, _READ_HEADER)
+    read_content = channel._read_content  # type: ignore[attr-defined]
+    others = channel._on_deliver_frame  # type: ignore[attr-defined]
+
+    async def on_deliver(frame: Basic.Deliver) -> None:
+        if frame.consumer_tag != consumer_tag:
+            await others(frame)
+            return
+        message = await read_content(frame, await read_header())
+        try:
+            callback(message)
+        except Exception:
+            log.exception("a delivery callback failed on consumer %s", consumer_tag)
+
+    try:
+        channel._on_deliver_frame = on_deliver  # type: ignore[attr-defined]
     except AttributeError:
         return False
     return True

@@ -277,6 +277,17 @@ class LowLevel:
         return aiormq_compat.hook_returns(channel, callback)
 
     @staticmethod
+    def hook_deliveries(
+        channel: AbstractChannel, consumer_tag: str, callback: Callable[[DeliveredMessage], None]
+    ) -> bool:
+        """Hand one consumer's deliveries to a plain function in the channel's reader, no task per delivery.
+
+        For a consumer whose work per message is a few lines (completing a
+        future): ``callback`` must not block. False if aiormq does not allow it.
+        """
+        return aiormq_compat.hook_deliveries(channel, consumer_tag, callback)
+
+    @staticmethod
     def channel_of(delivery: Delivery[Any]) -> AbstractChannel | None:
         """The channel ``delivery`` came on (where it is settled), if any."""
         return delivery_channel(delivery)

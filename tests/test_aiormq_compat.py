@@ -19,7 +19,7 @@ from amqpkit import Broker, NoResponder, Queue, RpcClient, RpcServer, aiormq_com
 def test_the_internals_are_where_the_compat_module_says() -> None:
     assert aiormq_compat.AmqpConnection.HEARTBEAT_GRACE_MULTIPLIER == 1
     assert aiormq.Connection.HEARTBEAT_GRACE_MULTIPLIER == 3  # what aiormq would do without us
-    for name in ("_Channel__get_content_header", "_read_content", "_on_return_frame"):
+    for name in ("_Channel__get_content_header", "_read_content", "_on_return_frame", "_on_deliver_frame"):
         assert hasattr(aiormq.Channel, name), f"aiormq {version('aiormq')} has no Channel.{name}"
     assert "wait" in aiormq.Channel.basic_publish.__code__.co_varnames
 
@@ -56,6 +56,7 @@ async def test_rpc_runs_on_the_fast_return_path(broker: Broker, name: str) -> No
     async with server, RpcClient(broker, name) as client:
         assert await client.call("add", [1, 2], returns=int) == 3
         assert client.fast_returns, "the RPC client fell back to confirming each request"
+        assert client.fast_replies, "the RPC client fell back to a task per direct reply"
         started = time.monotonic()
         with pytest.raises(NoResponder):
             await RpcClient(broker, f"{name}.nobody", timeout=10).call("add", [1, 1])

@@ -80,6 +80,8 @@ class RpcClient:
         # Requests go out on a channel without confirms, their returns read by a hook (see
         # amqpkit.aiormq_compat); False once a start had to fall back to confirming each request.
         self.fast_returns = True
+        # Direct replies are read in the reply channel's reader (no task per reply); False when they could not be.
+        self.fast_replies = False
 
     @property
     def pending(self) -> int:
@@ -153,7 +155,10 @@ class RpcClient:
                 await channel.close()
                 channel = await lowlevel.open_channel(confirms=True)
             with map_exceptions(kind="queue", name=DIRECT_REPLY_TO):
-                await channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+                ok = await channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+            # A reply only completes a future: read it in the channel's reader, without a task per reply.
+            tag = ok.consumer_tag
+            self.fast_replies = tag is not None and lowlevel.hook_deliveries(channel, tag, self._on_reply_frame)
             self._channel = channel
             channel.closing.add_done_callback(lambda _: self._on_channel_closed(channel))
             return channel
@@ -165,6 +170,10 @@ class RpcClient:
             self._fail_pending(ConnectionLost("the reply channel closed"))
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
+        """A reply over direct reply-to, in a task of aiormq's (when :meth:`_on_reply_frame` could not be hooked)."""
+        self._on_reply_frame(message)
+
+    def _on_reply_frame(self, message: DeliveredMessage) -> None:
         """A reply over direct reply-to, read from the frame as it came (it is auto-acked: no Delivery needed)."""
         properties = message.header.properties
         self._complete(properties.correlation_id, message.body, properties.content_type)

@@ -196,3 +196,34 @@ async def test_an_unconfirmed_publish_is_bounded_while_another_one_waits(
     assert spy.timeouts == [None, broker.settings.publish_timeout]
     await broker.lowlevel.publish_unconfirmed(b"3", properties, routing_key=f"{name}.nowhere")
     assert spy.timeouts[-1] is None  # the count of publishes in flight went back down
+
+
+async def test_a_direct_reply_completes_its_call_without_a_task_per_reply(broker: Broker, name: str) -> None:
+    """The reply is read from its frame and completes the call's future there: aiormq makes no task for it."""
+    server = RpcServer(broker, Queue(name, auto_delete=True))
+
+    @server.method("echo")
+    async def echo(body: bytes) -> bytes:
+        return body
+
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+    default_factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        made.append(getattr(coro, "__qualname__", ""))
+        if default_factory is not None:
+            return default_factory(loop, coro, **kwargs)  # type: ignore[return-value]
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with server, RpcClient(broker, name, timeout=5) as client:
+        assert await client.call("echo", b"warm", returns=bytes) == b"warm"
+        loop.set_task_factory(counting)
+        try:
+            for n in range(20):
+                assert await client.call("echo", str(n).encode(), returns=bytes) == str(n).encode()
+        finally:
+            loop.set_task_factory(default_factory)
+        assert client.fast_replies, "the RPC client fell back to a task per reply"
+    per_reply = [q for q in made if q.startswith("RpcClient.")]
+    assert per_reply == [], f"{len(per_reply)} tasks for 20 replies: {sorted(set(per_reply))}"
