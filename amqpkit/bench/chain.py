@@ -69,6 +69,7 @@ __all__ = [
 ROLES = ("d", "c", "b")  # started in this order, so that each service's next one is up first
 NEXT = {"b": "c", "c": "d", "d": ""}
 LISTENS = {"b": "requested", "c": "b.done", "d": "c.done"}
+LAST_ROLE = "d"  # its `d.done` goes back to A
 CORRELATION = "x-chain-id"
 EXPIRED = "expired"  # the event chain: a request's time ran out before its last step (A binds it too)
 EXPIRED_AT = "x-expired-at"  # the service it ran out in
@@ -222,9 +223,10 @@ class ChainEventsService(Hop):
                 await self.publisher.publish(delivery.body, routing_key=EXPIRED, headers=headers)
                 return
             headers[TIMEOUT_HEADER] = left_ms
-            await self.publisher.publish(
-                delivery.body, routing_key=done_key, headers=headers, expiration=left_ms / 1000
-            )
+            # Into the next service's queue it expires with the time left (dead-lettered to A as `expired`);
+            # the last step's event goes to A, whose queue has no dead-letter route: it must not expire there.
+            expiration = left_ms / 1000 if role != LAST_ROLE else None
+            await self.publisher.publish(delivery.body, routing_key=done_key, headers=headers, expiration=expiration)
             self.received += 1
 
         # An event that expires while it waits here is dead-lettered to A as `expired`, not dropped unseen.

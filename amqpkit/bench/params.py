@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..settings import redact_url
+from .base import Kind
 from .burst import profile_seconds
 from .otel import OTEL_MODES
 from .results import Arm
@@ -116,6 +117,10 @@ class BenchParams(BaseModel):
     def drain_timeout(self) -> float:
         """How long a burst run waits, after its last send, for its backlog to drain."""
         return max(60.0, 2 * profile_seconds(self.burst or ()))
+
+    def deadline_for(self, kind: Kind) -> float:
+        """A caller's deadline: ``deadline``; in a burst, an event chain's caller waits as long as the drain."""
+        return self.drain_timeout() if self.burst is not None and kind is Kind.EVENTS else self.deadline
 
     def public(self) -> dict[str, Any]:
         doc = self.model_dump()

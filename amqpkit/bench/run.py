@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ..settings import BrokerSettings
-from .base import ClientOptions, ClientSide, Kind, ServerOptions, Window
+from .base import ClientOptions, ClientSide, ServerOptions, Window
 from .burst import run_burst
 from .chain import ROLES
 from .loads import Operation, closed_loop, open_loop, run_in_loop
@@ -77,7 +77,7 @@ async def run_bench(
             await side.start()
             if window is not None:
                 windows[scenario] = window
-            deadline = params.drain_timeout() if params.burst and kind_of(scenario) is Kind.EVENTS else params.deadline
+            deadline = params.deadline_for(kind_of(scenario))
             client = CLIENTS[scenario](ClientOptions(
                 url=arm.client_url, queue=f"amqpkit.bench.{scenario}.{tag}", size=params.size,
                 queue_type=params.queue_type, endpoint=side.endpoint, deadline=deadline, prefetch=params.prefetch,
