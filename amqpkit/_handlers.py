@@ -113,7 +113,7 @@ class HandlerInfo:
             raise
         except BrokenProcessPool:
             assert isinstance(self.runner, ProcessRunner)
-            raise self.runner.crash(future, self.name) from None
+            raise await asyncio.to_thread(self.runner.crash, future, self.name) from None
         except _Carried as carried:
             raise carried.restore()  # noqa: B904 - the child's traceback is chained as its cause
 

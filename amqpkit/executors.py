@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
@@ -172,14 +173,22 @@ class ProcessRunner:
         self._free.put_nowait(slot)
 
     def crash(self, future: concurrent.futures.Future[Any], handler: str) -> HandlerCrashed:
-        """The error for a call whose process died under it (with its exit status when known)."""
+        """The error for a call whose process died under it (with its exit status when known).
+
+        It may wait up to 2 s for the status (run it off the event loop): the pool's own thread may be
+        reaping the same process, and until it has, the status reads as unknown.
+        """
         code: int | None = None
+        give_up = time.monotonic() + 2.0
         for process in getattr(future, "_amqpkit_processes", ()):
-            with contextlib.suppress(Exception):
-                process.join(timeout=0.2)  # it is dead: this only collects its exit status
-                if process.exitcode:
-                    code = process.exitcode
-                    break
+            status: int | None = None
+            while status is None and time.monotonic() < give_up:
+                with contextlib.suppress(Exception):
+                    process.join(timeout=0.1)  # it is dead (or told to end): this only collects its status
+                status = process.exitcode
+            if status:
+                code = status
+                break
         how = f"exit status {code}" if code is not None and code >= 0 else ""
         if code is not None and code < 0:
             how = f"killed by signal {-code}"
