@@ -49,8 +49,13 @@ class Telemetry:
 
 @pytest.fixture
 def otel() -> Iterator[Telemetry]:
+    yield from instrumented()
+
+
+def instrumented(sampler: Any = None) -> Iterator[Telemetry]:
+    """Instruments amqpkit with in-memory span and metric readers (and ``sampler``); undone after the yield."""
     exporter = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
+    tracer_provider = TracerProvider(sampler=sampler)
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])

@@ -24,7 +24,7 @@ from amqpkit import Broker, Delivery, Envelope, Queue, RpcClient, RpcServer, tel
 from amqpkit.telemetry import hooks
 
 from ..waiting import wait_for
-from .conftest import Telemetry
+from .conftest import Telemetry, instrumented
 
 
 class _Counting:
@@ -51,18 +51,7 @@ def _counting() -> _Counting:
 @pytest.fixture
 def sampled_out() -> Iterator[Telemetry]:
     """Instrumented with ParentBased(ALWAYS_OFF): a trace's root is dropped, and so is everything under it."""
-    exporter = InMemorySpanExporter()
-    tracer_provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
-    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    telemetry.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
-    try:
-        yield Telemetry(exporter, reader, tracer_provider)
-    finally:
-        telemetry.uninstrument()
-        tracer_provider.shutdown()
-        meter_provider.shutdown()
+    yield from instrumented(ParentBased(ALWAYS_OFF))
 
 
 async def test_a_one_way_message_makes_two_spans_and_one_measurement(
