@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -88,9 +89,34 @@ def comparisons(result: BenchResult) -> list[dict[str, object]]:
                     "level": _level_label(result, level),
                     "p50_ratio": round(lp50 / rp50, 3) if rp50 else None,
                     "throughput_ratio": round(lthr / rthr, 3) if rthr else None,
+                    "p50_ratio_range": _ratio_range(result, left, right, level, lambda r: r.latency_us.p50),
+                    "throughput_ratio_range": _ratio_range(result, left, right, level, lambda r: r.throughput_per_s),
                 }
             )
     return rows
+
+
+def _ratio_range(
+    result: BenchResult, left: str, right: str, level: int | float, metric: Callable[[RunResult], float]
+) -> tuple[float, float] | None:
+    """The lowest and highest ``left / right`` ratio of one repeat's runs (None with fewer than two repeats).
+
+    Repeats are interleaved, so a repeat's two runs met the same machine; how far the repeats' ratios
+    disagree says how much of the ratio of medians is noise.
+    """
+    rights = {r.run: metric(r) for r in result.runs(right, level)}
+    ratios = [metric(r) / rights[r.run] for r in result.runs(left, level) if rights.get(r.run)]
+    if len(ratios) < 2:
+        return None
+    return round(min(ratios), 3), round(max(ratios), 3)
+
+
+def _ratio_cell(ratio: object, spread: object) -> str:
+    if not isinstance(ratio, float | int):
+        return "-"
+    if not isinstance(spread, tuple):
+        return f"{ratio:.2f}x"
+    return f"{ratio:.2f}x [{spread[0]:.2f}-{spread[1]:.2f}]"
 
 
 def _spread(result: BenchResult, scenario: str, level: int | float, metric: str) -> str:
@@ -126,14 +152,16 @@ def print_report(result: BenchResult, console: Console | None = None) -> None:
         console.print(_table(result, result.chain, title="a chain of services: A -> B -> C -> D, end to end"))
     rows = comparisons(result)
     if rows:
-        ratios = Table(title="side by side (ratios of medians, same run)")
+        title = "side by side (ratios of medians, same run"
+        title += "; [lowest-highest ratio of one repeat's runs])" if p.repeat > 1 else ")"
+        ratios = Table(title=title)
         for col in ("comparison", "load", "p50 latency ratio", "throughput ratio"):
             ratios.add_column(col)
         for row in rows:
             ratios.add_row(
                 str(row["meaning"]), str(row["level"]),
-                "-" if row["p50_ratio"] is None else f"{row['p50_ratio']:.2f}x",
-                "-" if row["throughput_ratio"] is None else f"{row['throughput_ratio']:.2f}x",
+                _ratio_cell(row["p50_ratio"], row["p50_ratio_range"]),
+                _ratio_cell(row["throughput_ratio"], row["throughput_ratio_range"]),
             )  # fmt: skip
         console.print(ratios)
     if result.burst:
