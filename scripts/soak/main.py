@@ -158,6 +158,49 @@ async def queue_table(ctl: Ctl) -> list[dict[str, Any]]:
         return [{"error": str(exc)[:300]}]
 
 
+QUORUM_COUNTS = ("num_messages", "num_ready_messages", "num_checked_out", "num_discarded", "num_discard_checked_out")
+
+
+def quorum_state_expression(vhost: str = "/") -> str:
+    """An Erlang expression for ``rabbitmqctl eval``: each quorum queue of ``vhost`` with its state machine's
+    counts, as one JSON line. ``num_discarded`` and ``num_discard_checked_out`` are the messages a queue holds
+    for at-least-once dead-lettering (not yet taken by its target): list_queues shows them nowhere."""
+    counts = ", ".join(QUORUM_COUNTS)
+    quoted = vhost.replace("\\", "\\\\").replace('"', '\\"')
+    return (
+        'J = [#{<<"name">> => N, <<"counts">> => maps:with([' + counts + "], O)}"
+        f' || Q <- rabbit_amqqueue:list(<<"{quoted}">>), amqqueue:get_type(Q) =:= rabbit_quorum_queue,'
+        " {resource, _, queue, N} <- [amqqueue:get_name(Q)],"
+        " {ok, {_, O}, _} <- [catch ra:local_query(amqqueue:get_pid(Q), fun rabbit_fifo:overview/1)]],"
+        ' io:format("~s~n", [rabbit_json:encode(J)]).'
+    )
+
+
+def parse_quorum_state(out: str) -> dict[str, dict[str, int]]:
+    """The JSON line of :func:`quorum_state_expression`'s output: {queue name: counts}."""
+    line = next((x for x in out.splitlines() if x.startswith("[")), "[]")
+    return {str(row["name"]): {k: int(v) for k, v in row["counts"].items()} for row in json.loads(line)}
+
+
+async def quorum_state(ctl: Ctl, vhost: str = "/") -> dict[str, Any]:
+    """{queue: counts} for the node's quorum queues, or {"error": ...} when it cannot be read."""
+    try:
+        return parse_quorum_state(await ctl.run("eval", quorum_state_expression(vhost), timeout=60))
+    except (CtlError, ValueError, KeyError, TimeoutError) as exc:
+        return {"error": str(exc)[:300]}
+
+
+def held_for_dead_lettering(state: dict[str, Any]) -> dict[str, int]:
+    """The soak's quorum queues that still hold messages for dead-lettering, with how many."""
+    held = {}
+    for name, counts in state.items():
+        if name.startswith("soak.") and isinstance(counts, dict):
+            n = counts.get("num_discarded", 0) + counts.get("num_discard_checked_out", 0)
+            if n:
+                held[name] = n
+    return held
+
+
 async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, state: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -312,6 +355,7 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
         drain_s = clock.now() - load_s
         say(f"drained in {drain_s:.0f} s")
         queues = await queue_table(ctl)
+        quorum = await quorum_state(ctl)
 
         pubsub_part = await off_loop(
             pubsub_ledger, list(pubsub.sent), snapshot(pubsub.arrivals), list(pubsub.windows), **kw
@@ -319,6 +363,10 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
         task_part = await off_loop(tasks_now, list(tasks.sent), workdir, letters, clock.wall0)
         rpc_part = await off_loop(rpc_ledger, list(rpc.calls), margin=args.rpc_margin, stalls=list(stalls))
         failures = pubsub_part.pop("failures") + task_part.pop("failures") + rpc_part.pop("failures")
+        held = held_for_dead_lettering(quorum)
+        task_part["held_for_dead_lettering_at_end"] = held
+        if held:
+            failures.append(f"quorum queues still hold messages for dead-lettering at the end: {held}")
         if node is not None:
             deleted = [
                 {"queue": q, "t_s": clock.of_wall(t)}
@@ -414,6 +462,7 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
                 "warnings_and_errors": [{"line": k, "times": n} for k, n in tally.kinds.most_common(20)],
             },
             "queues_at_end": queues,
+            "quorum_queues_at_end": quorum,
         }
         state["ledger"] = ledger
         # The raw records, so the accounting can be done again (or better) from the same run.
@@ -448,9 +497,12 @@ async def off_loop(fn: Callable[..., R], *args: Any, **kw: Any) -> R:
 
 
 async def _anything_left(ctl: Ctl) -> bool:
-    """Does any of the soak's queues (the DLQ aside) still hold messages?"""
+    """Does any of the soak's queues (the DLQ aside) still hold messages, dead-letters in waiting included?"""
     rows = await queue_table(ctl)
     if rows and "error" in rows[0]:
+        return True
+    quorum = await quorum_state(ctl)
+    if "error" in quorum or held_for_dead_lettering(quorum):
         return True
     for row in rows:
         name = str(row.get("name", ""))
