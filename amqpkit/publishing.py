@@ -10,10 +10,13 @@ same message id. An unconfirmed publish (``confirm=False``) goes through
 from __future__ import annotations
 
 import asyncio
+import contextlib
+
+from aiormq.abc import AbstractChannel
 
 from . import _hooks
 from .channels import BrokerCore
-from .errors import ConnectionLost, PublishError, PublishTimeout, TopologyError, map_exceptions
+from .errors import ConnectionLost, PublishError, PublishNacked, PublishTimeout, TopologyError, map_exceptions
 from .message import Envelope, basic_properties
 from .topology import Exchange
 
@@ -25,7 +28,12 @@ _BUILTIN_EXCHANGES = frozenset(
 )
 
 
+RETIRE_AT_MOST_EVERY = 1.0  # seconds between two replacements of the publishing channel after nacks
+
+
 class Publishing(BrokerCore):
+    _publish_channel_retired = float("-inf")  # loop time the publishing channel was last replaced after a nack
+
     """The Broker's publishing layer (a base of :class:`~amqpkit.Broker`)."""
 
     async def publish(
@@ -96,6 +104,12 @@ class Publishing(BrokerCore):
             except TopologyError as exc:
                 self._known_exchanges.discard(exchange_name)
                 raise PublishError(f"publish refused: {exc}") from exc
+            except PublishNacked:
+                # The next publish goes on a fresh channel. On RabbitMQ 3.10 a channel opened while a quorum
+                # queue had no leader (a reconnect within a failover) nacked every publish to it for minutes,
+                # while a channel opened later had the same publishes acked.
+                self._retire_publish_channel(channel)
+                raise
             except ConnectionLost:
                 if self._closing:
                     raise
@@ -106,6 +120,25 @@ class Publishing(BrokerCore):
                 self.republished += 1
                 await asyncio.sleep(0.01)
                 continue
+
+    def _retire_publish_channel(self, channel: AbstractChannel | None) -> None:
+        """Stop using ``channel`` for publishes; close it once the confirms it still waits for are in."""
+        if channel is None or self._channels.get("publish") is not channel:
+            return  # already replaced (another publish on it was nacked too)
+        now = asyncio.get_running_loop().time()
+        if now - self._publish_channel_retired < RETIRE_AT_MOST_EVERY:
+            return  # a full queue nacks in bursts: one new channel a second is enough, not one per nack
+        self._publish_channel_retired = now
+        del self._channels["publish"]
+
+        async def close_when_settled(retired: AbstractChannel) -> None:
+            waiting = list(getattr(retired, "confirmations", {}).values())
+            if waiting:
+                await asyncio.wait(waiting, timeout=self.settings.publish_timeout)
+            with contextlib.suppress(Exception):
+                await retired.close()
+
+        self._spawn(close_when_settled(channel))
 
     async def _check_exchange(self, name: str) -> None:
         """Make sure an exchange we did not declare exists before publishing to it on the shared channel.
