@@ -26,13 +26,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from amqpkit.bench import clients, servers
 from amqpkit.bench.base import ClientOptions, ServerOptions
+from amqpkit.bench.scenarios import REGISTRY
 
-KINDS: dict[str, tuple[Any, Any]] = {
-    "rpc": (servers.AmqpkitRpcServer, clients.AmqpkitRpcClient),
-    "raw-rpc": (servers.RawRpcServer, clients.RawRpcClient),
-}
+# The bench's own scenarios, serving and driving sides as it runs them.
+KINDS: dict[str, tuple[Any, Any]] = {n: (REGISTRY[n].server, REGISTRY[n].client) for n in ("rpc", "raw-rpc")}
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
