@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .report_compare import ratio_text
 from .results import BenchResult, RunResult
 
 __all__ = ["comparisons", "plot", "print_report"]
@@ -111,14 +112,6 @@ def _ratio_range(
     return round(min(ratios), 3), round(max(ratios), 3)
 
 
-def _ratio_cell(ratio: object, spread: object) -> str:
-    if not isinstance(ratio, float | int):
-        return "-"
-    if not isinstance(spread, tuple):
-        return f"{ratio:.2f}x"
-    return f"{ratio:.2f}x [{spread[0]:.2f}-{spread[1]:.2f}]"
-
-
 def _spread(result: BenchResult, scenario: str, level: int | float, metric: str) -> str:
     if result.params.repeat < 2:
         return ""
@@ -160,8 +153,8 @@ def print_report(result: BenchResult, console: Console | None = None) -> None:
         for row in rows:
             ratios.add_row(
                 str(row["meaning"]), str(row["level"]),
-                _ratio_cell(row["p50_ratio"], row["p50_ratio_range"]),
-                _ratio_cell(row["throughput_ratio"], row["throughput_ratio_range"]),
+                ratio_text(row["p50_ratio"], row["p50_ratio_range"]),
+                ratio_text(row["throughput_ratio"], row["throughput_ratio_range"]),
             )  # fmt: skip
         console.print(ratios)
     if result.burst:

@@ -30,13 +30,22 @@ def _figure(runs: list[RunResult], spread: bool) -> tuple[str, str]:
     return thr, lat
 
 
+def ratio_text(ratio: object, spread: object = None, *, sep: str = " ") -> str:
+    """A ratio as ``1.10x``; with ``spread``, the (low, high) of the per-repeat ratios: ``1.10x [0.80-1.50]``."""
+    if not isinstance(ratio, float | int):
+        return "-"
+    text = f"{ratio:.2f}x"
+    if isinstance(spread, tuple) and len(spread) == 2:
+        text += f"{sep}\\[{spread[0]:.2f}-{spread[1]:.2f}]"  # rich reads [..] as markup unless escaped
+    return text
+
+
 def _ratio(summary: dict[str, float] | None, spread: bool) -> str:
     if summary is None:
         return "-"
-    text = f"{summary['median']:.2f}x"
     if spread and summary["min"] != summary["max"]:
-        text += f"\n\\[{summary['min']:.2f}-{summary['max']:.2f}]"
-    return text
+        return ratio_text(summary["median"], (summary["min"], summary["max"]), sep="\n")
+    return ratio_text(summary["median"])
 
 
 def print_compare(result: BenchResult, console: Console) -> None:
