@@ -74,6 +74,8 @@ class BrokerCore:
         # Exchanges a publish may use on the shared confirm channel: ours, or seen to exist on this connection.
         self._known_exchanges: set[str] = set()
         self._exchange_check_lock = asyncio.Lock()
+        # Message ids of confirmed publishes in flight, each with what a publish of the same id waits on.
+        self._ids_in_flight: dict[str, asyncio.Future[None]] = {}
         self._topology_lock = asyncio.Lock()
         self.generation = 0
         self.reconnects = 0

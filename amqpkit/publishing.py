@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 
 from aiormq.abc import AbstractChannel
+from pamqp.commands import Basic
 
 from . import _hooks
 from .channels import BrokerCore
@@ -32,9 +33,9 @@ RETIRE_AT_MOST_EVERY = 1.0  # seconds between two replacements of the publishing
 
 
 class Publishing(BrokerCore):
-    _publish_channel_retired = float("-inf")  # loop time the publishing channel was last replaced after a nack
-
     """The Broker's publishing layer (a base of :class:`~amqpkit.Broker`)."""
+
+    _publish_channel_retired = float("-inf")  # loop time the publishing channel was last replaced after a nack
 
     async def publish(
         self,
@@ -77,6 +78,39 @@ class Publishing(BrokerCore):
         wait = self.settings.publish_timeout if timeout is None else timeout
         deadline = loop.time() + wait
         properties = basic_properties(envelope)
+        message_id = properties.message_id
+        if message_id is None:
+            await self._publish_confirmed(body, properties, exchange_name, routing_key, mandatory, deadline, wait)
+            return
+        # aiormq ties a basic.return to the latest publish in flight with the returned message's id: with two
+        # of one id in flight, an unroutable one would be reported confirmed. Same ids go one after the other.
+        while (earlier := self._ids_in_flight.get(message_id)) is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(earlier)
+            except TimeoutError:
+                raise PublishTimeout(
+                    f"publish to {exchange_name or '(default exchange)'!r} not confirmed within {wait:g} s "
+                    f"(waiting for an earlier publish of message id {message_id!r})"
+                ) from None
+        done: asyncio.Future[None] = loop.create_future()
+        self._ids_in_flight[message_id] = done
+        try:
+            await self._publish_confirmed(body, properties, exchange_name, routing_key, mandatory, deadline, wait)
+        finally:
+            del self._ids_in_flight[message_id]
+            done.set_result(None)
+
+    async def _publish_confirmed(
+        self,
+        body: bytes,
+        properties: Basic.Properties,
+        exchange_name: str,
+        routing_key: str,
+        mandatory: bool,
+        deadline: float,
+        wait: float,
+    ) -> None:
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
