@@ -30,6 +30,7 @@ deliveries, again at-least-once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -361,7 +362,15 @@ class WorkQueue(Generic[T]):
         channel = self._touch_channel
         if channel is None or channel.is_closed:
             channel = self._touch_channel = await self.broker.lowlevel.open_channel()
-        with map_exceptions(kind="queue", name=queue):
-            message = await channel.basic_get(queue, no_ack=False)
-            if isinstance(message.delivery, Basic.GetOk):
-                await channel.basic_reject(message.delivery.delivery_tag or 0, requeue=True)
+        try:
+            with map_exceptions(kind="queue", name=queue):
+                message = await channel.basic_get(queue, no_ack=False)
+                if isinstance(message.delivery, Basic.GetOk):
+                    await channel.basic_reject(message.delivery.delivery_tag or 0, requeue=True)
+        except BaseException:
+            # Cancelled or failed between the get and the reject, the message may be taken by this channel:
+            # closing it gives the message back (kept open, it would hold the message until a reconnect).
+            self._touch_channel = None
+            with contextlib.suppress(Exception):
+                await asyncio.shield(channel.close())
+            raise

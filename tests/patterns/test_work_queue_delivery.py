@@ -318,3 +318,31 @@ async def test_iterating_the_dlq_holds_one_message_at_a_time(broker: Broker, wor
             assert letter.task_id in set(seen)
             break
     await until_ready(broker, work.dlq_name, count)
+
+
+async def test_a_lease_renewal_cancelled_as_its_get_lands_gives_the_message_back(broker: Broker, name: str) -> None:
+    """The renewal's basic.get took a retry and was cancelled before handing it back (its deadline, a stopping
+    worker): the message must not stay taken on a channel that lives on (before: unacked until a reconnect)."""
+    work: WorkQueue[Job] = WorkQueue(broker, f"{name}.jobs", retry=ONCE)
+    queue = ""
+    try:
+        queue, _ = await work.delay_queue(60)  # a delay longer than the test: the message stays put
+        await broker.publish(Envelope(b'{"n": 1}', content_type="application/json"), routing_key=queue)
+        channel = work._touch_channel
+        assert channel is not None and not channel.is_closed
+        real_get = channel.basic_get
+
+        async def get_then_cancelled(*args: object, **kwargs: object) -> object:
+            await real_get(*args, **kwargs)  # type: ignore[arg-type]
+            raise asyncio.CancelledError  # as when the caller is cancelled while aiormq's get completes
+
+        channel.basic_get = get_then_cancelled  # type: ignore[method-assign,assignment]
+        with pytest.raises(asyncio.CancelledError):
+            await work._touch(queue)
+        await until_ready(broker, queue, 1, timeout=10)
+        await work._touch(queue)  # the next renewal works, on a new channel
+        await until_ready(broker, queue, 1, timeout=10)
+    finally:
+        for q in [work.name, work.dlq_name, queue]:
+            with contextlib.suppress(Exception):
+                await broker.delete_queue(q)
