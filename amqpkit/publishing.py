@@ -52,7 +52,9 @@ class Publishing(BrokerCore):
         While disconnected it waits for the reconnect, up to ``timeout``
         (default ``settings.publish_timeout``), and publishes again after a
         connection lost mid-confirm (at-least-once: consumers may see a
-        duplicate, with the same message id).
+        duplicate, with the same message id). Confirmed publishes that share
+        a message id go out one after the other, each once the one before is
+        settled: a returned message is told apart from others by its id.
 
         Raises :class:`MessageTooLarge`, :class:`Unroutable` (mandatory and no
         queue took it), :class:`PublishNacked`, :class:`PublishTimeout`, or
