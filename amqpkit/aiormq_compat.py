@@ -21,10 +21,25 @@ path. What amqpkit relies on:
   of its own; :func:`hook_deliveries` reads one consumer's deliveries in
   the channel's reader and hands them to a plain function instead (direct
   replies to RPC calls: no task, no coroutine per reply).
+- The name-mangled ``Channel.__close_event`` (an instance's ``asyncio.Event``):
+  set as soon as the broker's ``channel.close`` is read, while ``is_closed``
+  turns true only later. A frame sent on the channel in between reaches the
+  broker after the ``close-ok`` and makes it close the whole connection
+  (504 CHANNEL_ERROR); :func:`closing` tells the two apart.
+- ``Connection.write_queue`` (the bounded queue of marshalled frames its
+  writer sends, ``FRAME_BUFFER_SIZE`` long) and ``Connection.channels`` (by
+  number). ``basic_publish`` waits for room in that queue while holding its
+  channel's lock and checks nothing once it has room: publishes that waited
+  there while the broker closed the channel were written after the
+  ``close-ok``, and the broker closed the connection. :class:`AmqpConnection`
+  gives its queue a gate that refuses a ``basic.publish`` for a channel that
+  is closing or gone (the publish fails as on a closed channel, and is not
+  counted as sent).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +51,7 @@ from pamqp.commands import Basic
 __all__ = [
     "AmqpConnection",
     "closed_on_open",
+    "closing",
     "deliveries_hookable",
     "hook_deliveries",
     "hook_returns",
@@ -52,6 +68,31 @@ class AmqpConnection(aiormq.Connection):
     # aiormq waits 3 * (heartbeat + 1) s before it calls a silent link dead.
     # RabbitMQ itself gives up after two missed heartbeats; so do we.
     HEARTBEAT_GRACE_MULTIPLIER = 1
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.write_queue = _WriteQueue(self, self.FRAME_BUFFER_SIZE)
+
+
+# A method frame (type 1) of class 60 (basic), method 40 (publish): bytes 7-10 after type and channel and size.
+_PUBLISH_METHOD = (60).to_bytes(2, "big") + (40).to_bytes(2, "big")
+
+
+class _WriteQueue(asyncio.Queue[Any]):
+    """aiormq's write queue, refusing a publish for a channel that is closing or gone (see the module's notes)."""
+
+    def __init__(self, connection: aiormq.Connection, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self._connection = connection
+
+    def put_nowait(self, item: Any) -> None:  # asyncio.Queue.put ends here too, once it has room
+        payload = getattr(item, "payload", b"")
+        if payload[:1] == b"\x01" and payload[7:11] == _PUBLISH_METHOD:
+            number = int.from_bytes(payload[1:3], "big")
+            channel = self._connection.channels.get(number)
+            if channel is None or closing(channel):
+                raise aiormq.exceptions.ChannelInvalidStateError(f"channel {number} is closing: publish not sent")
+        super().put_nowait(item)
 
 
 async def publish_nowait(
@@ -142,6 +183,17 @@ def hook_deliveries(channel: AbstractChannel, consumer_tag: str, callback: Calla
     except AttributeError:
         return False
     return True
+
+
+_CLOSE_EVENT = "_Channel__close_event"  # aiormq.Channel.__close_event, name-mangled
+
+
+def closing(channel: AbstractChannel) -> bool:
+    """``channel`` is closed, or the broker has closed it and aiormq has not said so yet: send nothing on it."""
+    if channel.is_closed:
+        return True
+    event = getattr(channel, _CLOSE_EVENT, None)
+    return event is not None and event.is_set()
 
 
 def closed_on_open(exc: BaseException) -> bool:

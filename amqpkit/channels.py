@@ -148,11 +148,11 @@ class BrokerCore:
     async def _channel(self, role: str, *, confirms: bool = True) -> AbstractChannel:
         """The open channel kept for ``role`` on the current connection, reopened when it died."""
         channel = self._channels.get(role)
-        if channel is not None and not channel.is_closed:
+        if channel is not None and not aiormq_compat.closing(channel):
             return channel
         async with self._channel_lock:
             channel = self._channels.get(role)
-            if channel is not None and not channel.is_closed:
+            if channel is not None and not aiormq_compat.closing(channel):
                 return channel
             conn = self._conn
             if conn is None or conn.is_closed:
@@ -246,7 +246,7 @@ class LowLevel:
         wait = core.settings.publish_timeout if timeout is None else timeout
         self._unconfirmed_in_flight += 1
         try:
-            if channel is None or channel.is_closed or conn is None or not core._connected.is_set():
+            if channel is None or aiormq_compat.closing(channel) or conn is None or not core._connected.is_set():
                 async with asyncio.timeout(wait):
                     await core._ready()
                     channel = await core._channel("publish-fast", confirms=False)

@@ -15,7 +15,7 @@ import contextlib
 from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 
-from . import _hooks
+from . import _hooks, aiormq_compat
 from .channels import BrokerCore
 from .errors import ConnectionLost, PublishError, PublishNacked, PublishTimeout, TopologyError, map_exceptions
 from .message import Envelope, basic_properties
@@ -113,23 +113,31 @@ class Publishing(BrokerCore):
         deadline: float,
         wait: float,
     ) -> None:
+        refusals = 0
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
                     if not self._connected.is_set():
                         await self._connected.wait()
                     if exchange_name not in self._known_exchanges and exchange_name not in _BUILTIN_EXCHANGES:
-                        await self._check_exchange(exchange_name)
+                        try:
+                            await self._check_exchange(exchange_name)
+                        except TopologyError as exc:
+                            raise PublishError(f"publish refused: {exc}") from exc
                     channel = self._channels.get("publish")
-                    if channel is None or channel.is_closed:
+                    if channel is None or aiormq_compat.closing(channel):
                         channel = await self._channel("publish", confirms=True)
                     with map_exceptions(kind="exchange", name=exchange_name):
-                        await channel.basic_publish(
+                        # Not waiting for the frames to be written (the confirm says more): aiormq holds the
+                        # channel's lock until then, and publishes queued behind that lock were written even
+                        # after the broker had closed the channel, which then closed the whole connection.
+                        await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
                             body,
                             exchange=exchange_name,
                             routing_key=routing_key,
                             properties=properties,
                             mandatory=mandatory,
+                            wait=False,
                         )
                 return
             except TimeoutError:
@@ -138,8 +146,15 @@ class Publishing(BrokerCore):
                     f"publish to {exchange_name or '(default exchange)'!r} not confirmed within {wait:g} s ({state})"
                 ) from None
             except TopologyError as exc:
+                # The broker closed the publishing channel over a publish: this one, or another one in flight
+                # on it (say, to an exchange someone deleted since it was checked), which fails them all alike.
+                # This one's exchange is checked again and it is sent again; refused three times, it is its own.
                 self._known_exchanges.discard(exchange_name)
-                raise PublishError(f"publish refused: {exc}") from exc
+                refusals += 1
+                if refusals >= 3:
+                    raise PublishError(f"publish refused: {exc}") from exc
+                self.republished += 1
+                continue
             except PublishNacked:
                 # The next publish goes on a fresh channel. On RabbitMQ 3.10 a channel opened while a quorum
                 # queue had no leader (a reconnect within a failover) nacked every publish to it for minutes,

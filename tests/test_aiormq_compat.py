@@ -22,6 +22,23 @@ def test_the_internals_are_where_the_compat_module_says() -> None:
     for name in ("_Channel__get_content_header", "_read_content", "_on_return_frame", "_on_deliver_frame"):
         assert hasattr(aiormq.Channel, name), f"aiormq {version('aiormq')} has no Channel.{name}"
     assert "wait" in aiormq.Channel.basic_publish.__code__.co_varnames
+    assert isinstance(aiormq.Connection.FRAME_BUFFER_SIZE, int)
+
+
+async def test_a_channel_the_broker_is_closing_is_seen_as_closing(broker: Broker) -> None:
+    channel = await broker.lowlevel.open_channel()
+    assert isinstance(getattr(channel, "_Channel__close_event", None), asyncio.Event)
+    assert not aiormq_compat.closing(channel)
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+        await channel.exchange_declare("amqpkit-compat-no-such-exchange", passive=True)
+    assert aiormq_compat.closing(channel)
+
+
+async def test_the_broker_s_connection_has_the_gated_write_queue(broker: Broker) -> None:
+    conn = broker._conn
+    assert conn is not None
+    assert type(conn.write_queue).__name__ == "_WriteQueue"
+    assert isinstance(conn.channels, dict)
 
 
 async def test_a_raw_channel_without_confirms_can_have_its_returns_hooked(broker: Broker) -> None:
