@@ -92,6 +92,15 @@ class _WriteQueue(asyncio.Queue[Any]):
             channel = self._connection.channels.get(number)
             if channel is None or closing(channel):
                 raise aiormq.exceptions.ChannelInvalidStateError(f"channel {number} is closing: publish not sent")
+        elif self.full():
+            # Not a publish: aiormq queues a channel's close-ok with put_nowait and drops it if the queue is
+            # full (the broker then holds the channel half-closed). Such frames are small: room is made.
+            bound, self._maxsize = self._maxsize, 0  # type: ignore[has-type]  # asyncio.Queue's own bound
+            try:
+                super().put_nowait(item)
+            finally:
+                self._maxsize = bound
+            return
         super().put_nowait(item)
 
 

@@ -81,7 +81,7 @@ class Publishing(BrokerCore):
         deadline = loop.time() + wait
         properties = basic_properties(envelope)
         message_id = properties.message_id
-        if message_id is None:
+        if not message_id:  # aiormq gives it a random one
             await self._publish_confirmed(body, properties, exchange_name, routing_key, mandatory, deadline, wait)
             return
         # aiormq ties a basic.return to the latest publish in flight with the returned message's id: with two

@@ -12,6 +12,10 @@ from importlib.metadata import version
 
 import aiormq
 import pytest
+from aiormq.abc import ChannelFrame
+from pamqp.commands import Basic
+from pamqp.commands import Channel as ChannelSpec
+from pamqp.header import ContentHeader
 
 from amqpkit import Broker, NoResponder, Queue, RpcClient, RpcServer, aiormq_compat
 
@@ -39,6 +43,33 @@ async def test_the_broker_s_connection_has_the_gated_write_queue(broker: Broker)
     assert conn is not None
     assert type(conn.write_queue).__name__ == "_WriteQueue"
     assert isinstance(conn.channels, dict)
+
+
+async def test_the_gate_refuses_a_publish_on_a_closing_channel_and_never_drops_a_close_ok(broker: Broker) -> None:
+    conn = broker._conn
+    assert conn is not None
+    channel = await broker.lowlevel.open_channel()
+    gate = aiormq_compat._WriteQueue(conn, 1)  # a queue of its own, so the connection's writer does not drain it
+
+    def publish_frame() -> ChannelFrame:
+        return ChannelFrame.marshall(
+            channel_number=channel.number,
+            frames=[Basic.Publish(exchange="", routing_key="q"), ContentHeader(body_size=0)],
+        )
+
+    gate.put_nowait(publish_frame())  # an open channel: accepted
+    with pytest.raises(asyncio.QueueFull):
+        gate.put_nowait(publish_frame())  # a publish waits for room as before
+    close_ok = ChannelFrame.marshall(channel_number=channel.number, frames=[ChannelSpec.CloseOk()])
+    gate.put_nowait(close_ok)  # full, but a close-ok is never dropped
+    assert gate.qsize() == 2
+    gate.get_nowait()
+    gate.get_nowait()
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+        await channel.exchange_declare("amqpkit-compat-no-such-exchange", passive=True)
+    with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
+        gate.put_nowait(publish_frame())  # the broker closed that channel: refused
+    assert gate.empty()
 
 
 async def test_a_raw_channel_without_confirms_can_have_its_returns_hooked(broker: Broker) -> None:
