@@ -93,6 +93,7 @@ _as_int = as_int
 _delay_bucket = delay_bucket
 
 log = logging.getLogger("amqpkit.worker")
+lease_log = log.getChild("lease")  # each delay-queue lease renewal that took a message (DEBUG)
 
 # Any when nothing says (no codec given): `Publisher(broker, x).publish(model)` needs no annotation.
 T = TypeVar("T", default=Any)
@@ -367,6 +368,8 @@ class WorkQueue(Generic[T]):
                 message = await channel.basic_get(queue, no_ack=False)
                 if isinstance(message.delivery, Basic.GetOk):
                     await channel.basic_reject(message.delivery.delivery_tag or 0, requeue=True)
+                    task_id = message.header.properties.message_id
+                    lease_log.debug("lease of %s renewed: task %s taken and handed back", queue, task_id)
         except BaseException:
             # Cancelled or failed between the get and the reject, the message may be taken by this channel:
             # closing it gives the message back (kept open, it would hold the message until a reconnect).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from typing import IO
@@ -21,6 +22,10 @@ from typing import IO
 from pydantic import BaseModel
 
 from amqpkit import Delivery, Reject
+
+# The worker logs which task each delay-queue lease renewal took and handed back (a DEBUG record): a retry that
+# goes missing can then be matched against the renewals that touched it.
+logging.getLogger("amqpkit.worker.lease").setLevel(logging.DEBUG)
 
 
 class SoakTask(BaseModel):
