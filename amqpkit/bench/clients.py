@@ -23,6 +23,7 @@ from .base import ClientSide
 __all__ = [
     "AiopikaProducer", "AiopikaRpcClient", "AmqpkitConfirmedPublisher", "AmqpkitOnewayPublisher", "AmqpkitRpcClient",
     "AmqpkitReplyQueueClient", "AmqpkitWorkQueueProducer", "RawOnewayPublisher", "RawRpcClient",
+    "RawRpcWireClient",
 ]  # fmt: skip
 
 
@@ -115,6 +116,33 @@ class RawRpcClient(ClientSide):
     async def server_product(self) -> tuple[str, str]:
         props = self.conn.server_properties
         return str(props.get("product", "")), str(props.get("version", ""))
+
+
+class RawRpcWireClient(RawRpcClient):
+    """Bare aiormq sending the request amqpkit's RpcClient sends: method name, content type, message id, the
+    deadline as expiration and as the ``x-timeout-ms`` header, mandatory. Beside ``raw-rpc`` it prices those
+    properties; beside ``rpc`` it leaves amqpkit's own code as the difference."""
+
+    async def operate(self, sent_ns: int, warmup: bool) -> None:
+        cid = f"{self.prefix}.{next(self.ids)}"
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.pending[cid] = future
+        left_ms = max(1, int(self.options.deadline * 1000))
+        try:
+            await self.channel.basic_publish(
+                self.payload,
+                routing_key=self.queue,
+                properties=Basic.Properties(
+                    content_type="application/octet-stream", correlation_id=cid, message_type="echo",
+                    headers={"x-timeout-ms": left_ms}, message_id=cid, reply_to="amq.rabbitmq.reply-to",
+                    expiration=str(left_ms),
+                ),
+                mandatory=True,
+            )  # fmt: skip
+            async with asyncio.timeout(self.options.deadline):
+                await future
+        finally:
+            self.pending.pop(cid, None)
 
 
 class RawOnewayPublisher(ClientSide):

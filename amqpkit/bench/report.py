@@ -18,6 +18,8 @@ PAIRS = (
     ("rpc", "oneway", "RPC vs one-way messaging"),
     ("rpc", "oneway-confirmed", "RPC vs confirmed one-way messaging"),
     ("rpc", "raw-rpc", "amqpkit RPC vs bare aiormq RPC"),
+    ("rpc", "raw-rpc-wire", "amqpkit RPC vs bare aiormq sending the same messages"),
+    ("raw-rpc-wire", "raw-rpc", "bare aiormq: amqpkit's message properties vs the fewest"),
     ("oneway", "raw-oneway", "amqpkit one-way vs bare aiormq one-way"),
     ("rpc", "aiopika-rpc", "amqpkit RPC vs aio-pika's RPC pattern"),
     ("rpc", "rpc-reply-queue", "direct reply-to vs an exclusive reply queue"),

@@ -41,6 +41,8 @@ _ALL = (
     Scenario("oneway-confirmed", Kind.ONEWAY, servers.AmqpkitConfirmedConsumer, clients.AmqpkitConfirmedPublisher,
              "persistent, publisher confirms, manual acks, durable queue"),
     Scenario("raw-rpc", Kind.CALL, servers.RawRpcServer, clients.RawRpcClient, "rpc on bare aiormq"),
+    Scenario("raw-rpc-wire", Kind.CALL, servers.RawRpcWireServer, clients.RawRpcWireClient,
+             "rpc on bare aiormq, sending the properties amqpkit's request and reply carry"),
     Scenario("raw-oneway", Kind.ONEWAY, servers.RawOnewayConsumer, clients.RawOnewayPublisher,
              "oneway on bare aiormq"),
     Scenario("aiopika-rpc", Kind.CALL, servers.AiopikaRpcServer, clients.AiopikaRpcClient,

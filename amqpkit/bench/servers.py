@@ -26,7 +26,8 @@ from .base import ServerSide
 
 __all__ = [
     "AiopikaConsumer", "AiopikaRpcServer", "AmqpkitConfirmedConsumer", "AmqpkitOnewayConsumer", "AmqpkitRpcServer",
-    "AmqpkitWorkQueueWorker", "ProcessWorkQueueWorker", "RawOnewayConsumer", "RawRpcServer", "SyncWorkQueueWorker",
+    "AmqpkitWorkQueueWorker", "ProcessWorkQueueWorker", "RawOnewayConsumer", "RawRpcServer", "RawRpcWireServer",
+    "SyncWorkQueueWorker",
     "spin", "task",
 ]  # fmt: skip
 
@@ -84,21 +85,27 @@ class AmqpkitConfirmedConsumer(AmqpkitOnewayConsumer):
 
 
 class RawRpcServer(ServerSide):
+    #: Reply with the properties amqpkit's RpcServer sets (content type, and the correlation id as message id).
+    amqpkit_reply = False
+
     async def start(self) -> None:
         self.conn = await aiormq.connect(self.options.url)
         self.channel = await self.conn.channel(publisher_confirms=False)
         await self.channel.queue_declare(self.options.queue, durable=True, auto_delete=True)
         await self.channel.basic_qos(prefetch_count=self.options.prefetch)
         channel = self.channel
+        amqpkit_reply = self.amqpkit_reply
 
         async def on_request(message: DeliveredMessage) -> None:
             await self.work()
             props = message.header.properties
-            await channel.basic_publish(
-                message.body,
-                routing_key=props.reply_to or "",
-                properties=Basic.Properties(correlation_id=props.correlation_id),
+            cid = props.correlation_id
+            reply = (
+                Basic.Properties(content_type="application/octet-stream", correlation_id=cid, message_id=cid)
+                if amqpkit_reply
+                else Basic.Properties(correlation_id=cid)
             )
+            await channel.basic_publish(message.body, routing_key=props.reply_to or "", properties=reply)
             await channel.basic_ack(message.delivery_tag or 0)
             self.received += 1
 
@@ -106,6 +113,10 @@ class RawRpcServer(ServerSide):
 
     async def stop(self) -> None:
         await self.conn.close()
+
+
+class RawRpcWireServer(RawRpcServer):
+    amqpkit_reply = True
 
 
 class RawOnewayConsumer(ServerSide):
