@@ -148,7 +148,8 @@ def print_report(result: BenchResult, console: Console | None = None) -> None:
     rows = comparisons(result)
     if rows:
         title = "side by side (ratios of medians, same run"
-        title += "; [lowest-highest ratio of one repeat's runs])" if p.repeat > 1 else ")"
+        # Escaped: rich would take "[lowest-...]" for a style and print nothing of it.
+        title += "; \\[lowest-highest ratio of one repeat's runs])" if p.repeat > 1 else ")"
         ratios = Table(title=title)
         for col in ("comparison", "load", "p50 latency ratio", "throughput ratio"):
             ratios.add_column(col)
