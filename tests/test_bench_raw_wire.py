@@ -45,7 +45,7 @@ async def first_message(url: str, queue: str, send: Any) -> DeliveredMessage:
     conn = await aiormq.connect(url)
     try:
         channel = await conn.channel()
-        await channel.queue_declare(queue, auto_delete=True)
+        await channel.queue_declare(queue, durable=True, auto_delete=True)  # 4.x refuses transient shared queues
         got: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
 
         async def on_message(message: DeliveredMessage) -> None:
