@@ -22,7 +22,7 @@ from .brokerctl import arabbitmqctl, vhost_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from soak.main import held_for_dead_lettering, parse_quorum_state, quorum_state_expression
+from soak.main import describe_held, held_for_dead_lettering, parse_quorum_state, quorum_state_expression
 
 
 async def test_a_message_held_for_dead_lettering_is_seen(amqp_url: str) -> None:
@@ -49,6 +49,7 @@ async def test_a_message_held_for_dead_lettering_is_seen(amqp_url: str) -> None:
         assert counts.get("num_discarded", 0) + counts.get("num_discard_checked_out", 0) == 1, counts
         assert counts["num_ready_messages"] == 0
         assert held_for_dead_lettering({f"soak.{delay}": counts}) == {f"soak.{delay}": 1}
+        assert len(describe_held({f"soak.{delay}": counts})) == 1
         # What list_queues shows for the same queue: nothing ready, nothing unacknowledged.
         listed = await arabbitmqctl(
             "list_queues", "-p", vhost, "name", "messages_ready", "messages_unacknowledged", "--formatter", "json"
@@ -58,3 +59,15 @@ async def test_a_message_held_for_dead_lettering_is_seen(amqp_url: str) -> None:
         await channel.queue_delete(delay)
     finally:
         await conn.close()
+
+
+def test_the_failure_line_tells_a_message_no_worker_took_from_one_in_flight() -> None:
+    """The counts a 10-minute soak ended with (RELIABILITY.md, soak finding 4), and a worker's message in flight."""
+    stalled = {"num_discarded": 1, "num_discard_checked_out": 0, "num_ready_messages": 0}
+    in_flight = {"num_discarded": 0, "num_discard_checked_out": 2, "num_ready_messages": 0}
+    lines = describe_held({"soak.tasks.retry.3600": stalled, "soak.tasks.retry.4000": in_flight, "other.q": stalled})
+    assert lines == [
+        "soak.tasks.retry.3600: 1 waiting and none taken by a dead-letter worker "
+        "(held on the broker's side: RELIABILITY.md, soak finding 4)",
+        "soak.tasks.retry.4000: 2 taken by its dead-letter worker and not yet accepted, 0 waiting",
+    ]

@@ -201,6 +201,21 @@ def held_for_dead_lettering(state: dict[str, Any]) -> dict[str, int]:
     return held
 
 
+def describe_held(state: dict[str, Any]) -> list[str]:
+    """What each soak queue holding messages for dead-lettering says about them, for the failure line."""
+    out = []
+    for name, counts in sorted(state.items()):
+        if not name.startswith("soak.") or not isinstance(counts, dict):
+            continue
+        waiting, taken = counts.get("num_discarded", 0), counts.get("num_discard_checked_out", 0)
+        if waiting and not taken:
+            out.append(f"{name}: {waiting} waiting and none taken by a dead-letter worker "
+                       "(held on the broker's side: RELIABILITY.md, soak finding 4)")  # fmt: skip
+        elif waiting or taken:
+            out.append(f"{name}: {taken} taken by its dead-letter worker and not yet accepted, {waiting} waiting")
+    return out
+
+
 async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, state: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -366,7 +381,9 @@ async def soak(args: argparse.Namespace, workdir: Path, node: OwnNode | None, st
         held = held_for_dead_lettering(quorum)
         task_part["held_for_dead_lettering_at_end"] = held
         if held:
-            failures.append(f"quorum queues still hold messages for dead-lettering at the end: {held}")
+            failures.append(
+                f"quorum queues still hold messages for dead-lettering at the end: {'; '.join(describe_held(quorum))}"
+            )
         if node is not None:
             deleted = [
                 {"queue": q, "t_s": clock.of_wall(t)}
