@@ -95,15 +95,20 @@ class RawRpcClient(ClientSide):
 
         await self.channel.basic_consume("amq.rabbitmq.reply-to", on_reply, no_ack=True)
 
+    #: Send mandatory, as amqpkit's RpcClient does (the wire variant below).
+    mandatory = False
+
+    def request_properties(self, cid: str) -> Basic.Properties:
+        """The fewest a call needs: where to reply, and what to match the reply by."""
+        return Basic.Properties(correlation_id=cid, reply_to="amq.rabbitmq.reply-to")
+
     async def operate(self, sent_ns: int, warmup: bool) -> None:
         cid = f"{self.prefix}.{next(self.ids)}"
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.pending[cid] = future
         try:
             await self.channel.basic_publish(
-                self.payload,
-                routing_key=self.queue,
-                properties=Basic.Properties(correlation_id=cid, reply_to="amq.rabbitmq.reply-to"),
+                self.payload, routing_key=self.queue, properties=self.request_properties(cid), mandatory=self.mandatory
             )
             async with asyncio.timeout(self.options.deadline):
                 await future
@@ -123,26 +128,15 @@ class RawRpcWireClient(RawRpcClient):
     deadline as expiration and as the ``x-timeout-ms`` header, mandatory. Beside ``raw-rpc`` it prices those
     properties; beside ``rpc`` it leaves amqpkit's own code as the difference."""
 
-    async def operate(self, sent_ns: int, warmup: bool) -> None:
-        cid = f"{self.prefix}.{next(self.ids)}"
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.pending[cid] = future
+    mandatory = True
+
+    def request_properties(self, cid: str) -> Basic.Properties:
         left_ms = max(1, int(self.options.deadline * 1000))
-        try:
-            await self.channel.basic_publish(
-                self.payload,
-                routing_key=self.queue,
-                properties=Basic.Properties(
-                    content_type="application/octet-stream", correlation_id=cid, message_type="echo",
-                    headers={"x-timeout-ms": left_ms}, message_id=cid, reply_to="amq.rabbitmq.reply-to",
-                    expiration=str(left_ms),
-                ),
-                mandatory=True,
-            )  # fmt: skip
-            async with asyncio.timeout(self.options.deadline):
-                await future
-        finally:
-            self.pending.pop(cid, None)
+        return Basic.Properties(
+            content_type="application/octet-stream", correlation_id=cid, message_type="echo",
+            headers={"x-timeout-ms": left_ms}, message_id=cid, reply_to="amq.rabbitmq.reply-to",
+            expiration=str(left_ms),
+        )  # fmt: skip
 
 
 class RawOnewayPublisher(ClientSide):

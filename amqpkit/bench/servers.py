@@ -85,8 +85,10 @@ class AmqpkitConfirmedConsumer(AmqpkitOnewayConsumer):
 
 
 class RawRpcServer(ServerSide):
-    #: Reply with the properties amqpkit's RpcServer sets (content type, and the correlation id as message id).
-    amqpkit_reply = False
+    @staticmethod
+    def reply_properties(cid: str | None) -> Basic.Properties:
+        """The fewest a reply needs: what the caller matches it by."""
+        return Basic.Properties(correlation_id=cid)
 
     async def start(self) -> None:
         self.conn = await aiormq.connect(self.options.url)
@@ -94,17 +96,12 @@ class RawRpcServer(ServerSide):
         await self.channel.queue_declare(self.options.queue, durable=True, auto_delete=True)
         await self.channel.basic_qos(prefetch_count=self.options.prefetch)
         channel = self.channel
-        amqpkit_reply = self.amqpkit_reply
+        reply_properties = self.reply_properties
 
         async def on_request(message: DeliveredMessage) -> None:
             await self.work()
             props = message.header.properties
-            cid = props.correlation_id
-            reply = (
-                Basic.Properties(content_type="application/octet-stream", correlation_id=cid, message_id=cid)
-                if amqpkit_reply
-                else Basic.Properties(correlation_id=cid)
-            )
+            reply = reply_properties(props.correlation_id)
             await channel.basic_publish(message.body, routing_key=props.reply_to or "", properties=reply)
             await channel.basic_ack(message.delivery_tag or 0)
             self.received += 1
@@ -116,7 +113,10 @@ class RawRpcServer(ServerSide):
 
 
 class RawRpcWireServer(RawRpcServer):
-    amqpkit_reply = True
+    @staticmethod
+    def reply_properties(cid: str | None) -> Basic.Properties:
+        """The reply amqpkit's RpcServer sends: a content type, and the correlation id as message id."""
+        return Basic.Properties(content_type="application/octet-stream", correlation_id=cid, message_id=cid)
 
 
 class RawOnewayConsumer(ServerSide):
