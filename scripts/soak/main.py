@@ -204,14 +204,12 @@ def held_for_dead_lettering(state: dict[str, Any]) -> dict[str, int]:
 def describe_held(state: dict[str, Any]) -> list[str]:
     """What each soak queue holding messages for dead-lettering says about them, for the failure line."""
     out = []
-    for name, counts in sorted(state.items()):
-        if not name.startswith("soak.") or not isinstance(counts, dict):
-            continue
-        waiting, taken = counts.get("num_discarded", 0), counts.get("num_discard_checked_out", 0)
-        if waiting and not taken:
+    for name in sorted(held_for_dead_lettering(state)):
+        waiting, taken = state[name].get("num_discarded", 0), state[name].get("num_discard_checked_out", 0)
+        if not taken:
             out.append(f"{name}: {waiting} waiting and none taken by a dead-letter worker "
                        "(held on the broker's side: RELIABILITY.md, soak finding 4)")  # fmt: skip
-        elif waiting or taken:
+        else:
             out.append(f"{name}: {taken} taken by its dead-letter worker and not yet accepted, {waiting} waiting")
     return out
 
