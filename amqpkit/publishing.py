@@ -32,6 +32,12 @@ _BUILTIN_EXCHANGES = frozenset(
 RETIRE_AT_MOST_EVERY = 1.0  # seconds between two replacements of the publishing channel after nacks
 
 
+def _not_confirmed(exchange_name: str, wait: float, why: str) -> PublishTimeout:
+    return PublishTimeout(
+        f"publish to {exchange_name or '(default exchange)'!r} not confirmed within {wait:g} s ({why})"
+    )
+
+
 class Publishing(BrokerCore):
     """The Broker's publishing layer (a base of :class:`~amqpkit.Broker`)."""
 
@@ -91,10 +97,8 @@ class Publishing(BrokerCore):
                 async with asyncio.timeout_at(deadline):
                     await asyncio.shield(earlier)
             except TimeoutError:
-                raise PublishTimeout(
-                    f"publish to {exchange_name or '(default exchange)'!r} not confirmed within {wait:g} s "
-                    f"(waiting for an earlier publish of message id {message_id!r})"
-                ) from None
+                why = f"waiting for an earlier publish of message id {message_id!r}"
+                raise _not_confirmed(exchange_name, wait, why) from None
         done: asyncio.Future[None] = loop.create_future()
         self._ids_in_flight[message_id] = done
         try:
@@ -141,10 +145,8 @@ class Publishing(BrokerCore):
                         )
                 return
             except TimeoutError:
-                state = "broker did not confirm" if self.is_connected else "broker not reachable"
-                raise PublishTimeout(
-                    f"publish to {exchange_name or '(default exchange)'!r} not confirmed within {wait:g} s ({state})"
-                ) from None
+                why = "broker did not confirm" if self.is_connected else "broker not reachable"
+                raise _not_confirmed(exchange_name, wait, why) from None
             except TopologyError as exc:
                 # The broker closed the publishing channel over a publish: this one, or another one in flight
                 # on it (say, to an exchange someone deleted since it was checked), which fails them all alike.
