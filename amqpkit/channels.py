@@ -47,6 +47,17 @@ ReconnectCallback = Callable[[], Awaitable[None]]
 TopologyErrorCallback = Callable[["Exchange | Queue | Binding", BaseException], None]
 
 
+class _SameId:
+    """Confirmed publishes of one message id in flight: how many, and whether another may join them."""
+
+    __slots__ = ("count", "done", "shared")
+
+    def __init__(self, done: asyncio.Future[None], *, shared: bool) -> None:
+        self.done = done  # set when the last of them is settled
+        self.count = 1
+        self.shared = shared  # none is mandatory and no mandatory one waits: one that is not may join
+
+
 class BrokerCore:
     """State shared by the Broker's layers, with what each of them needs: readiness, channels, size checks."""
 
@@ -75,7 +86,7 @@ class BrokerCore:
         self._known_exchanges: set[str] = set()
         self._exchange_check_lock = asyncio.Lock()
         # Message ids of confirmed publishes in flight, each with what a publish of the same id waits on.
-        self._ids_in_flight: dict[str, asyncio.Future[None]] = {}
+        self._ids_in_flight: dict[str, _SameId] = {}
         self._topology_lock = asyncio.Lock()
         self.generation = 0
         self.reconnects = 0

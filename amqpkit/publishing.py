@@ -16,7 +16,7 @@ from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 
 from . import _hooks, aiormq_compat
-from .channels import BrokerCore
+from .channels import BrokerCore, _SameId
 from .errors import ConnectionLost, PublishError, PublishNacked, PublishTimeout, TopologyError, map_exceptions
 from .message import Envelope, basic_properties
 from .topology import Exchange
@@ -58,9 +58,10 @@ class Publishing(BrokerCore):
         While disconnected it waits for the reconnect, up to ``timeout``
         (default ``settings.publish_timeout``), and publishes again after a
         connection lost mid-confirm (at-least-once: consumers may see a
-        duplicate, with the same message id). Confirmed publishes that share
-        a message id go out one after the other, each once the one before is
-        settled: a returned message is told apart from others by its id.
+        duplicate, with the same message id). A mandatory publish is the only
+        confirmed publish of its message id in flight (others of that id wait
+        for it, and it for them): a returned message is told apart from others
+        by its id. Publishes that are not mandatory share an id freely.
 
         Raises :class:`MessageTooLarge`, :class:`Unroutable` (mandatory and no
         queue took it), :class:`PublishNacked`, :class:`PublishTimeout`, or
@@ -91,21 +92,29 @@ class Publishing(BrokerCore):
             await self._publish_confirmed(body, properties, exchange_name, routing_key, mandatory, deadline, wait)
             return
         # aiormq ties a basic.return to the latest publish in flight with the returned message's id: with two
-        # of one id in flight, an unroutable one would be reported confirmed. Same ids go one after the other.
+        # of one id in flight, a returned one could be reported confirmed. Only a mandatory publish comes back,
+        # so it goes alone; publishes of its id that are not mandatory may go together.
         while (earlier := self._ids_in_flight.get(message_id)) is not None:
+            if not mandatory and earlier.shared:
+                earlier.count += 1
+                slot = earlier
+                break
+            earlier.shared = False  # a mandatory publish waits: later ones queue behind it
             try:
                 async with asyncio.timeout_at(deadline):
-                    await asyncio.shield(earlier)
+                    await asyncio.shield(earlier.done)
             except TimeoutError:
                 why = f"waiting for an earlier publish of message id {message_id!r}"
                 raise _not_confirmed(exchange_name, wait, why) from None
-        done: asyncio.Future[None] = loop.create_future()
-        self._ids_in_flight[message_id] = done
+        else:
+            slot = self._ids_in_flight[message_id] = _SameId(loop.create_future(), shared=not mandatory)
         try:
             await self._publish_confirmed(body, properties, exchange_name, routing_key, mandatory, deadline, wait)
         finally:
-            del self._ids_in_flight[message_id]
-            done.set_result(None)
+            slot.count -= 1
+            if not slot.count:
+                del self._ids_in_flight[message_id]
+                slot.done.set_result(None)
 
     async def _publish_confirmed(
         self,

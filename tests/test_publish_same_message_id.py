@@ -12,6 +12,7 @@ relays, and idempotent publishers set their own.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -51,3 +52,43 @@ async def test_many_publishes_of_one_id_all_settle(broker: Broker, name: str, cl
         asyncio.gather(*(broker.publish(Envelope(b"x", message_id="one"), routing_key=name) for _ in range(50))), 30
     )
     assert (await broker.queue_counts(name))[0] == 50
+
+
+async def test_publishes_of_one_id_that_cannot_come_back_go_together(
+    broker: Broker, name: str, cleanup: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a mandatory publish can be returned: publishes that are not wait for no one of their id but it."""
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name))
+    in_flight = most = 0
+    publish_confirmed = broker._publish_confirmed
+
+    async def counted(*args: Any, **kwargs: Any) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await publish_confirmed(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(broker, "_publish_confirmed", counted)
+    await asyncio.wait_for(
+        asyncio.gather(*(broker.publish(Envelope(b"x", message_id="one"), routing_key=name) for _ in range(50))), 30
+    )
+    assert most > 1, "50 publishes of one id, none of them mandatory, went one at a time"
+    assert (await broker.queue_counts(name))[0] == 50
+
+
+async def test_a_mandatory_publish_is_told_apart_from_others_of_its_id(
+    broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    """Publishes that are not mandatory share an id with each other, never with a mandatory one in flight."""
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name))
+    for _ in range(5):
+        routed = [broker.publish(Envelope(b"routed", message_id="id"), routing_key=name) for _ in range(4)]
+        nowhere = broker.publish(Envelope(b"nowhere", message_id="id"), routing_key=f"{name}.nowhere", mandatory=True)
+        results = await asyncio.gather(*routed[:2], nowhere, *routed[2:], return_exceptions=True)
+        assert [type(r).__name__ for r in results] == ["NoneType", "NoneType", "Unroutable", "NoneType", "NoneType"]
+    assert (await broker.queue_counts(name))[0] == 20
