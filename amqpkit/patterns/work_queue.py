@@ -37,13 +37,14 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic
 
+import aiormq
 from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 from typing_extensions import TypeVar  # with a default (PEP 696)
 
 from ..codec import AutoCodec, Codec, encode_body
 from ..connection import Broker
-from ..errors import PublishError, Unroutable, map_exceptions
+from ..errors import PublishError, TopologyError, Unroutable, map_exceptions
 from ..message import Envelope
 from ..topology import DeadLetterStrategy, Overflow, Queue, QueueType
 from .tasks import ATTEMPT as ATTEMPT
@@ -102,11 +103,12 @@ T = TypeVar("T", default=Any)
 class _DelayQueueState:
     """What a WorkQueue knows of one of its delay queues: its spec and when its lease was last renewed."""
 
-    __slots__ = ("renewed", "spec")
+    __slots__ = ("interval", "renewed", "spec")
 
     def __init__(self, spec: Queue) -> None:
         self.spec = spec
         self.renewed: float | None = None  # loop time at which the last renewal was sent
+        self.interval: float | None = None  # seconds between renewals, once the queue went sooner than its expiry
 
 
 class WorkQueue(Generic[T]):
@@ -180,6 +182,7 @@ class WorkQueue(Generic[T]):
         self._renewing = asyncio.Lock()
         self._touch_channel: AbstractChannel | None = None  # ours, for the basic.get that renews a lease
         self.delay_renewals = 0
+        self.delay_queues_vanished = 0  # delay queues found gone before their expiry (see _renew)
 
     async def declare(self) -> None:
         if not self._declared:
@@ -312,11 +315,23 @@ class WorkQueue(Generic[T]):
             await self._renew(ms, force=renew)
         return f"{self.name}.retry.{ms}", ms / 1000
 
+    def delay_queue_renewal_interval(self, ms: int) -> float:
+        """Seconds between two renewals of the delay queue of ``ms`` milliseconds (shorter once it went early)."""
+        state = self._delay_queues.get(ms)
+        if state is not None and state.interval is not None:
+            return state.interval
+        return self.delay_queue_expiry(ms) * self.delay_queue_renew_fraction
+
+    def renewal_tick(self) -> float:
+        """How often a worker looks for delay queues due a renewal."""
+        return min([self.delay_queue_min_expiry / 6] + [s.interval / 2 for s in self._delay_queues.values()
+                                                         if s.interval is not None])  # fmt: skip
+
     def _renewal_due(self, ms: int, state: _DelayQueueState) -> bool:
         if state.renewed is None:
             return True
         age = asyncio.get_running_loop().time() - state.renewed
-        return age >= self.delay_queue_expiry(ms) * self.delay_queue_renew_fraction
+        return age >= self.delay_queue_renewal_interval(ms)
 
     def _delay_spec(self, ms: int) -> Queue:
         return Queue(
@@ -333,6 +348,8 @@ class WorkQueue(Generic[T]):
                 return
             spec = state.spec if state is not None else self._delay_spec(ms)
             sent = asyncio.get_running_loop().time()  # the lease runs from no earlier than this
+            if state is not None and state.renewed is not None:
+                await self._check_still_there(ms, state, sent - state.renewed)
             await self.broker.declare_queue(spec)
             if state is None:
                 state = self._delay_queues[ms] = _DelayQueueState(spec)
@@ -344,6 +361,28 @@ class WorkQueue(Generic[T]):
                 return
             state.renewed = sent
             self.delay_renewals += 1
+
+    async def _check_still_there(self, ms: int, state: _DelayQueueState, age: float) -> None:
+        """Before a renewal: a delay queue gone sooner than its expiry lost what it held; say so, renew it sooner.
+
+        amqpkit cannot see what else shortens a queue's life: an operator
+        policy's ``expires`` (the lower value wins), or someone deleting it.
+        Either way the retries in it are gone; this is how it shows.
+        """
+        expiry = self.delay_queue_expiry(ms)
+        if age >= expiry:
+            return  # it may have expired as declared (a worker stopped renewing it for that long): nothing held
+        try:
+            await self.broker.queue_counts(state.spec.name)
+            return
+        except TopologyError as exc:
+            if not isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
+                raise
+        self.delay_queues_vanished += 1
+        state.interval = max(0.05, min(self.delay_queue_renewal_interval(ms), age) / 3)
+        log.error("delay queue %s was gone %.1f s after its last renewal, before its expiry of %g s: deleted, or "
+                  "given a shorter expiry by a policy; retries that were in it are lost. Declared again, and "
+                  "renewed every %.2g s from now on", state.spec.name, age, expiry, state.interval)  # fmt: skip
 
     async def renew_delay_queues(self) -> None:
         """Renew the lease of every delay queue this WorkQueue has used, where it is due.

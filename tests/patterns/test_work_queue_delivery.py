@@ -251,6 +251,33 @@ async def test_an_idle_delay_queue_stays_while_its_worker_runs_and_expires_after
         await wait_for(lambda: done == [first, second, third], timeout=30)
 
 
+async def test_a_delay_queue_gone_before_its_expiry_is_reported_and_renewed_sooner(
+    broker: Broker, work: WorkQueue[Job], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator policy gives the delay queues a 1 s expiry (the lower of the two wins): amqpkit cannot see the
+    policy, but the next renewal finds the queue gone before the expiry amqpkit gave it, says so (retries that
+    were in it are lost) and renews that queue more often from then on."""
+    vhost = vhost_of(broker.settings.urls[0])
+    policy = f"{work.name}.short-expiry"
+    pattern = "^" + work.name.replace(".", "\\.") + "\\.retry\\."
+    await arabbitmqctl("set_operator_policy", "-p", vhost, policy, pattern, '{"expires": 1000}', "--apply-to", "queues")
+    try:
+        work.delay_queue_min_expiry = 6.0  # renewed every 2 s: the broker removes a queue idle for 1 s well before
+        done: list[str] = []
+        async with Worker(work, fails_once(done)):
+            first = await work.enqueue(Job(n=1))
+            await wait_for(lambda: done == [first])
+            await wait_for(lambda: work.delay_queues_vanished >= 1, timeout=BROKER_EXPIRY_CHECK * 3)
+            gone = [r for r in caplog.records if r.levelno == logging.ERROR and "was gone" in r.getMessage()]
+            assert gone and f"{work.name}.retry.{DELAY_QUEUE_MS}" in gone[0].getMessage(), gone
+            assert work.delay_queue_renewal_interval(DELAY_QUEUE_MS) < 2.0
+            # Declared again: the next retry goes through it.
+            second = await work.enqueue(Job(n=2))
+            await wait_for(lambda: done == [first, second], timeout=30)
+    finally:
+        await arabbitmqctl("clear_operator_policy", "-p", vhost, policy)
+
+
 async def test_one_delay_queue_that_cannot_be_renewed_does_not_stop_the_others(
     broker: Broker, settings: BrokerSettings, name: str
 ) -> None:
