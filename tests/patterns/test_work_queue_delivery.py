@@ -222,7 +222,8 @@ async def whereabouts(broker: Broker, work: WorkQueue[Job]) -> str:
     listed = await arabbitmqctl("list_queues", "-p", vhost, "name", "messages_ready", "messages_unacknowledged")
     ours = [line for line in listed.splitlines() if line.startswith(work.name)]
     held = parse_quorum_state(await arabbitmqctl("eval", quorum_state_expression(vhost)))
-    return f"list_queues (seconds behind) {ours}; quorum counts {held}; delay-queue renewals {work.delay_renewals}"
+    renewals = f"delay-queue renewals {work.delay_renewals}, found gone early {work.delay_queues_vanished}"
+    return f"list_queues (seconds behind) {ours}; quorum counts {held}; {renewals}"
 
 
 async def test_an_idle_delay_queue_stays_while_its_worker_runs_and_expires_after(
