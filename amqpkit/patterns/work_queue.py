@@ -322,7 +322,7 @@ class WorkQueue(Generic[T]):
             return state.interval
         return self.delay_queue_expiry(ms) * self.delay_queue_renew_fraction
 
-    def renewal_tick(self) -> float:
+    def delay_queue_check_interval(self) -> float:
         """How often a worker looks for delay queues due a renewal."""
         return min([self.delay_queue_min_expiry / 6] + [s.interval / 2 for s in self._delay_queues.values()
                                                          if s.interval is not None])  # fmt: skip

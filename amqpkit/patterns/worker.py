@@ -185,7 +185,7 @@ class Worker(Generic[T]):
     async def _keep_delay_queues(self) -> None:
         """Renew the delay queues' leases while the worker runs (a failed renewal is tried again next tick)."""
         while True:
-            await asyncio.sleep(self.queue.renewal_tick())
+            await asyncio.sleep(self.queue.delay_queue_check_interval())
             try:
                 await self.queue.renew_delay_queues()
             except Exception as exc:
