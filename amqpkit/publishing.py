@@ -61,7 +61,10 @@ class Publishing(BrokerCore):
         duplicate, with the same message id). A mandatory publish is the only
         confirmed publish of its message id in flight (others of that id wait
         for it, and it for them): a returned message is told apart from others
-        by its id. Publishes that are not mandatory share an id freely.
+        by its id. Publishes that are not mandatory share an id freely. A
+        publish the broker nacks is sent once more on a fresh channel (a
+        channel opened during a failover can nack what a later one accepts),
+        unless the channel was replaced less than a second before.
 
         Raises :class:`MessageTooLarge`, :class:`Unroutable` (mandatory and no
         queue took it), :class:`PublishNacked`, :class:`PublishTimeout`, or
@@ -127,6 +130,7 @@ class Publishing(BrokerCore):
         wait: float,
     ) -> None:
         refusals = 0
+        nacked = False
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -169,9 +173,14 @@ class Publishing(BrokerCore):
             except PublishNacked:
                 # The next publish goes on a fresh channel. On RabbitMQ 3.10 a channel opened while a quorum
                 # queue had no leader (a reconnect within a failover) nacked every publish to it for minutes,
-                # while a channel opened later had the same publishes acked.
+                # while a channel opened later had the same publishes acked. So a nacked publish is sent once
+                # more, if that channel was replaced (at most once a second: a full queue's nacks come fast).
                 self._retire_publish_channel(channel)
-                raise
+                if nacked or self._channels.get("publish") is channel:
+                    raise
+                nacked = True
+                self.republished += 1
+                continue
             except ConnectionLost:
                 if self._closing:
                     raise

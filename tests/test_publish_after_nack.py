@@ -34,3 +34,25 @@ async def test_the_publish_after_a_nack_goes_on_a_new_channel(broker: Broker, na
             break
         await asyncio.sleep(0.1)
     assert nacked_on.is_closed
+
+
+async def test_a_nacked_publish_is_sent_once_more_on_a_fresh_channel(
+    broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    """A failover's nack belongs to the channel (see above): the publish goes once more on a new one. A full queue
+    nacks it again, and then it fails; within the second after a replacement a nack fails at once."""
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name, max_length=1, overflow=Overflow.REJECT_PUBLISH))
+    await broker.publish(Envelope(b"first"), routing_key=name)
+    first_channel = broker._channels["publish"]
+    before = broker.republished
+    with pytest.raises(PublishNacked):
+        await broker.publish(Envelope(b"second"), routing_key=name)
+    assert broker.republished == before + 1  # sent again, on another channel, and nacked again
+    retried_on = broker._channels["publish"]
+    assert retried_on is not first_channel
+    with pytest.raises(PublishNacked):
+        await broker.publish(Envelope(b"third"), routing_key=name)
+    assert broker.republished == before + 1  # that channel is not replaced yet (one a second): no second try
+    assert broker._channels["publish"] is retried_on
+    assert (await broker.queue_counts(name))[0] == 1
