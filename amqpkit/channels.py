@@ -90,7 +90,9 @@ class BrokerCore:
         self._topology_lock = asyncio.Lock()
         self.generation = 0
         self.reconnects = 0
-        self.republished = 0  # confirmed publishes sent again after the connection dropped mid-confirm
+        # Confirmed publishes sent again: after the connection or the channel dropped mid-confirm, after the
+        # broker closed the channel over another publish, or once after a nack (amqpkit.publishing).
+        self.republished = 0
         self._unwatch: Callable[[], None] | None = None  # the event-loop watchdog (amqpkit.watchdog)
         self._lowlevel = LowLevel(self)
 
