@@ -26,11 +26,17 @@ def test_the_internals_are_where_the_compat_module_says() -> None:
     for name in ("_Channel__get_content_header", "_read_content", "_on_return_frame", "_on_deliver_frame"):
         assert hasattr(aiormq.Channel, name), f"aiormq {version('aiormq')} has no Channel.{name}"
     assert "wait" in aiormq.Channel.basic_publish.__code__.co_varnames
+    # What a publish nothing can hold up is queued with, instead of basic_publish (publish_nowait).
+    assert callable(aiormq.Channel._split_body)
+    assert callable(aiormq.channel._check_routing_key)
+    assert callable(ChannelFrame.marshall)
     assert isinstance(aiormq.Connection.FRAME_BUFFER_SIZE, int)
 
 
 async def test_a_channel_the_broker_is_closing_is_seen_as_closing(broker: Broker) -> None:
     channel = await broker.lowlevel.open_channel()
+    assert isinstance(getattr(channel, "_Channel__lock", None), asyncio.Lock)
+    assert isinstance(channel.delivery_tag, int)  # type: ignore[attr-defined]
     assert isinstance(getattr(channel, "_Channel__close_event", None), asyncio.Event)
     assert not aiormq_compat.closing(channel)
     with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):

@@ -227,3 +227,100 @@ async def test_a_direct_reply_completes_its_call_without_a_task_per_reply(broker
         assert client.fast_replies, "the RPC client fell back to a task per reply"
     per_reply = [q for q in made if q.startswith("RpcClient.")]
     assert per_reply == [], f"{len(per_reply)} tasks for 20 replies: {sorted(set(per_reply))}"
+
+
+class _BasicPublishCount:
+    """Counts the publishes that went through aiormq's own ``Channel.basic_publish``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.routing_keys: list[str] = []
+        original = aiormq.Channel.basic_publish
+
+        async def counting(channel: aiormq.Channel, body: bytes, **kwargs: Any) -> Any:
+            self.routing_keys.append(kwargs.get("routing_key", ""))
+            return await original(channel, body, **kwargs)
+
+        monkeypatch.setattr(aiormq.Channel, "basic_publish", counting)
+
+
+async def test_a_publish_nothing_can_hold_up_is_queued_at_once_and_arrives_as_sent(
+    broker: Broker, name: str, cleanup: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No confirms, the channel's lock free, room in the write queue: none of aiormq's publish machinery
+    (two context managers, a timeout, the lock) could wait, so the frames are queued without it."""
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name))
+    count = _BasicPublishCount(monkeypatch)
+    for n in range(3):
+        properties = aiormq.spec.Basic.Properties(message_id=f"m{n}", content_type="text/plain", headers={"n": n})
+        await broker.lowlevel.publish_unconfirmed(b"body %d" % n, properties, routing_key=name)
+    got = [await _basic_get(broker, name) for _ in range(3)]
+    seen = [(m.body, m.header.properties.message_id, m.header.properties.headers) for m in got]
+    assert seen == [(b"body %d" % n, f"m{n}", {"n": n}) for n in range(3)]
+    assert count.routing_keys == []
+
+
+async def test_an_rpc_call_s_request_and_reply_skip_aiormq_s_publish(
+    broker: Broker, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = RpcServer(broker, Queue(name, auto_delete=True))
+
+    @server.method("echo")
+    async def echo(body: bytes) -> bytes:
+        return body
+
+    async with server, RpcClient(broker, name, timeout=5) as client:
+        assert await client.call("echo", b"warm", returns=bytes) == b"warm"
+        count = _BasicPublishCount(monkeypatch)
+        for n in range(5):
+            assert await client.call("echo", b"%d" % n, returns=bytes) == b"%d" % n
+    assert count.routing_keys == []
+
+
+async def test_a_publish_behind_the_channel_s_lock_waits_its_turn(
+    broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    """A publish that holds the lock (it waits for room in a full write queue) goes first: the next one on
+    that channel waits for the lock as aiormq's does, instead of overtaking it."""
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name))
+    channel = await broker.lowlevel.open_channel(confirms=False)
+    try:
+        lock = channel._Channel__lock  # type: ignore[attr-defined]  # what a publish waiting for room holds
+        await lock.acquire()
+        properties = aiormq.spec.Basic.Properties(message_id="behind")
+        behind = asyncio.create_task(
+            aiormq_compat.publish_nowait(channel, b"behind", routing_key=name, properties=properties)
+        )
+        await asyncio.sleep(0.2)
+        assert not behind.done(), "the publish overtook the one holding the channel's lock"
+        lock.release()
+        await asyncio.wait_for(behind, 5)
+        assert (await _basic_get(broker, name)).body == b"behind"
+    finally:
+        await channel.close()
+
+
+async def test_a_publish_on_a_confirming_channel_keeps_aiormq_s_bookkeeping(
+    broker: Broker, name: str, cleanup: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With confirms, aiormq must number the publish and wait for its confirm: it goes through aiormq's."""
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name))
+    count = _BasicPublishCount(monkeypatch)
+    channel = await broker.lowlevel.open_channel(confirms=True)
+    try:
+        await aiormq_compat.publish_nowait(channel, b"x", routing_key=name)
+        assert (await _basic_get(broker, name)).body == b"x"
+    finally:
+        await channel.close()
+    assert count.routing_keys == [name]
+
+
+async def test_a_publish_on_a_channel_the_broker_is_closing_fails_and_sends_nothing(broker: Broker) -> None:
+    channel = await broker.lowlevel.open_channel(confirms=False)
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+        await channel.exchange_declare("amqpkit-fast-path-no-such-exchange", passive=True)
+    with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
+        await aiormq_compat.publish_nowait(channel, b"x", routing_key="amqpkit.nowhere")
+    assert broker.is_connected  # a frame after the close-ok would have closed the connection
