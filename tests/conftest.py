@@ -15,8 +15,13 @@ machine: see ``brokerctl.broker_turn``.
 
 from __future__ import annotations
 
+import functools
+import gc
+import itertools
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -66,6 +71,44 @@ def _broker_turn(request: pytest.FixtureRequest) -> Iterator[None]:
         exclusive = brokerctl.session_vhost() is None
     with brokerctl.broker_turn(exclusive):
         yield
+
+
+# Every Broker made in this run, with the order it was made in: a test that leaves one open is named.
+_made: weakref.WeakKeyDictionary[Broker, int] = weakref.WeakKeyDictionary()
+_serial = itertools.count(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _brokers_recorded() -> Iterator[None]:
+    original = Broker.__init__
+
+    @functools.wraps(original)  # the signature stays Broker's own (tests/test_public_surface.py reads it)
+    def recording(self: Broker, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _made[self] = next(_serial)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Broker, "__init__", recording)
+        yield
+
+
+def _left_open(broker: Broker) -> bool:
+    """Connected, or reconnecting, and never closed: its tasks outlive the test and fail a later one."""
+    return not broker._closing and (broker._conn is not None or broker._reconnect_task is not None)
+
+
+@pytest.fixture(autouse=True)
+def _no_broker_left_open(_brokers_recorded: None) -> Iterator[None]:
+    """A Broker a test leaves open fails that test, not whichever later test its destroyed tasks warn in.
+
+    Set up before the test's other fixtures, so it looks after theirs (``broker`` included) are closed.
+    """
+    first = next(_serial)
+    yield
+    left = [b for b, n in list(_made.items()) if n > first and _left_open(b)]
+    if left:
+        gc.collect()  # the warnings of its destroyed tasks land here too, not in a later test
+        pytest.fail(f"the test left {len(left)} Broker(s) open (close them, also when it fails): {left}", pytrace=False)
 
 
 @pytest.fixture
