@@ -1,6 +1,9 @@
 """Instructions per RPC call on each side, amqpkit's RPC against bare aiormq's, counted by valgrind.
 
-    .venv/bin/python scripts/rpc_instructions.py [--calls 200 1200] [--url URL] [--out FILE]
+    .venv/bin/python scripts/rpc_instructions.py [--calls 200 1200] [--out FILE]
+
+The broker is ``AMQP_URL`` (default: guest on 127.0.0.1:5672), handed to the other processes through
+their environment, never on a command line.
 
 Latency at one call in flight swings by a third from one run to the next on a small shared machine
 (where the client, the server and the broker land on its cores decides more than the code does).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,12 +30,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from serving import URL_ENV, broker_url, serving
+
 from amqpkit.bench.base import ClientOptions, ServerOptions
 from amqpkit.bench.scenarios import REGISTRY
 
 # The bench's own scenarios, serving and driving sides as it runs them.
 KINDS: dict[str, tuple[Any, Any]] = {n: (REGISTRY[n].server, REGISTRY[n].client) for n in ("rpc", "raw-rpc")}
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 async def serve(kind: str, url: str, queue: str) -> None:
@@ -56,28 +61,17 @@ def instructions(side: str, kind: str, url: str, calls: int, workdir: Path) -> i
     """Total instructions of the ``side`` process over a run of ``calls`` calls."""
     out = workdir / f"{side}-{kind}-{calls}.out"
     valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-    me = [sys.executable, __file__, "--url", url]
+    me = [sys.executable, __file__]
     queue = f"rpc-instructions-{uuid.uuid4().hex[:8]}"
     server_cmd = (valgrind if side == "server" else []) + [*me, "--serve", kind, queue]
-    server = subprocess.Popen(
-        server_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    try:
-        assert server.stdout is not None and server.stdin is not None
-        if server.stdout.readline().strip() != "ready":
-            raise SystemExit(f"the {kind} serving side did not start")
+    with serving(server_cmd, url, what=f"the {kind} serving side", quiet=True):
         drive_cmd = [*me, "--drive", kind, queue, str(calls)]
+        env = {**os.environ, URL_ENV: url}
         if side == "client":
-            subprocess.run([*valgrind, *drive_cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            silent = subprocess.DEVNULL
+            subprocess.run([*valgrind, *drive_cmd], check=True, env=env, stdout=silent, stderr=silent)
         else:
-            subprocess.run(drive_cmd, check=True)
-        server.stdin.write("\n")
-        server.stdin.flush()
-        server.wait(timeout=120)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+            subprocess.run(drive_cmd, check=True, env=env)
     for line in out.read_text().splitlines():
         if line.startswith("summary:"):
             return int(line.split()[1])
@@ -87,24 +81,24 @@ def instructions(side: str, kind: str, url: str, calls: int, workdir: Path) -> i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, nargs=2, default=[200, 1200], metavar=("FEW", "MANY"))
-    parser.add_argument("--url", default=DEFAULT_URL)
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--drive", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    url = broker_url()
     if args.serve:
-        asyncio.run(serve(args.serve[0], args.url, args.serve[1]))
+        asyncio.run(serve(args.serve[0], url, args.serve[1]))
         return
     if args.drive:
-        asyncio.run(drive(args.drive[0], args.url, args.drive[1], int(args.drive[2])))
+        asyncio.run(drive(args.drive[0], url, args.drive[1], int(args.drive[2])))
         return
     few, many = args.calls
     figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="rpc-instructions-") as d:
         for side in ("client", "server"):
             for kind in KINDS:
-                low = instructions(side, kind, args.url, few, Path(d))
-                high = instructions(side, kind, args.url, many, Path(d))
+                low = instructions(side, kind, url, few, Path(d))
+                high = instructions(side, kind, url, many, Path(d))
                 per_call = (high - low) / (many - few)
                 figures.setdefault(side, {})[kind] = per_call
                 print(f"{side:6s} {kind:8s} {per_call / 1000:8.1f} k instructions per call", flush=True)

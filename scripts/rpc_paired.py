@@ -22,21 +22,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from serving import broker_url, serving
+
 from amqpkit.bench.base import ClientOptions, ServerOptions
 from amqpkit.bench.scenarios import REGISTRY
 
 KINDS = ("rpc", "raw-rpc")
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
-URL_ENV = "AMQP_URL"
 WARMUP = 500
 
 
@@ -110,28 +108,14 @@ def main() -> None:
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    url = os.environ.get(URL_ENV) or DEFAULT_URL
+    url = broker_url()
     if args.serve:
         run(serve(url, list(args.serve)), args.loop)
         return
     queues = [f"rpc-paired-{kind}-{uuid.uuid4().hex[:8]}" for kind in KINDS]
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--loop", args.loop, "--serve", *queues],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, URL_ENV: url},
-    )  # fmt: skip
-    try:
-        assert server.stdout is not None and server.stdin is not None
-        if server.stdout.readline().strip() != "ready":
-            raise SystemExit("the serving process did not start")
-        got: dict[str, list[int]] = {}
+    got: dict[str, list[int]] = {}
+    with serving([sys.executable, __file__, "--loop", args.loop, "--serve", *queues], url, what="the serving process"):
         run(_collect(url, queues, args.calls, got), args.loop)
-        server.stdin.write("\n")
-        server.stdin.flush()
-        server.wait(timeout=60)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
     figures = summary(got, args.blocks)
     p50 = figures["p50_us"]
     blocks = sorted(figures["ratio_per_block"])
