@@ -154,8 +154,8 @@ def _queue_at_once(
     aiormq's ``basic_publish`` enters two context managers and a timeout and
     takes the channel's lock to queue the frames. Without publisher confirms,
     with that lock free and nobody waiting for it, and with room in the write
-    queue, none of that can wait, and it is a tenth of what an RPC reply costs
-    its server between reading the request and writing the reply. What it does
+    queue, none of that can wait, and it was about 50 of the 756 calls an RPC
+    server made between reading a request and writing its reply. What it does
     besides is done here the same way: the routing key checked, a random
     message id when there is none, the frames marshalled as one item (so no
     other publish on the channel interleaves), the delivery tag counted. The
