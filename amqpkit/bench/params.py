@@ -19,7 +19,7 @@ from .base import Kind
 from .burst import profile_seconds
 from .otel import OTEL_MODES
 from .results import Arm
-from .scenarios import expand
+from .scenarios import expand, is_chain, kind_of
 
 __all__ = ["DEFAULT_SCENARIOS", "LOOPS", "BenchParams"]
 
@@ -58,6 +58,7 @@ class BenchParams(BaseModel):
         description="(name, URLs) of each broker run against, in place of url; the first is the reference",
     )
     otel: tuple[str, ...] = Field(default=(), description="instrumentation modes to run in: off, noop, batch")
+    paired: bool = Field(default=False, description="at one call in flight, the scenarios' calls alternate one by one")
 
     @model_validator(mode="after")
     def _check(self) -> BenchParams:
@@ -73,7 +74,21 @@ class BenchParams(BaseModel):
             raise ValueError("concurrency levels must be at least 1")
         if self.queue_type not in ("classic", "quorum"):
             raise ValueError("queue_type is classic or quorum")
+        if self.paired:
+            self._check_paired()
         return self
+
+    def _check_paired(self) -> None:
+        """``paired`` alternates single calls: only calls answered by one server, in a closed loop at 1."""
+        odd = [s for s in self.scenarios if kind_of(s) is not Kind.CALL or is_chain(s)]
+        if odd:
+            raise ValueError(f"--paired alternates calls to one server: {odd[0]} is not one (rpc, raw-rpc, ...)")
+        if self.rate is not None or self.burst is not None:
+            raise ValueError("--paired is a closed loop at one call in flight: no --rate or --burst with it")
+        if 1 not in self.concurrency:
+            raise ValueError("--paired measures at one call in flight: put 1 in --concurrency")
+        if self.messages is None:
+            raise ValueError("--paired counts calls: give --messages, not --duration")
 
     def _check_arms(self) -> None:
         names = [name for name, _ in self.targets]

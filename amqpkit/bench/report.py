@@ -131,6 +131,7 @@ def print_report(result: BenchResult, console: Console | None = None) -> None:
         f"[bold]amqpkit bench[/bold] — {result.broker_product} {result.broker_version}, "
         f"{result.machine.get('cpus')} CPUs, {p.size}-byte bodies, "
         + (f"open loop at {p.rate:g} msg/s" if p.rate else "burst profile (open loop)" if p.burst else "closed loop")
+        + (", calls at one in flight alternating one by one (--paired)" if p.paired else "")
         + f", {' and '.join(p.loop)} event loop"
         + (f", {p.repeat} runs (median \\[min-max])" if p.repeat > 1 else "")
         + (", in one process" if p.inproc else ", server in its own process")

@@ -102,6 +102,9 @@ async def run_bench(
         )
         for run in range(first_run, first_run + params.repeat):
             for concurrency, rate in levels:
+                if params.paired and concurrency == 1:
+                    result.results += await _paired_runs(params, sides, clients, run, on_progress)
+                    continue
                 for scenario in params.scenarios:
                     one = await _one_run(params, scenario, sides[scenario], clients[scenario], windows.get(scenario),
                                          concurrency, rate, run, on_progress, arm.otel)  # fmt: skip
@@ -222,6 +225,63 @@ async def _one_run(
         run=run,
         duration_s=elapsed,
     )
+
+
+async def _paired_runs(
+    params: BenchParams,
+    sides: dict[str, Side],
+    clients: dict[str, ClientSide],
+    run: int,
+    on_progress: ProgressCallback | None,
+) -> list[RunResult]:
+    """Every scenario at one call in flight, their calls alternating one by one (``--paired``).
+
+    Round ``i`` makes one call of each scenario, starting with scenario ``i mod n``, so each one goes
+    first as often as the others and each round meets the machine as it is then: what moves the
+    whole machine from run to run moves them all alike. A scenario's throughput is its calls over
+    the time its own calls took.
+    """
+    names = list(params.scenarios)
+    for scenario in names:
+        await sides[scenario].reset()
+    for _ in range(params.warmup_count()):
+        for scenario in names:
+            with contextlib.suppress(Exception):
+                await clients[scenario].operate(time.monotonic_ns(), True)
+    recorders = {scenario: LatencyRecorder() for scenario in names}
+    spent = dict.fromkeys(names, 0)
+    errors = dict.fromkeys(names, 0)
+    total = params.messages or 0
+    label = f"{' + '.join(names)} c=1 paired"
+    for i in range(total):
+        first = i % len(names)
+        for scenario in names[first:] + names[:first]:
+            started = time.monotonic_ns()
+            try:
+                await clients[scenario].operate(started, False)
+            except Exception:
+                errors[scenario] += 1
+                continue
+            took = time.monotonic_ns() - started
+            recorders[scenario].record_ns(took)
+            spent[scenario] += took
+        if on_progress is not None:
+            on_progress(label, i + 1, total)
+    return [
+        RunResult(
+            scenario=scenario,
+            concurrency=1,
+            rate=None,
+            messages=recorders[scenario].count,
+            size=params.size,
+            throughput_per_s=recorders[scenario].count / (spent[scenario] / 1e9) if spent[scenario] else 0.0,
+            latency_us=recorders[scenario].percentiles(),
+            errors=errors[scenario],
+            run=run,
+            duration_s=spent[scenario] / 1e9,
+        )
+        for scenario in names
+    ]
 
 
 def _total(params: BenchParams, rate: float | None) -> int:

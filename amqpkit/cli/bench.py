@@ -55,6 +55,10 @@ def bench(
     workers: Annotated[int, typer.Option("--workers", help="worker processes for the workqueue scenarios")] = 1,
     prefetch: Annotated[int, typer.Option("--prefetch", help="prefetch of servers and consumers")] = 256,
     repeat: Annotated[int, typer.Option("--repeat", help="runs of the whole sweep, interleaved; shows the spread")] = 1,
+    paired: Annotated[
+        bool,
+        typer.Option("--paired", help="at one call in flight, alternate the scenarios' calls one by one (calls only)"),
+    ] = False,
     json_path: Annotated[str | None, typer.Option("--json", help="write results as JSON to PATH ('-': stdout)")] = None,
     plot_path: Annotated[str | None, typer.Option("--plot", help="draw latency against throughput to PATH.png")] = None,
     burst: Annotated[
@@ -120,6 +124,7 @@ def bench(
             queue_type=queue_type,
             inproc=inproc,
             repeat=repeat,
+            paired=paired,
             workers=workers,
             prefetch=prefetch,
             stall_ms=stall_ms,
