@@ -32,19 +32,11 @@ from typing import Any
 from serving import broker_url, serving
 
 from amqpkit.bench.base import ClientOptions, ServerOptions
+from amqpkit.bench.loads import run_in_loop
 from amqpkit.bench.scenarios import REGISTRY
 
 KINDS = ("rpc", "raw-rpc")
 WARMUP = 500
-
-
-def run(main: Any, loop: str) -> None:
-    if loop == "uvloop":
-        import uvloop
-
-        uvloop.run(main)
-    else:
-        asyncio.run(main)
 
 
 async def serve(url: str, queues: list[str]) -> None:
@@ -110,12 +102,11 @@ def main() -> None:
     args = parser.parse_args()
     url = broker_url()
     if args.serve:
-        run(serve(url, list(args.serve)), args.loop)
+        run_in_loop(lambda: serve(url, list(args.serve)), args.loop)
         return
     queues = [f"rpc-paired-{kind}-{uuid.uuid4().hex[:8]}" for kind in KINDS]
-    got: dict[str, list[int]] = {}
     with serving([sys.executable, __file__, "--loop", args.loop, "--serve", *queues], url, what="the serving process"):
-        run(_collect(url, queues, args.calls, got), args.loop)
+        got: dict[str, list[int]] = run_in_loop(lambda: drive(url, queues, args.calls), args.loop)
     figures = summary(got, args.blocks)
     p50 = figures["p50_us"]
     blocks = sorted(figures["ratio_per_block"])
@@ -127,10 +118,6 @@ def main() -> None:
     print(f"  median of the per-pair ratios: {figures['median_pair_ratio']:.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"loop": args.loop, **figures}, indent=2) + "\n")
-
-
-async def _collect(url: str, queues: list[str], calls: int, into: dict[str, list[int]]) -> None:
-    into.update(await drive(url, queues, calls))
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ async def _paired_runs(
     spent = dict.fromkeys(names, 0)
     errors = dict.fromkeys(names, 0)
     total = params.messages or 0
-    label = f"{' + '.join(names)} c=1 paired"
+    tick = _ticker(params, f"{' + '.join(names)} c=1 paired", total, None, on_progress)
     for i in range(total):
         first = i % len(names)
         for scenario in names[first:] + names[:first]:
@@ -265,8 +265,7 @@ async def _paired_runs(
             took = time.monotonic_ns() - started
             recorders[scenario].record_ns(took)
             spent[scenario] += took
-        if on_progress is not None:
-            on_progress(label, i + 1, total)
+        tick()
     return [
         RunResult(
             scenario=scenario,
