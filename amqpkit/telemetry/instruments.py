@@ -12,6 +12,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from .._version import __version__
+from .lean import lean_tracer
 from .routes import ROUTES_KEPT, CallRoute, ProcessRoute, SendRoute
 
 METRICS = {
@@ -33,7 +34,9 @@ class Instruments:
     """The tracer, the metric instruments and the routes of one :func:`~amqpkit.telemetry.instrument` call."""
 
     def __init__(self, tracer_provider: Any, meter_provider: Any) -> None:
-        self.tracer = trace.get_tracer("amqpkit", __version__, tracer_provider=tracer_provider)
+        tracer = trace.get_tracer("amqpkit", __version__, tracer_provider=tracer_provider)
+        # The SDK's own tracer gets amqpkit's lean spans where they are the same as the SDK's (see .lean).
+        self.tracer: Any = lean_tracer(tracer) or tracer
         self.drops_unsampled = drops_unsampled_children(self.tracer)
         meter = metrics.get_meter("amqpkit", __version__, meter_provider=meter_provider)
         # The per-message counts are plain sums here, read by the SDK when it collects (observable

@@ -44,7 +44,7 @@ def _counting() -> _Counting:
     state = hooks.current
     assert state is not None
     counting = _Counting(state.tracer)
-    state.tracer = counting  # type: ignore[assignment]
+    state.tracer = counting
     return counting
 
 

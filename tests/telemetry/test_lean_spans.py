@@ -1,0 +1,226 @@
+"""Lean spans: amqpkit's per-message spans skip the SDK's ``Span`` class where the SDK's own processors are the only
+ones, export exactly what the SDK's span would have, and leave every other set-up to the SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags
+
+from amqpkit import Broker, Delivery, Envelope, Queue, RpcClient, RpcServer, telemetry
+from amqpkit.telemetry.lean import LeanSpan, LeanTracer, lean_tracer
+
+from ..waiting import wait_for
+from .conftest import Telemetry
+
+
+@pytest.fixture
+def sdk_spans_made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the SDK ``Span`` objects made while the test runs."""
+    made: list[str] = []
+    original = sdk_trace._Span.__init__
+
+    def counting(self: Any, name: str, *args: Any, **kwargs: Any) -> None:
+        made.append(name)
+        original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(sdk_trace._Span, "__init__", counting)
+    return made
+
+
+async def _pubsub_and_rpc(broker: Broker, name: str, spans: Callable[[], list[ReadableSpan]]) -> None:
+    """A one-way message and an RPC call, until their four spans have ended."""
+    queue = Queue(f"{name}.q", auto_delete=True)
+    server = RpcServer(broker, Queue(f"{name}.rpc", auto_delete=True))
+
+    @server.method("echo")
+    async def echo(payload: str) -> str:
+        return payload
+
+    async def on_message(delivery: Delivery[bytes]) -> None:
+        await delivery.ack()
+
+    consumer = await broker.consume(queue, on_message)
+    try:
+        async with server, RpcClient(broker, f"{name}.rpc", timeout=30) as client:
+            await broker.publish(Envelope(b"one way"), routing_key=queue.name)
+            assert await client.call("echo", "hi", returns=str) == "hi"
+            await wait_for(lambda: len(spans()) == 4)
+    finally:
+        await consumer.cancel()
+
+
+async def test_message_spans_skip_the_sdk_span_class(
+    broker: Broker, name: str, otel: Telemetry, sdk_spans_made: list[str]
+) -> None:
+    await _pubsub_and_rpc(broker, name, otel.spans)
+
+    assert sdk_spans_made == []
+    spans = {s.kind: s for s in otel.spans()}
+    assert set(spans) == {SpanKind.PRODUCER, SpanKind.CONSUMER, SpanKind.CLIENT, SpanKind.SERVER}
+    assert all(type(s) is LeanSpan for s in spans.values())
+    for child, parent in ((SpanKind.CONSUMER, SpanKind.PRODUCER), (SpanKind.SERVER, SpanKind.CLIENT)):
+        got, want = spans[child].parent, spans[parent].context
+        assert got is not None and want is not None
+        assert (got.trace_id, got.span_id, got.is_remote) == (want.trace_id, want.span_id, True)
+    assert spans[SpanKind.PRODUCER].attributes["messaging.destination.name"] == ""
+    assert spans[SpanKind.PRODUCER].attributes["messaging.rabbitmq.destination.routing_key"] == f"{name}.q"
+
+
+class _Watching(SpanProcessor):
+    """A span processor of the user's own: it sees each span start."""
+
+    def __init__(self) -> None:
+        self.started: list[Any] = []
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.started.append(span)
+
+
+@pytest.fixture
+def provider() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    meter_provider = MeterProvider([InMemoryMetricReader()])
+    telemetry.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    try:
+        yield tracer_provider, exporter
+    finally:
+        telemetry.uninstrument()
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+
+async def test_a_processor_of_the_users_own_gets_the_sdks_spans(
+    broker: Broker, name: str, provider: tuple[TracerProvider, InMemorySpanExporter], sdk_spans_made: list[str]
+) -> None:
+    """Added after instrument(): from then on every span is the SDK's, and its on_start sees each one."""
+    tracer_provider, exporter = provider
+    watching = _Watching()
+    tracer_provider.add_span_processor(watching)
+
+    await _pubsub_and_rpc(broker, name, lambda: list(exporter.get_finished_spans()))
+
+    assert len(sdk_spans_made) == 4
+    assert len(watching.started) == 4
+    assert all(isinstance(s, sdk_trace.Span) for s in watching.started)
+    assert not any(type(s) is LeanSpan for s in exporter.get_finished_spans())
+
+
+def test_lean_only_with_the_sdks_own_processors_and_limits() -> None:
+    def lean(provider: TracerProvider, sampler: Any = None) -> bool:
+        tracer = lean_tracer(provider.get_tracer("amqpkit"))
+        if tracer is None:
+            return False
+        return type(tracer.start_span("x", kind=SpanKind.PRODUCER)) is LeanSpan
+
+    plain = TracerProvider()
+    plain.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    plain.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+    assert lean(plain)
+    assert lean(TracerProvider())  # no processor at all: spans go nowhere, cheaply
+    watched = TracerProvider()
+    watched.add_span_processor(_Watching())
+    assert not lean(watched)
+
+    class MyBatch(BatchSpanProcessor):
+        pass
+
+    subclassed = TracerProvider()
+    subclassed.add_span_processor(MyBatch(InMemorySpanExporter()))
+    assert not lean(subclassed)
+    assert not lean(TracerProvider(span_limits=SpanLimits(max_span_attributes=4)))
+    assert not lean(TracerProvider(span_limits=SpanLimits(max_span_attribute_length=64)))
+    assert lean_tracer(trace.NoOpTracer()) is None
+    for p in (plain, watched, subclassed):
+        p.shutdown()
+
+
+def _exported(span: ReadableSpan) -> dict[str, Any]:
+    """What an exporter reads of a span, with the ids left out (they are random)."""
+    return {
+        "name": span.name,
+        "kind": span.kind,
+        "flags": span.context.trace_flags if span.context else None,
+        "trace_state": span.context.trace_state if span.context else None,
+        "parent": span.parent,
+        "remote": span.context.is_remote if span.context else None,
+        "attributes": dict(span.attributes or {}),
+        "dropped_attributes": span.dropped_attributes,
+        "events": [
+            (e.name, {k: v for k, v in (e.attributes or {}).items() if k != "exception.stacktrace"})
+            for e in span.events
+        ],
+        "stack_lines": [
+            len(str((e.attributes or {}).get("exception.stacktrace", "")).splitlines()) for e in span.events
+        ],
+        "dropped_events": span.dropped_events,
+        "links": [(link.context, dict(link.attributes or {})) for link in span.links],
+        "dropped_links": span.dropped_links,
+        "status": (span.status.status_code, span.status.description),
+        "resource": span.resource.attributes,
+        "scope": span.instrumentation_scope,
+        "ended": span.end_time is not None and span.start_time is not None and span.end_time >= span.start_time,
+    }
+
+
+@pytest.mark.parametrize("sampler", [None, TraceIdRatioBased(1.0), ParentBased(ALWAYS_OFF)])
+def test_a_lean_span_exports_what_the_sdks_span_would(sampler: Any) -> None:
+    """The same calls on a lean span and on the SDK's: what the exporter gets is the same, field by field."""
+    limits = SpanLimits(max_events=3, max_links=2, max_event_attributes=8)
+    resource = Resource.create({"service.name": "lean-test"})
+    got: dict[str, list[ReadableSpan]] = {}
+    for how in ("sdk", "lean"):
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(resource=resource, span_limits=limits, sampler=sampler)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        sdk_tracer = provider.get_tracer("amqpkit", "1.0")
+        tracer = sdk_tracer if how == "sdk" else lean_tracer(sdk_tracer)
+        assert tracer is not None
+        remote = SpanContext(0x1234, 0x5678, True, TraceFlags(1))
+        first = SpanContext(0xABC, 0xDEF, True, TraceFlags(1))
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(remote))
+        span = tracer.start_span("process q", parent, SpanKind.CONSUMER, {"messaging.system": "rabbitmq", "n": 3},
+                                 [Link(first, {"amqpkit.link": "first attempt"})])  # fmt: skip
+        assert (type(span) is LeanSpan) is (how == "lean")
+        span.set_attribute("handler.set", "yes")
+        span.set_attributes({"bad": object(), "list": [1, 2]})  # type: ignore[dict-item]  # an invalid value: dropped
+        span.add_event("retry", {"next": 2})
+        try:
+            raise KeyError("missing")
+        except KeyError as exc:
+            span.record_exception(exc)
+        for n in range(3):
+            span.add_event(f"extra {n}")  # past max_events: dropped and counted
+        span.add_link(SpanContext(0x99, 0x98, True, TraceFlags(0)), {"why": "test"})
+        span.add_link(SpanContext(0x97, 0x96, True, TraceFlags(0)))  # past max_links
+        span.update_name("process q renamed")
+        span.set_status(StatusCode.ERROR, "broken")
+        span.set_status(StatusCode.UNSET)  # ignored
+        span.end()
+        span.set_attribute("after", "end")  # ignored, with a warning
+        span.end()  # a second end: ignored, with a warning
+        root = tracer.start_span("send x", None, SpanKind.PRODUCER, {"a": 1})
+        root.set_status(trace.Status(StatusCode.OK))
+        root.set_status(StatusCode.ERROR, "too late")  # OK is final
+        root.end()
+        got[how] = list(exporter.get_finished_spans())
+        provider.shutdown()
+    assert [_exported(s) for s in got["lean"]] == [_exported(s) for s in got["sdk"]]
+    if sampler is not None and isinstance(sampler, ParentBased):
+        assert len(got["lean"]) == 1  # the new root was dropped; the child of a sampled remote parent was not
+    else:
+        assert len(got["lean"]) == 2
+    assert isinstance(lean_tracer(TracerProvider().get_tracer("x")), LeanTracer)
