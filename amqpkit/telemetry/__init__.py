@@ -46,6 +46,7 @@ attributes, and amqpkit's JSON log lines show them.
 
 Modules: :mod:`.wiring` (instrument, uninstrument), :mod:`.hooks` (the spans and counts per message),
 :mod:`.propagation` (trace context in headers), :mod:`.routes` (what each destination's spans share),
+:mod:`.lean` (the per-message spans, without the SDK's ``Span`` class where nothing could tell),
 :mod:`.instruments` (the tracer and metrics), :mod:`.logs` (trace ids in logs), :mod:`.prometheus`
 (serve_metrics).
 """

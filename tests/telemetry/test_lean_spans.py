@@ -15,7 +15,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from amqpkit import Broker, Delivery, Envelope, Queue, RpcClient, RpcServer, telemetry
@@ -119,6 +126,19 @@ async def test_a_processor_of_the_users_own_gets_the_sdks_spans(
     assert not any(type(s) is LeanSpan for s in exporter.get_finished_spans())
 
 
+class _Tagging(Sampler):
+    """A sampler of the user's own that adds attributes, one of them a list (the SDK keeps it as a tuple)."""
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+                      attributes: Any = None, links: Any = None, trace_state: Any = None,
+                      ) -> SamplingResult:  # fmt: skip
+        added = {**(attributes or {}), "sampler.tags": ["a", "b"], "sampler.bad": object()}
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, added)
+
+    def get_description(self) -> str:
+        return "tagging"
+
+
 def test_lean_only_with_the_sdks_own_processors_and_limits() -> None:
     def lean(provider: TracerProvider, sampler: Any = None) -> bool:
         tracer = lean_tracer(provider.get_tracer("amqpkit"))
@@ -144,6 +164,12 @@ def test_lean_only_with_the_sdks_own_processors_and_limits() -> None:
     assert not lean(TracerProvider(span_limits=SpanLimits(max_span_attributes=4)))
     assert not lean(TracerProvider(span_limits=SpanLimits(max_span_attribute_length=64)))
     assert lean_tracer(trace.NoOpTracer()) is None
+    # the SDK's samplers hand back amqpkit's attributes unchanged (kept as built); a sampler of the user's own
+    # may add some, which are then checked (see the next test)
+    for sampler, trusted in ((None, True), (ParentBased(TraceIdRatioBased(0.5)), True), (_Tagging(), False),
+                             (ParentBased(ALWAYS_OFF, remote_parent_sampled=_Tagging()), False)):  # fmt: skip
+        tracer = lean_tracer(TracerProvider(sampler=sampler).get_tracer("x"))
+        assert tracer is not None and tracer._trusted is trusted
     for p in (plain, watched, subclassed):
         p.shutdown()
 
@@ -176,7 +202,9 @@ def _exported(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("sampler", [None, TraceIdRatioBased(1.0), ParentBased(ALWAYS_OFF)])
+@pytest.mark.parametrize(
+    "sampler", [None, TraceIdRatioBased(1.0), ParentBased(ALWAYS_OFF), _Tagging(), ParentBased(_Tagging())]
+)
 def test_a_lean_span_exports_what_the_sdks_span_would(sampler: Any) -> None:
     """The same calls on a lean span and on the SDK's: what the exporter gets is the same, field by field."""
     limits = SpanLimits(max_events=3, max_links=2, max_event_attributes=8)
@@ -219,7 +247,7 @@ def test_a_lean_span_exports_what_the_sdks_span_would(sampler: Any) -> None:
         got[how] = list(exporter.get_finished_spans())
         provider.shutdown()
     assert [_exported(s) for s in got["lean"]] == [_exported(s) for s in got["sdk"]]
-    if sampler is not None and isinstance(sampler, ParentBased):
+    if isinstance(sampler, ParentBased) and sampler._root is ALWAYS_OFF:
         assert len(got["lean"]) == 1  # the new root was dropped; the child of a sampled remote parent was not
     else:
         assert len(got["lean"]) == 2
