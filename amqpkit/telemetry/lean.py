@@ -9,7 +9,8 @@ attributes and a batch processor, in a hot loop on a two-CPU VM (patterns/observ
 It is used only where the result is the same span the SDK would have made, and hands everything else to the
 SDK's tracer (see :func:`lean_tracer` and :meth:`LeanTracer.start_span`):
 
-- the tracer is the SDK's ``Tracer``, enabled, with the SDK's internal metrics off;
+- the tracer is the SDK's ``Tracer`` (release :data:`SDK_TESTED_FROM` or later), enabled, with the SDK's
+  internal metrics off;
 - every span processor is the SDK's ``BatchSpanProcessor`` or ``SimpleSpanProcessor`` (whose ``on_start``
   and ``_on_ending`` do nothing), checked again whenever the provider's processors change;
 - the span limits allow at least :data:`ATTRIBUTES_NEEDED` attributes with no length limit.
@@ -41,6 +42,9 @@ from opentelemetry.trace.status import Status, StatusCode
 
 log = logging.getLogger("amqpkit.telemetry")
 
+SDK_TESTED_FROM = (1, 44)
+"""The oldest opentelemetry-sdk release lean spans were checked against (older ones get the SDK's spans)."""
+
 ATTRIBUTES_NEEDED = 32
 """Span limits below this many attributes (or with a length limit) leave every span to the SDK."""
 
@@ -56,7 +60,7 @@ _FLAGS = {
 
 def lean_tracer(tracer: Any) -> LeanTracer | None:
     """A :class:`LeanTracer` over ``tracer``, or None when ``tracer`` is not one it can stand in for."""
-    if type(tracer) is not sdk_trace.Tracer:
+    if type(tracer) is not sdk_trace.Tracer or _release() < SDK_TESTED_FROM:
         return None
     needed = ("sampler", "resource", "span_processor", "id_generator", "instrumentation_info", "_span_limits",
               "_instrumentation_scope", "_tracer_metrics", "_is_enabled")  # fmt: skip
@@ -285,3 +289,14 @@ def _passes_attributes(sampler: Any) -> bool:
                      "_local_parent_not_sampled")  # fmt: skip
         return all(_passes_attributes(getattr(sampler, name, None)) for name in delegates)
     return isinstance(sampler, (StaticSampler, TraceIdRatioBased))
+
+
+def _release() -> tuple[int, int]:
+    """The installed opentelemetry-sdk's (major, minor), or (0, 0) when it cannot be read."""
+    try:
+        from opentelemetry.sdk.version import __version__
+
+        major, minor = __version__.split(".")[:2]
+        return int(major), int(minor)
+    except (ImportError, ValueError):
+        return 0, 0

@@ -26,10 +26,15 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from amqpkit import Broker, Delivery, Envelope, Queue, RpcClient, RpcServer, telemetry
-from amqpkit.telemetry.lean import LeanSpan, LeanTracer, lean_tracer
+from amqpkit.telemetry import lean
+from amqpkit.telemetry.lean import SDK_TESTED_FROM, LeanSpan, LeanTracer, lean_tracer
 
 from ..waiting import wait_for
 from .conftest import Telemetry
+
+needs_lean = pytest.mark.skipif(
+    lean._release() < SDK_TESTED_FROM, reason="an opentelemetry-sdk older than lean spans were checked against"
+)
 
 
 @pytest.fixture
@@ -68,6 +73,7 @@ async def _pubsub_and_rpc(broker: Broker, name: str, spans: Callable[[], list[Re
         await consumer.cancel()
 
 
+@needs_lean
 async def test_message_spans_skip_the_sdk_span_class(
     broker: Broker, name: str, otel: Telemetry, sdk_spans_made: list[str]
 ) -> None:
@@ -139,6 +145,15 @@ class _Tagging(Sampler):
         return "tagging"
 
 
+def test_an_sdk_older_than_checked_gets_the_sdks_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    tracer = TracerProvider().get_tracer("amqpkit")
+    monkeypatch.setattr(lean, "_release", lambda: (SDK_TESTED_FROM[0], SDK_TESTED_FROM[1] - 1))
+    assert lean_tracer(tracer) is None
+    monkeypatch.setattr(lean, "_release", lambda: SDK_TESTED_FROM)
+    assert lean_tracer(tracer) is not None
+
+
+@needs_lean
 def test_lean_only_with_the_sdks_own_processors_and_limits() -> None:
     def lean(provider: TracerProvider, sampler: Any = None) -> bool:
         tracer = lean_tracer(provider.get_tracer("amqpkit"))
@@ -202,6 +217,7 @@ def _exported(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
+@needs_lean
 @pytest.mark.parametrize(
     "sampler", [None, TraceIdRatioBased(1.0), ParentBased(ALWAYS_OFF), _Tagging(), ParentBased(_Tagging())]
 )
