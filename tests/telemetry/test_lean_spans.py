@@ -145,6 +145,7 @@ class _Tagging(Sampler):
         return "tagging"
 
 
+@needs_lean
 def test_an_sdk_older_than_checked_gets_the_sdks_spans(monkeypatch: pytest.MonkeyPatch) -> None:
     tracer = TracerProvider().get_tracer("amqpkit")
     monkeypatch.setattr(lean, "_release", lambda: (SDK_TESTED_FROM[0], SDK_TESTED_FROM[1] - 1))
