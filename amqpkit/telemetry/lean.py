@@ -133,7 +133,7 @@ class LeanTracer:
             limits = tracer._span_limits
             kept = BoundedAttributes(limits.max_span_attributes, sampling.attributes, immutable=False,
                                      max_value_len=limits.max_span_attribute_length)  # fmt: skip
-        return LeanSpan(self, name, span_context, parent, kind, kept, links, processors)
+        return LeanSpan(self, name, span_context, parent, kind, kept, links)
 
 
 class LeanSpan(trace.Span, ReadableSpan):
@@ -148,7 +148,6 @@ class LeanSpan(trace.Span, ReadableSpan):
         kind: SpanKind,
         attributes: Any,
         links: Sequence[Link],
-        processors: tuple[Any, ...],
     ) -> None:
         # ReadableSpan's own __init__ sets its fields, so that any an SDK release adds are there for exporters
         tracer = lean.sdk
@@ -169,7 +168,7 @@ class LeanSpan(trace.Span, ReadableSpan):
         self._span_limits = limits
         self._status = _UNSET
         self._end_time: int | None = None
-        self._processors = processors
+        self._multi = lean._multi
         self._start_time = time_ns()
 
     def __repr__(self) -> str:
@@ -188,7 +187,9 @@ class LeanSpan(trace.Span, ReadableSpan):
         self._end_time = end_time if end_time is not None else time_ns()
         if type(self._attributes) is BoundedAttributes:
             self._attributes._immutable = True
-        for processor in self._processors:
+        # The processors of now, as the SDK's span tells them: one added while the span was open sees it end too
+        # (its on_end; an _on_ending of its own is not called).
+        for processor in self._multi._span_processors:
             processor.on_end(self)
 
     def _ended(self, what: str) -> bool:

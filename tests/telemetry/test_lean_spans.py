@@ -269,3 +269,31 @@ def test_a_lean_span_exports_what_the_sdks_span_would(sampler: Any) -> None:
     else:
         assert len(got["lean"]) == 2
     assert isinstance(lean_tracer(TracerProvider().get_tracer("x")), LeanTracer)
+
+
+class _Ending(SpanProcessor):
+    """A processor of the user's own that keeps what it is handed at each span's end."""
+
+    def __init__(self) -> None:
+        self.ended: list[ReadableSpan] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.ended.append(span)
+
+
+@needs_lean
+def test_a_processor_added_while_a_span_is_open_sees_it_end() -> None:
+    """As with the SDK's spans: the processors at a span's end are the ones told of it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = lean_tracer(provider.get_tracer("amqpkit"))
+    assert tracer is not None
+    span = tracer.start_span("send x", kind=SpanKind.PRODUCER)
+    assert type(span) is LeanSpan
+    ending = _Ending()
+    provider.add_span_processor(ending)
+    span.end()
+    assert ending.ended == [span]
+    assert list(exporter.get_finished_spans()) == [span]
+    provider.shutdown()
