@@ -26,7 +26,7 @@ import logging
 import traceback
 from collections.abc import Mapping, Sequence
 from time import time_ns
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
@@ -130,9 +130,7 @@ class LeanTracer:
         if self._trusted:
             kept: Any = dict(sampling.attributes)
         else:
-            limits = tracer._span_limits
-            kept = BoundedAttributes(limits.max_span_attributes, sampling.attributes, immutable=False,
-                                     max_value_len=limits.max_span_attribute_length)  # fmt: skip
+            kept = _span_attributes(tracer._span_limits, sampling.attributes)
         return LeanSpan(self, name, span_context, parent, kind, kept, links)
 
 
@@ -164,7 +162,6 @@ class LeanSpan(trace.Span, ReadableSpan):
             instrumentation_info=tracer.instrumentation_info,
             instrumentation_scope=tracer._instrumentation_scope,
         )
-        self._span_context = context  # ReadableSpan keeps it as optional; a started span always has one
         self._span_limits = limits
         self._status = _UNSET
         self._end_time: int | None = None
@@ -175,7 +172,7 @@ class LeanSpan(trace.Span, ReadableSpan):
         return f'{type(self).__name__}(name="{self._name}", context={self._context})'
 
     def get_span_context(self) -> SpanContext:
-        return self._span_context
+        return cast(SpanContext, self._context)  # optional in ReadableSpan; a started span always has one
 
     def is_recording(self) -> bool:
         return self._end_time is None
@@ -200,9 +197,7 @@ class LeanSpan(trace.Span, ReadableSpan):
 
     def _bounded(self) -> BoundedAttributes:
         if type(self._attributes) is not BoundedAttributes:
-            limits = self._span_limits
-            self._attributes = BoundedAttributes(limits.max_span_attributes, self._attributes, immutable=False,
-                                                 max_value_len=limits.max_span_attribute_length)  # fmt: skip
+            self._attributes = _span_attributes(self._span_limits, self._attributes)
         return self._attributes
 
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
@@ -263,6 +258,12 @@ class LeanSpan(trace.Span, ReadableSpan):
         if attributes:
             recorded.update(attributes)
         self.add_event("exception", recorded, timestamp)
+
+
+def _span_attributes(limits: Any, attributes: Mapping[str, Any] | None) -> BoundedAttributes:
+    """``attributes`` checked and bounded as the SDK's span keeps its own, with the tracer's ``limits``."""
+    return BoundedAttributes(limits.max_span_attributes, attributes, immutable=False,
+                             max_value_len=limits.max_span_attribute_length)  # fmt: skip
 
 
 def _bounded_links(limits: Any, links: Sequence[Link]) -> BoundedList[Link]:
