@@ -194,7 +194,7 @@ async def consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
             _fail(span, exc)
         raise
     finally:
-        state.process_duration.record(time.perf_counter() - started, route.duration_attributes)
+        state.process_duration.record(time.perf_counter() - started, route.duration_attributes, running)
         route.in_flight[0] -= 1
         settled = delivery.settled
         if settled is Settlement.ACKED:
@@ -245,7 +245,7 @@ async def rpc_call(
         raise
     finally:
         QUIET.reset(token)
-        state.rpc_duration.record(time.perf_counter() - started, route.outcome(outcome))
+        state.rpc_duration.record(time.perf_counter() - started, route.outcome(outcome), otel_context.get_current())
         if span is not None:
             span.end()
 

@@ -54,6 +54,8 @@ def uninstrument() -> None:
     if _old_record_factory is not None:
         logging.setLogRecordFactory(_old_record_factory)
         _old_record_factory = None
+    if hooks.current is not None:
+        hooks.current.flush()  # the durations measured so far reach their histograms now
     hooks.current = None
 
 
