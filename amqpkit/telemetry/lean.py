@@ -15,8 +15,10 @@ SDK's tracer (see :func:`lean_tracer` and :meth:`LeanTracer.start_span`):
   and ``_on_ending`` do nothing), checked again whenever the provider's processors change;
 - the span limits allow at least :data:`ATTRIBUTES_NEEDED` attributes with no length limit.
 
-The sampler and the id generator are the tracer's own, asked exactly as ``Tracer.start_span`` asks them, and
-the span processors get a ``ReadableSpan`` with the tracer's resource and instrumentation scope. A span a
+The sampler and the id generator are the tracer's own, asked exactly as ``Tracer.start_span`` asks them; a
+``ParentBased`` whose root and delegates are all ``ALWAYS_ON``/``ALWAYS_OFF`` (the SDK's default sampler is one)
+is not asked: its decision and trace state follow from the parent alone, and are worked out in place. The span
+processors get a ``ReadableSpan`` with the tracer's resource and instrumentation scope. A span a
 handler adds attributes, events or links to applies the tracer's limits to them, as the SDK's span does.
 """
 
@@ -35,7 +37,7 @@ from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace import sampling as sdk_sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, StaticSampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler, TraceIdRatioBased
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
@@ -84,6 +86,7 @@ class LeanTracer:
         # The SDK's samplers hand back the attributes amqpkit built (valid by construction); another sampler may
         # add its own, which are then checked as the SDK's span checks them.
         self._trusted = _passes_attributes(tracer.sampler)
+        self._static = _static_decisions(tracer.sampler)
         self._lean = False
 
     def _check(self, processors: tuple[Any, ...]) -> bool:
@@ -121,6 +124,19 @@ class LeanTracer:
         else:
             trace_id = parent.trace_id
             random = parent.trace_flags.random_trace_id
+        static = self._static
+        if static is not None:  # ParentBased over the SDK's fixed decisions: what its should_sample would say
+            if parent is None:
+                (sampled, recording), trace_state = static[0], None
+            else:
+                sampled, recording = static[(1 if parent.is_remote else 3) + (0 if parent.trace_flags.sampled else 1)]
+                trace_state = parent.trace_state
+            span_context = SpanContext(trace_id, tracer.id_generator.generate_span_id(), False,
+                                       _FLAGS[sampled, bool(random)], trace_state)  # fmt: skip
+            if not recording:
+                return NonRecordingSpan(span_context)
+            kept: Any = dict(attributes) if attributes else {}
+            return LeanSpan(self, name, span_context, parent, kind, kept, links)
         sampling = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         decision = sampling.decision
         span_context = SpanContext(trace_id, tracer.id_generator.generate_span_id(), False,
@@ -128,7 +144,7 @@ class LeanTracer:
         if not decision.is_recording():
             return NonRecordingSpan(span_context)
         if self._trusted:
-            kept: Any = dict(sampling.attributes)
+            kept = dict(sampling.attributes)
         else:
             kept = _span_attributes(tracer._span_limits, sampling.attributes)
         return LeanSpan(self, name, span_context, parent, kind, kept, links)
@@ -287,10 +303,28 @@ def _passes_attributes(sampler: Any) -> bool:
     if type(sampler).__module__ != sdk_sampling.__name__:
         return False
     if isinstance(sampler, ParentBased):
-        delegates = ("_root", "_remote_parent_sampled", "_remote_parent_not_sampled", "_local_parent_sampled",
-                     "_local_parent_not_sampled")  # fmt: skip
-        return all(_passes_attributes(getattr(sampler, name, None)) for name in delegates)
+        return all(_passes_attributes(getattr(sampler, name, None)) for name in _PARENT_BASED_DELEGATES)
     return isinstance(sampler, (StaticSampler, TraceIdRatioBased))
+
+
+_PARENT_BASED_DELEGATES = ("_root", "_remote_parent_sampled", "_remote_parent_not_sampled", "_local_parent_sampled",
+                           "_local_parent_not_sampled")  # fmt: skip
+
+
+def _static_decisions(sampler: Any) -> tuple[tuple[bool, bool], ...] | None:
+    """For a ``ParentBased`` whose root and delegates are all the SDK's ``StaticSampler`` (as the SDK's default
+    sampler is): each one's (sampled, recording), in :data:`_PARENT_BASED_DELEGATES` order; else None."""
+    if type(sampler) is not ParentBased:
+        return None
+    decisions = []
+    for name in _PARENT_BASED_DELEGATES:
+        delegate = getattr(sampler, name, None)
+        decision = getattr(delegate, "_decision", None)
+        if type(delegate) is not StaticSampler or not isinstance(decision, Decision):
+            return None
+        # as Decision.is_sampled and is_recording say
+        decisions.append((decision is Decision.RECORD_AND_SAMPLE, decision is not Decision.DROP))
+    return tuple(decisions)
 
 
 def _release() -> tuple[int, int]:

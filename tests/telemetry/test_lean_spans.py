@@ -17,13 +17,15 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
+    ALWAYS_ON,
     Decision,
     ParentBased,
     Sampler,
     SamplingResult,
+    StaticSampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 
 from amqpkit import Broker, Delivery, Envelope, Queue, RpcClient, RpcServer, telemetry
 from amqpkit.telemetry import lean
@@ -190,14 +192,24 @@ def test_lean_only_with_the_sdks_own_processors_and_limits() -> None:
         p.shutdown()
 
 
-def _exported(span: ReadableSpan) -> dict[str, Any]:
+def _parent(span: ReadableSpan, spans: list[ReadableSpan]) -> Any:
+    """The span's parent; a local one as the index of that parent in ``spans`` (its ids are random)."""
+    parent = span.parent
+    if parent is None or parent.is_remote:
+        return parent
+    ids = [s.context.span_id if s.context else None for s in spans]
+    where = ids.index(parent.span_id) if parent.span_id in ids else None
+    return ("local", where, parent.trace_flags, parent.trace_state)
+
+
+def _exported(span: ReadableSpan, spans: list[ReadableSpan]) -> dict[str, Any]:
     """What an exporter reads of a span, with the ids left out (they are random)."""
     return {
         "name": span.name,
         "kind": span.kind,
         "flags": span.context.trace_flags if span.context else None,
         "trace_state": span.context.trace_state if span.context else None,
-        "parent": span.parent,
+        "parent": _parent(span, spans),
         "remote": span.context.is_remote if span.context else None,
         "attributes": dict(span.attributes or {}),
         "dropped_attributes": span.dropped_attributes,
@@ -218,11 +230,27 @@ def _exported(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
+_SAMPLERS = [
+    None,
+    TraceIdRatioBased(1.0),
+    ParentBased(ALWAYS_OFF),
+    ParentBased(
+        ALWAYS_ON,
+        remote_parent_not_sampled=ALWAYS_ON,
+        local_parent_sampled=ALWAYS_OFF,
+        local_parent_not_sampled=ALWAYS_ON,
+    ),
+    _Tagging(),
+    ParentBased(_Tagging()),
+]
+# How many of the test's five spans each sampler keeps: a consumer span under a remote sampled parent, a root,
+# and one each under the root, under an unsampled local parent and under an unsampled remote parent.
+_KEPT = (3, 5, 1, 4, 5, 3)
+
+
 @needs_lean
-@pytest.mark.parametrize(
-    "sampler", [None, TraceIdRatioBased(1.0), ParentBased(ALWAYS_OFF), _Tagging(), ParentBased(_Tagging())]
-)
-def test_a_lean_span_exports_what_the_sdks_span_would(sampler: Any) -> None:
+@pytest.mark.parametrize(("sampler", "kept"), list(zip(_SAMPLERS, _KEPT, strict=True)))
+def test_a_lean_span_exports_what_the_sdks_span_would(sampler: Any, kept: int) -> None:
     """The same calls on a lean span and on the SDK's: what the exporter gets is the same, field by field."""
     limits = SpanLimits(max_events=3, max_links=2, max_event_attributes=8)
     resource = Resource.create({"service.name": "lean-test"})
@@ -260,15 +288,53 @@ def test_a_lean_span_exports_what_the_sdks_span_would(sampler: Any) -> None:
         root = tracer.start_span("send x", None, SpanKind.PRODUCER, {"a": 1})
         root.set_status(trace.Status(StatusCode.OK))
         root.set_status(StatusCode.ERROR, "too late")  # OK is final
+        # every branch of ParentBased: a local parent (sampled or not), a remote one not sampled, with a state
+        local = trace.set_span_in_context(root)
+        unsampled_local = trace.set_span_in_context(
+            trace.NonRecordingSpan(SpanContext(0x4321, 0x8765, False, TraceFlags(0), TraceState([("k", "v")])))
+        )
+        unsampled_remote = trace.set_span_in_context(
+            trace.NonRecordingSpan(SpanContext(0x1111, 0x2222, True, TraceFlags(0), TraceState([("vendor", "x")])))
+        )
+        for branch, context in (("local", local), ("unsampled local", unsampled_local),
+                                ("unsampled remote", unsampled_remote)):  # fmt: skip
+            tracer.start_span(f"under {branch}", context, SpanKind.CONSUMER, {"b": 2}).end()
         root.end()
         got[how] = list(exporter.get_finished_spans())
         provider.shutdown()
-    assert [_exported(s) for s in got["lean"]] == [_exported(s) for s in got["sdk"]]
-    if isinstance(sampler, ParentBased) and sampler._root is ALWAYS_OFF:
-        assert len(got["lean"]) == 1  # the new root was dropped; the child of a sampled remote parent was not
-    else:
-        assert len(got["lean"]) == 2
+    assert [_exported(s, got["lean"]) for s in got["lean"]] == [_exported(s, got["sdk"]) for s in got["sdk"]]
+    assert len(got["lean"]) == kept
     assert isinstance(lean_tracer(TracerProvider().get_tracer("x")), LeanTracer)
+
+
+@needs_lean
+def test_a_parent_based_sampler_of_fixed_decisions_is_not_asked_per_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's default sampler (and any ParentBased over ALWAYS_ON/ALWAYS_OFF) is decided in place; a
+    subclass of ParentBased, or a delegate of the user's own, is asked as before."""
+    asked: list[str] = []
+    for cls in (ParentBased, StaticSampler):
+        original = cls.should_sample
+
+        def counting(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
+            asked.append(type(self).__name__)
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "should_sample", counting)
+
+    class Mine(ParentBased):
+        pass
+
+    remote = trace.set_span_in_context(trace.NonRecordingSpan(SpanContext(0x1234, 0x5678, True, TraceFlags(1))))
+    # (sampler, should_sample calls counted for a root and a child of a remote parent): the subclass and its
+    # static delegate for each; ParentBased for each, with the user's root (not counted) or ALWAYS_ON under it
+    for sampler, calls in ((None, 0), (ParentBased(ALWAYS_OFF), 0), (Mine(ALWAYS_ON), 4),
+                           (ParentBased(_Tagging()), 3)):  # fmt: skip
+        tracer = lean_tracer(TracerProvider(sampler=sampler).get_tracer("amqpkit"))
+        assert tracer is not None
+        asked.clear()
+        for context in (None, remote):
+            tracer.start_span("s", context, SpanKind.CONSUMER, {"a": 1}).end()
+        assert len(asked) == calls, sampler
 
 
 class _Ending(SpanProcessor):
