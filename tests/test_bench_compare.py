@@ -17,7 +17,7 @@ from amqpkit.bench.results import Arm
 
 from .test_bench import RESULT_KEYS, _cli, check_schema
 
-ARM_KEYS = {"name", "target", "otel", "urls", "broker", "load_avg_at_start", "results"}
+ARM_KEYS = {"name", "target", "otel", "urls", "broker", "load_avg_at_start", "positions", "results"}
 RATIO_KEYS = {"arm", "to", "scenario", "concurrency", "rate", "pairs", "throughput_ratio", "p50_ratio"}
 
 
@@ -32,9 +32,14 @@ def check_compare_schema(doc: dict[str, Any], names: list[str], repeat: int) -> 
         assert set(arm) - {"chain"} == ARM_KEYS
         assert arm["broker"]["product"] == "RabbitMQ"
         assert len(arm["load_avg_at_start"]) == repeat
+        assert len(arm["positions"]) == repeat
         for result in arm["results"]:
             assert set(result) == RESULT_KEYS
             assert result["throughput_per_s"] > 0
+    # Each repeat runs every arm once, the order turned by one each time: no arm always runs first or last.
+    by_repeat = list(zip(*(arm["positions"] for arm in compare["arms"]), strict=True))
+    assert all(sorted(positions) == list(range(len(names))) for positions in by_repeat)
+    assert [positions[0] for positions in by_repeat] == [n % len(names) for n in range(repeat)]
     assert doc["results"] == compare["arms"][0]["results"]  # the reference's runs, in today's shape
     assert sorted({r["run"] for r in doc["results"]}) == list(range(repeat))
     for row in compare["ratios"]:

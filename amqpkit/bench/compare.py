@@ -2,8 +2,11 @@
 
 Each arm (a target in an otel mode) runs the whole sweep once per repeat, the
 arms one after the other within each repeat (interleaved), so a machine whose
-load drifts weighs on every arm alike; repeat ``n`` of an arm is compared with
-repeat ``n`` of the first arm, the reference. An arm's serving sides are
+load drifts weighs on every arm alike, and in an order turned by one each
+repeat (arm ``i`` runs at position ``(i + n) % arms`` in repeat ``n``), so no
+arm always runs first or last (docs/bench/README.md has the A/A runs behind
+this). Repeat ``n`` of an arm is compared with repeat ``n`` of the first
+arm, the reference. An arm's serving sides are
 started for its run and stopped after it. The driver is instrumented here,
 before each arm's run; the serving processes are started with the same
 ``--otel`` mode.
@@ -63,7 +66,8 @@ def run_arms(params: BenchParams, *, on_progress: ProgressCallback | None = None
     machine: dict[str, Any] = {}
     try:
         for run in range(params.repeat):
-            for part in parts:
+            for part in sorted(parts, key=lambda part: (parts.index(part) + run) % len(parts)):
+                part.positions.append((parts.index(part) + run) % len(parts))
                 arm = part.arm
                 set_up(arm.otel or "off")
                 once = params.model_copy(update={"repeat": 1})

@@ -75,13 +75,15 @@ class ArmResult:
     results: list[RunResult] = field(default_factory=list)
     chain: list[RunResult] = field(default_factory=list)
     load_avg_at_start: list[list[float]] = field(default_factory=list)  # one per repeat
+    positions: list[int] = field(default_factory=list)  # one per repeat: 0 when it ran first in that repeat
 
     def as_dict(self) -> dict[str, Any]:
         a = self.arm
         doc: dict[str, Any] = {
             "name": a.name, "target": a.target, "otel": a.otel, "urls": [redact_url(u) for u in a.urls],
             "broker": {"product": self.broker_product, "version": self.broker_version},
-            "load_avg_at_start": self.load_avg_at_start, "results": [r.as_dict() for r in self.results],
+            "load_avg_at_start": self.load_avg_at_start, "positions": self.positions,
+            "results": [r.as_dict() for r in self.results],
         }  # fmt: skip
         if self.chain:
             doc["chain"] = [r.as_dict() for r in self.chain]
