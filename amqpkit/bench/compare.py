@@ -66,8 +66,9 @@ def run_arms(params: BenchParams, *, on_progress: ProgressCallback | None = None
     machine: dict[str, Any] = {}
     try:
         for run in range(params.repeat):
-            for part in sorted(parts, key=lambda part: (parts.index(part) + run) % len(parts)):
-                part.positions.append((parts.index(part) + run) % len(parts))
+            places = [(index + run) % len(parts) for index in range(len(parts))]
+            for place, part in sorted(zip(places, parts, strict=True), key=lambda pair: pair[0]):
+                part.positions.append(place)
                 arm = part.arm
                 set_up(arm.otel or "off")
                 once = params.model_copy(update={"repeat": 1})
