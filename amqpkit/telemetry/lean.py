@@ -131,22 +131,17 @@ class LeanTracer:
             else:
                 sampled, recording = static[(1 if parent.is_remote else 3) + (0 if parent.trace_flags.sampled else 1)]
                 trace_state = parent.trace_state
-            span_context = SpanContext(trace_id, tracer.id_generator.generate_span_id(), False,
-                                       _FLAGS[sampled, bool(random)], trace_state)  # fmt: skip
-            if not recording:
-                return NonRecordingSpan(span_context)
-            kept: Any = dict(attributes) if attributes else {}
-            return LeanSpan(self, name, span_context, parent, kind, kept, links)
-        sampling = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
-        decision = sampling.decision
-        span_context = SpanContext(trace_id, tracer.id_generator.generate_span_id(), False,
-                                   _FLAGS[decision.is_sampled(), bool(random)], sampling.trace_state)  # fmt: skip
-        if not decision.is_recording():
-            return NonRecordingSpan(span_context)
-        if self._trusted:
-            kept = dict(sampling.attributes)
+            given, trusted = attributes or {}, True
         else:
-            kept = _span_attributes(tracer._span_limits, sampling.attributes)
+            sampling = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+            decision = sampling.decision
+            sampled, recording, trace_state = decision.is_sampled(), decision.is_recording(), sampling.trace_state
+            given, trusted = sampling.attributes, self._trusted
+        span_context = SpanContext(trace_id, tracer.id_generator.generate_span_id(), False,
+                                   _FLAGS[sampled, bool(random)], trace_state)  # fmt: skip
+        if not recording:
+            return NonRecordingSpan(span_context)
+        kept: Any = dict(given) if trusted else _span_attributes(tracer._span_limits, given)
         return LeanSpan(self, name, span_context, parent, kind, kept, links)
 
 
