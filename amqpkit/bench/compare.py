@@ -66,8 +66,8 @@ def run_arms(params: BenchParams, *, on_progress: ProgressCallback | None = None
     machine: dict[str, Any] = {}
     try:
         for run in range(params.repeat):
-            places = [(index + run) % len(parts) for index in range(len(parts))]
-            for place, part in sorted(zip(places, parts, strict=True), key=lambda pair: pair[0]):
+            for place in range(len(parts)):
+                part = parts[(place - run) % len(parts)]  # arm i runs at place (i + run) % len(parts)
                 part.positions.append(place)
                 arm = part.arm
                 set_up(arm.otel or "off")
