@@ -8,9 +8,10 @@ the rest are plain counters. :data:`METRICS` lists every metric.
 from __future__ import annotations
 
 import inspect
+import math
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
@@ -19,6 +20,9 @@ from opentelemetry.metrics import CallbackOptions, Histogram, Observation
 from .._version import __version__
 from .lean import lean_tracer
 from .routes import ROUTES_KEPT, CallRoute, ProcessRoute, SendRoute
+
+if TYPE_CHECKING:
+    from .lean_histogram import LeanHistogram
 
 METRICS = {
     "messaging.client.sent.messages": "messages published (counter)",
@@ -133,17 +137,19 @@ class Durations:
     (py-spy; patterns/observability.md). So each measurement waits here, with the context it was made in (for
     exemplars), until :data:`RUN` have come or the SDK collects: :meth:`Instruments.flush` is an observable
     instrument's callback, and the SDK runs those before it reads the histograms, so every collection sees
-    every duration measured before it. One thing differs from recording at once: an exemplar's timestamp is
-    the time of the run, not of the measurement.
+    every duration measured before it. A run goes into the SDK's aggregations at once where
+    :mod:`.lean_histogram` can stand in for ``record``, and through ``record``, one by one, otherwise. One thing
+    differs from recording at once: an exemplar's timestamp is the time of the run, not of the measurement.
     """
 
-    __slots__ = ("histogram", "pending", "with_context")
+    __slots__ = ("histogram", "lean", "pending", "with_context")
 
     def __init__(self, histogram: Histogram) -> None:
         self.histogram = histogram
         self.pending: deque[tuple[float, Mapping[str, Any], Context]] = deque()
         # SDK releases before 1.28 take no context (and keep no exemplars)
         self.with_context = "context" in inspect.signature(histogram.record).parameters
+        self.lean = _lean(histogram)
 
     def record(self, seconds: float, attributes: Mapping[str, Any], context: Context) -> None:
         pending = self.pending
@@ -152,17 +158,36 @@ class Durations:
             self.flush()
 
     def flush(self) -> None:
-        """Record every waiting measurement (from any thread; a deque's ``popleft`` takes each one once)."""
-        record, take, with_context = self.histogram.record, self.pending.popleft, self.with_context
+        """Hand on every waiting measurement (from any thread; a deque's ``popleft`` takes each one once)."""
+        take = self.pending.popleft
+        run = []
         while True:
             try:
-                seconds, attributes, context = take()
+                run.append(take())
             except IndexError:
-                return
+                break
+        if not run:
+            return
+        lean = self.lean
+        matches = lean.matches() if lean is not None else None
+        # as record takes them: finite, not negative (record warns about any other and drops it)
+        if matches is not None and lean is not None and all(value >= 0 and math.isfinite(value) for value, _, _ in run):
+            lean.merge(run, matches)
+            return
+        record, with_context = self.histogram.record, self.with_context
+        for seconds, attributes, context in run:
             if with_context:
                 record(seconds, attributes, context)
             else:
                 record(seconds, attributes)
+
+
+def _lean(histogram: Histogram) -> LeanHistogram | None:
+    try:
+        from .lean_histogram import lean_histogram
+    except ImportError:  # an SDK release without the internals lean histograms merge into
+        return None
+    return lean_histogram(histogram)
 
 
 class Tally:
