@@ -88,13 +88,16 @@ async def publish(
         if span.is_recording():
             route.recording = True
             span.set_attributes(_sent(envelope, {}))
+    carried = _with_headers(envelope, _carrying(envelope.headers, span.get_span_context()))
+    token = QUIET.set(True)  # as _quiet_publish does, in place: one coroutine fewer to go through at each resume
     try:
-        await _quiet_publish(broker, _with_headers(envelope, _carrying(envelope.headers, span.get_span_context())),
-                             exchange, routing_key, mandatory, confirm, timeout)  # fmt: skip
+        await broker.publish(carried, exchange=exchange, routing_key=routing_key, mandatory=mandatory, confirm=confirm,
+                             timeout=timeout)  # fmt: skip
     except BaseException as exc:
         _fail(span, exc)
         raise
     finally:
+        QUIET.reset(token)
         span.end()
     route.published[0] += 1
 
