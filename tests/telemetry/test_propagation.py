@@ -1,5 +1,6 @@
 """Reading trace context from headers: amqpkit's own reading of a plain version-00 ``traceparent`` decides
-exactly as OpenTelemetry's W3C propagator does, for well-formed and malformed headers alike."""
+exactly as OpenTelemetry's W3C propagator does, for well-formed and malformed headers alike; and its writing
+writes what the propagator writes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from amqpkit.telemetry.propagation import EMPTY, extract
+from amqpkit.telemetry.propagation import EMPTY, extract, inject
 
 TRACE, SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 
@@ -52,3 +54,23 @@ def test_extract_decides_as_the_w3c_propagator(headers: dict[str, Any]) -> None:
         assert ours is EMPTY  # a new trace
     else:
         assert ours_span.get_span_context().is_remote
+
+
+INJECTED = [
+    SpanContext(int(TRACE, 16), int(SPAN, 16), False, TraceFlags(TraceFlags.SAMPLED)),
+    SpanContext(int(TRACE, 16), int(SPAN, 16), False, TraceFlags(TraceFlags.DEFAULT)),
+    SpanContext(int(TRACE, 16), int(SPAN, 16), False, TraceFlags(0x03)),  # sampled, random trace id
+    SpanContext(1, 1, False, TraceFlags(TraceFlags.SAMPLED)),  # leading zeros
+    SpanContext(2**128 - 1, 2**64 - 1, True, TraceFlags(0xFF)),  # the largest of each
+    SpanContext(int(TRACE, 16), int(SPAN, 16), True, TraceFlags(1), TraceState([("vendor", "abc"), ("other", "1")])),
+    INVALID_SPAN_CONTEXT,  # nothing written
+]
+
+
+@pytest.mark.parametrize("span_context", INJECTED, ids=range(len(INJECTED)))
+def test_inject_writes_what_the_w3c_propagator_writes(span_context: SpanContext) -> None:
+    ours: dict[str, Any] = {}
+    inject(span_context, ours)
+    theirs: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(theirs, context=trace.set_span_in_context(NonRecordingSpan(span_context)))
+    assert ours == theirs
