@@ -147,7 +147,8 @@ def run_loops(params: BenchParams, *, on_progress: ProgressCallback | None = Non
     """:func:`run_bench` on each event loop of ``params.loop``, from synchronous code.
 
     One loop: one run of the whole bench. Several: for each repeat, the bench
-    once on each loop (interleaved); runs on a loop other than the first are
+    once on each loop (interleaved, the order turning by one each repeat, as
+    :func:`~.compare.run_arms` turns its arms); runs on a loop other than the first are
     named ``SCENARIO@LOOP`` (``rpc@uvloop``), so the JSON keeps its shape.
     """
     if params.otel or len(params.arms()) > 1:
@@ -157,8 +158,11 @@ def run_loops(params: BenchParams, *, on_progress: ProgressCallback | None = Non
     if len(params.loop) == 1:
         return run_in_loop(lambda: run_bench(params, on_progress=on_progress), params.loop[0])  # type: ignore[no-any-return]
     merged: BenchResult | None = None
+    loops = len(params.loop)
     for run in range(params.repeat):
-        for index, loop in enumerate(params.loop):
+        for place in range(loops):
+            index = (place - run) % loops  # loop i runs at place (i + run) % loops: each takes its turn first
+            loop = params.loop[index]
             once = params.model_copy(update={"repeat": 1})
 
             def once_on(once: BenchParams = once, loop: str = loop, run: int = run) -> Coroutine[Any, Any, BenchResult]:
