@@ -7,8 +7,11 @@ its slower fallback (a confirm per request) without anyone noticing.
 from __future__ import annotations
 
 import asyncio
+import collections
+import inspect
 import time
 from importlib.metadata import version
+from typing import Any
 
 import aiormq
 import pytest
@@ -17,7 +20,7 @@ from pamqp.commands import Basic
 from pamqp.commands import Channel as ChannelSpec
 from pamqp.header import ContentHeader
 
-from amqpkit import Broker, NoResponder, Queue, RpcClient, RpcServer, aiormq_compat
+from amqpkit import Broker, Delivery, Envelope, NoResponder, Queue, RpcClient, RpcServer, aiormq_compat
 
 
 def test_the_internals_are_where_the_compat_module_says() -> None:
@@ -31,6 +34,9 @@ def test_the_internals_are_where_the_compat_module_says() -> None:
     assert callable(aiormq.channel._check_routing_key)
     assert callable(ChannelFrame.marshall)
     assert isinstance(aiormq.Connection.FRAME_BUFFER_SIZE, int)
+    # What the write queue joins frames with: the stdlib queue's deque, and aiormq's writer taking items with get.
+    assert isinstance(asyncio.Queue()._queue, collections.deque)  # type: ignore[attr-defined]
+    assert "self.queue.get()" in inspect.getsource(aiormq.connection.FrameGenerator.__anext__)
 
 
 async def test_a_channel_the_broker_is_closing_is_seen_as_closing(broker: Broker) -> None:
@@ -69,8 +75,7 @@ async def test_the_gate_refuses_a_publish_on_a_closing_channel_and_never_drops_a
     close_ok = ChannelFrame.marshall(channel_number=channel.number, frames=[ChannelSpec.CloseOk()])
     gate.put_nowait(close_ok)  # full, but a close-ok is never dropped
     assert gate.qsize() == 2
-    gate.get_nowait()
-    gate.get_nowait()
+    assert gate.get_nowait().payload == publish_frame().payload + close_ok.payload  # both, as one write
     with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
         await channel.exchange_declare("amqpkit-compat-no-such-exchange", passive=True)
     with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
@@ -131,3 +136,104 @@ async def test_the_fallback_is_seen_when_the_hook_cannot_be_set(
     async with server, RpcClient(broker, name) as client:
         assert await client.call("add", [2, 2], returns=int) == 4
         assert not client.fast_returns
+
+
+def _publish_frame(channel: aiormq.abc.AbstractChannel, body: bytes) -> ChannelFrame:
+    frames: list[Any] = [Basic.Publish(exchange="", routing_key="q"), ContentHeader(body_size=len(body))]
+    frames += channel._split_body(body)  # type: ignore[attr-defined]
+    return ChannelFrame.marshall(channel_number=channel.number, frames=frames)
+
+
+async def test_frames_waiting_together_go_to_the_writer_as_one_item(broker: Broker) -> None:
+    conn = broker._conn
+    assert conn is not None
+    channel = await broker.lowlevel.open_channel()
+    queue = aiormq_compat._WriteQueue(conn, 0)  # of its own, so the connection's writer does not drain it
+    first = [_publish_frame(channel, b"a%d" % n) for n in range(3)]
+    awaited = asyncio.get_running_loop().create_future()
+    drained = ChannelFrame(payload=b"drain", should_close=False, drain_future=awaited)
+    then = [_publish_frame(channel, b"b%d" % n) for n in range(2)]
+    big = [_publish_frame(channel, bytes(aiormq_compat.COALESCE_BYTES // 2)) for _ in range(3)]
+    for frame in (*first, drained, *then, *big):
+        queue.put_nowait(frame)
+    got = []
+    while not queue.empty():
+        got.append(await queue.get())
+        queue.task_done()  # as aiormq's writer does, once per item it takes
+    # In order; a frame whose writing someone awaits goes alone; and the joined writes stay bounded.
+    assert [g.payload for g in got] == [
+        b"".join(f.payload for f in first),
+        b"drain",
+        b"".join(f.payload for f in then) + big[0].payload,
+        big[1].payload,
+        big[2].payload,
+    ]
+    assert got[1] is drained
+    await asyncio.wait_for(queue.join(), 1)  # every item put is accounted done
+
+
+async def test_a_burst_of_publishes_is_written_in_fewer_writes_and_arrives_whole_in_order(
+    broker: Broker, name: str
+) -> None:
+    conn = broker._conn
+    assert conn is not None
+    queue = Queue(f"{name}.q", auto_delete=True)
+    await broker.declare_queue(queue)
+    taken: list[int] = []
+    original = conn.write_queue.get_nowait
+
+    def counting() -> Any:
+        item = original()
+        taken.append(len(item.payload))
+        return item
+
+    conn.write_queue.get_nowait = counting  # type: ignore[method-assign]
+    bodies = [b"%d:" % n + bytes(n * 37 % 300_000) for n in range(400)]  # up to a few frames each
+    try:
+        await asyncio.gather(*(broker.publish(Envelope(body=body), routing_key=queue.name, confirm=False)
+                               for body in bodies))  # fmt: skip
+        await broker.publish(Envelope(body=b"end"), routing_key=queue.name)  # confirmed: all before it are in
+    finally:
+        del conn.write_queue.get_nowait
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    async def handle(delivery: Delivery[bytes]) -> None:
+        got.append(delivery.body)
+        await delivery.ack()
+        if delivery.body == b"end":
+            done.set()
+
+    consumer = await broker.consume(queue, handle)
+    try:
+        await asyncio.wait_for(done.wait(), 30)
+    finally:
+        await consumer.cancel()
+    assert got == [*bodies, b"end"]
+    assert len(taken) < len(bodies), f"{len(taken)} writes for {len(bodies)} publishes"  # one each before
+
+
+async def test_confirmed_publishes_started_together_go_out_in_a_few_writes(broker: Broker, name: str) -> None:
+    conn = broker._conn
+    assert conn is not None
+    queue = Queue(f"{name}.q", auto_delete=True)
+    await broker.declare_queue(queue)
+    await broker.publish(Envelope(body=b"first"), routing_key=queue.name)  # the publishing channel, opened
+    taken: list[int] = []
+    original = conn.write_queue.get_nowait
+
+    def counting() -> Any:
+        item = original()
+        taken.append(len(item.payload))
+        return item
+
+    conn.write_queue.get_nowait = counting  # type: ignore[method-assign]
+    try:
+        # 64 publishers resumed in one turn, as a batch of confirms resumes them: before, each one past the
+        # tenth waited for room holding the channel's lock, and the rest went one per turn, one write each.
+        await asyncio.gather(*(broker.publish(Envelope(body=b"%d" % n), routing_key=queue.name) for n in range(64)))
+    finally:
+        del conn.write_queue.get_nowait
+    assert sum(taken) > 64 * 20  # every publish went through the counted queue (a method, header and body frame)
+    assert len(taken) <= 8, f"{len(taken)} writes for 64 publishes"
+    assert (await broker.queue_counts(queue.name))[0] == 65
