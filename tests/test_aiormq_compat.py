@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import time
+from collections.abc import Iterator
 from importlib.metadata import version
 from typing import Any
 
@@ -172,13 +174,9 @@ async def test_frames_waiting_together_go_to_the_writer_as_one_item(broker: Brok
     await asyncio.wait_for(queue.join(), 1)  # every item put is accounted done
 
 
-async def test_a_burst_of_publishes_is_written_in_fewer_writes_and_arrives_whole_in_order(
-    broker: Broker, name: str
-) -> None:
-    conn = broker._conn
-    assert conn is not None
-    queue = Queue(f"{name}.q", auto_delete=True)
-    await broker.declare_queue(queue)
+@contextlib.contextmanager
+def _writes(conn: aiormq.Connection) -> Iterator[list[int]]:
+    """The size of each item the connection's writer takes from its write queue (one socket write each)."""
     taken: list[int] = []
     original = conn.write_queue.get_nowait
 
@@ -188,13 +186,24 @@ async def test_a_burst_of_publishes_is_written_in_fewer_writes_and_arrives_whole
         return item
 
     conn.write_queue.get_nowait = counting  # type: ignore[method-assign]
-    bodies = [b"%d:" % n + bytes(n * 37 % 300_000) for n in range(400)]  # up to a few frames each
     try:
+        yield taken
+    finally:
+        del conn.write_queue.get_nowait
+
+
+async def test_a_burst_of_publishes_is_written_in_fewer_writes_and_arrives_whole_in_order(
+    broker: Broker, name: str
+) -> None:
+    conn = broker._conn
+    assert conn is not None
+    queue = Queue(f"{name}.q", auto_delete=True)
+    await broker.declare_queue(queue)
+    bodies = [b"%d:" % n + bytes(n * 37 % 300_000) for n in range(400)]  # up to a few frames each
+    with _writes(conn) as taken:
         await asyncio.gather(*(broker.publish(Envelope(body=body), routing_key=queue.name, confirm=False)
                                for body in bodies))  # fmt: skip
         await broker.publish(Envelope(body=b"end"), routing_key=queue.name)  # confirmed: all before it are in
-    finally:
-        del conn.write_queue.get_nowait
     got: list[bytes] = []
     done = asyncio.Event()
 
@@ -219,21 +228,10 @@ async def test_confirmed_publishes_started_together_go_out_in_a_few_writes(broke
     queue = Queue(f"{name}.q", auto_delete=True)
     await broker.declare_queue(queue)
     await broker.publish(Envelope(body=b"first"), routing_key=queue.name)  # the publishing channel, opened
-    taken: list[int] = []
-    original = conn.write_queue.get_nowait
-
-    def counting() -> Any:
-        item = original()
-        taken.append(len(item.payload))
-        return item
-
-    conn.write_queue.get_nowait = counting  # type: ignore[method-assign]
-    try:
+    with _writes(conn) as taken:
         # 64 publishers resumed in one turn, as a batch of confirms resumes them: before, each one past the
         # tenth waited for room holding the channel's lock, and the rest went one per turn, one write each.
         await asyncio.gather(*(broker.publish(Envelope(body=b"%d" % n), routing_key=queue.name) for n in range(64)))
-    finally:
-        del conn.write_queue.get_nowait
     assert sum(taken) > 64 * 20  # every publish went through the counted queue (a method, header and body frame)
     assert len(taken) <= 8, f"{len(taken)} writes for 64 publishes"
     assert (await broker.queue_counts(queue.name))[0] == 65
