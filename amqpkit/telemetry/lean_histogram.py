@@ -95,58 +95,99 @@ class LeanHistogram:
 
     def merge(self, run: Run, matches: list[_ViewInstrumentMatch]) -> None:
         """Add ``run`` (finite, non-negative values) to each of ``matches`` (from :meth:`matches`)."""
-        # One attribute set per route, each kept as one dict: group by identity, keeping the run's order.
-        groups: dict[int, tuple[Mapping[str, Any], list[float], list[Context]]] = {}
-        for value, attributes, context in run:
+        # One attribute set per route, each kept as one dict: grouped by identity, in order of first appearance
+        # (the order the SDK would make their aggregations in, which matters past a cardinality limit).
+        groups: dict[int, _Group] = {}
+        for position, (value, attributes, context) in enumerate(run):
             group = groups.get(id(attributes))
             if group is None:
-                group = groups[id(attributes)] = (attributes, [], [])
-            group[1].append(value)
-            group[2].append(context)
+                group = groups[id(attributes)] = _Group()
+            group.add(position, value, attributes, context)
         offers = type(self._consumer._sdk_config.exemplar_filter) is TraceBasedExemplarFilter
         now = time_ns()
         for match in matches:
             keys = match._view._attribute_keys
-            for attributes, values, contexts in groups.values():
-                kept = dict(attributes) if keys is None else {k: v for k, v in attributes.items() if k in keys}
-                _merge(match, _hash_attributes(kept), kept, attributes, values, contexts if offers else None, now)
+            # Under the match's lock, as the SDK's own measurement when the match resets on collect: never into
+            # an aggregation a collection has just taken away, exemplars included.
+            with match._lock:
+                # Groups that meet in one aggregation (the same set in two dicts, a view's attribute keys, the
+                # overflow past a cardinality limit) are added as one, in run order: the same float sum.
+                targets: dict[int, tuple[Any, list[_Group]]] = {}
+                for group in groups.values():
+                    attributes = group.attributes[0]
+                    kept = dict(attributes) if keys is None else {k: v for k, v in attributes.items() if k in keys}
+                    aggregation = match._get_or_create_aggregation(_hash_attributes(kept), kept)
+                    target = targets.get(id(aggregation))
+                    if target is None:
+                        targets[id(aggregation)] = (aggregation, [group])
+                    else:
+                        target[1].append(group)
+                offered: list[_Offer] = []
+                for aggregation, parts in targets.values():
+                    group = parts[0] if len(parts) == 1 else _Group.joined(parts)
+                    _add(aggregation, group, offered if offers else None)
+                # The aligned reservoir keeps the last measurement offered to each bucket: only the last one per
+                # bucket that the filter passes is offered (each aggregation's reservoir is its own).
+                for aggregation, value, attributes, context in offered:
+                    aggregation._reservoir.offer(value, now, attributes, context)
 
 
 _FILTERS = (TraceBasedExemplarFilter, AlwaysOffExemplarFilter)
 
+_Offer = tuple[Any, float, Mapping[str, Any], Context]
+"""An exemplar to offer: the aggregation, the value, its attributes and context."""
 
-def _merge(
-    match: Any,
-    key: Any,
-    kept: dict[str, Any],
-    attributes: Mapping[str, Any],
-    values: list[float],
-    contexts: list[Context] | None,
-    now: int,
-) -> None:
-    """One attribute set's values into ``match``'s aggregation, as ``record`` would have added them one by one."""
-    with match._lock:  # as the SDK's own measurement when the match resets on collect: never a discarded one
-        aggregation = match._get_or_create_aggregation(key, kept)
-        boundaries = aggregation._boundaries
-        last: dict[int, int] = {}  # bucket -> the position of the last value in it that the filter passes
-        with aggregation._lock:
-            counts = aggregation._value
-            if counts is None:
-                counts = aggregation._value = aggregation._get_empty_bucket_counts()
-            total = aggregation._sum
-            for position, value in enumerate(values):
-                total += value  # one at a time, in order: the same float the SDK's sum would be
-                bucket = bisect_left(boundaries, value)
-                counts[bucket] += 1
-                if contexts is not None and _sampled(contexts[position]):
-                    last[bucket] = position
-            aggregation._sum = total
-            if aggregation._record_min_max:
-                aggregation._min = min(aggregation._min, min(values))
-                aggregation._max = max(aggregation._max, max(values))
-        # The aligned reservoir keeps the last measurement offered to each bucket: the rest need not be offered.
-        for position in sorted(last.values()):
-            aggregation._reservoir.offer(values[position], now, attributes, contexts[position])  # type: ignore[index]
+
+class _Group:
+    """Measurements of a run that go to one aggregation: their places in the run, values, attributes, contexts."""
+
+    __slots__ = ("attributes", "contexts", "positions", "values")
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.values: list[float] = []
+        self.attributes: list[Mapping[str, Any]] = []
+        self.contexts: list[Context] = []
+
+    def add(self, position: int, value: float, attributes: Mapping[str, Any], context: Context) -> None:
+        self.positions.append(position)
+        self.values.append(value)
+        self.attributes.append(attributes)
+        self.contexts.append(context)
+
+    @classmethod
+    def joined(cls, parts: list[_Group]) -> _Group:
+        """One group of ``parts``' measurements, in run order."""
+        group = cls()
+        for measurement in sorted(m for part in parts for m in zip(part.positions, part.values, part.attributes,
+                                                                    part.contexts, strict=True)):  # fmt: skip
+            group.add(*measurement)
+        return group
+
+
+def _add(aggregation: Any, group: _Group, offered: list[_Offer] | None) -> None:
+    """``group``'s values into ``aggregation``, as ``record`` would have added them one by one; with ``offered``,
+    the last value per bucket that the trace-based filter passes is added to it, to be offered."""
+    values, contexts = group.values, group.contexts
+    boundaries = aggregation._boundaries
+    last: dict[int, int] = {}  # bucket -> the index in the group of its last value the filter passes
+    with aggregation._lock:
+        counts = aggregation._value
+        if counts is None:
+            counts = aggregation._value = aggregation._get_empty_bucket_counts()
+        total = aggregation._sum
+        for index, value in enumerate(values):
+            total += value  # one at a time, in order: the same float the SDK's sum would be
+            bucket = bisect_left(boundaries, value)
+            counts[bucket] += 1
+            if offered is not None and _sampled(contexts[index]):
+                last[bucket] = index
+        aggregation._sum = total
+        if aggregation._record_min_max:
+            aggregation._min = min(aggregation._min, min(values))
+            aggregation._max = max(aggregation._max, max(values))
+    if offered is not None:
+        offered += [(aggregation, values[i], group.attributes[i], contexts[i]) for i in last.values()]
 
 
 def _sampled(context: Context) -> bool:

@@ -70,6 +70,7 @@ LEAN = {
     "default": _setup(),
     "filter off": _setup(exemplar_filter=AlwaysOffExemplarFilter()),
     "view: boundaries and keys": _setup((_KEYS_AND_BOUNDARIES,)),
+    "view: every set in one point": _setup((View(instrument_name="d", attribute_keys={"messaging.system"}),)),
     "view: no min and max": _setup(
         (View(instrument_name="d", aggregation=ExplicitBucketHistogramAggregation(record_min_max=False)),)
     ),
@@ -95,8 +96,9 @@ def _context(rng: random.Random) -> Context:
 
 def _measurements(seed: int, count: int) -> list[tuple[float, dict[str, Any], Context]]:
     rng = random.Random(seed)
-    # One dict per attribute set, as amqpkit's routes keep them; a value on a boundary now and then.
-    sets = [{"route": f"r{n}", "messaging.system": "rabbitmq"} for n in range(3)]
+    # One dict per attribute set, as amqpkit's routes keep them, and one set twice, in two dicts (a route
+    # cache started over); a value on a boundary now and then.
+    sets = [{"route": f"r{n}", "messaging.system": "rabbitmq"} for n in (0, 1, 2, 2)]
     return [
         (rng.choice((0.005, 0.01, rng.expovariate(100), rng.random())), rng.choice(sets), _context(rng))
         for _ in range(count)
