@@ -169,9 +169,9 @@ class Durations:
         if not run:
             return
         lean = self.lean
-        matches = lean.matches() if lean is not None else None
         # as record takes them: finite, not negative (record warns about any other and drops it)
-        if matches is not None and lean is not None and all(value >= 0 and math.isfinite(value) for value, _, _ in run):
+        if (lean is not None and (matches := lean.matches()) is not None
+                and all(value >= 0 and math.isfinite(value) for value, _, _ in run)):  # fmt: skip
             lean.merge(run, matches)
             return
         record, with_context = self.histogram.record, self.with_context

@@ -30,7 +30,6 @@ from collections.abc import Mapping, Sequence
 from time import time_ns
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import (
     AlignedHistogramBucketExemplarReservoir,
@@ -95,16 +94,19 @@ class LeanHistogram:
 
     def merge(self, run: Run, matches: list[_ViewInstrumentMatch]) -> None:
         """Add ``run`` (finite, non-negative values) to each of ``matches`` (from :meth:`matches`)."""
+        # The exemplar filter is asked once per measurement, as the SDK asks it, whatever the number of readers.
+        passes = self._consumer._sdk_config.exemplar_filter.should_sample
+        now = time_ns()
         # One attribute set per route, each kept as one dict: grouped by identity, in order of first appearance
         # (the order the SDK would make their aggregations in, which matters past a cardinality limit).
-        groups: dict[int, _Group] = {}
+        groups: dict[int, list[_Measured]] = {}
         for position, (value, attributes, context) in enumerate(run):
+            measured = (position, value, attributes, context, passes(value, now, attributes, context))
             group = groups.get(id(attributes))
             if group is None:
-                group = groups[id(attributes)] = _Group()
-            group.add(position, value, attributes, context)
-        offers = type(self._consumer._sdk_config.exemplar_filter) is TraceBasedExemplarFilter
-        now = time_ns()
+                groups[id(attributes)] = [measured]
+            else:
+                group.append(measured)
         for match in matches:
             keys = match._view._attribute_keys
             # Under the match's lock, as the SDK's own measurement when the match resets on collect: never into
@@ -112,9 +114,9 @@ class LeanHistogram:
             with match._lock:
                 # Groups that meet in one aggregation (the same set in two dicts, a view's attribute keys, the
                 # overflow past a cardinality limit) are added as one, in run order: the same float sum.
-                targets: dict[int, tuple[Any, list[_Group]]] = {}
+                targets: dict[int, tuple[Any, list[list[_Measured]]]] = {}
                 for group in groups.values():
-                    attributes = group.attributes[0]
+                    attributes = group[0][2]
                     kept = dict(attributes) if keys is None else {k: v for k, v in attributes.items() if k in keys}
                     aggregation = match._get_or_create_aggregation(_hash_attributes(kept), kept)
                     target = targets.get(id(aggregation))
@@ -122,77 +124,41 @@ class LeanHistogram:
                         targets[id(aggregation)] = (aggregation, [group])
                     else:
                         target[1].append(group)
-                offered: list[_Offer] = []
                 for aggregation, parts in targets.values():
-                    group = parts[0] if len(parts) == 1 else _Group.joined(parts)
-                    _add(aggregation, group, offered if offers else None)
-                # The aligned reservoir keeps the last measurement offered to each bucket: only the last one per
-                # bucket that the filter passes is offered (each aggregation's reservoir is its own).
-                for aggregation, value, attributes, context in offered:
-                    aggregation._reservoir.offer(value, now, attributes, context)
+                    # positions are unique: the sort never compares further than them
+                    offers = _add(aggregation, parts[0] if len(parts) == 1 else sorted(m for p in parts for m in p))
+                    # The aligned reservoir keeps the last measurement offered to each bucket: only the last one
+                    # per bucket that the filter passes is offered.
+                    for _, value, attributes, context, _ in offers:
+                        aggregation._reservoir.offer(value, now, attributes, context)
 
 
 _FILTERS = (TraceBasedExemplarFilter, AlwaysOffExemplarFilter)
 
-_Offer = tuple[Any, float, Mapping[str, Any], Context]
-"""An exemplar to offer: the aggregation, the value, its attributes and context."""
+_Measured = tuple[int, float, Mapping[str, Any], Context, bool]
+"""A measurement of a run: its place in the run, value, attributes, context, and whether the exemplar filter
+passes it."""
 
 
-class _Group:
-    """Measurements of a run that go to one aggregation: their places in the run, values, attributes, contexts."""
-
-    __slots__ = ("attributes", "contexts", "positions", "values")
-
-    def __init__(self) -> None:
-        self.positions: list[int] = []
-        self.values: list[float] = []
-        self.attributes: list[Mapping[str, Any]] = []
-        self.contexts: list[Context] = []
-
-    def add(self, position: int, value: float, attributes: Mapping[str, Any], context: Context) -> None:
-        self.positions.append(position)
-        self.values.append(value)
-        self.attributes.append(attributes)
-        self.contexts.append(context)
-
-    @classmethod
-    def joined(cls, parts: list[_Group]) -> _Group:
-        """One group of ``parts``' measurements, in run order."""
-        group = cls()
-        for measurement in sorted(m for part in parts for m in zip(part.positions, part.values, part.attributes,
-                                                                    part.contexts, strict=True)):  # fmt: skip
-            group.add(*measurement)
-        return group
-
-
-def _add(aggregation: Any, group: _Group, offered: list[_Offer] | None) -> None:
-    """``group``'s values into ``aggregation``, as ``record`` would have added them one by one; with ``offered``,
-    the last value per bucket that the trace-based filter passes is added to it, to be offered."""
-    values, contexts = group.values, group.contexts
+def _add(aggregation: Any, measured: list[_Measured]) -> list[_Measured]:
+    """``measured`` (in run order) into ``aggregation``, as ``record`` would have added them one by one; the last
+    measurement per bucket that the exemplar filter passes is returned, to be offered."""
     boundaries = aggregation._boundaries
-    last: dict[int, int] = {}  # bucket -> the index in the group of its last value the filter passes
+    last: dict[int, _Measured] = {}
     with aggregation._lock:
         counts = aggregation._value
         if counts is None:
             counts = aggregation._value = aggregation._get_empty_bucket_counts()
         total = aggregation._sum
-        for index, value in enumerate(values):
+        for measurement in measured:
+            value = measurement[1]
             total += value  # one at a time, in order: the same float the SDK's sum would be
             bucket = bisect_left(boundaries, value)
             counts[bucket] += 1
-            if offered is not None and _sampled(contexts[index]):
-                last[bucket] = index
+            if measurement[4]:
+                last[bucket] = measurement
         aggregation._sum = total
         if aggregation._record_min_max:
-            aggregation._min = min(aggregation._min, min(values))
-            aggregation._max = max(aggregation._max, max(values))
-    if offered is not None:
-        offered += [(aggregation, values[i], group.attributes[i], contexts[i]) for i in last.values()]
-
-
-def _sampled(context: Context) -> bool:
-    """What ``TraceBasedExemplarFilter.should_sample`` says for a measurement made in ``context``."""
-    span = trace.get_current_span(context)
-    if span == trace.INVALID_SPAN:
-        return False
-    return bool(span.get_span_context().trace_flags.sampled)
+            aggregation._min = min(aggregation._min, min(m[1] for m in measured))
+            aggregation._max = max(aggregation._max, max(m[1] for m in measured))
+    return list(last.values())
