@@ -27,10 +27,20 @@ from .conftest import Telemetry
 EXEMPLARS = "context" in inspect.signature(sdk_instrument.Histogram.record).parameters  # SDK 1.28 on
 
 
+def _lean_releases() -> tuple[tuple[int, int], ...]:
+    try:
+        from amqpkit.telemetry.lean_histogram import SDK_CHECKED
+    except ImportError:  # an SDK without the internals lean histograms use
+        return ()
+    return SDK_CHECKED
+
+
+LEAN = _release() in _lean_releases()
+
+
 @pytest.fixture
-def sdk_records(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """For each measurement handed to the SDK while the test runs (by ``record``, or merged in a run by a lean
-    histogram), its histogram's name."""
+def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the SDK histograms ``record`` was called on while the test runs."""
     calls: list[str] = []
     original = sdk_instrument.Histogram.record
 
@@ -40,6 +50,14 @@ def sdk_records(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     counting.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]  # with or without context
     monkeypatch.setattr(sdk_instrument.Histogram, "record", counting)
+    return calls
+
+
+@pytest.fixture
+def sdk_records(monkeypatch: pytest.MonkeyPatch, record_calls: list[str]) -> list[str]:
+    """For each measurement handed to the SDK while the test runs (by ``record``, or merged in a run by a lean
+    histogram), its histogram's name."""
+    calls = record_calls
     try:
         from amqpkit.telemetry.lean_histogram import LeanHistogram
     except ImportError:  # an SDK without the internals lean histograms use
@@ -174,22 +192,14 @@ def test_threads_recording_and_collecting_lose_and_double_nothing(
         assert counts == sorted(counts)
 
 
-@pytest.mark.skipif(_release() != (1, 45), reason="lean histograms: on the SDK release they were checked against")
-def test_the_default_set_up_merges_runs_without_record(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    original = sdk_instrument.Histogram.record
-
-    def counting(self: Any, *args: Any, **kwargs: Any) -> None:
-        calls.append(self.name)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(sdk_instrument.Histogram, "record", counting)
+@pytest.mark.skipif(not LEAN, reason="lean histograms: on the SDK releases they were checked against")
+def test_the_default_set_up_merges_runs_without_record(record_calls: list[str]) -> None:
     provider, reader, recorder = _provider(AggregationTemporality.CUMULATIVE)
     try:
         for n in range(RUN * 3 + 1):
             recorder.record(n / 1000, {"k": "v"}, otel_context.get_current())
         recorder.flush()
-        assert calls == []
+        assert record_calls == []
         assert [(p.count, p.max) for p in _points(reader.get_metrics_data(), "d")] == [(RUN * 3 + 1, RUN * 3 / 1000)]
     finally:
         provider.shutdown()
