@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -101,6 +102,26 @@ class Block:
         if self.where:
             return f"code at {self.where}"
         return "code that did not let go of the interpreter (no handler seen)"
+
+
+def thread_frame(thread_id: int) -> FrameType | None:
+    """The frame thread ``thread_id`` is running, from ``sys._current_frames()`` with the garbage collector held off.
+
+    On CPython 3.11 ``sys._current_frames()`` holds the runtime's head lock while it makes frame objects. One of
+    those allocations can start a collection that frees a ``threading.local``, whose deallocation takes the same
+    lock: the thread waits for itself holding the GIL, and the whole process stops, beyond any timeout
+    (python/cpython#106883; CPython 3.12 holds the collector off there itself). It was seen here: CI's suite
+    hung in this thread, in ``local_clear`` under ``_PyThread_CurrentFrames``. A collector someone turned off
+    stays off.
+    """
+    enabled = gc.isenabled()
+    if enabled:
+        gc.disable()
+    try:
+        return sys._current_frames().get(thread_id)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class LoopWatchdog:
@@ -242,7 +263,7 @@ class LoopWatchdog:
 
     def _culprit(self) -> tuple[str | None, str | None]:
         """The handler on the loop thread's stack, and the line it is at (else the innermost line of any code)."""
-        frame: FrameType | None = sys._current_frames().get(self.thread_id)
+        frame: FrameType | None = thread_frame(self.thread_id)
         innermost: str | None = None
         while frame is not None:
             code = frame.f_code
