@@ -25,7 +25,16 @@ from ..message import Delivery, Envelope, Settlement
 from ..patterns.rpc import RpcClient, RpcServer
 from ..topology import Exchange
 from .instruments import Instruments
-from .propagation import EMPTY, FIRST_ATTEMPT_HEADER, extract, inject, link_to_first, traceparent
+from .propagation import (
+    EMPTY,
+    FIRST_ATTEMPT_HEADER,
+    extract,
+    in_context,
+    inject,
+    link_to_first,
+    remote_parent,
+    traceparent,
+)
 from .routes import ProcessRoute
 
 current: Instruments | None = None
@@ -166,25 +175,25 @@ async def consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
     server = isinstance(owner, RpcServer)
     key = (consumer.queue_name, delivery.exchange, delivery.routing_key, delivery.type if server else None, server)
     route = state.process_routes.get(key) or state.process_route(key)
-    parent = extract(headers)
+    parent = remote_parent(headers)
     span: Span | None
-    if (state.drops_unsampled and parent is not EMPTY
-            and not trace.get_current_span(parent).get_span_context().trace_flags.sampled):  # fmt: skip
+    if state.drops_unsampled and parent is not None and not parent.trace_flags.sampled:
         # The sampler would drop the span: none is made; the handler runs in the context the message brought
         # (its publishes carry it on, its log records get its ids).
-        span, running = None, parent
+        span, running = None, in_context(parent)
     else:
         links = link_to_first(headers)
         if route.recording:  # as in publish
             attributes = _processed(delivery, route, dict(route.attributes))
-            span = state.tracer.start_span(route.name, parent, route.kind, attributes, links)
+            span = state.start_child(route.name, parent, route.kind, attributes, links)
             route.recording = span.is_recording()
         else:
-            span = state.tracer.start_span(route.name, parent, route.kind, route.attributes, links)
+            span = state.start_child(route.name, parent, route.kind, route.attributes, links)
             if span.is_recording():
                 route.recording = True
                 span.set_attributes(_processed(delivery, route, {}))
-        running = trace.set_span_in_context(span, parent)
+        # the handler's context: this span current, nothing else (as the propagator's context, with the span set)
+        running = trace.set_span_in_context(span, EMPTY)
     token = otel_context.attach(running)
     quiet = QUIET.set(False) if QUIET.get() else None
     route.consumed[0] += 1

@@ -10,15 +10,18 @@ from __future__ import annotations
 import inspect
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Histogram, Observation
+from opentelemetry.trace import Link, SpanContext, SpanKind
 
 from .._version import __version__
 from .lean import lean_tracer
+from .propagation import in_context
 from .routes import ROUTES_KEPT, CallRoute, ProcessRoute, SendRoute
 
 if TYPE_CHECKING:
@@ -45,7 +48,9 @@ class Instruments:
     def __init__(self, tracer_provider: Any, meter_provider: Any) -> None:
         tracer = trace.get_tracer("amqpkit", __version__, tracer_provider=tracer_provider)
         # The SDK's own tracer gets amqpkit's lean spans where they are the same as the SDK's (see .lean).
-        self.tracer: Any = lean_tracer(tracer) or tracer
+        lean = lean_tracer(tracer)
+        self.tracer: Any = lean or tracer
+        self.start_child: Callable[..., trace.Span] = lean.start_child if lean is not None else partial(_child, tracer)
         self.drops_unsampled = drops_unsampled_children(self.tracer)
         meter = metrics.get_meter("amqpkit", __version__, meter_provider=meter_provider)
         self.process_duration = Durations(meter.create_histogram("messaging.process.duration", "s", "handler duration"))
@@ -100,6 +105,18 @@ class Instruments:
             self.call_routes = {}
         route = self.call_routes[key] = CallRoute(*key)
         return route
+
+
+def _child(
+    tracer: Any,
+    name: str,
+    parent: SpanContext | None,
+    kind: SpanKind,
+    attributes: Mapping[str, Any] | None,
+    links: Sequence[Link] | None,
+) -> trace.Span:
+    """:meth:`.lean.LeanTracer.start_child` for a tracer lean spans do not stand in for."""
+    return tracer.start_span(name, in_context(parent), kind, attributes, links)  # type: ignore[no-any-return]
 
 
 def drops_unsampled_children(tracer: Any) -> bool:

@@ -42,6 +42,8 @@ from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
+from .propagation import in_context
+
 log = logging.getLogger("amqpkit.telemetry")
 
 SDK_TESTED_FROM = (1, 44)
@@ -52,6 +54,7 @@ ATTRIBUTES_NEEDED = 32
 
 _PROCESSORS_KNOWN = (BatchSpanProcessor, SimpleSpanProcessor)
 _UNSET = Status(StatusCode.UNSET)
+_FROM_PARENT = Context()  # start_child's stand-in for a Context not built yet (compared by identity)
 _RANDOM = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)  # newer APIs only; without it lean_tracer declines
 _FLAGS = {
     (sampled, random): TraceFlags((TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT) | (_RANDOM if random else 0))
@@ -115,8 +118,41 @@ class LeanTracer:
         processors = self._multi._span_processors
         if not (self._lean if processors is self._seen else self._check(processors)) or not tracer._is_enabled():
             return tracer.start_span(name, context, kind, attributes, links)  # type: ignore[no-any-return]
-        links = links or ()
         parent: SpanContext | None = trace.get_current_span(context).get_span_context()
+        return self._start(name, context, parent, kind, attributes, links)
+
+    def start_child(
+        self,
+        name: str,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: Mapping[str, Any] | None,
+        links: Sequence[Link] | None,
+    ) -> trace.Span:
+        """``start_span`` with the parent given as a span context (None: a new trace), as a delivery brings it.
+
+        The same span as ``start_span(name, in_context(parent), ...)``; the Context is built only for a sampler
+        that is asked, or for the SDK's tracer.
+        """
+        tracer = self.sdk
+        processors = self._multi._span_processors
+        if not (self._lean if processors is self._seen else self._check(processors)) or not tracer._is_enabled():
+            return tracer.start_span(name, in_context(parent), kind, attributes, links)  # type: ignore[no-any-return]
+        return self._start(name, _FROM_PARENT, parent, kind, attributes, links)
+
+    def _start(
+        self,
+        name: str,
+        context: Context | None,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: Mapping[str, Any] | None,
+        links: Sequence[Link] | None,
+    ) -> trace.Span:
+        """A lean span under ``parent``; ``context`` is the one it came in (None: the current one), or
+        :data:`_FROM_PARENT` when it came without one."""
+        tracer = self.sdk
+        links = links or ()
         if parent is None or not parent.is_valid:
             parent = None
             trace_id = tracer.id_generator.generate_trace_id()
@@ -133,6 +169,8 @@ class LeanTracer:
                 trace_state = parent.trace_state
             given, trusted = attributes or {}, True
         else:
+            if context is _FROM_PARENT:  # start_child: the sampler reads the parent from a Context
+                context = in_context(parent)
             sampling = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
             decision = sampling.decision
             sampled, recording, trace_state = decision.is_sampled(), decision.is_recording(), sampling.trace_state

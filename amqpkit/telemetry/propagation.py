@@ -50,28 +50,41 @@ _VERSION_00 = re.compile("00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _NO_TRACE, _NO_SPAN = "0" * 32, "0" * 16
 
 
-def extract(headers: Mapping[str, Any]) -> Context:
-    """The trace context a message's headers carry, or an empty context (a new trace) when none or malformed.
+def remote_parent(headers: Mapping[str, Any]) -> SpanContext | None:
+    """The remote span context a message's headers carry, or None (no context, or a malformed one: a new trace).
 
     What amqpkit itself writes (a version-00 ``traceparent``, no ``tracestate``) is read here, in half the time
-    the propagator takes (no getter, no per-call pattern look-up); anything else goes to the propagator, which
-    decides as it always did.
+    the propagator takes (no getter, no per-call pattern look-up, no Context built around it); anything else goes
+    to the propagator, which decides as it always did.
     """
     value = headers.get("traceparent")
     if value is None:
-        return EMPTY
+        return None
     if type(value) is str and len(value) == 55 and "tracestate" not in headers:
         match = _VERSION_00.fullmatch(value)
         if match is not None:
             trace_id, span_id, flags = match.groups()
             if trace_id != _NO_TRACE and span_id != _NO_SPAN:
-                remote = SpanContext(int(trace_id, 16), int(span_id, 16), True, TraceFlags(int(flags, 16)))
-                return trace.set_span_in_context(NonRecordingSpan(remote), EMPTY)
+                return SpanContext(int(trace_id, 16), int(span_id, 16), True, TraceFlags(int(flags, 16)))
     ctx = _PROPAGATOR.extract(headers, context=EMPTY, getter=_GETTER)
     if ctx is EMPTY:  # the propagator hands back the context it was given when the header does not parse
         shown = str(headers.get("traceparent"))[:80]
         log.debug("ignored a malformed traceparent header %r; the message starts a new trace", shown)
-    return ctx
+        return None
+    found: SpanContext = trace.get_current_span(ctx).get_span_context()
+    return found
+
+
+def in_context(span_context: SpanContext | None) -> Context:
+    """A Context whose current span is ``span_context`` (as the W3C propagator builds it), or :data:`EMPTY`."""
+    if span_context is None:
+        return EMPTY
+    return trace.set_span_in_context(NonRecordingSpan(span_context), EMPTY)
+
+
+def extract(headers: Mapping[str, Any]) -> Context:
+    """The trace context a message's headers carry, or an empty context (a new trace) when none or malformed."""
+    return in_context(remote_parent(headers))
 
 
 def inject(span_context: SpanContext, headers: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ ones, export exactly what the SDK's span would have, and leave every other set-u
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -230,6 +231,16 @@ def _exported(span: ReadableSpan, spans: list[ReadableSpan]) -> dict[str, Any]:
     }
 
 
+def _start(
+    tracer: Any, child: bool, name: str, context: Any, kind: SpanKind, attributes: Any, links: Any = None
+) -> Any:
+    """``tracer.start_span``; or, with ``child``, the lean tracer's ``start_child`` under the context's span context."""
+    if not child:
+        return tracer.start_span(name, context, kind, attributes, links)
+    parent = trace.get_current_span(context).get_span_context() if context is not None else None
+    return tracer.start_child(name, parent, kind, attributes, links)
+
+
 _SAMPLERS = [
     None,
     TraceIdRatioBased(1.0),
@@ -251,25 +262,27 @@ _KEPT = (3, 5, 1, 4, 5, 3)
 @needs_lean
 @pytest.mark.parametrize(("sampler", "kept"), list(zip(_SAMPLERS, _KEPT, strict=True)))
 def test_a_lean_span_exports_what_the_sdks_span_would(sampler: Any, kept: int) -> None:
-    """The same calls on a lean span and on the SDK's: what the exporter gets is the same, field by field."""
+    """The same calls on a lean span and on the SDK's: what the exporter gets is the same, field by field; and the
+    same with each parent handed to ``start_child`` as a span context (as the consume hook hands a delivery's)."""
     limits = SpanLimits(max_events=3, max_links=2, max_event_attributes=8)
     resource = Resource.create({"service.name": "lean-test"})
     got: dict[str, list[ReadableSpan]] = {}
-    for how in ("sdk", "lean"):
+    for how in ("sdk", "lean", "child"):
         exporter = InMemorySpanExporter()
         provider = TracerProvider(resource=resource, span_limits=limits, sampler=sampler)
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         sdk_tracer = provider.get_tracer("amqpkit", "1.0")
-        tracer = sdk_tracer if how == "sdk" else lean_tracer(sdk_tracer)
-        assert tracer is not None
+        lean = lean_tracer(sdk_tracer)
+        assert lean is not None
+        start = partial(_start, sdk_tracer if how == "sdk" else lean, how == "child")
         remote = SpanContext(0x1234, 0x5678, True, TraceFlags(1))
         first = SpanContext(0xABC, 0xDEF, True, TraceFlags(1))
         parent = trace.set_span_in_context(trace.NonRecordingSpan(remote))
-        span = tracer.start_span("process q", parent, SpanKind.CONSUMER, {"messaging.system": "rabbitmq", "n": 3},
-                                 [Link(first, {"amqpkit.link": "first attempt"})])  # fmt: skip
-        assert (type(span) is LeanSpan) is (how == "lean")
+        span = start("process q", parent, SpanKind.CONSUMER, {"messaging.system": "rabbitmq", "n": 3},
+                     [Link(first, {"amqpkit.link": "first attempt"})])  # fmt: skip
+        assert (type(span) is LeanSpan) is (how != "sdk")
         span.set_attribute("handler.set", "yes")
-        span.set_attributes({"bad": object(), "list": [1, 2]})  # type: ignore[dict-item]  # an invalid value: dropped
+        span.set_attributes({"bad": object(), "list": [1, 2]})  # an invalid value: dropped
         span.add_event("retry", {"next": 2})
         try:
             raise KeyError("missing")
@@ -285,7 +298,7 @@ def test_a_lean_span_exports_what_the_sdks_span_would(sampler: Any, kept: int) -
         span.end()
         span.set_attribute("after", "end")  # ignored, with a warning
         span.end()  # a second end: ignored, with a warning
-        root = tracer.start_span("send x", None, SpanKind.PRODUCER, {"a": 1})
+        root = start("send x", None, SpanKind.PRODUCER, {"a": 1})
         root.set_status(trace.Status(StatusCode.OK))
         root.set_status(StatusCode.ERROR, "too late")  # OK is final
         # every branch of ParentBased: a local parent (sampled or not), a remote one not sampled, with a state
@@ -298,11 +311,13 @@ def test_a_lean_span_exports_what_the_sdks_span_would(sampler: Any, kept: int) -
         )
         for branch, context in (("local", local), ("unsampled local", unsampled_local),
                                 ("unsampled remote", unsampled_remote)):  # fmt: skip
-            tracer.start_span(f"under {branch}", context, SpanKind.CONSUMER, {"b": 2}).end()
+            start(f"under {branch}", context, SpanKind.CONSUMER, {"b": 2}).end()
         root.end()
         got[how] = list(exporter.get_finished_spans())
         provider.shutdown()
-    assert [_exported(s, got["lean"]) for s in got["lean"]] == [_exported(s, got["sdk"]) for s in got["sdk"]]
+    sdk = [_exported(s, got["sdk"]) for s in got["sdk"]]
+    assert [_exported(s, got["lean"]) for s in got["lean"]] == sdk
+    assert [_exported(s, got["child"]) for s in got["child"]] == sdk
     assert len(got["lean"]) == kept
     assert isinstance(lean_tracer(TracerProvider().get_tracer("x")), LeanTracer)
 

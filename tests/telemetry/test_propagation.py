@@ -12,7 +12,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from amqpkit.telemetry.propagation import EMPTY, extract, inject
+from amqpkit.telemetry.propagation import EMPTY, extract, in_context, inject, remote_parent
 
 TRACE, SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 
@@ -54,6 +54,22 @@ def test_extract_decides_as_the_w3c_propagator(headers: dict[str, Any]) -> None:
         assert ours is EMPTY  # a new trace
     else:
         assert ours_span.get_span_context().is_remote
+
+
+@pytest.mark.parametrize("headers", CASES, ids=[str(c.get("traceparent", "none"))[:48] for c in CASES])
+def test_remote_parent_is_the_span_context_the_w3c_propagator_reads(headers: dict[str, Any]) -> None:
+    """The consume hook's reading: the propagator's span context itself (None for a new trace), and the Context
+    ``in_context`` builds from it is the one ``extract`` gives."""
+    ours, theirs = remote_parent(headers), trace.get_current_span(_sdk(headers)).get_span_context()
+    if not theirs.is_valid:
+        assert ours is None
+        assert in_context(ours) is EMPTY
+        return
+    assert ours == theirs
+    assert ours is not None and ours.trace_state == theirs.trace_state and ours.is_remote
+    for built in (in_context(ours), extract(headers)):  # the propagator's Context: its span, and nothing else
+        assert list(built) == list(_sdk(headers))
+        assert trace.get_current_span(built).get_span_context() == theirs
 
 
 INJECTED = [

@@ -32,6 +32,7 @@ class _Counting:
 
     def __init__(self, tracer: Any) -> None:
         self.tracer = tracer
+        self.child: Any = None
         self.started: list[SpanKind] = []
 
     def start_span(self, name: str, context: Any = None, kind: SpanKind = SpanKind.INTERNAL, *args: Any,
@@ -39,12 +40,19 @@ class _Counting:
         self.started.append(kind)
         return self.tracer.start_span(name, context, kind, *args, **kwargs)
 
+    def start_child(self, name: str, parent: SpanContext | None, kind: SpanKind, *args: Any) -> Any:
+        self.started.append(kind)
+        return self.child(name, parent, kind, *args)
+
 
 def _counting() -> _Counting:
+    """Counts both ways the hooks start spans: the tracer's ``start_span``, and ``start_child`` for deliveries."""
     state = hooks.current
     assert state is not None
     counting = _Counting(state.tracer)
+    counting.child = state.start_child
     state.tracer = counting
+    state.start_child = counting.start_child
     return counting
 
 
