@@ -15,7 +15,8 @@ cumulative readers and exemplars), and hands the run to ``Histogram.record`` oth
 - the instrument is the SDK's ``Histogram``, of a release in :data:`SDK_CHECKED` (1.44 keyed and locked its
   aggregations differently; a later release may again), and its meter is enabled;
 - the exemplar filter is the SDK's ``TraceBasedExemplarFilter`` (the default) or ``AlwaysOffExemplarFilter``:
-  whether a measurement is offered then depends on its context alone, and an offered one always names a span;
+  whether a measurement is offered then depends on its context alone (so it is asked, from a run's end, only
+  until each bucket has its last passing measurement), and an offered one always names a span;
 - every reader's aggregation for the instrument is the SDK's explicit-bucket histogram (the default, or a view's
   with its own boundaries) with the SDK's ``AlignedHistogramBucketExemplarReservoir``, which keeps the last
   measurement offered to each bucket.
@@ -26,7 +27,7 @@ The exemplars' timestamps are the time of the merge, not of each measurement, as
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from time import time_ns
 from typing import Any
 
@@ -94,14 +95,24 @@ class LeanHistogram:
 
     def merge(self, run: Run, matches: list[_ViewInstrumentMatch]) -> None:
         """Add ``run`` (finite, non-negative values) to each of ``matches`` (from :meth:`matches`)."""
-        # The exemplar filter is asked once per measurement, as the SDK asks it, whatever the number of readers.
-        passes = self._consumer._sdk_config.exemplar_filter.should_sample
+        # The exemplar filter (one of the SDK's two, whose answer depends on the measurement alone) is asked only
+        # for a measurement that could be offered, and at most once each, whatever the number of readers.
+        should_sample = self._consumer._sdk_config.exemplar_filter.should_sample
         now = time_ns()
+        answers: dict[int, bool] = {}
+
+        def passes(measured: _Measured) -> bool:
+            position, value, attributes, context = measured
+            found = answers.get(position)
+            if found is None:
+                found = answers[position] = should_sample(value, now, attributes, context)
+            return found
+
         # One attribute set per route, each kept as one dict: grouped by identity, in order of first appearance
         # (the order the SDK would make their aggregations in, which matters past a cardinality limit).
         groups: dict[int, list[_Measured]] = {}
         for position, (value, attributes, context) in enumerate(run):
-            measured = (position, value, attributes, context, passes(value, now, attributes, context))
+            measured = (position, value, attributes, context)
             group = groups.get(id(attributes))
             if group is None:
                 groups[id(attributes)] = [measured]
@@ -126,25 +137,25 @@ class LeanHistogram:
                         target[1].append(group)
                 for aggregation, parts in targets.values():
                     # positions are unique: the sort never compares further than them
-                    offers = _add(aggregation, parts[0] if len(parts) == 1 else sorted(m for p in parts for m in p))
+                    offers = _add(aggregation, parts[0] if len(parts) == 1 else sorted(m for p in parts for m in p),
+                                  passes)  # fmt: skip
                     # The aligned reservoir keeps the last measurement offered to each bucket: only the last one
                     # per bucket that the filter passes is offered.
-                    for _, value, attributes, context, _ in offers:
+                    for _, value, attributes, context in offers:
                         aggregation._reservoir.offer(value, now, attributes, context)
 
 
 _FILTERS = (TraceBasedExemplarFilter, AlwaysOffExemplarFilter)
 
-_Measured = tuple[int, float, Mapping[str, Any], Context, bool]
-"""A measurement of a run: its place in the run, value, attributes, context, and whether the exemplar filter
-passes it."""
+_Measured = tuple[int, float, Mapping[str, Any], Context]
+"""A measurement of a run: its place in the run, value, attributes and context."""
 
 
-def _add(aggregation: Any, measured: list[_Measured]) -> list[_Measured]:
+def _add(aggregation: Any, measured: list[_Measured], passes: Callable[[_Measured], bool]) -> list[_Measured]:
     """``measured`` (in run order) into ``aggregation``, as ``record`` would have added them one by one; the last
-    measurement per bucket that the exemplar filter passes is returned, to be offered."""
+    measurement per bucket that the exemplar filter ``passes`` is returned, to be offered."""
     boundaries = aggregation._boundaries
-    last: dict[int, _Measured] = {}
+    buckets: list[int] = []
     with aggregation._lock:
         counts = aggregation._value
         if counts is None:
@@ -155,10 +166,15 @@ def _add(aggregation: Any, measured: list[_Measured]) -> list[_Measured]:
             total += value  # one at a time, in order: the same float the SDK's sum would be
             bucket = bisect_left(boundaries, value)
             counts[bucket] += 1
-            if measurement[4]:
-                last[bucket] = measurement
+            buckets.append(bucket)
         aggregation._sum = total
         if aggregation._record_min_max:
             aggregation._min = min(aggregation._min, min(m[1] for m in measured))
             aggregation._max = max(aggregation._max, max(m[1] for m in measured))
+    # from the end: a bucket's last passing measurement is found, and the ones before it are never asked about
+    last: dict[int, _Measured] = {}
+    for at in range(len(measured) - 1, -1, -1):
+        bucket = buckets[at]
+        if bucket not in last and passes(measured[at]):
+            last[bucket] = measured[at]
     return list(last.values())

@@ -173,3 +173,32 @@ def test_a_value_record_would_refuse_sends_the_run_to_record(caplog: pytest.LogC
         assert "non-negative" in caplog.text  # the SDK's own warning: the run went through record
     finally:
         provider.shutdown()
+
+
+def test_the_filter_is_asked_only_for_what_could_be_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Of a run whose every measurement is in a sampled span (every message traced), only the last one per
+    bucket can be an exemplar: the SDK's filter (pure: its answer is the context's sampled flag) is asked for
+    those, not for all of them. The run still leaves what ``record`` would (the test above)."""
+    from opentelemetry.sdk.metrics import TraceBasedExemplarFilter
+
+    asked: list[float] = []
+    original = TraceBasedExemplarFilter.should_sample
+
+    def counting(self: Any, value: float, *args: Any) -> bool:
+        asked.append(value)
+        return original(self, value, *args)
+
+    monkeypatch.setattr(TraceBasedExemplarFilter, "should_sample", counting)
+    provider, readers = _setup()()
+    try:
+        durations = Durations(provider.get_meter("t").create_histogram("d", "s"))
+        sampled = trace.set_span_in_context(NonRecordingSpan(SpanContext(7, 8, False, TraceFlags(1))), Context())
+        values = [0.001 * (n % 3 + 1) for n in range(RUN)]  # three values, all in the default's first bucket (<= 5)
+        for value in values:
+            durations.record(value, {"k": "v"}, sampled)
+        durations.flush()
+        assert asked == [values[-1]]  # the last of the one bucket, asked once for both readers
+        points = _points(readers[0].get_metrics_data())
+        assert [(p[2], p[-1][0][0]) for p in points] == [(RUN, values[-1])]
+    finally:
+        provider.shutdown()
