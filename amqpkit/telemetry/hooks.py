@@ -257,7 +257,10 @@ async def rpc_call(
         raise
     finally:
         QUIET.reset(token)
-        state.rpc_duration.record(time.perf_counter() - started, route.outcome(outcome), otel_context.get_current())
+        # recorded in the CLIENT span (never made current: the reply ends it elsewhere), so that an exemplar names it
+        caller = otel_context.get_current()
+        state.rpc_duration.record(time.perf_counter() - started, route.outcome(outcome),
+                                  caller if span is None else trace.set_span_in_context(span, caller))  # fmt: skip
         if span is not None:
             span.end()
 

@@ -114,6 +114,12 @@ async def test_messages_record_their_durations_in_runs(
             consumer_spans = {s.context.span_id for s in otel.spans() if s.kind is trace.SpanKind.CONSUMER}
             exemplar_spans = {e.span_id for p in process for e in p.exemplars if e.span_id is not None}
             assert exemplar_spans & consumer_spans
+            # and an RPC call's duration was recorded in its CLIENT span (the calls above run under no span of the
+            # test's: an exemplar can only name amqpkit's own)
+            client_spans = {s.context.span_id for s in otel.spans() if s.kind is trace.SpanKind.CLIENT}
+            call_points = _points(data, "amqpkit.rpc.client.duration")
+            call_exemplars = {e.span_id for p in call_points for e in p.exemplars}
+            assert call_exemplars and call_exemplars <= client_spans
     finally:
         await consumer.cancel()
 
