@@ -17,7 +17,10 @@ Each trial runs a server process and a client process, both in the same mode:
 - ``sampled``: ``batch`` with a ParentBased(TraceIdRatioBased(0.01)) sampler: 1 % of traces recorded, context
   still propagated and metrics still counted for every message; ``sampled10``: the same at 10 %;
 - ``json``: ``batch`` whose exporter encodes every span to JSON first (``ReadableSpan.to_json``: roughly the work
-  an exporter does before the network).
+  an exporter does before the network);
+- ``header``: never instrumented, but every one-way message and every RPC request carries a ``traceparent``
+  header of the W3C length, as instrumentation's do: what the header alone costs on the wire (encoded, carried
+  by the broker, decoded), apart from the spans and the metrics.
 
 ``MODE@before`` runs a mode with ``--before DIR`` first on the import path: DIR holds a copy of the ``amqpkit``
 package (say, the working tree's with the previous ``amqpkit/telemetry``), to compare two versions of the
@@ -30,7 +33,8 @@ operations per second over the measured window after a one-second warm-up; the r
 and range, and its ratio to ``off`` (median of the per-repeat ratios, with their range). ``--rate R`` paces the
 callers to R operations per second in all: every mode then does the same work per second, and the CPU per
 operation compares modes without the throughput's own effect on it (fewer operations per event-loop turn cost
-more CPU each).
+more CPU each). With RabbitMQ on the same machine, the client also reads the node's CPU time (``beam.smp`` in
+/proc) over the measured window: the broker's CPU per operation, reported beside the two processes'.
 
 ``--floor`` needs no broker. In one process per mode and repeat it times, round by round, per
 message, the SDK's own work for what amqpkit records: a PRODUCER span and a CONSUMER span with the same
@@ -49,6 +53,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -60,7 +65,8 @@ from typing import Any
 
 from amqpkit import Broker, BytesCodec, Delivery, Envelope, Exchange, Queue, RpcClient, RpcServer, Subscriber
 
-MODES = ("off", "uninst", "noop", "batch", "sampled10", "sampled", "json")
+MODES = ("off", "uninst", "header", "noop", "batch", "sampled10", "sampled", "json")
+WIRE_HEADER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"  # what ``header`` sends: a traceparent's length
 RATIOS = {"sampled": 0.01, "sampled10": 0.1}
 SCENARIOS = ("rpc", "oneway")
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -101,7 +107,7 @@ def providers(mode: str, max_queue_size: int = 2048) -> tuple[Any, Any]:
 
 def setup(mode: str) -> None:
     mode = mode.split("@")[0]
-    if mode == "off":
+    if mode in ("off", "header"):
         return
     from amqpkit import telemetry
 
@@ -152,15 +158,19 @@ async def client(mode: str, scenario: str, queue: str, seconds: float, concurren
     payload = b"x" * 256
     done = 0
     counting = False
+    header = mode.split("@")[0] == "header"
     async with Broker(URL) as broker, RpcClient(broker, queue, codec=BytesCodec(), timeout=30) as rpc:
 
         async def one() -> None:
+            headers = {"traceparent": WIRE_HEADER} if header else None  # a new dict per message, as the hooks make
             if scenario == "rpc":
-                await rpc.call("echo", payload, returns=bytes)
+                await rpc.call("echo", payload, returns=bytes, headers=headers)
             else:
                 await broker.publish(
-                    Envelope(payload, content_type="application/octet-stream", persistent=False), routing_key=queue
-                )
+                    Envelope(payload, content_type="application/octet-stream", persistent=False,
+                             headers=headers or {}),
+                    routing_key=queue,
+                )  # fmt: skip
 
         async def loop(stop_at: float, offset: float) -> None:
             nonlocal done
@@ -182,10 +192,32 @@ async def client(mode: str, scenario: str, queue: str, seconds: float, concurren
         counting = True
         measured_from = time.monotonic()
         cpu_from = time.process_time()
+        broker_from = broker_cpu()
         await asyncio.gather(*workers)
         took = time.monotonic() - measured_from
         cpu = time.process_time() - cpu_from
-    print(json.dumps({"ops_per_s": done / took, "cpu_per_op_us": cpu / max(done, 1) * 1e6}), flush=True)
+        broker_to = broker_cpu()
+    broker_us = None if broker_from is None or broker_to is None else (broker_to - broker_from) / max(done, 1) * 1e6
+    print(json.dumps({"ops_per_s": done / took, "cpu_per_op_us": cpu / max(done, 1) * 1e6,
+                      "broker_cpu_per_op_us": broker_us}), flush=True)  # fmt: skip
+
+
+def broker_cpu() -> float | None:
+    """CPU seconds used so far by the RabbitMQ node(s) on this machine (beam.smp), or None when none is seen."""
+    total, seen = 0.0, False
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if name == "beam.smp":
+            seen = True
+            total += (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total if seen else None
 
 
 def environment(mode: str, before: str | None) -> dict[str, str]:
@@ -199,8 +231,9 @@ def environment(mode: str, before: str | None) -> dict[str, str]:
 
 def trial(
     mode: str, scenario: str, seconds: float, concurrency: int, before: str | None, rate: float = 0
-) -> tuple[float, float]:
-    """Operations per second, and CPU microseconds per operation (client and server together)."""
+) -> tuple[float, float, float]:
+    """Operations per second; CPU microseconds per operation, client and server together; and the broker's, when
+    it runs on this machine (NaN otherwise)."""
     queue = f"otel-cost.{uuid.uuid4().hex[:8]}"
     me = [sys.executable, __file__]
     env = environment(mode, before)
@@ -221,7 +254,9 @@ def trial(
             server.wait()
     assert server.stdout is not None
     served = json.loads(server.stdout.read().strip().splitlines()[-1])
-    return float(got["ops_per_s"]), float(got["cpu_per_op_us"]) + float(served["cpu_per_op_us"])
+    broker = got.get("broker_cpu_per_op_us")
+    return (float(got["ops_per_s"]), float(got["cpu_per_op_us"]) + float(served["cpu_per_op_us"]),
+            math.nan if broker is None else float(broker))  # fmt: skip
 
 
 FLOOR_MODES = ("noop", "batch", "sampled10", "sampled", "json")
@@ -543,6 +578,7 @@ def main() -> None:
     modes = tuple(args.modes)
     results: dict[str, dict[str, list[float]]] = {s: {m: [] for m in modes} for s in args.scenarios}
     cpu: dict[str, dict[str, list[float]]] = {s: {m: [] for m in modes} for s in args.scenarios}
+    broker: dict[str, dict[str, list[float]]] = {s: {m: [] for m in modes} for s in args.scenarios}
     print(f"load average at start: {os.getloadavg()}", flush=True)
     for repeat in range(args.repeats):
         for scenario in args.scenarios:
@@ -550,7 +586,8 @@ def main() -> None:
             for mode in order:
                 for attempt in (1, 2):  # a trial cut short (say, someone restarted the broker) runs once more
                     try:
-                        rate, us = trial(mode, scenario, args.seconds, args.concurrency, args.before, args.rate)
+                        rate, us, broker_us = trial(mode, scenario, args.seconds, args.concurrency, args.before,
+                                                    args.rate)  # fmt: skip
                         break
                     except (subprocess.SubprocessError, AssertionError, ValueError) as exc:
                         if attempt == 2:
@@ -559,8 +596,9 @@ def main() -> None:
                         time.sleep(10)
                 results[scenario][mode].append(rate)
                 cpu[scenario][mode].append(us)
-                print(f"repeat {repeat + 1} {scenario:<6} {mode:<14} {rate:9.0f} ops/s {us:7.0f} CPU us/op",
-                      flush=True)  # fmt: skip
+                broker[scenario][mode].append(broker_us)
+                print(f"repeat {repeat + 1} {scenario:<6} {mode:<14} {rate:9.0f} ops/s {us:7.0f} CPU us/op "
+                      f"(broker {broker_us:.0f})", flush=True)  # fmt: skip
     report: dict[str, Any] = {"concurrency": args.concurrency, "rate": args.rate, "seconds": args.seconds,
                               "repeats": args.repeats,
                               "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "scenarios": {}}  # fmt: skip
@@ -574,7 +612,10 @@ def main() -> None:
             used = cpu[scenario][mode]
             extra = [u - o for u, o in zip(used, cpu[scenario]["off"], strict=True)]
             cpu_ratios = [u / o for u, o in zip(used, cpu[scenario]["off"], strict=True)]
+            broker_used = broker[scenario][mode]
             entry[mode] = {
+                "broker_cpu_us_per_op": broker_used,
+                "broker_cpu_us_per_op_median": statistics.median(broker_used),
                 "cpu_us_per_op": used,
                 "cpu_us_per_op_median": statistics.median(used),
                 "extra_cpu_us_per_op_median": statistics.median(extra),
@@ -591,7 +632,8 @@ def main() -> None:
                   f"(range {min(ratios):.3f}-{max(ratios):.3f}); CPU {statistics.median(used):.0f} us/op, "
                   f"+{statistics.median(extra):.0f} (range {min(extra):.0f} to {max(extra):.0f}), "
                   f"x{statistics.median(cpu_ratios):.3f} "
-                  f"(range {min(cpu_ratios):.3f}-{max(cpu_ratios):.3f})")  # fmt: skip
+                  f"(range {min(cpu_ratios):.3f}-{max(cpu_ratios):.3f}); "
+                  f"broker CPU {statistics.median(broker_used):.0f} us/op")  # fmt: skip
         report["scenarios"][scenario] = entry
     if args.out:
         with open(args.out, "w") as fh:
