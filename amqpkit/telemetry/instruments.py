@@ -10,14 +10,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Histogram, Observation
-from opentelemetry.trace import Link, SpanContext, SpanKind
+from opentelemetry.trace import SpanContext
 
 from .._version import __version__
 from .lean import lean_tracer
@@ -107,16 +107,9 @@ class Instruments:
         return route
 
 
-def _child(
-    tracer: Any,
-    name: str,
-    parent: SpanContext | None,
-    kind: SpanKind,
-    attributes: Mapping[str, Any] | None,
-    links: Sequence[Link] | None,
-) -> trace.Span:
+def _child(tracer: Any, name: str, parent: SpanContext | None, *kind_attributes_links: Any) -> trace.Span:
     """:meth:`.lean.LeanTracer.start_child` for a tracer lean spans do not stand in for."""
-    return tracer.start_span(name, in_context(parent), kind, attributes, links)  # type: ignore[no-any-return]
+    return tracer.start_span(name, in_context(parent), *kind_attributes_links)  # type: ignore[no-any-return]
 
 
 def drops_unsampled_children(tracer: Any) -> bool:

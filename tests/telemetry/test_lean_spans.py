@@ -3,6 +3,7 @@ ones, export exactly what the SDK's span would have, and leave every other set-u
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -33,7 +34,7 @@ from amqpkit.telemetry import lean
 from amqpkit.telemetry.lean import SDK_TESTED_FROM, LeanSpan, LeanTracer, lean_tracer
 
 from ..waiting import wait_for
-from .conftest import Telemetry
+from .conftest import Telemetry, instrumented
 
 needs_lean = pytest.mark.skipif(
     lean._release() < SDK_TESTED_FROM, reason="an opentelemetry-sdk older than lean spans were checked against"
@@ -92,6 +93,22 @@ async def test_message_spans_skip_the_sdk_span_class(
         assert (got.trace_id, got.span_id, got.is_remote) == (want.trace_id, want.span_id, True)
     assert spans[SpanKind.PRODUCER].attributes["messaging.destination.name"] == ""
     assert spans[SpanKind.PRODUCER].attributes["messaging.rabbitmq.destination.routing_key"] == f"{name}.q"
+
+
+async def test_without_lean_spans_deliveries_are_still_children_of_their_sends(
+    broker: Broker, name: str, sdk_spans_made: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SDK older than lean spans were checked against: the hooks hand the SDK's tracer a delivery's parent
+    in a Context, and the SDK's spans link as lean ones do."""
+    monkeypatch.setattr(lean, "_release", lambda: (SDK_TESTED_FROM[0], SDK_TESTED_FROM[1] - 1))
+    with contextlib.contextmanager(instrumented)() as otel:
+        await _pubsub_and_rpc(broker, name, otel.spans)
+    spans = {s.kind: s for s in otel.spans()}
+    assert len(sdk_spans_made) == 4 and not any(type(s) is LeanSpan for s in spans.values())
+    for child, parent in ((SpanKind.CONSUMER, SpanKind.PRODUCER), (SpanKind.SERVER, SpanKind.CLIENT)):
+        got, want = spans[child].parent, spans[parent].context
+        assert got is not None and want is not None
+        assert (got.trace_id, got.span_id, got.is_remote) == (want.trace_id, want.span_id, True)
 
 
 class _Watching(SpanProcessor):
