@@ -15,11 +15,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from amqpkit.bench.base import ClientOptions, ClientSide, ServerOptions
 from amqpkit.bench.chain import ROLES, ChainEventsClient, Hop
+from amqpkit.bench.clients import RawRpcClient
 from amqpkit.bench.scenarios import CLIENTS, SERVERS
 
 CHAINS = ("chain-rpc", "chain-events", "chain-http")
@@ -98,3 +100,55 @@ async def test_a_chain_with_time_enough_completes(scenario: str, amqp_url: str, 
             assert c.services[role].expired == 0
         if isinstance(c.client, ChainEventsClient):
             assert c.client.expired == 0
+
+
+@pytest.mark.parametrize("scenario", ["chain-events", "raw-rpc"])
+async def test_an_answer_heard_as_the_deadline_fires_counts_as_heard(scenario: str, amqp_url: str, name: str) -> None:
+    """A's answer set in the same loop turn as its timeout's callback is still counted: completed, not lost.
+
+    The loop is held past the deadline, so that two timers fall due together: the one that hands A its answer
+    (as the subscriber's callback would) and then the deadline's own. A then wakes up cancelled with its answer
+    in hand; dropping that answer left the request in no count at all (the burst ledger's ``lost``).
+    """
+    deadline = 0.5
+    client = CLIENTS[scenario](ClientOptions(url=amqp_url, queue=name, size=16, deadline=deadline))
+    assert isinstance(client, ChainEventsClient | RawRpcClient)
+    await client.start()
+    try:
+        loop = asyncio.get_running_loop()
+        operating = asyncio.ensure_future(client.operate(time.monotonic_ns(), False))
+        await asyncio.sleep(0)
+        (future,) = client.pending.values()
+        loop.call_later(deadline / 2, time.sleep, deadline)  # both timers below are due when this returns
+        answer: Any = None if isinstance(client, ChainEventsClient) else b"reply"
+        loop.call_later(deadline * 0.9, future.set_result, answer)  # before the deadline's own timer in the heap
+        await asyncio.wait_for(operating, 5)  # raised TimeoutError before: the answer was dropped
+        if isinstance(client, ChainEventsClient):
+            assert client.late == 0 and client.expired == 0
+    finally:
+        await client.stop()
+
+
+async def test_an_answer_heard_just_after_the_deadline_fired_is_late_not_a_duplicate(amqp_url: str, name: str) -> None:
+    """``d.done`` taken after A's deadline fired, before A ran again to note it gave up: late, counted once.
+
+    The loop is held past the deadline so that the deadline's timer runs first (it cancels A's wait) and the
+    answer's right after, in the same loop turn. A had not yet noted the request as given up, so the answer
+    was counted as a duplicate (``unasked``) and the request as neither completed nor late: lost.
+    """
+    deadline = 0.5
+    client = ChainEventsClient(ClientOptions(url=amqp_url, queue=name, size=16, deadline=deadline))
+    await client.start()
+    try:
+        loop = asyncio.get_running_loop()
+        operating = asyncio.ensure_future(client.operate(time.monotonic_ns(), False))
+        await asyncio.sleep(0)
+        (cid,) = client.pending
+        loop.call_later(deadline / 2, time.sleep, deadline)  # both timers are due when this returns
+        loop.call_later(deadline * 1.1, client.heard, cid, None)  # after the deadline's own timer in the heap
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(operating, 5)
+        assert (client.late, client.unasked, client.expired) == (1, 0, 0)
+        assert client.given_up == set()  # nothing left waiting for a word that came
+    finally:
+        await client.stop()

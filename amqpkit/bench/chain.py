@@ -268,22 +268,8 @@ class ChainEventsClient(ClientSide):
 
         async def told(delivery: Delivery[bytes]) -> None:
             cid = str(delivery.headers.get(CORRELATION, ""))
-            future = self.pending.pop(cid, None)
-            given_up = cid in self.given_up
-            self.given_up.discard(cid)
-            if delivery.routing_key == EXPIRED:
-                self.expired += 1
-                if future is not None and not future.done():
-                    at = delivery.headers.get(EXPIRED_AT) or "a queue"
-                    future.set_exception(DeadlinePassed(f"the deadline passed in {at}"))
-                return
-            if future is None or future.done():
-                if given_up:
-                    self.late += 1
-                else:
-                    self.unasked += 1
-                return
-            future.set_result(None)
+            expired_at = str(delivery.headers.get(EXPIRED_AT) or "a queue") if delivery.routing_key == EXPIRED else None
+            self.heard(cid, expired_at)
 
         self.done_queue = Queue(f"{self.queue}.a")
         self.subscriber: Subscriber[bytes] = Subscriber(
@@ -291,6 +277,25 @@ class ChainEventsClient(ClientSide):
             auto_ack=True,
         )  # fmt: skip
         await self.subscriber.start()
+
+    def heard(self, cid: str, expired_at: str | None) -> None:
+        """The chain's word on request ``cid``: done, or (``expired_at`` the service, or "a queue") expired."""
+        future = self.pending.pop(cid, None)
+        # A gave up when its wait was cancelled, even if it has not run since to note that in given_up.
+        given_up = cid in self.given_up or (future is not None and future.cancelled())
+        self.given_up.discard(cid)
+        if expired_at is not None:
+            self.expired += 1
+            if future is not None and not future.done():
+                future.set_exception(DeadlinePassed(f"the deadline passed in {expired_at}"))
+            return
+        if future is None or future.done():
+            if given_up:
+                self.late += 1
+            else:
+                self.unasked += 1
+            return
+        future.set_result(None)
 
     async def operate(self, sent_ns: int, warmup: bool) -> None:
         cid = f"{self.prefix}.{next(self.ids)}"
@@ -303,9 +308,14 @@ class ChainEventsClient(ClientSide):
             async with asyncio.timeout(deadline):
                 await future
         except TimeoutError:
-            if future.cancelled():  # A stopped waiting (not told): the chain may still say how this request ended
-                self.given_up.add(cid)
-            raise
+            if not future.done() or future.cancelled():
+                # A stopped waiting: the chain may still say how this request ended, unless it already has
+                # (heard() takes the request out of pending).
+                if future.cancelled() and self.pending.get(cid) is future:
+                    self.given_up.add(cid)
+                raise
+            # Told in the same loop turn as the deadline fired: the answer (or its expiry) was heard in time.
+            future.result()
         finally:
             self.pending.pop(cid, None)
 

@@ -112,6 +112,10 @@ class RawRpcClient(ClientSide):
             )
             async with asyncio.timeout(self.options.deadline):
                 await future
+        except TimeoutError:
+            if not future.done() or future.cancelled():
+                raise
+            future.result()  # the reply came in the loop turn the deadline fired in: heard in time
         finally:
             self.pending.pop(cid, None)
 
