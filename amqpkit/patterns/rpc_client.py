@@ -262,7 +262,11 @@ class RpcClient:
                 await self._send(body, properties, future, deadline)
                 reply, reply_type = await future
         except TimeoutError:
-            raise RpcTimeout(f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s") from None
+            if not future.done() or future.cancelled():
+                why = f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s"
+                raise RpcTimeout(why) from None
+            # The reply was taken in the loop turn the deadline fired in, before its timer ran: it came in time.
+            reply, reply_type = future.result()
         finally:
             self._pending.pop(cid, None)
             _settle_unread(future)

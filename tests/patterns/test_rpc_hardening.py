@@ -157,3 +157,42 @@ async def test_a_call_given_up_on_is_not_sent_after_the_reconnect(
             assert await client.call("add", [2, 2]) == 4
         assert b.republished == 0
     assert server.adds == 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("reply_queue", ["direct", "exclusive"])
+async def test_a_reply_taken_in_the_loop_turn_the_deadline_fires_is_returned(
+    broker: Broker, name: str, reply_queue: str
+) -> None:
+    """A reply the client took before its timeout's callback ran is the call's answer, not an RpcTimeout.
+
+    The loop is held past the deadline so that two timers fall due together: the one handing the client its
+    reply (through its own reply path, as a delivery would) and then the deadline's own. The call then wakes
+    cancelled with the reply in hand; raising RpcTimeout there threw away an answer that had come in time (and
+    invited a retry of work already done).
+    """
+    timeout = 0.5
+    release = asyncio.Event()
+    entered: list[int] = []
+    server = RpcServer(broker, Queue(name, auto_delete=True))
+
+    @server.method("add")
+    async def add(pair: list[int]) -> int:
+        entered.append(1)
+        await release.wait()  # the real reply never comes in time: the one below does
+        return pair[0] + pair[1]
+
+    async with server:
+        client = RpcClient(broker, name, reply_queue=reply_queue)  # type: ignore[arg-type]
+        await client.start()
+        try:
+            loop = asyncio.get_running_loop()
+            calling = asyncio.ensure_future(client.call("add", [1, 2], timeout=timeout))
+            await wait_for(lambda: len(entered) == 1, 5)
+            (cid,) = client._pending
+            loop.call_later(timeout / 4, time.sleep, timeout)  # both timers below are due when this returns
+            loop.call_later(timeout * 0.6, client._complete, cid, b"3", "application/json")
+            assert await asyncio.wait_for(calling, 5) == 3
+            assert client.dropped_replies == 0
+        finally:
+            release.set()
+            await client.close()
