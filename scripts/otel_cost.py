@@ -576,6 +576,8 @@ def main() -> None:
         return
 
     modes = tuple(args.modes)
+    if "off" not in modes:
+        parser.error("--modes must include off: every figure is a ratio to it (with MODE@before, list off too)")
     results: dict[str, dict[str, list[float]]] = {s: {m: [] for m in modes} for s in args.scenarios}
     cpu: dict[str, dict[str, list[float]]] = {s: {m: [] for m in modes} for s in args.scenarios}
     broker: dict[str, dict[str, list[float]]] = {s: {m: [] for m in modes} for s in args.scenarios}
