@@ -24,6 +24,8 @@ from amqpkit.bench.chain import ROLES, ChainEventsClient, Hop
 from amqpkit.bench.clients import RawRpcClient
 from amqpkit.bench.scenarios import CLIENTS, SERVERS
 
+from .waiting import hold_the_loop
+
 CHAINS = ("chain-rpc", "chain-events", "chain-http")
 REQUESTS = 4
 
@@ -119,10 +121,11 @@ async def test_an_answer_heard_as_the_deadline_fires_counts_as_heard(scenario: s
         operating = asyncio.ensure_future(client.operate(time.monotonic_ns(), False))
         await asyncio.sleep(0)
         (future,) = client.pending.values()
-        loop.call_later(deadline / 2, time.sleep, deadline)  # both timers below are due when this returns
+        waiting = hold_the_loop(deadline / 2, deadline, operating, future)  # both timers below are due after it
         answer: Any = None if isinstance(client, ChainEventsClient) else b"reply"
         loop.call_later(deadline * 0.9, future.set_result, answer)  # before the deadline's own timer in the heap
         await asyncio.wait_for(operating, 5)  # raised TimeoutError before: the answer was dropped
+        assert waiting == [True]  # A was waiting for its answer when the loop was held
         if isinstance(client, ChainEventsClient):
             assert client.late == 0 and client.expired == 0
     finally:
@@ -144,10 +147,11 @@ async def test_an_answer_heard_just_after_the_deadline_fired_is_late_not_a_dupli
         operating = asyncio.ensure_future(client.operate(time.monotonic_ns(), False))
         await asyncio.sleep(0)
         (cid,) = client.pending
-        loop.call_later(deadline / 2, time.sleep, deadline)  # both timers are due when this returns
+        waiting = hold_the_loop(deadline / 2, deadline, operating, client.pending[cid])  # both timers due after it
         loop.call_later(deadline * 1.1, client.heard, cid, None)  # after the deadline's own timer in the heap
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(operating, 5)
+        assert waiting == [True]
         assert (client.late, client.unasked, client.expired) == (1, 0, 0)
         assert client.given_up == set()  # nothing left waiting for a word that came
     finally:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from amqpkit import Broker
 
@@ -37,3 +39,17 @@ async def until_ready(broker: Broker, queue: str, count: int, timeout: float = 1
     while (await broker.queue_counts(queue))[0] < count:
         assert loop.time() < end, f"{queue} did not reach {count} messages"
         await asyncio.sleep(0.02)
+
+
+def hold_the_loop(after: float, seconds: float, task: asyncio.Future[Any], future: asyncio.Future[Any]) -> list[bool]:
+    """Block the event loop for ``seconds``, ``after`` seconds from now: the timers falling due meanwhile then run
+    in one turn, in the order of their deadlines. The list returned gets, when the hold begins, whether ``task``
+    was waiting on ``future`` then (a race at a deadline is only tested if it was)."""
+    seen: list[bool] = []
+
+    def hold() -> None:
+        seen.append(getattr(task, "_fut_waiter", None) is future)
+        time.sleep(seconds)
+
+    asyncio.get_running_loop().call_later(after, hold)
+    return seen

@@ -12,7 +12,7 @@ import pytest
 from amqpkit import Broker, BrokerSettings, Envelope, Queue, RpcClient, RpcServer, RpcTimeout
 
 from ..reliability.proxy import FaultProxy
-from ..waiting import wait_for
+from ..waiting import hold_the_loop, wait_for
 
 
 def _server(broker: Broker, queue: str, **kw: object) -> RpcServer:
@@ -189,9 +189,10 @@ async def test_a_reply_taken_in_the_loop_turn_the_deadline_fires_is_returned(
             calling = asyncio.ensure_future(client.call("add", [1, 2], timeout=timeout))
             await wait_for(lambda: len(entered) == 1, 5)
             (cid,) = client._pending
-            loop.call_later(timeout / 4, time.sleep, timeout)  # both timers below are due when this returns
+            waiting = hold_the_loop(timeout / 4, timeout, calling, client._pending[cid])  # both timers due after it
             loop.call_later(timeout * 0.6, client._complete, cid, b"3", "application/json")
             assert await asyncio.wait_for(calling, 5) == 3
+            assert waiting == [True]  # the call was waiting for its reply when the loop was held
             assert client.dropped_replies == 0
         finally:
             release.set()
