@@ -44,7 +44,7 @@ from typing_extensions import TypeVar  # with a default (PEP 696)
 
 from ..codec import AutoCodec, Codec, encode_body
 from ..connection import Broker
-from ..errors import PublishError, TopologyError, Unroutable, map_exceptions
+from ..errors import PublishError, PublishTimeout, TopologyError, Unroutable, map_exceptions
 from ..message import Envelope
 from ..topology import DeadLetterStrategy, Overflow, Queue, QueueType
 from .tasks import ATTEMPT as ATTEMPT
@@ -222,6 +222,8 @@ class WorkQueue(Generic[T]):
         Raises :class:`~amqpkit.Unroutable` when no queue took the task (the
         work queue was deleted under us): nothing was stored. The next
         ``enqueue`` (or :meth:`declare`) declares the queue again.
+        :class:`~amqpkit.PublishTimeout` says only that no confirm came in
+        time: the broker may have the task, and a worker may run it.
         """
         await self.declare()
         body, content_type = encode_body(self.codec, value)
@@ -245,10 +247,12 @@ class WorkQueue(Generic[T]):
         except PublishError as exc:
             if isinstance(exc, Unroutable):
                 self._declared = False
-            if self.events:  # the watcher saw "pending": it hears that the task never got in
+            if self.events:  # the watcher saw "pending": it hears that enqueue failed, and what is known of the task
+                # A confirm that did not come in time says nothing of the task: the broker may have it, and run it.
+                known = "not confirmed, may still be enqueued" if isinstance(exc, PublishTimeout) else "not enqueued"
                 await self.publish_event(
                     TaskEvent(task_id=task_id, queue=self.name, status=TaskStatus.FAILED, attempt=1,
-                              timestamp=datetime.now(UTC), error=f"not enqueued: {type(exc).__name__}: {exc}"),
+                              timestamp=datetime.now(UTC), error=f"{known}: {type(exc).__name__}: {exc}"),
                     task_headers=envelope.headers,
                 )  # fmt: skip
             raise

@@ -13,8 +13,9 @@ from collections import defaultdict
 
 import pytest
 
-from amqpkit import Broker, RetryPolicy, Unroutable, Worker, WorkQueue
+from amqpkit import Broker, BrokerSettings, PublishTimeout, RetryPolicy, Unroutable, Worker, WorkQueue
 
+from ..reliability.proxy import FaultProxy
 from ..waiting import wait_for
 from ..worker_app import Job
 from .status_events import status_events
@@ -78,3 +79,31 @@ async def test_chosen_task_headers_travel_on_every_status_event(broker: Broker, 
     assert [status for status, _ in seen] == ["pending", "running", "retrying", "running", "completed"]
     assert all(headers.get("x-request-id") == "req-42" for _, headers in seen), seen
     assert all("x-secret-ish" not in headers for _, headers in seen), seen
+
+
+async def test_a_task_whose_confirm_came_too_late_is_not_said_to_be_not_enqueued(
+    broker: Broker, name: str, proxy: FaultProxy, proxied: BrokerSettings
+) -> None:
+    """enqueue's publish timed out waiting for its confirm, but the broker has the task: "failed" says so.
+
+    Through a proxy that delays every chunk 0.3 s each way, the task reaches its queue while its confirm is
+    still on the way back after the 0.4 s the caller allowed. The caller gets PublishTimeout; the watcher, who
+    saw "pending", must not be told the task never got in (it did: a worker would run it).
+    """
+    work_name = f"{name}.late"
+    async with Broker(proxied) as slow:
+        work: WorkQueue[Job] = WorkQueue(slow, work_name, events=True)
+        watched: WorkQueue[Job] = WorkQueue(broker, work_name, events=True)
+        async with status_events(broker, watched) as events:
+            await work.declare()
+            proxy.latency = 0.3
+            with pytest.raises(PublishTimeout):
+                await work.enqueue(Job(n=1), task_id=f"{name}-t", timeout=0.4)
+            await wait_for(lambda: len(events) >= 2, 10)
+            ready, _ = await broker.queue_counts(work_name)
+            assert ready == 1  # the broker has it
+            seen = [e.value for e in events]
+            assert [e["status"] for e in seen] == ["pending", "failed"]
+            assert not seen[1]["error"].startswith("not enqueued"), seen[1]["error"]
+            assert "may still be enqueued" in seen[1]["error"]
+            proxy.latency = 0.0
