@@ -144,13 +144,16 @@ class ChainRpcService(Hop):
             try:
                 async with asyncio.timeout_at(deadline):
                     await self.work(in_slot=True)  # the RPC server's concurrency is the slot
-                    if client is not None:
-                        if deadline is None:
-                            body = await client.call("step", body, returns=bytes)
-                        elif (left_ms := _left_ms(deadline)) > 0:
-                            body = await _call_next(client, body, left_ms / 1000)
-                        else:
-                            raise TimeoutError
+                # The call is timed by itself, with the time left: under a second timer for the same deadline, a
+                # reply taken in the loop turn both fire in would be dropped (the outer one's cancel is not the
+                # call's to read).
+                if client is not None:
+                    if deadline is None:
+                        body = await client.call("step", body, returns=bytes)
+                    elif (left_ms := _left_ms(deadline)) > 0:
+                        body = await _call_next(client, body, left_ms / 1000)
+                    else:
+                        raise TimeoutError
             except DeadlinePassed:
                 raise  # the next one ran out, and counted it: said on up the chain as it is
             except TimeoutError:  # the next one's RpcTimeout included: its timeout was the time left
@@ -284,16 +287,19 @@ class ChainEventsClient(ClientSide):
         # A gave up when its wait was cancelled, even if it has not run since to note that in given_up.
         given_up = cid in self.given_up or (future is not None and future.cancelled())
         self.given_up.discard(cid)
+        if future is None and not given_up:  # a word on a request already ended and counted: a duplicate
+            self.unasked += 1
+            return
         if expired_at is not None:
             self.expired += 1
             if future is not None and not future.done():
                 future.set_exception(DeadlinePassed(f"the deadline passed in {expired_at}"))
             return
-        if future is None or future.done():
-            if given_up:
-                self.late += 1
-            else:
-                self.unasked += 1
+        if given_up:
+            self.late += 1
+            return
+        if future is None or future.done():  # not reached: a request waited for has a future not yet done
+            self.unasked += 1
             return
         future.set_result(None)
 
