@@ -265,7 +265,10 @@ class RpcClient:
             if not future.done() or future.cancelled():
                 why = f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s"
                 raise RpcTimeout(why) from None
-            # The reply was taken in the loop turn the deadline fired in, before its timer ran: it came in time.
+            # The call's outcome was set in the loop turn the deadline fired in, before its timer ran: in time.
+            error = future.exception()
+            if error is not None:
+                raise error from None  # a reply's error or a lost connection, not the timeout that met it
             reply, reply_type = future.result()
         finally:
             self._pending.pop(cid, None)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from amqpkit import Broker, BrokerSettings, Envelope, Queue, RpcClient, RpcServer, RpcTimeout
+from amqpkit import Broker, BrokerSettings, ConnectionLost, Envelope, Queue, RpcClient, RpcServer, RpcTimeout
 
 from ..reliability.proxy import FaultProxy
 from ..waiting import hold_the_loop, wait_for
@@ -159,18 +159,20 @@ async def test_a_call_given_up_on_is_not_sent_after_the_reconnect(
     assert server.adds == 2  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("outcome", ["reply", "connection lost"])
 @pytest.mark.parametrize("reply_queue", ["direct", "exclusive"])
 async def test_a_reply_taken_in_the_loop_turn_the_deadline_fires_is_returned(
-    broker: Broker, name: str, reply_queue: str
+    broker: Broker, name: str, reply_queue: str, outcome: str
 ) -> None:
     """A reply the client took before its timeout's callback ran is the call's answer, not an RpcTimeout.
 
     The loop is held past the deadline so that two timers fall due together: the one handing the client its
     reply (through its own reply path, as a delivery would) and then the deadline's own. The call then wakes
     cancelled with the reply in hand; raising RpcTimeout there threw away an answer that had come in time (and
-    invited a retry of work already done).
+    invited a retry of work already done). A lost connection met the same way is raised as itself, without
+    the timeout it met chained to it.
     """
-    timeout = 0.5
+    timeout = 2.0
     release = asyncio.Event()
     entered: list[int] = []
     server = RpcServer(broker, Queue(name, auto_delete=True))
@@ -186,12 +188,22 @@ async def test_a_reply_taken_in_the_loop_turn_the_deadline_fires_is_returned(
         await client.start()
         try:
             loop = asyncio.get_running_loop()
+            # Timed from before the call: its deadline timer, armed after this, is due later than the reply's.
+            started = loop.time()
             calling = asyncio.ensure_future(client.call("add", [1, 2], timeout=timeout))
             await wait_for(lambda: len(entered) == 1, 5)
             (cid,) = client._pending
-            waiting = hold_the_loop(timeout / 4, timeout, calling, client._pending[cid])  # both timers due after it
-            loop.call_later(timeout * 0.6, client._complete, cid, b"3", "application/json")
-            assert await asyncio.wait_for(calling, 5) == 3
+            future = client._pending[cid]
+            waiting = hold_the_loop(started + timeout / 2 - loop.time(), timeout, calling, future)
+            if outcome == "reply":
+                loop.call_at(started + timeout * 0.9, client._complete, cid, b"3", "application/json")
+                assert await asyncio.wait_for(calling, 10) == 3
+            else:
+                lost = ConnectionLost("the connection dropped")
+                loop.call_at(started + timeout * 0.9, future.set_exception, lost)
+                with pytest.raises(ConnectionLost) as raised:
+                    await asyncio.wait_for(calling, 10)
+                assert raised.value is lost and raised.value.__suppress_context__
             assert waiting == [True]  # the call was waiting for its reply when the loop was held
             assert client.dropped_replies == 0
         finally:
