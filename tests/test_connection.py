@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -32,6 +33,8 @@ from amqpkit import (
 )
 
 from .brokerctl import close_connections
+from .reliability.proxy import FaultProxy
+from .waiting import until
 
 
 class Order(BaseModel):
@@ -270,3 +273,37 @@ async def test_publish_before_connect_fails_at_once(settings: BrokerSettings) ->
 
     with pytest.raises(ConnectionLost, match="not connected"):
         await Broker(settings).publish(Envelope(b"x"), routing_key="nowhere")
+
+
+async def test_a_get_given_up_in_flight_leaves_the_message_on_its_queue(
+    broker: Broker, name: str, cleanup: list[str], proxy: FaultProxy, proxied: BrokerSettings
+) -> None:
+    """A get cancelled after the broker handed the message over, before the answer arrived, gives it back.
+
+    Through a proxy delaying every chunk 0.3 s each way, the get is cancelled 0.45 s in: the broker has
+    given the message to the get's channel, and its answer is still on the way. That channel is shared by
+    every get; kept open, it would hold the message unacknowledged until the connection closed. aiormq
+    closes a channel whose call was cancelled (amqpkit relies on it here; this checks it still does), and
+    the next get opens another.
+    """
+    cleanup.extend([f"q:{name}", f"q:{name}.empty"])
+    await broker.declare_queue(Queue(name))
+    await broker.declare_queue(Queue(f"{name}.empty"))
+    await broker.publish(Envelope(b"only one"), routing_key=name)
+    async with Broker(proxied) as slow:
+        assert await slow.get(f"{name}.empty") is None  # opens the get channel before the proxy is slowed
+        proxy.latency = 0.3
+        getting = asyncio.ensure_future(slow.get(name))
+        await asyncio.sleep(0.45)
+        getting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await getting
+        proxy.latency = 0.0
+
+        async def back() -> bool:
+            ready, _ = await broker.queue_counts(name)
+            return ready == 1
+
+        await until(back, 5)  # held by the get channel before: 0 ready until the connection closed
+        again = await slow.get(name, auto_ack=True)  # and the shared get channel still works
+        assert again is not None and again.body == b"only one"
