@@ -107,8 +107,9 @@ class HandlerInfo:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError as cancelled:
             # aiormq cancels with the reason when the channel or connection closed under the delivery;
-            # a stop out of grace cancels without one (the pool is closed right after).
-            if key and cancelled.args and not future.done():
+            # a stop out of grace cancels without one (the pool is closed right after). A run that ended in
+            # the same loop turn is kept too: its outcome is there, and the redelivery takes it.
+            if key and cancelled.args:
                 self._keep_orphan(key, future)
             raise
         except BrokenProcessPool:
@@ -125,9 +126,9 @@ class HandlerInfo:
         while len(self._orphans) > KEEP_ORPHANS:
             self._orphans.popitem(last=False)
         log.info(
-            "handler %s for message %s runs on in its %s after its delivery was lost; "
-            "the broker's next delivery of it will wait for this run instead of starting another",
-            self.name, key, self.runs_on,
+            "handler %s for message %s %s in its %s as its delivery was lost; "
+            "the broker's next delivery of it will take this run's outcome instead of starting another",
+            self.name, key, "ended" if future.done() else "runs on", self.runs_on,
         )  # fmt: skip
 
     def orphan(self, key: str | None) -> concurrent.futures.Future[Any] | None:

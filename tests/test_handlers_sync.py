@@ -25,6 +25,7 @@ from amqpkit import (
     Exchange,
     ExchangeType,
     HandlerCrashed,
+    Queue,
     Reject,
     Retry,
     RetryPolicy,
@@ -397,3 +398,52 @@ async def test_the_broker_setting_sets_the_watchdog_threshold(
         time.sleep(0.8)
         await asyncio.sleep(0.3)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == warned
+
+
+async def test_a_def_run_that_ends_as_its_delivery_is_lost_is_kept_for_the_redelivery(
+    broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    """The thread's run ends in the loop turn its delivery's channel closes: the redelivery takes its outcome.
+
+    The run's result reaches the loop (the thread hands it over) and, in the same turn and before the task
+    awaiting it resumes, the channel's close cancels that task with a reason, as aiormq does. The run was
+    done, so it was not kept, and the broker's redelivery ran the handler a second time.
+    """
+    from amqpkit._handlers import inspect_handler
+
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name))
+    await broker.publish(Envelope(b"x", message_id=f"{name}-m"), routing_key=name)
+    delivery = await broker.get(name)
+    assert delivery is not None
+    release, finishing = threading.Event(), threading.Event()
+    runs: list[int] = []
+
+    def handle(body: bytes) -> str:
+        runs.append(len(body))
+        release.wait(10)
+        finishing.set()
+        return "done"
+
+    info = inspect_handler(handle, concurrency=1)
+    try:
+        loop = asyncio.get_running_loop()
+        running = asyncio.ensure_future(info(delivery))
+        await wait_for(lambda: runs == [1] or running.done(), 5)
+        assert not running.done(), running.exception()
+
+        def hold() -> None:  # the run ends meanwhile; its result is queued for the loop, then the close's cancel
+            release.set()
+            finishing.wait(5)
+            time.sleep(0.1)
+            loop.call_soon(running.cancel, "the channel closed")
+
+        loop.call_soon(hold)
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        kept = info.orphan(f"{name}-m")
+        assert kept is not None and kept.result() == "done"  # None before: the handler would run again
+        assert runs == [1]
+    finally:
+        info.close()
+        await delivery.nack(requeue=False)
