@@ -144,7 +144,7 @@ class Durations:
     One ``Histogram.record`` is some thirty Python calls in the SDK (the attributes checked and hashed, the
     exemplar filter asked, the buckets updated under a lock): 11-14 µs back to back, but 46 µs a message in a
     consuming process at full speed, where each call finds the interpreter's caches full of the broker's frames
-    (py-spy; patterns/observability.md). So each measurement waits here, with the context it was made in (for
+    (py-spy; docs/observability-cost-rounds.md). So each measurement waits here, with the context it was made in (for
     exemplars), until :data:`RUN` have come or the SDK collects: :meth:`Instruments.flush` is an observable
     instrument's callback, and the SDK runs those before it reads the histograms, so every collection sees
     every duration measured before it. A run goes into the SDK's aggregations at once where

@@ -4,7 +4,7 @@ The SDK's ``Tracer.start_span`` and ``Span.end`` do much that a message's span n
 attribute checked on its own for attributes amqpkit already built valid, two bounded lists, a second
 ``ReadableSpan`` copied at the end, and three rounds of span-processor calls, two of which do nothing for the
 SDK's own processors. :class:`LeanTracer` makes the same span without them: 41-45 µs against 11-14 per span with nine
-attributes and a batch processor, in a hot loop on a two-CPU VM (patterns/observability.md, Cost).
+attributes and a batch processor, in a hot loop on a two-CPU VM (docs/observability-cost-rounds.md, "Lean spans").
 
 It is used only where the result is the same span the SDK would have made, and hands everything else to the
 SDK's tracer (see :func:`lean_tracer` and :meth:`LeanTracer.start_span`):

@@ -3,7 +3,7 @@
 One ``Histogram.record`` is some thirty Python calls in the SDK: a ``Measurement`` built and its attributes
 cleaned, the exemplar filter asked, the attributes hashed again for every reader, the buckets updated under two
 locks, the measurement offered to an exemplar reservoir. In the bench's consuming process that came to 20-30 µs
-a message, the largest part of instrumentation there (patterns/observability.md, Cost). :class:`LeanHistogram`
+a message, the largest part of instrumentation there (docs/observability-cost-rounds.md). :class:`LeanHistogram`
 takes a run of measurements (:class:`~.instruments.Durations` keeps them) and, for each attribute set and each
 of the instrument's aggregations, hashes the attributes once, takes the locks once, adds the run's bucket counts,
 sum, minimum and maximum, and offers the reservoir the one measurement per bucket it would have kept.
