@@ -196,6 +196,9 @@ class LoopWatchdog:
                 block.ended = now
                 self.last = block
                 self.blocks += 1
+            # The loop runs again from now: a thread that looks while the warning below is written (a write lets
+            # go of the GIL) must not take the old due time for a second block of the same length.
+            self._due = now + self.interval
         if block is not None and block.duration > self.threshold:
             self._report_end(block)
         if not self._stop.is_set():
@@ -232,6 +235,9 @@ class LoopWatchdog:
                 self._paused = True
                 continue
             with self._lock:
+                late = time.monotonic() - self._due
+                if late <= self.threshold:  # a beat came between the look and the lock
+                    continue
                 block = self._block
                 if block is None:
                     block = self._block = Block(started=self._due)

@@ -447,3 +447,41 @@ async def test_a_def_run_that_ends_as_its_delivery_is_lost_is_kept_for_the_redel
     finally:
         info.close()
         await delivery.nack(requeue=False)
+
+
+async def test_one_block_gives_one_warning_even_when_writing_it_lets_the_thread_look(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """CI once saw two warnings for one block: the second named logging's flush and had the first's length.
+
+    The beat that ends a block writes its warning before it sets the next beat's due time; a thread that looked
+    while the warning was written (a stream's write lets go of the GIL) saw the old due time, took it for a new
+    block, and the next beat reported that too. A slow log handler here makes the window wide.
+    """
+    caplog.set_level(logging.INFO, logger="amqpkit.watchdog")
+    slow = _SlowFirstWarning(seconds=0.1)
+    logging.getLogger("amqpkit.watchdog").addHandler(slow)
+    stop = watch(threshold=0.3, heartbeat=0)
+    try:
+        await asyncio.sleep(0.3)
+        time.sleep(0.8)  # one block
+        await wait_for(lambda: slow.slept, timeout=5)
+        await asyncio.sleep(0.6)  # beats enough to report a second block, were there one
+    finally:
+        stop()
+        logging.getLogger("amqpkit.watchdog").removeHandler(slow)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "test_handlers_sync.py" in warnings[0]
+
+
+class _SlowFirstWarning(logging.Handler):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(logging.WARNING)
+        self.seconds = seconds
+        self.slept = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.slept:
+            time.sleep(self.seconds)  # lets go of the GIL, like a write to a pipe
+            self.slept = True
