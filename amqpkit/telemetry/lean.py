@@ -16,8 +16,9 @@ SDK's tracer (see :func:`lean_tracer` and :meth:`LeanTracer.start_span`):
 - the span limits allow at least :data:`ATTRIBUTES_NEEDED` attributes with no length limit.
 
 The sampler and the id generator are the tracer's own, asked exactly as ``Tracer.start_span`` asks them; a
-``ParentBased`` whose root and delegates are all ``ALWAYS_ON``/``ALWAYS_OFF`` (the SDK's default sampler is one)
-is not asked: its decision and trace state follow from the parent alone, and are worked out in place. The span
+``ParentBased`` whose delegates are all ``ALWAYS_ON``/``ALWAYS_OFF`` and whose root is one of those too (the SDK's
+default sampler is one) or the SDK's ``TraceIdRatioBased`` (the usual way to sample) is not asked: its decision
+and trace state follow from the parent, or for a root from the trace id, and are worked out in place. The span
 processors get a ``ReadableSpan`` with the tracer's resource and instrumentation scope. A span a
 handler adds attributes, events or links to applies the tracer's limits to them, as the SDK's span does.
 """
@@ -90,6 +91,7 @@ class LeanTracer:
         # add its own, which are then checked as the SDK's span checks them.
         self._trusted = _passes_attributes(tracer.sampler)
         self._static = _static_decisions(tracer.sampler)
+        self._ratio_root = _ratio_root(tracer.sampler) if self._static is not None else None
         self._lean = False
 
     def _check(self, processors: tuple[Any, ...]) -> bool:
@@ -163,7 +165,12 @@ class LeanTracer:
         static = self._static
         if static is not None:  # ParentBased over the SDK's fixed decisions: what its should_sample would say
             if parent is None:
-                (sampled, recording), trace_state = static[0], None
+                ratio = self._ratio_root
+                if ratio is None:
+                    (sampled, recording), trace_state = static[0], None
+                else:  # as TraceIdRatioBased.should_sample: the trace id's low 64 bits against the bound
+                    sampled = recording = trace_id & ratio.TRACE_ID_LIMIT < ratio.bound
+                    trace_state = None
             else:
                 sampled, recording = static[(1 if parent.is_remote else 3) + (0 if parent.trace_flags.sampled else 1)]
                 trace_state = parent.trace_state
@@ -345,19 +352,34 @@ _PARENT_BASED_DELEGATES = ("_root", "_remote_parent_sampled", "_remote_parent_no
 
 
 def _static_decisions(sampler: Any) -> tuple[tuple[bool, bool], ...] | None:
-    """For a ``ParentBased`` whose root and delegates are all the SDK's ``StaticSampler`` (as the SDK's default
-    sampler is): each one's (sampled, recording), in :data:`_PARENT_BASED_DELEGATES` order; else None."""
+    """For a ``ParentBased`` whose delegates are all the SDK's ``StaticSampler`` and whose root is one too (as the
+    SDK's default sampler's is) or the SDK's ``TraceIdRatioBased`` (see :func:`_ratio_root`): each one's (sampled,
+    recording), in :data:`_PARENT_BASED_DELEGATES` order, the root's (False, False) when it is a ratio; else
+    None."""
     if type(sampler) is not ParentBased:
         return None
     decisions = []
     for name in _PARENT_BASED_DELEGATES:
         delegate = getattr(sampler, name, None)
+        if name == "_root" and _ratio_root(sampler) is not None:
+            decisions.append((False, False))  # decided per trace id, in place
+            continue
         decision = getattr(delegate, "_decision", None)
         if type(delegate) is not StaticSampler or not isinstance(decision, Decision):
             return None
         # as Decision.is_sampled and is_recording say
         decisions.append((decision is Decision.RECORD_AND_SAMPLE, decision is not Decision.DROP))
     return tuple(decisions)
+
+
+def _ratio_root(sampler: Any) -> TraceIdRatioBased | None:
+    """The root of a ``ParentBased`` when it is the SDK's own ``TraceIdRatioBased`` (a subclass is asked), else None."""
+    root = getattr(sampler, "_root", None)
+    if type(root) is not TraceIdRatioBased:
+        return None
+    if not isinstance(getattr(root, "TRACE_ID_LIMIT", None), int) or not isinstance(getattr(root, "bound", None), int):
+        return None  # another SDK release: ask it
+    return root
 
 
 def _release() -> tuple[int, int]:

@@ -17,6 +17,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -341,10 +342,11 @@ def test_a_lean_span_exports_what_the_sdks_span_would(sampler: Any, kept: int) -
 
 @needs_lean
 def test_a_parent_based_sampler_of_fixed_decisions_is_not_asked_per_span(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The SDK's default sampler (and any ParentBased over ALWAYS_ON/ALWAYS_OFF) is decided in place; a
-    subclass of ParentBased, or a delegate of the user's own, is asked as before."""
+    """The SDK's default sampler (and any ParentBased over ALWAYS_ON/ALWAYS_OFF, or with the SDK's
+    TraceIdRatioBased as its root) is decided in place; a subclass of ParentBased, or a delegate or root of the
+    user's own, is asked as before."""
     asked: list[str] = []
-    for cls in (ParentBased, StaticSampler):
+    for cls in (ParentBased, StaticSampler, TraceIdRatioBased):
         original = cls.should_sample
 
         def counting(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
@@ -359,14 +361,65 @@ def test_a_parent_based_sampler_of_fixed_decisions_is_not_asked_per_span(monkeyp
     remote = trace.set_span_in_context(trace.NonRecordingSpan(SpanContext(0x1234, 0x5678, True, TraceFlags(1))))
     # (sampler, should_sample calls counted for a root and a child of a remote parent): the subclass and its
     # static delegate for each; ParentBased for each, with the user's root (not counted) or ALWAYS_ON under it
-    for sampler, calls in ((None, 0), (ParentBased(ALWAYS_OFF), 0), (Mine(ALWAYS_ON), 4),
-                           (ParentBased(_Tagging()), 3)):  # fmt: skip
+    for sampler, calls in ((None, 0), (ParentBased(ALWAYS_OFF), 0), (ParentBased(TraceIdRatioBased(0.5)), 0),
+                           (Mine(ALWAYS_ON), 4), (Mine(TraceIdRatioBased(0.5)), 4), (ParentBased(_Tagging()), 3),
+                           (ParentBased(_Ratio(0.5)), 4)):  # fmt: skip
         tracer = lean_tracer(TracerProvider(sampler=sampler).get_tracer("amqpkit"))
         assert tracer is not None
         asked.clear()
         for context in (None, remote):
             tracer.start_span("s", context, SpanKind.CONSUMER, {"a": 1}).end()
         assert len(asked) == calls, sampler
+
+
+class _Ratio(TraceIdRatioBased):
+    """A ratio sampler of the user's own (a subclass): asked for every root, as any sampler not the SDK's."""
+
+
+class _TraceIds(RandomIdGenerator):
+    """Hands out the trace ids it was given, in order; span ids at random."""
+
+    def __init__(self, trace_ids: list[int]) -> None:
+        self.trace_ids = list(trace_ids)
+
+    def generate_trace_id(self) -> int:
+        return self.trace_ids.pop(0)
+
+
+@needs_lean
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.5, 1.0])
+def test_a_ratio_root_is_decided_in_place_as_the_sdk_decides_it(rate: float) -> None:
+    """``ParentBased(TraceIdRatioBased(rate))``, the usual way to sample: a root's decision, worked out in place
+    from its trace id, is the SDK's for ids on both sides of the bound and with high bits set (only the low 64
+    bits count), and a recorded root keeps every attribute."""
+    bound = TraceIdRatioBased(rate).bound
+    low = (1 << 64) - 1
+    ids = [1, max(bound - 1, 1), max(bound, 1), bound + 1, low, (7 << 64) | max(bound - 1, 1), (7 << 64) | bound]
+    ids = [trace_id for trace_id in ids if 0 < trace_id < 1 << 128]
+    got: dict[str, list[tuple[int, bool, bool]]] = {}
+    for how in ("sdk", "lean"):
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(rate)), id_generator=_TraceIds(ids))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        sdk_tracer = provider.get_tracer("amqpkit")
+        tracer: Any = sdk_tracer if how == "sdk" else lean_tracer(sdk_tracer)
+        assert tracer is not None
+        decided = []
+        for _ in ids:
+            span = tracer.start_span("send q", None, SpanKind.PRODUCER, {"a": 1, "b": "two"})
+            context = span.get_span_context()
+            decided.append((context.trace_id, context.trace_flags.sampled, span.is_recording()))
+            span.end()
+        got[how] = decided
+        assert [dict(s.attributes or {}) for s in exporter.get_finished_spans()] == [
+            {"a": 1, "b": "two"} for _, sampled, _ in decided if sampled
+        ]
+        provider.shutdown()
+    assert got["lean"] == got["sdk"]
+    sampled = [trace_id for trace_id, is_sampled, _ in got["sdk"] if is_sampled]
+    assert sampled == [trace_id for trace_id in ids if trace_id & low < bound]  # both sides of the bound were met
+    if 0 < rate < 1:
+        assert sampled and len(sampled) < len(ids)
 
 
 class _Ending(SpanProcessor):
