@@ -20,7 +20,7 @@ from opentelemetry.metrics import CallbackOptions, Histogram, Observation
 from opentelemetry.trace import SpanContext
 
 from .._version import __version__
-from .lean import lean_tracer
+from .lean import PARENT_BASED, lean_tracer
 from .propagation import in_context
 from .routes import ROUTES_KEPT, CallRoute, ProcessRoute, SendRoute
 
@@ -115,17 +115,16 @@ def _child(tracer: Any, name: str, parent: SpanContext | None, *kind_attributes_
 def drops_unsampled_children(tracer: Any) -> bool:
     """Whether ``tracer`` is known to drop every span whose parent was not sampled.
 
-    True for the SDK's default sampler and for ``ParentBased(root)`` with its default delegates (``ALWAYS_OFF``
-    for a remote and for a local parent not sampled). A message whose context is not sampled then needs no
-    span of its own: the hooks pass the context on as it came, and ask the SDK for nothing. Any other sampler
-    (a subclass, a delegate of the user's own) is asked, as before.
+    True for the SDK's default sampler and for ``ParentBased(root)`` (or the SDK's ``ParentBasedTraceIdRatio``)
+    with its default delegates (``ALWAYS_OFF`` for a remote and for a local parent not sampled). A message whose
+    context is not sampled then needs no span of its own: the hooks pass the context on as it came, and ask the
+    SDK for nothing. Any other sampler (a subclass of the user's own, a delegate of the user's own) is asked, as
+    before.
     """
-    try:
-        from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
-    except ImportError:  # pragma: no cover - the otel extra installs the SDK
-        return False
+    from opentelemetry.sdk.trace.sampling import Decision, StaticSampler
+
     sampler = getattr(tracer, "sampler", None)
-    if type(sampler) is not ParentBased:
+    if type(sampler) not in PARENT_BASED:
         return False
     for delegate in (getattr(sampler, "_remote_parent_not_sampled", None),
                      getattr(sampler, "_local_parent_not_sampled", None)):  # fmt: skip

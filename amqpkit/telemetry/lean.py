@@ -38,7 +38,13 @@ from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace import sampling as sdk_sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    StaticSampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
@@ -54,6 +60,11 @@ ATTRIBUTES_NEEDED = 32
 """Span limits below this many attributes (or with a length limit) leave every span to the SDK."""
 
 _PROCESSORS_KNOWN = (BatchSpanProcessor, SimpleSpanProcessor)
+PARENT_BASED = tuple(
+    cls for cls in (ParentBased, ParentBasedTraceIdRatio) if cls.should_sample is ParentBased.should_sample
+)
+"""The SDK's ``ParentBased`` and its subclass that ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` makes (which
+only builds the root), when that decides as ``ParentBased`` does: their delegates are what decides."""
 _UNSET = Status(StatusCode.UNSET)
 _FROM_PARENT = Context()  # start_child's stand-in for a Context not built yet (compared by identity)
 _RANDOM = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)  # newer APIs only; without it lean_tracer declines
@@ -356,7 +367,7 @@ def _static_decisions(sampler: Any) -> tuple[tuple[bool, bool], ...] | None:
     SDK's default sampler's is) or the SDK's ``TraceIdRatioBased`` (see :func:`_ratio_root`): each one's (sampled,
     recording), in :data:`_PARENT_BASED_DELEGATES` order, the root's (False, False) when it is a ratio; else
     None."""
-    if type(sampler) is not ParentBased:
+    if type(sampler) not in PARENT_BASED:
         return None
     decisions = []
     for name in _PARENT_BASED_DELEGATES:

@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.sampling import (
     ALWAYS_ON,
     Decision,
     ParentBased,
+    ParentBasedTraceIdRatio,
     Sampler,
     SamplingResult,
     StaticSampler,
@@ -271,10 +272,12 @@ _SAMPLERS = [
     ),
     _Tagging(),
     ParentBased(_Tagging()),
+    ParentBased(TraceIdRatioBased(1.0)),
+    ParentBasedTraceIdRatio(0.0),
 ]
 # How many of the test's five spans each sampler keeps: a consumer span under a remote sampled parent, a root,
 # and one each under the root, under an unsampled local parent and under an unsampled remote parent.
-_KEPT = (3, 5, 1, 4, 5, 3)
+_KEPT = (3, 5, 1, 4, 5, 3, 3, 1)
 
 
 @needs_lean
@@ -362,6 +365,7 @@ def test_a_parent_based_sampler_of_fixed_decisions_is_not_asked_per_span(monkeyp
     # (sampler, should_sample calls counted for a root and a child of a remote parent): the subclass and its
     # static delegate for each; ParentBased for each, with the user's root (not counted) or ALWAYS_ON under it
     for sampler, calls in ((None, 0), (ParentBased(ALWAYS_OFF), 0), (ParentBased(TraceIdRatioBased(0.5)), 0),
+                           (ParentBasedTraceIdRatio(0.5), 0),  # OTEL_TRACES_SAMPLER=parentbased_traceidratio's
                            (Mine(ALWAYS_ON), 4), (Mine(TraceIdRatioBased(0.5)), 4), (ParentBased(_Tagging()), 3),
                            (ParentBased(_Ratio(0.5)), 4)):  # fmt: skip
         tracer = lean_tracer(TracerProvider(sampler=sampler).get_tracer("amqpkit"))
@@ -388,10 +392,12 @@ class _TraceIds(RandomIdGenerator):
 
 @needs_lean
 @pytest.mark.parametrize("rate", [0.0, 0.25, 0.5, 1.0])
-def test_a_ratio_root_is_decided_in_place_as_the_sdk_decides_it(rate: float) -> None:
-    """``ParentBased(TraceIdRatioBased(rate))``, the usual way to sample: a root's decision, worked out in place
-    from its trace id, is the SDK's for ids on both sides of the bound and with high bits set (only the low 64
-    bits count), and a recorded root keeps every attribute."""
+@pytest.mark.parametrize("ratio_sampler", [lambda rate: ParentBased(TraceIdRatioBased(rate)), ParentBasedTraceIdRatio])
+def test_a_ratio_root_is_decided_in_place_as_the_sdk_decides_it(rate: float, ratio_sampler: Any) -> None:
+    """``ParentBased(TraceIdRatioBased(rate))``, the usual way to sample (and ``ParentBasedTraceIdRatio``, which
+    ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` makes): a root's decision, worked out in place from its trace
+    id, is the SDK's for ids on both sides of the bound and with high bits set (only the low 64 bits count), and a
+    recorded root keeps every attribute."""
     bound = TraceIdRatioBased(rate).bound
     low = (1 << 64) - 1
     ids = [1, max(bound - 1, 1), max(bound, 1), bound + 1, low, (7 << 64) | max(bound - 1, 1), (7 << 64) | bound]
@@ -399,7 +405,7 @@ def test_a_ratio_root_is_decided_in_place_as_the_sdk_decides_it(rate: float) -> 
     got: dict[str, list[tuple[int, bool, bool]]] = {}
     for how in ("sdk", "lean"):
         exporter = InMemorySpanExporter()
-        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(rate)), id_generator=_TraceIds(ids))
+        provider = TracerProvider(sampler=ratio_sampler(rate), id_generator=_TraceIds(ids))
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         sdk_tracer = provider.get_tracer("amqpkit")
         tracer: Any = sdk_tracer if how == "sdk" else lean_tracer(sdk_tracer)

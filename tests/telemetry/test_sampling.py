@@ -15,11 +15,21 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, ParentBased, Sampler, SamplingResult
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Link, NonRecordingSpan, SpanKind
 from opentelemetry.util.types import Attributes
 
 from amqpkit import Broker, Delivery, Envelope, Exchange, Queue, Subscriber, telemetry
+from amqpkit.telemetry.instruments import drops_unsampled_children
 
 from ..waiting import wait_for
 from .conftest import Telemetry
@@ -47,6 +57,30 @@ class _Watching(Sampler):
 
     def get_description(self) -> str:
         return "watching ParentBased(ALWAYS_OFF)"
+
+
+class _MyParentBased(ParentBased):
+    """A ParentBased of the user's own: it may decide otherwise, so it is asked."""
+
+
+@pytest.mark.parametrize(
+    ("sampler", "drops"),
+    [
+        (None, True),  # the SDK's default, ParentBased(ALWAYS_ON)
+        (ParentBased(TraceIdRatioBased(0.1)), True),
+        (ParentBasedTraceIdRatio(0.1), True),  # what OTEL_TRACES_SAMPLER=parentbased_traceidratio makes
+        (ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON), False),
+        (_MyParentBased(ALWAYS_ON), False),
+        (TraceIdRatioBased(0.1), False),
+    ],
+)
+def test_which_samplers_are_known_to_drop_every_child_of_an_unsampled_parent(sampler: Any, drops: bool) -> None:
+    """Under these, a message whose context is not sampled gets no span and the SDK is not asked."""
+    provider = TracerProvider(sampler=sampler)
+    try:
+        assert drops_unsampled_children(provider.get_tracer("amqpkit")) is drops
+    finally:
+        provider.shutdown()
 
 
 @pytest.fixture
