@@ -384,12 +384,27 @@ def _static_decisions(sampler: Any) -> tuple[tuple[bool, bool], ...] | None:
 
 
 def _ratio_root(sampler: Any) -> TraceIdRatioBased | None:
-    """The root of a ``ParentBased`` when it is the SDK's own ``TraceIdRatioBased`` (a subclass is asked), else None."""
+    """The root of a ``ParentBased`` when it is the SDK's own ``TraceIdRatioBased`` (a subclass is asked) and decides
+    as :meth:`LeanTracer._start` would (the trace id's low 64 bits below the bound), else None.
+
+    The rule is checked against the sampler itself for trace ids on both sides of its bound and with high bits set,
+    so that a release deciding otherwise (a different threshold, say) is asked, not mimicked.
+    """
     root = getattr(sampler, "_root", None)
     if type(root) is not TraceIdRatioBased:
         return None
-    if not isinstance(getattr(root, "TRACE_ID_LIMIT", None), int) or not isinstance(getattr(root, "bound", None), int):
-        return None  # another SDK release: ask it
+    limit, bound = getattr(root, "TRACE_ID_LIMIT", None), getattr(root, "bound", None)
+    if not isinstance(limit, int) or not isinstance(bound, int):
+        return None
+    probes = {1, limit, max(bound - 1, 1), max(min(bound, limit), 1), min(bound + 1, limit)}
+    probes |= {(5 << 64) | probe for probe in probes}
+    try:
+        for trace_id in probes:
+            decision = root.should_sample(None, trace_id, "probe").decision
+            if decision is not (Decision.RECORD_AND_SAMPLE if trace_id & limit < bound else Decision.DROP):
+                return None
+    except Exception:  # a sampler that cannot answer a probe is asked, per span, as it always was
+        return None
     return root
 
 

@@ -380,6 +380,23 @@ class _Ratio(TraceIdRatioBased):
     """A ratio sampler of the user's own (a subclass): asked for every root, as any sampler not the SDK's."""
 
 
+@needs_lean
+def test_a_ratio_sampler_that_decides_otherwise_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a release's TraceIdRatioBased decide by another rule (here: the high 64 bits), the in-place rule no
+    longer matches what it answers, and it is asked for every root as before."""
+
+    def high_bits(self: Any, parent_context: Any, trace_id: int, *args: Any, **kwargs: Any) -> SamplingResult:
+        sampled = (trace_id >> 64) < self.bound
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP, None, None)
+
+    monkeypatch.setattr(TraceIdRatioBased, "should_sample", high_bits)
+    assert lean._ratio_root(ParentBased(TraceIdRatioBased(0.5))) is None
+    tracer = lean_tracer(TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5))).get_tracer("amqpkit"))
+    assert tracer is not None and tracer._static is None  # asked, per span
+    monkeypatch.undo()
+    assert lean._ratio_root(ParentBased(TraceIdRatioBased(0.5))) is not None
+
+
 class _TraceIds(RandomIdGenerator):
     """Hands out the trace ids it was given, in order; span ids at random."""
 
@@ -402,7 +419,7 @@ def test_a_ratio_root_is_decided_in_place_as_the_sdk_decides_it(rate: float, rat
     low = (1 << 64) - 1
     ids = [1, max(bound - 1, 1), max(bound, 1), bound + 1, low, (7 << 64) | max(bound - 1, 1), (7 << 64) | bound]
     ids = [trace_id for trace_id in ids if 0 < trace_id < 1 << 128]
-    got: dict[str, list[tuple[int, bool, bool]]] = {}
+    got: dict[str, list[tuple[int, bool, bool, int, str]]] = {}
     for how in ("sdk", "lean"):
         exporter = InMemorySpanExporter()
         provider = TracerProvider(sampler=ratio_sampler(rate), id_generator=_TraceIds(ids))
@@ -414,15 +431,18 @@ def test_a_ratio_root_is_decided_in_place_as_the_sdk_decides_it(rate: float, rat
         for _ in ids:
             span = tracer.start_span("send q", None, SpanKind.PRODUCER, {"a": 1, "b": "two"})
             context = span.get_span_context()
-            decided.append((context.trace_id, context.trace_flags.sampled, span.is_recording()))
+            if how == "lean" and span.is_recording():
+                assert type(span) is LeanSpan  # decided here, not handed to the SDK
+            decided.append((context.trace_id, context.trace_flags.sampled, span.is_recording(),
+                            int(context.trace_flags), context.trace_state.to_header()))  # fmt: skip
             span.end()
         got[how] = decided
         assert [dict(s.attributes or {}) for s in exporter.get_finished_spans()] == [
-            {"a": 1, "b": "two"} for _, sampled, _ in decided if sampled
+            {"a": 1, "b": "two"} for _, sampled, *_ in decided if sampled
         ]
         provider.shutdown()
     assert got["lean"] == got["sdk"]
-    sampled = [trace_id for trace_id, is_sampled, _ in got["sdk"] if is_sampled]
+    sampled = [trace_id for trace_id, is_sampled, *_ in got["sdk"] if is_sampled]
     assert sampled == [trace_id for trace_id in ids if trace_id & low < bound]  # both sides of the bound were met
     if 0 < rate < 1:
         assert sampled and len(sampled) < len(ids)
