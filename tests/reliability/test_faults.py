@@ -30,7 +30,7 @@ from amqpkit import (
     WorkQueue,
 )
 
-from ..brokerctl import arabbitmqctl, memory_alarm_raised, memory_watermark, rabbitmqctl, vhost_args
+from ..brokerctl import arabbitmqctl, memory_alarm_raised, memory_watermark, rabbitmqctl, start_app, vhost_args
 from ..waiting import until, wait_for
 from .conftest import HEARTBEAT
 from .proxy import FaultProxy
@@ -41,8 +41,7 @@ async def restart_broker_app() -> None:
     try:
         await asyncio.sleep(1)  # the fault: the broker stays down a moment
     finally:
-        await arabbitmqctl("start_app")
-        await arabbitmqctl("await_startup")
+        await start_app()
 
 
 @pytest.mark.whole_broker
