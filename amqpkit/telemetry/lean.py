@@ -101,8 +101,9 @@ class LeanTracer:
         # The SDK's samplers hand back the attributes amqpkit built (valid by construction); another sampler may
         # add its own, which are then checked as the SDK's span checks them.
         self._trusted = _passes_attributes(tracer.sampler)
-        self._static = _static_decisions(tracer.sampler)
-        self._ratio_root = _ratio_root(tracer.sampler) if self._static is not None else None
+        ratio = _ratio_root(tracer.sampler)  # asked once: the root's placeholder below and this go together
+        self._static = _static_decisions(tracer.sampler, ratio)
+        self._ratio_root = ratio if self._static is not None else None
         self._lean = False
 
     def _check(self, processors: tuple[Any, ...]) -> bool:
@@ -362,17 +363,19 @@ _PARENT_BASED_DELEGATES = ("_root", "_remote_parent_sampled", "_remote_parent_no
                            "_local_parent_not_sampled")  # fmt: skip
 
 
-def _static_decisions(sampler: Any) -> tuple[tuple[bool, bool], ...] | None:
+def _static_decisions(
+    sampler: Any, ratio_root: TraceIdRatioBased | None = None
+) -> tuple[tuple[bool, bool], ...] | None:
     """For a ``ParentBased`` whose delegates are all the SDK's ``StaticSampler`` and whose root is one too (as the
-    SDK's default sampler's is) or the SDK's ``TraceIdRatioBased`` (see :func:`_ratio_root`): each one's (sampled,
-    recording), in :data:`_PARENT_BASED_DELEGATES` order, the root's (False, False) when it is a ratio; else
-    None."""
+    SDK's default sampler's is) or ``ratio_root``, the sampler's root when :func:`_ratio_root` accepted it: each
+    one's (sampled, recording), in :data:`_PARENT_BASED_DELEGATES` order, the root's (False, False) when it is the
+    ratio (decided per trace id); else None."""
     if type(sampler) not in PARENT_BASED:
         return None
     decisions = []
     for name in _PARENT_BASED_DELEGATES:
         delegate = getattr(sampler, name, None)
-        if name == "_root" and _ratio_root(sampler) is not None:
+        if name == "_root" and ratio_root is not None and delegate is ratio_root:
             decisions.append((False, False))  # decided per trace id, in place
             continue
         decision = getattr(delegate, "_decision", None)

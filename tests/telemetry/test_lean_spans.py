@@ -448,6 +448,26 @@ def test_a_ratio_root_is_decided_in_place_as_the_sdk_decides_it(rate: float, rat
         assert sampled and len(sampled) < len(ids)
 
 
+@needs_lean
+def test_the_ratio_root_is_looked_at_once_per_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the root is decided per trace id, and the fixed decisions built around that, come from one look at
+    the sampler: a second look that answered otherwise could leave every root dropped."""
+    looks: list[Any] = []
+    original = lean._ratio_root
+
+    def first_look_only(sampler: Any) -> Any:
+        looks.append(sampler)
+        return original(sampler) if len(looks) == 1 else None
+
+    monkeypatch.setattr(lean, "_ratio_root", first_look_only)
+    tracer = lean_tracer(TracerProvider(sampler=ParentBased(TraceIdRatioBased(1.0))).get_tracer("amqpkit"))
+    assert tracer is not None
+    span = tracer.start_span("send q", None, SpanKind.PRODUCER, {"a": 1})
+    assert type(span) is LeanSpan and span.get_span_context().trace_flags.sampled
+    span.end()
+    assert len(looks) == 1
+
+
 class _Ending(SpanProcessor):
     """A processor of the user's own that keeps what it is handed at each span's end."""
 
