@@ -6,10 +6,11 @@ global lookup and nothing else. This module imports nothing, so amqpkit runs
 without OpenTelemetry installed.
 
 - ``publish(broker, envelope, exchange, routing_key, mandatory, confirm, timeout)``: awaited in place of
-  ``Broker.publish``; it publishes through ``Broker.publish`` again with ``quiet`` set.
+  ``Broker.publish``; it sends through ``Broker._publish``, the core below this hook.
 - ``consume(consumer, delivery)``: awaited in place of ``consumer.callback(delivery)``.
 - ``rpc_call(client, method, payload, returns, timeout, headers)``: awaited in place of ``RpcClient.call``;
-  it calls again with ``quiet`` set.
+  it calls ``RpcClient._call``, the core below this hook, with ``quiet`` set (the request's publish is not
+  traced again).
 - ``handler_failed(exc)``: a handler raised and the pattern handled it (RPC error reply).
 - ``retry(headers, exc)`` / ``dead_letter(headers, reason, exc)``: a work-queue task is about to be copied to a
   delay queue / the DLQ with ``headers`` (the hook may add to them).
@@ -18,8 +19,8 @@ without OpenTelemetry installed.
 - ``relayed(headers)``: a context manager the outbox relay publishes a row in; it makes the trace context the
   row's ``headers`` carry current, so the PRODUCER span is a child of the span that added the row.
 - ``disconnected(broker)`` / ``reconnected(broker, seconds)``: a Broker lost its connection / got it back.
-- ``quiet``: a ``contextvars.ContextVar[bool]`` once instrumented; set while a hook's own call runs, so the
-  call is not traced twice.
+- ``quiet``: a ``contextvars.ContextVar[bool]`` once instrumented; set while ``rpc_call``'s own call runs, so
+  the request's publish is not traced as a message of its own.
 """
 
 from typing import Any

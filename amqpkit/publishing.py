@@ -70,16 +70,33 @@ class Publishing(BrokerCore):
         queue took it), :class:`PublishNacked`, :class:`PublishTimeout`, or
         :class:`PublishError` (e.g. the exchange does not exist).
         """
-        if _hooks.publish is not None and not _hooks.quiet.get():  # amqpkit.telemetry: traced, then back here
+        if _hooks.publish is not None and not _hooks.quiet.get():  # amqpkit.telemetry: traced, then sent below
             await _hooks.publish(self, envelope, exchange, routing_key, mandatory, confirm, timeout)
             return
-        body = envelope.body
+        await self._publish(envelope.body, basic_properties(envelope), exchange, routing_key, mandatory, confirm,
+                            timeout)  # fmt: skip
+
+    async def _publish(
+        self,
+        body: bytes,
+        properties: Basic.Properties,
+        exchange: str | Exchange,
+        routing_key: str,
+        mandatory: bool,
+        confirm: bool,
+        timeout: float | None,
+    ) -> None:
+        """:meth:`publish` below the instrumentation hook, with the envelope's properties already built.
+
+        The telemetry hook sends through here with its trace headers written into ``properties``, so a
+        subclass's own ``publish`` runs once per message, instrumented or not.
+        """
         exchange_name = exchange if isinstance(exchange, str) else exchange.name
         if not confirm:
             if mandatory:
                 raise ValueError("mandatory publishes need confirms to report a return")
-            await self.lowlevel.publish_unconfirmed(body, basic_properties(envelope), exchange=exchange_name,
-                                            routing_key=routing_key, timeout=timeout)  # fmt: skip
+            await self.lowlevel.publish_unconfirmed(body, properties, exchange=exchange_name, routing_key=routing_key,
+                                                    timeout=timeout)  # fmt: skip
             return
         self.check_message_size(body)
         if self._closing:
@@ -89,7 +106,6 @@ class Publishing(BrokerCore):
         loop = asyncio.get_running_loop()
         wait = self.settings.publish_timeout if timeout is None else timeout
         deadline = loop.time() + wait
-        properties = basic_properties(envelope)
         message_id = properties.message_id
         if not message_id:  # aiormq gives it a random one
             await self._publish_confirmed(body, properties, exchange_name, routing_key, mandatory, deadline, wait)

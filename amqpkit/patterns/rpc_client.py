@@ -237,8 +237,18 @@ class RpcClient:
         :class:`~amqpkit.NoResponder`, :class:`~amqpkit.ConnectionLost`,
         :class:`~amqpkit.DecodeError` (a reply that does not decode).
         """
-        if _hooks.rpc_call is not None and not _hooks.quiet.get():  # amqpkit.telemetry: a CLIENT span, then back here
+        if _hooks.rpc_call is not None and not _hooks.quiet.get():  # amqpkit.telemetry: a CLIENT span, then _call
             return await _hooks.rpc_call(self, method, payload, returns, timeout, headers)
+        return await self._call(method, payload, returns, timeout, dict(headers) if headers else {})
+
+    async def _call(
+        self, method: str | None, payload: Any, returns: Any, timeout: float | None, headers: dict[str, Any]
+    ) -> Any:
+        """:meth:`call` below the instrumentation hook; ``headers`` is the request's own dict (not copied again).
+
+        The telemetry hook calls here with its trace headers added, so a subclass's own ``call`` runs once per
+        call, instrumented or not.
+        """
         if not self._started:
             await self.start()
         wait = self.timeout if timeout is None else timeout
@@ -253,7 +263,7 @@ class RpcClient:
             content_type=content_type,
             correlation_id=cid,
             message_type=method,
-            headers=dict(headers) if headers else {},
+            headers=headers,
             message_id=cid,
         )
         self._pending[cid] = future
