@@ -14,8 +14,9 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, TraceFlags
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 log = logging.getLogger("amqpkit.telemetry")
 
@@ -48,6 +49,34 @@ _GETTER = _HeaderGetter()
 
 _VERSION_00 = re.compile("00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _NO_TRACE, _NO_SPAN = "0" * 32, "0" * 16
+_FLAGS_BY_TEXT = {f"{flags:02x}": TraceFlags(flags) for flags in range(256)}  # a traceparent's last field, read
+_tuple_new = tuple.__new__
+
+
+def _same_as_constructed() -> bool:
+    """Whether a SpanContext is still the 6-tuple its constructor builds (ids, remote, flags, state, valid)."""
+    flags, state = TraceFlags(1), TraceState([("k", "v")])
+    try:
+        built = _tuple_new(SpanContext, (3, 4, True, flags, state, True))
+        made = SpanContext(3, 4, True, flags, state)
+        read = (built.trace_id, built.span_id, built.is_remote, built.trace_flags, built.trace_state, built.is_valid)
+    except Exception:  # another layout: the constructor is used
+        return False
+    return type(made) is SpanContext and tuple(made) == tuple(built) and read == (3, 4, True, flags, state, True)
+
+
+SPAN_CONTEXT_AS_TUPLE = _same_as_constructed()
+"""True when :func:`valid_span_context` may build a SpanContext as its constructor does, without calling it."""
+
+
+def valid_span_context(
+    trace_id: int, span_id: int, is_remote: bool, flags: TraceFlags, state: TraceState
+) -> SpanContext:
+    """``SpanContext(trace_id, span_id, is_remote, flags, state)`` for ids already known valid (non-zero, within
+    128 and 64 bits), built as its constructor builds it, in about half the time."""
+    if SPAN_CONTEXT_AS_TUPLE:
+        return _tuple_new(SpanContext, (trace_id, span_id, is_remote, flags, state, True))
+    return SpanContext(trace_id, span_id, is_remote, flags, state)
 
 
 def remote_parent(headers: Mapping[str, Any]) -> SpanContext | None:
@@ -64,8 +93,9 @@ def remote_parent(headers: Mapping[str, Any]) -> SpanContext | None:
         match = _VERSION_00.fullmatch(value)
         if match is not None:
             trace_id, span_id, flags = match.groups()
-            if trace_id != _NO_TRACE and span_id != _NO_SPAN:
-                return SpanContext(int(trace_id, 16), int(span_id, 16), True, TraceFlags(int(flags, 16)))
+            if trace_id != _NO_TRACE and span_id != _NO_SPAN:  # 32 and 16 hex digits, not all zero: valid
+                return valid_span_context(int(trace_id, 16), int(span_id, 16), True, _FLAGS_BY_TEXT[flags],
+                                          DEFAULT_TRACE_STATE)  # fmt: skip
     ctx = _PROPAGATOR.extract(headers, context=EMPTY, getter=_GETTER)
     if ctx is EMPTY:  # the propagator hands back the context it was given when the header does not parse
         shown = str(headers.get("traceparent"))[:80]

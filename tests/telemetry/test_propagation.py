@@ -12,6 +12,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from amqpkit.telemetry import propagation
 from amqpkit.telemetry.propagation import EMPTY, extract, in_context, inject, remote_parent
 
 TRACE, SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
@@ -20,6 +21,8 @@ CASES: list[dict[str, Any]] = [
     {"traceparent": f"00-{TRACE}-{SPAN}-01"},
     {"traceparent": f"00-{TRACE}-{SPAN}-00"},
     {"traceparent": f"00-{TRACE}-{SPAN}-03"},
+    {"traceparent": f"00-{TRACE}-{SPAN}-ff"},  # every flag bit, known or not
+    {"traceparent": f"00-{TRACE}-{SPAN}-02"},  # random trace id, not sampled
     {"traceparent": f"00-{TRACE}-{SPAN}-01", "tracestate": "vendor=abc,other=1"},
     {"traceparent": f"00-{TRACE}-{SPAN}-01".encode()},  # bytes, as some clients' headers arrive
     {"traceparent": f"00-{TRACE.upper()}-{SPAN}-01"},  # upper-case hex: malformed
@@ -67,9 +70,28 @@ def test_remote_parent_is_the_span_context_the_w3c_propagator_reads(headers: dic
         return
     assert ours == theirs
     assert ours is not None and ours.trace_state == theirs.trace_state and ours.is_remote
+    assert type(ours) is SpanContext and type(ours.trace_flags) is TraceFlags and ours.is_valid
+    assert repr(ours) == repr(theirs)
     for built in (in_context(ours), extract(headers)):  # the propagator's Context: its span, and nothing else
         assert list(built) == list(_sdk(headers))
         assert trace.get_current_span(built).get_span_context() == theirs
+
+
+def test_a_span_context_built_as_a_tuple_is_the_constructed_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """remote_parent builds its SpanContext without the constructor only while the SDK's layout is the one
+    checked at import; with that check failed, the constructor builds the same."""
+    assert propagation.SPAN_CONTEXT_AS_TUPLE  # this SDK's layout is the known one
+    headers = {"traceparent": f"00-{TRACE}-{SPAN}-01"}
+    fast = remote_parent(headers)
+    monkeypatch.setattr(propagation, "SPAN_CONTEXT_AS_TUPLE", False)
+    slow = remote_parent(headers)
+    expected = SpanContext(int(TRACE, 16), int(SPAN, 16), True, TraceFlags(1))
+    assert fast is not None and slow is not None
+    for built in (fast, slow):
+        assert tuple(built) == tuple(expected) and type(built) is SpanContext
+        assert (built.trace_id, built.span_id, built.is_remote, built.trace_flags, built.is_valid) == (
+            int(TRACE, 16), int(SPAN, 16), True, 1, True)  # fmt: skip
+        assert built.trace_state == expected.trace_state
 
 
 INJECTED = [
