@@ -47,11 +47,13 @@ class Instruments:
 
     def __init__(self, tracer_provider: Any, meter_provider: Any) -> None:
         tracer = trace.get_tracer("amqpkit", __version__, tracer_provider=tracer_provider)
-        # The SDK's own tracer gets amqpkit's lean spans where they are the same as the SDK's (see .lean).
-        lean = lean_tracer(tracer)
-        self.tracer: Any = lean or tracer
-        self.start_child: Callable[..., trace.Span] = lean.start_child if lean is not None else partial(_child, tracer)
-        self.drops_unsampled = drops_unsampled_children(self.tracer)
+        self.tracer: Any
+        self.start_child: Callable[..., trace.Span]
+        self.drops_unsampled: bool
+        if type(tracer) is trace.ProxyTracer:  # the global provider is not set yet: see AwaitingProvider
+            self.use(AwaitingProvider(self, tracer))
+        else:
+            self.use(tracer)
         meter = metrics.get_meter("amqpkit", __version__, meter_provider=meter_provider)
         self.process_duration = Durations(meter.create_histogram("messaging.process.duration", "s", "handler duration"))
         self.rpc_duration = Durations(meter.create_histogram("amqpkit.rpc.client.duration", "s", "RPC call duration"))
@@ -82,6 +84,14 @@ class Instruments:
         self.process_routes: dict[tuple[str, str, str, str | None, bool], ProcessRoute] = {}
         self.call_routes: dict[tuple[str, str, str | None, str], CallRoute] = {}
 
+    def use(self, tracer: Any) -> None:
+        """Start spans with ``tracer``: the SDK's own gets amqpkit's lean spans where they are the same as the SDK's
+        (see .lean)."""
+        lean = lean_tracer(tracer)
+        self.tracer = lean or tracer
+        self.start_child = lean.start_child if lean is not None else partial(_child, tracer)
+        self.drops_unsampled = drops_unsampled_children(self.tracer)
+
     def flush(self, options: CallbackOptions | None = None) -> list[Observation]:
         """Hand the waiting durations to their histograms (an observable instrument's callback: it observes none)."""
         self.process_duration.flush()
@@ -105,6 +115,27 @@ class Instruments:
             self.call_routes = {}
         route = self.call_routes[key] = CallRoute(*key)
         return route
+
+
+class AwaitingProvider:
+    """The tracer of an ``instrument()`` that came before the application set its global tracer provider.
+
+    OpenTelemetry's proxy tracer makes no-op spans until a provider is set and then hands every span to that
+    provider's tracer, one call further away. This stands in for it: each span first looks whether a provider
+    is set now, and the first one that finds it makes the :class:`Instruments` use that provider's tracer from
+    then on, as if ``instrument()`` had come after it (lean spans, unsampled children known to be dropped).
+    """
+
+    def __init__(self, instruments: Instruments, proxy: Any) -> None:
+        self.instruments = instruments
+        self.proxy = proxy
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        provider = trace.get_tracer_provider()
+        if type(provider) is trace.ProxyTracerProvider:  # none yet: the proxy's no-op span
+            return self.proxy.start_span(*args, **kwargs)  # type: ignore[no-any-return]
+        self.instruments.use(provider.get_tracer("amqpkit", __version__))
+        return self.instruments.tracer.start_span(*args, **kwargs)  # type: ignore[no-any-return]
 
 
 def _child(tracer: Any, name: str, parent: SpanContext | None, *kind_attributes_links: Any) -> trace.Span:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import urllib.request
@@ -96,3 +97,60 @@ async def test_an_override_of_publish_or_call_runs_once_per_call(
         await broker.delete_queue(queue.name)
     assert len(otel.named(f"send {queue.name}")) == 1
     assert len([s for s in otel.spans() if s.kind is SpanKind.CLIENT]) == 1
+
+
+_EARLY_INSTRUMENT = """
+import asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from amqpkit import Broker, Delivery, Envelope, Queue, telemetry
+from amqpkit.telemetry import hooks
+
+
+async def main() -> None:
+    telemetry.instrument()  # before the application has set its tracer provider
+    exporter = InMemorySpanExporter()
+    seen: list[Delivery[bytes]] = []
+
+    async def on_message(delivery: Delivery[bytes]) -> None:
+        seen.append(delivery)
+        await delivery.ack()
+
+    async with Broker() as broker:
+        queue = Queue("early.q", auto_delete=True)
+        consumer = await broker.consume(queue, on_message)
+        await broker.publish(Envelope(b"before"), routing_key=queue.name)  # no provider yet: nothing recorded
+        while len(seen) < 1:
+            await asyncio.sleep(0.01)
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        for n in range(3):
+            await broker.publish(Envelope(b"after"), routing_key=queue.name)
+        while len(seen) < 4:
+            await asyncio.sleep(0.01)
+        await consumer.cancel()
+    spans = exporter.get_finished_spans()
+    kinds = sorted(span.kind.name for span in spans)
+    assert kinds == ["CONSUMER"] * 3 + ["PRODUCER"] * 3, kinds
+    producers = {span.context.span_id for span in spans if span.kind.name == "PRODUCER"}
+    assert {span.parent.span_id for span in spans if span.kind.name == "CONSUMER"} == producers
+    # the provider's own tracer is in use now, as if instrument() had come after it: lean spans, and no span
+    # asked for under an unsampled parent
+    assert {type(span).__name__ for span in spans} == {"LeanSpan"}, {type(span).__name__ for span in spans}
+    assert hooks.current is not None and hooks.current.drops_unsampled
+    print("ok")
+
+
+asyncio.run(main())
+"""
+
+
+def test_instrumenting_before_the_provider_is_set_uses_it_once_set(amqp_url: str) -> None:
+    """``instrument()`` with the global providers, called before the application sets its tracer provider (at
+    import time, say): spans go through OpenTelemetry's proxy until then, and the provider's own tracer after."""
+    done = subprocess.run([sys.executable, "-c", _EARLY_INSTRUMENT], env={**os.environ, "AMQP_URL": amqp_url},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
