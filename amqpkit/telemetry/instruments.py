@@ -182,11 +182,17 @@ class Durations:
     differs from recording at once: an exemplar's timestamp is the time of the run, not of the measurement.
     """
 
-    __slots__ = ("histogram", "lean", "pending", "with_context")
+    __slots__ = ("awaiting", "histogram", "lean", "pending", "with_context")
 
     def __init__(self, histogram: Histogram) -> None:
-        self.histogram = histogram
         self.pending: deque[tuple[float, Mapping[str, Any], Context]] = deque()
+        self.use(histogram)
+        # OpenTelemetry's proxy (instrument() came before the global meter provider was set): until it has the
+        # provider's own histogram, which flush then uses directly
+        self.awaiting = type(histogram).__name__ == "_ProxyHistogram"
+
+    def use(self, histogram: Histogram) -> None:
+        self.histogram = histogram
         # SDK releases before 1.28 take no context (and keep no exemplars)
         self.with_context = "context" in inspect.signature(histogram.record).parameters
         self.lean = _lean(histogram)
@@ -208,6 +214,9 @@ class Durations:
                 break
         if not run:
             return
+        if self.awaiting and (real := getattr(self.histogram, "_real_instrument", None)) is not None:
+            self.awaiting = False
+            self.use(real)
         lean = self.lean
         # as record takes them: finite, not negative (record warns about any other and drops it)
         if (lean is not None and (matches := lean.matches()) is not None

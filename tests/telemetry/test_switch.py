@@ -101,7 +101,9 @@ async def test_an_override_of_publish_or_call_runs_once_per_call(
 
 _EARLY_INSTRUMENT = """
 import asyncio
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -111,7 +113,7 @@ from amqpkit.telemetry import hooks
 
 async def main() -> None:
     telemetry.instrument()  # before the application has set its tracer provider
-    exporter = InMemorySpanExporter()
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
     seen: list[Delivery[bytes]] = []
 
     async def on_message(delivery: Delivery[bytes]) -> None:
@@ -127,6 +129,7 @@ async def main() -> None:
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
         for n in range(3):
             await broker.publish(Envelope(b"after"), routing_key=queue.name)
         while len(seen) < 4:
@@ -141,6 +144,12 @@ async def main() -> None:
     # asked for under an unsampled parent
     assert {type(span).__name__ for span in spans} == {"LeanSpan"}, {type(span).__name__ for span in spans}
     assert hooks.current is not None and hooks.current.drops_unsampled
+    # and the handler durations go into the meter provider's histogram as a run, not one record() each
+    data = reader.get_metrics_data()
+    counts = [point.count for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+              if m.name == "messaging.process.duration" for point in m.data.data_points]
+    assert sum(counts) >= 3, counts
+    assert hooks.current.process_duration.lean is not None
     print("ok")
 
 
@@ -149,8 +158,9 @@ asyncio.run(main())
 
 
 def test_instrumenting_before_the_provider_is_set_uses_it_once_set(amqp_url: str) -> None:
-    """``instrument()`` with the global providers, called before the application sets its tracer provider (at
-    import time, say): spans go through OpenTelemetry's proxy until then, and the provider's own tracer after."""
+    """``instrument()`` with the global providers, called before the application sets them (at import time, say):
+    spans and durations go through OpenTelemetry's proxies until then, and the providers' own tracer and histogram
+    after."""
     done = subprocess.run([sys.executable, "-c", _EARLY_INSTRUMENT], env={**os.environ, "AMQP_URL": amqp_url},
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
