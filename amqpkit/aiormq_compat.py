@@ -65,6 +65,8 @@ from aiormq.channel import _check_routing_key
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from .message import ENCODER_REFUSALS, refusal
+
 __all__ = [
     "AmqpConnection",
     "closed_on_open",
@@ -177,18 +179,26 @@ async def publish_nowait(
     mandatory: bool = False,
     timeout: float | None = None,
 ) -> None:
-    """Publish without waiting for the frames to be written; ``timeout`` bounds the wait for room to queue them."""
-    if _queue_at_once(channel, body, exchange, routing_key, properties, mandatory):
-        return
-    await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
-        body,
-        exchange=exchange,
-        routing_key=routing_key,
-        properties=properties,
-        mandatory=mandatory,
-        wait=False,
-        timeout=timeout,
-    )
+    """Publish without waiting for the frames to be written; ``timeout`` bounds the wait for room to queue them.
+
+    Raises :class:`~amqpkit.InvalidMessage` when the message cannot be encoded (nothing was queued)."""
+    try:
+        if _queue_at_once(channel, body, exchange, routing_key, properties, mandatory):
+            return
+        await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+            wait=False,
+            timeout=timeout,
+        )
+    except ENCODER_REFUSALS:
+        refused = refusal(properties, routing_key)
+        if refused is None:
+            raise
+        raise refused from None  # not chained: the encoder's text may show a header's value
 
 
 _LOCK = "_Channel__lock"  # aiormq.Channel.__lock, name-mangled: held by a publish while it queues its frames

@@ -114,6 +114,15 @@ class PublishTimeout(PublishError, TimeoutError):
     """Raised when no confirm arrived before the publish deadline (broker blocked, or unreachable)."""
 
 
+class InvalidMessage(PublishError, ValueError):
+    """Raised before publishing a message AMQP cannot carry as it is (nothing of it was sent).
+
+    A property too long or out of range (a message id over 255 bytes, a priority over 255, an expiration that
+    is not a finite number of seconds), a header name over 128 bytes, or a header value of a type AMQP has no
+    field type for. The message names the property or header, never a header's value.
+    """
+
+
 class MessageTooLarge(PublishError):
     """Raised before publishing when a body is larger than ``BrokerSettings.max_message_size``."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -10,9 +11,11 @@ from enum import Enum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from pamqp import encode
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
-from .errors import SettlementError, map_exceptions
+from .errors import InvalidMessage, SettlementError, map_exceptions
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -103,21 +106,147 @@ class Envelope:
 
 
 def basic_properties(envelope: Envelope) -> Basic.Properties:
-    """The envelope's properties as the frame carries them (pamqp's type; for the publish paths)."""
+    """The envelope's properties as the frame carries them (pamqp's type; for the publish paths).
+
+    Raises :class:`InvalidMessage` for an expiration that is not a finite number of seconds and for a header
+    name AMQP cannot carry (which pamqp would cut short without a word); :func:`unsendable` says what else
+    keeps a message from being encoded, once the encoder has refused it.
+    """
+    headers = envelope.headers
+    if headers:
+        check_header_names(headers)
     return Basic.Properties(
         content_type=envelope.content_type,
         content_encoding=envelope.content_encoding,
-        headers=envelope.headers or None,
+        headers=headers or None,
         delivery_mode=2 if envelope.persistent else 1,
         priority=envelope.priority,
         correlation_id=envelope.correlation_id,
         reply_to=envelope.reply_to,
-        expiration=None if envelope.expiration is None else str(max(0, round(envelope.expiration * 1000))),
+        expiration=None if envelope.expiration is None else _expiration_ms(envelope.expiration),
         message_id=envelope.message_id,
         timestamp=envelope.timestamp,
         message_type=envelope.type,
         app_id=envelope.app_id,
     )
+
+
+def _expiration_ms(seconds: float) -> str:
+    try:
+        return str(max(0, round(seconds * 1000)))
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidMessage(f"expiration must be a finite number of seconds, got {seconds!r}") from None
+
+
+HEADER_NAME_LIMIT = 128
+"""The longest header (field table) name AMQP carries, in UTF-8 bytes."""
+
+
+def check_header_names(headers: Mapping[str, Any]) -> None:
+    """Raise :class:`InvalidMessage` for a header name that is not text or is over :data:`HEADER_NAME_LIMIT`
+    bytes, in ``headers`` or in a table nested in them (pamqp would cut it short, logging the name)."""
+    for key, value in headers.items():
+        # 32 characters are at most 128 bytes in UTF-8: only a longer name is encoded to be measured
+        if type(key) is not str or (len(key) > 32 and len(key.encode()) > HEADER_NAME_LIMIT):
+            problem = _name_problem(key, "header")
+            if problem is not None:
+                raise InvalidMessage(problem)
+        if isinstance(value, (dict, list)):
+            problem = _value_problem(value, f"header {_shown(key)}")
+            if problem is not None:
+                raise InvalidMessage(problem)
+
+
+_SHORT_TEXT = ("content_type", "content_encoding", "correlation_id", "reply_to", "expiration", "message_id",
+               "message_type", "user_id", "app_id")  # fmt: skip
+_ENVELOPE_NAMES = {"message_type": "type"}
+
+
+def unsendable(properties: Basic.Properties) -> str | None:
+    """What in ``properties`` AMQP cannot carry, in words (naming the property or header, not a header's value);
+    None when nothing is found. Asked once an encoder has refused a message, to say why."""
+    for attribute in _SHORT_TEXT:
+        value = getattr(properties, attribute, None)
+        if value is None:
+            continue
+        name = _ENVELOPE_NAMES.get(attribute, attribute)
+        if not isinstance(value, str):
+            return f"{name} must be text, got a {type(value).__name__}"
+        size = len(value.encode())
+        if size > 255:
+            return f"{name} is {size} bytes in UTF-8; AMQP carries at most 255"
+    for name in ("priority", "delivery_mode"):
+        value = getattr(properties, name, None)
+        if value is not None and (type(value) is not int or not 0 <= value <= 255):
+            return f"{name} must be an integer from 0 to 255, got {value!r}"
+    timestamp = properties.timestamp
+    if timestamp is not None and not isinstance(timestamp, datetime):
+        return f"timestamp must be a datetime, got a {type(timestamp).__name__}"
+    headers = properties.headers
+    if headers is not None and not isinstance(headers, dict):
+        return f"headers must be a dict, got a {type(headers).__name__}"
+    return _value_problem(headers, "header") if headers else None
+
+
+ENCODER_REFUSALS = (TypeError, ValueError, OverflowError, struct.error)
+"""What pamqp and aiormq raise for a message they cannot encode (and :func:`refusal` explains)."""
+
+
+def refusal(properties: Basic.Properties | None, routing_key: str) -> InvalidMessage | None:
+    """The :class:`InvalidMessage` for a publish whose encoding failed, when :func:`unsendable` (or the routing
+    key's length) says why; None when neither does (the failure is something else: re-raised as it is)."""
+    size = len(routing_key.encode()) if isinstance(routing_key, str) else 0
+    if size > 255:
+        return InvalidMessage(f"routing key is {size} bytes in UTF-8; AMQP carries at most 255")
+    problem = unsendable(properties) if properties is not None else None
+    return None if problem is None else InvalidMessage(problem)
+
+
+def check_sendable(properties: Basic.Properties) -> None:
+    """Raise :class:`InvalidMessage` when AMQP cannot carry ``properties`` as they are: they are encoded here
+    once, as a publish would (for a message kept to be sent later, as an outbox row is)."""
+    if properties.headers:
+        check_header_names(properties.headers)
+    try:
+        ContentHeader(properties=properties, body_size=0).marshal()
+    except ENCODER_REFUSALS as exc:
+        problem = unsendable(properties)
+        raise InvalidMessage(problem or f"the properties cannot be encoded ({type(exc).__name__})") from None
+
+
+def _shown(name: Any) -> str:
+    return repr(name[:60] + "…" if len(name) > 60 else name) if isinstance(name, str) else repr(type(name).__name__)
+
+
+def _name_problem(key: Any, where: str) -> str | None:
+    if not isinstance(key, str):
+        return f"{where} names must be text, got a {type(key).__name__}"
+    size = len(key.encode())
+    if size > HEADER_NAME_LIMIT:
+        return f"{where} name {_shown(key)} is {size} bytes in UTF-8; AMQP carries at most {HEADER_NAME_LIMIT}"
+    return None
+
+
+def _value_problem(value: Any, where: str) -> str | None:
+    """What AMQP cannot carry in a header value (a table's names, a list's items, in depth), or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = _name_problem(key, where) or _value_problem(item, f"{where} {_shown(key)}")
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, list):
+        for item in value:
+            problem = _value_problem(item, where)
+            if problem is not None:
+                return problem
+        return None
+    try:
+        encode.encode_table_value(value)
+    except (TypeError, ValueError, OverflowError, struct.error):
+        kind = "an integer over 64 bits" if isinstance(value, int) else f"a value of type {type(value).__name__}"
+        return f"{where}: AMQP cannot carry {kind}"
+    return None
 
 
 class Settlement(Enum):

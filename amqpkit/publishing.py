@@ -18,7 +18,7 @@ from pamqp.commands import Basic
 from . import _hooks, aiormq_compat
 from .channels import BrokerCore, _SameId
 from .errors import ConnectionLost, PublishError, PublishNacked, PublishTimeout, TopologyError, map_exceptions
-from .message import Envelope, basic_properties
+from .message import ENCODER_REFUSALS, Envelope, basic_properties, refusal
 from .topology import Exchange
 
 __all__ = ["Publishing"]
@@ -66,7 +66,8 @@ class Publishing(BrokerCore):
         channel opened during a failover can nack what a later one accepts),
         unless the channel was replaced less than a second before.
 
-        Raises :class:`MessageTooLarge`, :class:`Unroutable` (mandatory and no
+        Raises :class:`MessageTooLarge`, :class:`InvalidMessage` (a property or
+        header AMQP cannot carry; nothing was sent), :class:`Unroutable` (mandatory and no
         queue took it), :class:`PublishNacked`, :class:`PublishTimeout`, or
         :class:`PublishError` (e.g. the exchange does not exist).
         """
@@ -173,6 +174,12 @@ class Publishing(BrokerCore):
                             wait=False,
                         )
                 return
+            except ENCODER_REFUSALS:
+                # Nothing was sent (aiormq encodes the frames before it queues them): said in words, or as it is
+                refused = refusal(properties, routing_key)
+                if refused is None:
+                    raise
+                raise refused from None  # not chained: the encoder's text may show a header's value
             except TimeoutError:
                 why = "broker did not confirm" if self.is_connected else "broker not reachable"
                 raise _not_confirmed(exchange_name, wait, why) from None

@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import _hooks
 from ..codec import AutoCodec, encode_body
-from ..message import Envelope
+from ..message import Envelope, basic_properties, check_sendable
 from ..topology import Exchange
 from .postgres import PostgresStore
 from .sqlite import SqliteStore
@@ -98,6 +98,10 @@ class Outbox:
             "properties": dump_properties(envelope),
             "mandatory": mandatory,
         }
+        # a message AMQP cannot carry is refused now, in the writer's transaction, not found by the relay
+        properties = basic_properties(envelope)
+        properties.headers = row_headers or None
+        check_sendable(properties)
         await self.store.add(tx, row)
         return envelope.message_id
 

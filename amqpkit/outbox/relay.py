@@ -41,7 +41,8 @@ from typing import Any, Self
 
 from .. import _hooks
 from ..connection import Broker
-from ..errors import AmqpkitError, ConnectError, ConnectionLost, MessageTooLarge, PublishError
+from ..errors import AmqpkitError, ConnectError, ConnectionLost, InvalidMessage, MessageTooLarge, PublishError
+from ..message import ENCODER_REFUSALS
 from ..settings import BrokerSettings
 from .storage import Claim, OutboxRow, StorageError, Store
 
@@ -253,13 +254,14 @@ class Relay:
                 mandatory=row.mandatory,
                 timeout=self.publish_timeout,
             )
-        except MessageTooLarge as exc:
+        except (MessageTooLarge, InvalidMessage) as exc:  # never publishable as it is
             return True, f"{type(exc).__name__}: {exc}"
         except (PublishError, ConnectionLost) as exc:
             return False, f"{type(exc).__name__}: {exc}"
-        except (TypeError, ValueError, OverflowError) as exc:
-            # Properties the AMQP encoder refuses (a header value out of range, ...): never publishable.
-            return True, f"cannot encode the message: {type(exc).__name__}: {exc}"
+        except ENCODER_REFUSALS as exc:
+            # Properties the AMQP encoder refuses for a reason the core could not put in words: never publishable.
+            # The encoder's own text is left out: it may show a header's value.
+            return True, f"cannot encode the message: {type(exc).__name__}"
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -79,7 +79,8 @@ class Publisher(Generic[T]):
 
         Raises :class:`~amqpkit.Unroutable` (mandatory, and no queue took it),
         :class:`~amqpkit.PublishNacked`, :class:`~amqpkit.PublishTimeout`,
-        :class:`~amqpkit.MessageTooLarge`.
+        :class:`~amqpkit.MessageTooLarge`, :class:`~amqpkit.InvalidMessage` (a property or header AMQP
+        cannot carry; nothing was sent).
         """
         if not self._declared:
             await self.declare()

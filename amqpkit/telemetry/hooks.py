@@ -62,9 +62,9 @@ async def publish(
 ) -> None:
     # Sent through the core below the hook (Broker._publish), with the trace headers written into the properties
     # built for it: no second envelope, no second pass through Broker.publish (nor through a subclass's own).
-    properties = basic_properties(envelope)
     state = current
     if state is None:  # uninstrumented meanwhile
+        properties = basic_properties(envelope)
         await broker._publish(envelope.body, properties, exchange, routing_key, mandatory, confirm, timeout)
         return
     exchange_name = exchange if isinstance(exchange, str) else exchange.name
@@ -73,6 +73,7 @@ async def publish(
         parent = trace.get_current_span().get_span_context()
         if parent.is_valid and not parent.trace_flags.sampled:  # the sampler would drop the span: none is made,
             # and the message carries the unsampled context on as it is
+            properties = basic_properties(envelope)
             properties.headers = _carrying(envelope.headers, parent)
             await broker._publish(envelope.body, properties, exchange, routing_key, mandatory, confirm, timeout)
             route.published[0] += 1
@@ -87,8 +88,9 @@ async def publish(
         if span.is_recording():
             route.recording = True
             span.set_attributes(_sent(envelope, {}))
-    properties.headers = _carrying(envelope.headers, span.get_span_context())
-    try:
+    try:  # a message refused before it is sent (InvalidMessage) fails its span too
+        properties = basic_properties(envelope)
+        properties.headers = _carrying(envelope.headers, span.get_span_context())
         await broker._publish(envelope.body, properties, exchange, routing_key, mandatory, confirm, timeout)
     except BaseException as exc:
         _fail(span, exc)

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from amqpkit import Binding, Broker, BrokerSettings, Delivery, Envelope, Exchange, Queue
+from amqpkit import Binding, Broker, BrokerSettings, Delivery, Envelope, Exchange, InvalidMessage, Queue
 from amqpkit.outbox import Claim, Outbox, PostgresStore, Relay, StorageError, Store
+from amqpkit.outbox import outbox as outbox_module
 
 from ..waiting import until, wait_for
 from .conftest import make_store
@@ -95,6 +96,44 @@ async def test_headers_that_json_cannot_hold_are_refused_when_added(store: Store
         with pytest.raises(TypeError, match="JSON"):
             await outbox.add(tx, Envelope(b"x", headers={"raw": b"\x00"}), routing_key="q")
     assert await store.counts() == {"pending": 0, "sent": 0, "failed": 0}
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [Envelope(b"x", priority=300), Envelope(b"x", message_id="m" * 256), Envelope(b"x", headers={"k" * 129: 1})],
+    ids=["priority 300", "message id 256 bytes", "header name 129 bytes"],
+)
+async def test_a_message_amqp_cannot_carry_is_refused_when_added(store: Store, envelope: Envelope) -> None:
+    outbox = Outbox(store)
+    async with store.transaction() as tx:
+        with pytest.raises(InvalidMessage):
+            await outbox.add(tx, envelope, routing_key="q")
+        with pytest.raises(InvalidMessage, match="128"):  # the add's own headers too
+            await outbox.add(tx, b"x", routing_key="q", headers={"n" * 129: 1})
+    assert await store.counts() == {"pending": 0, "sent": 0, "failed": 0}
+
+
+async def test_a_stored_row_amqp_cannot_carry_is_kept_aside_and_its_key_goes_on(
+    store: Store, broker: Broker, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row stored without the add's check (by an older release, or written by hand): the encoder's refusal is
+    for good, so the row is kept aside as failed and the next row of its key goes out."""
+    outbox = Outbox(store)
+    monkeypatch.setattr(outbox_module, "check_sendable", lambda properties: None)
+    async with store.transaction() as tx:
+        await outbox.add(tx, Envelope(b"bad", priority=300), routing_key=queue.name, ordering_key="k")
+        await outbox.add(tx, b"next", routing_key=queue.name, ordering_key="k")
+    got, consumer = await collect(broker, queue)
+    try:
+        relay = Relay(store, broker)
+        await relay.run_once()
+        await wait_for(lambda: len(got) >= 1)
+        assert [d.body for d in got] == [b"next"]
+        assert relay.failed == 1
+        [failed] = await store.failed_rows()
+        assert "priority" in failed.reason and "InvalidMessage" in failed.reason
+    finally:
+        await consumer.cancel()
 
 
 async def test_same_ordering_key_goes_out_in_commit_order(store: Store, broker: Broker, queue: Queue) -> None:

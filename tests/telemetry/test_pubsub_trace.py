@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import math
 
 import aiormq
-from opentelemetry.trace import SpanKind
+import pytest
+from opentelemetry.trace import SpanKind, StatusCode
 from pamqp.commands import Basic
 
-from amqpkit import Broker, Delivery, Exchange, Publisher, Subscriber
+from amqpkit import Broker, Delivery, Envelope, Exchange, Publisher, Queue, Subscriber, Unroutable
 from amqpkit.logs import JsonFormatter
+from amqpkit.telemetry import hooks
 
 from ..waiting import wait_for
 from .conftest import Telemetry
@@ -111,3 +115,41 @@ async def test_message_without_context_starts_a_new_trace(
     assert spans["m1"].context.trace_id != spans["m2"].context.trace_id
     assert "malformed traceparent" in caplog.text  # type: ignore[attr-defined]
     assert [d.body for d in seen] == [b"plain", b"bad"]
+
+
+async def test_a_publish_refused_before_sending_is_a_failed_span(broker: Broker, name: str, otel: Telemetry) -> None:
+    """A message whose properties cannot be sent (a NaN expiration) fails its PRODUCER span; the envelope the
+    caller passed, headers included, is left as it was."""
+    queue = Queue(f"{name}.q", auto_delete=True)
+    await broker.declare_queue(queue)
+    envelope = Envelope(b"x", expiration=math.nan, headers={"kept": 1})
+    with pytest.raises(ValueError, match="expiration"):
+        await broker.publish(envelope, routing_key=queue.name)
+    [send] = otel.named(f"send {queue.name}")
+    assert send.status.status_code is StatusCode.ERROR
+    assert send.attributes["error.type"]
+    assert envelope.headers == {"kept": 1}
+    await broker.publish(Envelope(b"y", headers=envelope.headers), routing_key=queue.name)
+    assert envelope.headers == {"kept": 1}  # the trace headers went into a copy
+    await broker.delete_queue(queue.name)
+
+
+async def test_a_publish_while_instruments_are_gone_is_sent_as_asked(
+    broker: Broker, name: str, otel: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hook still in place but its instruments gone (uninstrument() under way): the publish goes out
+    untraced, with its own confirm and mandatory flags."""
+    monkeypatch.setattr(hooks, "current", None)
+    queue = Queue(f"{name}.q", auto_delete=True)
+    await broker.declare_queue(queue)
+    await broker.publish(Envelope(b"x"), routing_key=queue.name, confirm=False)
+    with pytest.raises(Unroutable):
+        await broker.publish(Envelope(b"x"), routing_key=f"{name}.nowhere", mandatory=True)
+    got = None
+    for _ in range(100):  # the unconfirmed publish: polled for
+        if (got := await broker.get(queue.name, auto_ack=True)) is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert got is not None and got.body == b"x" and "traceparent" not in got.headers
+    assert not otel.spans()
+    await broker.delete_queue(queue.name)

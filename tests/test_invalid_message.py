@@ -1,0 +1,92 @@
+"""A message AMQP cannot carry as it is gets a clear, typed error before anything is sent, on every publish path,
+and the connection goes on as before. Header values are not repeated in the error (they may be secrets)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import pytest
+
+from amqpkit import Broker, Envelope, InvalidMessage, Queue, RpcClient, RpcServer
+
+LONG_KEY = "k" * 129  # AMQP's field names are at most 128 characters; pamqp cut longer ones short, silently
+
+BAD: dict[str, tuple[dict[str, Any], str]] = {
+    "expiration nan": ({"expiration": math.nan}, "expiration"),
+    "expiration inf": ({"expiration": math.inf}, "expiration"),
+    "priority 300": ({"priority": 300}, "priority"),
+    "priority -1": ({"priority": -1}, "priority"),
+    "message id 256 bytes": ({"message_id": "m" * 256}, "message_id"),
+    "content type 256 bytes": ({"content_type": "c" * 256}, "content_type"),
+    "app id 86 three-byte characters": ({"app_id": "€" * 86}, "app_id"),
+    "header value of no AMQP type": ({"headers": {"token": object()}}, "'token'"),
+    "header value a set": ({"headers": {"token": {"s3cret"}}}, "'token'"),
+    "header integer over 64 bits": ({"headers": {"token": 2**70}}, "'token'"),
+    "header key 129 characters": ({"headers": {LONG_KEY: 1}}, "128"),
+    "nested header key 129 characters": ({"headers": {"outer": {LONG_KEY: 1}}}, "128"),
+    "header key in a table in a list": ({"headers": {"outer": [{LONG_KEY: 1}]}}, "128"),
+}
+
+
+async def _drain(broker: Broker, queue: str) -> list[bytes]:
+    """Every body in ``queue`` now (after a confirmed marker publish, so that unconfirmed ones are in too)."""
+    await broker.publish(Envelope(b"marker"), routing_key=queue)
+    bodies = []
+    while (delivery := await broker.get(queue, auto_ack=True)) is not None:
+        bodies.append(delivery.body)
+    return bodies
+
+
+@pytest.mark.parametrize("confirm", [True, False], ids=["confirmed", "unconfirmed"])
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+async def test_a_message_amqp_cannot_carry_is_refused_with_a_typed_error(
+    broker: Broker, name: str, case: str, confirm: bool
+) -> None:
+    fields, named = BAD[case]
+    queue = Queue(f"{name}.q", auto_delete=True)
+    await broker.declare_queue(queue)
+    with pytest.raises(InvalidMessage) as refused:
+        await broker.publish(Envelope(b"bad", **fields), routing_key=queue.name, confirm=confirm)
+    assert isinstance(refused.value, ValueError)  # what an encoder's refusal was before, in most cases
+    assert named in str(refused.value)
+    assert "s3cret" not in str(refused.value) and "object at" not in str(refused.value)
+    # nothing of it reached the queue, and the same connection and channels go on
+    await broker.publish(Envelope(b"good"), routing_key=queue.name, confirm=confirm)
+    assert sorted(await _drain(broker, queue.name)) == [b"good", b"marker"]  # (two channels: either order)
+    await broker.delete_queue(queue.name)
+
+
+async def test_the_longest_names_and_values_amqp_carries_arrive_intact(broker: Broker, name: str) -> None:
+    queue = Queue(f"{name}.q", auto_delete=True)
+    await broker.declare_queue(queue)
+    key = "k" * 128
+    headers = {key: 1, "outer": {key: "v"}, "listed": [{key: 2}]}
+    await broker.publish(Envelope(b"x", message_id="m" * 255, priority=255, headers=headers, expiration=60),
+                         routing_key=queue.name)  # fmt: skip
+    delivery = None
+    for _ in range(100):
+        if (delivery := await broker.get(queue.name, auto_ack=True)) is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert delivery is not None
+    assert delivery.message_id == "m" * 255
+    assert delivery.headers[key] == 1 and delivery.headers["outer"] == {key: "v"}
+    assert delivery.headers["listed"] == [{key: 2}]
+    await broker.delete_queue(queue.name)
+
+
+@pytest.mark.parametrize("reply_queue", ["direct", "exclusive"])
+async def test_an_rpc_request_amqp_cannot_carry_is_refused(broker: Broker, name: str, reply_queue: str) -> None:
+    server = RpcServer(broker, Queue(name, auto_delete=True))
+
+    @server.method("echo")
+    async def echo(value: int) -> int:
+        return value
+
+    async with server, RpcClient(broker, name, reply_queue=reply_queue, timeout=30) as client:  # type: ignore[arg-type]
+        for headers in ({"token": object()}, {LONG_KEY: 1}):
+            with pytest.raises(InvalidMessage):
+                await client.call("echo", 1, headers=headers)
+        assert await client.call("echo", 2, returns=int) == 2  # and the client goes on
