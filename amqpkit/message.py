@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Awaitable, Callable, Mapping
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from pamqp import encode
 from pamqp.commands import Basic
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel, DeliveredMessage
 
 __all__ = ["Delivery", "Envelope", "MessageProperties", "Settlement"]
+
+log = logging.getLogger("amqpkit.message")
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -95,7 +98,7 @@ class Envelope:
             message_id=props.message_id,
             correlation_id=props.correlation_id,
             reply_to=props.reply_to,
-            headers=dict(props.headers or {}),
+            headers=fit_header_names(dict(props.headers)) if props.headers else {},
             timestamp=props.timestamp.replace(tzinfo=UTC) if props.timestamp else None,
             type=props.message_type,
             expiration=expiration,
@@ -147,7 +150,7 @@ def check_header_names(headers: Mapping[str, Any]) -> None:
     bytes, in ``headers`` or in a table nested in them (pamqp would cut it short, logging the name)."""
     for key, value in headers.items():
         # 32 characters are at most 128 bytes in UTF-8: only a longer name is encoded to be measured
-        if type(key) is not str or (len(key) > 32 and len(key.encode()) > HEADER_NAME_LIMIT):
+        if type(key) is not str or (len(key) > 32 and (_utf8_size(key) or 0) > HEADER_NAME_LIMIT):
             problem = _name_problem(key, "header")
             if problem is not None:
                 raise InvalidMessage(problem)
@@ -155,6 +158,42 @@ def check_header_names(headers: Mapping[str, Any]) -> None:
             problem = _value_problem(value, f"header {_shown(key)}")
             if problem is not None:
                 raise InvalidMessage(problem)
+
+
+def fit_header_names(headers: dict[str, Any]) -> dict[str, Any]:
+    """``headers`` as amqpkit can send them again: a name over :data:`HEADER_NAME_LIMIT` bytes (another client may
+    send one: RabbitMQ carries up to 255) cut to that many, with a warning, as pamqp would cut it. For copies of
+    a received message (a retry, a dead letter, a replay), which must not be held up by a name their sender chose;
+    a message amqpkit's user builds is refused instead (:func:`check_header_names`)."""
+    try:
+        check_header_names(headers)
+    except InvalidMessage:
+        return cast(dict[str, Any], _fitted(headers))
+    return headers
+
+
+def _fitted(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_fitted(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    fitted = {}
+    for key, item in value.items():
+        name = key
+        if isinstance(key, str) and (_utf8_size(key) or 0) > HEADER_NAME_LIMIT:
+            name = key.encode()[:HEADER_NAME_LIMIT].decode("utf-8", "ignore")
+            log.warning("header name %s… cut to %d bytes in a copy of a received message (AMQP field names are "
+                        "at most %d bytes)", _shown(key[:40]), len(name.encode()), HEADER_NAME_LIMIT)  # fmt: skip
+        fitted[name] = _fitted(item)
+    return fitted
+
+
+def _utf8_size(text: str) -> int | None:
+    """``text``'s length in UTF-8 bytes; None when it is not valid text (a lone surrogate)."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        return None
 
 
 _SHORT_TEXT = ("content_type", "content_encoding", "correlation_id", "reply_to", "expiration", "message_id",
@@ -172,7 +211,9 @@ def unsendable(properties: Basic.Properties) -> str | None:
         name = _ENVELOPE_NAMES.get(attribute, attribute)
         if not isinstance(value, str):
             return f"{name} must be text, got a {type(value).__name__}"
-        size = len(value.encode())
+        size = _utf8_size(value)
+        if size is None:
+            return f"{name} is not valid text (it holds a lone surrogate, which UTF-8 cannot encode)"
         if size > 255:
             return f"{name} is {size} bytes in UTF-8; AMQP carries at most 255"
     for name in ("priority", "delivery_mode"):
@@ -195,7 +236,9 @@ ENCODER_REFUSALS = (TypeError, ValueError, OverflowError, struct.error)
 def refusal(properties: Basic.Properties | None, routing_key: str) -> InvalidMessage | None:
     """The :class:`InvalidMessage` for a publish whose encoding failed, when :func:`unsendable` (or the routing
     key's length) says why; None when neither does (the failure is something else: re-raised as it is)."""
-    size = len(routing_key.encode()) if isinstance(routing_key, str) else 0
+    size = _utf8_size(routing_key) if isinstance(routing_key, str) else 0
+    if size is None:
+        return InvalidMessage("routing key is not valid text (it holds a lone surrogate, which UTF-8 cannot encode)")
     if size > 255:
         return InvalidMessage(f"routing key is {size} bytes in UTF-8; AMQP carries at most 255")
     problem = unsendable(properties) if properties is not None else None
@@ -221,7 +264,9 @@ def _shown(name: Any) -> str:
 def _name_problem(key: Any, where: str) -> str | None:
     if not isinstance(key, str):
         return f"{where} names must be text, got a {type(key).__name__}"
-    size = len(key.encode())
+    size = _utf8_size(key)
+    if size is None:
+        return f"{where} name {_shown(key)} is not valid text (it holds a lone surrogate)"
     if size > HEADER_NAME_LIMIT:
         return f"{where} name {_shown(key)} is {size} bytes in UTF-8; AMQP carries at most {HEADER_NAME_LIMIT}"
     return None
@@ -244,7 +289,12 @@ def _value_problem(value: Any, where: str) -> str | None:
     try:
         encode.encode_table_value(value)
     except (TypeError, ValueError, OverflowError, struct.error):
-        kind = "an integer over 64 bits" if isinstance(value, int) else f"a value of type {type(value).__name__}"
+        if isinstance(value, int):
+            kind = "an integer over 64 bits"
+        elif isinstance(value, str):
+            kind = "text with a lone surrogate (UTF-8 cannot encode it)"
+        else:
+            kind = f"a value of type {type(value).__name__}"
         return f"{where}: AMQP cannot carry {kind}"
     return None
 
@@ -351,9 +401,12 @@ class Delivery(Generic[T]):
 
     def forwarded(self, headers: dict[str, Any]) -> Envelope:
         """This message to publish elsewhere: same body and properties (message id included),
-        ``headers`` in place of its own, persistent, and no expiration (it must not expire where it goes)."""
+        ``headers`` in place of its own, persistent, and no expiration (it must not expire where it goes).
+
+        A header name over 128 bytes (another client's: RabbitMQ carries up to 255) is cut to 128, with a
+        warning: amqpkit cannot send it whole, and the copy must not be held up by it."""
         envelope = Envelope.from_properties(self.body, self._properties)
-        envelope.headers = headers
+        envelope.headers = fit_header_names(headers)
         envelope.persistent = True
         envelope.expiration = None
         return envelope

@@ -5,13 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import math
+import struct
 from typing import Any
 
+import aiormq
 import pytest
+from pamqp import encode
+from pamqp.commands import Basic
 
-from amqpkit import Broker, Envelope, InvalidMessage, Queue, RpcClient, RpcServer
+from amqpkit import (
+    Broker,
+    Delivery,
+    Envelope,
+    InvalidMessage,
+    Queue,
+    RetryPolicy,
+    RpcClient,
+    RpcServer,
+    Worker,
+    WorkQueue,
+)
 
-LONG_KEY = "k" * 129  # AMQP's field names are at most 128 characters; pamqp cut longer ones short, silently
+from .waiting import wait_for
+
+LONG_KEY = "k" * 129  # AMQP's field names are at most 128 bytes; pamqp cut longer ones short, with only a log line
 
 BAD: dict[str, tuple[dict[str, Any], str]] = {
     "expiration nan": ({"expiration": math.nan}, "expiration"),
@@ -27,6 +44,9 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "header key 129 characters": ({"headers": {LONG_KEY: 1}}, "128"),
     "nested header key 129 characters": ({"headers": {"outer": {LONG_KEY: 1}}}, "128"),
     "header key in a table in a list": ({"headers": {"outer": [{LONG_KEY: 1}]}}, "128"),
+    "message id with a lone surrogate": ({"message_id": "a\ud800"}, "message_id"),
+    "header name with a lone surrogate": ({"headers": {"a\ud800": 1}}, "surrogate"),
+    "header value with a lone surrogate": ({"headers": {"token": "s3cret\ud800"}}, "'token'"),
 }
 
 
@@ -56,6 +76,13 @@ async def test_a_message_amqp_cannot_carry_is_refused_with_a_typed_error(
     await broker.publish(Envelope(b"good"), routing_key=queue.name, confirm=confirm)
     assert sorted(await _drain(broker, queue.name)) == [b"good", b"marker"]  # (two channels: either order)
     await broker.delete_queue(queue.name)
+
+
+async def test_a_routing_key_amqp_cannot_carry_is_refused(broker: Broker) -> None:
+    for routing_key, named in (("r" * 256, "256 bytes"), ("a\ud800", "surrogate")):
+        for confirm in (True, False):
+            with pytest.raises(InvalidMessage, match=named):
+                await broker.publish(Envelope(b"x"), routing_key=routing_key, confirm=confirm)
 
 
 async def test_the_longest_names_and_values_amqp_carries_arrive_intact(broker: Broker, name: str) -> None:
@@ -90,3 +117,51 @@ async def test_an_rpc_request_amqp_cannot_carry_is_refused(broker: Broker, name:
             with pytest.raises(InvalidMessage):
                 await client.call("echo", 1, headers=headers)
         assert await client.call("echo", 2, returns=int) == 2  # and the client goes on
+
+
+def _field_table_uncut(value: dict[str, Any]) -> bytes:
+    """pamqp's field table, without cutting names over 128 bytes: what another client may send (RabbitMQ carries
+    names of up to 255)."""
+    data = []
+    for key, item in sorted(value.items()):
+        data.append(encode.short_string(key))
+        data.append(encode.encode_table_value(item))
+    output = b"".join(data)
+    return struct.pack(">I", len(output)) + output
+
+
+async def test_a_task_from_another_client_with_a_longer_header_name_is_retried(
+    broker: Broker, name: str, amqp_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A name amqpkit cannot send again (over 128 bytes) in a delivery it must forward (a retry, the DLQ): the
+    copy carries it cut to 128 bytes, with a warning, as pamqp would cut it; the task is not held up by it."""
+    long_name = "x-" + "k" * 198
+    work: WorkQueue[int] = WorkQueue(broker, name, retry=RetryPolicy(max_attempts=3, initial_delay=0.1, jitter=0))
+    await work.declare()
+    connection = await aiormq.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        with monkeypatch.context() as patched:
+            patched.setattr(encode, "field_table", _field_table_uncut)
+            patched.setitem(encode.METHODS, "table", _field_table_uncut)  # what properties are encoded with
+            properties = Basic.Properties(headers={long_name: 1}, delivery_mode=2)
+            await channel.basic_publish(b"1", routing_key=name, properties=properties)
+    finally:
+        await connection.close()
+    seen: list[Delivery[int]] = []
+
+    async def handler(delivery: Delivery[int]) -> None:
+        seen.append(delivery)
+        if len(seen) == 1:
+            raise RuntimeError("first attempt fails")
+
+    try:
+        async with Worker(work, handler, concurrency=1) as worker:
+            await wait_for(lambda: worker.completed == 1, timeout=20)
+        assert worker.retried == 1 and worker.forward_failures == 0
+        assert long_name in seen[0].headers  # as it came
+        assert long_name[:128] in seen[1].headers and long_name not in seen[1].headers  # the retry's copy
+        assert any("128 bytes" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    finally:
+        for queue in [work.name, work.dlq_name, f"{work.name}.retry.100"]:
+            await broker.delete_queue(queue)
