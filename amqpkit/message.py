@@ -112,7 +112,7 @@ def basic_properties(envelope: Envelope) -> Basic.Properties:
     """The envelope's properties as the frame carries them (pamqp's type; for the publish paths).
 
     Raises :class:`InvalidMessage` for an expiration that is not a finite number of seconds and for a header
-    name AMQP cannot carry (which pamqp would cut short without a word); :func:`unsendable` says what else
+    name AMQP cannot carry (which pamqp would cut short, with only a log line); :func:`unsendable` says what else
     keeps a message from being encoded, once the encoder has refused it.
     """
     headers = envelope.headers
