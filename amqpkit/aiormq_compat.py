@@ -65,7 +65,7 @@ from aiormq.channel import _check_routing_key
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from .message import ENCODER_REFUSALS, refusal
+from .message import ENCODER_REFUSALS, explain_refusal
 
 __all__ = [
     "AmqpConnection",
@@ -195,10 +195,8 @@ async def publish_nowait(
             timeout=timeout,
         )
     except ENCODER_REFUSALS:
-        refused = refusal(properties, routing_key)
-        if refused is None:
-            raise
-        raise refused from None  # not chained: the encoder's text may show a header's value
+        explain_refusal(properties, routing_key)
+        raise
 
 
 _LOCK = "_Channel__lock"  # aiormq.Channel.__lock, name-mangled: held by a publish while it queues its frames

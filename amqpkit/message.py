@@ -230,19 +230,23 @@ def unsendable(properties: Basic.Properties) -> str | None:
 
 
 ENCODER_REFUSALS = (TypeError, ValueError, OverflowError, struct.error)
-"""What pamqp and aiormq raise for a message they cannot encode (and :func:`refusal` explains)."""
+"""What pamqp and aiormq raise for a message they cannot encode (and :func:`explain_refusal` explains)."""
 
 
-def refusal(properties: Basic.Properties | None, routing_key: str) -> InvalidMessage | None:
-    """The :class:`InvalidMessage` for a publish whose encoding failed, when :func:`unsendable` (or the routing
-    key's length) says why; None when neither does (the failure is something else: re-raised as it is)."""
+def explain_refusal(properties: Basic.Properties | None, routing_key: str) -> None:
+    """Called in an ``except ENCODER_REFUSALS`` block around a publish: raise :class:`InvalidMessage` when
+    :func:`unsendable` (or the routing key's length) says why the encoder refused it; return when neither does
+    (the failure is something else, for the caller to re-raise as it is). Not chained to the encoder's error,
+    whose text may show a header's value."""
     size = _utf8_size(routing_key) if isinstance(routing_key, str) else 0
     if size is None:
-        return InvalidMessage("routing key is not valid text (it holds a lone surrogate, which UTF-8 cannot encode)")
-    if size > 255:
-        return InvalidMessage(f"routing key is {size} bytes in UTF-8; AMQP carries at most 255")
-    problem = unsendable(properties) if properties is not None else None
-    return None if problem is None else InvalidMessage(problem)
+        problem: str | None = "routing key is not valid text (it holds a lone surrogate, which UTF-8 cannot encode)"
+    elif size > 255:
+        problem = f"routing key is {size} bytes in UTF-8; AMQP carries at most 255"
+    else:
+        problem = unsendable(properties) if properties is not None else None
+    if problem is not None:
+        raise InvalidMessage(problem) from None
 
 
 def check_sendable(properties: Basic.Properties) -> None:

@@ -18,7 +18,7 @@ from pamqp.commands import Basic
 from . import _hooks, aiormq_compat
 from .channels import BrokerCore, _SameId
 from .errors import ConnectionLost, PublishError, PublishNacked, PublishTimeout, TopologyError, map_exceptions
-from .message import ENCODER_REFUSALS, Envelope, basic_properties, refusal
+from .message import ENCODER_REFUSALS, Envelope, basic_properties, explain_refusal
 from .topology import Exchange
 
 __all__ = ["Publishing"]
@@ -176,10 +176,8 @@ class Publishing(BrokerCore):
                 return
             except ENCODER_REFUSALS:
                 # Nothing was sent (aiormq encodes the frames before it queues them): said in words, or as it is
-                refused = refusal(properties, routing_key)
-                if refused is None:
-                    raise
-                raise refused from None  # not chained: the encoder's text may show a header's value
+                explain_refusal(properties, routing_key)
+                raise
             except TimeoutError:
                 why = "broker did not confirm" if self.is_connected else "broker not reachable"
                 raise _not_confirmed(exchange_name, wait, why) from None

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Histogram, Observation
+from opentelemetry.sdk.trace.sampling import Decision, StaticSampler
 from opentelemetry.trace import SpanContext
 
 from .._version import __version__
@@ -152,8 +153,6 @@ def drops_unsampled_children(tracer: Any) -> bool:
     SDK for nothing. Any other sampler (a subclass of the user's own, a delegate of the user's own) is asked, as
     before.
     """
-    from opentelemetry.sdk.trace.sampling import Decision, StaticSampler
-
     sampler = getattr(tracer, "sampler", None)
     if type(sampler) not in PARENT_BASED:
         return False

@@ -363,9 +363,7 @@ _PARENT_BASED_DELEGATES = ("_root", "_remote_parent_sampled", "_remote_parent_no
                            "_local_parent_not_sampled")  # fmt: skip
 
 
-def _static_decisions(
-    sampler: Any, ratio_root: TraceIdRatioBased | None = None
-) -> tuple[tuple[bool, bool], ...] | None:
+def _static_decisions(sampler: Any, ratio_root: TraceIdRatioBased | None) -> tuple[tuple[bool, bool], ...] | None:
     """For a ``ParentBased`` whose delegates are all the SDK's ``StaticSampler`` and whose root is one too (as the
     SDK's default sampler's is) or ``ratio_root``, the sampler's root when :func:`_ratio_root` accepted it: each
     one's (sampled, recording), in :data:`_PARENT_BASED_DELEGATES` order, the root's (False, False) when it is the
