@@ -98,7 +98,7 @@ class Envelope:
             message_id=props.message_id,
             correlation_id=props.correlation_id,
             reply_to=props.reply_to,
-            headers=fit_header_names(dict(props.headers)) if props.headers else {},
+            headers=fit_received_headers(dict(props.headers)) if props.headers else {},
             timestamp=props.timestamp.replace(tzinfo=UTC) if props.timestamp else None,
             type=props.message_type,
             expiration=expiration,
@@ -160,19 +160,38 @@ def check_header_names(headers: Mapping[str, Any]) -> None:
                 raise InvalidMessage(problem)
 
 
-def fit_header_names(headers: dict[str, Any]) -> dict[str, Any]:
-    """``headers`` as amqpkit can send them again: a name over :data:`HEADER_NAME_LIMIT` bytes (another client may
-    send one: RabbitMQ carries up to 255) cut to that many, with a warning, as pamqp would cut it. For copies of
-    a received message (a retry, a dead letter, a replay), which must not be held up by a name their sender chose;
-    a message amqpkit's user builds is refused instead (:func:`check_header_names`)."""
-    try:
-        check_header_names(headers)
-    except InvalidMessage:
-        return cast(dict[str, Any], _fitted(headers))
-    return headers
+def fit_received_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    """``headers`` of a received message as amqpkit can send them again, for copies (a retry, a dead letter, a
+    replay), which must not be held up by what their sender chose:
+
+    - a name over :data:`HEADER_NAME_LIMIT` bytes (RabbitMQ carries up to 255) is cut to that many, with a
+      warning, as pamqp would cut it;
+    - a value pamqp read as ``bytes`` (a long string that is not UTF-8) goes as a byte array: the same bytes,
+      which pamqp cannot send as ``bytes``.
+
+    A message amqpkit's user builds is refused instead (:func:`check_header_names`, :class:`InvalidMessage`).
+    ``headers`` itself is returned when nothing needs changing."""
+    if _sendable_as_is(headers):
+        return headers
+    return cast(dict[str, Any], _fitted(headers))
+
+
+def _sendable_as_is(value: Any) -> bool:
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        # 32 characters are at most 128 bytes in UTF-8: only a longer name is encoded to be measured
+        if type(key) is str and len(key) > 32 and (_utf8_size(key) or 0) > HEADER_NAME_LIMIT:
+            return False
+        if type(item) is bytes:
+            return False
+        if isinstance(item, (dict, list)) and not _sendable_as_is(item):
+            return False
+    return True
 
 
 def _fitted(value: Any) -> Any:
+    if type(value) is bytes:
+        return bytearray(value)
     if isinstance(value, list):
         return [_fitted(item) for item in value]
     if not isinstance(value, dict):
@@ -407,10 +426,11 @@ class Delivery(Generic[T]):
         """This message to publish elsewhere: same body and properties (message id included),
         ``headers`` in place of its own, persistent, and no expiration (it must not expire where it goes).
 
-        A header name over 128 bytes (another client's: RabbitMQ carries up to 255) is cut to 128, with a
-        warning: amqpkit cannot send it whole, and the copy must not be held up by it."""
+        What another client sent that amqpkit cannot send again as it came is fitted, so the copy is not held up
+        by it (:func:`fit_received_headers`): a header name over 128 bytes is cut to 128, with a warning; a value
+        that is not UTF-8 text goes as a byte array holding the same bytes."""
         envelope = Envelope.from_properties(self.body, self._properties)
-        envelope.headers = fit_header_names(headers)
+        envelope.headers = fit_received_headers(headers)
         envelope.persistent = True
         envelope.expiration = None
         return envelope
