@@ -43,6 +43,7 @@ from .consuming import Consumer, ConsumerCallback, Consuming
 from .errors import ConnectError, ConnectionLost, TopologyError
 from .publishing import Publishing
 from .settings import TlsSettings, host_port, redact_url
+from .unreadable import install, reading_leniently
 from .watchdog import blocked_note, watch
 
 __all__ = ["Broker", "Consumer", "ConsumerCallback"]
@@ -198,7 +199,7 @@ class Broker(Consuming, Publishing):
         conn = AmqpConnection(url, context=context, client_properties=properties)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
-                await conn.connect()
+                await asyncio.create_task(_connect_reading_leniently(conn))
                 await self._setup(conn)
         except (Exception, asyncio.CancelledError) as exc:
             with contextlib.suppress(Exception):
@@ -297,6 +298,16 @@ class Broker(Consuming, Publishing):
                 await callback()
             except Exception:
                 log.exception("reconnect callback failed")
+
+
+install()  # amqpkit's connections read what another client sent that pamqp cannot (amqpkit.unreadable)
+
+
+async def _connect_reading_leniently(conn: AmqpConnection) -> None:
+    """Open ``conn`` in a task of its own, marked so that its reader (a task made from this one) reads what
+    pamqp cannot; the caller's context is not marked (aiormq connections it opens read as pamqp does)."""
+    reading_leniently()
+    await conn.connect()
 
 
 def _worth_retrying(exc: BaseException) -> bool:

@@ -17,6 +17,14 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from .errors import InvalidMessage, SettlementError, map_exceptions
+from .unreadable import (
+    LENIENT_METHODS,
+    NOTHING_UNREADABLE,
+    UNREADABLE_HEADER,
+    UnreadableProperties,
+    unreadable_of,
+    with_unreadable,
+)
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -84,13 +92,18 @@ class Envelope:
 
     @classmethod
     def from_properties(cls, body: bytes, props: MessageProperties) -> Envelope:
-        """An envelope with ``body`` and the properties ``props`` (as a delivery carries them)."""
+        """An envelope with ``body`` and the properties ``props`` (as a delivery carries them).
+
+        What could not be read of them (another client's: see :mod:`amqpkit.unreadable`) goes in the header
+        ``x-unreadable-properties``, as bytes, so that a copy sent on loses none of it."""
         expiration: float | None = None
         if props.expiration:
             try:
                 expiration = int(props.expiration) / 1000
             except ValueError:
                 expiration = None
+        headers = fit_received_headers(dict(props.headers)) if props.headers else {}
+        _keep_unreadable(props, headers)
         return cls(
             body=body,
             content_type=props.content_type,
@@ -98,7 +111,7 @@ class Envelope:
             message_id=props.message_id,
             correlation_id=props.correlation_id,
             reply_to=props.reply_to,
-            headers=fit_received_headers(dict(props.headers)) if props.headers else {},
+            headers=headers,
             timestamp=props.timestamp.replace(tzinfo=UTC) if props.timestamp else None,
             type=props.message_type,
             expiration=expiration,
@@ -106,6 +119,12 @@ class Envelope:
             priority=props.priority,
             app_id=props.app_id,
         )
+
+
+def _keep_unreadable(props: MessageProperties, headers: dict[str, Any]) -> None:
+    unreadable = unreadable_of(props)
+    if unreadable:
+        headers[UNREADABLE_HEADER] = {name: bytearray(raw) for name, raw in unreadable.items()}
 
 
 def basic_properties(envelope: Envelope) -> Basic.Properties:
@@ -431,6 +450,7 @@ class Delivery(Generic[T]):
         that is not UTF-8 text goes as a byte array holding the same bytes."""
         envelope = Envelope.from_properties(self.body, self._properties)
         envelope.headers = fit_received_headers(headers)
+        _keep_unreadable(self._properties, envelope.headers)
         envelope.persistent = True
         envelope.expiration = None
         return envelope
@@ -440,6 +460,13 @@ class Delivery(Generic[T]):
         if self._envelope is None:
             self._envelope = Envelope.from_properties(self.body, self._properties)
         return self._envelope
+
+    @property
+    def unreadable(self) -> Mapping[str, bytes]:
+        """What another client sent that could not be read (property name -> its bytes; ``"headers"``: the
+        entries left out of :attr:`headers`, as written); empty almost always. See :mod:`amqpkit.unreadable`."""
+        properties = self._properties
+        return properties.unreadable if type(properties) is UnreadableProperties else NOTHING_UNREADABLE
 
     @property
     def message_id(self) -> str | None:
@@ -524,10 +551,13 @@ _NO_HEADERS: Mapping[str, Any] = MappingProxyType({})
 def delivery_from_aiormq(message: DeliveredMessage, *, auto_ack: bool = False) -> Delivery[bytes]:
     """A :class:`Delivery` from what aiormq hands a consumer or a basic.get."""
     frame = message.delivery
+    properties = message.header.properties
+    if type(frame) in LENIENT_METHODS:  # its exchange or routing key was not UTF-8 text
+        properties = with_unreadable(properties, unreadable_of(frame))
     return Delivery(
         message.body,
         message.body,
-        message.header.properties,
+        properties,
         redelivered=bool(getattr(frame, "redelivered", False)),
         exchange=getattr(frame, "exchange", "") or "",
         routing_key=getattr(frame, "routing_key", "") or "",

@@ -16,6 +16,7 @@ from importlib.metadata import version
 from typing import Any
 
 import aiormq
+import pamqp.frame
 import pytest
 from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
@@ -38,6 +39,10 @@ def test_the_internals_are_where_the_compat_module_says() -> None:
     assert isinstance(aiormq.Connection.FRAME_BUFFER_SIZE, int)
     # What the write queue joins frames with: the stdlib queue's deque, and aiormq's writer taking items with get.
     assert isinstance(asyncio.Queue()._queue, collections.deque)  # type: ignore[attr-defined]
+    # What amqpkit.unreadable reads again when pamqp refuses a frame on one of amqpkit's connections.
+    assert {"_unmarshal_header_frame", "_unmarshal_method_frame"} <= set(pamqp.frame.unmarshal.__code__.co_names)
+    assert "unmarshal" in aiormq.connection.FrameReceiver.get_frame.__code__.co_names
+    assert hasattr(pamqp.frame._unmarshal_header_frame, "__wrapped__")  # installed when amqpkit was imported
     assert "self.queue.get()" in inspect.getsource(aiormq.connection.FrameGenerator.__anext__)
 
 

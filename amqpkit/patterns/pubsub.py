@@ -27,6 +27,7 @@ from ..errors import DecodeError, SettlementError
 from ..executors import ExecutorKind
 from ..message import Delivery
 from ..topology import Binding, Exchange, ExchangeType, Queue
+from ..unreadable import refusal
 from .publisher import Publisher
 
 __all__ = ["Publisher", "Subscriber"]
@@ -278,6 +279,8 @@ class Subscriber(Generic[T]):
 
     async def _on_delivery(self, raw: Delivery[bytes]) -> None:
         try:
+            if raw.unreadable:
+                raise refusal(raw.unreadable)
             value = self.codec.decode(raw.body, raw.content_type)
         except DecodeError as exc:
             self.rejected += 1

@@ -20,6 +20,7 @@ from ..errors import DecodeError
 from ..executors import ExecutorKind
 from ..message import Delivery
 from ..topology import Queue
+from ..unreadable import refusal
 from .pubsub import consumed_elsewhere
 from .rpc_wire import DEFAULT_CONCURRENCY, ERROR_CONTENT_TYPE, TIMEOUT_HEADER, error_body
 
@@ -187,6 +188,13 @@ class RpcServer:
             missing = "reply_to" if not reply_to else "correlation_id"
             self.rejected += 1
             log.error("rejected request id=%s on %s: no %s", raw.message_id, self.queue.name, missing)
+            await raw.reject(requeue=False)
+            return
+        if raw.unreadable:
+            exc = refusal(raw.unreadable)
+            self.rejected += 1
+            log.error("rejected request id=%s on %s: %s", raw.message_id, self.queue.name, exc)
+            await self._reply(reply_to, correlation_id, error_body("DecodeError", str(exc), {"errors": exc.errors}))
             await raw.reject(requeue=False)
             return
         budget = _budget_ms(raw.headers)

@@ -22,6 +22,7 @@ from ..connection import Consumer
 from ..errors import DecodeError, Unroutable
 from ..executors import ExecutorKind, ProcessRunner, ThreadRunner
 from ..message import Delivery
+from ..unreadable import refusal
 from .long_tasks import ConsumerTimeouts, task_context
 from .tasks import (
     ATTEMPT,
@@ -200,6 +201,8 @@ class Worker(Generic[T]):
         task_id = raw.message_id or ""
         attempt = as_int(raw.headers.get(ATTEMPT), 1)
         try:
+            if raw.unreadable:
+                raise refusal(raw.unreadable)
             value = self._handler.codec.decode(raw.body, raw.content_type)
         except DecodeError as exc:
             log.error("task %s on %s cannot be decoded, dead-lettered: %s", task_id, self.queue.name, exc)
