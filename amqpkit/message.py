@@ -463,8 +463,9 @@ class Delivery(Generic[T]):
 
     @property
     def unreadable(self) -> Mapping[str, bytes]:
-        """What another client sent that could not be read (property name -> its bytes; ``"headers"``: the
-        entries left out of :attr:`headers`, as written); empty almost always. See :mod:`amqpkit.unreadable`."""
+        """What another client sent that could not be read: a property's name (or ``"routing_key"``,
+        ``"exchange"``, ``"consumer_tag"`` of the frame it came with) -> its bytes; ``"headers"``: the entries
+        left out of :attr:`headers`, as written. Empty almost always. See :mod:`amqpkit.unreadable`."""
         properties = self._properties
         return properties.unreadable if type(properties) is UnreadableProperties else NOTHING_UNREADABLE
 

@@ -87,7 +87,7 @@ def refusal(unreadable: Mapping[str, bytes]) -> DecodeError:
 
 # Sizes of the field-table values whose length does not precede them (type byte -> bytes after it).
 _FIXED = {b"t": 1, b"b": 1, b"B": 1, b"s": 2, b"u": 2, b"I": 4, b"i": 4, b"f": 4,
-          b"l": 8, b"L": 8, b"d": 8, b"T": 8, b"D": 5, b"V": 0}  # fmt: skip
+          b"l": 8, b"L": 8, b"d": 8, b"T": 8, b"D": 5, b"V": 0, b"\x00": 0}  # fmt: skip  # pamqp: \x00 is void
 _SIZED = {b"S", b"x", b"A", b"F"}  # a 4-byte length, then that many bytes
 
 
@@ -100,6 +100,8 @@ def _headers(data: bytes) -> tuple[dict[str, Any], bytes]:
         start = offset
         size = data[offset]
         offset += 1 + size
+        if offset >= len(data):
+            raise ValueError("a header's name runs past the end of its table")
         kind = data[offset : offset + 1]
         if kind in _FIXED:
             end = offset + 1 + _FIXED[kind]
@@ -113,7 +115,7 @@ def _headers(data: bytes) -> tuple[dict[str, Any], bytes]:
         try:
             name = data[start + 1 : start + 1 + size].decode()
             _, value = decode.embedded_value(data[offset:end])
-        except (ValueError, OverflowError, OSError, struct.error):
+        except (ValueError, OverflowError, OSError, struct.error, RecursionError):
             kept.append(data[start:end])
         else:
             headers[name] = value
@@ -243,7 +245,9 @@ def _lenient(strict: Callable[[bytes], Any], again: Callable[[bytes], Any], what
     def unmarshal(frame_data: bytes) -> Any:
         try:
             return strict(frame_data)
-        except exceptions.UnmarshalingException as refused:
+        except (exceptions.UnmarshalingException, RecursionError) as refused:
+            # RecursionError: pamqp reads nested tables and arrays by recursion; a header nested some 600 deep
+            # (3 KB, which RabbitMQ carries) exhausts the stack instead of raising pamqp's own error.
             if not _LENIENT.get():
                 raise
             try:

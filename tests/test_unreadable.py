@@ -70,3 +70,32 @@ def test_a_header_of_an_unknown_type_ends_what_can_be_read() -> None:
     properties = header.properties  # type: ignore[attr-defined]
     assert properties.headers == {"a": "x"}
     assert unreadable_of(properties) == {"headers": entries[8:]}  # "b" and all after it, as written
+
+
+def test_a_header_nested_past_the_stack_is_kept_as_bytes() -> None:
+    """pamqp reads nested values by recursion: at some 600 levels it raises RecursionError, not its own error."""
+    value = b"S" + struct.pack(">I", 1) + b"x"
+    for _ in range(2000):
+        value = b"A" + struct.pack(">I", len(value)) + value
+    entries = b"\x01a" + value + b"\x01bS" + struct.pack(">I", 1) + b"y"
+    data = header_frame(1 << 13, struct.pack(">I", len(entries)) + entries)
+    with pytest.raises(RecursionError):
+        frame.unmarshal(data)
+    properties = leniently(data).properties  # type: ignore[attr-defined]
+    assert properties.headers == {"b": "y"}
+    assert unreadable_of(properties) == {"headers": entries[: -len(b"\x01bS") - 5]}
+
+
+def test_what_pamqp_reads_is_read_the_same_beside_what_it_cannot() -> None:
+    """The void type pamqp also reads as \\x00, beside a timestamp it cannot read: read as pamqp reads it."""
+    entries = b"\x01a\x00" + b"\x01bS" + struct.pack(">I", 1) + b"y"
+    header = leniently(header_frame((1 << 13) | (1 << 6), struct.pack(">I", len(entries)) + entries + NANOSECONDS))
+    properties = header.properties  # type: ignore[attr-defined]
+    assert properties.headers == {"a": None, "b": "y"}
+    assert unreadable_of(properties) == {"timestamp": NANOSECONDS}
+
+
+def test_a_header_name_past_the_end_of_its_table_is_refused() -> None:
+    entries = b"\x09ab"  # a name said to be 9 bytes long, in a table of 3
+    with pytest.raises(UnmarshalingException):
+        leniently(header_frame((1 << 13) | (1 << 6), struct.pack(">I", len(entries)) + entries + NANOSECONDS))

@@ -184,17 +184,18 @@ class RpcServer:
 
     async def _on_request(self, raw: Delivery[bytes]) -> None:
         reply_to, correlation_id = raw.reply_to, raw.correlation_id
+        if raw.unreadable:  # first: a reply_to that could not be read is said to be that, not to be missing
+            exc = refusal(raw.unreadable)
+            self.rejected += 1
+            log.error("rejected request id=%s on %s: %s", raw.message_id, self.queue.name, exc)
+            if reply_to and correlation_id:
+                await self._reply(reply_to, correlation_id, error_body("DecodeError", str(exc), {"errors": exc.errors}))
+            await raw.reject(requeue=False)
+            return
         if not reply_to or not correlation_id:
             missing = "reply_to" if not reply_to else "correlation_id"
             self.rejected += 1
             log.error("rejected request id=%s on %s: no %s", raw.message_id, self.queue.name, missing)
-            await raw.reject(requeue=False)
-            return
-        if raw.unreadable:
-            exc = refusal(raw.unreadable)
-            self.rejected += 1
-            log.error("rejected request id=%s on %s: %s", raw.message_id, self.queue.name, exc)
-            await self._reply(reply_to, correlation_id, error_body("DecodeError", str(exc), {"errors": exc.errors}))
             await raw.reject(requeue=False)
             return
         budget = _budget_ms(raw.headers)
