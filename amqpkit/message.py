@@ -69,7 +69,8 @@ class Envelope:
     """A message body with its AMQP properties.
 
     ``expiration`` is in seconds (the broker's per-message TTL); ``persistent``
-    maps to delivery mode 2. ``message_id`` defaults to a fresh uuid.
+    maps to delivery mode 2. ``message_id`` defaults to a fresh uuid. A float in
+    ``headers`` is sent as AMQP's 64-bit double, so it arrives as it was.
     """
 
     body: bytes
@@ -137,6 +138,7 @@ def basic_properties(envelope: Envelope) -> Basic.Properties:
     headers = envelope.headers
     if headers:
         check_header_names(headers)
+        headers = as_doubles(headers)
     return Basic.Properties(
         content_type=envelope.content_type,
         content_encoding=envelope.content_encoding,
@@ -164,6 +166,62 @@ HEADER_NAME_LIMIT = 128
 """The longest header (field table) name AMQP carries, in UTF-8 bytes."""
 
 
+class _Double(float):
+    """A header's float as amqpkit sends it: AMQP's 64-bit double (``d``). pamqp sends every float as a 32-bit
+    ``f``: 19.99 arrived as 19.989999771118164, and 1e300 could not be sent at all."""
+
+    __slots__ = ()
+
+
+_DOUBLE = struct.Struct(">d")
+_encode_as_pamqp = encode.encode_table_value
+
+
+def _encode_table_value(value: Any) -> bytes:
+    """pamqp's encoder for a table's value, but a :class:`_Double` (only amqpkit makes them) goes as ``d``."""
+    if type(value) is _Double:
+        return b"d" + _DOUBLE.pack(value)
+    return _encode_as_pamqp(value)
+
+
+if not hasattr(encode.encode_table_value, "amqpkit_doubles"):  # once, though this module be loaded again
+    _encode_table_value.amqpkit_doubles = True  # type: ignore[attr-defined]
+    encode.encode_table_value = _encode_table_value  # pamqp's field_table and field_array call it by this name
+
+
+def as_doubles(headers: dict[str, Any]) -> dict[str, Any]:
+    """``headers`` with every float in them, at any depth, sent as a 64-bit double (a copy; ``headers`` itself
+    when it holds no float, almost always)."""
+    for item in headers.values():
+        if type(item) not in _NO_FLOAT_INSIDE:
+            break
+    else:
+        return headers  # the usual case, in one pass without a call per value
+    if not _holds_float(headers):
+        return headers
+    return cast(dict[str, Any], _doubled(headers))
+
+
+_NO_FLOAT_INSIDE = frozenset({str, int, bool, type(None), bytes, bytearray, datetime})
+
+
+def _holds_float(value: Any) -> bool:
+    for item in value.values() if isinstance(value, dict) else value:
+        if type(item) is float or (isinstance(item, (dict, list)) and _holds_float(item)):
+            return True
+    return False
+
+
+def _doubled(value: Any) -> Any:
+    if type(value) is float:
+        return _Double(value)
+    if isinstance(value, dict):
+        return {key: _doubled(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_doubled(item) for item in value]
+    return value
+
+
 def check_header_names(headers: Mapping[str, Any]) -> None:
     """Raise :class:`InvalidMessage` for a header name that is not text or is over :data:`HEADER_NAME_LIMIT`
     bytes, in ``headers`` or in a table nested in them (pamqp would cut it short, logging the name)."""
@@ -186,7 +244,8 @@ def fit_received_headers(headers: dict[str, Any]) -> dict[str, Any]:
     - a name over :data:`HEADER_NAME_LIMIT` bytes (RabbitMQ carries up to 255) is cut to that many, with a
       warning, as pamqp would cut it;
     - a value pamqp read as ``bytes`` (a long string that is not UTF-8) goes as a byte array: the same bytes,
-      which pamqp cannot send as ``bytes``.
+      which pamqp cannot send as ``bytes``;
+    - a float goes as a 64-bit double (:func:`as_doubles`), whether it came as one or as a 32-bit float.
 
     A message amqpkit's user builds is refused instead (:func:`check_header_names`, :class:`InvalidMessage`).
     ``headers`` itself is returned when nothing needs changing."""
@@ -201,7 +260,7 @@ def _sendable_as_is(value: Any) -> bool:
         # 32 characters are at most 128 bytes in UTF-8: only a longer name is encoded to be measured
         if type(key) is str and len(key) > 32 and (_utf8_size(key) or 0) > HEADER_NAME_LIMIT:
             return False
-        if type(item) is bytes:
+        if type(item) is bytes or type(item) is float:
             return False
         if isinstance(item, (dict, list)) and not _sendable_as_is(item):
             return False
@@ -211,6 +270,8 @@ def _sendable_as_is(value: Any) -> bool:
 def _fitted(value: Any) -> Any:
     if type(value) is bytes:
         return bytearray(value)
+    if type(value) is float:
+        return _Double(value)
     if isinstance(value, list):
         return [_fitted(item) for item in value]
     if not isinstance(value, dict):
@@ -292,6 +353,7 @@ def check_sendable(properties: Basic.Properties) -> None:
     once, as a publish would (for a message kept to be sent later, as an outbox row is)."""
     if properties.headers:
         check_header_names(properties.headers)
+        properties.headers = as_doubles(properties.headers)
     try:
         ContentHeader(properties=properties, body_size=0).marshal()
     except ENCODER_REFUSALS as exc:
@@ -328,6 +390,8 @@ def _value_problem(value: Any, where: str) -> str | None:
             if problem is not None:
                 return problem
         return None
+    if type(value) is float:
+        return None  # sent as a double (as_doubles), which carries every float
     try:
         encode.encode_table_value(value)
     except (TypeError, ValueError, OverflowError, struct.error):

@@ -22,7 +22,7 @@ from .. import _hooks
 from ..codec import AutoCodec, Codec, TextCodec, codec_for, encode_body
 from ..connection import Broker, Consumer
 from ..errors import ConnectionLost, DecodeError, NoResponder, RpcTimeout, Unroutable, map_exceptions
-from ..message import Delivery, Envelope, check_header_names
+from ..message import Delivery, Envelope, as_doubles, check_header_names
 from ..topology import Queue
 from .rpc_wire import DEFAULT_RPC_TIMEOUT, DIRECT_REPLY_TO, ERROR_CONTENT_TYPE, TIMEOUT_HEADER, parse_error
 
@@ -251,6 +251,7 @@ class RpcClient:
         """
         if headers:
             check_header_names(headers)  # a name pamqp would cut short: refused before anything is sent
+            headers = as_doubles(headers)
         if not self._started:
             await self.start()
         wait = self.timeout if timeout is None else timeout
