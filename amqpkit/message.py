@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 from collections.abc import Awaitable, Callable, Mapping
@@ -70,7 +71,9 @@ class Envelope:
 
     ``expiration`` is in seconds (the broker's per-message TTL); ``persistent``
     maps to delivery mode 2. ``message_id`` defaults to a fresh uuid. A float in
-    ``headers`` is sent as AMQP's 64-bit double, so it arrives as it was.
+    ``headers`` is sent as AMQP's 64-bit double, so it arrives as it was; NaN and
+    the infinities are refused (:class:`InvalidMessage`): RabbitMQ closes the
+    connection over them.
     """
 
     body: bytes
@@ -174,7 +177,8 @@ class _Double(float):
 
 
 _DOUBLE = struct.Struct(">d")
-_encode_as_pamqp = encode.encode_table_value
+# pamqp's own encoder, also when this module is loaded again (the wrapper below keeps what it wraps)
+_encode_as_pamqp = getattr(encode.encode_table_value, "amqpkit_wraps", encode.encode_table_value)
 
 
 def _encode_table_value(value: Any) -> bytes:
@@ -184,14 +188,22 @@ def _encode_table_value(value: Any) -> bytes:
     return _encode_as_pamqp(value)
 
 
-if not hasattr(encode.encode_table_value, "amqpkit_doubles"):  # once, though this module be loaded again
-    _encode_table_value.amqpkit_doubles = True  # type: ignore[attr-defined]
+_first_load = getattr(encode.encode_table_value, "amqpkit_double", None)
+if _first_load is None:
+    _encode_table_value.amqpkit_double = _Double  # type: ignore[attr-defined]
+    _encode_table_value.amqpkit_wraps = _encode_as_pamqp  # type: ignore[attr-defined]
     encode.encode_table_value = _encode_table_value  # pamqp's field_table and field_array call it by this name
+else:  # this module loaded again (importlib.reload): the first load's encoder stays, and so does its type,
+    _Double = _first_load  # type: ignore[misc]  # or the doubles made from now on would go as pamqp's floats
 
 
 def as_doubles(headers: dict[str, Any]) -> dict[str, Any]:
     """``headers`` with every float in them, at any depth, sent as a 64-bit double (a copy; ``headers`` itself
-    when it holds no float, almost always)."""
+    when it holds no float, almost always).
+
+    Raises :class:`InvalidMessage` for a float that is not finite: RabbitMQ cannot read NaN or an infinity in
+    a header and closes the whole connection over it (541 INTERNAL_ERROR), and a confirmed publish, sent again
+    after each reconnect, would close it again until its deadline."""
     for item in headers.values():
         if type(item) not in _NO_FLOAT_INSIDE:
             break
@@ -199,7 +211,7 @@ def as_doubles(headers: dict[str, Any]) -> dict[str, Any]:
         return headers  # the usual case, in one pass without a call per value
     if not _holds_float(headers):
         return headers
-    return cast(dict[str, Any], _doubled(headers))
+    return cast(dict[str, Any], _doubled(headers, "header"))
 
 
 _NO_FLOAT_INSIDE = frozenset({str, int, bool, type(None), bytes, bytearray, datetime})
@@ -207,18 +219,20 @@ _NO_FLOAT_INSIDE = frozenset({str, int, bool, type(None), bytes, bytearray, date
 
 def _holds_float(value: Any) -> bool:
     for item in value.values() if isinstance(value, dict) else value:
-        if type(item) is float or (isinstance(item, (dict, list)) and _holds_float(item)):
+        if isinstance(item, float) or (isinstance(item, (dict, list)) and _holds_float(item)):
             return True
     return False
 
 
-def _doubled(value: Any) -> Any:
-    if type(value) is float:
+def _doubled(value: Any, where: str) -> Any:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidMessage(f"{where}: RabbitMQ cannot read a float that is not finite (NaN or an infinity)")
         return _Double(value)
     if isinstance(value, dict):
-        return {key: _doubled(item) for key, item in value.items()}
+        return {key: _doubled(item, f"{where} {_shown(key)}") for key, item in value.items()}
     if isinstance(value, list):
-        return [_doubled(item) for item in value]
+        return [_doubled(item, where) for item in value]
     return value
 
 
@@ -271,7 +285,7 @@ def _fitted(value: Any) -> Any:
     if type(value) is bytes:
         return bytearray(value)
     if type(value) is float:
-        return _Double(value)
+        return _Double(value)  # finite: RabbitMQ carries no other
     if isinstance(value, list):
         return [_fitted(item) for item in value]
     if not isinstance(value, dict):
@@ -390,8 +404,8 @@ def _value_problem(value: Any, where: str) -> str | None:
             if problem is not None:
                 return problem
         return None
-    if type(value) is float:
-        return None  # sent as a double (as_doubles), which carries every float
+    if isinstance(value, float):
+        return None  # sent as a double (as_doubles), which carries every finite float; it refuses the rest
     try:
         encode.encode_table_value(value)
     except (TypeError, ValueError, OverflowError, struct.error):

@@ -14,6 +14,8 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Literal
 
+from .message import as_doubles
+
 __all__ = [
     "Binding",
     "DeadLetterStrategy",
@@ -237,4 +239,6 @@ class Binding:
     def bind_arguments(self) -> dict[str, Any]:
         if self.headers is None:
             return {}
-        return {"x-match": self.match, **self.headers}
+        # floats as doubles, as amqpkit sends them in a message's headers: a float binding sent as pamqp's 32-bit
+        # float would not match the double a message carries (19.99 is not the same number in both)
+        return as_doubles({"x-match": self.match, **self.headers})

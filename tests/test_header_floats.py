@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import struct
+import subprocess
+import sys
 from typing import Any
 
 import aiormq
@@ -12,7 +14,19 @@ import pytest
 from pamqp import encode
 from pamqp.commands import Basic
 
-from amqpkit import Broker, Delivery, Envelope, Queue, RetryPolicy, RpcClient, RpcServer, Worker, WorkQueue
+from amqpkit import (
+    Binding,
+    Broker,
+    Delivery,
+    Envelope,
+    Exchange,
+    Queue,
+    RetryPolicy,
+    RpcClient,
+    RpcServer,
+    Worker,
+    WorkQueue,
+)
 
 from .waiting import until, wait_for
 
@@ -114,3 +128,49 @@ async def test_a_double_from_another_client_survives_a_retry(
     finally:
         for queue in [work.name, work.dlq_name, f"{work.name}.retry.100"]:
             await broker.delete_queue(queue)
+
+
+class Money(float):
+    """A user's own float type (numpy's float64 is one too)."""
+
+
+async def test_a_float_of_a_users_own_type_arrives_as_sent(broker: Broker, name: str) -> None:
+    await broker.declare(Queue(name))
+    try:
+        await broker.publish(Envelope(b"1", headers={"price": Money(19.99), "big": Money(1e300)}), routing_key=name)
+        got = await until_got(broker, name)
+        assert got.headers == {"price": 19.99, "big": 1e300}
+    finally:
+        await broker.delete_queue(name)
+
+
+async def test_a_headers_binding_on_a_float_matches_the_float_sent(broker: Broker, name: str) -> None:
+    """The binding's float goes as a double too: as pamqp's 32-bit float it would not be the number the message
+    carries, and the message would not be routed (Unroutable; without mandatory, dropped)."""
+    exchange = Exchange(f"{name}.h", type="headers")
+    queue = Queue(f"{name}.q")
+    await broker.declare(exchange, queue, Binding(exchange, queue, headers={"price": 19.99}))
+    try:
+        await broker.publish(Envelope(b"1", headers={"price": 19.99}), exchange=exchange, mandatory=True)
+        got = await until_got(broker, queue.name)
+        assert got.headers["price"] == 19.99
+    finally:
+        await broker.delete_queue(queue.name)
+        await broker.delete_exchange(exchange)
+
+
+def test_loading_the_module_again_keeps_one_encoder() -> None:
+    """importlib.reload(amqpkit.message) must not wrap the wrapper (every table value then recursed for ever) nor
+    make a second double type the encoder does not know. In a process of its own: a reload redefines every class
+    in the module."""
+    script = (
+        "import importlib, amqpkit.message as m\n"
+        "from pamqp import encode\n"
+        "before = m.as_doubles({'v': 19.99})\n"
+        "importlib.reload(m)\n"
+        "after = m.as_doubles({'v': 19.99})\n"
+        "print(encode.field_table(before)[-9:-8], encode.field_table(after)[-9:-8], encode.field_table({'a': 1}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == r"b'd' b'd' b'\x00\x00\x00\x04\x01ab\x01'"

@@ -74,7 +74,7 @@ async def publish(
         if parent.is_valid and not parent.trace_flags.sampled:  # the sampler would drop the span: none is made,
             # and the message carries the unsampled context on as it is
             properties = basic_properties(envelope)
-            properties.headers = _carrying(envelope.headers, parent)
+            properties.headers = _carrying(properties.headers or {}, parent)
             await broker._publish(envelope.body, properties, exchange, routing_key, mandatory, confirm, timeout)
             route.published[0] += 1
             return
@@ -90,7 +90,7 @@ async def publish(
             span.set_attributes(_sent(envelope, {}))
     try:  # a message refused before it is sent (InvalidMessage) fails its span too
         properties = basic_properties(envelope)
-        properties.headers = _carrying(envelope.headers, span.get_span_context())
+        properties.headers = _carrying(properties.headers or {}, span.get_span_context())
         await broker._publish(envelope.body, properties, exchange, routing_key, mandatory, confirm, timeout)
     except BaseException as exc:
         _fail(span, exc)
@@ -101,7 +101,9 @@ async def publish(
 
 
 def _carrying(headers: Mapping[str, Any], span_context: SpanContext) -> dict[str, Any]:
-    """A copy of ``headers`` with the W3C context of ``span_context`` (a forwarded copy's old state replaced)."""
+    """A copy of ``headers`` with the W3C context of ``span_context`` (a forwarded copy's old state replaced).
+
+    ``headers`` are the properties' (floats as doubles, :func:`~amqpkit.message.as_doubles`), not the envelope's."""
     carrier = dict(headers)
     carrier.pop("tracestate", None)
     inject(span_context, carrier)
