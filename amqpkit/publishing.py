@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import aiormq
 from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 
@@ -30,6 +31,46 @@ _BUILTIN_EXCHANGES = frozenset(
 
 
 RETIRE_AT_MOST_EVERY = 1.0  # seconds between two replacements of the publishing channel after nacks
+
+
+# How RabbitMQ closes a connection over a frame it cannot take (502, 501, 505, 541, 503), as aiormq raises them;
+# not over a limit, a forced close (an operator's, a restart) or an unreachable node, which are not the message's.
+_FRAME_REFUSALS = (
+    aiormq.exceptions.ConnectionSyntaxError,
+    aiormq.exceptions.ConnectionFrameError,
+    aiormq.exceptions.ConnectionUnexpectedFrame,
+    aiormq.exceptions.ConnectionInternalError,
+    aiormq.exceptions.ConnectionCommandInvalid,
+)
+
+
+def _count_frame_closes(exc: BaseException, before: int) -> int:
+    """How many times the broker has closed the connection over a frame while one message was being published,
+    ``exc`` counted; the third raises :class:`PublishError`.
+
+    Perhaps the message itself (a header RabbitMQ cannot read): sent again after each reconnect, such a message
+    closed every new connection until its deadline, and everything else on it each time."""
+    refused = _refused_frames(exc)
+    if refused is None:
+        return before
+    if before + 1 >= 3:
+        raise PublishError(
+            f"the broker closed the connection each of the {before + 1} times this message was sent ({refused}); "
+            "it may not be able to read it"
+        ) from exc
+    return before + 1
+
+
+def _refused_frames(exc: BaseException) -> str | None:
+    """The broker's words when ``exc`` comes from it closing the connection over a frame (see above), else None."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short chain: ConnectionLost from aiormq's exception
+        if seen is None:
+            return None
+        if isinstance(seen, _FRAME_REFUSALS):
+            return " ".join(str(arg) for arg in seen.args[:1]) or type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _not_confirmed(exchange_name: str, wait: float, why: str) -> PublishTimeout:
@@ -148,6 +189,7 @@ class Publishing(BrokerCore):
     ) -> None:
         refusals = 0
         nacked = False
+        closed_over_frames = 0
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -202,13 +244,14 @@ class Publishing(BrokerCore):
                 nacked = True
                 self.republished += 1
                 continue
-            except ConnectionLost:
+            except ConnectionLost as exc:
                 if self._closing:
                     raise
                 # The connection (or only this channel) died before the confirm: the
                 # broker may or may not have the message, so it is sent again (at least
                 # once). If the channel died alone the next loop reopens it, else it
                 # waits for the reconnect.
+                closed_over_frames = _count_frame_closes(exc, closed_over_frames)
                 self.republished += 1
                 await asyncio.sleep(0.01)
                 continue

@@ -18,6 +18,8 @@ from amqpkit import (
     Delivery,
     Envelope,
     InvalidMessage,
+    PublishError,
+    PublishTimeout,
     Queue,
     RetryPolicy,
     RpcClient,
@@ -171,3 +173,22 @@ async def test_a_task_from_another_client_with_a_longer_header_name_is_retried(
     finally:
         for queue in [work.name, work.dlq_name, f"{work.name}.retry.100"]:
             await broker.delete_queue(queue)
+
+
+async def test_a_publish_the_broker_closes_the_connection_over_is_not_sent_for_ever(broker: Broker, name: str) -> None:
+    """A message RabbitMQ cannot read makes it close the whole connection (541 INTERNAL_ERROR for a NaN header,
+    which amqpkit now refuses before sending; this writes one below that check, as a message amqpkit does not
+    yet know to refuse would go). A confirmed publish is sent again after a lost connection; sent again after
+    each of these, it closed every new connection until its deadline (257 reconnects in 4 s). Now the third
+    such close ends it with a PublishError that says why."""
+    queue = Queue(f"{name}.q", auto_delete=True)
+    await broker.declare_queue(queue)
+    reconnects = broker.reconnects
+    properties = Basic.Properties(headers={"score": math.nan})  # pamqp's own float: no check on the way
+    with pytest.raises(PublishError, match="closed the connection") as refused:
+        await broker._publish(b"bad", properties, "", queue.name, False, True, 20)
+    assert not isinstance(refused.value, PublishTimeout)
+    assert broker.reconnects - reconnects <= 3
+    await broker.publish(Envelope(b"good"), routing_key=queue.name)  # and the Broker goes on
+    assert await _drain(broker, queue.name) == [b"good", b"marker"]
+    await broker.delete_queue(queue.name)
