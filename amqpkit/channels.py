@@ -93,6 +93,9 @@ class BrokerCore:
         # Confirmed publishes sent again: after the connection or the channel dropped mid-confirm, after the
         # broker closed the channel over another publish, or once after a nack (amqpkit.publishing).
         self.republished = 0
+        # Confirmed publishes that were in flight when the broker closed the connection over a frame, sent again
+        # one at a time, so that the one it could not read closes it alone (amqpkit.publishing).
+        self._suspects = asyncio.Lock()
         self._unwatch: Callable[[], None] | None = None  # the event-loop watchdog (amqpkit.watchdog)
         self._lowlevel = LowLevel(self)
 

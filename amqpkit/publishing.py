@@ -44,12 +44,17 @@ _FRAME_REFUSALS = (
 )
 
 
+_ALONE_OR_NOT = contextlib.nullcontext()  # a publish the broker has not closed the connection over goes as it comes
+
+
 def _count_frame_closes(exc: BaseException, before: int) -> int:
     """How many times the broker has closed the connection over a frame while one message was being published,
     ``exc`` counted; the third raises :class:`PublishError`.
 
     Perhaps the message itself (a header RabbitMQ cannot read): sent again after each reconnect, such a message
-    closed every new connection until its deadline, and everything else on it each time."""
+    closed every new connection until its deadline, and everything else on it each time. After the first such
+    close a publish is sent again only alone (``_suspects``), so the others in flight beside it that time are
+    confirmed one by one, and only the one the broker cannot read is refused three times."""
     refused = _refused_frames(exc)
     if refused is None:
         return before
@@ -193,28 +198,29 @@ class Publishing(BrokerCore):
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    if not self._connected.is_set():
-                        await self._connected.wait()
-                    if exchange_name not in self._known_exchanges and exchange_name not in _BUILTIN_EXCHANGES:
-                        try:
-                            await self._check_exchange(exchange_name)
-                        except TopologyError as exc:
-                            raise PublishError(f"publish refused: {exc}") from exc
-                    channel = self._channels.get("publish")
-                    if channel is None or aiormq_compat.closing(channel):
-                        channel = await self._channel("publish", confirms=True)
-                    with map_exceptions(kind="exchange", name=exchange_name):
-                        # Not waiting for the frames to be written (the confirm says more): aiormq holds the
-                        # channel's lock until then, and publishes queued behind that lock were written even
-                        # after the broker had closed the channel, which then closed the whole connection.
-                        await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
-                            body,
-                            exchange=exchange_name,
-                            routing_key=routing_key,
-                            properties=properties,
-                            mandatory=mandatory,
-                            wait=False,
-                        )
+                    async with self._suspects if closed_over_frames else _ALONE_OR_NOT:
+                        if not self._connected.is_set():
+                            await self._connected.wait()
+                        if exchange_name not in self._known_exchanges and exchange_name not in _BUILTIN_EXCHANGES:
+                            try:
+                                await self._check_exchange(exchange_name)
+                            except TopologyError as exc:
+                                raise PublishError(f"publish refused: {exc}") from exc
+                        channel = self._channels.get("publish")
+                        if channel is None or aiormq_compat.closing(channel):
+                            channel = await self._channel("publish", confirms=True)
+                        with map_exceptions(kind="exchange", name=exchange_name):
+                            # Not waiting for the frames to be written (the confirm says more): aiormq holds the
+                            # channel's lock until then, and publishes queued behind that lock were written even
+                            # after the broker had closed the channel, which then closed the whole connection.
+                            await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lags its Channel
+                                body,
+                                exchange=exchange_name,
+                                routing_key=routing_key,
+                                properties=properties,
+                                mandatory=mandatory,
+                                wait=False,
+                            )
                 return
             except ENCODER_REFUSALS:
                 # Nothing was sent (aiormq encodes the frames before it queues them): said in words, or as it is

@@ -192,3 +192,25 @@ async def test_a_publish_the_broker_closes_the_connection_over_is_not_sent_for_e
     await broker.publish(Envelope(b"good"), routing_key=queue.name)  # and the Broker goes on
     assert await _drain(broker, queue.name) == [b"good", b"marker"]
     await broker.delete_queue(queue.name)
+
+
+async def test_publishes_beside_one_the_broker_cannot_read_are_confirmed(broker: Broker, name: str) -> None:
+    """200 good confirmed publishes started beside the one the broker closes the connection over: each is in
+    flight at a close, and sent again. Sent again together, they were closed with it each time (9 of 200 ended
+    with its PublishError); sent again one at a time, every good one is confirmed, and only the bad one fails."""
+    queue = Queue(f"{name}.q", auto_delete=True)
+    await broker.declare_queue(queue)
+    reconnects = broker.reconnects
+
+    async def good(i: int) -> None:
+        await asyncio.sleep(0.001 * i)
+        await broker.publish(Envelope(str(i).encode()), routing_key=queue.name, timeout=20)
+
+    bad = broker._publish(b"bad", Basic.Properties(headers={"score": math.nan}), "", queue.name, False, True, 20)
+    outcomes = await asyncio.gather(bad, *(good(i) for i in range(200)), return_exceptions=True)
+    assert isinstance(outcomes[0], PublishError) and not isinstance(outcomes[0], PublishTimeout)
+    assert [o for o in outcomes[1:] if o is not None] == []
+    assert broker.reconnects - reconnects <= 3
+    bodies = set(await _drain(broker, queue.name))
+    assert {str(i).encode() for i in range(200)} <= bodies  # (sent again: some may be there twice)
+    await broker.delete_queue(queue.name)
