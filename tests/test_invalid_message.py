@@ -15,6 +15,7 @@ from pamqp.commands import Basic
 
 from amqpkit import (
     Broker,
+    ConnectionLost,
     Delivery,
     Envelope,
     InvalidMessage,
@@ -27,6 +28,7 @@ from amqpkit import (
     Worker,
     WorkQueue,
 )
+from amqpkit.publishing import _refused_frames
 
 from .waiting import wait_for
 
@@ -214,3 +216,16 @@ async def test_publishes_beside_one_the_broker_cannot_read_are_confirmed(broker:
     bodies = set(await _drain(broker, queue.name))
     assert {str(i).encode() for i in range(200)} <= bodies  # (sent again: some may be there twice)
     await broker.delete_queue(queue.name)
+
+
+def test_only_a_close_the_error_was_caused_by_counts() -> None:
+    """A ConnectionLost caused by the broker's close over a frame counts; one that merely happened while an
+    earlier such close was being handled (its context, not its cause: an operator's close, say) does not."""
+    internal = aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
+    caused = ConnectionLost("connection lost")
+    caused.__cause__ = internal
+    assert _refused_frames(caused) == "INTERNAL_ERROR"
+    forced = ConnectionLost("connection lost")
+    forced.__cause__ = aiormq.exceptions.ConnectionClosed(320, "CONNECTION_FORCED")
+    forced.__context__ = internal
+    assert _refused_frames(forced) is None
