@@ -44,9 +44,6 @@ _FRAME_REFUSALS = (
 )
 
 
-_ALONE_OR_NOT = contextlib.nullcontext()  # a publish the broker has not closed the connection over goes as it comes
-
-
 def _count_frame_closes(exc: BaseException, before: int) -> int:
     """How many times the broker has closed the connection over a frame while one message was being published,
     ``exc`` counted; the third raises :class:`PublishError`.
@@ -200,14 +197,14 @@ class Publishing(BrokerCore):
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    async with self._suspects if closed_over_frames else _ALONE_OR_NOT:
+                    suspect = closed_over_frames > 0  # sent again alone (see _count_frame_closes)
+                    if suspect:
+                        await self._suspects.acquire()
+                    try:
                         if not self._connected.is_set():
                             await self._connected.wait()
                         if exchange_name not in self._known_exchanges and exchange_name not in _BUILTIN_EXCHANGES:
-                            try:
-                                await self._check_exchange(exchange_name)
-                            except TopologyError as exc:
-                                raise PublishError(f"publish refused: {exc}") from exc
+                            await self._exchange_for_publish(exchange_name)
                         channel = self._channels.get("publish")
                         if channel is None or aiormq_compat.closing(channel):
                             channel = await self._channel("publish", confirms=True)
@@ -223,6 +220,9 @@ class Publishing(BrokerCore):
                                 mandatory=mandatory,
                                 wait=False,
                             )
+                    finally:
+                        if suspect:
+                            self._suspects.release()
                 return
             except ENCODER_REFUSALS:
                 # Nothing was sent (aiormq encodes the frames before it queues them): said in words, or as it is
@@ -262,6 +262,13 @@ class Publishing(BrokerCore):
                 self.republished += 1
                 await asyncio.sleep(0.01)
                 continue
+
+    async def _exchange_for_publish(self, name: str) -> None:
+        """:meth:`_check_exchange`, its refusal a :class:`PublishError`."""
+        try:
+            await self._check_exchange(name)
+        except TopologyError as exc:
+            raise PublishError(f"publish refused: {exc}") from exc
 
     def _why_unconfirmed(self, closed_over_frames: int) -> str:
         if not self.is_connected:
