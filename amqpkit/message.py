@@ -652,5 +652,5 @@ def delivery_channel(delivery: Delivery[Any]) -> AbstractChannel | None:
 def _as_int(value: Any) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0

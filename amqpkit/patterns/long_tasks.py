@@ -65,11 +65,11 @@ class ConsumerTimeoutExceeded(AmqpkitError):
 
 def task_context(worker: Worker[Any], delivery: Delivery[Any]) -> TaskContext:
     """The :class:`TaskContext` a Worker's handler gets: the task, and progress as ``<queue>.progress`` events."""
-    from .tasks import ATTEMPT, TaskEvent, TaskStatus, as_int
+    from .tasks import TaskEvent, TaskStatus, attempt_of
 
     queue = worker.queue
     task_id = delivery.message_id or ""
-    attempt = as_int(delivery.headers.get(ATTEMPT), 1)
+    attempt = attempt_of(delivery.headers)
 
     async def publish(fraction: float, note: str | None) -> None:
         if queue.events:
@@ -193,7 +193,7 @@ class ConsumerTimeouts:
             if first.done():
                 return False  # the worker adopts the outcome (see HandlerInfo): no second run
             first.add_done_callback(lambda f: _late(key, self.worker.queue.name, f))
-        from .tasks import ATTEMPT, as_int
+        from .tasks import attempt_of
 
         why = ConsumerTimeoutExceeded(
             f"held {info.held_for:.0f} s, past the broker's consumer_timeout ({_ms(info.timeout_ms)}); "
@@ -201,7 +201,7 @@ class ConsumerTimeouts:
         )
         log.error("task %s delivered again after its consumer_timeout: dead-lettered (reason %s), not run again",
                   key, DEAD_LETTER_REASON)  # fmt: skip
-        await self.dead_letter(raw, as_int(raw.headers.get(ATTEMPT), 1), DEAD_LETTER_REASON, why, None)
+        await self.dead_letter(raw, attempt_of(raw.headers), DEAD_LETTER_REASON, why, None)
         return True
 
 

@@ -11,6 +11,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
@@ -155,11 +156,23 @@ def now_ms() -> int:
 
 
 def as_int(value: Any, default: int) -> int:
-    """A header's value as an int, ``default`` when it is missing or not a number."""
+    """A header's value as an int, ``default`` when it is missing or not a number (NaN and infinities included)."""
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return default
+
+
+MAX_ATTEMPT = 2**31 - 1
+"""The highest attempt number a task is taken to be on, whatever its ``x-attempt`` says."""
+
+
+def attempt_of(headers: Mapping[str, Any]) -> int:
+    """The attempt a delivery is (its ``x-attempt``, which amqpkit writes on each retry): 1 when it is missing,
+    not a whole number or below 1, and at most :data:`MAX_ATTEMPT`. Another client may have written anything
+    there: over 64 bits, no copy of the task could carry it (nor attempt + 1) to a retry or the DLQ; below 1,
+    it bought the task more attempts than its policy allows."""
+    return min(max(as_int(headers.get(ATTEMPT), 1), 1), MAX_ATTEMPT)
 
 
 def describe_dead_letter(delivery: Delivery[bytes]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from .tasks import (
     Retry,
     TaskEvent,
     TaskStatus,
-    as_int,
+    attempt_of,
     now_ms,
 )
 
@@ -199,7 +199,7 @@ class Worker(Generic[T]):
 
     async def _on_task(self, raw: Delivery[bytes]) -> None:
         task_id = raw.message_id or ""
-        attempt = as_int(raw.headers.get(ATTEMPT), 1)
+        attempt = attempt_of(raw.headers)
         try:
             if raw.unreadable:
                 raise refusal(raw.unreadable)

@@ -314,5 +314,5 @@ def reconnected(broker: Broker, seconds: float) -> None:
 def _as_int(value: Any) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0

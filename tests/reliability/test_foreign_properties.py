@@ -24,6 +24,7 @@ from amqpkit import (
     Binding,
     Broker,
     Delivery,
+    Envelope,
     Exchange,
     Queue,
     RetryPolicy,
@@ -312,3 +313,42 @@ async def test_an_rpc_server_answers_a_request_it_cannot_read(broker: Broker, na
         assert broker.reconnects == reconnects
     finally:
         await broker.delete_queue(f"{name}.rpc")
+
+
+ATTEMPTS_SENT: dict[str, Any] = {
+    "over 64 bits, as a double": 1e300,
+    "over 64 bits, as text": "1" * 30,
+    "the largest 64-bit": 2**63 - 1,
+    "negative": -5,
+    "not a number": "third",
+}
+
+
+async def test_an_attempt_count_another_client_wrote_cannot_hold_a_task_up(broker: Broker, name: str) -> None:
+    """``x-attempt`` as another client may have written it. Over 64 bits, the dead-letter copy could not carry it
+    (nor a retry's attempt + 1): the task went back to its queue and ran again every second, for ever. Negative,
+    it bought extra attempts (-5: seven runs where two are allowed). Now it counts from 1 to 2**31 - 1."""
+    work: WorkQueue[int] = WorkQueue(broker, name, retry=RetryPolicy(max_attempts=2, initial_delay=0.05, jitter=0))
+    await work.declare()
+    runs: dict[str, int] = {}
+
+    async def handler(delivery: Delivery[int]) -> None:
+        runs[delivery.message_id or ""] = runs.get(delivery.message_id or "", 0) + 1
+        raise RuntimeError("always fails")
+
+    try:
+        for label, attempt in ATTEMPTS_SENT.items():
+            await broker.publish(Envelope(b"1", headers={"x-attempt": attempt}, message_id=label), routing_key=name)
+        async with Worker(work, handler, concurrency=2) as worker:
+            await wait_for(lambda: worker.dead_lettered == len(ATTEMPTS_SENT), timeout=20)
+        assert worker.forward_failures == 0
+        assert runs == {
+            "over 64 bits, as a double": 1,
+            "over 64 bits, as text": 1,
+            "the largest 64-bit": 1,
+            "negative": 2,
+            "not a number": 2,
+        }
+    finally:
+        for queue in [work.name, work.dlq_name, f"{work.name}.retry.50"]:
+            await broker.delete_queue(queue)
