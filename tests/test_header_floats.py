@@ -21,14 +21,12 @@ from amqpkit import (
     Envelope,
     Exchange,
     Queue,
-    RetryPolicy,
     RpcClient,
     RpcServer,
-    Worker,
-    WorkQueue,
 )
 
-from .waiting import until, wait_for
+from .retrying import failed_once_then_done, retried_queue
+from .waiting import until
 
 FLOATS: dict[str, Any] = {
     "price": 19.99,
@@ -101,7 +99,7 @@ async def test_a_double_from_another_client_survives_a_retry(
 ) -> None:
     """A header another client sent as a double beyond a 32-bit float's range: the retry's copy carries it.
     Before, the copy could not be encoded and the task went back to its queue once a second, for ever."""
-    work: WorkQueue[int] = WorkQueue(broker, name, retry=RetryPolicy(max_attempts=3, initial_delay=0.1, jitter=0))
+    work = retried_queue(broker, name)
     await work.declare()
     connection = await aiormq.connect(amqp_url)
     try:
@@ -112,22 +110,9 @@ async def test_a_double_from_another_client_survives_a_retry(
             await channel.basic_publish(b"1", routing_key=name, properties=Basic.Properties(headers={"x": 1}))
     finally:
         await connection.close()
-    seen: list[Delivery[int]] = []
-
-    async def handler(delivery: Delivery[int]) -> None:
-        seen.append(delivery)
-        if len(seen) == 1:
-            raise RuntimeError("first attempt fails")
-
-    try:
-        async with Worker(work, handler, concurrency=1) as worker:
-            await wait_for(lambda: worker.completed == 1, timeout=20)
-        assert worker.retried == 1 and worker.forward_failures == 0
-        assert seen[0].headers["huge"] == 1e300 and seen[1].headers["huge"] == 1e300
-        assert seen[1].headers["fine"] == "ok"
-    finally:
-        for queue in [work.name, work.dlq_name, f"{work.name}.retry.100"]:
-            await broker.delete_queue(queue)
+    seen = await failed_once_then_done(broker, work)
+    assert seen[0].headers["huge"] == 1e300 and seen[1].headers["huge"] == 1e300
+    assert seen[1].headers["fine"] == "ok"
 
 
 class Money(float):

@@ -16,21 +16,17 @@ from pamqp.commands import Basic
 from amqpkit import (
     Broker,
     ConnectionLost,
-    Delivery,
     Envelope,
     InvalidMessage,
     PublishError,
     PublishTimeout,
     Queue,
-    RetryPolicy,
     RpcClient,
     RpcServer,
-    Worker,
-    WorkQueue,
 )
 from amqpkit.publishing import _refused_frames
 
-from .waiting import wait_for
+from .retrying import failed_once_then_done, retried_queue
 
 LONG_KEY = "k" * 129  # AMQP's field names are at most 128 bytes; pamqp cut longer ones short, with only a log line
 
@@ -146,7 +142,7 @@ async def test_a_task_from_another_client_with_a_longer_header_name_is_retried(
     """A name amqpkit cannot send again (over 128 bytes) in a delivery it must forward (a retry, the DLQ): the
     copy carries it cut to 128 bytes, with a warning, as pamqp would cut it; the task is not held up by it."""
     long_name = "x-" + "k" * 198
-    work: WorkQueue[int] = WorkQueue(broker, name, retry=RetryPolicy(max_attempts=3, initial_delay=0.1, jitter=0))
+    work = retried_queue(broker, name)
     await work.declare()
     connection = await aiormq.connect(amqp_url)
     try:
@@ -158,23 +154,10 @@ async def test_a_task_from_another_client_with_a_longer_header_name_is_retried(
             await channel.basic_publish(b"1", routing_key=name, properties=properties)
     finally:
         await connection.close()
-    seen: list[Delivery[int]] = []
-
-    async def handler(delivery: Delivery[int]) -> None:
-        seen.append(delivery)
-        if len(seen) == 1:
-            raise RuntimeError("first attempt fails")
-
-    try:
-        async with Worker(work, handler, concurrency=1) as worker:
-            await wait_for(lambda: worker.completed == 1, timeout=20)
-        assert worker.retried == 1 and worker.forward_failures == 0
-        assert long_name in seen[0].headers  # as it came
-        assert long_name[:128] in seen[1].headers and long_name not in seen[1].headers  # the retry's copy
-        assert any("128 bytes" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
-    finally:
-        for queue in [work.name, work.dlq_name, f"{work.name}.retry.100"]:
-            await broker.delete_queue(queue)
+    seen = await failed_once_then_done(broker, work)
+    assert long_name in seen[0].headers  # as it came
+    assert long_name[:128] in seen[1].headers and long_name not in seen[1].headers  # the retry's copy
+    assert any("128 bytes" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
 
 async def test_a_publish_the_broker_closes_the_connection_over_is_not_sent_for_ever(broker: Broker, name: str) -> None:

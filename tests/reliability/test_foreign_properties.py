@@ -35,6 +35,7 @@ from amqpkit import (
     WorkQueue,
 )
 
+from ..retrying import failed_once_then_done, retried_queue
 from ..waiting import until_ready, wait_for
 
 # Bit of each property in the content header's flags, as AMQP 0-9-1 numbers them.
@@ -93,27 +94,14 @@ async def test_a_header_value_that_is_not_text_survives_a_retry(broker: Broker, 
     """A long-string header value that is not UTF-8 (pamqp reads it as bytes, and cannot send bytes): the retry's
     copy carries the same bytes, as a byte array. Before, the copy could not be encoded, and the task went back
     to its queue once a second, forever, without reaching its retry or its dead-letter queue."""
-    work: WorkQueue[int] = WorkQueue(broker, name, retry=RetryPolicy(max_attempts=3, initial_delay=0.1, jitter=0))
+    work = retried_queue(broker, name)
     await work.declare()
     raw = b"\xff\xfe latin-1 caf\xe9"
     async with bare(amqp_url) as channel:
         await send_foreign(channel, name, b"1", {"headers": table(short(b"blob") + b"S" + long(raw))})
-    seen: list[Delivery[Any]] = []
-
-    async def handler(delivery: Delivery[Any]) -> None:
-        seen.append(delivery)
-        if len(seen) == 1:
-            raise RuntimeError("first attempt fails")
-
-    try:
-        async with Worker(work, handler, concurrency=1) as worker:
-            await wait_for(lambda: worker.completed == 1, timeout=20)
-        assert worker.retried == 1 and worker.forward_failures == 0
-        assert seen[0].headers["blob"] == raw  # as it came: pamqp gives bytes
-        assert bytes(seen[1].headers["blob"]) == raw  # the copy: the same bytes, sent as a byte array
-    finally:
-        for queue in [work.name, work.dlq_name, f"{work.name}.retry.100"]:
-            await broker.delete_queue(queue)
+    seen = await failed_once_then_done(broker, work)
+    assert seen[0].headers["blob"] == raw  # as it came: pamqp gives bytes
+    assert bytes(seen[1].headers["blob"]) == raw  # the copy: the same bytes, sent as a byte array
 
 
 NANOSECONDS = struct.pack(">Q", 1_700_000_000_000_000_000)  # a timestamp in ns: pamqp reads past the year 9999
