@@ -182,15 +182,21 @@ class RpcServer:
             return next(iter(self._methods.values()))
         return None
 
+    async def _refuse_undecodable(
+        self, raw: Delivery[bytes], reply_to: str | None, correlation_id: str | None, exc: DecodeError
+    ) -> None:
+        """Reject a request that cannot be decoded, answering its caller with the DecodeError when it can."""
+        self.rejected += 1
+        log.error("rejected request id=%s method=%s on %s: cannot decode: %s", raw.message_id, raw.type,
+                  self.queue.name, exc)  # fmt: skip
+        if reply_to and correlation_id:
+            await self._reply(reply_to, correlation_id, error_body("DecodeError", str(exc), {"errors": exc.errors}))
+        await raw.reject(requeue=False)
+
     async def _on_request(self, raw: Delivery[bytes]) -> None:
         reply_to, correlation_id = raw.reply_to, raw.correlation_id
         if raw.unreadable:  # first: a reply_to that could not be read is said to be that, not to be missing
-            exc = refusal(raw.unreadable)
-            self.rejected += 1
-            log.error("rejected request id=%s on %s: %s", raw.message_id, self.queue.name, exc)
-            if reply_to and correlation_id:
-                await self._reply(reply_to, correlation_id, error_body("DecodeError", str(exc), {"errors": exc.errors}))
-            await raw.reject(requeue=False)
+            await self._refuse_undecodable(raw, reply_to, correlation_id, refusal(raw.unreadable))
             return
         if not reply_to or not correlation_id:
             missing = "reply_to" if not reply_to else "correlation_id"
@@ -218,10 +224,7 @@ class RpcServer:
         try:
             value = info.codec.decode(raw.body, raw.content_type)
         except DecodeError as exc:
-            self.rejected += 1
-            log.error("rejected request id=%s method=%s: cannot decode: %s", raw.message_id, raw.type, exc)
-            await self._reply(reply_to, correlation_id, error_body("DecodeError", str(exc), {"errors": exc.errors}))
-            await raw.reject(requeue=False)
+            await self._refuse_undecodable(raw, reply_to, correlation_id, exc)
             return
         try:
             # A codec that hands the body back as it is (bytes) needs no decoded copy of the delivery.
