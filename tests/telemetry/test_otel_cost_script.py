@@ -27,3 +27,18 @@ async def test_modes_without_off_are_refused_before_any_trial(tmp_path: Path) ->
     assert b"repeat 1" not in out  # no trial ran
     assert b"--modes must include off" in err
     assert not out_file.exists()
+
+
+async def test_the_floor_command_measures_the_hooks_as_they_are() -> None:
+    """``--floor`` is one of the guide's "Measuring it yourself" commands. Its stub broker had only ``publish``
+    after the hooks moved below it (``Broker._publish``), and the command died on an AttributeError."""
+    proc = await processes.spawn(
+        sys.executable, str(SCRIPT), "--floor", "--repeats", "1", "--rounds", "1", "--count", "20",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 300)
+    assert proc.returncode == 0, (out + err).decode()[-2000:]
+    text = out.decode()
+    for mode in ("noop", "batch", "sampled10", "sampled", "json"):
+        assert f"repeat 1 {mode}" in text
+    assert "CPU us per message" in text
