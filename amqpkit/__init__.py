@@ -6,6 +6,7 @@ from .connection import Broker, Consumer
 from .context import TaskContext
 from .errors import (
     AmqpkitError,
+    ChannelLimitReached,
     ConnectError,
     ConnectionLost,
     DecodeError,
@@ -50,6 +51,7 @@ __all__ = [
     "Broker",
     "BrokerSettings",
     "BytesCodec",
+    "ChannelLimitReached",
     "Codec",
     "ConfirmingPublisher",
     "ConnectError",

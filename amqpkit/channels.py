@@ -25,6 +25,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import aiormq.exceptions
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 from tenacity import wait_exponential, wait_random
@@ -32,7 +33,7 @@ from tenacity.wait import wait_base
 from yarl import URL
 
 from . import aiormq_compat
-from .errors import ConnectionLost, MessageTooLarge, PublishTimeout, map_exceptions
+from .errors import ChannelLimitReached, ConnectionLost, MessageTooLarge, PublishTimeout, map_exceptions
 from .message import Delivery, delivery_channel, delivery_from_aiormq
 from .settings import BrokerSettings, redact_url
 from .topology import Binding, Exchange, Queue
@@ -40,11 +41,34 @@ from .topology import Binding, Exchange, Queue
 if TYPE_CHECKING:
     from .consuming import Consumer
 
-__all__ = ["BrokerCore", "LowLevel"]
+__all__ = ["BrokerCore", "LowLevel", "new_channel"]
 
 DisconnectCallback = Callable[[BaseException], None]
 ReconnectCallback = Callable[[], Awaitable[None]]
 TopologyErrorCallback = Callable[["Exchange | Queue | Binding", BaseException], None]
+
+
+async def new_channel(conn: aiormq_compat.AmqpConnection, **options: Any) -> AbstractChannel:
+    """``conn.channel(**options)`` within the broker's limits on channels, or :class:`ChannelLimitReached`.
+
+    RabbitMQ closes the whole connection (530 NOT_ALLOWED) over a channel past the ``channel_max`` the
+    handshake agreed on, or past a limit it counts itself (a user's ``max-channels``, over all of that user's
+    connections). The first is known here: such a channel is refused without asking, and the connection
+    stays up. The second is known only from the broker's answer.
+    """
+    channel_max = conn.connection_tune.channel_max
+    if channel_max and len(conn.channels) >= channel_max:
+        raise ChannelLimitReached(
+            f"the connection has the {channel_max} channels the broker allows on one (its channel_max) open",
+            limit=channel_max,
+        )
+    try:
+        return await conn.channel(**options)
+    except aiormq.exceptions.ConnectionNotAllowed as exc:
+        text = next((arg for arg in exc.args if isinstance(arg, str)), "")
+        if "channel" not in text.lower():
+            raise
+        raise ChannelLimitReached(f"the broker refused another channel and closed the connection: {text}") from exc
 
 
 class _SameId:
@@ -78,6 +102,7 @@ class BrokerCore:
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
         self._url_index = 0
+        self._channels_refused_since: float | None = None  # first of the reconnect's refusals of a channel
         self._on_disconnect: list[DisconnectCallback] = []
         self._on_reconnect: list[ReconnectCallback] = []
         self._on_topology_error: list[TopologyErrorCallback] = []
@@ -174,7 +199,7 @@ class BrokerCore:
             if conn is None or conn.is_closed:
                 raise ConnectionLost("not connected")
             with map_exceptions(kind="channel", name=role):
-                channel = await conn.channel(publisher_confirms=confirms, on_return_raises=confirms)
+                channel = await new_channel(conn, publisher_confirms=confirms, on_return_raises=confirms)
             self._channels[role] = channel
             return channel
 
@@ -234,7 +259,7 @@ class LowLevel:
         if conn is None:
             raise ConnectionLost("not connected")
         with map_exceptions(kind="channel"):
-            channel = await conn.channel(publisher_confirms=confirms, on_return_raises=confirms)
+            channel = await new_channel(conn, publisher_confirms=confirms, on_return_raises=confirms)
             if prefetch is not None:
                 await channel.basic_qos(prefetch_count=prefetch)
         return channel

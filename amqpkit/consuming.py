@@ -23,7 +23,8 @@ from pamqp.commands import Basic
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from . import _hooks
-from .errors import ConnectionLost, TopologyError, map_exceptions
+from .channels import new_channel
+from .errors import ChannelLimitReached, ConnectionLost, TopologyError, map_exceptions
 from .message import Delivery, delivery_from_aiormq
 from .registry import TopologyRegistry
 from .topology import Queue
@@ -193,7 +194,7 @@ class Consuming(TopologyRegistry):
             raise ConnectionLost("not connected")
         queue_name = self.queue_name(consumer.queue)
         with map_exceptions(kind="queue", name=queue_name):
-            channel = await conn.channel(publisher_confirms=False)
+            channel = await new_channel(conn, publisher_confirms=False)
             await channel.basic_qos(prefetch_count=consumer.prefetch)
             # aiormq runs it in a task of its own per delivery: _dispatch itself, no coroutine wrapped around it.
             on_message = functools.partial(self._dispatch, consumer)
@@ -285,6 +286,8 @@ class Consuming(TopologyRegistry):
         except Exception as exc:
             if consumer.cancelled or self._closing:
                 return
+            if isinstance(exc, ChannelLimitReached) and exc.limit is None:
+                return  # the broker closed the connection over it: the reconnect decides (Broker._setup)
             self._stop_consumer(consumer, exc)
 
     async def _detach(self, consumer: Consumer, *, grace: float) -> None:

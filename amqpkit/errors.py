@@ -35,6 +35,7 @@ import aiormq.exceptions
 
 __all__ = [
     "AmqpkitError",
+    "ChannelLimitReached",
     "ConnectError",
     "ConnectionLost",
     "DecodeError",
@@ -72,6 +73,21 @@ class ConnectError(AmqpkitError):
 
 class ConnectionLost(AmqpkitError):
     """Raised when the connection or channel dropped while an operation was waiting on it."""
+
+
+class ChannelLimitReached(AmqpkitError):
+    """Raised when the broker allows no more channels: the connection's negotiated ``channel_max`` (checked before
+    asking) or a limit the broker enforces when asked, such as a user's ``max-channels``.
+
+    RabbitMQ answers a channel past a limit by closing the whole connection; the Broker reconnects without
+    whatever asked for it. A consumer that no longer fits after a reconnect stops, and its ``on_error`` gets
+    this error: it is not attached again until its owner starts it again. ``limit`` is the connection's
+    ``channel_max`` when that is what was reached, else None.
+    """
+
+    def __init__(self, message: str, *, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class TopologyError(AmqpkitError):
