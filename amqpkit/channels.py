@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -41,34 +42,33 @@ from .topology import Binding, Exchange, Queue
 if TYPE_CHECKING:
     from .consuming import Consumer
 
-__all__ = ["BrokerCore", "LowLevel", "new_channel"]
+__all__ = ["BrokerCore", "LowLevel"]
+
+log = logging.getLogger("amqpkit.broker")
 
 DisconnectCallback = Callable[[BaseException], None]
 ReconnectCallback = Callable[[], Awaitable[None]]
 TopologyErrorCallback = Callable[["Exchange | Queue | Binding", BaseException], None]
 
 
-async def new_channel(conn: aiormq_compat.AmqpConnection, **options: Any) -> AbstractChannel:
-    """``conn.channel(**options)`` within the broker's limits on channels, or :class:`ChannelLimitReached`.
+CHANNEL_CAP_HOLD_MAX = 300.0
+"""The longest a limit on channels the broker counts (see :meth:`BrokerCore._new_channel`) is kept, in seconds."""
 
-    RabbitMQ closes the whole connection (530 NOT_ALLOWED) over a channel past the ``channel_max`` the
-    handshake agreed on, or past a limit it counts itself (a user's ``max-channels``, over all of that user's
-    connections). The first is known here: such a channel is refused without asking, and the connection
-    stays up. The second is known only from the broker's answer.
-    """
-    channel_max = conn.connection_tune.channel_max
-    if channel_max and len(conn.channels) >= channel_max:
-        raise ChannelLimitReached(
-            f"the connection has the {channel_max} channels the broker allows on one (its channel_max) open",
-            limit=channel_max,
-        )
-    try:
-        return await conn.channel(**options)
-    except aiormq.exceptions.ConnectionNotAllowed as exc:
-        text = next((arg for arg in exc.args if isinstance(arg, str)), "")
-        if "channel" not in text.lower():
-            raise
-        raise ChannelLimitReached(f"the broker refused another channel and closed the connection: {text}") from exc
+
+def channel_cap_hold(heartbeat: int) -> float:
+    """How long a learned limit on channels is kept at first: until the broker has surely dropped a connection
+    that went silent (three heartbeats), and 10 s more; a minute without heartbeats."""
+    return 3 * heartbeat + 10.0 if heartbeat else 60.0
+
+
+def _reply(exc: BaseException) -> str:
+    return next((arg for arg in exc.args if isinstance(arg, str)), "")
+
+
+def _about_channels(exc: BaseException) -> bool:
+    """Whether a 530 NOT_ALLOWED is RabbitMQ's over a limit on channels (3.10 and 4.x word both alike)."""
+    text = _reply(exc)
+    return "number of channels" in text or "channel_max" in text
 
 
 class _SameId:
@@ -102,7 +102,12 @@ class BrokerCore:
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
         self._url_index = 0
-        self._channels_refused_since: float | None = None  # first of the reconnect's refusals of a channel
+        # The most channels the broker let this Broker have when it last refused one (a limit it counts itself, a
+        # user's max-channels), kept until _channel_cap_until (loop time); see _new_channel.
+        self._channel_cap: int | None = None
+        self._channel_cap_until = 0.0
+        self._channel_cap_hold = 0.0
+        self._waiting_task: asyncio.Task[None] | None = None  # Consuming._attach_waiting, while a consumer waits
         self._on_disconnect: list[DisconnectCallback] = []
         self._on_reconnect: list[ReconnectCallback] = []
         self._on_topology_error: list[TopologyErrorCallback] = []
@@ -186,6 +191,52 @@ class BrokerCore:
         except TimeoutError:
             raise ConnectionLost("not connected: the reconnect did not finish in time") from None
 
+    async def _new_channel(self, conn: aiormq_compat.AmqpConnection, **options: Any) -> AbstractChannel:
+        """``conn.channel(**options)``, or :class:`ChannelLimitReached` without asking, past a limit known here.
+
+        RabbitMQ closes the whole connection (530 NOT_ALLOWED) over a channel past the ``channel_max`` the
+        handshake agreed on, or past a limit it counts itself over connections (a user's ``max-channels``).
+        The first is known from the handshake. The second is learned from such a close: the channels open
+        then are the most asked for, for a while (:func:`channel_cap_hold`, twice as long after each refusal
+        in a row, up to :data:`CHANNEL_CAP_HOLD_MAX`), so that no other ask cuts the connection again meanwhile.
+        The close itself is a lost connection (ConnectionLost, and the Broker reconnects), as it is.
+        """
+        limit = conn.connection_tune.channel_max or None
+        learned = self._channel_cap if asyncio.get_running_loop().time() < self._channel_cap_until else None
+        if learned is not None and (limit is None or learned < limit):
+            limit = learned
+        open_now = len(conn.channels)
+        if limit is not None and open_now >= limit:
+            raise ChannelLimitReached(self._cap_text(conn, limit), limit=limit)
+        try:
+            channel = await conn.channel(**options)
+        except aiormq.exceptions.ConnectionNotAllowed as exc:
+            if _about_channels(exc):
+                self._learn_channel_cap(open_now, exc)
+            raise
+        if self._channel_cap is not None and len(conn.channels) > self._channel_cap:
+            self._channel_cap = None  # room past what the broker refused before: forgotten
+        return channel
+
+    def _cap_text(self, conn: aiormq_compat.AmqpConnection, limit: int) -> str:
+        if limit == conn.connection_tune.channel_max:
+            return f"the connection has the {limit} channels open that the broker allows on one (its channel_max)"
+        left = self._channel_cap_until - asyncio.get_running_loop().time()
+        return (f"the broker refused a channel past {limit} (a limit it counts, such as the user's max-channels); "
+                f"no more are asked for during the next {left:.0f} s")  # fmt: skip
+
+    def _learn_channel_cap(self, open_now: int, exc: BaseException) -> None:
+        first = channel_cap_hold(self.settings.heartbeat)
+        now = asyncio.get_running_loop().time()
+        # refused again soon after the last limit ran out: kept twice as long
+        again = self._channel_cap is not None and now < self._channel_cap_until + self._channel_cap_hold
+        self._channel_cap_hold = min(max(self._channel_cap_hold * 2, first), CHANNEL_CAP_HOLD_MAX) if again else first
+        self._channel_cap = open_now
+        self._channel_cap_until = now + self._channel_cap_hold
+        log.warning("the broker refused channel %d and closed the connection (%s); no more than %d channels are "
+                    "asked for during the next %g s", open_now + 1, _reply(exc), open_now,
+                    self._channel_cap_hold)  # fmt: skip
+
     async def _channel(self, role: str, *, confirms: bool = True) -> AbstractChannel:
         """The open channel kept for ``role`` on the current connection, reopened when it died."""
         channel = self._channels.get(role)
@@ -199,7 +250,7 @@ class BrokerCore:
             if conn is None or conn.is_closed:
                 raise ConnectionLost("not connected")
             with map_exceptions(kind="channel", name=role):
-                channel = await new_channel(conn, publisher_confirms=confirms, on_return_raises=confirms)
+                channel = await self._new_channel(conn, publisher_confirms=confirms, on_return_raises=confirms)
             self._channels[role] = channel
             return channel
 
@@ -259,7 +310,7 @@ class LowLevel:
         if conn is None:
             raise ConnectionLost("not connected")
         with map_exceptions(kind="channel"):
-            channel = await new_channel(conn, publisher_confirms=confirms, on_return_raises=confirms)
+            channel = await core._new_channel(conn, publisher_confirms=confirms, on_return_raises=confirms)
             if prefetch is not None:
                 await channel.basic_qos(prefetch_count=prefetch)
         return channel

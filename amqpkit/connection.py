@@ -253,40 +253,17 @@ class Broker(Consuming, Publishing):
                     continue
                 except TopologyError as exc:
                     cause = exc
-                except ChannelLimitReached as exc:
-                    if not self._refused_for_good(consumer, exc):
-                        raise  # the broker closed the connection over it: this attempt fails, the next asks again
-                    self._stop_consumer(consumer, exc)  # at once: the next attempt must not ask for its channel
+                except ChannelLimitReached as exc:  # refused without asking: the connection is up
+                    self._wait_for_channel(consumer, exc)
                     continue
             stopped.append((consumer, cause))
         generation = self.generation
         conn.closing.add_done_callback(lambda fut: self._on_closed(fut, generation))
-        self._channels_refused_since = None
         self._connected.set()
         for refused_spec, error in refused:
             self._forget_refused(refused_spec, error)
         for stopped_consumer, why in stopped:
             self._stop_consumer(stopped_consumer, why)
-
-    def _refused_for_good(self, consumer: Consumer, exc: ChannelLimitReached) -> bool:
-        """Whether a consumer whose channel a reconnect was refused stops (else the reconnect tries again).
-
-        Past the connection's own ``channel_max``: at once, that count is exact. Past a limit the broker counts
-        over connections (a user's ``max-channels``): the broker may still count the channels of the connection
-        just lost until it notices that it is gone, within two heartbeats. Refused for longer than that, the
-        consumer stops (and every later one refused stops at once), and the rest of the Broker stays up.
-        """
-        if exc.limit is not None:
-            return True
-        now = asyncio.get_running_loop().time()
-        heartbeat = self.settings.heartbeat
-        grace = 2 * heartbeat + 5 if heartbeat else 60
-        if self._channels_refused_since is None:
-            self._channels_refused_since = now
-            log.warning("the broker refused consumer %s on %s a channel (%s); if it is still refused %g s from now, "
-                        "it stops and the rest of the Broker goes on without it", consumer.consumer_tag,
-                        self._shown(consumer), exc, grace)  # fmt: skip
-        return now - self._channels_refused_since >= grace
 
     def _on_closed(self, closing: asyncio.Future[Any], generation: int) -> None:
         if self._closing or generation != self.generation:

@@ -23,7 +23,6 @@ from pamqp.commands import Basic
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from . import _hooks
-from .channels import new_channel
 from .errors import ChannelLimitReached, ConnectionLost, TopologyError, map_exceptions
 from .message import Delivery, delivery_from_aiormq
 from .registry import TopologyRegistry
@@ -32,6 +31,9 @@ from .topology import Queue
 __all__ = ["Consumer", "ConsumerCallback", "Consuming"]
 
 log = logging.getLogger("amqpkit.broker")
+
+WAITING_CHECK = 5.0
+"""Seconds between two asks for the channels of consumers a limit on channels left waiting, at the least."""
 
 ConsumerCallback = Callable[[Delivery[bytes]], Awaitable[None]]
 
@@ -43,7 +45,9 @@ class Consumer:
     ``attached`` (an event) whether it is attached now; ``cancelled`` and
     ``error`` whether it stopped, and why when it could not be re-attached;
     ``lost_in_flight`` counts deliveries whose callback a lost channel or
-    connection cut short (the broker delivers them again).
+    connection cut short (the broker delivers them again);
+    ``waiting_for_channel`` says why it is not attached while a limit on
+    channels leaves it waiting (the Broker asks for its channel again).
     """
 
     __slots__ = (
@@ -63,6 +67,7 @@ class Consumer:
         "on_error",
         "prefetch",
         "queue",
+        "waiting_for_channel",
     )
 
     def __init__(
@@ -90,6 +95,8 @@ class Consumer:
         self.inflight: set[asyncio.Task[Any]] = set()
         self.error: BaseException | None = None  # why it stopped, when it could not be re-attached
         self.lost_in_flight = 0
+        # why it is not attached while a limit on channels leaves it waiting (the Broker asks again), else None
+        self.waiting_for_channel: ChannelLimitReached | None = None
         self._channel: AbstractChannel | None = None
         self._attach_lock = asyncio.Lock()
 
@@ -194,7 +201,7 @@ class Consuming(TopologyRegistry):
             raise ConnectionLost("not connected")
         queue_name = self.queue_name(consumer.queue)
         with map_exceptions(kind="queue", name=queue_name):
-            channel = await new_channel(conn, publisher_confirms=False)
+            channel = await self._new_channel(conn, publisher_confirms=False)
             await channel.basic_qos(prefetch_count=consumer.prefetch)
             # aiormq runs it in a task of its own per delivery: _dispatch itself, no coroutine wrapped around it.
             on_message = functools.partial(self._dispatch, consumer)
@@ -208,6 +215,9 @@ class Consuming(TopologyRegistry):
                 consumer_tag=consumer.consumer_tag,
             )
         consumer._channel = channel
+        if consumer.waiting_for_channel is not None:
+            consumer.waiting_for_channel = None
+            log.info("consumer %s attached to %s after waiting for a channel", consumer.consumer_tag, queue_name)
         consumer.attached.set()
         generation = self.generation
         channel.closing.add_done_callback(lambda _: self._on_consumer_channel_closed(consumer, channel, generation))
@@ -286,8 +296,9 @@ class Consuming(TopologyRegistry):
         except Exception as exc:
             if consumer.cancelled or self._closing:
                 return
-            if isinstance(exc, ChannelLimitReached) and exc.limit is None:
-                return  # the broker closed the connection over it: the reconnect decides (Broker._setup)
+            if isinstance(exc, ChannelLimitReached):
+                self._wait_for_channel(consumer, exc)
+                return
             self._stop_consumer(consumer, exc)
 
     async def _detach(self, consumer: Consumer, *, grace: float) -> None:
@@ -324,6 +335,38 @@ class Consuming(TopologyRegistry):
         elif not self.is_connected:
             log.info("consumer %s on %s stopped while the connection was down", consumer.consumer_tag,
                      consumer.queue.name)  # fmt: skip
+
+    def _wait_for_channel(self, consumer: Consumer, exc: ChannelLimitReached) -> None:
+        """A limit on channels leaves ``consumer`` unattached: it stays registered, and is asked for again."""
+        if consumer.waiting_for_channel is None:
+            log.error("consumer %s on %s is not attached: %s; its channel is asked for again later "
+                      "(Broker.detached_consumers() lists it meanwhile)", consumer.consumer_tag, self._shown(consumer),
+                      exc)  # fmt: skip
+        consumer.waiting_for_channel = exc
+        if self._waiting_task is None or self._waiting_task.done():
+            self._waiting_task = self._spawn(self._attach_waiting())
+
+    async def _attach_waiting(self) -> None:
+        """Ask again for the channels of the consumers a limit left waiting, in the order they came, until none
+        waits: when a limit learned from the broker runs out (one ask then), else every few seconds (a limit
+        known here costs nothing to check)."""
+        while True:
+            waiting = [c for c in self._consumers.values() if c.waiting_for_channel is not None and not c.cancelled]
+            if not waiting or self._closing:
+                return
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(max(self._channel_cap_until - loop.time() + 0.05, WAITING_CHECK))
+            for consumer in waiting:
+                try:
+                    await self._ready()
+                    await self._attach(consumer)
+                except ChannelLimitReached as exc:
+                    consumer.waiting_for_channel = exc  # still no room: the rest wait with it
+                    break
+                except ConnectionLost:
+                    break  # the reconnect attaches what fits, and leaves the rest waiting
+                except Exception as exc:
+                    self._stop_consumer(consumer, exc)
 
     def _consumers_detached(self) -> None:
         """The connection is gone: no consumer is attached until the reconnect attaches it again."""

@@ -76,13 +76,15 @@ class ConnectionLost(AmqpkitError):
 
 
 class ChannelLimitReached(AmqpkitError):
-    """Raised when the broker allows no more channels: the connection's negotiated ``channel_max`` (checked before
-    asking) or a limit the broker enforces when asked, such as a user's ``max-channels``.
+    """Raised, without asking the broker, for a channel past a limit the Broker knows: the connection's
+    negotiated ``channel_max``, or one the broker counts itself (a user's ``max-channels``), learned when it
+    refused a channel.
 
-    RabbitMQ answers a channel past a limit by closing the whole connection; the Broker reconnects without
-    whatever asked for it. A consumer that no longer fits after a reconnect stops, and its ``on_error`` gets
-    this error: it is not attached again until its owner starts it again. ``limit`` is the connection's
-    ``channel_max`` when that is what was reached, else None.
+    RabbitMQ answers a channel past either limit by closing the whole connection: that close is a
+    :class:`ConnectionLost` (the Broker reconnects), and for a while after it the Broker asks for no more
+    channels than it had then. A consumer left without a channel at a reconnect is not given up: it waits
+    (``Consumer.waiting_for_channel``, ``Broker.detached_consumers()``) and is attached when there is room.
+    ``limit`` is the number of channels the limit allows.
     """
 
     def __init__(self, message: str, *, limit: int | None = None) -> None:

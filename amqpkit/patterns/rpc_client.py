@@ -100,13 +100,19 @@ class RpcClient:
             return
         self._started = True
         self._unsubscribe.append(self.broker.on_disconnect(self._fail_pending))
-        if self.reply_queue == "exclusive":
-            self._reply_spec = Queue(exclusive=True, auto_delete=True, durable=False)
-            self._reply_consumer = await self.broker.consume(
-                self._reply_spec, self._on_reply_delivery, auto_ack=True, prefetch=0
-            )
-        else:
-            await self._direct_channel()
+        try:
+            if self.reply_queue == "exclusive":
+                self._reply_spec = Queue(exclusive=True, auto_delete=True, durable=False)
+                self._reply_consumer = await self.broker.consume(
+                    self._reply_spec, self._on_reply_delivery, auto_ack=True, prefetch=0
+                )
+            else:
+                await self._direct_channel()
+        except BaseException:
+            # Not started: undone, so that a later start starts (it did nothing, and calls were sent with a reply
+            # queue nobody read), and the reply queue is not declared again by every reconnect.
+            await self.close()
+            raise
 
     async def close(self) -> None:
         """Stop; calls still pending fail with ConnectionLost."""

@@ -32,6 +32,7 @@ class FaultProxy:
         self._stalled: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._reset_after: int | None = None
         self.refusing = False  # True: every new connection is reset at once (the broker "is down")
+        self._abandoned: set[asyncio.StreamWriter] = set()  # broker sides left open by abandon(), closed by close()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -52,6 +53,9 @@ class FaultProxy:
             self._server.close()
             await self._server.wait_closed()
         self.cut()
+        for upstream in self._abandoned:
+            _reset(upstream)
+        self._abandoned.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -78,6 +82,15 @@ class FaultProxy:
 
     def resume(self) -> None:
         self._stalled.clear()
+
+    def abandon(self) -> int:
+        """Reset the client's side of every open connection and leave the broker's open and silent, as a link
+        that died on the client's side only: the broker counts the connection until its heartbeat runs out."""
+        pairs = list(self._pairs)
+        for client, upstream in pairs:
+            self._abandoned.add(upstream)
+            _reset(client)
+        return len(pairs)
 
     def reset_after(self, nbytes: int) -> None:
         self._reset_after = nbytes
@@ -135,8 +148,9 @@ class FaultProxy:
         finally:
             self._pairs.discard(pair)
             self._stalled.discard(pair)
-            with contextlib.suppress(Exception):
-                writer.close()
+            if writer not in self._abandoned:
+                with contextlib.suppress(Exception):
+                    writer.close()
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

@@ -11,13 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from amqpkit import Broker, ChannelLimitReached, Consumer, Delivery, Envelope, Queue, ReconnectPolicy
+from amqpkit import (
+    Broker,
+    ChannelLimitReached,
+    Consumer,
+    Delivery,
+    Envelope,
+    Queue,
+    ReconnectPolicy,
+    RpcClient,
+    RpcServer,
+)
 from amqpkit.settings import BrokerSettings
 
 from ..brokerctl import rabbitmqctl, vhost_of
@@ -91,15 +102,21 @@ async def test_a_consumer_past_the_users_channel_limit_fails_and_the_rest_stay_u
                 break
             attached.append((queue, counting))
         assert refused is not None, "every consumer fitted: the limit was not reached"
-        assert "max" in str(refused) and PASSWORD not in str(refused)
+        assert "max-channels" in str(refused) and PASSWORD not in str(refused)
         assert 1 <= len(attached) < 4
-        print(f"{len(attached)} consumers fitted; reconnects {limited.reconnects}")
         await wait_for(lambda: limited.is_connected, 10)
+        print(f"{len(attached)} consumers fitted; reconnects {limited.reconnects}")
+        assert limited.reconnects == 1  # the broker's refusal cut the connection once
         await stays_up(limited, 3)
         for queue, counting in attached:
             await round_trip(limited, queue, counting)
         assert all(c.attached.is_set() for c in limited.consumers)
         assert len(limited.consumers) == len(attached)
+        # Any other channel is refused without asking meanwhile: before, each get cut the connection again.
+        for _ in range(3):
+            with pytest.raises(ChannelLimitReached):
+                await limited.get(queues[0])
+        await stays_up(limited, 1)
         # what waits in the refused consumer's queue stays there
         over = queues[len(attached)]
         await broker.publish(Envelope(b"kept", message_id="kept"), routing_key=over)
@@ -109,44 +126,114 @@ async def test_a_consumer_past_the_users_channel_limit_fails_and_the_rest_stay_u
         await broker.delete_queue(queue)
 
 
-async def test_consumers_that_no_longer_fit_after_a_reconnect_stop_and_the_rest_come_back(
+async def limited_consumers(
+    broker: Broker, limited: Broker, queues: list[str], errors: dict[str, BaseException]
+) -> tuple[dict[str, Consumer], dict[str, Counting]]:
+    consumers: dict[str, Consumer] = {}
+    countings: dict[str, Counting] = {}
+    for queue in queues:
+        await broker.declare_queue(Queue(queue))
+        countings[queue] = Counting()
+        consumers[queue] = await limited.consume(
+            Queue(queue), countings[queue], declare=False,
+            on_error=lambda exc, queue=queue: errors.__setitem__(queue, exc),  # type: ignore[misc]
+        )  # fmt: skip
+    for queue in queues:
+        await round_trip(limited, queue, countings[queue])
+    return consumers, countings
+
+
+async def test_consumers_that_no_longer_fit_after_a_reconnect_wait_and_come_back_when_there_is_room(
     broker: Broker, proxy: FaultProxy, user: str, name: str
 ) -> None:
     queues = [f"{name}.{i}" for i in range(4)]
-    for queue in queues:
-        await broker.declare_queue(Queue(queue))
     limit_channels(user, 16)
     errors: dict[str, BaseException] = {}
-    countings: dict[str, Counting] = {}
     settings = BrokerSettings(url=proxy.url(user, PASSWORD), reconnect=FAST, heartbeat=2, connect_timeout=5)
     async with Broker(settings) as limited:
-        consumers: dict[str, Consumer] = {}
-        for queue in queues:
-            countings[queue] = Counting()
-            consumers[queue] = await limited.consume(
-                Queue(queue), countings[queue], declare=False,
-                on_error=lambda exc, queue=queue: errors.__setitem__(queue, exc),  # type: ignore[misc]
-            )  # fmt: skip
-        for queue in queues:
-            await round_trip(limited, queue, countings[queue])
+        consumers, countings = await limited_consumers(broker, limited, queues, errors)
         # Lowered while connected: the broker leaves open channels alone, and counts them at the next open.
         limit_channels(user, 3)
         proxy.cut()
-        took = await wait_for(lambda: len(errors) == 2, 15)  # before: reconnects for ever, no consumer told
-        print(f"two consumers stopped {took:.1f} s after the cut")
-        assert all(isinstance(exc, ChannelLimitReached) for exc in errors.values()), errors
-        await wait_for(lambda: limited.is_connected, 10)
-        await stays_up(limited, 3)
-        fitted = [queue for queue in queues if queue not in errors]
-        assert len(fitted) == 2
-        for queue in fitted:
-            assert consumers[queue].attached.is_set()
+        # the publish channel and two consumers fit; the broker refuses the third once, then amqpkit knows
+        await wait_for(lambda: limited.is_connected and len(limited.detached_consumers()) == 2, 15)
+        waiting = [queue for queue in queues if consumers[queue].waiting_for_channel is not None]
+        assert waiting == queues[2:], "the consumers registered last wait"
+        assert all(isinstance(consumers[q].waiting_for_channel, ChannelLimitReached) for q in waiting)
+        await stays_up(limited, 3)  # before: reconnected for ever, twice a second
+        for queue in queues[:2]:
             await round_trip(limited, queue, countings[queue])
-        for queue in errors:
-            assert consumers[queue].cancelled and isinstance(consumers[queue].error, ChannelLimitReached)
-        assert {c.queue_name for c in limited.consumers} == set(fitted)
+        # room again: the waiting consumers are attached when the limit learned from the broker runs out
+        # (3 heartbeats + 10 s), without a restart
+        limit_channels(user, 16)
+        took = await wait_for(lambda: not limited.detached_consumers(), 30)
+        print(f"waiting consumers attached {took:.1f} s after the limit was raised")
+        for queue in queues:
+            assert consumers[queue].waiting_for_channel is None
+            await round_trip(limited, queue, countings[queue])
+        assert not errors, errors  # nobody was told to give up
     for queue in queues:
         await broker.delete_queue(queue)
+
+
+async def test_channels_the_broker_still_counts_for_a_dead_connection_do_not_stop_a_consumer(
+    broker: Broker, proxy: FaultProxy, user: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A link that died on the client's side only: the broker counts its channels until its heartbeat runs out,
+    so the reconnect is refused channels for a while; every consumer comes back after it, none is given up."""
+    queues = [f"{name}.{i}" for i in range(2)]
+    limit_channels(user, 3)  # exactly what the Broker uses: the publish channel and two consumers
+    errors: dict[str, BaseException] = {}
+    settings = BrokerSettings(url=proxy.url(user, PASSWORD), reconnect=FAST, heartbeat=2, connect_timeout=5)
+    async with Broker(settings) as limited:
+        consumers, countings = await limited_consumers(broker, limited, queues, errors)
+        reconnects = limited.reconnects
+        caplog.set_level(logging.WARNING, "amqpkit.broker")
+        assert proxy.abandon() == 1
+        took = await wait_for(lambda: limited.reconnects > reconnects and not limited.detached_consumers(), 45)
+        refusals = [r for r in caplog.records if r.getMessage().startswith("the broker refused channel")]
+        assert refusals, "the broker never refused a channel: the dead connection was not counted"
+        print(f"back {took:.1f} s after the link died, after {len(refusals)} refusal(s) by the broker")
+        for queue in queues:
+            assert consumers[queue].attached.is_set() and not consumers[queue].cancelled
+            await round_trip(limited, queue, countings[queue])
+        assert not errors, errors
+    for queue in queues:
+        await broker.delete_queue(queue)
+
+
+async def test_an_rpc_client_whose_start_was_refused_a_channel_starts_again(
+    broker: Broker, proxy: FaultProxy, user: str, name: str
+) -> None:
+    """A start that failed left the client started with no reply consumer: a later start did nothing, and every
+    call waited for a reply sent to a queue nobody read."""
+    server = RpcServer(broker, Queue(name, auto_delete=True))
+
+    @server.method("echo")
+    async def echo(text: str) -> str:
+        return text
+
+    await server.start()
+    limit_channels(user, 2)  # the publish and topology channels fit; the reply queue's consumer does not
+    settings = BrokerSettings(url=proxy.url(user, PASSWORD), reconnect=FAST, heartbeat=2, connect_timeout=5)
+    async with Broker(settings) as limited:
+        client = RpcClient(limited, name, reply_queue="exclusive", timeout=5)
+        with pytest.raises(ChannelLimitReached):
+            await client.start()
+        limit_channels(user, 16)
+        started = asyncio.get_running_loop().time()
+        while True:  # refused without asking until the limit learned from the broker runs out
+            try:
+                await client.start()
+                break
+            except ChannelLimitReached:
+                assert asyncio.get_running_loop().time() - started < 30
+                await asyncio.sleep(0.5)
+        try:
+            assert await client.call("echo", "hi", returns=str) == "hi"
+        finally:
+            await client.close()
+    await server.stop()
 
 
 @pytest.mark.whole_broker  # every new connection to the node gets the lowered channel_max while it runs
