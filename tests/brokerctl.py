@@ -115,6 +115,26 @@ def with_vhost(url: str, vhost: str) -> str:
     return ",".join(one(u) for u in url.split(","))
 
 
+def as_user(url: str, user: str, password: str) -> str:
+    """``url`` with ``user`` and ``password`` in place of its own credentials (the same host, port and vhost)."""
+    parts = urlsplit(url)
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port or 5672}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+@contextlib.contextmanager
+def own_user(url: str, prefix: str, password: str) -> Iterator[str]:
+    """A broker user of the test's own (``prefix`` + a random suffix) with every right on ``url``'s vhost, and
+    nothing else; deleted afterwards, whatever happens."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_user", name, password)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost_of(url), name, ".*", ".*", ".*")
+        yield name
+    finally:
+        rabbitmqctl("delete_user", name)
+
+
 def session_vhost() -> str | None:
     """The vhost this test session made for itself (None: it uses the URL it was given, shared with others)."""
     return _session_vhost[0] if _session_vhost else None

@@ -13,12 +13,12 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import pytest
 
 from . import processes
-from .brokerctl import rabbitmqctl, vhost_of
+from .brokerctl import as_user, own_user
 
 pytestmark = pytest.mark.usefixtures("spawned")  # every process a test starts is ended, whatever the outcome
 
@@ -29,15 +29,8 @@ SERVE_MODULE = "amqpkit.bench.serve"
 @pytest.fixture
 def user_url(amqp_url: str) -> Iterator[str]:
     """``amqp_url`` with a user of this test's own, whose password appears nowhere else."""
-    user = f"amqpkit-argv-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_user", user, PASSWORD)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost_of(amqp_url), user, ".*", ".*", ".*")
-        parts = urlsplit(amqp_url)
-        netloc = f"{user}:{quote(PASSWORD, safe='')}@{parts.hostname}:{parts.port or 5672}"
-        yield urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    finally:
-        rabbitmqctl("delete_user", user)
+    with own_user(amqp_url, "amqpkit-argv", PASSWORD) as user:
+        yield as_user(amqp_url, user, PASSWORD)
 
 
 def command_lines_under(root: int) -> dict[int, str]:

@@ -14,7 +14,6 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -31,7 +30,7 @@ from amqpkit import (
 )
 from amqpkit.settings import BrokerSettings
 
-from ..brokerctl import rabbitmqctl, vhost_of
+from ..brokerctl import as_user, own_user, rabbitmqctl
 from ..waiting import wait_for
 from .proxy import FaultProxy
 
@@ -42,13 +41,8 @@ FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.5, jitter=0.1)
 @pytest.fixture
 def user(amqp_url: str) -> Iterator[str]:
     """A user of this test's vhost only, whose limits the test sets."""
-    name = f"amqpkit-limits-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_user", name, PASSWORD)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost_of(amqp_url), name, ".*", ".*", ".*")
+    with own_user(amqp_url, "amqpkit-limits", PASSWORD) as name:
         yield name
-    finally:
-        rabbitmqctl("delete_user", name)
 
 
 def limit_channels(user: str, most: int) -> None:
@@ -88,8 +82,7 @@ async def test_a_consumer_past_the_users_channel_limit_fails_and_the_rest_stay_u
     for queue in queues:
         await broker.declare_queue(Queue(queue))
     limit_channels(user, 4)
-    parts = urlsplit(amqp_url)
-    url = urlunsplit(parts._replace(netloc=f"{user}:{PASSWORD}@{parts.hostname}:{parts.port}"))
+    url = as_user(amqp_url, user, PASSWORD)
     attached: list[tuple[str, Counting]] = []
     async with Broker(BrokerSettings(url=url, reconnect=FAST, heartbeat=5)) as limited:
         refused: ChannelLimitReached | None = None

@@ -19,7 +19,7 @@ from amqpkit import (
     TopologyError,
 )
 
-from ..brokerctl import rabbitmqctl, vhost_of
+from ..brokerctl import own_user
 from ..waiting import wait_for
 from .proxy import FaultProxy
 
@@ -28,13 +28,8 @@ PASSWORD = f"Pw-{uuid.uuid4().hex[:12]}-secret"
 
 @pytest.fixture  # per test, as amqp_url is: the user gets rights on this test's vhost
 def user(amqp_url: str) -> Iterator[str]:
-    name = f"amqpkit-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_user", name, PASSWORD)
-    rabbitmqctl("set_permissions", "-p", vhost_of(amqp_url), name, ".*", ".*", ".*")
-    try:
+    with own_user(amqp_url, "amqpkit", PASSWORD) as name:
         yield name
-    finally:
-        rabbitmqctl("delete_user", name)
 
 
 @pytest.fixture
