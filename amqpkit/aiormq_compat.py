@@ -56,19 +56,20 @@ import asyncio
 import logging
 from collections.abc import Callable
 from random import getrandbits
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import aiormq
 from aiormq.abc import AbstractChannel, ChannelFrame, DeliveredMessage
 from aiormq.channel import _check_routing_key
-from pamqp.commands import Basic
+from pamqp.commands import Basic, Connection
 from pamqp.header import ContentHeader
 
 from .message import ENCODER_REFUSALS, explain_refusal
 
 __all__ = [
     "AmqpConnection",
+    "ClosedOnOpen",
     "closed_on_open",
     "closing",
     "deliveries_hookable",
@@ -91,6 +92,42 @@ class AmqpConnection(aiormq.Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.write_queue = _WriteQueue(self, WRITE_QUEUE_SIZE)
+
+    @staticmethod
+    async def _rpc(request: Any, writer: Any, frame_receiver: Any, wait_response: bool = True) -> Any:
+        """aiormq's handshake step, keeping the broker's reason when it answers with a close where aiormq
+        expected another frame (a vhost it refuses, a limit on connections): :class:`ClosedOnOpen`."""
+        watched = _LastFrame(frame_receiver)
+        try:
+            return await aiormq.Connection._rpc(request, writer, cast(Any, watched), wait_response)
+        except aiormq.exceptions.InvalidFrameError as exc:
+            if isinstance(watched.last, Connection.Close):
+                raise ClosedOnOpen(watched.last.reply_code or 0, watched.last.reply_text or "") from exc
+            raise
+
+
+class ClosedOnOpen(aiormq.exceptions.InvalidFrameError):
+    """The broker answered the handshake with connection.close: ``reply_code`` and ``reply_text`` say why."""
+
+    def __init__(self, reply_code: int, reply_text: str) -> None:
+        super().__init__(f"the broker closed the connection while it opened: {reply_code} {reply_text}")
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
+class _LastFrame:
+    """A handshake's frame receiver that remembers the last frame it handed out."""
+
+    __slots__ = ("_receiver", "last")
+
+    def __init__(self, receiver: Any) -> None:
+        self._receiver = receiver
+        self.last: Any = None
+
+    async def get_frame(self) -> Any:
+        received = await self._receiver.get_frame()
+        self.last = received[2]
+        return received
 
 
 # A method frame (type 1) of class 60 (basic), method 40 (publish): bytes 7-10 after type and channel and size.
@@ -329,10 +366,12 @@ def closing(channel: AbstractChannel) -> bool:
 
 
 def closed_on_open(exc: BaseException) -> bool:
-    """The broker answered connection.open with connection.close: RabbitMQ's NOT_ALLOWED for a vhost.
+    """The broker answered connection.open with connection.close (its reason, when read: :class:`ClosedOnOpen`).
 
     aiormq reports it as an ``InvalidFrameError`` whose text names both frames.
     """
+    if isinstance(exc, ClosedOnOpen):
+        return True
     if not isinstance(exc, aiormq.exceptions.InvalidFrameError):
         return False
     text = str(exc)

@@ -37,7 +37,7 @@ from tenacity import (
 from yarl import URL
 
 from . import _hooks
-from .aiormq_compat import AmqpConnection, closed_on_open
+from .aiormq_compat import AmqpConnection, ClosedOnOpen, closed_on_open
 from .channels import DisconnectCallback, ReconnectCallback, TopologyErrorCallback
 from .consuming import Consumer, ConsumerCallback, Consuming
 from .errors import ChannelLimitReached, ConnectError, ConnectionLost, TopologyError
@@ -54,9 +54,10 @@ log = logging.getLogger("amqpkit.broker")
 class _Unreachable(Exception):
     """One failed connection attempt (internal; becomes ConnectError)."""
 
-    def __init__(self, message: str, *, refused: bool = False) -> None:
+    def __init__(self, message: str, *, refused: bool = False, limit: bool = False) -> None:
         super().__init__(message)
-        self.refused = refused
+        self.refused = refused  # the login or the vhost refused: trying again does not help
+        self.limit = limit  # the broker's limit on connections reached: room again once another one closes
 
 
 class Broker(Consuming, Publishing):
@@ -122,6 +123,11 @@ class Broker(Consuming, Publishing):
                 raise ConnectError(
                     f"RabbitMQ refused the login after {attempts} (check user, password and vhost): {last}",
                     reason="refused",
+                ) from None
+            if exc.limit:
+                raise ConnectError(
+                    f"RabbitMQ allows this user or vhost no more connections, after {attempts}: {last}",
+                    reason="limit",
                 ) from None
             raise ConnectError(f"cannot connect to RabbitMQ at {targets} after {attempts}: {last}") from None
         if self._unwatch is None:
@@ -210,19 +216,25 @@ class Broker(Consuming, Publishing):
             refused = isinstance(
                 exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
             )
-            vhost_refused = closed_on_open(exc)
+            said = exc if isinstance(exc, ClosedOnOpen) else None  # the broker's close, with its reason
+            limit = said is not None and "connection limit" in said.reply_text
             if isinstance(exc, TimeoutError):
                 reason = f"timed out after {self.settings.connect_timeout:g} s"
             elif refused:
                 reason = self._scrub(str(exc.args[0]) if exc.args else str(exc))
-            elif vhost_refused:
+            elif said is not None and limit:  # RabbitMQ: "... user connection limit (N) is reached", or a vhost's
+                reason = self._scrub(f"{said.reply_code} {said.reply_text}")
+            elif closed_on_open(exc):
                 refused = True
                 vhost = url.path[1:] or "/"
-                reason = f"NOT_ALLOWED - vhost {vhost!r} does not exist or the user may not use it"
+                if said is not None:  # the broker's own words, e.g. "NOT_ALLOWED - vhost x not found"
+                    reason = self._scrub(said.reply_text)
+                else:
+                    reason = f"NOT_ALLOWED - vhost {vhost!r} does not exist or the user may not use it"
             else:
                 reason = self._scrub(f"{type(exc).__name__}: {exc}")
             log.warning("connect to %s failed: %s", host_port(raw), reason)
-            raise _Unreachable(f"{host_port(raw)}: {reason}", refused=refused) from None
+            raise _Unreachable(f"{host_port(raw)}: {reason}", refused=refused, limit=limit) from None
         # A reconnect says so once, in _reconnect; the first connect says where it went.
         log.log(
             logging.INFO if self._reconnect_task is None else logging.DEBUG,

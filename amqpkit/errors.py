@@ -63,7 +63,9 @@ class ConnectError(AmqpkitError):
     """Raised when every broker address failed on connect; names host and port, never the password.
 
     ``reason`` is ``"refused"`` when the broker refused the login (wrong user,
-    password or vhost: not retried), else ``"unreachable"``.
+    password or vhost: not retried), ``"limit"`` when it allows the user or
+    vhost no more connections (``max-connections``: retried, since another
+    connection may close), else ``"unreachable"``.
     """
 
     def __init__(self, message: str, *, reason: str = "unreachable") -> None:

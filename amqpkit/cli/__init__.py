@@ -42,6 +42,9 @@ BROKER_HINT = (
     "or `docker compose up -d` from the amqpkit checkout, or point AMQP_URL at yours"
 )
 CREDENTIALS_HINT = "the user and password are those of the URL given by --url, else AMQP_URL"
+LIMIT_HINT = (
+    "another connection of this user or vhost must close first, or the limit be raised (rabbitmqctl list_user_limits)"
+)
 
 
 def connect_failed(exc: ConnectError, *, unreachable: str = "") -> NoReturn:
@@ -51,6 +54,8 @@ def connect_failed(exc: ConnectError, *, unreachable: str = "") -> NoReturn:
     """
     if exc.reason == "refused":
         typer.echo(f"error: {exc}; {CREDENTIALS_HINT}", err=True)
+    elif exc.reason == "limit":
+        typer.echo(f"error: {exc}; {LIMIT_HINT}", err=True)
     else:
         typer.echo(f"error: {unreachable}{exc}; {BROKER_HINT}", err=True)
     raise typer.Exit(2) from None
