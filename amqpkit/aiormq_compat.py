@@ -42,6 +42,12 @@ path. What amqpkit relies on:
   gives its queue a gate that refuses a ``basic.publish`` for a channel that
   is closing or gone (the publish fails as on a closed channel, and is not
   counted as sent).
+- ``Connection._rpc`` (a static method the handshake in ``Connection.connect``
+  calls for each step, reading the answer with ``frame_receiver.get_frame``):
+  aiormq raises ``InvalidFrameError`` when the broker answers a step with
+  ``connection.close``, without its reason. :class:`AmqpConnection` wraps
+  it and raises :class:`ClosedOnOpen` with the reply code and text (a vhost
+  refused, a limit on connections reached).
 - aiormq's writer (``Connection.__writer`` through ``FrameGenerator``) takes
   one item at a time from that queue with ``get`` and writes it to the
   socket, and the stdlib queue keeps its items in a deque, ``_queue``. The

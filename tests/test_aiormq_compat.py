@@ -44,6 +44,10 @@ def test_the_internals_are_where_the_compat_module_says() -> None:
     assert "unmarshal" in aiormq.connection.FrameReceiver.get_frame.__code__.co_names
     assert hasattr(pamqp.frame._unmarshal_header_frame, "__wrapped__")  # installed when amqpkit was imported
     assert "self.queue.get()" in inspect.getsource(aiormq.connection.FrameGenerator.__anext__)
+    # What ClosedOnOpen wraps: the handshake's static _rpc, which reads each frame with frame_receiver.get_frame.
+    assert isinstance(inspect.getattr_static(aiormq.Connection, "_rpc"), staticmethod)
+    assert "frame_receiver.get_frame()" in inspect.getsource(aiormq.Connection._rpc)
+    assert "self._rpc(" in inspect.getsource(aiormq.Connection.connect)
 
 
 async def test_a_channel_the_broker_is_closing_is_seen_as_closing(broker: Broker) -> None:
