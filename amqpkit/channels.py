@@ -107,6 +107,7 @@ class BrokerCore:
         self._channel_cap: int | None = None
         self._channel_cap_until = 0.0
         self._channel_cap_hold = 0.0
+        self._channel_cap_from: object = None  # the connection whose close taught it (one close refuses many)
         self._waiting_task: asyncio.Task[None] | None = None  # Consuming._attach_waiting, while a consumer waits
         self._on_disconnect: list[DisconnectCallback] = []
         self._on_reconnect: list[ReconnectCallback] = []
@@ -212,7 +213,7 @@ class BrokerCore:
             channel = await conn.channel(**options)
         except aiormq.exceptions.ConnectionNotAllowed as exc:
             if _about_channels(exc):
-                self._learn_channel_cap(open_now, exc)
+                self._learn_channel_cap(conn, open_now, exc)
             raise
         if self._channel_cap is not None and len(conn.channels) > self._channel_cap:
             self._channel_cap = None  # room past what the broker refused before: forgotten
@@ -225,17 +226,29 @@ class BrokerCore:
         return (f"the broker refused a channel past {limit} (a limit it counts, such as the user's max-channels); "
                 f"no more are asked for during the next {left:.0f} s")  # fmt: skip
 
-    def _learn_channel_cap(self, open_now: int, exc: BaseException) -> None:
-        first = channel_cap_hold(self.settings.heartbeat)
+    def _learn_channel_cap(self, conn: aiormq_compat.AmqpConnection, open_now: int, exc: BaseException) -> None:
+        if conn is self._channel_cap_from and self._channel_cap is not None:
+            # Every open in flight fails with the close that refused one: the fewest open among them is the limit,
+            # learned once (not a refusal in a row).
+            self._channel_cap = min(self._channel_cap, open_now)
+            return
+        first = min(channel_cap_hold(self.settings.heartbeat), CHANNEL_CAP_HOLD_MAX)
         now = asyncio.get_running_loop().time()
         # refused again soon after the last limit ran out: kept twice as long
         again = self._channel_cap is not None and now < self._channel_cap_until + self._channel_cap_hold
         self._channel_cap_hold = min(max(self._channel_cap_hold * 2, first), CHANNEL_CAP_HOLD_MAX) if again else first
         self._channel_cap = open_now
+        self._channel_cap_from = conn
         self._channel_cap_until = now + self._channel_cap_hold
         log.warning("the broker refused channel %d and closed the connection (%s); no more than %d channels are "
                     "asked for during the next %g s", open_now + 1, _reply(exc), open_now,
                     self._channel_cap_hold)  # fmt: skip
+
+    def _no_channel_until(self) -> float:
+        """Loop time until which a limit learned from the broker allows no channel at all (0: it allows one)."""
+        if self._channel_cap == 0 and asyncio.get_running_loop().time() < self._channel_cap_until:
+            return self._channel_cap_until
+        return 0.0
 
     async def _channel(self, role: str, *, confirms: bool = True) -> AbstractChannel:
         """The open channel kept for ``role`` on the current connection, reopened when it died."""

@@ -202,6 +202,12 @@ class Broker(Consuming, Publishing):
         properties: dict[str, Any] = {}
         if self.settings.connection_name:
             properties["connection_name"] = self.settings.connection_name
+        wait = self._no_channel_until() - asyncio.get_running_loop().time()
+        if wait > 0:
+            # The broker allowed no channel at all (its count may still hold a dead connection's): a connection
+            # now could not open the first, so none is made until then.
+            log.info("waiting %.1f s for the broker to allow a channel before connecting", wait)
+            await asyncio.sleep(wait)
         conn = AmqpConnection(url, context=context, client_properties=properties)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):

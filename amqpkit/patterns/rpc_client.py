@@ -6,6 +6,7 @@ See :mod:`amqpkit.patterns.rpc` for the conventions and :mod:`amqpkit.patterns.r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -21,7 +22,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from .. import _hooks
 from ..codec import AutoCodec, Codec, TextCodec, codec_for, encode_body
 from ..connection import Broker, Consumer
-from ..errors import ConnectionLost, DecodeError, NoResponder, RpcTimeout, Unroutable, map_exceptions
+from ..errors import ConnectionLost, DecodeError, NoResponder, RpcTimeout, TopologyError, Unroutable, map_exceptions
 from ..message import Delivery, Envelope, as_doubles, check_header_names
 from ..topology import Queue
 from .rpc_wire import DEFAULT_RPC_TIMEOUT, DIRECT_REPLY_TO, ERROR_CONTENT_TYPE, TIMEOUT_HEADER, parse_error
@@ -110,8 +111,15 @@ class RpcClient:
                 await self._direct_channel()
         except BaseException:
             # Not started: undone, so that a later start starts (it did nothing, and calls were sent with a reply
-            # queue nobody read), and the reply queue is not declared again by every reconnect.
+            # queue nobody read), and the reply queue is not declared again by every reconnect, nor left behind.
+            declared = ""
+            if self._reply_spec is not None:
+                with contextlib.suppress(TopologyError):  # not declared yet
+                    declared = self.broker.queue_name(self._reply_spec)
             await self.close()
+            if declared:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.broker.delete_queue(declared), 5)
             raise
 
     async def close(self) -> None:

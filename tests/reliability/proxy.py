@@ -33,6 +33,7 @@ class FaultProxy:
         self._reset_after: int | None = None
         self.refusing = False  # True: every new connection is reset at once (the broker "is down")
         self._abandoned: set[asyncio.StreamWriter] = set()  # broker sides left open by abandon(), closed by close()
+        self.accepted = 0  # connections accepted, refused ones included
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -96,6 +97,7 @@ class FaultProxy:
         self._reset_after = nbytes
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
         if self.refusing:
             _reset(client_writer)
             return

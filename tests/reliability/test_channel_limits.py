@@ -30,7 +30,7 @@ from amqpkit import (
 )
 from amqpkit.settings import BrokerSettings
 
-from ..brokerctl import as_user, own_user, rabbitmqctl
+from ..brokerctl import as_user, own_user, rabbitmqctl, vhost_of
 from ..waiting import wait_for
 from .proxy import FaultProxy
 
@@ -169,24 +169,36 @@ async def test_consumers_that_no_longer_fit_after_a_reconnect_wait_and_come_back
         await broker.delete_queue(queue)
 
 
+@pytest.mark.parametrize("most", [3, 4], ids=["no-channel-at-all", "a-consumer-waits"])
 async def test_channels_the_broker_still_counts_for_a_dead_connection_do_not_stop_a_consumer(
-    broker: Broker, proxy: FaultProxy, user: str, name: str, caplog: pytest.LogCaptureFixture
+    broker: Broker, proxy: FaultProxy, user: str, name: str, caplog: pytest.LogCaptureFixture, most: int
 ) -> None:
     """A link that died on the client's side only: the broker counts its channels until its heartbeat runs out,
-    so the reconnect is refused channels for a while; every consumer comes back after it, none is given up."""
+    so the reconnect is refused channels for a while; every consumer comes back after it, none is given up.
+
+    The Broker uses 3 channels (publish and two consumers). At most 3, the reconnect gets none: the Broker waits
+    to connect rather than open connections that could do nothing (a review counted 31 in 16 s). At most 4, it
+    gets its publish channel, and a consumer waits for its own."""
     queues = [f"{name}.{i}" for i in range(2)]
-    limit_channels(user, 3)  # exactly what the Broker uses: the publish channel and two consumers
+    limit_channels(user, most)
     errors: dict[str, BaseException] = {}
     settings = BrokerSettings(url=proxy.url(user, PASSWORD), reconnect=FAST, heartbeat=2, connect_timeout=5)
     async with Broker(settings) as limited:
         consumers, countings = await limited_consumers(broker, limited, queues, errors)
         reconnects = limited.reconnects
-        caplog.set_level(logging.WARNING, "amqpkit.broker")
+        caplog.set_level(logging.INFO, "amqpkit.broker")
+        accepted = proxy.accepted
         assert proxy.abandon() == 1
         took = await wait_for(lambda: limited.reconnects > reconnects and not limited.detached_consumers(), 45)
         refusals = [r for r in caplog.records if r.getMessage().startswith("the broker refused channel")]
         assert refusals, "the broker never refused a channel: the dead connection was not counted"
-        print(f"back {took:.1f} s after the link died, after {len(refusals)} refusal(s) by the broker")
+        waited = [r for r in caplog.records if "is not attached" in r.getMessage()]
+        connections = proxy.accepted - accepted
+        print(f"at most {most}: back {took:.1f} s after the link died, {len(refusals)} refusal(s) by the broker, "
+              f"{len(waited)} consumer(s) waited, {connections} connection(s) made")  # fmt: skip
+        assert connections <= 4
+        if most == 4:
+            assert waited, "no consumer had to wait"
         for queue in queues:
             assert consumers[queue].attached.is_set() and not consumers[queue].cancelled
             await round_trip(limited, queue, countings[queue])
@@ -196,7 +208,7 @@ async def test_channels_the_broker_still_counts_for_a_dead_connection_do_not_sto
 
 
 async def test_an_rpc_client_whose_start_was_refused_a_channel_starts_again(
-    broker: Broker, proxy: FaultProxy, user: str, name: str
+    broker: Broker, proxy: FaultProxy, user: str, name: str, amqp_url: str
 ) -> None:
     """A start that failed left the client started with no reply consumer: a later start did nothing, and every
     call waited for a reply sent to a queue nobody read."""
@@ -226,7 +238,34 @@ async def test_an_rpc_client_whose_start_was_refused_a_channel_starts_again(
             assert await client.call("echo", "hi", returns=str) == "hi"
         finally:
             await client.close()
+        # the refused starts' reply queues (declared, never consumed, so never auto-deleted) are gone
+        listed = rabbitmqctl("list_queues", "-q", "-p", vhost_of(amqp_url), "name", "consumers")
+        assert not [line for line in listed.splitlines() if line.startswith("amq.gen-")], listed
     await server.stop()
+
+
+async def test_one_close_that_refuses_several_channels_teaches_one_limit(
+    broker: Broker, proxy: FaultProxy, user: str
+) -> None:
+    """Every open in flight fails with the close that refused one. Each took its own count for the limit (the
+    last one's won: one too many, so the next ask cut the connection again) and doubled the hold."""
+    limit_channels(user, 4)
+    settings = BrokerSettings(url=proxy.url(user, PASSWORD), reconnect=FAST, heartbeat=2, connect_timeout=5)
+    async with Broker(settings) as limited:
+        await limited.lowlevel.open_channel()  # with the publish channel, 2 open
+        opened = await asyncio.gather(*(limited.lowlevel.open_channel() for _ in range(4)), return_exceptions=True)
+        assert sum(isinstance(o, BaseException) for o in opened) >= 1, opened
+        await wait_for(lambda: limited.is_connected, 10)
+        reconnects = limited.reconnects
+        for _ in range(3):  # the publish channel and these 3: the 4 the user may have
+            await limited.lowlevel.open_channel()
+        with pytest.raises(ChannelLimitReached) as refused:
+            await limited.lowlevel.open_channel()
+        assert refused.value.limit == 4
+        left = float(str(refused.value).rsplit("next ", 1)[1].split(" s")[0])
+        assert left <= 2 * 3 + 10, refused.value  # the first hold (three 2 s heartbeats + 10 s), not doubled
+        await stays_up(limited, 1)
+        assert limited.reconnects == reconnects
 
 
 @pytest.mark.whole_broker  # every new connection to the node gets the lowered channel_max while it runs
