@@ -51,6 +51,13 @@ __all__ = ["Broker", "Consumer", "ConsumerCallback"]
 log = logging.getLogger("amqpkit.broker")
 
 
+_CONNECTION_LIMIT = re.compile(r"connection limit \(\d+\) is reached")
+"""RabbitMQ's words for a user's or a vhost's ``max-connections`` reached (530 NOT_ALLOWED, on 3.10 and 4.x)."""
+_REFUSALS = (530, 403)
+"""Reply codes of a close on open that trying again does not mend (a vhost refused or missing, access refused);
+any other (320 CONNECTION_FORCED while the node stops, 541 while a vhost restarts) is tried again."""
+
+
 class _Unreachable(Exception):
     """One failed connection attempt (internal; becomes ConnectError)."""
 
@@ -223,12 +230,14 @@ class Broker(Consuming, Publishing):
                 exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
             )
             said = exc if isinstance(exc, ClosedOnOpen) else None  # the broker's close, with its reason
-            limit = said is not None and "connection limit" in said.reply_text
+            limit = said is not None and said.reply_code == 530 and bool(_CONNECTION_LIMIT.search(said.reply_text))
             if isinstance(exc, TimeoutError):
                 reason = f"timed out after {self.settings.connect_timeout:g} s"
             elif refused:
                 reason = self._scrub(str(exc.args[0]) if exc.args else str(exc))
-            elif said is not None and limit:  # RabbitMQ: "... user connection limit (N) is reached", or a vhost's
+            elif said is not None and (limit or said.reply_code not in _REFUSALS):
+                # a limit on connections reached, or a close that may not last (320 the node stopping, 541 a vhost
+                # restarting): tried again, with the broker's words
                 reason = self._scrub(f"{said.reply_code} {said.reply_text}")
             elif closed_on_open(exc):
                 refused = True

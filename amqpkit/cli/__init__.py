@@ -43,7 +43,8 @@ BROKER_HINT = (
 )
 CREDENTIALS_HINT = "the user and password are those of the URL given by --url, else AMQP_URL"
 LIMIT_HINT = (
-    "another connection of this user or vhost must close first, or the limit be raised (rabbitmqctl list_user_limits)"
+    "another connection of this user or vhost must close first, or the limit be raised "
+    "(rabbitmqctl list_user_limits, list_vhost_limits -p VHOST)"
 )
 
 

@@ -19,7 +19,7 @@ import pytest
 from amqpkit import Broker, BrokerSettings, ConnectError, ReconnectPolicy
 
 from .. import processes
-from ..brokerctl import as_user, own_user, rabbitmqctl
+from ..brokerctl import as_user, own_user, rabbitmqctl, with_vhost
 
 PASSWORD = f"Pw-{uuid.uuid4().hex[:12]}"
 
@@ -70,3 +70,26 @@ async def test_amqpkit_check_says_the_limit_is_reached(user_url: str) -> None:
     assert proc.returncode == 2, (out + err).decode()
     assert "connection limit (1) is reached" in text and "list_user_limits" in text, text
     assert "user and password" not in text and PASSWORD not in text, text
+
+
+async def test_a_vhosts_limit_is_a_limit_and_a_missing_vhost_named_like_one_is_not(amqp_url: str) -> None:
+    policy = ReconnectPolicy(initial_delay=0.05, max_delay=0.2, jitter=0.01, connect_attempts=3)
+    vhost = f"amqpkit-conns-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        rabbitmqctl("set_vhost_limits", "-p", vhost, json.dumps({"max-connections": 1}))
+        url = with_vhost(amqp_url, vhost)
+        async with Broker(BrokerSettings(url=url, reconnect=policy)):
+            with pytest.raises(ConnectError) as info:
+                await Broker(BrokerSettings(url=url, reconnect=policy)).connect()
+        assert info.value.reason == "limit", info.value
+        assert f"access to vhost '{vhost}'" in str(info.value) and "connection limit (1) is reached" in str(info.value)
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+    # a vhost that does not exist is refused at once, whatever its name says
+    missing = with_vhost(amqp_url, f"amqpkit connection limit {uuid.uuid4().hex[:8]}")
+    with pytest.raises(ConnectError) as info:
+        await Broker(BrokerSettings(url=missing, reconnect=policy)).connect()
+    assert info.value.reason == "refused", info.value
+    assert "after 1 attempt" in str(info.value) and "not found" in str(info.value), info.value
