@@ -589,11 +589,11 @@ class Delivery(Generic[T]):
         back); a redelivery with neither counts as at least 2.
         """
         headers = self.headers
-        delivery_count = _as_int(headers.get("x-delivery-count"))
+        delivery_count = as_int(headers.get("x-delivery-count"))
         rejected = 0
         for death in headers.get("x-death") or ():
             if isinstance(death, Mapping) and death.get("reason") in ("rejected", "delivery_limit"):
-                rejected += _as_int(death.get("count"))
+                rejected += as_int(death.get("count"))
         attempt = 1 + max(delivery_count, rejected)
         return max(attempt, 2) if self.redelivered else attempt
 
@@ -649,8 +649,9 @@ def delivery_channel(delivery: Delivery[Any]) -> AbstractChannel | None:
     return delivery._settler.channel
 
 
-def _as_int(value: Any) -> int:
+def as_int(value: Any, default: int = 0) -> int:
+    """A header's value as an int, ``default`` when it is missing or not a number (NaN and infinities included)."""
     try:
         return int(value)
     except (TypeError, ValueError, OverflowError):
-        return 0
+        return default

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..message import Delivery
+from ..message import Delivery, as_int
 from ..topology import Exchange, ExchangeType
 
 __all__ = [
@@ -153,14 +153,6 @@ def delay_bucket(seconds: float) -> int:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def as_int(value: Any, default: int) -> int:
-    """A header's value as an int, ``default`` when it is missing or not a number (NaN and infinities included)."""
-    try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError):
-        return default
 
 
 MAX_ATTEMPT = 2**31 - 1

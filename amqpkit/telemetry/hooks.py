@@ -19,7 +19,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode
 
 from ..connection import Broker, Consumer
-from ..message import Delivery, Envelope, Settlement, basic_properties
+from ..message import Delivery, Envelope, Settlement, as_int, basic_properties
 from ..patterns.rpc import RpcClient, RpcServer
 from ..topology import Exchange
 from .instruments import Instruments
@@ -133,7 +133,7 @@ def _processed(delivery: Delivery[bytes], route: ProcessRoute, attributes: dict[
     if route.task:
         attempt = delivery.headers.get("x-attempt")
         if attempt is not None:
-            attributes["amqpkit.task.attempt"] = _as_int(attempt)
+            attributes["amqpkit.task.attempt"] = as_int(attempt)
     return attributes
 
 
@@ -249,8 +249,8 @@ def retry(headers: dict[str, Any], exc: BaseException) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         _fail(span, exc)
-        span.set_attribute("amqpkit.task.attempt", _as_int(headers.get("x-attempt")) - 1)
-        span.add_event("amqpkit.task.retry", {"amqpkit.task.next_attempt": _as_int(headers.get("x-attempt"))})
+        span.set_attribute("amqpkit.task.attempt", as_int(headers.get("x-attempt")) - 1)
+        span.add_event("amqpkit.task.retry", {"amqpkit.task.next_attempt": as_int(headers.get("x-attempt"))})
         first = traceparent(span)
         if first is not None:
             headers.setdefault(FIRST_ATTEMPT_HEADER, first)
@@ -263,7 +263,7 @@ def dead_letter(headers: dict[str, Any], reason: str, exc: BaseException) -> Non
     span = trace.get_current_span()
     if span.is_recording():
         _fail(span, exc)
-        span.set_attribute("amqpkit.task.attempt", _as_int(headers.get("x-attempts")))
+        span.set_attribute("amqpkit.task.attempt", as_int(headers.get("x-attempts")))
         span.add_event("amqpkit.task.dead_letter", {"amqpkit.task.dead_letter_reason": reason})
         first = traceparent(span)
         if first is not None:
@@ -309,10 +309,3 @@ def reconnected(broker: Broker, seconds: float) -> None:
     away = time.monotonic() - since if since is not None else seconds
     state.reconnects.add(1, {"messaging.system": "rabbitmq"})
     state.disconnected_time.add(away, {"messaging.system": "rabbitmq"})
-
-
-def _as_int(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError):
-        return 0
