@@ -34,7 +34,7 @@ from tenacity.wait import wait_base
 from yarl import URL
 
 from . import aiormq_compat
-from .errors import ChannelLimitReached, ConnectionLost, MessageTooLarge, PublishTimeout, map_exceptions
+from .errors import ChannelLimitReached, ConnectionLost, MessageTooLarge, PublishTimeout, map_exceptions, reply_text
 from .message import Delivery, delivery_channel, delivery_from_aiormq
 from .settings import BrokerSettings, redact_url
 from .topology import Binding, Exchange, Queue
@@ -61,13 +61,9 @@ def channel_cap_hold(heartbeat: int) -> float:
     return 3 * heartbeat + 10.0 if heartbeat else 60.0
 
 
-def _reply(exc: BaseException) -> str:
-    return next((arg for arg in exc.args if isinstance(arg, str)), "")
-
-
 def _about_channels(exc: BaseException) -> bool:
     """Whether a 530 NOT_ALLOWED is RabbitMQ's over a limit on channels (3.10 and 4.x word both alike)."""
-    text = _reply(exc)
+    text = reply_text(exc)
     return "number of channels" in text or "channel_max" in text
 
 
@@ -241,7 +237,7 @@ class BrokerCore:
         self._channel_cap_from = conn
         self._channel_cap_until = now + self._channel_cap_hold
         log.warning("the broker refused channel %d and closed the connection (%s); no more than %d channels are "
-                    "asked for during the next %g s", open_now + 1, _reply(exc), open_now,
+                    "asked for during the next %g s", open_now + 1, reply_text(exc), open_now,
                     self._channel_cap_hold)  # fmt: skip
 
     def _no_channel_until(self) -> float:

@@ -212,7 +212,7 @@ def map_exceptions(*, kind: str = "", name: str = "") -> Iterator[None]:
     try:
         yield
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        text = _reply_text(exc)
+        text = reply_text(exc)
         match = _INEQUIVALENT.search(text)
         if match:
             argument, found_kind, found_name = match.groups()
@@ -228,7 +228,7 @@ def map_exceptions(*, kind: str = "", name: str = "") -> Iterator[None]:
         aiormq.exceptions.ChannelNotFoundEntity,
         aiormq.exceptions.ChannelLockedResource,
     ) as exc:
-        raise TopologyError(f"{kind} {name!r}: {_reply_text(exc)}", kind=kind, name=name) from exc
+        raise TopologyError(f"{kind} {name!r}: {reply_text(exc)}", kind=kind, name=name) from exc
     except aiormq.exceptions.PublishError as exc:
         frame = exc.frame
         raise Unroutable(
@@ -244,7 +244,7 @@ def map_exceptions(*, kind: str = "", name: str = "") -> Iterator[None]:
         aiormq.exceptions.ChannelInvalidStateError,
         ConnectionError,
     ) as exc:
-        raise ConnectionLost(f"connection lost: {_reply_text(exc)}") from exc
+        raise ConnectionLost(f"connection lost: {reply_text(exc)}") from exc
     except RuntimeError as exc:
         # aiormq's Connection.channel() on a connection that closed while we awaited it
         # raises a bare RuntimeError("<Connection ...> closed").
@@ -253,7 +253,7 @@ def map_exceptions(*, kind: str = "", name: str = "") -> Iterator[None]:
         raise
 
 
-def _reply_text(exc: BaseException) -> str:
+def reply_text(exc: BaseException) -> str:
     """The broker's reply text of an aiormq exception, without the exception noise."""
     for arg in exc.args:
         if isinstance(arg, str) and arg:
