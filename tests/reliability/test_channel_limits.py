@@ -45,6 +45,12 @@ def user(amqp_url: str) -> Iterator[str]:
         yield name
 
 
+def through(proxy: FaultProxy, user: str) -> BrokerSettings:
+    """The test's user through the fault proxy: a 2 s heartbeat (three of them + 10 s is the first hold of a
+    limit learned from the broker: 16 s), fast reconnects."""
+    return BrokerSettings(url=proxy.url(user, PASSWORD), reconnect=FAST, heartbeat=2, connect_timeout=5)
+
+
 def limit_channels(user: str, most: int) -> None:
     rabbitmqctl("set_user_limits", user, json.dumps({"max-channels": most}))
 
@@ -142,7 +148,7 @@ async def test_consumers_that_no_longer_fit_after_a_reconnect_wait_and_come_back
     queues = [f"{name}.{i}" for i in range(4)]
     limit_channels(user, 16)
     errors: dict[str, BaseException] = {}
-    settings = BrokerSettings(url=proxy.url(user, PASSWORD), reconnect=FAST, heartbeat=2, connect_timeout=5)
+    settings = through(proxy, user)
     async with Broker(settings) as limited:
         consumers, countings = await limited_consumers(broker, limited, queues, errors)
         # Lowered while connected: the broker leaves open channels alone, and counts them at the next open.
@@ -182,7 +188,7 @@ async def test_channels_the_broker_still_counts_for_a_dead_connection_do_not_sto
     queues = [f"{name}.{i}" for i in range(2)]
     limit_channels(user, most)
     errors: dict[str, BaseException] = {}
-    settings = BrokerSettings(url=proxy.url(user, PASSWORD), reconnect=FAST, heartbeat=2, connect_timeout=5)
+    settings = through(proxy, user)
     async with Broker(settings) as limited:
         consumers, countings = await limited_consumers(broker, limited, queues, errors)
         reconnects = limited.reconnects
@@ -220,7 +226,7 @@ async def test_an_rpc_client_whose_start_was_refused_a_channel_starts_again(
 
     await server.start()
     limit_channels(user, 2)  # the publish and topology channels fit; the reply queue's consumer does not
-    settings = BrokerSettings(url=proxy.url(user, PASSWORD), reconnect=FAST, heartbeat=2, connect_timeout=5)
+    settings = through(proxy, user)
     async with Broker(settings) as limited:
         client = RpcClient(limited, name, reply_queue="exclusive", timeout=5)
         with pytest.raises(ChannelLimitReached):
@@ -250,7 +256,7 @@ async def test_one_close_that_refuses_several_channels_teaches_one_limit(
     """Every open in flight fails with the close that refused one. Each took its own count for the limit (the
     last one's won: one too many, so the next ask cut the connection again) and doubled the hold."""
     limit_channels(user, 4)
-    settings = BrokerSettings(url=proxy.url(user, PASSWORD), reconnect=FAST, heartbeat=2, connect_timeout=5)
+    settings = through(proxy, user)
     async with Broker(settings) as limited:
         await limited.lowlevel.open_channel()  # with the publish channel, 2 open
         opened = await asyncio.gather(*(limited.lowlevel.open_channel() for _ in range(4)), return_exceptions=True)

@@ -22,6 +22,7 @@ from .. import processes
 from ..brokerctl import as_user, own_user, rabbitmqctl, with_vhost
 
 PASSWORD = f"Pw-{uuid.uuid4().hex[:12]}"
+POLICY = ReconnectPolicy(initial_delay=0.05, max_delay=0.2, jitter=0.01, connect_attempts=3)  # 3 quick tries
 
 
 @pytest.fixture
@@ -33,10 +34,9 @@ def user_url(amqp_url: str) -> Iterator[str]:
 
 
 async def test_a_connection_past_the_users_limit_is_named_and_tried_again(user_url: str) -> None:
-    policy = ReconnectPolicy(initial_delay=0.05, max_delay=0.2, jitter=0.01, connect_attempts=3)
-    async with Broker(BrokerSettings(url=user_url, reconnect=policy)):
+    async with Broker(BrokerSettings(url=user_url, reconnect=POLICY)):
         with pytest.raises(ConnectError) as info:
-            await Broker(BrokerSettings(url=user_url, reconnect=policy)).connect()
+            await Broker(BrokerSettings(url=user_url, reconnect=POLICY)).connect()
     text = str(info.value)
     assert "connection limit (1) is reached" in text, text
     assert "does not exist" not in text and "check user, password" not in text, text
@@ -45,9 +45,9 @@ async def test_a_connection_past_the_users_limit_is_named_and_tried_again(user_u
     assert PASSWORD not in text
 
     # room again while connect() tries: it gets in
-    holder = Broker(BrokerSettings(url=user_url, reconnect=policy))
+    holder = Broker(BrokerSettings(url=user_url, reconnect=POLICY))
     await holder.connect()
-    patient = Broker(BrokerSettings(url=user_url, reconnect=policy.model_copy(update={"connect_attempts": 40})))
+    patient = Broker(BrokerSettings(url=user_url, reconnect=POLICY.model_copy(update={"connect_attempts": 40})))
     connecting = asyncio.create_task(patient.connect())
     await asyncio.sleep(0.5)
     assert not connecting.done()
@@ -73,16 +73,15 @@ async def test_amqpkit_check_says_the_limit_is_reached(user_url: str) -> None:
 
 
 async def test_a_vhosts_limit_is_a_limit_and_a_missing_vhost_named_like_one_is_not(amqp_url: str) -> None:
-    policy = ReconnectPolicy(initial_delay=0.05, max_delay=0.2, jitter=0.01, connect_attempts=3)
     vhost = f"amqpkit-conns-{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_vhost", vhost)
     try:
         rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         rabbitmqctl("set_vhost_limits", "-p", vhost, json.dumps({"max-connections": 1}))
         url = with_vhost(amqp_url, vhost)
-        async with Broker(BrokerSettings(url=url, reconnect=policy)):
+        async with Broker(BrokerSettings(url=url, reconnect=POLICY)):
             with pytest.raises(ConnectError) as info:
-                await Broker(BrokerSettings(url=url, reconnect=policy)).connect()
+                await Broker(BrokerSettings(url=url, reconnect=POLICY)).connect()
         assert info.value.reason == "limit", info.value
         assert f"access to vhost '{vhost}'" in str(info.value) and "connection limit (1) is reached" in str(info.value)
     finally:
@@ -90,6 +89,6 @@ async def test_a_vhosts_limit_is_a_limit_and_a_missing_vhost_named_like_one_is_n
     # a vhost that does not exist is refused at once, whatever its name says
     missing = with_vhost(amqp_url, f"amqpkit connection limit {uuid.uuid4().hex[:8]}")
     with pytest.raises(ConnectError) as info:
-        await Broker(BrokerSettings(url=missing, reconnect=policy)).connect()
+        await Broker(BrokerSettings(url=missing, reconnect=POLICY)).connect()
     assert info.value.reason == "refused", info.value
     assert "after 1 attempt" in str(info.value) and "not found" in str(info.value), info.value
