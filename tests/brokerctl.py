@@ -22,8 +22,9 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
@@ -71,6 +72,22 @@ def rabbitmqctl(*args: str, timeout: float = 60) -> str:
 
 async def arabbitmqctl(*args: str, timeout: float = 60) -> str:
     return await asyncio.to_thread(rabbitmqctl, *args, timeout=timeout)
+
+
+def counts(
+    what: Literal["channel", "connection"], scope: Literal["user", "vhost"], name: str, expected: int
+) -> Callable[[], Awaitable[bool]]:
+    """A check for ``waiting.until``: whether the broker counts ``expected`` channels or connections against a
+    user's or a vhost's limits (3.10 and 4.x alike).
+
+    It counts from events, a moment after each open or close, and lets in or refuses by that count: a test
+    that needs a limit full, or free again, waits for it rather than assume it is current."""
+    ask = f'rabbit_{what}_tracking:count_tracked_items_in({{{scope}, <<"{name}">>}}).'
+
+    async def current() -> bool:
+        return int((await arabbitmqctl("eval", ask)).strip()) == expected
+
+    return current
 
 
 START_APP_TRIES = 3

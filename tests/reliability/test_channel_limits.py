@@ -30,7 +30,7 @@ from amqpkit import (
 )
 from amqpkit.settings import BrokerSettings
 
-from ..brokerctl import arabbitmqctl, as_user, own_user, rabbitmqctl, vhost_of
+from ..brokerctl import as_user, counts, own_user, rabbitmqctl, vhost_of
 from ..waiting import until, wait_for
 from .proxy import FaultProxy
 
@@ -53,12 +53,6 @@ def through(proxy: FaultProxy, user: str) -> BrokerSettings:
 
 def limit_channels(user: str, most: int) -> None:
     rabbitmqctl("set_user_limits", user, json.dumps({"max-channels": most}))
-
-
-async def counted_by_broker(user: str, channels: int) -> bool:
-    """Whether the broker counts ``channels`` channels against ``user``'s max-channels (3.10 and 4.x alike)."""
-    count = await arabbitmqctl("eval", f'rabbit_channel_tracking:count_tracked_items_in({{user, <<"{user}">>}}).')
-    return int(count.strip()) == channels
 
 
 class Counting:
@@ -161,7 +155,7 @@ async def test_consumers_that_no_longer_fit_after_a_reconnect_wait_and_come_back
         limit_channels(user, 3)
         proxy.refusing = True  # until the broker no longer counts the cut connection's channels (it lags)
         proxy.cut()
-        await until(lambda: counted_by_broker(user, 0))
+        await until(counts("channel", "user", user, 0))
         proxy.refusing = False
         # the publish channel and two consumers fit; the broker refuses the third once, then amqpkit knows
         await wait_for(lambda: limited.is_connected and len(limited.detached_consumers()) == 2, 15)
@@ -271,11 +265,11 @@ async def test_one_close_that_refuses_several_channels_teaches_one_limit(
             await limited.lowlevel.open_channel()
         # The broker counts a channel a moment after it opened it (an event its tracker handles): opens asked
         # for together before that all pass. A CI run on 4.0 saw four pass that way, past a limit of 4.
-        await until(lambda: counted_by_broker(user, 4))
+        await until(counts("channel", "user", user, 4))
         proxy.refusing = True  # no reconnect while the broker still counts the closed connection's channels
         opened = await asyncio.gather(*(limited.lowlevel.open_channel() for _ in range(3)), return_exceptions=True)
         assert all(isinstance(o, BaseException) for o in opened), opened  # the first refused, the close ends all
-        await until(lambda: counted_by_broker(user, 0))
+        await until(counts("channel", "user", user, 0))
         proxy.refusing = False
         await wait_for(lambda: limited.is_connected, 10)
         reconnects = limited.reconnects

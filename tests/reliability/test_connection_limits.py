@@ -13,13 +13,15 @@ import json
 import sys
 import uuid
 from collections.abc import Iterator
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from amqpkit import Broker, BrokerSettings, ConnectError, ReconnectPolicy
 
 from .. import processes
-from ..brokerctl import as_user, own_user, rabbitmqctl, with_vhost
+from ..brokerctl import as_user, counts, own_user, rabbitmqctl, with_vhost
+from ..waiting import until
 
 PASSWORD = f"Pw-{uuid.uuid4().hex[:12]}"
 POLICY = ReconnectPolicy(initial_delay=0.05, max_delay=0.2, jitter=0.01, connect_attempts=3)  # 3 quick tries
@@ -34,7 +36,9 @@ def user_url(amqp_url: str) -> Iterator[str]:
 
 
 async def test_a_connection_past_the_users_limit_is_named_and_tried_again(user_url: str) -> None:
+    user = unquote(urlsplit(user_url).username or "")
     async with Broker(BrokerSettings(url=user_url, reconnect=POLICY)):
+        await until(counts("connection", "user", user, 1))
         with pytest.raises(ConnectError) as info:
             await Broker(BrokerSettings(url=user_url, reconnect=POLICY)).connect()
     text = str(info.value)
@@ -45,8 +49,10 @@ async def test_a_connection_past_the_users_limit_is_named_and_tried_again(user_u
     assert PASSWORD not in text
 
     # room again while connect() tries: it gets in
+    await until(counts("connection", "user", user, 0))
     holder = Broker(BrokerSettings(url=user_url, reconnect=POLICY))
     await holder.connect()
+    await until(counts("connection", "user", user, 1))
     patient = Broker(BrokerSettings(url=user_url, reconnect=POLICY.model_copy(update={"connect_attempts": 40})))
     connecting = asyncio.create_task(patient.connect())
     await asyncio.sleep(0.5)
@@ -61,6 +67,7 @@ async def test_a_connection_past_the_users_limit_is_named_and_tried_again(user_u
 async def test_amqpkit_check_says_the_limit_is_reached(user_url: str) -> None:
     """Before: "check user, password and vhost" and the hint about user and password, for a limit."""
     async with Broker(BrokerSettings(url=user_url)):
+        await until(counts("connection", "user", unquote(urlsplit(user_url).username or ""), 1))
         proc = await processes.spawn(
             sys.executable, "-m", "amqpkit.cli", "check", "--url", user_url,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -80,6 +87,7 @@ async def test_a_vhosts_limit_is_a_limit_and_a_missing_vhost_named_like_one_is_n
         rabbitmqctl("set_vhost_limits", "-p", vhost, json.dumps({"max-connections": 1}))
         url = with_vhost(amqp_url, vhost)
         async with Broker(BrokerSettings(url=url, reconnect=POLICY)):
+            await until(counts("connection", "vhost", vhost, 1))
             with pytest.raises(ConnectError) as info:
                 await Broker(BrokerSettings(url=url, reconnect=POLICY)).connect()
         assert info.value.reason == "limit", info.value
