@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import aiormq.exceptions
@@ -50,6 +51,9 @@ DisconnectCallback = Callable[[BaseException], None]
 ReconnectCallback = Callable[[], Awaitable[None]]
 TopologyErrorCallback = Callable[["Exchange | Queue | Binding", BaseException], None]
 
+
+# The body of a received message while a copy of it is published (see LowLevel.sending_received).
+_received_body: ContextVar[bytes | None] = ContextVar("amqpkit_received_body", default=None)
 
 CHANNEL_CAP_HOLD_MAX = 300.0
 """The longest a limit on channels the broker counts (see :meth:`BrokerCore._new_channel`) is kept, in seconds."""
@@ -141,9 +145,10 @@ class BrokerCore:
             await self._connected.wait()
 
     def check_message_size(self, body: bytes) -> None:
-        """Raise :class:`~amqpkit.MessageTooLarge` for a body over ``settings.max_message_size``."""
+        """Raise :class:`~amqpkit.MessageTooLarge` for a body over ``settings.max_message_size``, unless it is
+        the body of a received message, sent on as it came (see :meth:`LowLevel.sending_received`)."""
         limit = self.settings.max_message_size
-        if len(body) > limit:
+        if len(body) > limit and body is not _received_body.get():
             raise MessageTooLarge(len(body), limit)
 
     _check_size = check_message_size  # the name patterns used before check_message_size
@@ -306,6 +311,23 @@ class LowLevel:
     def __init__(self, core: BrokerCore) -> None:
         self._core = core
         self._unconfirmed_in_flight = 0  # publish_unconfirmed calls between their start and their return
+
+    @staticmethod
+    @contextlib.contextmanager
+    def sending_received(body: bytes) -> Iterator[None]:
+        """While publishing a copy of a received message whose body is ``body`` (the very object): amqpkit's own
+        ``max_message_size`` does not refuse it.
+
+        That limit keeps the broker from closing a channel over a body it would refuse; the broker took this
+        one already, from a client that may have no such limit (RabbitMQ 3.10 takes 128 MiB by default). A
+        Worker's retry or dead-letter copy and a DLQ replay are sent within it. The broker's own limit, if it
+        has been lowered since, still applies.
+        """
+        token = _received_body.set(body)
+        try:
+            yield
+        finally:
+            _received_body.reset(token)
 
     async def open_channel(self, *, confirms: bool = False, prefetch: int | None = None) -> AbstractChannel:
         """A new channel on the current connection (waiting for it while reconnecting).

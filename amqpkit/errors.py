@@ -14,7 +14,7 @@ The hierarchy::
     │   ├── Unroutable        mandatory publish returned: no queue took it
     │   ├── PublishNacked     the broker nacked the publish
     │   ├── PublishTimeout    no confirm before the deadline (also TimeoutError)
-    │   └── MessageTooLarge   refused client-side, over max_message_size
+    │   └── MessageTooLarge   over max_message_size: amqpkit's own, or the broker's
     ├── DecodeError           a body could not be turned into a value
     ├── SettlementError       a delivery was settled twice
     ├── HandlerCrashed        the pool process running a handler died before it returned
@@ -144,12 +144,33 @@ class InvalidMessage(PublishError, ValueError):
 
 
 class MessageTooLarge(PublishError):
-    """Raised before publishing when a body is larger than ``BrokerSettings.max_message_size``."""
+    """Raised before publishing when a body is larger than ``BrokerSettings.max_message_size``; or, with
+    ``by_broker``, when the broker refused it for its size (its own ``max_message_size``, lower than amqpkit's)."""
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"message body is {size} bytes, over the limit of {limit} bytes")
+    def __init__(self, size: int, limit: int, *, by_broker: bool = False) -> None:
+        if by_broker:
+            text = f"the broker refused a message body of {size} bytes, over its max_message_size of {limit} bytes"
+        else:
+            text = f"message body is {size} bytes, over the limit of {limit} bytes"
+        super().__init__(text)
         self.size = size
         self.limit = limit
+        self.by_broker = by_broker
+
+
+_SIZE_REFUSAL = re.compile(r"message size \d+ is larger than configured max size (\d+)")
+
+
+def broker_size_limit(exc: BaseException) -> int | None:
+    """The broker's ``max_message_size``, when ``exc`` or one of its causes is the broker closing a channel over
+    a body larger than that (in RabbitMQ's words); None for any other error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        found = _SIZE_REFUSAL.search(str(seen))
+        if found is not None:
+            return int(found[1])
+        seen = seen.__cause__
+    return None
 
 
 class DecodeError(AmqpkitError):

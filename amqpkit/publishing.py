@@ -18,7 +18,16 @@ from pamqp.commands import Basic
 
 from . import _hooks, aiormq_compat
 from .channels import BrokerCore, _SameId
-from .errors import ConnectionLost, PublishError, PublishNacked, PublishTimeout, TopologyError, map_exceptions
+from .errors import (
+    ConnectionLost,
+    MessageTooLarge,
+    PublishError,
+    PublishNacked,
+    PublishTimeout,
+    TopologyError,
+    broker_size_limit,
+    map_exceptions,
+)
 from .message import ENCODER_REFUSALS, Envelope, basic_properties, explain_refusal
 from .topology import Exchange
 
@@ -231,14 +240,8 @@ class Publishing(BrokerCore):
             except TimeoutError:
                 raise _not_confirmed(exchange_name, wait, self._why_unconfirmed(closed_over_frames)) from None
             except TopologyError as exc:
-                # The broker closed the publishing channel over a publish: this one, or another one in flight
-                # on it (say, to an exchange someone deleted since it was checked), which fails them all alike.
-                # This one's exchange is checked again and it is sent again; refused three times, it is its own.
-                self._known_exchanges.discard(exchange_name)
                 refusals += 1
-                if refusals >= 3:
-                    raise PublishError(f"publish refused: {exc}") from exc
-                self.republished += 1
+                self._after_refusal(exc, exchange_name, len(body), refusals)
                 continue
             except PublishNacked:
                 # The next publish goes on a fresh channel. On RabbitMQ 3.10 a channel opened while a quorum
@@ -262,6 +265,20 @@ class Publishing(BrokerCore):
                 self.republished += 1
                 await asyncio.sleep(0.01)
                 continue
+
+    def _after_refusal(self, exc: TopologyError, exchange_name: str, size: int, refusals: int) -> None:
+        """The broker closed the publishing channel over a publish: this one, or another one in flight on it (say,
+        to an exchange someone deleted since it was checked), which fails them all alike. This one's exchange is
+        checked again and it is sent again; refused three times, it is its own (PublishError). Refused for its
+        size by the broker's own limit, lower than amqpkit's: MessageTooLarge at once, whichever publish it was
+        (this body is over that limit too)."""
+        limit = broker_size_limit(exc)
+        if limit is not None and size > limit:
+            raise MessageTooLarge(size, limit, by_broker=True) from exc
+        self._known_exchanges.discard(exchange_name)
+        if refusals >= 3:
+            raise PublishError(f"publish refused: {exc}") from exc
+        self.republished += 1
 
     async def _exchange_for_publish(self, name: str) -> None:
         """:meth:`_check_exchange`, its refusal a :class:`PublishError`."""

@@ -161,7 +161,8 @@ async def replay_dead_letters(
         replays = headers.get("x-replayed")
         headers["x-replayed"] = replays + 1 if isinstance(replays, int) else 1
         try:
-            await broker.publish(delivery.forwarded(headers), routing_key=target, mandatory=True)
+            with broker.lowlevel.sending_received(delivery.body):  # the broker took it: not refused for its size
+                await broker.publish(delivery.forwarded(headers), routing_key=target, mandatory=True)
         except BaseException:
             # Not stored in the work queue: it stays in the DLQ (if the channel is gone, it went back already).
             with contextlib.suppress(Exception):

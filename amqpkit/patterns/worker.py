@@ -11,7 +11,7 @@ import logging
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Generic, Self, cast
+from typing import TYPE_CHECKING, Any, Generic, Literal, Self, cast
 
 from typing_extensions import TypeVar  # with a default (PEP 696)
 
@@ -19,7 +19,7 @@ from .. import _hooks
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import Codec
 from ..connection import Consumer
-from ..errors import DecodeError, Unroutable
+from ..errors import DecodeError, MessageTooLarge, Unroutable
 from ..executors import ExecutorKind, ProcessRunner, ThreadRunner
 from ..message import Delivery
 from ..unreadable import refusal
@@ -272,12 +272,15 @@ class Worker(Generic[T]):
         async def redeclare() -> None:
             await self.queue.delay_queue(real_delay, renew=True)
 
-        if await self._forward(raw, queue_name, headers, redeclare):
+        moved = await self._forward(raw, queue_name, headers, redeclare)
+        if moved == "moved":
             self.retried += 1
             if self.queue.events:
                 await self._event(
                     task_id, TaskStatus.RETRYING, attempt, raw.headers, error=_error_text(exc), retry_in=real_delay
                 )
+        elif moved == "rejected" and self.queue.events:
+            await self._event(task_id, TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=_error_text(exc))
 
     async def _dead_letter(self, raw: Delivery[bytes], attempt: int, reason: str, exc: BaseException, tb: Any) -> None:
         headers = self._failure_headers(raw, attempt, exc, tb)
@@ -289,12 +292,13 @@ class Worker(Generic[T]):
         async def redeclare() -> None:
             await self.broker.declare_queue(self.queue.dlq)
 
-        if await self._forward(raw, self.queue.dlq_name, headers, redeclare):
+        moved = await self._forward(raw, self.queue.dlq_name, headers, redeclare)
+        if moved == "moved":
             self.dead_lettered += 1
-            if self.queue.events:
-                await self._event(
-                    raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=_error_text(exc)
-                )
+        if moved != "requeued" and self.queue.events:
+            await self._event(
+                raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=_error_text(exc)
+            )
 
     def _failure_headers(self, raw: Delivery[bytes], attempt: int, exc: BaseException, tb: Any) -> dict[str, Any]:
         headers = dict(raw.headers)
@@ -314,24 +318,47 @@ class Worker(Generic[T]):
 
     async def _forward(
         self, raw: Delivery[bytes], routing_key: str, headers: dict[str, Any], redeclare: Callable[[], Awaitable[None]]
-    ) -> bool:
+    ) -> Literal["moved", "requeued", "rejected"]:
         """Publish a copy with ``headers`` to our own queue ``routing_key`` (mandatory, confirmed), then ack
-        the original. A copy no queue took: ``redeclare`` the queue and try once more. Failed: requeue it."""
+        the original ("moved"). A copy no queue took: ``redeclare`` the queue and try once more. Failed: requeue
+        it ("requeued"), or, if no copy of it can ever be sent, reject it to its dead-letter exchange ("rejected",
+        see :meth:`_reject_whole`)."""
         copy = raw.forwarded(headers)
         try:
-            try:
-                await self.broker.publish(copy, routing_key=routing_key, mandatory=True)
-            except Unroutable:
-                log.warning("queue %s was missing when task %s was sent there; declared it again",
-                            routing_key, raw.message_id)  # fmt: skip
-                await redeclare()
-                await self.broker.publish(copy, routing_key=routing_key, mandatory=True)
+            with self.broker.lowlevel.sending_received(raw.body):  # the broker took it: not refused for its size
+                try:
+                    await self.broker.publish(copy, routing_key=routing_key, mandatory=True)
+                except Unroutable:
+                    log.warning("queue %s was missing when task %s was sent there; declared it again",
+                                routing_key, raw.message_id)  # fmt: skip
+                    await redeclare()
+                    await self.broker.publish(copy, routing_key=routing_key, mandatory=True)
+        except MessageTooLarge as exc:
+            # The broker's own limit, lowered below this task since it took it: no copy of it can ever be sent.
+            return await self._reject_whole(raw, routing_key, exc)
         except Exception as exc:
             # Not safely stored elsewhere: the original goes back to the queue instead.
             await self._hold_then_requeue(raw, routing_key, exc)
-            return False
+            return "requeued"
         await _quietly(raw.ack())
-        return True
+        return "moved"
+
+    async def _reject_whole(
+        self, raw: Delivery[bytes], target: str, exc: MessageTooLarge
+    ) -> Literal["requeued", "rejected"]:
+        """No copy of the task can be sent: rejected, so the broker dead-letters it as it is, through its queue's
+        dead-letter exchange (a WorkQueue's: its DLQ), without the worker's error headers. Run again and again,
+        it would only be refused again. A queue with no dead-letter exchange gets it back after
+        ``requeue_backoff``, as for any other failed copy: rejected, it would be dropped."""
+        if not exc.by_broker or self.queue.queue.dead_letter_exchange is None:
+            await self._hold_then_requeue(raw, target, exc)
+            return "requeued"
+        self.forward_failures += 1
+        self.dead_lettered += 1
+        log.error("could not move task %s to %s (%s); rejected, so the broker dead-letters it as it is, without "
+                  "the worker's error headers", raw.message_id, target, exc)  # fmt: skip
+        await _quietly(raw.reject(requeue=False))
+        return "rejected"
 
     async def _hold_then_requeue(self, raw: Delivery[bytes], target: str, exc: BaseException) -> None:
         """The task could not be moved to ``target``: log it, and requeue it after ``requeue_backoff``."""
