@@ -158,7 +158,7 @@ class MessageTooLarge(PublishError):
         self.by_broker = by_broker
 
 
-_SIZE_REFUSAL = re.compile(r"message size \d+ is larger than configured max size (\d+)")
+_SIZE_REFUSAL = re.compile(r"message size \d+ is larger than (?:configured )?max size (\d+)")  # 3.10 to 4.x
 
 
 def broker_size_limit(exc: BaseException) -> int | None:
