@@ -273,6 +273,8 @@ class Broker(Consuming, Publishing):
         refused, failed_queues = await self._restore_topology()
         stopped: list[tuple[Consumer, BaseException]] = []
         for consumer in list(self._consumers.values()):
+            if consumer._starting:
+                continue  # the consume() starting it attaches it once connected, or raises (a limit, a refusal)
             cause = failed_queues.get(consumer.queue)
             if cause is None:
                 try:

@@ -54,6 +54,7 @@ class Consumer:
         "_attach_lock",
         "_broker",
         "_channel",
+        "_starting",
         "arguments",
         "attached",
         "auto_ack",
@@ -98,6 +99,8 @@ class Consumer:
         # why it is not attached while a limit on channels leaves it waiting (the Broker asks again), else None
         self.waiting_for_channel: ChannelLimitReached | None = None
         self._channel: AbstractChannel | None = None
+        # True while consume() starts it: that call attaches it, or raises and drops it (a reconnect leaves it be)
+        self._starting = False
         self._attach_lock = asyncio.Lock()
 
     async def cancel(self, *, grace: float = 0.0) -> None:
@@ -155,15 +158,16 @@ class Consuming(TopologyRegistry):
             arguments=dict(arguments or {}),
             on_error=on_error,
         )
+        consumer._starting = True
         self._consumers[consumer.consumer_tag] = consumer
         try:
+            # A reconnect meanwhile leaves it to this call (_starting): what it cannot attach is this caller's
+            # error, not a consumer said to wait for a channel (or stopped) that the caller then never gets.
             await self._ready()
-            # While we waited, a reconnect may have attached it already (it attaches every
-            # registered consumer); _attach does nothing then.
             await self._attach(consumer)
         except ConnectionLost:
-            # The connection dropped under the attach: the reconnect attaches it (it is
-            # registered); wait for that rather than leave an attached consumer nobody holds.
+            # The connection dropped under the attach: wait for the reconnect and attach it then, rather than
+            # leave an attached consumer nobody holds.
             try:
                 await self._ready()
                 await self._attach(consumer)
@@ -173,6 +177,8 @@ class Consuming(TopologyRegistry):
         except BaseException:
             await self._detach(consumer, grace=0)
             raise
+        finally:
+            consumer._starting = False
         return consumer
 
     async def get(self, queue: Queue | str, *, auto_ack: bool = False) -> Delivery[bytes] | None:

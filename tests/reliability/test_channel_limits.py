@@ -216,6 +216,39 @@ async def test_channels_the_broker_still_counts_for_a_dead_connection_do_not_sto
         await broker.delete_queue(queue)
 
 
+async def test_a_consumer_started_during_a_reconnect_without_room_fails_and_is_not_said_to_wait(
+    broker: Broker, proxy: FaultProxy, user: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """consume() called while the Broker reconnects: the reconnect found no room for the new consumer and logged
+    that its channel would be asked for again later (and listed it in detached_consumers()); then consume()
+    raised and dropped it, so nothing asked again. Now the reconnect leaves a consumer being started to the
+    consume() that starts it, which raises ChannelLimitReached, as it does when connected."""
+    queues = [f"{name}.{i}" for i in range(2)]
+    limit_channels(user, 16)
+    errors: dict[str, BaseException] = {}
+    settings = through(proxy, user)
+    async with Broker(settings) as limited:
+        await limited_consumers(broker, limited, queues[:1], errors)  # the publish channel and one consumer
+        await broker.declare_queue(Queue(queues[1]))
+        limit_channels(user, 2)
+        proxy.refusing = True
+        proxy.cut()
+        await until(counts("channel", "user", user, 0))
+        caplog.set_level(logging.INFO, "amqpkit.broker")
+        starting = asyncio.create_task(limited.consume(Queue(queues[1]), Counting(), declare=False))
+        await asyncio.sleep(0.2)
+        assert not starting.done()  # waiting for the reconnect
+        proxy.refusing = False
+        with pytest.raises(ChannelLimitReached):
+            await asyncio.wait_for(starting, 30)
+        said = [r.getMessage() for r in caplog.records if "asked for again later" in r.getMessage()]
+        assert not said, said
+        assert not limited.detached_consumers() and len(limited.consumers) == 1
+        assert not errors, errors
+    for queue in queues:
+        await broker.delete_queue(queue)
+
+
 async def test_an_rpc_client_whose_start_was_refused_a_channel_starts_again(
     broker: Broker, proxy: FaultProxy, user: str, name: str, amqp_url: str
 ) -> None:
