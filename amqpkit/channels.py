@@ -52,8 +52,10 @@ ReconnectCallback = Callable[[], Awaitable[None]]
 TopologyErrorCallback = Callable[["Exchange | Queue | Binding", BaseException], None]
 
 
-# The body of a received message while a copy of it is published (see LowLevel.sending_received).
-_received_body: ContextVar[bytes | None] = ContextVar("amqpkit_received_body", default=None)
+# The body of a received message while a copy of it is published (see LowLevel.sending_received): its id and
+# length, not the object, so that the tasks started meanwhile (a channel's reader), which keep a copy of the
+# context, do not keep the body in memory with it.
+_received_body: ContextVar[tuple[int, int] | None] = ContextVar("amqpkit_received_body", default=None)
 
 CHANNEL_CAP_HOLD_MAX = 300.0
 """The longest a limit on channels the broker counts (see :meth:`BrokerCore._new_channel`) is kept, in seconds."""
@@ -148,7 +150,7 @@ class BrokerCore:
         """Raise :class:`~amqpkit.MessageTooLarge` for a body over ``settings.max_message_size``, unless it is
         the body of a received message, sent on as it came (see :meth:`LowLevel.sending_received`)."""
         limit = self.settings.max_message_size
-        if len(body) > limit and body is not _received_body.get():
+        if len(body) > limit and (id(body), len(body)) != _received_body.get():
             raise MessageTooLarge(len(body), limit)
 
     _check_size = check_message_size  # the name patterns used before check_message_size
@@ -323,7 +325,7 @@ class LowLevel:
         Worker's retry or dead-letter copy and a DLQ replay are sent within it. The broker's own limit, if it
         has been lowered since, still applies.
         """
-        token = _received_body.set(body)
+        token = _received_body.set((id(body), len(body)))  # the caller holds ``body`` meanwhile: the id is its
         try:
             yield
         finally:

@@ -270,10 +270,11 @@ class Publishing(BrokerCore):
         """The broker closed the publishing channel over a publish: this one, or another one in flight on it (say,
         to an exchange someone deleted since it was checked), which fails them all alike. This one's exchange is
         checked again and it is sent again; refused three times, it is its own (PublishError). Refused for its
-        size by the broker's own limit, lower than amqpkit's: MessageTooLarge at once, whichever publish it was
-        (this body is over that limit too)."""
+        size by the broker's own limit, lower than amqpkit's, whichever publish it was (this body is over that
+        limit too): sent once more, on a fresh channel (RabbitMQ 3.10 reads its limit when it opens a channel, so
+        a channel opened while it was lower refuses what a fresh one takes), then MessageTooLarge."""
         limit = broker_size_limit(exc)
-        if limit is not None and size > limit:
+        if limit is not None and size > limit and refusals >= 2:
             raise MessageTooLarge(size, limit, by_broker=True) from exc
         self._known_exchanges.discard(exchange_name)
         if refusals >= 3:

@@ -22,6 +22,7 @@ from ..connection import Consumer
 from ..errors import DecodeError, MessageTooLarge, Unroutable
 from ..executors import ExecutorKind, ProcessRunner, ThreadRunner
 from ..message import Delivery
+from ..topology import DeadLetterStrategy
 from ..unreadable import refusal
 from .long_tasks import ConsumerTimeouts, task_context
 from .tasks import (
@@ -346,11 +347,20 @@ class Worker(Generic[T]):
     async def _reject_whole(
         self, raw: Delivery[bytes], target: str, exc: MessageTooLarge
     ) -> Literal["requeued", "rejected"]:
-        """No copy of the task can be sent: rejected, so the broker dead-letters it as it is, through its queue's
-        dead-letter exchange (a WorkQueue's: its DLQ), without the worker's error headers. Run again and again,
-        it would only be refused again. A queue with no dead-letter exchange gets it back after
-        ``requeue_backoff``, as for any other failed copy: rejected, it would be dropped."""
-        if not exc.by_broker or self.queue.queue.dead_letter_exchange is None:
+        """No copy of the task can be sent: rejected, so the broker dead-letters it as it is to the DLQ, without
+        the worker's error headers. Run again and again, it would only be refused again.
+
+        Only where the queue is known to dead-letter to its DLQ and keep what it cannot yet deliver there (a
+        WorkQueue's own spec: the default exchange, the DLQ's name, at least once). A spec of the user's own
+        might route a rejected task nowhere (it would be dropped) or back to itself (run again at once): the
+        task gets back after ``requeue_backoff``, as for any other failed copy."""
+        spec = self.queue.queue
+        to_dlq = (
+            spec.dead_letter_exchange == ""
+            and spec.dead_letter_routing_key == self.queue.dlq_name
+            and spec.dead_letter_strategy is DeadLetterStrategy.AT_LEAST_ONCE
+        )
+        if not exc.by_broker or not to_dlq:
             await self._hold_then_requeue(raw, target, exc)
             return "requeued"
         self.forward_failures += 1

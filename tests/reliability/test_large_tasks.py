@@ -20,7 +20,18 @@ import aiormq
 import pytest
 from pamqp.commands import Basic
 
-from amqpkit import Broker, BrokerSettings, Delivery, Envelope, MessageTooLarge, RetryPolicy, Worker, WorkQueue
+from amqpkit import (
+    Broker,
+    BrokerSettings,
+    Delivery,
+    Envelope,
+    MessageTooLarge,
+    Queue,
+    QueueType,
+    RetryPolicy,
+    Worker,
+    WorkQueue,
+)
 from amqpkit.patterns.dlq import replay_dead_letters
 
 from ..brokerctl import rabbitmqctl
@@ -165,3 +176,54 @@ async def test_a_task_the_broker_no_longer_takes_is_dead_lettered_as_it_is(
     finally:
         for queue in (work.name, work.dlq_name, f"{name}.retry.100"):
             await broker.delete_queue(queue)
+
+
+@pytest.mark.whole_broker
+async def test_a_task_whose_queue_does_not_dead_letter_to_its_dlq_is_kept_not_rejected(
+    broker: Broker, amqp_url: str, name: str
+) -> None:
+    """A queue spec of the user's own, whose dead-letter exchange routes nowhere (a review: the task rejected to
+    it was gone, both queues empty, and the worker said the broker dead-lettered it): the task the broker no
+    longer takes is kept in its queue, requeued as for any other copy that failed."""
+    spec = Queue(name, type=QueueType.QUORUM, dead_letter_exchange=f"{name}.nowhere", delivery_limit=50)
+    work: WorkQueue[Any] = WorkQueue(broker, name, queue=spec, retry=RetryPolicy(max_attempts=1))
+    runs = 0
+
+    async def handler(delivery: Delivery[bytes]) -> None:
+        nonlocal runs
+        runs += 1
+        raise RuntimeError("fails")
+
+    try:
+        await work.declare()
+        await send_from_another_client(amqp_url, name, "large-5")
+        with max_message_size_lowered(LIMIT):
+            async with Broker(broker.settings) as lowered:
+                lowered_work: WorkQueue[Any] = WorkQueue(lowered, name, queue=spec, retry=work.retry)
+                async with Worker(lowered_work, handler, concurrency=1) as worker:
+                    await wait_for(lambda: worker.forward_failures >= 1, 10)
+                assert worker.dead_lettered == 0
+        await until_ready(broker, name, 1)
+        kept = await broker.get(name, auto_ack=True)
+        assert kept is not None and kept.message_id == "large-5" and kept.body == BODY
+    finally:
+        for queue in (work.name, work.dlq_name, f"{name}.retry.100"):
+            await broker.delete_queue(queue)
+
+
+@pytest.mark.whole_broker
+async def test_a_channel_opened_under_a_lower_limit_does_not_make_a_body_too_large(broker: Broker, name: str) -> None:
+    """RabbitMQ 3.10 reads its max_message_size when it opens a channel: a channel opened while the limit was
+    lower refuses a body a fresh one takes (a review: MessageTooLarge at the first refusal, and the worker
+    dead-lettered a task whose next run would have succeeded). A size refusal is sent once more, on a fresh
+    channel. (4.x reads the limit at each publish: there the publish goes through at once.)"""
+    await broker.declare_queue(Queue(name, type=QueueType.QUORUM))
+    try:
+        with max_message_size_lowered(LIMIT):
+            lowered = Broker(broker.settings)
+            await lowered.connect()  # its publish channel opened under the lower limit
+        async with lowered:
+            await lowered.publish(Envelope(BODY, message_id="after"), routing_key=name)
+        await until_ready(broker, name, 1)
+    finally:
+        await broker.delete_queue(name)
