@@ -158,6 +158,12 @@ class MessageTooLarge(PublishError):
         self.by_broker = by_broker
 
 
+_NACK_CAUSES = (
+    "a queue it was routed to refused it, most often one full under a length limit (max-length or "
+    "max-length-bytes, its own or a policy's: rabbitmqctl list_policies, list_operator_policies) with overflow "
+    "reject-publish; or a quorum queue without a leader"
+)
+
 _SIZE_REFUSAL = re.compile(r"message size \d+ is larger than (?:configured )?max size (\d+)")  # 3.10 to 4.x
 
 
@@ -258,7 +264,7 @@ def map_exceptions(*, kind: str = "", name: str = "") -> Iterator[None]:
             getattr(frame, "reply_text", "") or "NO_ROUTE",
         ) from exc
     except aiormq.exceptions.DeliveryError as exc:
-        raise PublishNacked(f"broker nacked the publish to {name!r}") from exc
+        raise PublishNacked(f"broker nacked the publish to {name!r}: {_NACK_CAUSES}") from exc
     except (
         aiormq.exceptions.AMQPConnectionError,
         aiormq.exceptions.ChannelClosed,

@@ -56,3 +56,15 @@ async def test_a_nacked_publish_is_sent_once_more_on_a_fresh_channel(
     assert broker.republished == before + 1  # that channel is not replaced yet (one a second): no second try
     assert broker._channels["publish"] is retried_on
     assert (await broker.queue_counts(name))[0] == 1
+
+
+async def test_a_nack_says_what_usually_refuses_a_publish(broker: Broker, name: str, cleanup: list[str]) -> None:
+    """Before: "broker nacked the publish to ''" and nothing more. A policy someone else set (a length limit
+    with overflow reject-publish) is what usually refuses one; the text says so, and where to look."""
+    cleanup.append(f"q:{name}")
+    await broker.declare_queue(Queue(name, max_length=1, overflow=Overflow.REJECT_PUBLISH))
+    await broker.publish(Envelope(b"first"), routing_key=name)
+    with pytest.raises(PublishNacked) as nacked:
+        await broker.publish(Envelope(b"second"), routing_key=name)
+    text = str(nacked.value)
+    assert "reject-publish" in text and "length limit" in text and "list_policies" in text, text
