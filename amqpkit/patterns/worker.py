@@ -330,8 +330,14 @@ class Worker(Generic[T]):
                 try:
                     await self.broker.publish(copy, routing_key=routing_key, mandatory=True)
                 except Unroutable:
-                    log.warning("queue %s was missing when task %s was sent there; declared it again",
-                                routing_key, raw.message_id)  # fmt: skip
+                    if routing_key == self.queue.dlq_name:
+                        log.error("DLQ %s was missing when task %s was dead-lettered; declared it again. The dead "
+                                  "letters that were in it are gone with it: deleted, or removed by an expires "
+                                  "policy (a DLQ nobody reads counts as unused)",
+                                  routing_key, raw.message_id)  # fmt: skip
+                    else:
+                        log.warning("queue %s was missing when task %s was sent there; declared it again",
+                                    routing_key, raw.message_id)  # fmt: skip
                     await redeclare()
                     await self.broker.publish(copy, routing_key=routing_key, mandatory=True)
         except MessageTooLarge as exc:

@@ -122,10 +122,13 @@ async def test_retry_to_a_deleted_delay_queue_declares_it_again(
     assert worker.retried == 2
 
 
-async def test_dead_letter_to_a_deleted_dlq_declares_it_again(broker: Broker, work: WorkQueue[Job]) -> None:
+async def test_dead_letter_to_a_deleted_dlq_declares_it_again(
+    broker: Broker, work: WorkQueue[Job], caplog: pytest.LogCaptureFixture
+) -> None:
     async def handler(job: Job) -> None:
         raise Reject(f"not {job.n}")
 
+    caplog.set_level(logging.WARNING, logger="amqpkit.worker")
     async with Worker(work, handler) as worker:
         await work.enqueue(Job(n=1), task_id="first")
         await wait_for(lambda: worker.dead_lettered == 1)
@@ -133,6 +136,10 @@ async def test_dead_letter_to_a_deleted_dlq_declares_it_again(broker: Broker, wo
         await work.enqueue(Job(n=2), task_id="second")
         await wait_for(lambda: worker.dead_lettered == 2, timeout=30)
     assert [d.task_id for d in await list_dead_letters(broker, work.name)] == ["second"]
+    # The dead letter of "first" went with the DLQ (deleted here; an operator's expires policy does the same to
+    # a DLQ nobody reads): before, a WARNING said only that the queue was declared again.
+    said = [r for r in caplog.records if "dead letters that were in it are gone" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR, caplog.text
 
 
 async def test_a_target_that_stays_broken_keeps_the_task_and_backs_off(
