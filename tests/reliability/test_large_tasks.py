@@ -63,6 +63,17 @@ async def send_from_another_client(amqp_url: str, queue: str, message_id: str, b
         await conn.close()
 
 
+class AlwaysFails:
+    """A handler that fails every run, and counts them."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def __call__(self, delivery: Delivery[bytes]) -> None:
+        self.runs += 1
+        raise RuntimeError("fails")
+
+
 async def test_a_task_over_amqpkits_limit_is_retried_by_its_policy(small: Broker, amqp_url: str, name: str) -> None:
     work = retried_queue(small, name)
     await work.declare()
@@ -79,18 +90,12 @@ async def test_a_task_over_amqpkits_limit_that_keeps_failing_reaches_the_dlq_wit
 ) -> None:
     work: WorkQueue[Any] = WorkQueue(small, name, retry=RetryPolicy(max_attempts=1))
     await work.declare()
-    runs = 0
-
-    async def handler(delivery: Delivery[bytes]) -> None:
-        nonlocal runs
-        runs += 1
-        raise RuntimeError("always fails")
-
+    handler = AlwaysFails()
     try:
         await send_from_another_client(amqp_url, name, "large-2")
         async with Worker(work, handler, concurrency=1) as worker:
             await wait_for(lambda: worker.dead_lettered == 1, 20)
-        assert worker.forward_failures == 0 and runs == 1
+        assert worker.forward_failures == 0 and handler.runs == 1
         await until_ready(small, work.dlq_name, 1)
         dead = await small.get(work.dlq_name, auto_ack=True)
         assert dead is not None and dead.message_id == "large-2" and dead.body == BODY
@@ -137,6 +142,16 @@ def max_message_size_lowered(limit: int) -> Iterator[None]:
         rabbitmqctl("eval", f"({put})({int(before)}).")
 
 
+@contextlib.asynccontextmanager
+async def worker_under_a_lower_limit(work: WorkQueue[Any], handler: AlwaysFails) -> AsyncIterator[Worker]:
+    """A Worker on ``work``'s queue, on a Broker of its own, while the node's max_message_size is LIMIT."""
+    with max_message_size_lowered(LIMIT):
+        async with Broker(work.broker.settings) as lowered:
+            lowered_work: WorkQueue[Any] = WorkQueue(lowered, work.name, queue=work.queue, retry=work.retry)
+            async with Worker(lowered_work, handler, concurrency=1) as worker:
+                yield worker
+
+
 @pytest.mark.whole_broker  # every channel opened on the node while it runs gets the lowered max_message_size
 async def test_a_task_the_broker_no_longer_takes_is_dead_lettered_as_it_is(
     broker: Broker, amqp_url: str, name: str, caplog: pytest.LogCaptureFixture
@@ -147,28 +162,19 @@ async def test_a_task_the_broker_no_longer_takes_is_dead_lettered_as_it_is(
     limit (20) had the broker dead-letter it. Now the broker's refusal is MessageTooLarge, and the worker
     rejects the task at once, so the broker dead-letters it whole (its queue's dead-letter exchange)."""
     work: WorkQueue[Any] = WorkQueue(broker, name, retry=RetryPolicy(max_attempts=3, initial_delay=0.1, jitter=0))
-    runs = 0
-
-    async def handler(delivery: Delivery[bytes]) -> None:
-        nonlocal runs
-        runs += 1
-        raise RuntimeError("fails")
-
+    handler = AlwaysFails()
     try:
         await work.declare()
         await send_from_another_client(amqp_url, name, "large-4")
-        with max_message_size_lowered(LIMIT):
-            async with Broker(broker.settings) as lowered:  # its channels get the lowered limit
-                with pytest.raises(MessageTooLarge) as refused:
-                    await lowered.publish(Envelope(BODY), routing_key=name)
-                assert refused.value.size == len(BODY) and refused.value.limit == LIMIT, refused.value
-                assert "exchange" not in str(refused.value), refused.value
-                lowered_work: WorkQueue[Any] = WorkQueue(lowered, name, retry=work.retry)
-                async with Worker(lowered_work, handler, concurrency=1) as worker:
-                    await until_ready(lowered, work.dlq_name, 1, timeout=10)
-                    await asyncio.sleep(0.5)  # time to run it again, were it requeued
-                assert runs == 1 and worker.retried == 0, (runs, worker.retried)
-                assert worker.dead_lettered == 1 and worker.forward_failures == 1
+        async with worker_under_a_lower_limit(work, handler) as worker:
+            with pytest.raises(MessageTooLarge) as refused:
+                await worker.broker.publish(Envelope(BODY), routing_key=name)
+            assert refused.value.size == len(BODY) and refused.value.limit == LIMIT, refused.value
+            assert "exchange" not in str(refused.value), refused.value
+            await until_ready(broker, work.dlq_name, 1, timeout=10)
+            await asyncio.sleep(0.5)  # time to run it again, were it requeued
+        assert handler.runs == 1 and worker.retried == 0, (handler.runs, worker.retried)
+        assert worker.dead_lettered == 1 and worker.forward_failures == 1
         dead = await broker.get(work.dlq_name, auto_ack=True)
         assert dead is not None and dead.message_id == "large-4" and dead.body == BODY
         assert dead.headers["x-death"][0]["reason"] == "rejected"
@@ -187,22 +193,12 @@ async def test_a_task_whose_queue_does_not_dead_letter_to_its_dlq_is_kept_not_re
     longer takes is kept in its queue, requeued as for any other copy that failed."""
     spec = Queue(name, type=QueueType.QUORUM, dead_letter_exchange=f"{name}.nowhere", delivery_limit=50)
     work: WorkQueue[Any] = WorkQueue(broker, name, queue=spec, retry=RetryPolicy(max_attempts=1))
-    runs = 0
-
-    async def handler(delivery: Delivery[bytes]) -> None:
-        nonlocal runs
-        runs += 1
-        raise RuntimeError("fails")
-
     try:
         await work.declare()
         await send_from_another_client(amqp_url, name, "large-5")
-        with max_message_size_lowered(LIMIT):
-            async with Broker(broker.settings) as lowered:
-                lowered_work: WorkQueue[Any] = WorkQueue(lowered, name, queue=spec, retry=work.retry)
-                async with Worker(lowered_work, handler, concurrency=1) as worker:
-                    await wait_for(lambda: worker.forward_failures >= 1, 10)
-                assert worker.dead_lettered == 0
+        async with worker_under_a_lower_limit(work, AlwaysFails()) as worker:
+            await wait_for(lambda: worker.forward_failures >= 1, 10)
+        assert worker.dead_lettered == 0
         await until_ready(broker, name, 1)
         kept = await broker.get(name, auto_ack=True)
         assert kept is not None and kept.message_id == "large-5" and kept.body == BODY
