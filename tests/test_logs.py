@@ -2,6 +2,8 @@ import io
 import json
 import logging
 
+import pytest
+
 from amqpkit.logs import configure_logging
 from amqpkit.patterns.work_queue import RetryPolicy, _delay_bucket
 
@@ -42,3 +44,19 @@ def test_delay_buckets_keep_two_significant_digits() -> None:
     assert _delay_bucket(123.4) == 120_000
     # a jittered 1 s delay lands in one of a handful of queues
     assert len({_delay_bucket(RetryPolicy(jitter=0.1).delay(1)) for _ in range(500)}) <= 21
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [RetryPolicy(), RetryPolicy(jitter=0), RetryPolicy(initial_delay=0.05, multiplier=3, max_delay=20, jitter=0.5)],
+    ids=["default", "no-jitter", "wide"],
+)
+def test_the_delay_queues_a_policy_can_use_are_all_known(policy: RetryPolicy) -> None:
+    """A worker renews, from its start, the delay queues its policy can use (WorkQueue.adopt_delay_queues):
+    every delay the policy draws falls into one of them."""
+    buckets = policy.delay_buckets()
+    assert buckets == sorted(set(buckets))
+    drawn = {_delay_bucket(policy.delay(n)) for n in range(1, policy.max_attempts) for _ in range(2000)}
+    assert drawn <= set(buckets), sorted(drawn - set(buckets))
+    assert RetryPolicy(max_attempts=3, initial_delay=2, jitter=0).delay_buckets() == [2000, 4000]
+    assert len(RetryPolicy().delay_buckets()) == 43  # 1, 2, 4 and 8 s, each give or take 10 %

@@ -75,8 +75,19 @@ class RetryPolicy(BaseModel):
 
     def delay(self, failed_attempt: int) -> float:
         """Seconds to wait after attempt ``failed_attempt`` (1-based) failed."""
-        base = min(self.max_delay, self.initial_delay * self.multiplier ** (failed_attempt - 1))
-        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+        return max(0.0, self._base(failed_attempt) * (1 + random.uniform(-self.jitter, self.jitter)))
+
+    def _base(self, failed_attempt: int) -> float:
+        return min(self.max_delay, self.initial_delay * self.multiplier ** (failed_attempt - 1))
+
+    def delay_buckets(self) -> list[int]:
+        """Every delay queue (:func:`delay_bucket`, in ms) a retry by this policy can go to, in order: the
+        delays of attempts 1 to ``max_attempts - 1``, give or take ``jitter``."""
+        buckets: set[int] = set()
+        for failed_attempt in range(1, self.max_attempts):
+            base = self._base(failed_attempt)
+            buckets.update(delay_buckets_between(base * (1 - self.jitter), base * (1 + self.jitter)))
+        return sorted(buckets)
 
 
 class Retry(Exception):
@@ -149,6 +160,16 @@ def delay_bucket(seconds: float) -> int:
     ms = max(1, round(seconds * 1000))
     step = 10 ** max(0, len(str(ms)) - 2)
     return max(1, int(round(ms / step) * step))
+
+
+def delay_buckets_between(low: float, high: float) -> list[int]:
+    """Every :func:`delay_bucket` a delay from ``low`` to ``high`` seconds falls into, in order."""
+    buckets = []
+    ms, last = delay_bucket(max(0.0, low)), delay_bucket(max(0.0, high))
+    while ms <= last:
+        buckets.append(ms)
+        ms += 10 ** max(0, len(str(ms)) - 2)  # the next value with two significant digits
+    return buckets
 
 
 def now_ms() -> int:

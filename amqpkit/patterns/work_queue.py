@@ -94,6 +94,9 @@ _as_int = as_int
 _delay_bucket = delay_bucket
 
 log = logging.getLogger("amqpkit.worker")
+ADOPT_LIMIT = 200
+"""The most delay queues a worker looks for at start (:meth:`WorkQueue.adopt_delay_queues`)."""
+
 lease_log = log.getChild("lease")  # each delay-queue lease renewal that took a message (DEBUG)
 
 # Any when nothing says (no codec given): `Publisher(broker, x).publish(model)` needs no annotation.
@@ -387,6 +390,35 @@ class WorkQueue(Generic[T]):
         log.error("delay queue %s was gone %.1f s after its last renewal, before its expiry of %g s: deleted, or "
                   "given a shorter expiry by a policy; retries that were in it are lost. Declared again, and "
                   "renewed every %.2g s from now on", state.spec.name, age, expiry, state.interval)  # fmt: skip
+
+    async def adopt_delay_queues(self) -> int:
+        """Renew, from now on, the delay queues this queue's retry policy can use that exist but that this
+        WorkQueue never sent to (another worker process did, or this one before a restart); how many.
+
+        A delay queue holds a retry past its delay while the work queue refuses it (full under a length
+        limit): the broker tries again minutes later. Nothing renewed it once the worker that sent the retry
+        stopped, and it expired with the retry. A policy with more than :data:`ADOPT_LIMIT` delay queues
+        (a large ``jitter`` over delays that span decades) is not looked through; nor are delays a handler
+        chose itself (:class:`Retry` with ``delay``) outside the policy's.
+        """
+        buckets = [ms for ms in self.retry.delay_buckets() if ms not in self._delay_queues]
+        if len(buckets) > ADOPT_LIMIT:
+            log.info("the retry policy of %s can use %d delay queues, more than the %d looked for at start",
+                     self.name, len(buckets), ADOPT_LIMIT)  # fmt: skip
+            return 0
+        adopted = 0
+        for ms in buckets:
+            try:
+                await self.broker.queue_counts(f"{self.name}.retry.{ms}")  # passive: is it there?
+            except TopologyError as exc:
+                if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
+                    continue
+                raise
+            await self._renew(ms, force=True)
+            adopted += 1
+        if adopted:
+            log.info("%s: renewing %d delay queue(s) that another worker sent retries to", self.name, adopted)
+        return adopted
 
     async def renew_delay_queues(self) -> None:
         """Renew the lease of every delay queue this WorkQueue has used, where it is due.

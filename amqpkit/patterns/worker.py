@@ -185,7 +185,12 @@ class Worker(Generic[T]):
         self._stopped.set()
 
     async def _keep_delay_queues(self) -> None:
-        """Renew the delay queues' leases while the worker runs (a failed renewal is tried again next tick)."""
+        """Renew the delay queues' leases while the worker runs (a failed renewal is tried again next tick):
+        those this worker sends to, and, from its start, those of its retry policy that exist."""
+        try:
+            await self.queue.adopt_delay_queues()
+        except Exception as exc:
+            log.warning("could not look for the existing delay queues of %s: %s", self.queue.name, exc)
         while True:
             await asyncio.sleep(self.queue.delay_queue_check_interval())
             try:

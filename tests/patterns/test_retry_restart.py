@@ -137,3 +137,57 @@ async def test_a_retry_due_while_the_node_is_down_comes_back_after_it_restarts(o
                 await wait_for(lambda: all(later.get(n) == 2 for n in range(2, 6)), DELAY + BACK_WITHIN)
             except AssertionError as exc:  # not the failure the xfail case expects
                 pytest.fail(f"retries sent after the restart did not all come back: {later}: {exc}", pytrace=False)
+
+
+HELD_CONFIRM_TIMEOUT_MS = 20_000  # the broker tries a held retry again after this: longer than the delay queue lives
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    "own_node",
+    [f"[{{rabbit, [{{dead_letter_worker_publisher_confirm_timeout, {HELD_CONFIRM_TIMEOUT_MS}}}]}}].\n"],
+    ids=["confirm-timeout-20s"],
+    indirect=True,
+)
+async def test_a_retry_held_behind_a_full_work_queue_outlives_the_worker_that_sent_it(
+    own_node: SpareNode, name: str
+) -> None:
+    """A retry whose delay ran out while its work queue was full (a length limit: amqpkit's work queue refuses
+    what does not fit) is held in its delay queue until the broker tries again. The worker that sent it
+    stopped, and another worker process took over: before, that one renewed only delay queues it sent to
+    itself, so the delay queue expired with the retry in it (a hunt with an operator's max-length policy: lost,
+    nothing said). A worker now renews, from its start, the delay queues its retry policy can use that exist."""
+    settings = BrokerSettings(url=own_node.url, heartbeat=5, reconnect=ReconnectPolicy(initial_delay=0.05))
+    policy = RetryPolicy(max_attempts=3, initial_delay=2.0, jitter=0)
+    ctl(own_node, "set_policy", f"{name}-full", f"^{name}$", '{"max-length": 1}', "--apply-to", "queues")
+    done: list[str] = []
+
+    async def fails_first(value: Any) -> None:
+        if value["n"] == 1 and "failed-1" not in done:
+            done.append("failed-1")
+            raise RuntimeError("fails once")
+        done.append(f"done-{value['n']}")
+
+    async with Broker(settings) as broker:
+        sender: WorkQueue[Any] = WorkQueue(broker, name, retry=policy)
+        sender.delay_queue_min_expiry = 3.0  # its delay queue lives 6 s unused (three times the 2 s delay)
+        async with Worker(sender, fails_first, concurrency=1) as first:
+            await sender.enqueue({"n": 1}, task_id=f"{name}-1")
+            await wait_for(lambda: first.retried == 1, 10)
+        held_from = time.monotonic()
+        # The work queue full when the retry is due: a quorum queue refuses once it is over its limit
+        for n in (2, 3):
+            await sender.enqueue({"n": n}, task_id=f"{name}-{n}")
+        delay_queue = f"{name}.retry.2000"
+
+        await asyncio.sleep(max(0.0, held_from + 3 - time.monotonic()))
+        # due a second ago, refused by the full work queue: held in its delay queue, which is still there
+        assert (await broker.queue_counts(name))[0] == 2
+        await broker.queue_counts(delay_queue)
+        taker: WorkQueue[Any] = WorkQueue(broker, name, retry=policy)  # another worker process's
+        taker.delay_queue_min_expiry = 3.0
+        async with Worker(taker, fails_first, concurrency=1):
+            # the broker tries the held retry again 20 s after it was refused; before, its delay queue had
+            # expired by then (6 s unused, and the broker's check every few seconds)
+            await wait_for(lambda: "done-1" in done, HELD_CONFIRM_TIMEOUT_MS / 1000 + 15)
+        assert done.count("done-1") == 1 and "done-2" in done and "done-3" in done, done
