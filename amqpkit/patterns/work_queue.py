@@ -373,7 +373,8 @@ class WorkQueue(Generic[T]):
         """Before a renewal: a delay queue gone sooner than its expiry lost what it held; say so, renew it sooner.
 
         amqpkit cannot see what else shortens a queue's life: an operator
-        policy's ``expires`` (the lower value wins), or someone deleting it.
+        policy's ``expires`` (on a quorum queue, the policy's wins on RabbitMQ
+        3.x, the lower of the two on 4.0 and later), or someone deleting it.
         Either way the retries in it are gone; this is how it shows.
         """
         expiry = self.delay_queue_expiry(ms)
