@@ -392,7 +392,7 @@ class WorkQueue(Generic[T]):
                   "given a shorter expiry by a policy; retries that were in it are lost. Declared again, and "
                   "renewed every %.2g s from now on", state.spec.name, age, expiry, state.interval)  # fmt: skip
 
-    async def adopt_delay_queues(self) -> int:
+    async def adopt_delay_queues(self, until: asyncio.Event | None = None) -> int:
         """Renew, from now on, the delay queues this queue's retry policy can use that exist but that this
         WorkQueue never sent to (another worker process did, or this one before a restart); how many.
 
@@ -401,25 +401,46 @@ class WorkQueue(Generic[T]):
         stopped, and it expired with the retry. A policy with more than :data:`ADOPT_LIMIT` delay queues
         (a large ``jitter`` over delays that span decades) is not looked through; nor are delays a handler
         chose itself (:class:`Retry` with ``delay``) outside the policy's.
+
+        It stops between two queues once ``until`` is set: cancelled in the middle of a declare, aiormq closes
+        the channel while the broker may be closing it over a missing queue, and the broker then closes the
+        whole connection (504 CHANNEL_ERROR). A Worker sets it and waits, rather than cancel this.
         """
         buckets = [ms for ms in self.retry.delay_buckets() if ms not in self._delay_queues]
         if len(buckets) > ADOPT_LIMIT:
             log.info("the retry policy of %s can use %d delay queues, more than the %d looked for at start",
                      self.name, len(buckets), ADOPT_LIMIT)  # fmt: skip
             return 0
-        adopted = 0
+        found = await self._existing([f"{self.name}.retry.{ms}" for ms in buckets], until)
         for ms in buckets:
-            try:
-                await self.broker.queue_counts(f"{self.name}.retry.{ms}")  # passive: is it there?
-            except TopologyError as exc:
-                if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
+            if f"{self.name}.retry.{ms}" in found and not (until is not None and until.is_set()):
+                await self._renew(ms, force=True)
+        if found:
+            log.info("%s: renewing %d delay queue(s) that another worker sent retries to", self.name, len(found))
+        return len(found)
+
+    async def _existing(self, names: list[str], until: asyncio.Event | None) -> set[str]:
+        """Which of the queues ``names`` exist: a passive declare of each, on a channel of this call's own (the
+        broker closes it over each one missing, and a cancelled declare closes it too: no other channel of the
+        Broker's sees either)."""
+        found: set[str] = set()
+        channel: AbstractChannel | None = None
+        try:
+            for name in names:
+                if until is not None and until.is_set():
+                    break
+                if channel is None or channel.is_closed:
+                    channel = await self.broker.lowlevel.open_channel()
+                try:
+                    await channel.queue_declare(name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
                     continue
-                raise
-            await self._renew(ms, force=True)
-            adopted += 1
-        if adopted:
-            log.info("%s: renewing %d delay queue(s) that another worker sent retries to", self.name, adopted)
-        return adopted
+                found.add(name)
+        finally:
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        return found
 
     async def renew_delay_queues(self) -> None:
         """Renew the lease of every delay queue this WorkQueue has used, where it is due.

@@ -129,6 +129,9 @@ class Worker(Generic[T]):
         self._timeouts = ConsumerTimeouts(self, self._handler, self._dead_letter)
         self._consumer: Consumer | None = None
         self._keeper: asyncio.Task[None] | None = None
+        # Set to end the keeper's look for existing delay queues between two declares; set by it once it ended.
+        self._stop_adopting = asyncio.Event()
+        self._adopted = asyncio.Event()
         self._stopped = asyncio.Event()
         self.completed = 0
         self.retried = 0
@@ -158,6 +161,8 @@ class Worker(Generic[T]):
                 on_error=self._failed,
             )  # fmt: skip
             if self._keeper is None or self._keeper.done():
+                self._stop_adopting.clear()
+                self._adopted.clear()
                 self._keeper = asyncio.get_running_loop().create_task(
                     self._keep_delay_queues(), name=f"amqpkit delay queues of {self.queue.name}"
                 )
@@ -165,8 +170,9 @@ class Worker(Generic[T]):
     def _failed(self, exc: BaseException) -> None:
         """The queue could not be re-attached: the worker stops, and says so."""
         self._consumer = None
-        if self._keeper is not None:
-            self._keeper.cancel()
+        self._stop_adopting.set()
+        if self._keeper is not None and self._adopted.is_set():
+            self._keeper.cancel()  # else it ends itself once its current declare is answered
         self._stopped.set()
         if self.on_error is not None:
             self.on_error(exc)
@@ -179,6 +185,9 @@ class Worker(Generic[T]):
         self._handler.close()  # its thread or process pool
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
+            self._stop_adopting.set()  # not cancelled in the middle of a declare (see WorkQueue.adopt_delay_queues)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._adopted.wait()), self.broker.settings.publish_timeout)
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
@@ -188,9 +197,13 @@ class Worker(Generic[T]):
         """Renew the delay queues' leases while the worker runs (a failed renewal is tried again next tick):
         those this worker sends to, and, from its start, those of its retry policy that exist."""
         try:
-            await self.queue.adopt_delay_queues()
+            await self.queue.adopt_delay_queues(until=self._stop_adopting)
         except Exception as exc:
             log.warning("could not look for the existing delay queues of %s: %s", self.queue.name, exc)
+        finally:
+            self._adopted.set()
+        if self._stop_adopting.is_set():
+            return
         while True:
             await asyncio.sleep(self.queue.delay_queue_check_interval())
             try:

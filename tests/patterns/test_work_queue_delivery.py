@@ -401,3 +401,21 @@ async def test_a_lease_renewal_cancelled_as_its_get_lands_gives_the_message_back
         for q in [work.name, work.dlq_name, queue]:
             with contextlib.suppress(Exception):
                 await broker.delete_queue(q)
+
+
+async def test_a_worker_stopped_as_it_starts_leaves_the_connection_alone(broker: Broker, name: str) -> None:
+    """A worker looks, from its start, for the delay queues its policy can use (43 passive declares for the
+    default policy, most of them missing). Done on the Broker's shared topology channel, a stop in the middle
+    cancelled a declare there, and the next declare on it closed the whole connection (504 CHANNEL_ERROR,
+    found by the README's example): now on a channel of its own."""
+    work: WorkQueue[Job] = WorkQueue(broker, name)
+    try:
+        for _ in range(5):
+            async with Worker(work, lambda job: None):
+                await asyncio.sleep(0.01)
+            await broker.declare_queue(Queue(f"{name}.other"))
+            await broker.delete_queue(f"{name}.other")
+        assert broker.reconnects == 0
+    finally:
+        for queue in (work.name, work.dlq_name):
+            await broker.delete_queue(queue)
