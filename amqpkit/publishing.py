@@ -240,8 +240,7 @@ class Publishing(BrokerCore):
             except TimeoutError:
                 raise _not_confirmed(exchange_name, wait, self._why_unconfirmed(closed_over_frames)) from None
             except TopologyError as exc:
-                refusals += 1
-                self._after_refusal(exc, exchange_name, len(body), refusals)
+                refusals = self._after_refusal(exc, exchange_name, len(body), refusals)
                 continue
             except PublishNacked:
                 # The next publish goes on a fresh channel. On RabbitMQ 3.10 a channel opened while a quorum
@@ -266,20 +265,29 @@ class Publishing(BrokerCore):
                 await asyncio.sleep(0.01)
                 continue
 
-    def _after_refusal(self, exc: TopologyError, exchange_name: str, size: int, refusals: int) -> None:
+    def _after_refusal(self, exc: TopologyError, exchange_name: str, size: int, refusals: int) -> int:
         """The broker closed the publishing channel over a publish: this one, or another one in flight on it (say,
         to an exchange someone deleted since it was checked), which fails them all alike. This one's exchange is
-        checked again and it is sent again; refused three times, it is its own (PublishError). Refused for its
-        size by the broker's own limit, lower than amqpkit's, whichever publish it was (this body is over that
-        limit too): sent once more, on a fresh channel (RabbitMQ 3.10 reads its limit when it opens a channel, so
-        a channel opened while it was lower refuses what a fresh one takes), then MessageTooLarge."""
+        checked again and it is sent again; refused three times, it is its own (PublishError). Returns the
+        refusals counted so far.
+
+        A refusal of a body for its size by the broker's own limit, lower than amqpkit's, names the limit: a
+        body under it was not the one refused, and is sent again without counting it (a review had small
+        publishes fail beside large ones). A body over it is sent once more, on a fresh channel (RabbitMQ 3.10
+        reads its limit when it opens a channel, so a channel opened while it was lower refuses what a fresh
+        one takes), then it is MessageTooLarge."""
         limit = broker_size_limit(exc)
-        if limit is not None and size > limit and refusals >= 2:
+        if limit is not None and size <= limit:
+            self.republished += 1
+            return refusals
+        refusals += 1
+        if limit is not None and refusals >= 2:
             raise MessageTooLarge(size, limit, by_broker=True) from exc
         self._known_exchanges.discard(exchange_name)
         if refusals >= 3:
             raise PublishError(f"publish refused: {exc}") from exc
         self.republished += 1
+        return refusals
 
     async def _exchange_for_publish(self, name: str) -> None:
         """:meth:`_check_exchange`, its refusal a :class:`PublishError`."""

@@ -223,3 +223,23 @@ async def test_a_channel_opened_under_a_lower_limit_does_not_make_a_body_too_lar
         await until_ready(broker, name, 1)
     finally:
         await broker.delete_queue(name)
+
+
+@pytest.mark.whole_broker
+async def test_publishes_beside_ones_the_broker_refuses_for_size_are_confirmed(broker: Broker, name: str) -> None:
+    """The broker closes the publishing channel over one body too large, and every publish in flight on it
+    fails alike. Each such close counted against the small ones too, which after three were a PublishError
+    quoting the other's size (a review); the small ones are sent again without counting it."""
+    await broker.declare_queue(Queue(name, type=QueueType.QUORUM))
+    try:
+        with max_message_size_lowered(LIMIT):
+            async with Broker(broker.settings) as lowered:
+                small = [lowered.publish(Envelope(b"s", message_id=f"s{i}"), routing_key=name) for i in range(40)]
+                large = [lowered.publish(Envelope(BODY, message_id=f"l{i}"), routing_key=name) for i in range(6)]
+                outcomes = await asyncio.gather(*small, *large, return_exceptions=True)
+        failed_small = [o for o in outcomes[:40] if isinstance(o, BaseException)]
+        assert not failed_small, failed_small[:3]
+        assert all(isinstance(o, MessageTooLarge) for o in outcomes[40:]), outcomes[40:]
+        await until_ready(broker, name, 40)
+    finally:
+        await broker.delete_queue(name)
