@@ -273,9 +273,10 @@ class Broker(Consuming, Publishing):
         refused, failed_queues = await self._restore_topology()
         stopped: list[tuple[Consumer, BaseException]] = []
         for consumer in list(self._consumers.values()):
-            if consumer._starting:
-                continue  # the consume() starting it attaches it once connected, or raises (a limit, a refusal)
             cause = failed_queues.get(consumer.queue)
+            if consumer._starting:  # the consume() starting it attaches it once connected, or raises
+                consumer._refused = cause or consumer._refused
+                continue
             if cause is None:
                 try:
                     await self._attach(consumer)

@@ -54,6 +54,7 @@ class Consumer:
         "_attach_lock",
         "_broker",
         "_channel",
+        "_refused",
         "_starting",
         "arguments",
         "attached",
@@ -99,8 +100,10 @@ class Consumer:
         # why it is not attached while a limit on channels leaves it waiting (the Broker asks again), else None
         self.waiting_for_channel: ChannelLimitReached | None = None
         self._channel: AbstractChannel | None = None
-        # True while consume() starts it: that call attaches it, or raises and drops it (a reconnect leaves it be)
+        # True while consume() starts it: that call attaches it, or raises and drops it (a reconnect leaves it be,
+        # and gives it in _refused why its queue could not be restored, for consume() to raise)
         self._starting = False
+        self._refused: BaseException | None = None
         self._attach_lock = asyncio.Lock()
 
     async def cancel(self, *, grace: float = 0.0) -> None:
@@ -164,12 +167,14 @@ class Consuming(TopologyRegistry):
             # A reconnect meanwhile leaves it to this call (_starting): what it cannot attach is this caller's
             # error, not a consumer said to wait for a channel (or stopped) that the caller then never gets.
             await self._ready()
+            self._raise_refused(consumer)
             await self._attach(consumer)
         except ConnectionLost:
             # The connection dropped under the attach: wait for the reconnect and attach it then, rather than
             # leave an attached consumer nobody holds.
             try:
                 await self._ready()
+                self._raise_refused(consumer)
                 await self._attach(consumer)
             except BaseException:
                 await self._detach(consumer, grace=0)
@@ -180,6 +185,12 @@ class Consuming(TopologyRegistry):
         finally:
             consumer._starting = False
         return consumer
+
+    @staticmethod
+    def _raise_refused(consumer: Consumer) -> None:
+        """The reconnect could not restore the queue ``consumer`` is being started on: consume() raises why."""
+        if consumer._refused is not None:
+            raise consumer._refused
 
     async def get(self, queue: Queue | str, *, auto_ack: bool = False) -> Delivery[bytes] | None:
         """One message from ``queue`` (basic.get), or None when it is empty."""

@@ -107,6 +107,33 @@ async def test_queue_redeclared_with_other_arguments_is_reported(
         assert other_errors == []
 
 
+async def test_a_consume_waiting_for_the_reconnect_raises_when_its_queue_is_not_restored(
+    proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    """consume() of a queue the Broker declared, called while it reconnects, and the queue re-declared by
+    someone else with other arguments meanwhile: the reconnect forgot the queue it could not restore, and
+    consume() returned a consumer attached to the other's queue, as if all were well (a review of 7b6fc1a;
+    before it, an already-cancelled one). Now consume() raises the refusal, as it does when connected."""
+    drifted = Queue(f"{name}.drift", auto_delete=False)
+    cleanup.append(f"q:{drifted.name}")
+
+    async def nothing(d: Delivery[bytes]) -> None:
+        await d.ack()
+
+    async with Broker(proxied) as b:
+        await b.declare_queue(drifted)
+        await hold_out(proxy, b)
+        await broker.delete_queue(drifted.name)
+        await broker.declare_queue(Queue(drifted.name, max_length=5))  # someone else's idea of it
+        pending = asyncio.ensure_future(b.consume(drifted, nothing))
+        await asyncio.sleep(0.1)
+        await let_in(proxy, b)
+        with pytest.raises(TopologyError) as refused:
+            await asyncio.wait_for(pending, 30)
+        assert refused.value.argument == "x-max-length"
+        assert not b.consumers
+
+
 async def test_topology_error_hook_hears_about_every_spec_not_restored(
     proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str, cleanup: list[str]
 ) -> None:
