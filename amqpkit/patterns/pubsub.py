@@ -13,6 +13,7 @@ across restarts).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
@@ -215,9 +216,20 @@ class Subscriber(Generic[T]):
             self._inbox = asyncio.Queue()
         self.error = None
         self._stopped.clear()
-        self._consumer = await self.broker.consume(
-            self.queue, self._on_delivery, prefetch=self.prefetch, auto_ack=self.auto_ack, on_error=self._failed
-        )
+        try:
+            self._consumer = await self.broker.consume(
+                self.queue, self._on_delivery, prefetch=self.prefetch, auto_ack=self.auto_ack, on_error=self._failed
+            )
+        except BaseException:
+            # Not started: undone, so that a reconnect does not declare and bind again a queue nobody reads,
+            # and a private one, declared and never consumed (so never auto-deleted), is not left collecting.
+            private = self.private and self.broker.remembers(self.queue)
+            declared = self.broker.queue_name(self.queue) if private else ""
+            self._forget()
+            if declared and not consumed_elsewhere(self.broker, self.queue):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.broker.delete_queue(declared), 5)
+            raise
 
     def _failed(self, exc: BaseException) -> None:
         """The subscription is gone for good (its queue could not be re-attached): tell the user's code."""

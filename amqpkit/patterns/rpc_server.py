@@ -134,9 +134,16 @@ class RpcServer:
             await self.broker.declare_queue(self.queue)
             self.error = None
             self._stopped.clear()
-            self._consumer = await self.broker.consume(
-                self.queue, self._on_request, prefetch=self.concurrency, on_error=self._failed
-            )
+            try:
+                self._consumer = await self.broker.consume(
+                    self.queue, self._on_request, prefetch=self.concurrency, on_error=self._failed
+                )
+            except BaseException:
+                # Not started: undone, so that a reconnect does not declare the request queue again for a
+                # server that is not there. The queue itself, a named one others may serve, stays (as at stop()).
+                if not consumed_elsewhere(self.broker, self.queue):
+                    self.broker.forget(self.queue)
+                raise
 
     @property
     def running(self) -> bool:

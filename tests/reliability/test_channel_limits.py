@@ -23,10 +23,12 @@ from amqpkit import (
     Consumer,
     Delivery,
     Envelope,
+    Exchange,
     Queue,
     ReconnectPolicy,
     RpcClient,
     RpcServer,
+    Subscriber,
 )
 from amqpkit.settings import BrokerSettings
 
@@ -284,6 +286,36 @@ async def test_an_rpc_client_whose_start_was_refused_a_channel_starts_again(
         listed = rabbitmqctl("list_queues", "-q", "-p", vhost_of(amqp_url), "name", "consumers")
         assert not [line for line in listed.splitlines() if line.startswith("amq.gen-")], listed
     await server.stop()
+
+
+async def test_a_subscriber_or_rpc_server_whose_start_was_refused_leaves_nothing_behind(
+    broker: Broker, proxy: FaultProxy, user: str, name: str, amqp_url: str
+) -> None:
+    """A start refused a channel left its topology remembered (a review): the Subscriber's private queue,
+    declared and never consumed, collected every message published (5 of 5) and was declared and bound again
+    by every reconnect; the RpcServer's request queue was declared again by every reconnect, for a server that
+    was not there. A failed start is now undone, as RpcClient's (a named request queue stays, as at stop())."""
+    limit_channels(user, 2)  # the publish and topology channels fit; a consumer's does not
+    events = Exchange(f"{name}.events", type="fanout", durable=False, auto_delete=True)
+    settings = through(proxy, user)
+    async with Broker(settings) as limited:
+        subscriber = Subscriber(limited, events, Counting())
+        with pytest.raises(ChannelLimitReached):
+            await subscriber.start()
+        server = RpcServer(limited, Queue(f"{name}.rpc", auto_delete=True))
+
+        @server.method("echo")
+        async def echo(text: str) -> str:
+            return text
+
+        with pytest.raises(ChannelLimitReached):
+            await server.start()
+        assert not limited.remembers(subscriber.queue) and not limited.remembers(server.queue)
+        assert not any(limited.remembers(binding) for binding in subscriber.bindings)
+    listed = rabbitmqctl("list_queues", "-q", "-p", vhost_of(amqp_url), "name")
+    assert not [line for line in listed.splitlines() if line.startswith("amq.gen-")], listed
+    await broker.delete_queue(f"{name}.rpc")
+    await broker.delete_exchange(events.name)
 
 
 async def test_one_close_that_refuses_several_channels_teaches_one_limit(
