@@ -272,10 +272,12 @@ class Broker(Consuming, Publishing):
         await self._channel("publish")
         refused, failed_queues = await self._restore_topology()
         stopped: list[tuple[Consumer, BaseException]] = []
+        starting_refused: list[tuple[Consumer, BaseException]] = []
         for consumer in list(self._consumers.values()):
             cause = failed_queues.get(consumer.queue)
             if consumer._starting:  # the consume() starting it attaches it once connected, or raises
-                consumer._refused = cause or consumer._refused
+                if cause is not None:
+                    starting_refused.append((consumer, cause))
                 continue
             if cause is None:
                 try:
@@ -292,6 +294,8 @@ class Broker(Consuming, Publishing):
         self._connected.set()
         for refused_spec, error in refused:
             self._forget_refused(refused_spec, error)
+        for starting, why in starting_refused:  # its queue is forgotten now: consume() raises why, when it wakes
+            starting._refused = why
         for stopped_consumer, why in stopped:
             self._stop_consumer(stopped_consumer, why)
 

@@ -60,3 +60,13 @@ def test_the_delay_queues_a_policy_can_use_are_all_known(policy: RetryPolicy) ->
     assert drawn <= set(buckets), sorted(drawn - set(buckets))
     assert RetryPolicy(max_attempts=3, initial_delay=2, jitter=0).delay_buckets() == [2000, 4000]
     assert len(RetryPolicy().delay_buckets()) == 43  # 1, 2, 4 and 8 s, each give or take 10 %
+
+
+def test_a_policy_of_many_attempts_has_its_delays_and_buckets_at_once() -> None:
+    """A review: max_attempts=2000 overflowed a float (2.0**1999) at each worker start, and 2,000,000 attempts
+    with a multiplier of 1 took 20 s of the event loop; delay() overflowed past about attempt 1,000."""
+    forever = RetryPolicy(max_attempts=2_000_000, multiplier=1.0, jitter=0)
+    assert forever.delay_buckets() == [1000]
+    many = RetryPolicy(max_attempts=2000, max_delay=300, jitter=0)
+    assert many.delay_buckets()[-1] == 300_000 and many.delay(1999) == 300
+    assert RetryPolicy(initial_delay=1, multiplier=2, max_delay=5, jitter=0).delay(3) == 4

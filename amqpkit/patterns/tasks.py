@@ -8,6 +8,7 @@ dead-letter tools (dlq.py).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -78,14 +79,22 @@ class RetryPolicy(BaseModel):
         return max(0.0, self._base(failed_attempt) * (1 + random.uniform(-self.jitter, self.jitter)))
 
     def _base(self, failed_attempt: int) -> float:
-        return min(self.max_delay, self.initial_delay * self.multiplier ** (failed_attempt - 1))
+        if self.initial_delay >= self.max_delay or self.multiplier == 1:
+            return min(self.max_delay, self.initial_delay)
+        # past this many doublings (or whatever the multiplier) it is max_delay: no float overflow on the way
+        steps = math.ceil(math.log(self.max_delay / self.initial_delay, self.multiplier))
+        return min(self.max_delay, self.initial_delay * self.multiplier ** min(failed_attempt - 1, steps))
 
     def delay_buckets(self) -> list[int]:
         """Every delay queue (:func:`delay_bucket`, in ms) a retry by this policy can go to, in order: the
         delays of attempts 1 to ``max_attempts - 1``, give or take ``jitter``."""
         buckets: set[int] = set()
+        previous = -1.0
         for failed_attempt in range(1, self.max_attempts):
             base = self._base(failed_attempt)
+            if base == previous:
+                break  # it no longer grows (max_delay, or a multiplier of 1): the rest are the same
+            previous = base
             buckets.update(delay_buckets_between(base * (1 - self.jitter), base * (1 + self.jitter)))
         return sorted(buckets)
 

@@ -129,9 +129,7 @@ class Worker(Generic[T]):
         self._timeouts = ConsumerTimeouts(self, self._handler, self._dead_letter)
         self._consumer: Consumer | None = None
         self._keeper: asyncio.Task[None] | None = None
-        # Set to end the keeper's look for existing delay queues between two declares; set by it once it ended.
-        self._stop_adopting = asyncio.Event()
-        self._adopted = asyncio.Event()
+        self._keeper_events = _KeeperEvents()  # the current keeper's: see _keep_delay_queues
         self._stopped = asyncio.Event()
         self.completed = 0
         self.retried = 0
@@ -160,19 +158,19 @@ class Worker(Generic[T]):
                 self.queue.queue, self._timeouts.wrap(self._on_task), prefetch=self.concurrency,
                 on_error=self._failed,
             )  # fmt: skip
-            if self._keeper is None or self._keeper.done():
-                self._stop_adopting.clear()
-                self._adopted.clear()
+            if self._keeper is None or self._keeper.done() or self._keeper_events.stop.is_set():
+                events = self._keeper_events = _KeeperEvents()  # its own: one told to stop may still end
                 self._keeper = asyncio.get_running_loop().create_task(
-                    self._keep_delay_queues(), name=f"amqpkit delay queues of {self.queue.name}"
+                    self._keep_delay_queues(events), name=f"amqpkit delay queues of {self.queue.name}"
                 )
 
     def _failed(self, exc: BaseException) -> None:
         """The queue could not be re-attached: the worker stops, and says so."""
         self._consumer = None
-        self._stop_adopting.set()
-        if self._keeper is not None and self._adopted.is_set():
-            self._keeper.cancel()  # else it ends itself once its current declare is answered
+        keeper, self._keeper = self._keeper, None
+        self._keeper_events.stop.set()
+        if keeper is not None and self._keeper_events.adopted.is_set():
+            keeper.cancel()  # else it ends itself once its current declare is answered
         self._stopped.set()
         if self.on_error is not None:
             self.on_error(exc)
@@ -184,25 +182,27 @@ class Worker(Generic[T]):
             await consumer.cancel(grace=self.grace if grace is None else grace)
         self._handler.close()  # its thread or process pool
         keeper, self._keeper = self._keeper, None
+        events = self._keeper_events
         if keeper is not None:
-            self._stop_adopting.set()  # not cancelled in the middle of a declare (see WorkQueue.adopt_delay_queues)
+            events.stop.set()  # not cancelled in the middle of a declare (see WorkQueue.adopt_delay_queues)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._adopted.wait()), self.broker.settings.publish_timeout)
+                await asyncio.wait_for(asyncio.shield(events.adopted.wait()), self.broker.settings.publish_timeout)
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-        self._stopped.set()
+        if self._consumer is None:  # not started again meanwhile
+            self._stopped.set()
 
-    async def _keep_delay_queues(self) -> None:
+    async def _keep_delay_queues(self, events: _KeeperEvents) -> None:
         """Renew the delay queues' leases while the worker runs (a failed renewal is tried again next tick):
         those this worker sends to, and, from its start, those of its retry policy that exist."""
         try:
-            await self.queue.adopt_delay_queues(until=self._stop_adopting)
+            await self.queue.adopt_delay_queues(until=events.stop)
         except Exception as exc:
             log.warning("could not look for the existing delay queues of %s: %s", self.queue.name, exc)
         finally:
-            self._adopted.set()
-        if self._stop_adopting.is_set():
+            events.adopted.set()
+        if events.stop.is_set():
             return
         while True:
             await asyncio.sleep(self.queue.delay_queue_check_interval())
@@ -413,6 +413,18 @@ class Worker(Generic[T]):
                       timestamp=datetime.now(UTC), error=error, retry_in=retry_in),
             task_headers=task_headers,
         )  # fmt: skip
+
+
+class _KeeperEvents:
+    """One keeper's: ``stop`` asks its look for existing delay queues to end between two declares (cancelled in
+    the middle of one, the connection could be closed: see WorkQueue.adopt_delay_queues); it sets ``adopted``
+    once that look has ended."""
+
+    __slots__ = ("adopted", "stop")
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.adopted = asyncio.Event()
 
 
 def _error_text(exc: BaseException) -> str:

@@ -24,6 +24,7 @@ from amqpkit import (
     Envelope,
     Overflow,
     Queue,
+    QueueType,
     Reject,
     Retry,
     RetryPolicy,
@@ -418,4 +419,21 @@ async def test_a_worker_stopped_as_it_starts_leaves_the_connection_alone(broker:
         assert broker.reconnects == 0
     finally:
         for queue in (work.name, work.dlq_name):
+            await broker.delete_queue(queue)
+
+
+async def test_a_delay_queue_declared_otherwise_does_not_stop_the_look_for_the_others(
+    broker: Broker, name: str
+) -> None:
+    """A review: one delay queue declared with other arguments (another release's expiry) made the look for
+    existing delay queues end there, and the ones after it, which might hold retries, were not renewed."""
+    policy = RetryPolicy(max_attempts=3, initial_delay=1.0, jitter=0)  # delay queues of 1 s and 2 s
+    work: WorkQueue[Job] = WorkQueue(broker, name, retry=policy)
+    await broker.declare_queue(Queue(f"{name}.retry.1000", type=QueueType.QUORUM, expires=120))
+    await broker.declare_queue(work._delay_spec(2000))
+    try:
+        assert await work.adopt_delay_queues() == 2
+        assert 2000 in work._delay_queues
+    finally:
+        for queue in (f"{name}.retry.1000", f"{name}.retry.2000"):
             await broker.delete_queue(queue)
