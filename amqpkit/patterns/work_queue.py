@@ -447,9 +447,12 @@ class WorkQueue(Generic[T]):
                 if channel is None or channel.is_closed:
                     channel = await self.broker.lowlevel.open_channel()
                 try:
-                    await channel.queue_declare(name, passive=True)
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    continue
+                    with map_exceptions(kind="queue", name=name):
+                        await channel.queue_declare(name, passive=True)
+                except TopologyError as exc:
+                    if isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
+                        continue
+                    raise
                 found.add(name)
         finally:
             if channel is not None and not channel.is_closed:

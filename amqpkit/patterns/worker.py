@@ -19,7 +19,7 @@ from .. import _hooks
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import Codec
 from ..connection import Consumer
-from ..errors import DecodeError, MessageTooLarge, Unroutable
+from ..errors import ConnectionLost, DecodeError, MessageTooLarge, Unroutable
 from ..executors import ExecutorKind, ProcessRunner, ThreadRunner
 from ..message import Delivery
 from ..topology import DeadLetterStrategy
@@ -197,7 +197,18 @@ class Worker(Generic[T]):
         """Renew the delay queues' leases while the worker runs (a failed renewal is tried again next tick):
         those this worker sends to, and, from its start, those of its retry policy that exist."""
         try:
-            await self.queue.adopt_delay_queues(until=events.stop)
+            while not events.stop.is_set():
+                try:
+                    await self.queue.adopt_delay_queues(until=events.stop)
+                    break
+                except ConnectionLost:  # said once, by the Broker: looked for again once it is back, unless stopped
+                    back = asyncio.ensure_future(self.broker.wait_connected())
+                    stopping = asyncio.ensure_future(events.stop.wait())
+                    try:
+                        await asyncio.wait((back, stopping), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        back.cancel()
+                        stopping.cancel()
         except Exception as exc:
             log.warning("could not look for the existing delay queues of %s: %s", self.queue.name, exc)
         finally:
