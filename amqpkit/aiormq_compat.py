@@ -48,6 +48,14 @@ path. What amqpkit relies on:
   ``connection.close``, without its reason. :class:`AmqpConnection` wraps
   it and raises :class:`ClosedOnOpen` with the reply code and text (a vhost
   refused, a limit on connections reached).
+- The name-mangled ``Connection.__handle_connection_blocked`` and
+  ``__handle_connection_unblocked`` (coroutines its reader awaits for
+  ``connection.blocked`` and ``connection.unblocked``) and
+  ``Connection.__connection_unblocked`` (the event they clear and set).
+  aiormq only logs a block; :class:`AmqpConnection` also keeps its reason
+  and tells a callback, so that amqpkit can say why nothing is confirmed
+  and stop writing RPC requests the broker would run after their callers
+  gave up.
 - aiormq's writer (``Connection.__writer`` through ``FrameGenerator``) takes
   one item at a time from that queue with ``get`` and writes it to the
   socket, and the stdlib queue keeps its items in a deque, ``_queue``. The
@@ -98,6 +106,34 @@ class AmqpConnection(aiormq.Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.write_queue = _WriteQueue(self, WRITE_QUEUE_SIZE)
+        #: Why the broker blocked this connection (its ``connection.blocked`` reason, e.g. "low on memory"),
+        #: or None while it is not blocked. The broker reads nothing more from a blocked connection.
+        self.blocked: str | None = None
+        self.unblocked = asyncio.Event()
+        self.unblocked.set()
+        #: Called with the reason when the broker blocks the connection, and with None when it unblocks it.
+        self.on_blocked: Callable[[str | None], None] | None = None
+
+    # Replace aiormq's two handlers (its reader awaits them by their mangled names): the same event, kept
+    # reason, no log line of aiormq's (the Broker says it once, in its own words).
+    async def _Connection__handle_connection_blocked(self, frame: Connection.Blocked) -> None:
+        self._set_blocked(frame.reason or "no reason given")
+
+    async def _Connection__handle_connection_unblocked(self, frame: Connection.Unblocked) -> None:
+        self._set_blocked(None)
+
+    def _set_blocked(self, reason: str | None) -> None:
+        event = cast(asyncio.Event, getattr(self, _UNBLOCKED))  # aiormq's own: its writer waits on it
+        if reason is None:
+            event.set()
+            self.unblocked.set()
+        else:
+            event.clear()
+            self.unblocked.clear()
+        changed = (reason is None) != (self.blocked is None)
+        self.blocked = reason
+        if changed and self.on_blocked is not None:
+            self.on_blocked(reason)
 
     @staticmethod
     async def _rpc(request: Any, writer: Any, frame_receiver: Any, wait_response: bool = True) -> Any:
@@ -110,6 +146,9 @@ class AmqpConnection(aiormq.Connection):
             if isinstance(watched.last, Connection.Close):
                 raise ClosedOnOpen(watched.last.reply_code or 0, watched.last.reply_text or "") from exc
             raise
+
+
+_UNBLOCKED = "_Connection__connection_unblocked"  # aiormq.Connection.__connection_unblocked, name-mangled
 
 
 class ClosedOnOpen(aiormq.exceptions.InvalidFrameError):

@@ -103,6 +103,7 @@ class BrokerCore:
         self._connected = asyncio.Event()
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._blocked_at = 0.0  # loop time the broker last blocked the connection (see Broker.blocked)
         self._url_index = 0
         # The most channels the broker let this Broker have when it last refused one (a limit it counts itself, a
         # user's max-channels), kept until _channel_cap_until (loop time); see _new_channel.

@@ -101,6 +101,42 @@ class Broker(Consuming, Publishing):
         """
         return _version(self.server_properties.get("version", ""))
 
+    @property
+    def blocked(self) -> str | None:
+        """Why the broker has blocked this connection (e.g. "low on memory"), or None while it has not.
+
+        During a memory or disk alarm, RabbitMQ blocks a connection once it publishes and then reads nothing
+        more from it until the alarm clears: no publish is confirmed, no declare or ack is read. Publishes end
+        with :class:`PublishTimeout` at their deadline, and an :class:`RpcClient` sends no request meanwhile
+        (its calls end with :class:`RpcTimeout`).
+        """
+        conn = self._conn
+        return conn.blocked if conn is not None and not conn.is_closed else None
+
+    async def wait_unblocked(self) -> None:
+        """Return once the broker does not block this connection (at once if it does not), or it is lost."""
+        conn = self._conn
+        if conn is None or conn.blocked is None or conn.is_closed:
+            return
+        unblocked = asyncio.ensure_future(conn.unblocked.wait())
+        try:
+            await asyncio.wait({unblocked, conn.closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            unblocked.cancel()
+
+    def _blocked_changed(self, conn: AmqpConnection, reason: str | None) -> None:
+        if conn is not self._conn:
+            return
+        now = asyncio.get_running_loop().time()
+        if reason is not None:
+            self._blocked_at = now
+            log.warning("the broker at %s blocked this connection: %s; until it unblocks it, it reads nothing "
+                        "from it (publishes are not confirmed, declares and acks wait)",
+                        self._current_url_safe(), reason)  # fmt: skip
+        else:
+            log.info("the broker at %s unblocked this connection after %.1f s",
+                     self._current_url_safe(), now - self._blocked_at)  # fmt: skip
+
     async def connect(self) -> None:
         """Connect, trying each URL in turn with backoff; :class:`ConnectError` when all fail."""
         if self._closing:
@@ -216,6 +252,7 @@ class Broker(Consuming, Publishing):
             log.info("waiting %.1f s for the broker to allow a channel before connecting", wait)
             await asyncio.sleep(wait)
         conn = AmqpConnection(url, context=context, client_properties=properties)
+        conn.on_blocked = lambda reason: self._blocked_changed(conn, reason)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 await asyncio.create_task(_connect_reading_leniently(conn))

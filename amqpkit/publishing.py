@@ -301,6 +301,9 @@ class Publishing(BrokerCore):
             return "broker not reachable"
         if closed_over_frames:
             return "waiting to be sent again alone, after the broker closed the connection over a frame"
+        blocked = self._conn.blocked if self._conn is not None else None
+        if blocked is not None:
+            return f"the broker has blocked this connection: {blocked}"
         return "broker did not confirm"
 
     def _retire_publish_channel(self, channel: AbstractChannel | None) -> None:

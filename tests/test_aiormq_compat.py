@@ -48,6 +48,13 @@ def test_the_internals_are_where_the_compat_module_says() -> None:
     assert isinstance(inspect.getattr_static(aiormq.Connection, "_rpc"), staticmethod)
     assert "frame_receiver.get_frame()" in inspect.getsource(aiormq.Connection._rpc)
     assert "self._rpc(" in inspect.getsource(aiormq.Connection.connect)
+    # What AmqpConnection replaces to keep the reason of a block: the reader awaits the two handlers by these
+    # mangled names, and aiormq's writer waits on the event they clear and set.
+    reader = inspect.getsource(vars(aiormq.Connection)["_Connection__reader"])
+    for handler in ("_Connection__handle_connection_blocked", "_Connection__handle_connection_unblocked"):
+        assert inspect.iscoroutinefunction(getattr(aiormq.Connection, handler))
+        assert handler.removeprefix("_Connection") in reader
+    assert "self.__connection_unblocked" in inspect.getsource(aiormq.Connection.__init__)
 
 
 async def test_a_channel_the_broker_is_closing_is_seen_as_closing(broker: Broker) -> None:

@@ -77,6 +77,7 @@ class RpcClient:
         self._unsubscribe: list[Callable[[], None]] = []
         self._tasks: set[asyncio.Future[None]] = set()
         self._started = False
+        self._starting: asyncio.Future[None] | None = None  # a start a first call made (see _start_by)
         self.dropped_replies = 0
         # Requests go out on a channel without confirms, their returns read by a hook (see
         # amqpkit.aiormq_compat); False once a start had to fall back to confirming each request.
@@ -266,11 +267,11 @@ class RpcClient:
         if headers:
             check_header_names(headers)  # a name pamqp would cut short: refused before anything is sent
             headers = as_doubles(headers)
-        if not self._started:
-            await self.start()
         wait = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        if not self._started or (self._starting is not None and not self._starting.done()):
+            await self._start_by(deadline, method, wait)
         body, content_type = encode_body(self.codec, payload)
         self.broker.check_message_size(body)
         cid = f"{self._prefix}.{next(self._ids)}"
@@ -284,13 +285,22 @@ class RpcClient:
             message_id=cid,
         )
         self._pending[cid] = future
+        unsent = False
         try:
             async with asyncio.timeout_at(deadline):
+                if self.broker.blocked is not None:
+                    # Written now, the request would wait unread in the socket and run once the broker reads
+                    # again, long after this call ended: it is sent only once the connection is unblocked.
+                    unsent = True
+                    await self.broker.wait_unblocked()
+                    unsent = False
                 await self._send(body, properties, future, deadline)
                 reply, reply_type = await future
         except TimeoutError:
             if not future.done() or future.cancelled():
                 why = f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s"
+                if unsent:
+                    why += f"; not sent: the broker has blocked this connection ({self.broker.blocked})"
                 raise RpcTimeout(why) from None
             # The call's outcome was set in the loop turn the deadline fired in, before its timer ran: in time.
             error = future.exception()
@@ -306,6 +316,30 @@ class RpcClient:
         if media == ERROR_CONTENT_TYPE:
             raise parse_error(reply)
         return self._decode_reply(reply, returns, reply_type, media)
+
+    async def _start_by(self, deadline: float, method: str | None, wait: float) -> None:
+        """Start before a first call, within that call's deadline.
+
+        The start goes on by itself past the deadline (cancelled, a channel open or a declare could leave the
+        broker and aiormq disagreeing about a channel); the calls after it wait for it within their own.
+        """
+        starting = self._starting
+        if starting is None or starting.done():
+            starting = self._starting = asyncio.ensure_future(self.start())
+            self._tasks.add(starting)
+            starting.add_done_callback(self._tasks.discard)
+            starting.add_done_callback(_settle_unread)  # a start nobody waits for any more: its error is read
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(starting)
+        except TimeoutError:
+            why = (
+                f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s: not sent, the "
+                "client was still starting"
+            )
+            if self.broker.blocked is not None:
+                why += f" (the broker has blocked this connection: {self.broker.blocked})"
+            raise RpcTimeout(why) from None
 
     def _decode_reply(self, reply: bytes, returns: Any, content_type: str | None, media: str) -> Any:
         """Decode the reply's body by its content type, then check against ``returns`` when given."""

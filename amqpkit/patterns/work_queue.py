@@ -391,6 +391,14 @@ class WorkQueue(Generic[T]):
         except TopologyError as exc:
             if not isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
                 raise
+        assert state.renewed is not None  # checked only after a renewal (see _renew)
+        age = asyncio.get_running_loop().time() - state.renewed
+        if age >= expiry:
+            # The answer took that long (a connection the broker blocked reads nothing until it unblocks it):
+            # the queue may have expired as declared, with nothing renewing it meanwhile.
+            log.info("delay queue %s expired while the broker did not answer (%.1f s since its last renewal, "
+                     "expiry %g s); declared again", state.spec.name, age, expiry)  # fmt: skip
+            return
         self.delay_queues_vanished += 1
         state.interval = max(0.05, min(self.delay_queue_renewal_interval(ms), age) / 3)
         log.error("delay queue %s was gone %.1f s after its last renewal, before its expiry of %g s: deleted, or "

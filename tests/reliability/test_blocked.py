@@ -1,0 +1,185 @@
+"""A connection the broker blocks during a memory alarm, for longer than calls and leases last.
+
+RabbitMQ blocks a connection once it publishes during an alarm, and then reads
+nothing more from it until the alarm clears. Nothing is lost; what matters is
+what callers see meanwhile and what runs afterwards. On a RabbitMQ node of the
+test's own (an alarm is node-wide: never raised on the shared node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from amqpkit import (
+    Broker,
+    BrokerSettings,
+    Delivery,
+    Envelope,
+    PublishTimeout,
+    Queue,
+    ReconnectPolicy,
+    RetryPolicy,
+    RpcClient,
+    RpcServer,
+    RpcTimeout,
+    Worker,
+    WorkQueue,
+)
+from amqpkit.patterns.tasks import attempt_of
+
+from ..brokerctl import SpareNode
+from ..waiting import wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpareNode]:
+    spare = SpareNode(tmp_path_factory.mktemp("blocked"))
+    spare.start()
+    try:
+        yield spare
+    finally:
+        spare.stop()
+
+
+def settings(node: SpareNode, **overrides: Any) -> BrokerSettings:
+    options: dict[str, Any] = {"heartbeat": 5, "connect_timeout": 5, "publish_timeout": 10, **overrides}
+    return BrokerSettings(url=node.url, reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=1.0), **options)
+
+
+@contextlib.asynccontextmanager
+async def memory_alarm(node: SpareNode) -> AsyncIterator[None]:
+    """The node in a memory alarm; cleared on the way out, whatever happened."""
+    ctl = node.ctl
+    try:
+        assert (await asyncio.to_thread(ctl, "set_vm_memory_high_watermark", "0.0000001")).returncode == 0
+        alarmed = False
+        for _ in range(100):
+            alarms = await asyncio.to_thread(ctl, "eval", "rabbit_alarm:get_alarms().")
+            if "memory" in alarms.stdout:
+                alarmed = True
+                break
+            await asyncio.sleep(0.1)
+        assert alarmed, "the node raised no memory alarm"
+        yield
+    finally:
+        await asyncio.to_thread(ctl, "set_vm_memory_high_watermark", "0.4")
+
+
+async def block(broker: Broker) -> None:
+    """Publish once, unconfirmed, so that the broker blocks ``broker``'s connection; wait until it says so."""
+    await broker.publish(Envelope(b"blocks"), routing_key="amqpkit-nowhere", confirm=False)
+    await wait_for(lambda: broker.blocked is not None, 10)
+
+
+@pytest.mark.parametrize("reply_queue", ["direct", "exclusive"])
+async def test_a_first_call_on_a_blocked_connection_ends_at_its_timeout(
+    node: SpareNode, name: str, reply_queue: str
+) -> None:
+    """A new client's start (a channel, or a reply queue) is not read by the broker: the call still ends."""
+    async with Broker(settings(node)) as broker:
+        async with memory_alarm(node):
+            await block(broker)
+            client = RpcClient(broker, f"{name}.rpc", reply_queue=reply_queue)  # type: ignore[arg-type]
+            started = time.monotonic()
+            with pytest.raises(RpcTimeout, match=r"still starting.*blocked this connection: low on memory"):
+                await client.call("echo", 1, timeout=1)
+            took = time.monotonic() - started
+            assert took < 1.5, f"the call ended {took:.1f} s after it began, with a 1 s timeout"
+        await wait_for(lambda: broker.blocked is None, 10)
+        await client.close()
+
+
+async def test_calls_made_while_blocked_are_not_run_after_their_callers_gave_up(node: SpareNode, name: str) -> None:
+    """Requests written to a blocked connection would wait unread in its socket and run once the alarm clears,
+    minutes after their callers were told RpcTimeout; they are not written."""
+    runs: list[int] = []
+    async with Broker(settings(node)) as server_broker, Broker(settings(node)) as client_broker:
+        server = RpcServer(server_broker, f"{name}.rpc")
+
+        @server.method("record")
+        async def record(n: int) -> int:
+            runs.append(n)
+            return n
+
+        await server.start()
+        client = RpcClient(client_broker, f"{name}.rpc")
+        assert await client.call("record", 0, timeout=5) == 0  # started before the alarm
+        try:
+            async with memory_alarm(node):
+                await block(client_broker)
+                for n in range(1, 6):
+                    with pytest.raises(RpcTimeout, match="not sent: the broker has blocked this connection"):
+                        await client.call("record", n, timeout=0.5)
+            await wait_for(lambda: client_broker.blocked is None, 10)
+            assert await client.call("record", 6, timeout=10) == 6  # it works again once unblocked
+            await asyncio.sleep(2)  # what was written meanwhile would be read and run by now
+            assert runs == [0, 6], f"runs after their callers got RpcTimeout: {runs}"
+        finally:
+            await client.close()
+            await server.stop()
+
+
+async def test_a_publish_the_blocked_broker_does_not_confirm_says_so(
+    node: SpareNode, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="amqpkit")
+    queue = Queue(f"{name}.q", auto_delete=False)
+    async with Broker(settings(node)) as broker:
+        await broker.declare_queue(queue)
+        try:
+            async with memory_alarm(node):
+                await block(broker)
+                assert broker.blocked == "low on memory"
+                with pytest.raises(PublishTimeout, match="the broker has blocked this connection: low on memory"):
+                    await broker.publish(Envelope(b"during"), routing_key=queue.name, timeout=1)
+            await wait_for(lambda: broker.blocked is None, 10)
+            await broker.publish(Envelope(b"after"), routing_key=queue.name, timeout=10)
+        finally:
+            await broker.delete_queue(queue.name)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "blocked this connection" in r.getMessage()
+            or "unblocked this connection" in r.getMessage()]  # fmt: skip
+    assert [level for level, _ in said] == [logging.WARNING, logging.INFO], said
+    assert "low on memory" in said[0][1]
+    assert not [r for r in caplog.records if r.name.startswith("aiormq") and "blocked" in r.getMessage()]
+
+
+async def test_a_delay_queue_that_expired_while_the_broker_read_nothing_is_not_reported_lost(
+    node: SpareNode, name: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its renewal waited out the block; the queue expired as declared meanwhile, holding nothing. That is
+    not the "deleted, or a policy's shorter expiry; retries lost" of a queue gone before its time."""
+    monkeypatch.setattr(WorkQueue, "delay_queue_min_expiry", 2.0)
+    caplog.set_level(logging.INFO, logger="amqpkit")
+    done: list[str] = []
+    async with Broker(settings(node)) as broker:
+        work = WorkQueue(broker, f"{name}.tasks", retry=RetryPolicy(max_attempts=3, initial_delay=0.2, jitter=0))
+
+        async def handler(task: Delivery[Any]) -> None:
+            if attempt_of(task.headers) == 1:
+                raise RuntimeError("fails once")
+            done.append(task.message_id or "")
+
+        worker = Worker(work, handler, concurrency=2)
+        await worker.start()
+        try:
+            await work.enqueue({"n": 0})
+            await wait_for(lambda: len(done) == 1, 15)  # the delay queue exists and its lease is renewed
+            async with memory_alarm(node):
+                await block(broker)
+                await asyncio.sleep(6)  # three times the delay queue's expiry, its renewal waiting unread
+            await wait_for(lambda: broker.blocked is None, 10)
+            await work.enqueue({"n": 1})
+            await wait_for(lambda: len(done) == 2, 20)
+        finally:
+            await worker.stop(grace=1)  # its queues go with the node, which is the test module's own
+    assert work.delay_queues_vanished == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
