@@ -210,13 +210,17 @@ class Subscriber(Generic[T]):
         """Declare (unless :meth:`declare` ran), then start consuming."""
         if self._consumer is not None:
             return
-        if not self._declared:
-            await self.declare()
-        if self._handler is None:
-            self._inbox = asyncio.Queue()
-        self.error = None
-        self._stopped.clear()
         try:
+            if not self._declared:
+                try:
+                    await self.declare()
+                except BaseException:
+                    self._declared = True  # perhaps in part (its queue, not a binding the broker refused): undone
+                    raise
+            if self._handler is None:
+                self._inbox = asyncio.Queue()
+            self.error = None
+            self._stopped.clear()
             self._consumer = await self.broker.consume(
                 self.queue, self._on_delivery, prefetch=self.prefetch, auto_ack=self.auto_ack, on_error=self._failed
             )

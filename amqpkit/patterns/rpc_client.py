@@ -106,8 +106,9 @@ class RpcClient:
             if self.reply_queue == "exclusive":
                 self._reply_spec = Queue(exclusive=True, auto_delete=True, durable=False)
                 self._reply_consumer = await self.broker.consume(
-                    self._reply_spec, self._on_reply_delivery, auto_ack=True, prefetch=0
-                )
+                    self._reply_spec, self._on_reply_delivery, auto_ack=True, prefetch=0,
+                    on_error=self._reply_queue_lost,
+                )  # fmt: skip
             else:
                 await self._direct_channel()
         except BaseException:
@@ -142,6 +143,25 @@ class RpcClient:
                 await asyncio.wait_for(channel.close(), 5)
             except Exception as exc:
                 log.debug("closing the reply channel: %s", exc)
+        self._started = False
+
+    def _reply_queue_lost(self, exc: BaseException) -> None:
+        """The exclusive reply queue could not come back after a reconnect (the broker refused it: a vhost's
+        ``max-queues``, a permission): the client is stopped, and its next call starts it again with a new one.
+
+        Before, every later call failed at once with "used before it was declared", for good, even once the
+        broker would take a reply queue again.
+        """
+        log.warning("the reply queue of the RPC client for %r could not be declared again (%s); the next call "
+                    "makes a new one", self.routing_key, exc)  # fmt: skip
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+        self._reply_consumer = None
+        if self._reply_spec is not None:
+            self.broker.forget(self._reply_spec)
+            self._reply_spec = None
+        self._fail_pending(exc)
         self._started = False
 
     def _fail_pending(self, exc: BaseException) -> None:

@@ -1,0 +1,173 @@
+"""What an operator changes under a running Broker: permissions, topic permissions, a vhost's queue limit.
+
+Each test has a vhost of its own (limits are per vhost) and a user of its own,
+both deleted afterwards; nothing here touches the rest of the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from amqpkit import (
+    Broker,
+    BrokerSettings,
+    Delivery,
+    Exchange,
+    ReconnectPolicy,
+    RetryPolicy,
+    RpcClient,
+    RpcServer,
+    Subscriber,
+    TopologyError,
+    Worker,
+    WorkQueue,
+)
+from amqpkit.patterns.tasks import DEAD_LETTER_REASON
+
+from ..brokerctl import rabbitmqctl, rabbitmqctl_available, with_vhost
+from ..waiting import wait_for
+from .proxy import FaultProxy
+
+pytestmark = pytest.mark.skipif(not rabbitmqctl_available(), reason="needs rabbitmqctl")
+
+PASSWORD = "perm-test-password"
+FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.5, jitter=0.05)
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    name = f"amqpkit-perm-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+def user(vhost: str) -> Iterator[str]:
+    name = f"amqpkit-perm-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_user", name, PASSWORD)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, name, ".*", ".*", ".*")
+        yield name
+    finally:
+        rabbitmqctl("delete_user", name)
+
+
+def as_user(amqp_url: str, vhost: str, user: str, **overrides: Any) -> BrokerSettings:
+    host = amqp_url.split("@", 1)[1].split("/", 1)[0]
+    url = with_vhost(f"amqp://{user}:{PASSWORD}@{host}/", vhost)
+    return BrokerSettings(url=url, heartbeat=5, reconnect=FAST, publish_timeout=5, **overrides)
+
+
+def lift_limits(vhost: str) -> None:
+    """Clear the vhost's limits (rabbitmqctl fails when there are none: that is fine)."""
+    with contextlib.suppress(RuntimeError):
+        rabbitmqctl("clear_vhost_limits", "-p", vhost)
+
+
+def queues(vhost: str) -> list[str]:
+    return rabbitmqctl("list_queues", "-q", "-p", vhost, "name").split()[1:]  # after the "name" heading
+
+
+async def test_a_subscriber_whose_binding_is_refused_leaves_no_queue_behind(
+    amqp_url: str, vhost: str, user: str, name: str
+) -> None:
+    """The start raised a clear TopologyError, but its private queue stayed remembered (declared again by every
+    reconnect, collecting nothing anyone read): 5 failed starts left 5 queues, in a hunt. The declare was outside
+    the part of the start that is undone when it fails."""
+    events = Exchange(f"{name}.events", type="topic")
+    rabbitmqctl("set_topic_permissions", "-p", vhost, user, events.name, ".*", r"^ok\..*")
+    async with Broker(as_user(amqp_url, vhost, user)) as broker:
+        await broker.declare_exchange(events)
+
+        async def handler(event: Any) -> None:
+            pass
+
+        for _ in range(3):
+            subscriber = Subscriber(broker, events, handler, binding_keys=["bad.#"])
+            with pytest.raises(TopologyError, match="ACCESS_REFUSED"):
+                await subscriber.start()
+            assert not broker.remembers(subscriber.queue)
+        assert not [q for q in queues(vhost) if q.startswith("amq.gen-")], queues(vhost)
+        # A binding the user may make still works on the same Broker.
+        allowed = Subscriber(broker, events, handler, binding_keys=["ok.#"])
+        await allowed.start()
+        await allowed.stop()
+
+
+async def test_an_exclusive_reply_queue_refused_at_a_reconnect_is_made_again_once_allowed(
+    amqp_url: str, vhost: str, user: str, name: str
+) -> None:
+    """The reconnect could not declare the client's exclusive reply queue again (the vhost's max-queues): every
+    call after it failed at once with "used before it was declared", for good, even after the limit was lifted
+    (3 of 3 runs, in a hunt). The client now starts again, with a new reply queue, at its next call."""
+    settings = as_user(amqp_url, vhost, user)
+    host, port = settings.urls[0].split("@", 1)[1].split("/", 1)[0].split(":")
+    proxy = await FaultProxy(host, int(port)).start()
+    try:
+        proxied = settings.model_copy(update={"urls": (with_vhost(proxy.url(user, PASSWORD), vhost),)})
+        async with Broker(settings) as server_broker, Broker(proxied) as client_broker:
+            server = RpcServer(server_broker, f"{name}.rpc")
+
+            @server.method("add")
+            async def add(n: int) -> int:
+                return n + 1
+
+            await server.start()
+            client = RpcClient(client_broker, f"{name}.rpc", reply_queue="exclusive")
+            try:
+                assert await client.call("add", 1, timeout=5) == 2
+                rabbitmqctl("set_vhost_limits", "-p", vhost, f'{{"max-queues": {len(queues(vhost)) - 1}}}')
+                reconnects = client_broker.reconnects
+                proxy.cut()  # the exclusive reply queue goes with the connection; no room to declare it again
+                await wait_for(lambda: client_broker.reconnects > reconnects, 15)
+                with pytest.raises(TopologyError, match="queue limit in vhost"):
+                    await client.call("add", 2, timeout=5)
+                lift_limits(vhost)
+                assert await client.call("add", 3, timeout=5) == 4
+            finally:
+                lift_limits(vhost)
+                await client.close()
+                await server.stop()
+    finally:
+        await proxy.close()
+
+
+async def test_a_task_whose_delay_queue_is_refused_is_dead_lettered_not_run_again_and_again(
+    amqp_url: str, vhost: str, user: str, name: str
+) -> None:
+    """Requeued because its retry's delay queue could not be declared, a failing task ran again every second,
+    beyond its retry policy: 21 runs in 21 s with max_attempts=3, in a hunt. It is now dead-lettered, with the
+    reason, to be replayed once the refusal is lifted."""
+    runs: list[int] = []
+    async with Broker(as_user(amqp_url, vhost, user)) as broker:
+        work = WorkQueue(broker, f"{name}.tasks", retry=RetryPolicy(max_attempts=3, initial_delay=0.2, jitter=0))
+
+        async def handler(task: Delivery[Any]) -> None:
+            runs.append(1)
+            raise RuntimeError("fails")
+
+        worker = Worker(work, handler, concurrency=1)
+        await worker.start()
+        try:
+            rabbitmqctl("set_vhost_limits", "-p", vhost, f'{{"max-queues": {len(queues(vhost))}}}')
+            await work.enqueue({"n": 1})
+            await wait_for(lambda: worker.dead_lettered == 1, 10)
+            await asyncio.sleep(2)  # a requeued task would have run twice more by now
+            assert len(runs) == 1
+            dead = await broker.get(work.dlq_name)
+            assert dead is not None
+            assert dead.headers[DEAD_LETTER_REASON] == "retry-refused"
+            await dead.ack()
+        finally:
+            lift_limits(vhost)
+            await worker.stop(grace=1)
