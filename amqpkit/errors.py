@@ -179,6 +179,24 @@ def broker_size_limit(exc: BaseException) -> int | None:
     return None
 
 
+# RabbitMQ's words for a publish its permissions refuse (403 ACCESS_REFUSED, 3.10 to 4.x): a write permission on
+# the exchange, or a topic permission on the exchange and routing key.
+_ACCESS_REFUSAL = re.compile(r"access to (?:topic '(?P<topic>.*?)' in )?exchange '(?P<exchange>.*?)' in vhost")
+
+
+def publish_refused_for(exc: BaseException) -> tuple[str, str | None] | None:
+    """(exchange, routing key or None) a permission refusal names, when ``exc`` or one of its causes is the broker
+    closing a channel over a publish it may not make; None for any other error. The default exchange is
+    ``amq.default`` in RabbitMQ's words."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        found = _ACCESS_REFUSAL.search(str(seen))
+        if found is not None:
+            return found["exchange"], found["topic"]
+        seen = seen.__cause__
+    return None
+
+
 class DecodeError(AmqpkitError):
     """Raised when a body has an unaccepted content type, is not valid for its codec, or fails the schema."""
 

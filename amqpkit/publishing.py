@@ -27,6 +27,7 @@ from .errors import (
     TopologyError,
     broker_size_limit,
     map_exceptions,
+    publish_refused_for,
 )
 from .message import ENCODER_REFUSALS, Envelope, basic_properties, explain_refusal
 from .topology import Exchange
@@ -240,7 +241,7 @@ class Publishing(BrokerCore):
             except TimeoutError:
                 raise _not_confirmed(exchange_name, wait, self._why_unconfirmed(closed_over_frames)) from None
             except TopologyError as exc:
-                refusals = self._after_refusal(exc, exchange_name, len(body), refusals)
+                refusals = self._after_refusal(exc, exchange_name, routing_key, len(body), refusals)
                 continue
             except PublishNacked:
                 # The next publish goes on a fresh channel. On RabbitMQ 3.10 a channel opened while a quorum
@@ -265,7 +266,7 @@ class Publishing(BrokerCore):
                 await asyncio.sleep(0.01)
                 continue
 
-    def _after_refusal(self, exc: TopologyError, exchange_name: str, size: int, refusals: int) -> int:
+    def _after_refusal(self, exc: TopologyError, exchange_name: str, routing_key: str, size: int, refusals: int) -> int:
         """The broker closed the publishing channel over a publish: this one, or another one in flight on it (say,
         to an exchange someone deleted since it was checked), which fails them all alike. This one's exchange is
         checked again and it is sent again; refused three times, it is its own (PublishError). Returns the
@@ -275,7 +276,19 @@ class Publishing(BrokerCore):
         body under it was not the one refused, and is sent again without counting it (a review had small
         publishes fail beside large ones). A body over it is sent once more, on a fresh channel (RabbitMQ 3.10
         reads its limit when it opens a channel, so a channel opened while it was lower refuses what a fresh
-        one takes), then it is MessageTooLarge."""
+        one takes), then it is MessageTooLarge.
+
+        A refusal by a permission names the exchange, and the routing key for a topic permission: a publish
+        it does not name is sent again without counting it, and the one it names fails at once, since a
+        permission does not change between two tries (before, one refused publish in 25 made 300 of 1,000
+        allowed ones beside it fail with its error, in a hunt)."""
+        refused_for = publish_refused_for(exc)
+        if refused_for is not None:
+            exchange, topic = refused_for
+            if exchange == (exchange_name or "amq.default") and topic in (None, routing_key):
+                raise PublishError(f"publish refused: {exc}") from exc
+            self.republished += 1
+            return refusals
         limit = broker_size_limit(exc)
         if limit is not None and size <= limit:
             self.republished += 1
