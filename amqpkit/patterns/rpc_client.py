@@ -22,7 +22,17 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from .. import _hooks
 from ..codec import AutoCodec, Codec, TextCodec, codec_for, encode_body
 from ..connection import Broker, Consumer
-from ..errors import ConnectionLost, DecodeError, NoResponder, RpcTimeout, TopologyError, Unroutable, map_exceptions
+from ..errors import (
+    ConnectionLost,
+    DecodeError,
+    NoResponder,
+    PublishError,
+    RpcTimeout,
+    TopologyError,
+    Unroutable,
+    map_exceptions,
+    publish_refused_for,
+)
 from ..message import Delivery, Envelope, as_doubles, check_header_names
 from ..topology import Queue
 from .rpc_wire import DEFAULT_RPC_TIMEOUT, DIRECT_REPLY_TO, ERROR_CONTENT_TYPE, TIMEOUT_HEADER, parse_error
@@ -164,11 +174,12 @@ class RpcClient:
         self._fail_pending(exc)
         self._started = False
 
-    def _fail_pending(self, exc: BaseException) -> None:
+    def _fail_pending(self, exc: BaseException, *, as_is: bool = False) -> None:
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(ConnectionLost(f"connection lost while waiting for a reply: {exc}"))
+                error = exc if as_is else ConnectionLost(f"connection lost while waiting for a reply: {exc}")
+                future.set_exception(error)
 
     async def _direct_channel(self) -> AbstractChannel:
         """The channel that both publishes requests and consumes direct replies (RabbitMQ requires one channel)."""
@@ -200,9 +211,22 @@ class RpcClient:
 
     def _on_channel_closed(self, channel: AbstractChannel) -> None:
         # Replies to requests sent on a dead channel can never arrive.
-        if channel is self._channel:
-            self._channel = None
-            self._fail_pending(ConnectionLost("the reply channel closed"))
+        if channel is not self._channel:
+            return
+        self._channel = None
+        closing = channel.closing
+        why = closing.exception() if closing.done() and not closing.cancelled() else None
+        refused = publish_refused_for(why) if why is not None else None
+        if refused is not None and refused[0] == (self.exchange or "amq.default") and refused[1] in (
+            None, self.routing_key
+        ):  # fmt: skip
+            # The broker closed it over a request of this client's, which all go to the same place: refused alike.
+            # Before, they failed as ConnectionLost, without the broker's reason (and call_with_retry retried).
+            error = PublishError(f"request refused: {why}")
+            error.__cause__ = why
+            self._fail_pending(error, as_is=True)
+            return
+        self._fail_pending(ConnectionLost(f"the reply channel closed: {why or 'closed'}"), as_is=True)
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
         """A reply over direct reply-to, in a task of aiormq's (when :meth:`_on_reply_frame` could not be hooked)."""
@@ -270,7 +294,9 @@ class RpcClient:
         ``method=None`` sends no ``type`` (a single-method server, as in the tutorial).
         Raises :class:`~amqpkit.RpcTimeout`, :class:`~amqpkit.RemoteError`,
         :class:`~amqpkit.NoResponder`, :class:`~amqpkit.ConnectionLost`,
-        :class:`~amqpkit.DecodeError` (a reply that does not decode).
+        :class:`~amqpkit.DecodeError` (a reply that does not decode),
+        :class:`~amqpkit.PublishError` (the broker refused the request: a
+        permission on its exchange or routing key).
         """
         if _hooks.rpc_call is not None and not _hooks.quiet.get():  # amqpkit.telemetry: a CLIENT span, then _call
             return await _hooks.rpc_call(self, method, payload, returns, timeout, headers)

@@ -208,3 +208,32 @@ async def test_a_publish_a_topic_permission_refuses_fails_alone_and_at_once(
         ready, _ = await broker.queue_counts(sink.name)
         assert ready >= 960  # every allowed one (a publish sent again after a close may be there twice)
         await broker.delete_queue(sink.name)
+
+
+@pytest.mark.parametrize("reply_queue", ["direct", "exclusive"])
+async def test_an_rpc_request_the_broker_refuses_fails_with_the_broker_s_reason(
+    amqp_url: str, vhost: str, user: str, name: str, reply_queue: str
+) -> None:
+    """Over direct reply-to, a refused request closed the reply channel and the call failed as ConnectionLost,
+    "the reply channel closed", without the broker's reason (and call_with_retry retried it)."""
+    server_settings = BrokerSettings(url=with_vhost(amqp_url, vhost), heartbeat=5, reconnect=FAST)
+    # RabbitMQ keeps a channel's granted permissions for that channel's life: narrowed before any channel opens.
+    rabbitmqctl("set_permissions", "-p", vhost, user, ".*", "^$", ".*")  # may write nowhere
+    async with Broker(server_settings) as server_broker, Broker(as_user(amqp_url, vhost, user)) as client_broker:
+        server = RpcServer(server_broker, f"{name}.rpc")
+
+        @server.method("add")
+        async def add(n: int) -> int:
+            return n + 1
+
+        await server.start()
+        client = RpcClient(client_broker, f"{name}.rpc", reply_queue=reply_queue)  # type: ignore[arg-type]
+        try:
+            for _ in range(2):
+                with pytest.raises(PublishError, match=r"ACCESS_REFUSED - access to exchange 'amq\.default'"):
+                    await client.call("add", 2, timeout=5)
+            rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+            assert await client.call("add", 3, timeout=5) == 4
+        finally:
+            await client.close()
+            await server.stop()
