@@ -189,6 +189,7 @@ class WorkQueue(Generic[T]):
         self._delay_queues: dict[int, _DelayQueueState] = {}  # by delay in ms
         self._renewing = asyncio.Lock()
         self._touch_channel: AbstractChannel | None = None  # ours, for the basic.get that renews a lease
+        self._workers: set[object] = set()  # the Workers running on this queue, which renew its delay queues
         self.delay_renewals = 0
         self.delay_queues_vanished = 0  # delay queues found gone before their expiry (see _renew)
 
@@ -481,6 +482,23 @@ class WorkQueue(Generic[T]):
                 except Exception as exc:
                     log.warning("could not renew delay queue %s (tried again shortly): %s", state.spec.name, exc)
 
+    def _worker_started(self, worker: object) -> None:
+        self._workers.add(worker)
+
+    def _worker_stopped(self, worker: object) -> None:
+        """Once the last Worker on this queue stops, nothing renews its delay queues: they expire on the broker as
+        declared, so the Broker forgets them (a reconnect declared every one again: 51 quorum queues brought back
+        after they had expired, in a hunt), and the channel of the renewals is closed (one was left open per
+        WorkQueue whose worker had retried a task: 30 such WorkQueues, 31 channels more)."""
+        self._workers.discard(worker)
+        if self._workers:
+            return
+        self.broker.forget(*(state.spec for state in self._delay_queues.values()))
+        self._delay_queues.clear()
+        channel, self._touch_channel = self._touch_channel, None
+        if channel is not None and not channel.is_closed:
+            self.broker._spawn(_close_quietly(channel))
+
     async def _touch(self, queue: str) -> None:
         """One basic.get on ``queue``, which counts as use; a message it takes goes straight back."""
         channel = self._touch_channel
@@ -500,3 +518,8 @@ class WorkQueue(Generic[T]):
             with contextlib.suppress(Exception):
                 await asyncio.shield(channel.close())
             raise
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(channel.close(), 5)

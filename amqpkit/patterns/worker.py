@@ -163,6 +163,7 @@ class Worker(Generic[T]):
                 self._keeper = asyncio.get_running_loop().create_task(
                     self._keep_delay_queues(events), name=f"amqpkit delay queues of {self.queue.name}"
                 )
+            self.queue._worker_started(self)
 
     def _failed(self, exc: BaseException) -> None:
         """The queue could not be re-attached: the worker stops, and says so."""
@@ -171,6 +172,7 @@ class Worker(Generic[T]):
         self._keeper_events.stop.set()
         if keeper is not None and self._keeper_events.adopted.is_set():
             keeper.cancel()  # else it ends itself once its current declare is answered
+        self.queue._worker_stopped(self)
         self._stopped.set()
         if self.on_error is not None:
             self.on_error(exc)
@@ -191,6 +193,7 @@ class Worker(Generic[T]):
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
         if self._consumer is None:  # not started again meanwhile
+            self.queue._worker_stopped(self)
             self._stopped.set()
 
     async def _keep_delay_queues(self, events: _KeeperEvents) -> None:

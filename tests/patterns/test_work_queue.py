@@ -11,6 +11,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -375,3 +376,33 @@ async def test_dlq_cli_list_keeps_order_and_purge_asks(broker: Broker, work: Wor
     assert code == 0, out
     assert "purged 5 messages" in out
     assert (await broker.queue_counts(work.dlq_name))[0] == 0
+
+
+async def test_a_stopped_worker_leaves_no_channel_open_and_no_delay_queue_remembered(
+    broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    """The last Worker of a WorkQueue to stop left the channel of its delay-queue renewals open (30 WorkQueues made
+    and stopped: 31 channels more, up to channel_max), and the Broker remembered every delay queue it had used: a
+    reconnect declared them all again, after they had expired (51 quorum queues, in a hunt)."""
+    assert broker._conn is not None
+    channels = len(broker._conn.channels)
+    for i in range(4):
+        work = WorkQueue(broker, f"{name}.{i}", retry=RetryPolicy(max_attempts=2, initial_delay=0.1, jitter=0))
+        cleanup += [f"q:{work.name}", f"q:{work.dlq_name}", f"q:{work.name}.retry.100"]
+        runs: list[int] = []
+
+        async def handler(task: Delivery[Any], runs: list[int] = runs) -> None:
+            runs.append(1)
+            if len(runs) == 1:
+                raise RuntimeError("fails once")
+
+        worker = Worker(work, handler, concurrency=1)
+        await worker.start()
+        await work.enqueue({"n": i})
+        await wait_for(lambda worker=worker: worker.completed == 1, 15)  # type: ignore[misc]
+        delay_queue = work._delay_spec(100)
+        assert broker.remembers(delay_queue)
+        await worker.stop()
+        assert not broker.remembers(delay_queue)
+    await asyncio.sleep(0.5)  # the renewals' channels close in the background
+    assert len(broker._conn.channels) <= channels + 1, (channels, len(broker._conn.channels))
