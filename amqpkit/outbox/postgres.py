@@ -218,6 +218,7 @@ class PostgresStore:
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
         async with self.pool.acquire() as conn, conn.transaction():
             yield conn
+            await _committable(conn)
 
     def in_transaction(self, tx: Any) -> bool:
         return isinstance(tx, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) and bool(tx.is_in_transaction())
@@ -406,6 +407,26 @@ class PostgresStore:
                 float(older_than),
             )
         return _count(status)
+
+
+async def _committable(conn: asyncpg.Connection) -> None:
+    """Raise :class:`StorageError` unless ``conn``'s transaction can commit.
+
+    A statement that failed aborts the whole transaction, even when the block caught its error, and
+    asyncpg's COMMIT then becomes a ROLLBACK without a word: the block would end as if committed. One
+    round trip asks first.
+    """
+    if not conn.is_in_transaction():
+        raise StorageError(
+            "the transaction ended inside its block (a COMMIT or ROLLBACK there): its end committed nothing"
+        )
+    try:
+        await conn.execute("SELECT 1")
+    except asyncpg.InFailedSQLTransactionError:
+        raise StorageError(
+            "the transaction was aborted by a statement whose error was caught, so PostgreSQL rolls it back: "
+            "nothing was committed (catch a database error inside a savepoint: async with tx.transaction(): ...)"
+        ) from None
 
 
 def _count(status: str) -> int:

@@ -187,8 +187,13 @@ class SqliteStore:
                 if conn.in_transaction:
                     await conn.rollback()
                 raise
-            if conn.in_transaction:
-                await conn.commit()
+            if not conn.in_transaction:
+                # Ended under the block: rolled back by it, or by SQLite itself after SQLITE_FULL or an I/O error.
+                raise StorageError(
+                    "the transaction ended inside its block (a rollback or commit there, or SQLite's own rollback "
+                    "after an error that was caught): the block's end committed nothing"
+                )
+            await conn.commit()
             if self._added:
                 self._new_rows.set()
 

@@ -260,7 +260,11 @@ class Store(Protocol):
     async def drop_tables(self) -> None: ...
 
     def transaction(self) -> AbstractAsyncContextManager[Any]:
-        """A connection in a new transaction: committed when the block ends, rolled back if it raises."""
+        """A connection in a new transaction: committed when the block ends, rolled back if it raises.
+
+        :class:`StorageError` when the block ends normally but its transaction cannot commit (aborted by a
+        statement whose error the block caught, or ended inside the block): never a silent rollback.
+        """
 
     def transient(self, exc: BaseException) -> bool:
         """Whether ``exc`` (raised by this backend) is worth trying again later: a lost connection, a lock."""
