@@ -250,14 +250,20 @@ class PostgresStore:
     async def claim(self, limit: int) -> AsyncIterator[Claim]:
         o = self.outbox_table
         async with self.pool.acquire() as conn, conn.transaction():
+            # A key whose earlier row waits for a retry is left out here, not after the LIMIT: a batch's
+            # worth of its rows at the head would fill every batch, and no other row would ever go.
             records = await conn.fetch(
-                f"SELECT {ROW_COLUMNS} FROM {o} WHERE state = {PENDING} AND next_attempt_at <= now()"
-                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                f"SELECT {ROW_COLUMNS} FROM {o} AS r WHERE r.state = {PENDING} AND r.next_attempt_at <= now()"
+                f" AND NOT EXISTS (SELECT 1 FROM {o} AS e WHERE e.state = {PENDING}"
+                " AND e.ordering_key = r.ordering_key AND e.id < r.id AND e.next_attempt_at > now())"
+                " ORDER BY r.id LIMIT $1 FOR UPDATE OF r SKIP LOCKED",
                 limit,
             )
             rows = [OutboxRow.from_db(tuple(r)) for r in records]
             keys = list({r.ordering_key for r in rows if r.ordering_key is not None})
             if keys:
+                # An earlier row held by another relay (its lock skipped above): the key's later rows wait
+                # for that relay's round. Those rows take room in this batch, but only for that round.
                 blockers = await conn.fetch(
                     f"SELECT ordering_key, min(id) FROM {o} WHERE state = {PENDING}"
                     " AND ordering_key = ANY($1::text[]) AND NOT (id = ANY($2::bigint[])) GROUP BY ordering_key",

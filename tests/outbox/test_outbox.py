@@ -249,6 +249,40 @@ async def test_unpublished_row_is_retried_with_backoff_and_holds_back_its_key_on
             await broker.delete_exchange(late.name)
 
 
+async def test_a_key_waiting_for_a_retry_holds_back_no_other_rows_however_many_it_has(
+    store: Store, broker: Broker, queue: Queue, name: str
+) -> None:
+    """More rows of a waiting key than a batch holds, ahead of the others: the others still go out.
+
+    The claim took the first batch_size pending rows and then dropped the waiting key's: with a batch's
+    worth of them at the head, every round came back empty and no other row ever left."""
+    outbox = Outbox(store)
+    missing = Exchange(f"{name}.missing", durable=False)
+    async with store.transaction() as tx:
+        await outbox.add(tx, b"head", exchange=missing, routing_key=queue.name, ordering_key="stuck")
+        for i in range(12):
+            await outbox.add(tx, f"stuck {i}".encode(), routing_key=queue.name, ordering_key="stuck")
+        for i in range(3):
+            await outbox.add(tx, f"free {i}".encode(), routing_key=queue.name)
+            await outbox.add(tx, f"other {i}".encode(), routing_key=queue.name, ordering_key="other")
+    got, consumer = await collect(broker, queue)
+    try:
+        relay = Relay(store, broker, batch_size=5, retry_initial=60, retry_jitter=0)
+        assert await relay.run_once() == 5  # the head and four of its key: the head is not routed, they wait
+        assert relay.retried == 1 and relay.sent == 0
+        assert await relay.run_once() == 5  # the six rows of the other keys: five of them, then the last
+        assert await relay.run_once() == 1
+        await wait_for(lambda: len(got) >= 6)
+        assert sorted(d.body for d in got) == sorted(
+            [b"free 0", b"free 1", b"free 2", b"other 0", b"other 1", b"other 2"]
+        )
+        assert [d.body for d in got if d.body.startswith(b"other")] == [b"other 0", b"other 1", b"other 2"]
+        assert await relay.run_once() == 0  # the stuck key waits for its head's retry
+        assert await store.counts() == {"pending": 13, "sent": 6, "failed": 0}
+    finally:
+        await consumer.cancel()
+
+
 async def test_unroutable_row_is_not_marked_sent(store: Store, broker: Broker, name: str) -> None:
     outbox = Outbox(store)
     async with store.transaction() as tx:
