@@ -193,11 +193,6 @@ class PostgresStore:
                     sent_at timestamptz,
                     last_error text)"""
             )
-            await tx.execute(f"CREATE INDEX IF NOT EXISTS {p}outbox_pending ON {o} (id) WHERE state = {PENDING}")
-            await tx.execute(
-                f"CREATE INDEX IF NOT EXISTS {p}outbox_key ON {o} (ordering_key, id) WHERE state = {PENDING}"
-            )
-            await tx.execute(f"CREATE INDEX IF NOT EXISTS {p}outbox_sent ON {o} (sent_at) WHERE state = {SENT}")
             await tx.execute(
                 f"""CREATE TABLE IF NOT EXISTS {i} (
                     consumer text NOT NULL,
@@ -207,6 +202,19 @@ class PostgresStore:
                     reply_content_type text,
                     PRIMARY KEY (consumer, message_id))"""
             )
+            # Tables made beforehand (by a migration tool, an older release) are used as they are: check them.
+            problems = await _shape_problems(tx, o, _OUTBOX_SHAPE, ())
+            problems += await _shape_problems(tx, i, _INBOX_SHAPE, ("consumer", "message_id"))
+            if problems:
+                raise StorageError(
+                    "the outbox and inbox tables exist but are not as amqpkit makes them (drop them to have them "
+                    f"made, or alter them): {'; '.join(problems)}"
+                )
+            await tx.execute(f"CREATE INDEX IF NOT EXISTS {p}outbox_pending ON {o} (id) WHERE state = {PENDING}")
+            await tx.execute(
+                f"CREATE INDEX IF NOT EXISTS {p}outbox_key ON {o} (ordering_key, id) WHERE state = {PENDING}"
+            )
+            await tx.execute(f"CREATE INDEX IF NOT EXISTS {p}outbox_sent ON {o} (sent_at) WHERE state = {SENT}")
             await tx.execute(f"CREATE INDEX IF NOT EXISTS {p}inbox_age ON {i} (processed_at)")
 
     async def drop_tables(self) -> None:
@@ -381,7 +389,8 @@ class PostgresStore:
 
     async def inbox_record(self, tx: Any, consumer: str, message_id: str) -> InboxRecord | None:
         inserted = await tx.fetchval(
-            f"INSERT INTO {self.inbox_table} (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
+            f"INSERT INTO {self.inbox_table} (consumer, message_id) VALUES ($1, $2)"
+            " ON CONFLICT (consumer, message_id) DO NOTHING RETURNING 1",
             consumer,
             message_id,
         )
@@ -413,6 +422,77 @@ class PostgresStore:
                 float(older_than),
             )
         return _count(status)
+
+
+_TEXT = frozenset({"text", "varchar"})
+_INT = frozenset({"int2", "int4", "int8"})
+_STAMP = frozenset({"timestamptz"})
+# Column: (types it may have, whether a row inserted without it needs a default).
+_OUTBOX_SHAPE: dict[str, tuple[frozenset[str], bool]] = {
+    "id": (_INT, True),
+    "message_id": (_TEXT, False),
+    "exchange": (_TEXT, False),
+    "routing_key": (_TEXT, False),
+    "ordering_key": (_TEXT, False),
+    "body": (frozenset({"bytea"}), False),
+    "content_type": (_TEXT, False),
+    "headers": (_TEXT | {"json", "jsonb"}, False),
+    "properties": (_TEXT | {"json", "jsonb"}, False),
+    "mandatory": (frozenset({"bool"}), False),
+    "state": (_INT, True),
+    "attempts": (_INT, True),
+    "created_at": (_STAMP, False),
+    "next_attempt_at": (_STAMP, True),
+    "sent_at": (_STAMP, False),
+    "last_error": (_TEXT, False),
+}
+_INBOX_SHAPE: dict[str, tuple[frozenset[str], bool]] = {
+    "consumer": (_TEXT, False),
+    "message_id": (_TEXT, False),
+    "processed_at": (_STAMP, True),
+    "reply": (frozenset({"bytea"}), False),
+    "reply_content_type": (_TEXT, False),
+}
+
+
+async def _shape_problems(
+    tx: asyncpg.Connection, table: str, shape: dict[str, tuple[frozenset[str], bool]], unique: tuple[str, ...]
+) -> list[str]:
+    """What in ``table`` (as it exists) keeps amqpkit from using it: a column missing or of another type, no
+    default where amqpkit inserts without the column, another NOT NULL column, no unique key on ``unique``."""
+    columns = await tx.fetch(
+        "SELECT a.attname, t.typname, a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''"
+        " FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid"
+        " WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+        table,
+    )
+    found = {str(name): (str(kind), bool(not_null), bool(default)) for name, kind, not_null, default in columns}
+    problems = []
+    for name, (kinds, needs_default) in shape.items():
+        if name not in found:
+            problems.append(f"{table} has no column {name}")
+            continue
+        kind, _, default = found[name]
+        if kind not in kinds:
+            problems.append(f"{table}.{name} is {kind}, not {' or '.join(sorted(kinds))}")
+        elif needs_default and not default:
+            problems.append(f"{table}.{name} has no default")
+    for name, (_kind, not_null, default) in found.items():
+        if name not in shape and not_null and not default:
+            problems.append(f"{table}.{name} is NOT NULL without a default (amqpkit does not write it)")
+    if unique:
+        keyed = await tx.fetchval(
+            "SELECT count(*) FROM pg_index AS i WHERE i.indrelid = $1::regclass AND i.indisunique"
+            " AND i.indpred IS NULL AND i.indexprs IS NULL AND i.indnatts = $2"
+            " AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute AS a"
+            "      WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey::int2[])) = $3::text[]",
+            table,
+            len(unique),
+            sorted(unique),
+        )
+        if not keyed:
+            problems.append(f"{table} has no unique key on ({', '.join(unique)}), so nothing would be deduplicated")
+    return problems
 
 
 async def _committable(conn: asyncpg.Connection) -> None:

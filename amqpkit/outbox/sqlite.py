@@ -156,9 +156,6 @@ class SqliteStore:
                     sent_at REAL,
                     last_error TEXT)"""
             )
-            await tx.execute(f"CREATE INDEX IF NOT EXISTS {o}_pending ON {o} (id) WHERE state = {PENDING}")
-            await tx.execute(f"CREATE INDEX IF NOT EXISTS {o}_key ON {o} (ordering_key, id) WHERE state = {PENDING}")
-            await tx.execute(f"CREATE INDEX IF NOT EXISTS {o}_sent ON {o} (sent_at) WHERE state = {SENT}")
             await tx.execute(
                 f"""CREATE TABLE IF NOT EXISTS {i} (
                     consumer TEXT NOT NULL,
@@ -168,6 +165,17 @@ class SqliteStore:
                     reply_content_type TEXT,
                     PRIMARY KEY (consumer, message_id)) WITHOUT ROWID"""
             )
+            # Tables made beforehand (by a migration tool, an older release) are used as they are: check them.
+            problems = await _shape_problems(tx, o, _OUTBOX_COLUMNS, ("state", "attempts", "next_attempt_at"), ())
+            problems += await _shape_problems(tx, i, _INBOX_COLUMNS, (), ("consumer", "message_id"))
+            if problems:
+                raise StorageError(
+                    "the outbox and inbox tables exist but are not as amqpkit makes them (drop them to have them "
+                    f"made, or alter them): {'; '.join(problems)}"
+                )
+            await tx.execute(f"CREATE INDEX IF NOT EXISTS {o}_pending ON {o} (id) WHERE state = {PENDING}")
+            await tx.execute(f"CREATE INDEX IF NOT EXISTS {o}_key ON {o} (ordering_key, id) WHERE state = {PENDING}")
+            await tx.execute(f"CREATE INDEX IF NOT EXISTS {o}_sent ON {o} (sent_at) WHERE state = {SENT}")
             await tx.execute(f"CREATE INDEX IF NOT EXISTS {i}_age ON {i} (processed_at)")
 
     async def drop_tables(self) -> None:
@@ -338,7 +346,8 @@ class SqliteStore:
 
     async def inbox_record(self, tx: Any, consumer: str, message_id: str) -> InboxRecord | None:
         cursor = await tx.execute(
-            f"INSERT OR IGNORE INTO {self.inbox_table} (consumer, message_id, processed_at) VALUES (?, ?, ?)",
+            f"INSERT INTO {self.inbox_table} (consumer, message_id, processed_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (consumer, message_id) DO NOTHING",
             (consumer, message_id, time.time()),
         )
         if cursor.rowcount == 1:
@@ -368,3 +377,39 @@ class SqliteStore:
                 f"DELETE FROM {self.inbox_table} WHERE processed_at < ?", (time.time() - older_than,)
             )
             return cursor.rowcount
+
+
+_OUTBOX_COLUMNS = (
+    "id", "message_id", "exchange", "routing_key", "ordering_key", "body", "content_type", "headers", "properties",
+    "mandatory", "state", "attempts", "created_at", "next_attempt_at", "sent_at", "last_error",
+)  # fmt: skip
+_INBOX_COLUMNS = ("consumer", "message_id", "processed_at", "reply", "reply_content_type")
+
+
+async def _shape_problems(
+    tx: aiosqlite.Connection, table: str, columns: Sequence[str], defaulted: Sequence[str], unique: Sequence[str]
+) -> list[str]:
+    """What in ``table`` (as it exists) keeps amqpkit from using it: a column missing, no default where amqpkit
+    inserts without the column, another NOT NULL column, no unique key on ``unique``. SQLite's types are loose:
+    not checked."""
+    cursor = await tx.execute(f"PRAGMA table_info({table})")
+    found = {str(name): (bool(not_null), default is not None or bool(pk)) for _, name, _, not_null, default, pk in
+             await cursor.fetchall()}  # fmt: skip
+    problems = [f"{table} has no column {name}" for name in columns if name not in found]
+    problems += [f"{table}.{name} has no default" for name in defaulted if name in found and not found[name][1]]
+    problems += [
+        f"{table}.{name} is NOT NULL without a default (amqpkit does not write it)"
+        for name, (not_null, default) in found.items()
+        if name not in columns and not_null and not default
+    ]
+    if unique:
+        keys = []
+        cursor = await tx.execute(f"PRAGMA index_list({table})")
+        for _, index, is_unique, _, partial in await cursor.fetchall():
+            if is_unique and not partial:
+                quoted = '"' + str(index).replace('"', '""') + '"'
+                info = await tx.execute(f"PRAGMA index_info({quoted})")
+                keys.append(sorted(str(row[2]) for row in await info.fetchall()))
+        if sorted(unique) not in keys:
+            problems.append(f"{table} has no unique key on ({', '.join(unique)}), so nothing would be deduplicated")
+    return problems
