@@ -65,8 +65,9 @@ class Inbox:
     """Deduplicates deliveries for one consumer, by message id, in the handler's own transaction.
 
     ``consumer`` names the logical consumer (the service and its handler);
-    two consumers of the same message each process it once. Records older
-    than ``retention`` seconds are deleted every ``cleanup_interval`` seconds
+    two consumers of the same message each process it once. Its records (this
+    consumer's only: each keeps its own retention) older than ``retention``
+    seconds are deleted every ``cleanup_interval`` seconds
     while the inbox runs as a context manager (``async with inbox:``), or by
     :meth:`purge`: a message redelivered after that is processed again, so
     keep it longer than any redelivery can take. ``on_duplicate(id)`` is
@@ -164,8 +165,8 @@ class Inbox:
             await asyncio.sleep(self.cleanup_interval)
 
     async def purge(self) -> int:
-        """Delete records older than the retention (every consumer's); how many."""
-        purged = await self._store().purge_inbox(self.retention)
+        """Delete this consumer's records older than its retention; how many. Other consumers' are theirs to delete."""
+        purged = await self._store().purge_inbox(self.retention, self.consumer)
         self.purged += purged
         return purged
 

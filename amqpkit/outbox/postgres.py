@@ -415,11 +415,13 @@ class PostgresStore:
             content_type,
         )
 
-    async def purge_inbox(self, older_than: float) -> int:
+    async def purge_inbox(self, older_than: float, consumer: str | None = None) -> int:
         async with self.transaction() as tx:
             status = await tx.execute(
-                f"DELETE FROM {self.inbox_table} WHERE processed_at < now() - make_interval(secs => $1)",
+                f"DELETE FROM {self.inbox_table} WHERE processed_at < now() - make_interval(secs => $1)"
+                " AND ($2::text IS NULL OR consumer = $2)",
                 float(older_than),
+                consumer,
             )
         return _count(status)
 

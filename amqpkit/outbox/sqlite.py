@@ -371,10 +371,11 @@ class SqliteStore:
             (body, content_type, consumer, message_id),
         )
 
-    async def purge_inbox(self, older_than: float) -> int:
+    async def purge_inbox(self, older_than: float, consumer: str | None = None) -> int:
         async with self.transaction() as tx:
             cursor = await tx.execute(
-                f"DELETE FROM {self.inbox_table} WHERE processed_at < ?", (time.time() - older_than,)
+                f"DELETE FROM {self.inbox_table} WHERE processed_at < ? AND (? IS NULL OR consumer = ?)",
+                (time.time() - older_than, consumer, consumer),
             )
             return cursor.rowcount
 

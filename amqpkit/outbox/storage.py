@@ -303,5 +303,5 @@ class Store(Protocol):
     async def inbox_reply(self, tx: Any, consumer: str, message_id: str, body: bytes, content_type: str | None) -> None:
         """Store the reply for a message recorded in this transaction."""
 
-    async def purge_inbox(self, older_than: float) -> int:
-        """Delete inbox records older than ``older_than`` seconds; how many."""
+    async def purge_inbox(self, older_than: float, consumer: str | None = None) -> int:
+        """Delete inbox records older than ``older_than`` seconds, only ``consumer``'s when given; how many."""

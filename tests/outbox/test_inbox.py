@@ -292,6 +292,26 @@ async def test_tampered_timestamps_do_not_break_the_cleanup(accounts: Store) -> 
     assert await Inbox(store, consumer="c", retention=0).purge() == 1  # 'b'; the tampered one is left, no crash
 
 
+async def test_an_inbox_deletes_only_its_own_consumers_old_records(accounts: Store) -> None:
+    """Two consumers on one store, each with its retention: the shorter one's cleanup leaves the other's records,
+    so a message redelivered within the longer retention is still a repeat for its consumer."""
+    store = accounts
+    billing = Inbox(store, consumer="billing", retention=3600)
+    audit = Inbox(store, consumer="audit", retention=0)
+    runs: list[str] = []
+
+    async def note(d: Delivery[bytes], tx: Any) -> None:
+        runs.append(d.message_id or "")
+
+    for inbox in (billing, audit):
+        await inbox.handler(note)(Delivery(b"x", b"x", Envelope(b"x", message_id="order-7-paid").properties()))
+    assert await audit.purge() == 1  # its own record, not billing's
+    await billing.handler(note)(Delivery(b"x", b"x", Envelope(b"x", message_id="order-7-paid").properties()))
+    assert runs == ["order-7-paid", "order-7-paid"]
+    assert billing.duplicates == 1
+    assert await billing.purge() == 0
+
+
 async def test_message_without_an_id_is_processed_and_counted(accounts: Store) -> None:
     store = accounts
     inbox = Inbox(store, consumer="c")
