@@ -256,58 +256,76 @@ class PostgresStore:
 
     @contextlib.asynccontextmanager
     async def claim(self, limit: int) -> AsyncIterator[Claim]:
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    claim = await self._take(conn, limit)
+                    yield claim
+                    await self._settle(conn, claim)
+            except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, OSError) as exc:
+                if not _closed(conn):
+                    raise
+                raise StorageError(
+                    f"the database ended the relay's transaction while it published a batch ({type(exc).__name__}: "
+                    f"{exc}); its rows stay pending and are sent again, with the same message ids. A server-side "
+                    "limit (transaction_timeout), pg_terminate_backend or a restart ends it"
+                ) from exc
+
+    async def _take(self, conn: asyncpg.Connection, limit: int) -> Claim:
         o = self.outbox_table
-        async with self.pool.acquire() as conn, conn.transaction():
-            # A key whose earlier row waits for a retry is left out here, not after the LIMIT: a batch's
-            # worth of its rows at the head would fill every batch, and no other row would ever go.
-            records = await conn.fetch(
-                f"SELECT {ROW_COLUMNS} FROM {o} AS r WHERE r.state = {PENDING} AND r.next_attempt_at <= now()"
-                f" AND NOT EXISTS (SELECT 1 FROM {o} AS e WHERE e.state = {PENDING}"
-                " AND e.ordering_key = r.ordering_key AND e.id < r.id AND e.next_attempt_at > now())"
-                " ORDER BY r.id LIMIT $1 FOR UPDATE OF r SKIP LOCKED",
-                limit,
+        # The claim's transaction stays open, idle, while the batch is published and confirmed: an operator's
+        # idle_in_transaction_session_timeout ended it before the rows were marked, and every round sent the
+        # batch again. Off for this transaction only.
+        await conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+        # A key whose earlier row waits for a retry is left out here, not after the LIMIT: a batch's
+        # worth of its rows at the head would fill every batch, and no other row would ever go.
+        records = await conn.fetch(
+            f"SELECT {ROW_COLUMNS} FROM {o} AS r WHERE r.state = {PENDING} AND r.next_attempt_at <= now()"
+            f" AND NOT EXISTS (SELECT 1 FROM {o} AS e WHERE e.state = {PENDING}"
+            " AND e.ordering_key = r.ordering_key AND e.id < r.id AND e.next_attempt_at > now())"
+            " ORDER BY r.id LIMIT $1 FOR UPDATE OF r SKIP LOCKED",
+            limit,
+        )
+        rows = [OutboxRow.from_db(tuple(r)) for r in records]
+        keys = list({r.ordering_key for r in rows if r.ordering_key is not None})
+        if keys:
+            # An earlier row held by another relay (its lock skipped above): the key's later rows wait
+            # for that relay's round. Those rows take room in this batch, but only for that round.
+            blockers = await conn.fetch(
+                f"SELECT ordering_key, min(id) FROM {o} WHERE state = {PENDING}"
+                " AND ordering_key = ANY($1::text[]) AND NOT (id = ANY($2::bigint[])) GROUP BY ordering_key",
+                keys,
+                [r.id for r in rows],
             )
-            rows = [OutboxRow.from_db(tuple(r)) for r in records]
-            keys = list({r.ordering_key for r in rows if r.ordering_key is not None})
-            if keys:
-                # An earlier row held by another relay (its lock skipped above): the key's later rows wait
-                # for that relay's round. Those rows take room in this batch, but only for that round.
-                blockers = await conn.fetch(
-                    f"SELECT ordering_key, min(id) FROM {o} WHERE state = {PENDING}"
-                    " AND ordering_key = ANY($1::text[]) AND NOT (id = ANY($2::bigint[])) GROUP BY ordering_key",
-                    keys,
-                    [r.id for r in rows],
-                )
-                first_elsewhere = {k: int(i) for k, i in blockers}
-                rows = [
-                    r for r in rows if r.ordering_key is None or r.id < first_elsewhere.get(r.ordering_key, r.id + 1)
-                ]
-            claim = Claim(rows=rows)
-            yield claim
-            if claim.sent_ids:
-                await conn.execute(
-                    f"UPDATE {o} SET state = {SENT}, sent_at = now(), attempts = attempts + 1"
-                    " WHERE id = ANY($1::bigint[])",
-                    claim.sent_ids,
-                )
-            if claim.retries:
-                ids, delays, errors = zip(*claim.retries, strict=True)
-                await conn.execute(
-                    f"UPDATE {o} AS r SET attempts = r.attempts + 1,"
-                    " next_attempt_at = now() + make_interval(secs => v.delay), last_error = v.error"
-                    " FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS v(id, delay, error) WHERE r.id = v.id",
-                    list(ids),
-                    list(delays),
-                    list(errors),
-                )
-            if claim.failures:
-                ids, reasons = zip(*claim.failures, strict=True)
-                await conn.execute(
-                    f"UPDATE {o} AS r SET state = {FAILED}, attempts = r.attempts + 1, last_error = v.reason"
-                    " FROM unnest($1::bigint[], $2::text[]) AS v(id, reason) WHERE r.id = v.id",
-                    list(ids),
-                    list(reasons),
-                )
+            first_elsewhere = {k: int(i) for k, i in blockers}
+            rows = [r for r in rows if r.ordering_key is None or r.id < first_elsewhere.get(r.ordering_key, r.id + 1)]
+        return Claim(rows=rows)
+
+    async def _settle(self, conn: asyncpg.Connection, claim: Claim) -> None:
+        o = self.outbox_table
+        if claim.sent_ids:
+            await conn.execute(
+                f"UPDATE {o} SET state = {SENT}, sent_at = now(), attempts = attempts + 1 WHERE id = ANY($1::bigint[])",
+                claim.sent_ids,
+            )
+        if claim.retries:
+            ids, delays, errors = zip(*claim.retries, strict=True)
+            await conn.execute(
+                f"UPDATE {o} AS r SET attempts = r.attempts + 1,"
+                " next_attempt_at = now() + make_interval(secs => v.delay), last_error = v.error"
+                " FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS v(id, delay, error) WHERE r.id = v.id",
+                list(ids),
+                list(delays),
+                list(errors),
+            )
+        if claim.failures:
+            ids, reasons = zip(*claim.failures, strict=True)
+            await conn.execute(
+                f"UPDATE {o} AS r SET state = {FAILED}, attempts = r.attempts + 1, last_error = v.reason"
+                " FROM unnest($1::bigint[], $2::text[]) AS v(id, reason) WHERE r.id = v.id",
+                list(ids),
+                list(reasons),
+            )
 
     async def _listen(self) -> None:
         listener = self._listener
@@ -495,6 +513,15 @@ async def _shape_problems(
         if not keyed:
             problems.append(f"{table} has no unique key on ({', '.join(unique)}), so nothing would be deduplicated")
     return problems
+
+
+def _closed(conn: asyncpg.Connection) -> bool:
+    """Whether a pool's connection is closed (the pool lets a closed one go at once, which asyncpg then refuses
+    to say)."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True
 
 
 async def _committable(conn: asyncpg.Connection) -> None:

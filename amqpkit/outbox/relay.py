@@ -205,14 +205,16 @@ class Relay:
             self.standby = False
             if claim.rows:
                 await asyncio.gather(*(self._publish_in_order(rows, claim) for rows in _by_key(claim.rows)))
-            return len(claim.rows)
+        # Counted once the marks are written: a round whose marks failed sends its rows again.
+        self.sent += len(claim.sent_ids)
+        self.failed += len(claim.failures)
+        return len(claim.rows)
 
     async def _publish_in_order(self, rows: Sequence[OutboxRow], claim: Claim) -> None:
         for row in rows:
             error = await self._publish(row)
             if error is None:
                 claim.sent(row)
-                self.sent += 1
                 continue
             permanent, reason = error
             attempts = row.attempts + 1
@@ -222,7 +224,6 @@ class Relay:
                     row.id, row.message_id, row.exchange, row.routing_key, attempts, reason,
                 )  # fmt: skip
                 claim.failed(row, reason)
-                self.failed += 1
                 continue  # a failed row does not hold back its key
             delay = self._delay(attempts)
             log.warning(

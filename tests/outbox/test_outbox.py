@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from amqpkit import Binding, Broker, BrokerSettings, Delivery, Envelope, Exchange, InvalidMessage, Queue
@@ -353,12 +354,88 @@ async def test_crash_between_confirm_and_mark_resends_with_the_same_message_ids(
             await relay.run_once()
         await wait_for(lambda: len(got) >= 5)
         assert (await store.counts())["pending"] == 5  # confirmed, but not marked
+        assert relay.sent == 0  # nor counted
         await relay.run_once()
         await wait_for(lambda: len(got) >= 10)
         assert [d.message_id for d in got] == ids + ids  # sent again, same ids, same order
         assert await store.counts() == {"pending": 0, "sent": 5, "failed": 0}
     finally:
         await consumer.cancel()
+
+
+class _SlowBroker:
+    """A broker whose publishes each take ``delay`` seconds more (a loaded broker, a far one)."""
+
+    def __init__(self, inner: Broker, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)
+
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(self.delay)
+        await self.inner.publish(*args, **kwargs)
+
+
+async def test_an_idle_in_transaction_timeout_does_not_end_the_claim_while_it_publishes(
+    pg_url: str, pg_schema: str, broker: Broker, queue: Queue
+) -> None:
+    """An operator's idle_in_transaction_session_timeout (here 200 ms) is shorter than a batch takes to publish
+    (one key, five rows, 100 ms each): the server ended the claim's transaction before the mark, so every round
+    sent the batch again and marked nothing, while relay.sent counted them all."""
+    separator = "&" if "?" in pg_url else "?"
+    store = PostgresStore(f"{pg_url}{separator}idle_in_transaction_session_timeout=200", schema=pg_schema)
+    await store.open()
+    try:
+        await store.create_tables()
+        outbox = Outbox(store)
+        async with store.transaction() as tx:
+            for i in range(5):
+                await outbox.add(tx, str(i).encode(), routing_key=queue.name, ordering_key="k")
+        got, consumer = await collect(broker, queue)
+        try:
+            relay = Relay(store, _SlowBroker(broker, 0.1))  # type: ignore[arg-type]
+            assert await relay.run_once() == 5
+            assert await store.counts() == {"pending": 0, "sent": 5, "failed": 0}
+            assert relay.sent == 5
+            await wait_for(lambda: len(got) >= 5)
+        finally:
+            await consumer.cancel()
+    finally:
+        await store.close()
+
+
+async def test_a_claim_ended_by_the_server_is_named_and_counts_nothing(
+    store: Store, pg_url: str, pg_schema: str, broker: Broker, queue: Queue
+) -> None:
+    """The claim's connection ended by the server mid-batch (pg_terminate_backend here): the round fails with a
+    StorageError that says so, not asyncpg's 'cannot call Transaction.__aexit__()', and nothing is counted sent."""
+    if not isinstance(store, PostgresStore):
+        pytest.skip("PostgreSQL: the server ends a session")
+    outbox = Outbox(store)
+    async with store.transaction() as tx:
+        for i in range(3):
+            await outbox.add(tx, str(i).encode(), routing_key=queue.name, ordering_key="k")
+
+    class Terminating(_SlowBroker):
+        async def publish(self, *args: Any, **kwargs: Any) -> None:
+            killer = await asyncpg.connect(pg_url)
+            try:
+                await killer.fetchval(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE state = 'idle in transaction' AND query LIKE $1",
+                    f'%"{pg_schema}".amqpkit_outbox%',
+                )
+            finally:
+                await killer.close()
+            await super().publish(*args, **kwargs)
+
+    relay = Relay(store, Terminating(broker, 0))  # type: ignore[arg-type]
+    with pytest.raises(StorageError, match="the database ended the relay's transaction"):
+        await relay.run_once()
+    assert relay.sent == 0
+    assert (await store.counts())["pending"] == 3
 
 
 async def test_several_relays_never_send_the_same_row(
