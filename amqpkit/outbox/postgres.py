@@ -358,9 +358,13 @@ class PostgresStore:
         total = 0
         while True:
             async with self.transaction() as tx:
+                # Rows someone else holds (an archiving job's open transaction) are left for a later cleanup,
+                # and a table lock is waited for 5 s at most: the DELETE waited on them with no end.
+                await tx.execute("SET LOCAL lock_timeout = '5s'")
                 status = await tx.execute(
                     f"DELETE FROM {self.outbox_table} WHERE id IN (SELECT id FROM {self.outbox_table}"
-                    f" WHERE state = {SENT} AND sent_at < now() - make_interval(secs => $1) LIMIT 5000)",
+                    f" WHERE state = {SENT} AND sent_at < now() - make_interval(secs => $1) LIMIT 5000"
+                    " FOR UPDATE SKIP LOCKED)",
                     float(older_than),
                 )
             deleted = _count(status)

@@ -58,7 +58,8 @@ class Relay:
     when no wake-up came (default 1 s; PostgreSQL's NOTIFY wakes it sooner,
     and so does a commit through the same SQLite store object).
     ``retention``: sent rows are deleted that many seconds after they were
-    sent (every ``cleanup_interval`` seconds). ``max_attempts``: after that
+    sent (every ``cleanup_interval`` seconds, in a task of its own: publishing does not wait for it).
+    ``max_attempts``: after that
     many failed publishes a row is kept aside as failed (None: it is tried
     until it goes, its ordering key waiting behind it).
     """
@@ -100,6 +101,7 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._last_cleanup: float | None = None
+        self._cleanup: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -132,6 +134,16 @@ class Relay:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Relay until ``stop`` is set (or :meth:`stop` is called)."""
+        try:
+            await self._run(stop)
+        finally:
+            cleanup, self._cleanup = self._cleanup, None
+            if cleanup is not None:
+                cleanup.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await cleanup
+
+    async def _run(self, stop: asyncio.Event | None) -> None:
         failures = 0
         while not self._stopping(stop):
             try:
@@ -147,7 +159,7 @@ class Relay:
                 log.warning("outbox relay round failed (%s: %s); again in %.2g s", type(exc).__name__, exc, delay)
                 await self._pause(delay, stop)
                 continue
-            await self._cleanup_if_due()
+            self._cleanup_if_due()
             if handled < self.batch_size:
                 await self._idle(stop)
 
@@ -178,15 +190,26 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await waiting
 
-    async def _cleanup_if_due(self) -> None:
-        now = asyncio.get_running_loop().time()
+    def _cleanup_if_due(self) -> None:
+        """Start deleting old sent rows when it is time: in a task of its own, so that publishing never waits
+        for it (a DELETE can wait on a lock someone else holds)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if self._last_cleanup is not None and now - self._last_cleanup < self.cleanup_interval:
             return
+        if self._cleanup is not None and not self._cleanup.done():
+            return  # the last one still runs
         self._last_cleanup = now
+        self._cleanup = loop.create_task(self._purge(), name="amqpkit outbox cleanup")
+
+    async def _purge(self) -> None:
         try:
             purged = await self.store.purge_sent(self.retention)
         except Exception as exc:
-            log.warning("could not delete sent outbox rows: %s", exc)
+            log.warning(
+                "could not delete sent outbox rows (%s: %s); publishing goes on, tried again in %g s",
+                type(exc).__name__, exc, self.cleanup_interval,
+            )  # fmt: skip
             return
         self.purged += purged
         if purged:

@@ -504,6 +504,69 @@ async def test_sent_rows_are_deleted_after_the_retention(store: Store, broker: B
     assert await store.counts() == {"pending": 1, "sent": 0, "failed": 0}
 
 
+class _StuckPurge:
+    """A store whose cleanup of sent rows never finishes (waits on a lock nobody releases)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.purging = asyncio.Event()
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)
+
+    async def purge_sent(self, older_than: float) -> int:
+        self.purging.set()
+        await asyncio.Event().wait()
+        return 0
+
+
+async def test_a_cleanup_that_does_not_finish_holds_up_no_publishing(
+    store: Store, broker: Broker, queue: Queue
+) -> None:
+    """The relay awaited its cleanup in the publishing loop: while it waited, nothing was published."""
+    outbox = Outbox(store)
+    stuck = _StuckPurge(store)
+    got, consumer = await collect(broker, queue)
+    try:
+        relay = Relay(stuck, broker, poll_interval=0.05)
+        async with relay:
+            await asyncio.wait_for(stuck.purging.wait(), 10)
+            async with store.transaction() as tx:
+                for i in range(3):
+                    await outbox.add(tx, str(i).encode(), routing_key=queue.name)
+            await wait_for(lambda: len(got) >= 3, timeout=10)
+        assert relay.sent == 3
+    finally:
+        await consumer.cancel()
+
+
+async def test_purging_sent_rows_skips_rows_another_transaction_holds(
+    store: Store, pg_url: str, broker: Broker, queue: Queue
+) -> None:
+    """An old sent row locked by someone else's open transaction (an archiving job): the DELETE waited on it
+    with no end; now it leaves that row for a later cleanup and deletes the others."""
+    if not isinstance(store, PostgresStore):
+        pytest.skip("PostgreSQL row locks")
+    outbox = Outbox(store)
+    async with store.transaction() as tx:
+        for i in range(3):
+            await outbox.add(tx, str(i).encode(), routing_key=queue.name)
+    await Relay(store, broker).run_once()
+    other = await asyncpg.connect(pg_url)
+    try:
+        table = store.outbox_table  # the test's own schema
+        await other.execute(f"UPDATE {table} SET sent_at = now() - interval '2 days'")  # noqa: S608
+        locked = other.transaction()
+        await locked.start()
+        first = f"(SELECT min(id) FROM {table})"  # noqa: S608
+        await other.execute(f"UPDATE {table} SET last_error = 'archived' WHERE id = {first}")  # noqa: S608
+        assert await asyncio.wait_for(store.purge_sent(3600), 5) == 2
+        await locked.rollback()
+    finally:
+        await other.close()
+    assert await store.purge_sent(3600) == 1
+
+
 async def test_a_commit_wakes_an_idle_relay(store: Store, broker: Broker, queue: Queue) -> None:
     """With a poll interval of a minute, a new row still goes out at once: NOTIFY on PostgreSQL, the
     store's own commit on SQLite."""
