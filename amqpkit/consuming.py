@@ -54,6 +54,7 @@ class Consumer:
         "_attach_lock",
         "_broker",
         "_channel",
+        "_owns_queue",
         "_refused",
         "_starting",
         "arguments",
@@ -105,6 +106,9 @@ class Consumer:
         self._starting = False
         self._refused: BaseException | None = None
         self._attach_lock = asyncio.Lock()
+        # consume() declared its queue, one the broker removes with its last consumer or connection (server-named,
+        # exclusive or auto-delete): forgotten again when it is cancelled (see Consuming._detach)
+        self._owns_queue = False
 
     async def cancel(self, *, grace: float = 0.0) -> None:
         """Stop receiving; wait up to ``grace`` seconds for running callbacks."""
@@ -149,8 +153,10 @@ class Consuming(TopologyRegistry):
         for a queue someone else owns. Each delivery runs ``callback`` in its
         own task; settle it there (unless ``auto_ack``).
         """
+        declared = False
         if declare and queue not in self._queues:
             await self.declare_queue(queue)
+            declared = True
         consumer = Consumer(
             broker=self,
             queue=queue,
@@ -162,6 +168,7 @@ class Consuming(TopologyRegistry):
             on_error=on_error,
         )
         consumer._starting = True
+        consumer._owns_queue = declared and (not queue.name or queue.exclusive or queue.auto_delete)
         self._consumers[consumer.consumer_tag] = consumer
         try:
             # A reconnect meanwhile leaves it to this call (_starting): what it cannot attach is this caller's
@@ -323,6 +330,15 @@ class Consuming(TopologyRegistry):
             return
         consumer.cancelled = True
         self._consumers.pop(consumer.consumer_tag, None)
+        if consumer._owns_queue:
+            # Gone from the broker with its consumer, or soon: declared again by every reconnect, such a queue
+            # came back for nobody (300 consume-and-cancel cycles: 300 queues more at each reconnect, in a hunt).
+            # Forgotten with the last consumer of it.
+            others = [c for c in self._consumers.values() if c.queue == consumer.queue]
+            for other in others:
+                other._owns_queue = True
+            if not others:
+                self.forget(consumer.queue)
         channel, consumer._channel = consumer._channel, None
         consumer.attached.clear()
         if channel is not None and not channel.is_closed:

@@ -128,6 +128,40 @@ async def test_server_named_queue(broker: Broker) -> None:
     assert broker.queue_name(q) == live
 
 
+async def test_a_queue_consume_declared_that_goes_with_its_consumer_is_forgotten_at_cancel(
+    broker: Broker, name: str, cleanup: list[str]
+) -> None:
+    """consume() declared and remembered such a queue, and cancel() never forgot it: every reconnect declared each
+    one again, for nobody (300 consume-and-cancel cycles: 300 queues more at each reconnect, in a hunt)."""
+
+    async def callback(delivery: Delivery[bytes]) -> None:
+        await delivery.ack()
+
+    for queue in (
+        Queue(exclusive=True, auto_delete=True, durable=False),
+        Queue(durable=False),
+        Queue(f"{name}.auto", auto_delete=True, durable=False),
+    ):
+        consumer = await broker.consume(queue, callback)
+        assert broker.remembers(queue)
+        await consumer.cancel()
+        assert not broker.remembers(queue), queue
+    # A named queue that outlives its consumer stays remembered, as one declared before consume() does.
+    kept = Queue(f"{name}.kept", auto_delete=False)
+    cleanup.append(f"q:{kept.name}")
+    consumer = await broker.consume(kept, callback)
+    await consumer.cancel()
+    assert broker.remembers(kept)
+    # Two consumers of one such queue: forgotten with the last.
+    shared = Queue(f"{name}.shared", exclusive=True, durable=False)
+    first = await broker.consume(shared, callback)
+    second = await broker.consume(shared, callback)
+    await first.cancel()
+    assert broker.remembers(shared)
+    await second.cancel()
+    assert not broker.remembers(shared)
+
+
 @pytest.mark.parametrize(
     ("codec", "value"),
     [
