@@ -70,7 +70,11 @@ class Subscriber(Generic[T]):
     ``on_error`` is called, :attr:`error` holds the reason, iteration raises
     it and :meth:`wait_stopped` returns: it never sits idle in silence.
     ``auto_ack=True`` trades safety for speed: the broker forgets each message
-    as it sends it (at-most-once), so a failure cannot dead-letter it.
+    as it sends it (at-most-once), so a failure cannot dead-letter it. It
+    also ignores ``prefetch`` then: a handler (or an iteration) slower than
+    the messages come leaves them waiting in this process, without bound, and
+    a lost connection loses all of them. Keep ``auto_ack`` for consumers that
+    keep up; the default (acks) bounds them by ``prefetch``.
     """
 
     @overload
