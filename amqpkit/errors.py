@@ -180,21 +180,52 @@ def broker_size_limit(exc: BaseException) -> int | None:
 
 
 # RabbitMQ's words for a publish its permissions refuse (403 ACCESS_REFUSED, 3.10 to 4.x): a write permission on
-# the exchange, or a topic permission on the exchange and routing key.
-_ACCESS_REFUSAL = re.compile(r"access to (?:topic '(?P<topic>.*?)' in )?exchange '(?P<exchange>.*?)' in vhost")
+# the exchange ("access to exchange 'X' in vhost ..."), or a topic permission on the exchange and routing key
+# ("access to topic 'K' in exchange 'X' in vhost ..."). The broker cuts its reply text at 255 bytes, so a long
+# key or exchange name may end in the middle.
+_ACCESS_REFUSAL = re.compile(r"access to (topic|exchange) '")
 
 
-def publish_refused_for(exc: BaseException) -> tuple[str, str | None] | None:
-    """(exchange, routing key or None) a permission refusal names, when ``exc`` or one of its causes is the broker
-    closing a channel over a publish it may not make; None for any other error. The default exchange is
-    ``amq.default`` in RabbitMQ's words."""
+def publish_refused_for(exc: BaseException) -> tuple[str | None, str | None, bool] | None:
+    """What a permission refusal names, when ``exc`` or one of its causes is the broker closing a channel over a
+    publish it may not make: (exchange, routing key, cut). ``cut`` means the text ended within a name: the last one
+    given is only its beginning, and the exchange is None when the text ended within the key. The key is None for
+    a write permission. The default exchange is ``amq.default`` in RabbitMQ's words. None for any other error."""
     seen: BaseException | None = exc
     while seen is not None:
-        found = _ACCESS_REFUSAL.search(str(seen))
+        text = str(seen)
+        found = _ACCESS_REFUSAL.search(text)
         if found is not None:
-            return found["exchange"], found["topic"]
+            rest = text[found.end() :]
+            if found[1] == "topic":
+                topic, sep, rest = rest.partition("' in exchange '")
+                if not sep:  # cut within the key, or just after it (then the whole key is there)
+                    whole, quote, _ = topic.partition("'")
+                    return None, (whole if quote else _uncut(topic)), True
+            else:
+                topic = None
+            exchange, sep, _ = rest.partition("'")
+            return (exchange, topic, False) if sep else (_uncut(exchange), topic, True)
         seen = seen.__cause__
     return None
+
+
+def refusal_is_for(refused: tuple[str | None, str | None, bool], exchange: str, routing_key: str) -> bool | None:
+    """Whether a refusal (:func:`publish_refused_for`) is of a publish to ``exchange`` with ``routing_key``: True,
+    False, or None when a cut text cannot tell (its names begin like these)."""
+    named_exchange, topic, cut = refused
+    exchange = exchange or "amq.default"
+    if not cut:
+        return named_exchange == exchange and topic in (None, routing_key)
+    if named_exchange is None:  # cut within the key
+        return None if topic is not None and routing_key.startswith(topic) else False
+    if topic is None:  # cut within the exchange of a write refusal
+        return None if exchange.startswith(named_exchange) else False
+    return None if topic == routing_key and exchange.startswith(named_exchange) else False
+
+
+def _uncut(name: str) -> str:
+    return name.removesuffix("...")
 
 
 class DecodeError(AmqpkitError):

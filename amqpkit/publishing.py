@@ -28,6 +28,7 @@ from .errors import (
     broker_size_limit,
     map_exceptions,
     publish_refused_for,
+    refusal_is_for,
 )
 from .message import ENCODER_REFUSALS, Envelope, basic_properties, explain_refusal
 from .topology import Exchange
@@ -283,12 +284,13 @@ class Publishing(BrokerCore):
         permission does not change between two tries (before, one refused publish in 25 made 300 of 1,000
         allowed ones beside it fail with its error, in a hunt)."""
         refused_for = publish_refused_for(exc)
-        if refused_for is not None:
-            exchange, topic = refused_for
-            if exchange == (exchange_name or "amq.default") and topic in (None, routing_key):
-                raise PublishError(f"publish refused: {exc}") from exc
+        mine = refusal_is_for(refused_for, exchange_name, routing_key) if refused_for is not None else None
+        if mine is True:
+            raise PublishError(f"publish refused: {exc}") from exc
+        if mine is False:
             self.republished += 1
             return refusals
+        # A cut text whose names begin like this publish's: counted, as any refusal it cannot place.
         limit = broker_size_limit(exc)
         if limit is not None and size <= limit:
             self.republished += 1

@@ -6,7 +6,7 @@ import aiormq
 import pytest
 
 from amqpkit import ConnectionLost
-from amqpkit.errors import map_exceptions
+from amqpkit.errors import map_exceptions, publish_refused_for, refusal_is_for
 
 
 async def test_a_channel_asked_of_a_closed_connection_is_connection_lost(amqp_url: str) -> None:
@@ -20,3 +20,42 @@ async def test_a_channel_asked_of_a_closed_connection_is_connection_lost(amqp_ur
 async def test_other_runtime_errors_are_not_relabelled() -> None:
     with pytest.raises(RuntimeError, match="something else"), map_exceptions(kind="channel"):
         raise RuntimeError("something else")
+
+
+REFUSALS = [
+    # RabbitMQ's reply texts (403 ACCESS_REFUSED), whole and cut at 255 bytes with "..." appended
+    ("ACCESS_REFUSED - access to exchange 'orders' in vhost 'v' refused for user 'u'", ("orders", None, False)),
+    (
+        "ACCESS_REFUSED - write access to exchange 'amq.default' in vhost 'v' refused for user 'u'",
+        ("amq.default", None, False),
+    ),
+    (
+        "ACCESS_REFUSED - access to topic 'bad.1' in exchange 'events' in vhost 'v' refused for user 'u'",
+        ("events", "bad.1", False),
+    ),
+    ("ACCESS_REFUSED - access to topic 'bad.1.kkkkkkk...", (None, "bad.1.kkkkkkk", True)),
+    ("ACCESS_REFUSED - access to topic 'bad.1' in exch...", (None, "bad.1", True)),
+    ("ACCESS_REFUSED - access to topic 'bad.1' in exchange 'even...", ("even", "bad.1", True)),
+    ("ACCESS_REFUSED - access to exchange 'ord...", ("ord", None, True)),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), REFUSALS)
+def test_a_permission_refusal_is_read_whole_or_cut(text: str, expected: tuple[str | None, str | None, bool]) -> None:
+    refused = publish_refused_for(aiormq.exceptions.ChannelAccessRefused(text))
+    assert refused == expected
+
+
+def test_a_cut_refusal_names_a_publish_only_when_its_names_begin_alike() -> None:
+    whole = ("events", "bad.1", False)
+    assert refusal_is_for(whole, "events", "bad.1") is True
+    assert refusal_is_for(whole, "events", "ok.1") is False
+    assert refusal_is_for(whole, "other", "bad.1") is False
+    assert refusal_is_for(("amq.default", None, False), "", "anything") is True
+    cut_key = (None, "bad.1.kkk", True)
+    assert refusal_is_for(cut_key, "events", "bad.1.kkkkkk") is None  # maybe: counted
+    assert refusal_is_for(cut_key, "events", "ok.1.kkkkkk") is False
+    cut_exchange = ("eve", "bad.1", True)
+    assert refusal_is_for(cut_exchange, "events", "bad.1") is None
+    assert refusal_is_for(cut_exchange, "events", "bad.2") is False
+    assert refusal_is_for(cut_exchange, "orders", "bad.1") is False
