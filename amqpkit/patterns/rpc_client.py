@@ -32,6 +32,7 @@ from ..errors import (
     Unroutable,
     map_exceptions,
     publish_refused_for,
+    refusal_is_for,
 )
 from ..message import Delivery, Envelope, as_doubles, check_header_names
 from ..topology import Queue
@@ -88,6 +89,7 @@ class RpcClient:
         self._tasks: set[asyncio.Future[None]] = set()
         self._started = False
         self._starting: asyncio.Future[None] | None = None  # a start a first call made (see _start_by)
+        self._closes = 0  # close() calls so far: a start that a close overtook undoes itself
         self.dropped_replies = 0
         # Requests go out on a channel without confirms, their returns read by a hook (see
         # amqpkit.aiormq_compat); False once a start had to fall back to confirming each request.
@@ -111,6 +113,7 @@ class RpcClient:
         if self._started:
             return
         self._started = True
+        closes = self._closes
         self._unsubscribe.append(self.broker.on_disconnect(self._fail_pending))
         try:
             if self.reply_queue == "exclusive":
@@ -121,6 +124,10 @@ class RpcClient:
                 )  # fmt: skip
             else:
                 await self._direct_channel()
+            if self._closes != closes:
+                # close() ran while this start waited (a call that gave up on it, then closed the client): what
+                # it made now would be left attached, its reply queue declared again by every reconnect.
+                await self.close()
         except BaseException:
             # Not started: undone, so that a later start starts (it did nothing, and calls were sent with a reply
             # queue nobody read), and the reply queue is not declared again by every reconnect, nor left behind.
@@ -136,6 +143,7 @@ class RpcClient:
 
     async def close(self) -> None:
         """Stop; calls still pending fail with ConnectionLost."""
+        self._closes += 1
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
@@ -217,9 +225,7 @@ class RpcClient:
         closing = channel.closing
         why = closing.exception() if closing.done() and not closing.cancelled() else None
         refused = publish_refused_for(why) if why is not None else None
-        if refused is not None and refused[0] == (self.exchange or "amq.default") and refused[1] in (
-            None, self.routing_key
-        ):  # fmt: skip
+        if refused is not None and refusal_is_for(refused, self.exchange, self.routing_key) is not False:
             # The broker closed it over a request of this client's, which all go to the same place: refused alike.
             # Before, they failed as ConnectionLost, without the broker's reason (and call_with_retry retried).
             error = PublishError(f"request refused: {why}")
@@ -406,9 +412,15 @@ class RpcClient:
         self, body: bytes, properties: Basic.Properties, future: asyncio.Future[Any], deadline: float
     ) -> None:
         if self.reply_queue == "exclusive":
-            assert self._reply_spec is not None
             await self.broker.wait_connected()
-            properties.reply_to = self.broker.queue_name(self._reply_spec)
+            spec = self._reply_spec
+            if future.done() or spec is None:
+                # Failed while it waited (the reply queue could not come back: see _reply_queue_lost); the
+                # call raises what its future holds.
+                if not future.done():
+                    future.set_exception(ConnectionLost("the reply queue could not be declared again"))
+                return
+            properties.reply_to = self.broker.queue_name(spec)
             _stamp_budget(properties, deadline)
             env = Envelope.from_properties(body, properties)
             publishing = asyncio.ensure_future(

@@ -94,8 +94,16 @@ async def test_a_first_call_on_a_blocked_connection_ends_at_its_timeout(
                 await client.call("echo", 1, timeout=1)
             took = time.monotonic() - started
             assert took < 1.5, f"the call ended {took:.1f} s after it began, with a 1 s timeout"
+            # The caller gives up on the client while its start still waits: once the broker reads again, that
+            # start ends and must not leave a reply queue or channel behind (a review: it did, for good).
+            await client.close()
         await wait_for(lambda: broker.blocked is None, 10)
-        await client.close()
+        starting = client._starting
+        assert starting is not None
+        await asyncio.wait_for(asyncio.wait({starting}), 10)
+        assert client._channel is None or client._channel.is_closed
+        assert client._reply_consumer is None
+        assert not [c for c in broker.consumers if c.queue.exclusive]
 
 
 async def test_calls_made_while_blocked_are_not_run_after_their_callers_gave_up(node: SpareNode, name: str) -> None:
