@@ -448,7 +448,7 @@ class PostgresStore:
         return _count(status)
 
 
-_TEXT = frozenset({"text", "varchar"})
+_TEXT = frozenset({"text", "varchar", "bpchar", "citext"})
 _INT = frozenset({"int2", "int4", "int8"})
 _STAMP = frozenset({"timestamptz"})
 # Column: (types it may have, whether a row inserted without it needs a default).
@@ -484,9 +484,10 @@ async def _shape_problems(
 ) -> list[str]:
     """What in ``table`` (as it exists) keeps amqpkit from using it: a column missing or of another type, no
     default where amqpkit inserts without the column, another NOT NULL column, no unique key on ``unique``."""
-    columns = await tx.fetch(
+    columns = await tx.fetch(  # a domain's column is taken as its base type
         "SELECT a.attname, t.typname, a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''"
-        " FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid"
+        " FROM pg_attribute AS a JOIN pg_type AS d ON d.oid = a.atttypid"
+        " JOIN pg_type AS t ON t.oid = CASE WHEN d.typtype = 'd' THEN d.typbasetype ELSE d.oid END"
         " WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped",
         table,
     )
@@ -505,11 +506,14 @@ async def _shape_problems(
         if name not in shape and not_null and not default:
             problems.append(f"{table}.{name} is NOT NULL without a default (amqpkit does not write it)")
     if unique:
+        # Its key columns only (an INCLUDE column is not part of it), and checked at once: ON CONFLICT cannot use
+        # a deferrable key.
         keyed = await tx.fetchval(
             "SELECT count(*) FROM pg_index AS i WHERE i.indrelid = $1::regclass AND i.indisunique"
-            " AND i.indpred IS NULL AND i.indexprs IS NULL AND i.indnatts = $2"
+            " AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL AND i.indnkeyatts = $2"
             " AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute AS a"
-            "      WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey::int2[])) = $3::text[]",
+            "      WHERE a.attrelid = i.indrelid"
+            "      AND a.attnum = ANY((i.indkey::int2[])[0:i.indnkeyatts - 1])) = $3::text[]",
             table,
             len(unique),
             sorted(unique),

@@ -97,3 +97,43 @@ async def test_postgresql_column_of_another_type_is_named(tmp_path: Path, pg_url
             await store.create_tables()
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("ddl", "fits"),
+    [
+        (  # a unique index with an INCLUDE column: its key is still (consumer, message_id)
+            "CREATE TABLE {t}inbox (consumer TEXT NOT NULL, message_id TEXT NOT NULL, processed_at {stamp} NOT NULL,"
+            " reply {blob}, reply_content_type TEXT);"
+            " CREATE UNIQUE INDEX {p}inbox_key ON {t}inbox (consumer, message_id) INCLUDE (processed_at)",
+            True,
+        ),
+        (  # text columns through a domain, and char(n)
+            "CREATE DOMAIN {t}id_text AS text; CREATE TABLE {t}inbox (consumer {t}id_text NOT NULL,"
+            " message_id character(64) NOT NULL, processed_at {stamp} NOT NULL, reply {blob},"
+            " reply_content_type varchar(200), PRIMARY KEY (consumer, message_id))",
+            True,
+        ),
+        (  # a deferrable key: ON CONFLICT cannot use it
+            "CREATE TABLE {t}inbox (consumer TEXT NOT NULL, message_id TEXT NOT NULL, processed_at {stamp} NOT NULL,"
+            " reply {blob}, reply_content_type TEXT,"
+            " CONSTRAINT {p}inbox_key UNIQUE (consumer, message_id) DEFERRABLE INITIALLY DEFERRED)",
+            False,
+        ),
+    ],
+    ids=["unique index with INCLUDE", "domain and char(n)", "deferrable unique key"],
+)
+async def test_postgresql_keys_and_types_that_fit_are_taken(
+    tmp_path: Path, pg_url: str, pg_schema: str, ddl: str, fits: bool
+) -> None:
+    """A review: the check refused a unique index with INCLUDE columns and text through a domain, and took a
+    deferrable key that ON CONFLICT then refused on every record."""
+    store = await made_beforehand("postgresql", tmp_path, pg_url, pg_schema, ddl)
+    try:
+        if fits:
+            await store.create_tables()
+        else:
+            with pytest.raises(StorageError, match="no unique key"):
+                await store.create_tables()
+    finally:
+        await store.close()
