@@ -41,6 +41,7 @@ _BUILTIN_EXCHANGES = frozenset(
 )
 
 
+KNOWN_EXCHANGES_KEPT = 4096  # exchanges seen to exist that a publish need not check again, at most
 RETIRE_AT_MOST_EVERY = 1.0  # seconds between two replacements of the publishing channel after nacks
 
 
@@ -354,4 +355,8 @@ class Publishing(BrokerCore):
             channel = await self._channel("check", confirms=False)
             with map_exceptions(kind="exchange", name=name):
                 await channel.exchange_declare(exchange=name, passive=True)
+            if len(self._known_exchanges) >= KNOWN_EXCHANGES_KEPT:
+                # A cache of checks: it grew by one for every exchange name ever published to (1,724 after 5
+                # minutes of short-lived exchanges, in a hunt). Started again; the next publishes check again.
+                self._known_exchanges = {e.name for e in self._exchanges.values()}
             self._known_exchanges.add(name)

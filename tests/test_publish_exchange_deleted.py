@@ -48,3 +48,24 @@ async def test_only_the_publish_to_the_deleted_exchange_fails(
             await broker.publish(Envelope(b"after"), routing_key=name)
         finally:
             await channel.exchange_delete(f"{name}.theirs")
+
+
+async def test_the_exchanges_known_to_exist_are_a_bounded_cache(
+    broker: Broker, settings: BrokerSettings, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One name was kept for every exchange ever published to that this Broker had not declared (a hunt: 1,724
+    after 5 minutes of short-lived exchanges); they are checked again once the cache is full."""
+    from amqpkit import Exchange, publishing
+
+    monkeypatch.setattr(publishing, "KNOWN_EXCHANGES_KEPT", 3)
+    names = [f"{name}.x{i}" for i in range(6)]
+    for exchange in names:
+        await broker.declare_exchange(Exchange(exchange, type="fanout", durable=False, auto_delete=False))
+    try:
+        async with Broker(settings) as other:  # did not declare them: checks each before its first publish
+            for exchange in names * 2:
+                await other.publish(Envelope(b"x"), exchange=exchange, routing_key="")
+                assert len(other._known_exchanges) <= 3
+    finally:
+        for exchange in names:
+            await broker.delete_exchange(exchange)
