@@ -29,7 +29,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanKind
 from opentelemetry.util.types import Attributes
 
 from amqpkit import Broker, Delivery, Envelope, Exchange, Queue, Subscriber, telemetry
-from amqpkit.telemetry.instruments import drops_unsampled_children
+from amqpkit.telemetry.instruments import Tally, drops_unsampled_children
 
 from ..waiting import wait_for
 from .conftest import Telemetry
@@ -261,3 +261,24 @@ async def test_recorded_spans_get_every_attribute_whichever_the_sampler_decided_
             assert span.attributes["messaging.rabbitmq.destination.routing_key"] == queue.name
             if kind is SpanKind.CONSUMER:
                 assert span.attributes["messaging.rabbitmq.message.delivery_tag"] >= 1
+
+
+async def test_counts_by_destination_overflow_into_one_past_the_limit(
+    broker: Broker, name: str, otel: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One count was kept, and observed at every collection, for every exchange ever published to (a hunt: 1,891
+    after 4 minutes of short-lived exchanges). Past the limit they share one, marked as OpenTelemetry marks it."""
+    monkeypatch.setattr(Tally, "LIMIT", 3)
+    names = [f"{name}.x{i}" for i in range(6)]
+    for exchange in names:
+        await broker.declare_exchange(Exchange(exchange, type="fanout", durable=False, auto_delete=False))
+    try:
+        for exchange in names:
+            await broker.publish(Envelope(b"x"), exchange=exchange, routing_key="")
+        points = otel.metric("messaging.client.sent.messages")
+        assert len(points) <= 4, points
+        assert sum(n for _, n in points) == 6
+        assert any(attrs.get("otel.metric.overflow") is True for attrs, _ in points), points
+    finally:
+        for exchange in names:
+            await broker.delete_exchange(exchange)
