@@ -184,14 +184,27 @@ class Consuming(TopologyRegistry):
                 self._raise_refused(consumer)
                 await self._attach(consumer)
             except BaseException:
-                await self._detach(consumer, grace=0)
+                await self._drop_unstarted(consumer)
                 raise
         except BaseException:
-            await self._detach(consumer, grace=0)
+            await self._drop_unstarted(consumer)
             raise
         finally:
             consumer._starting = False
         return consumer
+
+    async def _drop_unstarted(self, consumer: Consumer) -> None:
+        """A consumer consume() could not start: dropped, with the queue consume() declared for it, which no
+        consumer ever read and the broker so never removes by itself (an auto-delete queue goes with its last
+        consumer; a server-named one lives as long as the connection)."""
+        name = ""
+        if consumer._owns_queue:
+            with contextlib.suppress(TopologyError):
+                name = self.queue_name(consumer.queue)
+        await self._detach(consumer, grace=0)
+        if name and self.is_connected:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.delete_queue(name, if_unused=True), 5)
 
     @staticmethod
     def _raise_refused(consumer: Consumer) -> None:
