@@ -56,6 +56,17 @@ path. What amqpkit relies on:
   and tells a callback, so that amqpkit can say why nothing is confirmed
   and stop writing RPC requests the broker would run after their callers
   gave up.
+- ``Channel._on_return_frame`` on a channel with publisher confirms: it
+  sets the outcome of the publish's confirmation future without checking
+  that it is still pending. A mandatory publish whose deadline cancelled
+  that future in the same loop turn that read its ``basic.return`` made it
+  raise ``InvalidStateError``, which ended the channel's reader: the
+  channel took no more frames, its close waited for an answer only that
+  reader could read, and after 10 s aiormq sent a second ``channel.close``
+  on a number the broker had freed, which closed the whole connection (504
+  CHANNEL_ERROR). :class:`AmqpConnection` wraps it on every channel it opens
+  (:func:`guard_returns`). The name-mangled ``Channel.__reader_task`` is how
+  :func:`closing` tells a channel whose reader ended anyway.
 - aiormq's writer (``Connection.__writer`` through ``FrameGenerator``) takes
   one item at a time from that queue with ``get`` and writes it to the
   socket, and the stdlib queue keeps its items in a deque, ``_queue``. The
@@ -87,6 +98,7 @@ __all__ = [
     "closed_on_open",
     "closing",
     "deliveries_hookable",
+    "guard_returns",
     "hook_deliveries",
     "hook_returns",
     "publish_nowait",
@@ -113,6 +125,11 @@ class AmqpConnection(aiormq.Connection):
         self.unblocked.set()
         #: Called with the reason when the broker blocks the connection, and with None when it unblocks it.
         self.on_blocked: Callable[[str | None], None] | None = None
+
+    async def channel(self, *args: Any, **kwargs: Any) -> AbstractChannel:
+        channel = await super().channel(*args, **kwargs)
+        guard_returns(channel)
+        return channel
 
     # Replace aiormq's two handlers (its reader awaits them by their mangled names): the same event, kept
     # reason, no log line of aiormq's (the Broker says it once, in its own words).
@@ -403,11 +420,35 @@ _CLOSE_EVENT = "_Channel__close_event"  # aiormq.Channel.__close_event, name-man
 
 
 def closing(channel: AbstractChannel) -> bool:
-    """``channel`` is closed, or the broker has closed it and aiormq has not said so yet: send nothing on it."""
+    """``channel`` is closed, or the broker has closed it and aiormq has not said so yet, or its reader has ended
+    (it reads no confirm or answer any more): send nothing on it."""
     if channel.is_closed:
         return True
     event = getattr(channel, _CLOSE_EVENT, None)
-    return event is not None and event.is_set()
+    if event is not None and event.is_set():
+        return True
+    reader = getattr(channel, _READER_TASK, None)
+    return reader is not None and reader.done()
+
+
+_READER_TASK = "_Channel__reader_task"  # aiormq.Channel.__reader_task, name-mangled
+
+
+def guard_returns(channel: AbstractChannel) -> None:
+    """Keep ``channel``'s reader alive when a ``basic.return`` comes for a publish whose confirmation future
+    is already done (cancelled by the publish's deadline in the same loop turn): aiormq has read the message
+    and noted the return by then, and only setting that future fails. See the module's notes."""
+    original = getattr(channel, "_on_return_frame", None)
+    if original is None:
+        return
+
+    async def on_return(frame: Any) -> None:
+        try:
+            await original(frame)
+        except asyncio.InvalidStateError:
+            log.debug("a returned message's publish had already ended (its deadline passed)")
+
+    channel._on_return_frame = on_return  # type: ignore[attr-defined]
 
 
 def closed_on_open(exc: BaseException) -> bool:
