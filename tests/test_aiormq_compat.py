@@ -63,7 +63,8 @@ async def test_a_channel_the_broker_is_closing_is_seen_as_closing(broker: Broker
     assert isinstance(channel.delivery_tag, int)  # type: ignore[attr-defined]
     assert isinstance(getattr(channel, "_Channel__close_event", None), asyncio.Event)
     assert not aiormq_compat.closing(channel)
-    assert isinstance(getattr(channel, "_Channel__reader_task", None), asyncio.Task)  # closing() reads it
+    reader = getattr(channel, "_Channel__reader_task", None)  # closing() asks it whether it is done
+    assert reader is not None and reader.done() is False
     assert "confirmation.set_exception" in inspect.getsource(aiormq.Channel._on_return_frame)  # guard_returns
     with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
         await channel.exchange_declare("amqpkit-compat-no-such-exchange", passive=True)
