@@ -448,7 +448,7 @@ class PostgresStore:
         return _count(status)
 
 
-_TEXT = frozenset({"text", "varchar", "bpchar", "citext"})
+_TEXT = frozenset({"text", "varchar"})  # not citext: it would take ids that differ in case as one
 _INT = frozenset({"int2", "int4", "int8"})
 _STAMP = frozenset({"timestamptz"})
 # Column: (types it may have, whether a row inserted without it needs a default).
@@ -484,15 +484,25 @@ async def _shape_problems(
 ) -> list[str]:
     """What in ``table`` (as it exists) keeps amqpkit from using it: a column missing or of another type, no
     default where amqpkit inserts without the column, another NOT NULL column, no unique key on ``unique``."""
-    columns = await tx.fetch(  # a domain's column is taken as its base type
-        "SELECT a.attname, t.typname, a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''"
-        " FROM pg_attribute AS a JOIN pg_type AS d ON d.oid = a.atttypid"
-        " JOIN pg_type AS t ON t.oid = CASE WHEN d.typtype = 'd' THEN d.typbasetype ELSE d.oid END"
-        " WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+    columns = await tx.fetch(  # a domain's column is taken as its base type, through domains over domains
+        "WITH RECURSIVE base(attname, oid, not_null, dflt, coll) AS ("
+        " SELECT a.attname, a.atttypid, a.attnotnull,"
+        " a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '', a.attcollation"
+        " FROM pg_attribute AS a WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped"
+        " UNION ALL SELECT b.attname, t.typbasetype, b.not_null, b.dflt, b.coll FROM base AS b"
+        " JOIN pg_type AS t ON t.oid = b.oid WHERE t.typtype = 'd')"
+        " SELECT b.attname, t.typname, b.not_null, b.dflt, COALESCE(c.collisdeterministic, true)"
+        " FROM base AS b JOIN pg_type AS t ON t.oid = b.oid AND t.typtype <> 'd'"
+        " LEFT JOIN pg_collation AS c ON c.oid = b.coll",
         table,
     )
-    found = {str(name): (str(kind), bool(not_null), bool(default)) for name, kind, not_null, default in columns}
-    problems = []
+    found = {str(name): (str(kind), bool(not_null), bool(default)) for name, kind, not_null, default, _ in columns}
+    problems = [
+        f"{table}.{name} compares without telling every difference (a nondeterministic collation): distinct "
+        "message ids would count as one"
+        for name, _kind, _null, _default, deterministic in columns
+        if name in unique and not deterministic
+    ]
     for name, (kinds, needs_default) in shape.items():
         if name not in found:
             problems.append(f"{table} has no column {name}")

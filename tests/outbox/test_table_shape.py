@@ -108,11 +108,19 @@ async def test_postgresql_column_of_another_type_is_named(tmp_path: Path, pg_url
             " CREATE UNIQUE INDEX {p}inbox_key ON {t}inbox (consumer, message_id) INCLUDE (processed_at)",
             True,
         ),
-        (  # text columns through a domain, and char(n)
-            "CREATE DOMAIN {t}id_text AS text; CREATE TABLE {t}inbox (consumer {t}id_text NOT NULL,"
-            " message_id character(64) NOT NULL, processed_at {stamp} NOT NULL, reply {blob},"
+        (  # text columns through a domain, and a domain over a domain
+            "CREATE DOMAIN {t}id_text AS text; CREATE DOMAIN {t}id_text2 AS {t}id_text;"
+            " CREATE TABLE {t}inbox (consumer {t}id_text NOT NULL,"
+            " message_id {t}id_text2 NOT NULL, processed_at {stamp} NOT NULL, reply {blob},"
             " reply_content_type varchar(200), PRIMARY KEY (consumer, message_id))",
             True,
+        ),
+        (  # a case-insensitive key: ids that differ in case would be taken as one, the second never run
+            "CREATE COLLATION {t}ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);"
+            " CREATE TABLE {t}inbox (consumer TEXT NOT NULL, message_id TEXT COLLATE {t}ci NOT NULL,"
+            " processed_at {stamp} NOT NULL, reply {blob}, reply_content_type TEXT,"
+            " PRIMARY KEY (consumer, message_id))",
+            False,
         ),
         (  # a deferrable key: ON CONFLICT cannot use it
             "CREATE TABLE {t}inbox (consumer TEXT NOT NULL, message_id TEXT NOT NULL, processed_at {stamp} NOT NULL,"
@@ -121,19 +129,20 @@ async def test_postgresql_column_of_another_type_is_named(tmp_path: Path, pg_url
             False,
         ),
     ],
-    ids=["unique index with INCLUDE", "domain and char(n)", "deferrable unique key"],
+    ids=["unique index with INCLUDE", "domains", "case-insensitive key", "deferrable unique key"],
 )
 async def test_postgresql_keys_and_types_that_fit_are_taken(
     tmp_path: Path, pg_url: str, pg_schema: str, ddl: str, fits: bool
 ) -> None:
-    """A review: the check refused a unique index with INCLUDE columns and text through a domain, and took a
-    deferrable key that ON CONFLICT then refused on every record."""
+    """Reviews: the check refused a unique index with INCLUDE columns and text through a domain (or a domain over
+    one), took a deferrable key that ON CONFLICT then refused on every record, and took a case-insensitive key
+    (citext, or a nondeterministic collation) that let a new message pass as a duplicate and never run."""
     store = await made_beforehand("postgresql", tmp_path, pg_url, pg_schema, ddl)
     try:
         if fits:
             await store.create_tables()
         else:
-            with pytest.raises(StorageError, match="no unique key"):
+            with pytest.raises(StorageError, match=r"no unique key|nondeterministic collation"):
                 await store.create_tables()
     finally:
         await store.close()
