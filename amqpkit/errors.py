@@ -225,7 +225,8 @@ def refusal_is_for(refused: tuple[str | None, str | None, bool], exchange: str, 
 
 
 def _uncut(name: str) -> str:
-    return name.removesuffix("...")
+    # ... and the half of a character the cut left, read as U+FFFD
+    return name.removesuffix("...").rstrip("\ufffd")
 
 
 class DecodeError(AmqpkitError):

@@ -176,6 +176,13 @@ _METHOD_FIELDS: dict[type[Any], tuple[tuple[str, str], ...]] = {
                            ("routing_key", "shortstr"), ("message_count", ">I")),
     commands.Basic.Return: (("reply_code", ">H"), ("reply_text", "shortstr"), ("exchange", "shortstr"),
                             ("routing_key", "shortstr")),
+    # RabbitMQ cuts a close's reply text at 255 bytes, in the middle of a character if a name it quotes (a
+    # routing key refused by a topic permission) runs that far: pamqp refused the frame and aiormq dropped the
+    # whole connection, every publish on it failing with an untyped InvalidFrameError.
+    commands.Channel.Close: (("reply_code", ">H"), ("reply_text", "shortstr"), ("class_id", ">H"),
+                             ("method_id", ">H")),
+    commands.Connection.Close: (("reply_code", ">H"), ("reply_text", "shortstr"), ("class_id", ">H"),
+                                ("method_id", ">H")),
 }  # fmt: skip
 _LENIENT_METHODS: dict[type[Any], type[Any]] = {
     method: type(method.__name__, (method,), {"__doc__": f"{method.__name__} with fields not UTF-8 text."})
@@ -214,7 +221,7 @@ def _method(data: bytes) -> Any:
     (index,) = struct.unpack_from(">I", data)
     method = commands.INDEX_MAPPING.get(index)
     if method not in _METHOD_FIELDS:
-        raise ValueError("not a method a message arrives with")
+        raise ValueError("not a method read here")
     result = _LENIENT_METHODS[method]()
     unreadable: dict[str, bytes] = {}
     offset = 4
