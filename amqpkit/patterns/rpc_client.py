@@ -127,7 +127,7 @@ class RpcClient:
             if self._closes != closes:
                 # close() ran while this start waited (a call that gave up on it, then closed the client): what
                 # it made now would be left attached, its reply queue declared again by every reconnect.
-                await self.close()
+                await self._shut()
         except BaseException:
             # Not started: undone, so that a later start starts (it did nothing, and calls were sent with a reply
             # queue nobody read), and the reply queue is not declared again by every reconnect, nor left behind.
@@ -135,7 +135,7 @@ class RpcClient:
             if self._reply_spec is not None:
                 with contextlib.suppress(TopologyError):  # not declared yet
                     declared = self.broker.queue_name(self._reply_spec)
-            await self.close()
+            await self._shut()
             if declared:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.broker.delete_queue(declared), 5)
@@ -144,6 +144,10 @@ class RpcClient:
     async def close(self) -> None:
         """Stop; calls still pending fail with ConnectionLost."""
         self._closes += 1
+        await self._shut()
+
+    async def _shut(self) -> None:
+        """What :meth:`close` does, also when a start undoes itself (not counted as the user's close)."""
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
@@ -323,7 +327,12 @@ class RpcClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         if not self._started or (self._starting is not None and not self._starting.done()):
+            closes = self._closes
             await self._start_by(deadline, method, wait)
+            if self._closes != closes:  # closed while this call waited for the start (which then undid itself)
+                raise ConnectionLost("RpcClient closed while the call waited for it to start")
+            if not self._started:  # a start undone by a close made before this call: this call starts it again
+                await self._start_by(deadline, method, wait)
         body, content_type = encode_body(self.codec, payload)
         self.broker.check_message_size(body)
         cid = f"{self._prefix}.{next(self._ids)}"

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -209,3 +210,42 @@ async def test_a_reply_taken_in_the_loop_turn_the_deadline_fires_is_returned(
         finally:
             release.set()
             await client.close()
+
+
+@pytest.mark.parametrize("reply_queue", ["direct", "exclusive"])
+async def test_a_close_while_a_first_call_waits_for_the_start(
+    broker: Broker, name: str, reply_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: the call made before close() and one made after it both failed with "the reply queue could not
+    be declared again"; the first is told the client closed, and the second starts it again."""
+    server = RpcServer(broker, Queue(f"{name}.rpc", auto_delete=True))
+
+    @server.method("echo")
+    async def echo(n: int) -> int:
+        return n
+
+    await server.start()
+    client = RpcClient(broker, f"{name}.rpc", reply_queue=reply_queue)  # type: ignore[arg-type]
+    consume, open_channel = broker.consume, type(broker.lowlevel).open_channel
+
+    async def slow_consume(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await consume(*args, **kwargs)
+
+    async def slow_open(self: Any, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await open_channel(self, *args, **kwargs)
+
+    monkeypatch.setattr(broker, "consume", slow_consume)
+    monkeypatch.setattr(type(broker.lowlevel), "open_channel", slow_open)
+    try:
+        first = asyncio.ensure_future(client.call("echo", 1, timeout=5))
+        await asyncio.sleep(0.1)  # its start waits
+        await client.close()
+        second = asyncio.ensure_future(client.call("echo", 2, timeout=5))
+        with pytest.raises(ConnectionLost, match="closed"):
+            await first
+        assert await second == 2
+    finally:
+        await client.close()
+        await server.stop()
