@@ -50,6 +50,8 @@ __all__ = ["Relay", "main"]
 
 log = logging.getLogger("amqpkit.outbox")
 
+CLEANUP_GRACE = 5.0  # seconds a stopping relay waits for a cleanup under way before it cancels it
+
 
 class Relay:
     """Publishes an outbox's committed rows; one or several may run against the same store.
@@ -139,6 +141,9 @@ class Relay:
         finally:
             cleanup, self._cleanup = self._cleanup, None
             if cleanup is not None:
+                # Given a moment to end by itself (a purge is short): cancelled, it is cut in the middle of a
+                # statement, which a store must then undo.
+                await asyncio.wait({cleanup}, timeout=CLEANUP_GRACE)
                 cleanup.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await cleanup

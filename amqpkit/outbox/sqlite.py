@@ -188,7 +188,18 @@ class SqliteStore:
         conn = self.connection
         async with self._lock:
             self._added = False
-            await conn.execute("BEGIN IMMEDIATE")
+            begin = asyncio.ensure_future(conn.execute("BEGIN IMMEDIATE"))
+            try:
+                await asyncio.shield(begin)
+            except asyncio.CancelledError:
+                # aiosqlite runs it in its thread all the same: the transaction it opens is ended here, else the
+                # connection stayed in it and every later transaction failed ("cannot start a transaction within
+                # a transaction"; a relay stopped during its cleanup did it, and the guide's program hung).
+                with contextlib.suppress(Exception):
+                    await begin
+                    if conn.in_transaction:
+                        await conn.rollback()
+                raise
             try:
                 yield conn
             except BaseException:

@@ -10,6 +10,7 @@ transaction under the block when the block rolls it back itself (or after SQLITE
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -116,3 +117,22 @@ async def test_an_inbox_handler_whose_transaction_did_not_commit_is_not_acked(
     finally:
         for q in (queue.name, queue.dlq_name, f"{queue.name}.retry.100"):
             await broker.delete_queue(q)
+
+
+async def test_a_transaction_cancelled_as_it_begins_leaves_the_store_usable(store: Store) -> None:
+    """Cancelled while its BEGIN waited, a SQLite transaction was opened all the same (aiosqlite runs the statement
+    in its thread) and never ended: every later transaction failed with "cannot start a transaction within a
+    transaction". A relay stopped during its cleanup did it, and the outbox guide's program hung in CI."""
+
+    async def begin_then_wait() -> None:
+        async with store.transaction():
+            await asyncio.sleep(10)
+
+    for _ in range(5):
+        task = asyncio.ensure_future(begin_then_wait())
+        await asyncio.sleep(0)  # it is inside BEGIN now
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        async with store.transaction() as tx:
+            await tx.execute("SELECT 1")
