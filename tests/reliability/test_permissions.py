@@ -220,11 +220,16 @@ async def test_a_publish_a_topic_permission_refuses_fails_alone_and_at_once(
         outcomes = await asyncio.gather(*(publish(key) for key in keys))
         failed_ok = [(k, o) for k, o in zip(keys, outcomes, strict=True) if k.startswith("ok.") and o is not None]
         assert not failed_ok, f"{len(failed_ok)} allowed publishes failed, e.g. {failed_ok[:2]}"
+        # RabbitMQ 4.0 cannot send a reply cut within a character: it closes the whole connection instead (541
+        # INTERNAL_ERROR), and the refused publish ends after three such closes, its reason the broker's.
+        cut_badly_by_the_broker = pad.isascii() is False and broker.server_version >= (4,)
         for key, outcome in zip(keys, outcomes, strict=True):
             if key.startswith("bad."):
                 assert isinstance(outcome, PublishError), (key, outcome)
-                assert f"access to topic '{key[:100]}" in str(outcome)
-        assert broker.reconnects == reconnects
+                expected = "INTERNAL_ERROR" if cut_badly_by_the_broker else f"access to topic '{key[:100]}"
+                assert expected in str(outcome)
+        if not cut_badly_by_the_broker:
+            assert broker.reconnects == reconnects
         ready, _ = await broker.queue_counts(sink.name)
         assert ready >= 960  # every allowed one (a publish sent again after a close may be there twice)
         await broker.delete_queue(sink.name)
@@ -250,7 +255,8 @@ async def test_an_rpc_request_the_broker_refuses_fails_with_the_broker_s_reason(
         client = RpcClient(client_broker, f"{name}.rpc", reply_queue=reply_queue)  # type: ignore[arg-type]
         try:
             for _ in range(2):
-                with pytest.raises(PublishError, match=r"ACCESS_REFUSED - access to exchange 'amq\.default'"):
+                # 3.10 says "access to", 4.x "write access to"
+                with pytest.raises(PublishError, match=r"ACCESS_REFUSED - (write )?access to exchange 'amq\.default'"):
                     await client.call("add", 2, timeout=5)
             rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
             assert await client.call("add", 3, timeout=5) == 4
