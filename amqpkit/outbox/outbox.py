@@ -136,15 +136,22 @@ def store_for(url: str, **options: Any) -> Store:
 async def open_store(url: str, *, create: bool = True, **options: Any) -> Store:
     """Open the store for ``url`` and, with ``create``, make its tables if they are missing.
 
+    Tables found (made by a migration tool, with ``create=False``, or by an
+    older release) are checked: :class:`~amqpkit.outbox.StorageError` names
+    each one missing and each way one does not fit, such as an inbox without
+    its unique key, which would let a redelivered message run again.
+
     Raises :class:`~amqpkit.outbox.StorageUnreachable` (naming host and port,
     or the file, never a password) when the database does not answer.
     """
     store = store_for(url, **options)
     await store.open()
-    if create:
-        try:
+    try:
+        if create:
             await store.create_tables()
-        except BaseException:
-            await store.close()
-            raise
+        elif isinstance(store, SqliteStore | PostgresStore):  # the only stores store_for makes
+            await store.check_tables()
+    except BaseException:
+        await store.close()
+        raise
     return store

@@ -48,6 +48,7 @@ from .storage import (
     check_name,
     db_host_port,
     redact_db_url,
+    refuse_misfits,
 )
 
 __all__ = ["PostgresStore"]
@@ -203,19 +204,33 @@ class PostgresStore:
                     PRIMARY KEY (consumer, message_id))"""
             )
             # Tables made beforehand (by a migration tool, an older release) are used as they are: check them.
-            problems = await _shape_problems(tx, o, _OUTBOX_SHAPE, ())
-            problems += await _shape_problems(tx, i, _INBOX_SHAPE, ("consumer", "message_id"))
-            if problems:
-                raise StorageError(
-                    "the outbox and inbox tables exist but are not as amqpkit makes them (drop them to have them "
-                    f"made, or alter them): {'; '.join(problems)}"
-                )
+            refuse_misfits(await self._misfits(tx))
             await tx.execute(f"CREATE INDEX IF NOT EXISTS {p}outbox_pending ON {o} (id) WHERE state = {PENDING}")
             await tx.execute(
                 f"CREATE INDEX IF NOT EXISTS {p}outbox_key ON {o} (ordering_key, id) WHERE state = {PENDING}"
             )
             await tx.execute(f"CREATE INDEX IF NOT EXISTS {p}outbox_sent ON {o} (sent_at) WHERE state = {SENT}")
             await tx.execute(f"CREATE INDEX IF NOT EXISTS {p}inbox_age ON {i} (processed_at)")
+
+    async def check_tables(self) -> None:
+        """Check tables made elsewhere (a migration tool) as :meth:`create_tables` checks them, creating nothing.
+
+        :class:`StorageError` names each table missing and each way one does not fit.
+        """
+        async with self.transaction() as tx:
+            refuse_misfits(await self._misfits(tx))
+
+    async def _misfits(self, tx: asyncpg.Connection) -> list[str]:
+        problems: list[str] = []
+        for table, shape, unique in (
+            (self.outbox_table, _OUTBOX_SHAPE, ()),
+            (self.inbox_table, _INBOX_SHAPE, ("consumer", "message_id")),
+        ):
+            if await tx.fetchval("SELECT to_regclass($1)", table) is None:
+                problems.append(f"{table} does not exist")
+            else:
+                problems += await _shape_problems(tx, table, shape, unique)
+        return problems
 
     async def drop_tables(self) -> None:
         async with self.transaction() as tx:

@@ -43,6 +43,7 @@ from .storage import (
     StorageError,
     StorageUnreachable,
     check_name,
+    refuse_misfits,
 )
 
 try:
@@ -166,17 +167,32 @@ class SqliteStore:
                     PRIMARY KEY (consumer, message_id)) WITHOUT ROWID"""
             )
             # Tables made beforehand (by a migration tool, an older release) are used as they are: check them.
-            problems = await _shape_problems(tx, o, _OUTBOX_COLUMNS, ("state", "attempts", "next_attempt_at"), ())
-            problems += await _shape_problems(tx, i, _INBOX_COLUMNS, (), ("consumer", "message_id"))
-            if problems:
-                raise StorageError(
-                    "the outbox and inbox tables exist but are not as amqpkit makes them (drop them to have them "
-                    f"made, or alter them): {'; '.join(problems)}"
-                )
+            refuse_misfits(await self._misfits(tx))
             await tx.execute(f"CREATE INDEX IF NOT EXISTS {o}_pending ON {o} (id) WHERE state = {PENDING}")
             await tx.execute(f"CREATE INDEX IF NOT EXISTS {o}_key ON {o} (ordering_key, id) WHERE state = {PENDING}")
             await tx.execute(f"CREATE INDEX IF NOT EXISTS {o}_sent ON {o} (sent_at) WHERE state = {SENT}")
             await tx.execute(f"CREATE INDEX IF NOT EXISTS {i}_age ON {i} (processed_at)")
+
+    async def check_tables(self) -> None:
+        """Check tables made elsewhere (a migration tool) as :meth:`create_tables` checks them, creating nothing.
+
+        :class:`StorageError` names each table missing and each way one does not fit.
+        """
+        async with self.transaction() as tx:
+            refuse_misfits(await self._misfits(tx))
+
+    async def _misfits(self, tx: aiosqlite.Connection) -> list[str]:
+        problems: list[str] = []
+        for table, columns, defaulted, unique in (
+            (self.outbox_table, _OUTBOX_COLUMNS, ("state", "attempts", "next_attempt_at"), ()),
+            (self.inbox_table, _INBOX_COLUMNS, (), ("consumer", "message_id")),
+        ):
+            cursor = await tx.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
+            if await cursor.fetchone() is None:
+                problems.append(f"{table} does not exist")
+            else:
+                problems += await _shape_problems(tx, table, columns, defaulted, unique)
+        return problems
 
     async def drop_tables(self) -> None:
         async with self.transaction() as tx:

@@ -60,6 +60,15 @@ class StorageUnreachable(StorageError):
         self.target = target
 
 
+def refuse_misfits(problems: Sequence[str]) -> None:
+    """Raise :class:`StorageError` listing ``problems`` with the outbox and inbox tables as found, if any."""
+    if problems:
+        raise StorageError(
+            f"the outbox and inbox tables are not as amqpkit makes them: {'; '.join(problems)} (create_tables() "
+            "makes missing ones; drop one that does not fit to have it made, or alter it)"
+        )
+
+
 def check_name(value: str, what: str) -> str:
     """A table prefix or schema name, checked: it is written into SQL, so letters, digits and '_' only."""
     if value and not _NAME.match(value):

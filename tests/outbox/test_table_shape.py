@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from amqpkit import Delivery, Envelope
-from amqpkit.outbox import Inbox, PostgresStore, StorageError, Store
+from amqpkit.outbox import Inbox, PostgresStore, StorageError, Store, open_store
 
 from .conftest import make_store
 
@@ -85,6 +85,45 @@ async def test_an_inbox_without_its_key_fails_loudly_instead_of_running_every_re
         assert runs == []
     finally:
         await store.close()
+
+
+def store_url(backend: str, tmp_path: Path, pg_url: str, pg_schema: str) -> tuple[str, dict[str, Any]]:
+    """The URL and options open_store takes for the store make_store makes."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'outbox.db'}", {}
+    return pg_url, {"schema": pg_schema}
+
+
+@pytest.mark.parametrize(
+    ("ddl", "named", "missing"),
+    [
+        (INBOX_WITHOUT_KEY, r"amqpkit_inbox has no unique key on \(consumer, message_id\)", "amqpkit_outbox"),
+        (OUTBOX_OLDER, r"amqpkit_outbox has no column next_attempt_at", "amqpkit_inbox"),
+    ],
+    ids=["inbox with a surrogate key", "outbox without next_attempt_at"],
+)
+async def test_open_store_without_create_checks_the_tables_it_is_given(
+    backend: str, tmp_path: Path, pg_url: str, pg_schema: str, ddl: str, named: str, missing: str
+) -> None:
+    """open_store(create=False) is how tables a migration tool makes are used: the very tables the check is for.
+    It opened an inbox without its unique key without a word (whose every record then failed)."""
+    store = await made_beforehand(backend, tmp_path, pg_url, pg_schema, ddl)
+    await store.close()
+    url, options = store_url(backend, tmp_path, pg_url, pg_schema)
+    with pytest.raises(StorageError, match=named) as refused:
+        await (await open_store(url, create=False, **options)).close()
+    assert f"{missing} does not exist" in str(refused.value)
+
+
+async def test_open_store_without_create_opens_tables_that_fit_and_names_missing_ones(
+    backend: str, tmp_path: Path, pg_url: str, pg_schema: str
+) -> None:
+    url, options = store_url(backend, tmp_path, pg_url, pg_schema)
+    with pytest.raises(StorageError, match=r"amqpkit_outbox does not exist.*create_tables"):
+        await (await open_store(url, create=False, **options)).close()
+    await (await open_store(url, **options)).close()  # made as amqpkit makes them
+    store = await open_store(url, create=False, **options)
+    await store.close()
 
 
 async def test_postgresql_column_of_another_type_is_named(tmp_path: Path, pg_url: str, pg_schema: str) -> None:
