@@ -131,6 +131,9 @@ class Worker(Generic[T]):
         self._keeper: asyncio.Task[None] | None = None
         self._keeper_events = _KeeperEvents()  # the current keeper's: see _keep_delay_queues
         self._stopped = asyncio.Event()
+        # start() and stop() take turns: a start during a stop's grace kept the keeper the stop then cancelled,
+        # and a stop during a start returned before the start attached a consumer that then ran on.
+        self._turn = asyncio.Lock()
         self.completed = 0
         self.retried = 0
         self.dead_lettered = 0
@@ -151,6 +154,10 @@ class Worker(Generic[T]):
         await self.stop()
 
     async def start(self) -> None:
+        async with self._turn:
+            await self._start()
+
+    async def _start(self) -> None:
         if self._consumer is None:
             await self.queue.declare()
             self._stopped.clear()
@@ -178,7 +185,14 @@ class Worker(Generic[T]):
             self.on_error(exc)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop taking tasks; wait ``grace`` s for running ones; requeue what still runs; close."""
+        """Stop taking tasks; wait ``grace`` s for running ones; requeue what still runs; close.
+
+        A stop called while a start runs waits for it, and a start called while a stop runs waits for the stop.
+        """
+        async with self._turn:
+            await self._stop(grace)
+
+    async def _stop(self, grace: float | None) -> None:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.cancel(grace=self.grace if grace is None else grace)
@@ -192,9 +206,8 @@ class Worker(Generic[T]):
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-        if self._consumer is None:  # not started again meanwhile
-            self.queue._worker_stopped(self)
-            self._stopped.set()
+        self.queue._worker_stopped(self)
+        self._stopped.set()
 
     async def _keep_delay_queues(self, events: _KeeperEvents) -> None:
         """Renew the delay queues' leases while the worker runs (a failed renewal is tried again next tick):

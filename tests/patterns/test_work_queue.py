@@ -406,3 +406,38 @@ async def test_a_stopped_worker_leaves_no_channel_open_and_no_delay_queue_rememb
         assert not broker.remembers(delay_queue)
     await asyncio.sleep(0.5)  # the renewals' channels close in the background
     assert len(broker._conn.channels) <= channels + 1, (channels, len(broker._conn.channels))
+
+
+async def test_a_worker_started_again_while_it_stops_keeps_renewing_its_delay_queues(
+    broker: Broker, work: WorkQueue[Job]
+) -> None:
+    """stop() waits for the tasks still running; a start() meanwhile kept the delay-queue keeper that the stop then
+    cancelled, so the worker ran on renewing no delay queue (a retry longer than a queue's expiry would be lost
+    with it) and closed its pool under it."""
+    release = asyncio.Event()
+    running = asyncio.Event()
+
+    async def handler(task: Delivery[Any]) -> None:
+        running.set()
+        await release.wait()
+
+    worker = Worker(work, handler, concurrency=1, grace=10)
+    await worker.start()
+    try:
+        await work.enqueue({"n": 1})
+        await asyncio.wait_for(running.wait(), 10)
+        stopping = asyncio.ensure_future(worker.stop())
+        await asyncio.sleep(0.2)  # the stop waits for the running task
+        starting = asyncio.ensure_future(worker.start())
+        await asyncio.sleep(0.2)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(stopping, starting), 15)
+        keeper = worker._keeper
+        assert keeper is not None and not keeper.done(), "the restarted worker renews no delay queue"
+        running.clear()
+        await work.enqueue({"n": 2})
+        await asyncio.wait_for(running.wait(), 10)
+        await wait_for(lambda: worker.completed == 2, 10)
+    finally:
+        release.set()
+        await worker.stop()
