@@ -424,7 +424,7 @@ async def test_a_worker_started_again_while_it_stops_keeps_renewing_its_delay_qu
     worker = Worker(work, handler, concurrency=1, grace=10)
     await worker.start()
     try:
-        await work.enqueue({"n": 1})
+        await work.enqueue(Job(n=1))
         await asyncio.wait_for(running.wait(), 10)
         stopping = asyncio.ensure_future(worker.stop())
         await asyncio.sleep(0.2)  # the stop waits for the running task
@@ -435,7 +435,7 @@ async def test_a_worker_started_again_while_it_stops_keeps_renewing_its_delay_qu
         keeper = worker._keeper
         assert keeper is not None and not keeper.done(), "the restarted worker renews no delay queue"
         running.clear()
-        await work.enqueue({"n": 2})
+        await work.enqueue(Job(n=2))
         await asyncio.wait_for(running.wait(), 10)
         await wait_for(lambda: worker.completed == 2, 10)
     finally:
