@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,15 @@ from tenacity.wait import wait_base
 from yarl import URL
 
 from . import aiormq_compat
-from .errors import ChannelLimitReached, ConnectionLost, MessageTooLarge, PublishTimeout, map_exceptions, reply_text
+from .errors import (
+    ChannelLimitReached,
+    ConnectionLost,
+    MessageTooLarge,
+    PublishTimeout,
+    TopologyError,
+    map_exceptions,
+    reply_text,
+)
 from .message import Delivery, delivery_channel, delivery_from_aiormq
 from .settings import BrokerSettings, redact_url
 from .topology import Binding, Exchange, Queue
@@ -112,6 +121,11 @@ class BrokerCore:
         self._channel_cap_hold = 0.0
         self._channel_cap_from: object = None  # the connection whose close taught it (one close refuses many)
         self._waiting_task: asyncio.Task[None] | None = None  # Consuming._attach_waiting, while a consumer waits
+        # Specs a reconnect could not declare again because the broker refused access (403: permissions, a vhost
+        # deleted and made again): kept remembered and declared again with the consumers refused so, by
+        # Consuming._retry_refused (running in _access_task while any waits), once the broker allows them.
+        self._access_refused: dict[Exchange | Queue | Binding, TopologyError] = {}
+        self._access_task: asyncio.Task[None] | None = None
         self._on_disconnect: list[DisconnectCallback] = []
         self._on_reconnect: list[ReconnectCallback] = []
         self._on_topology_error: list[TopologyErrorCallback] = []
@@ -177,6 +191,13 @@ class BrokerCore:
         return wait_exponential(multiplier=p.initial_delay, max=p.max_delay, exp_base=p.multiplier) + wait_random(
             0, p.jitter
         )
+
+    def _retry_delay(self, attempt: int) -> float:
+        """Seconds before retry ``attempt`` (from 0) of something the broker refused for now: the reconnect
+        policy's backoff, up to its ``max_delay``, with its jitter."""
+        p = self.settings.reconnect
+        delay = min(p.initial_delay * p.multiplier ** min(attempt, 64), p.max_delay)
+        return delay + random.uniform(0, p.jitter)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

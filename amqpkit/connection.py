@@ -40,7 +40,7 @@ from . import _hooks
 from .aiormq_compat import AmqpConnection, ClosedOnOpen, closed_on_open
 from .channels import DisconnectCallback, ReconnectCallback, TopologyErrorCallback
 from .consuming import Consumer, ConsumerCallback, Consuming
-from .errors import ChannelLimitReached, ConnectError, ConnectionLost, TopologyError
+from .errors import ChannelLimitReached, ConnectError, ConnectionLost, TopologyError, access_refused
 from .publishing import Publishing
 from .settings import TlsSettings, host_port, redact_url
 from .unreadable import install, reading_leniently
@@ -299,8 +299,12 @@ class Broker(Consuming, Publishing):
         What the broker refuses (a queue gone that is not ours to declare, one
         re-declared with other arguments, ...) does not stop the rest: each
         refused spec is forgotten and reported, and every consumer that
-        depended on it stops with the error passed to its ``on_error``. Only a
-        lost connection fails the attempt (and is retried).
+        depended on it stops with the error passed to its ``on_error``. A
+        refusal of access (403 ACCESS_REFUSED), which an operator may lift,
+        is not given up: the spec stays remembered, its consumers wait (not
+        attached, ``Consumer.error`` set), and both are tried again in the
+        background until the broker allows them. Only a lost connection
+        fails the attempt (and is retried).
         """
         self._conn = conn
         self._channels.clear()
@@ -309,6 +313,7 @@ class Broker(Consuming, Publishing):
         await self._channel("publish")
         refused, failed_queues = await self._restore_topology()
         stopped: list[tuple[Consumer, BaseException]] = []
+        refused_access: list[tuple[Consumer, TopologyError]] = []
         starting_refused: list[tuple[Consumer, BaseException]] = []
         for consumer in list(self._consumers.values()):
             cause = failed_queues.get(consumer.queue)
@@ -325,12 +330,25 @@ class Broker(Consuming, Publishing):
                 except ChannelLimitReached as exc:  # refused without asking: the connection is up
                     self._wait_for_channel(consumer, exc)
                     continue
+            if isinstance(cause, TopologyError) and access_refused(cause):
+                refused_access.append((consumer, cause))
+                continue
             stopped.append((consumer, cause))
         generation = self.generation
         conn.closing.add_done_callback(lambda fut: self._on_closed(fut, generation))
         self._connected.set()
+        kept = {spec for spec, error in refused if access_refused(error)}
+        for spec in [s for s in self._access_refused if s not in kept]:
+            del self._access_refused[spec]  # declared again by this reconnect (or with its queue, later)
         for refused_spec, error in refused:
-            self._forget_refused(refused_spec, error)
+            if refused_spec in kept:
+                self._keep_refused(refused_spec, error)
+            else:
+                self._forget_refused(refused_spec, error)
+        if self._access_refused:
+            self._retry_refused_soon()
+        for waiting, refusal in refused_access:
+            self._wait_for_access(waiting, refusal)
         for starting, why in starting_refused:  # its queue is forgotten now: consume() raises why, when it wakes
             starting._refused = why
         for stopped_consumer, why in stopped:

@@ -23,10 +23,10 @@ from pamqp.commands import Basic
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from . import _hooks
-from .errors import ChannelLimitReached, ConnectionLost, TopologyError, map_exceptions
+from .errors import ChannelLimitReached, ConnectionLost, TopologyError, access_refused, map_exceptions, same_refusal
 from .message import Delivery, delivery_from_aiormq
-from .registry import TopologyRegistry
-from .topology import Queue
+from .registry import TopologyRegistry, _describe
+from .topology import Binding, Exchange, Queue
 
 __all__ = ["Consumer", "ConsumerCallback", "Consuming"]
 
@@ -48,9 +48,19 @@ class Consumer:
     connection cut short (the broker delivers them again);
     ``waiting_for_channel`` says why it is not attached while a limit on
     channels leaves it waiting (the Broker asks for its channel again).
+
+    A consumer the broker refuses access to when it re-attaches it (403
+    ACCESS_REFUSED: rights taken away, its vhost deleted and made again, a
+    queue in exclusive use) is not stopped: an operator may lift that. It
+    stays registered and not attached, ``error`` says why while
+    ``cancelled`` is false, and the Broker tries again with the reconnect
+    policy's backoff, declaring its queue and bindings again, until the
+    broker allows it; then ``error`` is None again. Its ``on_error`` is not
+    called (it has not stopped).
     """
 
     __slots__ = (
+        "_access_refusal",
         "_attach_lock",
         "_broker",
         "_channel",
@@ -96,7 +106,8 @@ class Consumer:
         self.cancelled = False
         self.attached = asyncio.Event()
         self.inflight: set[asyncio.Task[Any]] = set()
-        self.error: BaseException | None = None  # why it stopped, when it could not be re-attached
+        # why it stopped, when it could not be re-attached; or, not cancelled, why the broker refuses it for now
+        self.error: BaseException | None = None
         self.lost_in_flight = 0
         # why it is not attached while a limit on channels leaves it waiting (the Broker asks again), else None
         self.waiting_for_channel: ChannelLimitReached | None = None
@@ -109,6 +120,8 @@ class Consumer:
         # consume() declared its queue, one the broker removes with its last consumer or connection (server-named,
         # exclusive or auto-delete): forgotten again when it is cancelled (see Consuming._detach)
         self._owns_queue = False
+        # the broker's refusal of access (403) it waits out, tried again in the background (Consuming._retry_refused)
+        self._access_refusal: TopologyError | None = None
 
     async def cancel(self, *, grace: float = 0.0) -> None:
         """Stop receiving; wait up to ``grace`` seconds for running callbacks."""
@@ -255,6 +268,10 @@ class Consuming(TopologyRegistry):
         if consumer.waiting_for_channel is not None:
             consumer.waiting_for_channel = None
             log.info("consumer %s attached to %s after waiting for a channel", consumer.consumer_tag, queue_name)
+        if consumer._access_refusal is not None:
+            consumer._access_refusal = None
+            consumer.error = None
+            log.info("consumer %s attached to %s: the broker allows it again", consumer.consumer_tag, queue_name)
         consumer.attached.set()
         generation = self.generation
         channel.closing.add_done_callback(lambda _: self._on_consumer_channel_closed(consumer, channel, generation))
@@ -336,6 +353,11 @@ class Consuming(TopologyRegistry):
             if isinstance(exc, ChannelLimitReached):
                 self._wait_for_channel(consumer, exc)
                 return
+            if isinstance(exc, TopologyError) and access_refused(exc):
+                # e.g. its vhost being deleted: the broker refuses access, then cancels the consumer, then closes
+                # the connection; the vhost made again, the reconnect attaches it
+                self._wait_for_access(consumer, exc)
+                return
             self._stop_consumer(consumer, exc)
 
     async def _detach(self, consumer: Consumer, *, grace: float) -> None:
@@ -389,6 +411,9 @@ class Consuming(TopologyRegistry):
                       "(Broker.detached_consumers() lists it meanwhile)", consumer.consumer_tag, self._shown(consumer),
                       exc)  # fmt: skip
         consumer.waiting_for_channel = exc
+        if consumer._access_refusal is not None:  # allowed now, but no room
+            consumer._access_refusal = None
+            consumer.error = None
         if self._waiting_task is None or self._waiting_task.done():
             self._waiting_task = self._spawn(self._attach_waiting())
 
@@ -411,8 +436,112 @@ class Consuming(TopologyRegistry):
                     break
                 except ConnectionLost:
                     break  # the reconnect attaches what fits, and leaves the rest waiting
+                except TopologyError as exc:
+                    if access_refused(exc):
+                        self._wait_for_access(consumer, exc)
+                    else:
+                        self._stop_consumer(consumer, exc)
                 except Exception as exc:
                     self._stop_consumer(consumer, exc)
+
+    def _wait_for_access(self, consumer: Consumer, exc: TopologyError) -> None:
+        """The broker refused ``consumer`` access (403, which an operator may lift): it stays registered and not
+        attached, ``error`` says why, and it is tried again in the background until the broker allows it. Said
+        once per refusal (again only when the broker's words change), not at each attempt."""
+        if not same_refusal(consumer._access_refusal, exc):
+            log.error("consumer %s on %s is not attached: %s; it is tried again until the broker allows it "
+                      "(Broker.detached_consumers() lists it meanwhile)", consumer.consumer_tag, self._shown(consumer),
+                      exc)  # fmt: skip
+        consumer._access_refusal = exc
+        consumer.error = exc
+        consumer.waiting_for_channel = None
+        consumer.attached.clear()
+        consumer._channel = None
+        self._retry_refused_soon()
+
+    def _retry_refused_soon(self) -> None:
+        if self._access_task is None or self._access_task.done():
+            self._access_task = self._spawn(self._retry_refused())
+
+    async def _retry_refused(self) -> None:
+        """Declare again what the broker refused access to (see :meth:`_wait_for_access` and
+        ``TopologyRegistry._keep_refused``), and attach again the consumers refused so, with the reconnect
+        policy's backoff, until none is left. While the connection is down the reconnect does it."""
+        attempt = 0
+        while True:
+            waiting = [c for c in self._consumers.values() if c._access_refusal is not None and not c.cancelled]
+            for spec in [s for s in self._access_refused if not self.remembers(s)]:
+                del self._access_refused[spec]  # forgotten or deleted meanwhile
+            if (not waiting and not self._access_refused) or self._closing:
+                return
+            await asyncio.sleep(self._retry_delay(attempt))
+            attempt += 1
+            if not self.is_connected:
+                await self._connected.wait()
+                continue  # the reconnect declared everything again and attached what it could: look again
+            try:
+                declared = await self._declare_refused()
+                for consumer in waiting:
+                    if consumer.cancelled or consumer._access_refusal is None:
+                        continue
+                    try:
+                        await self._reattach_refused(consumer, declared)
+                    except TopologyError as exc:
+                        if access_refused(exc):
+                            self._wait_for_access(consumer, exc)  # still refused: said again only if it differs
+                        else:
+                            self._stop_consumer(consumer, exc)
+                    except ChannelLimitReached as exc:
+                        self._wait_for_channel(consumer, exc)
+                    except ConnectionLost:
+                        raise
+                    except Exception as exc:
+                        self._stop_consumer(consumer, exc)
+            except (ConnectionLost, ChannelLimitReached):
+                continue  # the reconnect declares and attaches them; or a channel for the declares, later
+            except Exception:
+                log.exception("declaring again what the broker refused access to failed; tried again later")
+
+    async def _declare_refused(self) -> set[Queue]:
+        """Declare the specs refused access, exchanges first, then queues (with their bindings), then bindings;
+        what is still refused stays, what is refused otherwise now is forgotten and reported. The queues declared."""
+        pending = self._access_refused
+        order: list[Exchange | Queue | Binding] = [s for s in pending if isinstance(s, Exchange)]
+        order += [s for s in pending if isinstance(s, Queue)]
+        order += [s for s in pending if isinstance(s, Binding)]
+        declared: set[Queue] = set()
+        for spec in order:
+            if spec not in pending or not self.remembers(spec):
+                continue
+            try:
+                await self._declare_spec_on(spec)
+                if isinstance(spec, Queue):
+                    # its bindings were left out with it at the reconnect
+                    for binding in [b for b in self._bindings if b.queue == spec]:
+                        await self._bind_on(binding)
+                        pending.pop(binding, None)
+                    declared.add(spec)
+            except TopologyError as exc:
+                if access_refused(exc):
+                    self._keep_refused(spec, exc)
+                    continue
+                pending.pop(spec, None)
+                self._forget_refused(spec, exc)
+                continue
+            pending.pop(spec, None)
+            log.info("declared %s again: the broker allows it again", _describe(spec))
+        return declared
+
+    async def _reattach_refused(self, consumer: Consumer, declared: set[Queue]) -> None:
+        """Declare ``consumer``'s queue and bindings again (ours to declare, and not just declared), then attach."""
+        queue = consumer.queue
+        if queue in self._queues and queue not in declared:
+            await self._declare_queue_on(queue)
+            for binding in [b for b in self._bindings if b.queue == queue]:
+                await self._bind_on(binding)
+        elif queue.server_named and queue not in self._queues:
+            raise TopologyError("its server-named queue is gone and was not ours to declare", kind="queue")
+        await self._attach(consumer)
 
     def _consumers_detached(self) -> None:
         """The connection is gone: no consumer is attached until the reconnect attaches it again."""

@@ -224,6 +224,28 @@ def refusal_is_for(refused: tuple[str | None, str | None, bool], exchange: str, 
     return None if topic == routing_key and exchange.startswith(named_exchange) else False
 
 
+def access_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` or one of its causes is the broker refusing access (403 ACCESS_REFUSED): the user's
+    permissions (configure, write, read), a vhost being deleted, or a queue in exclusive use by another consumer.
+    Each may be lifted without a change on this side (rights given back, the vhost made again, the other
+    consumer gone): a consumer refused so at a reconnect waits and is tried again (see Consumer.error)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiormq.exceptions.ChannelAccessRefused):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+_SERVER_NAMED = re.compile(r"amq\.gen-[\w-]+")
+
+
+def same_refusal(one: BaseException | None, other: BaseException) -> bool:
+    """Whether two refusals say the same, but for the name the broker gives a server-named queue (a new one at
+    each declare): a refusal repeated at each attempt is said once."""
+    return one is not None and _SERVER_NAMED.sub("amq.gen-", str(one)) == _SERVER_NAMED.sub("amq.gen-", str(other))
+
+
 def _uncut(name: str) -> str:
     # ... and the half of a character the cut left, read as U+FFFD
     return name.removesuffix("...").rstrip("\ufffd")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from .channels import BrokerCore
-from .errors import TopologyError, map_exceptions
+from .errors import TopologyError, map_exceptions, same_refusal
 from .topology import Binding, Exchange, Queue
 
 __all__ = ["TopologyRegistry"]
@@ -217,6 +217,24 @@ class TopologyRegistry(BrokerCore):
                 refused.append((binding, exc))
                 failed_queues.setdefault(binding.queue, exc)
         return refused, failed_queues
+
+    def _keep_refused(self, spec: Exchange | Queue | Binding, exc: TopologyError) -> None:
+        """A spec the broker refused access to (403, see :func:`~amqpkit.errors.access_refused`) at a reconnect:
+        not forgotten but kept, and declared again once the broker allows it (Consuming._retry_refused). Said once
+        per refusal, not at each attempt."""
+        before = self._access_refused.get(spec)
+        self._access_refused[spec] = exc
+        if not same_refusal(before, exc):
+            log.error("could not restore %s after the reconnect: %s; kept, and declared again until the broker "
+                      "allows it", _describe(spec), exc)  # fmt: skip
+
+    async def _declare_spec_on(self, spec: Exchange | Queue | Binding) -> None:
+        if isinstance(spec, Exchange):
+            await self._declare_exchange_on(spec)
+        elif isinstance(spec, Queue):
+            await self._declare_queue_on(spec)
+        else:
+            await self._bind_on(spec)
 
     def _forget_refused(self, spec: Exchange | Queue | Binding, exc: TopologyError) -> None:
         log.error("could not restore %s after the reconnect (forgotten): %s", _describe(spec), exc)

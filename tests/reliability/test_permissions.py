@@ -19,6 +19,7 @@ from amqpkit import (
     Broker,
     BrokerSettings,
     ConnectionLost,
+    Consumer,
     Delivery,
     Envelope,
     Exchange,
@@ -35,9 +36,9 @@ from amqpkit import (
 )
 from amqpkit.patterns.tasks import DEAD_LETTER_REASON
 
-from ..brokerctl import rabbitmqctl, rabbitmqctl_available, with_vhost
+from ..brokerctl import arabbitmqctl, rabbitmqctl, rabbitmqctl_available, with_vhost
 from ..waiting import wait_for
-from .proxy import FaultProxy
+from .proxy import FaultProxy, bounce
 
 pytestmark = pytest.mark.skipif(not rabbitmqctl_available(), reason="needs rabbitmqctl")
 
@@ -263,3 +264,121 @@ async def test_an_rpc_request_the_broker_refuses_fails_with_the_broker_s_reason(
         finally:
             await client.close()
             await server.stop()
+
+
+async def test_consumers_come_back_when_their_vhost_is_deleted_and_made_again(
+    amqp_url: str, vhost: str, user: str, name: str
+) -> None:
+    """RabbitMQ deleting a vhost cancels its consumers (basic.cancel) before it closes their connections, and
+    refuses access meanwhile: the re-attach each cancel starts declared its queue again on the dying connection,
+    got 403 ACCESS_REFUSED, and stopped the consumer for good. A private Subscriber, an RpcServer, a Worker and a
+    plain consume() of a durable queue all stopped (4 of 4, 2 runs of 2 in a hunt), and none came back once the
+    vhost was made again. A refusal of access is now waited out: each is attached again by the reconnect."""
+    events = Exchange(f"{name}.events", type="fanout")
+    errors: list[BaseException] = []
+    got: dict[str, list[Any]] = {"subscriber": [], "worker": [], "plain": []}
+
+    async def on_event(event: Any) -> None:
+        got["subscriber"].append(event)
+
+    async def on_task(task: Any) -> None:
+        got["worker"].append(task)
+
+    async def on_plain(delivery: Delivery[bytes]) -> None:
+        got["plain"].append(delivery.body)
+        await delivery.ack()
+
+    async with Broker(as_user(amqp_url, vhost, user)) as broker:
+        subscriber = Subscriber(broker, events, on_event, on_error=errors.append)
+        server = RpcServer(broker, f"{name}.rpc", on_error=errors.append)
+
+        @server.method("add")
+        async def add(n: int) -> int:
+            return n + 1
+
+        work: WorkQueue[Any] = WorkQueue(broker, f"{name}.tasks")
+        worker = Worker(work, on_task, on_error=errors.append)
+        await subscriber.start()
+        await server.start()
+        await worker.start()
+        plain = await broker.consume(Queue(f"{name}.plain"), on_plain, on_error=errors.append)
+        consumers = broker.consumers
+        reconnects = broker.reconnects
+        try:
+            await arabbitmqctl("delete_vhost", vhost)
+            await arabbitmqctl("add_vhost", vhost)
+            await arabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+            await wait_for(lambda: broker.reconnects > reconnects and not broker.detached_consumers(), 30)
+            assert errors == []
+            assert broker.consumers == consumers and not any(c.cancelled or c.error for c in consumers)
+            for queue in (subscriber.queue_name, f"{name}.rpc", f"{name}.tasks", f"{name}.plain"):
+                assert (await broker.queue_counts(queue))[1] == 1, queue  # one consumer each, on the new vhost
+            async with RpcClient(broker, f"{name}.rpc") as client:
+                assert await client.call("add", 1, timeout=5) == 2
+            await broker.publish(Envelope(b"{}", content_type="application/json"), exchange=events.name)
+            await work.enqueue({"n": 1})
+            await broker.publish(Envelope(b"plain"), routing_key=f"{name}.plain")
+            await wait_for(lambda: all(got.values()), 10)
+        finally:
+            await plain.cancel()
+            await worker.stop(grace=1)
+            await server.stop()
+            await subscriber.stop()
+
+
+async def test_a_consumer_refused_access_at_a_reconnect_waits_and_comes_back_once_allowed(
+    amqp_url: str, vhost: str, user: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rights taken away (configure and read), the connection cut, the rights given back: the reconnect's 403
+    ACCESS_REFUSED stopped each consumer for good (on_error, forgotten), so giving the rights back brought
+    nothing back. Now a consumer refused access stays registered and not attached (Consumer.error says why),
+    is tried again with backoff, logs the refusal once (not once per attempt), and is attached once allowed."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="amqpkit.broker")
+    events = Exchange(f"{name}.events", type="fanout")
+    settings = as_user(amqp_url, vhost, user)
+    host, port = settings.urls[0].split("@", 1)[1].split("/", 1)[0].split(":")
+    proxy = await FaultProxy(host, int(port)).start()
+    errors: list[BaseException] = []
+    got: list[Any] = []
+    try:
+        proxied = settings.model_copy(update={"urls": (with_vhost(proxy.url(user, PASSWORD), vhost),)})
+        async with Broker(proxied) as broker:
+
+            async def on_event(event: Any) -> None:
+                got.append(event)
+
+            async def on_plain(delivery: Delivery[bytes]) -> None:
+                got.append(delivery.body)
+                await delivery.ack()
+
+            subscriber = Subscriber(broker, events, on_event, on_error=errors.append)  # private: declared again
+            await subscriber.start()
+            plain = await broker.consume(Queue(f"{name}.plain"), on_plain, on_error=errors.append)
+            consumers: list[Consumer] = list(broker.consumers)
+            try:
+                rabbitmqctl("set_permissions", "-p", vhost, user, "^$", ".*", "^$")  # no configure, no read
+                await bounce(proxy, broker)
+                await wait_for(lambda: all(c.error is not None for c in consumers), 10)
+                await asyncio.sleep(1)  # tried again and again meanwhile (the backoff here: 0.5 s at most)
+                assert errors == [] and subscriber.error is None
+                for consumer in consumers:
+                    assert not consumer.cancelled and not consumer.attached.is_set()
+                    assert isinstance(consumer.error, TopologyError) and "ACCESS_REFUSED" in str(consumer.error)
+                assert broker.consumers == tuple(consumers) and len(broker.detached_consumers()) == 2
+                refusals = [r for r in caplog.records if "is not attached" in r.getMessage()]
+                assert len(refusals) == 2, [r.getMessage() for r in refusals]  # once each, not once per attempt
+                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+                await wait_for(lambda: not broker.detached_consumers(), 10)
+                assert all(c.error is None and not c.cancelled for c in consumers)
+                await broker.publish(Envelope(b"{}", content_type="application/json"), exchange=events.name)
+                await broker.publish(Envelope(b"plain"), routing_key=plain.queue_name)
+                await wait_for(lambda: len(got) == 2, 10)
+                assert errors == []
+            finally:
+                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+                await plain.cancel()
+                await subscriber.stop()
+    finally:
+        await proxy.close()
