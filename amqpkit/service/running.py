@@ -26,13 +26,17 @@ log = logging.getLogger("amqpkit.service")
 class RunningService:
     """A started service: its Broker, its pattern objects, its resources, and whether it is ready.
 
-    Ready means: started, connected, and no handler's consumer lost for good.
+    Ready means: started, connected, and every handler's consumer attached.
     When a consumer cannot be restored (its queue deleted and not ours to
     declare again, or declared again by someone else with other arguments)
     or a declared exchange, queue or binding cannot be restored after a
     reconnect, the service has *failed*: :attr:`error` says why and
-    :meth:`wait_failed` returns. ``give_up_after``: seconds without a
-    connection after which the service fails too (None: keep trying).
+    :meth:`wait_failed` returns. A refusal of access at a reconnect (403:
+    rights taken away, the vhost deleted and made again), which an operator
+    may lift, does not fail it: the service is not ready, the refusal named,
+    while the Broker tries again, and ready once the broker allows it.
+    ``give_up_after``: seconds without a connection after which the service
+    fails too (None: keep trying).
     """
 
     def __init__(
@@ -81,7 +85,10 @@ class RunningService:
             return False, "not connected to the broker (reconnecting)"
         detached = self.broker.detached_consumers()
         if detached:
-            return False, f"consumers not attached: {', '.join(sorted(detached))}"
+            # a refusal of access the Broker waits out (see Consumer.error) is said, with the broker's words
+            refusals = {str(c.error) for c in self.broker.consumers if c.error is not None and not c.cancelled}
+            why = f" ({'; '.join(sorted(refusals))})" if refusals else ""
+            return False, f"consumers not attached: {', '.join(sorted(detached))}{why}"
         return True, None
 
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:

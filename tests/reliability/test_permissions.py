@@ -35,6 +35,7 @@ from amqpkit import (
     WorkQueue,
 )
 from amqpkit.patterns.tasks import DEAD_LETTER_REASON
+from amqpkit.service import Service
 
 from ..brokerctl import arabbitmqctl, rabbitmqctl, rabbitmqctl_available, with_vhost
 from ..waiting import wait_for
@@ -380,5 +381,42 @@ async def test_a_consumer_refused_access_at_a_reconnect_waits_and_comes_back_onc
                 rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
                 await plain.cancel()
                 await subscriber.stop()
+    finally:
+        await proxy.close()
+
+
+async def test_a_service_refused_access_at_a_reconnect_is_not_ready_then_ready_again(
+    amqp_url: str, vhost: str, user: str, name: str
+) -> None:
+    """The same refusal failed the whole service (on_topology_error and on_error: `amqpkit run` exits), though
+    an operator may give the rights back a minute later. It now leaves the service running and not ready, its
+    readiness naming the refusal, until the rights are back."""
+    settings = as_user(amqp_url, vhost, user)
+    host, port = settings.urls[0].split("@", 1)[1].split("/", 1)[0].split(":")
+    proxy = await FaultProxy(host, int(port)).start()
+    svc = Service(f"{name}.svc")
+
+    @svc.rpc(f"{name}.rpc")
+    async def add(n: int) -> int:
+        return n + 1
+
+    try:
+        proxied = settings.model_copy(update={"urls": (with_vhost(proxy.url(user, PASSWORD), vhost),)})
+        async with svc.serve(proxied, grace=1) as running:
+            assert running.ready
+            try:
+                rabbitmqctl("set_permissions", "-p", vhost, user, "^$", ".*", "^$")
+                await bounce(proxy, running.broker)
+                await wait_for(lambda: "ACCESS_REFUSED" in str(running.readiness()[1]), 10)
+                await asyncio.sleep(1)
+                ready, reason = running.readiness()
+                assert not ready and running.error is None and running.failures == [], reason
+                assert reason is not None and f"{name}.rpc" in reason, reason
+                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+                await wait_for(lambda: running.ready, 10)
+                async with RpcClient(running.broker, f"{name}.rpc") as client:
+                    assert await client.call("add", 1, timeout=5) == 2
+            finally:
+                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
     finally:
         await proxy.close()
