@@ -186,6 +186,16 @@ class RpcClient:
         self._fail_pending(exc)
         self._started = False
 
+    def _reply_refused(self) -> TopologyError | None:
+        """Why the exclusive reply queue is not read now, when the broker refuses it access (403, see
+        :class:`~amqpkit.Consumer`: the Broker tries again until allowed); None otherwise."""
+        consumer = self._reply_consumer
+        if consumer is None or consumer.cancelled or consumer.attached.is_set() or consumer.error is None:
+            return None
+        refusal = TopologyError(f"the reply queue is refused for now: {consumer.error}", kind="queue")
+        refusal.__cause__ = consumer.error
+        return refusal
+
     def _fail_pending(self, exc: BaseException, *, as_is: bool = False) -> None:
         pending, self._pending = self._pending, {}
         for future in pending.values():
@@ -428,6 +438,12 @@ class RpcClient:
                 # call raises what its future holds.
                 if not future.done():
                     future.set_exception(ConnectionLost("the reply queue could not be declared again"))
+                return
+            refusal = self._reply_refused()
+            if refusal is not None:
+                # The broker refuses the reply queue access for now (the Broker tries again): a reply would be lost.
+                if not future.done():
+                    future.set_exception(refusal)
                 return
             properties.reply_to = self.broker.queue_name(spec)
             _stamp_budget(properties, deadline)

@@ -420,3 +420,46 @@ async def test_a_service_refused_access_at_a_reconnect_is_not_ready_then_ready_a
                 rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
     finally:
         await proxy.close()
+
+
+async def test_an_rpc_client_whose_reply_queue_is_refused_access_fails_its_calls_at_once_until_allowed(
+    amqp_url: str, vhost: str, user: str, name: str
+) -> None:
+    """An exclusive reply queue refused access at a reconnect: its consumer waits for access (ab72fda), and calls
+    made meanwhile were sent with the old reply queue's name, so each ended only at its timeout (RpcTimeout), its
+    reply lost. Each now fails at once with the refusal, and calls work again once the broker allows the queue."""
+    server_settings = BrokerSettings(url=with_vhost(amqp_url, vhost), heartbeat=5, reconnect=FAST)
+    settings = as_user(amqp_url, vhost, user)
+    host, port = settings.urls[0].split("@", 1)[1].split("/", 1)[0].split(":")
+    proxy = await FaultProxy(host, int(port)).start()
+    try:
+        proxied = settings.model_copy(update={"urls": (with_vhost(proxy.url(user, PASSWORD), vhost),)})
+        async with Broker(server_settings) as server_broker, Broker(proxied) as client_broker:
+            server = RpcServer(server_broker, f"{name}.rpc")
+
+            @server.method("add")
+            async def add(n: int) -> int:
+                return n + 1
+
+            await server.start()
+            client = RpcClient(client_broker, f"{name}.rpc", reply_queue="exclusive")
+            try:
+                assert await client.call("add", 1, timeout=5) == 2
+                rabbitmqctl("set_permissions", "-p", vhost, user, "^$", ".*", "^$")  # no configure, no read
+                await bounce(proxy, client_broker)
+                await wait_for(lambda: client_broker.detached_consumers(), 10)
+                loop = asyncio.get_running_loop()
+                for _ in range(2):
+                    started = loop.time()
+                    with pytest.raises(TopologyError, match="ACCESS_REFUSED"):
+                        await client.call("add", 2, timeout=5)
+                    assert loop.time() - started < 2  # at once, not at its timeout
+                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+                await wait_for(lambda: not client_broker.detached_consumers(), 10)
+                assert await client.call("add", 3, timeout=5) == 4
+            finally:
+                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+                await client.close()
+                await server.stop()
+    finally:
+        await proxy.close()
