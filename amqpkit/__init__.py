@@ -5,6 +5,7 @@ from .codec import AutoCodec, BytesCodec, Codec, JsonCodec, PydanticCodec, TextC
 from .connection import Broker, Consumer
 from .context import TaskContext
 from .errors import (
+    AccessRefused,
     AmqpkitError,
     ChannelLimitReached,
     ConnectError,
@@ -45,6 +46,7 @@ from .settings import BrokerSettings, ReconnectPolicy, TlsSettings, redact_url
 from .topology import Binding, DeadLetterStrategy, Exchange, ExchangeType, Overflow, Queue, QueueType
 
 __all__ = [
+    "AccessRefused",
     "AmqpkitError",
     "AutoCodec",
     "Binding",

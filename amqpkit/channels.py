@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ from .errors import (
     PublishTimeout,
     TopologyError,
     map_exceptions,
+    refused_error,
     reply_text,
 )
 from .message import Delivery, delivery_channel, delivery_from_aiormq
@@ -114,6 +116,13 @@ class BrokerCore:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._blocked_at = 0.0  # loop time the broker last blocked the connection (see Broker.blocked)
         self._url_index = 0
+        # While the broker refuses the reconnects' login (see access_refused): the last refusal (host:port, the
+        # broker's words, the vhost), since when (time.monotonic()), how many attempts it refused, and how many
+        # attempts in a row failed otherwise since (a round of URLs that does not refuse ends it).
+        self._refusal: tuple[str, str, str] | None = None
+        self._refused_since = 0.0
+        self._refused_attempts = 0
+        self._unrefused_in_a_row = 0
         # The most channels the broker let this Broker have when it last refused one (a limit it counts itself, a
         # user's max-channels), kept until _channel_cap_until (loop time); see _new_channel.
         self._channel_cap: int | None = None
@@ -150,6 +159,27 @@ class BrokerCore:
     @property
     def is_connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def access_refused(self) -> str | None:
+        """Why the broker refuses this Broker's reconnects, while it does: the broker's words and since when, never
+        the password; None otherwise.
+
+        A reconnect whose login is refused (the password changed, the user deleted, its permissions on the vhost
+        cleared, the vhost deleted) is tried again with the backoff, since access may be given back. Meanwhile
+        what waits for the connection ends at its deadline with :class:`~amqpkit.AccessRefused`, not as if the
+        broker were not reachable.
+        """
+        refusal = self._refusal
+        if refusal is None or self.is_connected:
+            return None
+        where, words, vhost = refusal
+        took = time.monotonic() - self._refused_since
+        n = self._refused_attempts
+        attempts = f"{n} attempt{'s' if n != 1 else ''}"
+        return (f"the broker at {where} has refused this Broker's login for {took:.1f} s ({attempts}): "
+                f"{words.rstrip('.')}; check the user, its password and its permissions on vhost {vhost!r} (the "
+                "Broker keeps trying)")  # fmt: skip
 
     @property
     def lowlevel(self) -> LowLevel:
@@ -215,6 +245,9 @@ class BrokerCore:
         try:
             await self.wait_connected(self.settings.publish_timeout if timeout is None else timeout)
         except TimeoutError:
+            refused = self.access_refused
+            if refused is not None:
+                raise refused_error(ConnectionLost, f"not connected: {refused}") from None
             raise ConnectionLost("not connected: the reconnect did not finish in time") from None
 
     async def _new_channel(self, conn: aiormq_compat.AmqpConnection, **options: Any) -> AbstractChannel:
@@ -408,7 +441,11 @@ class LowLevel:
             )  # fmt: skip
         except TimeoutError:
             shown = exchange or "(default exchange)"
-            raise PublishTimeout(f"publish to {shown!r} not sent within {wait:g} s") from None
+            said = f"publish to {shown!r} not sent within {wait:g} s"
+            refused = core.access_refused
+            if refused is not None:
+                raise refused_error(PublishTimeout, f"{said}: {refused}") from None
+            raise PublishTimeout(said) from None
         except Exception:
             # Translated here, off the hot path: a context manager entered on every publish costs.
             with map_exceptions(kind="exchange", name=exchange):

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any, Self
 
@@ -40,7 +41,7 @@ from . import _hooks
 from .aiormq_compat import AmqpConnection, ClosedOnOpen, closed_on_open
 from .channels import DisconnectCallback, ReconnectCallback, TopologyErrorCallback
 from .consuming import Consumer, ConsumerCallback, Consuming
-from .errors import ChannelLimitReached, ConnectError, ConnectionLost, TopologyError, access_refused
+from .errors import AccessRefused, ChannelLimitReached, ConnectError, ConnectionLost, TopologyError, access_refused
 from .publishing import Publishing
 from .settings import TlsSettings, host_port, redact_url
 from .unreadable import install, reading_leniently
@@ -61,8 +62,11 @@ any other (320 CONNECTION_FORCED while the node stops, 541 while a vhost restart
 class _Unreachable(Exception):
     """One failed connection attempt (internal; becomes ConnectError)."""
 
-    def __init__(self, message: str, *, refused: bool = False, limit: bool = False) -> None:
-        super().__init__(message)
+    def __init__(self, where: str, reason: str, *, vhost: str, refused: bool = False, limit: bool = False) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where  # host:port, no credentials
+        self.reason = reason  # the broker's words, or what failed; the password scrubbed
+        self.vhost = vhost
         self.refused = refused  # the login or the vhost refused: trying again does not help
         self.limit = limit  # the broker's limit on connections reached: room again once another one closes
 
@@ -156,6 +160,7 @@ class Broker(Consuming, Publishing):
                     try:
                         await self._open()
                     except _Unreachable as exc:
+                        log.warning("connect to %s failed: %s", exc.where, exc.reason)
                         failures.append(str(exc))
                         raise
         except _Unreachable as exc:
@@ -163,9 +168,8 @@ class Broker(Consuming, Publishing):
             last = failures[-1] if failures else "no attempt made"
             attempts = f"{len(failures)} attempt{'s' if len(failures) != 1 else ''}"
             if exc.refused:
-                raise ConnectError(
-                    f"RabbitMQ refused the login after {attempts} (check user, password and vhost): {last}",
-                    reason="refused",
+                raise AccessRefused(
+                    f"RabbitMQ refused the login after {attempts} (check user, password and vhost): {last}"
                 ) from None
             if exc.limit:
                 raise ConnectError(
@@ -237,6 +241,7 @@ class Broker(Consuming, Publishing):
         urls = self.settings.urls
         raw = urls[self._url_index % len(urls)]
         url = URL(raw)
+        vhost = url.path[1:] or "/"
         url = url.update_query(heartbeat=str(self.settings.heartbeat))
         context = None
         if url.scheme == "amqps":
@@ -278,15 +283,13 @@ class Broker(Consuming, Publishing):
                 reason = self._scrub(f"{said.reply_code} {said.reply_text}")
             elif closed_on_open(exc):
                 refused = True
-                vhost = url.path[1:] or "/"
                 if said is not None:  # the broker's own words, e.g. "NOT_ALLOWED - vhost x not found"
                     reason = self._scrub(said.reply_text)
                 else:
                     reason = f"NOT_ALLOWED - vhost {vhost!r} does not exist or the user may not use it"
             else:
                 reason = self._scrub(f"{type(exc).__name__}: {exc}")
-            log.warning("connect to %s failed: %s", host_port(raw), reason)
-            raise _Unreachable(f"{host_port(raw)}: {reason}", refused=refused, limit=limit) from None
+            raise _Unreachable(host_port(raw), reason, vhost=vhost, refused=refused, limit=limit) from None
         # A reconnect says so once, in _reconnect; the first connect says where it went.
         log.log(
             logging.INFO if self._reconnect_task is None else logging.DEBUG,
@@ -377,12 +380,17 @@ class Broker(Consuming, Publishing):
 
     async def _reconnect(self) -> None:
         started = asyncio.get_running_loop().time()
+        # Tried until it succeeds or the Broker is closed, a refused login too: access may be given back.
         async for attempt in AsyncRetrying(wait=self._wait_strategy(), retry=retry_if_exception_type(_Unreachable)):
             with attempt:
-                await self._open()
+                try:
+                    await self._open()
+                except _Unreachable as exc:
+                    self._reconnect_failed(exc)
+                    raise
         self.reconnects += 1
         took = asyncio.get_running_loop().time() - started
-        log.info("reconnected to %s in %.2f s", self._current_url_safe(), took)
+        log.info("reconnected to %s in %.2f s%s", self._current_url_safe(), took, self._refusal_ended())
         if _hooks.reconnected is not None:
             _hooks.reconnected(self, took)
         for callback in list(self._on_reconnect):
@@ -390,6 +398,45 @@ class Broker(Consuming, Publishing):
                 await callback()
             except Exception:
                 log.exception("reconnect callback failed")
+
+    def _reconnect_failed(self, exc: _Unreachable) -> None:
+        """Log a failed reconnect attempt: each one when the broker is not reachable; a refused login once when
+        the refusal starts (or its words change), then at DEBUG, so that a refusal is one clear line, not one a
+        few seconds for as long as it lasts. Keeps what :attr:`access_refused` says."""
+        if not exc.refused:
+            log.warning("connect to %s failed: %s", exc.where, exc.reason)
+            if self._refusal is not None:
+                self._unrefused_in_a_row += 1
+                if self._unrefused_in_a_row >= len(self.settings.urls):  # no URL refuses any more
+                    log.info("the broker no longer refuses the login%s", self._refusal_ended())
+            return
+        self._unrefused_in_a_row = 0
+        previous = self._refusal
+        if previous is None:
+            self._refused_since = time.monotonic()
+            self._refused_attempts = 0
+        self._refused_attempts += 1
+        self._refusal = (exc.where, exc.reason, exc.vhost)
+        if previous is not None:
+            if previous[1] == exc.reason:
+                log.debug("connect to %s failed: %s", exc.where, exc.reason)
+            else:  # another cause (an operator half-way through giving access back): said, once
+                log.warning("the broker at %s still refuses this Broker's login, now: %s", exc.where, exc.reason)
+            return
+        log.error("the broker at %s refused this Broker's login at a reconnect: %s; check the user, its password "
+                  "and its permissions on vhost %r. Trying again every %g s at most, without a line per attempt; "
+                  "meanwhile what waits for the connection ends at its deadline with AccessRefused",
+                  exc.where, exc.reason.rstrip("."), exc.vhost, self.settings.reconnect.max_delay)  # fmt: skip
+
+    def _refusal_ended(self) -> str:
+        """Forget a refusal of the login: what to add to the line that says it ended ('' when there was none)."""
+        if self._refusal is None:
+            return ""
+        self._refusal = None
+        self._unrefused_in_a_row = 0
+        took = time.monotonic() - self._refused_since
+        n = self._refused_attempts
+        return f"; the broker had refused the login for {took:.1f} s ({n} attempt{'s' if n != 1 else ''})"
 
 
 install()  # amqpkit's connections read what another client sent that pamqp cannot (amqpkit.unreadable)

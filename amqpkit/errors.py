@@ -8,6 +8,7 @@ The hierarchy::
 
     AmqpkitError
     ├── ConnectError          no broker in the list could be reached
+    │   └── AccessRefused     the broker refused the login or the vhost (also at a reconnect)
     ├── ConnectionLost        the connection dropped while an operation waited
     ├── TopologyError         a declare was refused (argument drift, bad spec)
     ├── PublishError          a publish did not reach a queue for sure
@@ -34,6 +35,7 @@ from typing import Any
 import aiormq.exceptions
 
 __all__ = [
+    "AccessRefused",
     "AmqpkitError",
     "ChannelLimitReached",
     "ConnectError",
@@ -71,6 +73,22 @@ class ConnectError(AmqpkitError):
     def __init__(self, message: str, *, reason: str = "unreachable") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class AccessRefused(ConnectError):
+    """Raised when the broker refuses this Broker's login or its vhost: a wrong user or password, a user deleted,
+    no permission on the vhost, a vhost that does not exist. Not the network: access has to be given back (or the
+    settings changed). ``reason`` is ``"refused"``; the text has the broker's words, never the password.
+
+    :meth:`Broker.connect() <amqpkit.Broker.connect>` raises it at once. A connected Broker whose reconnects are
+    refused keeps trying with its backoff (access may be given back), and what waits for the connection meanwhile
+    ends at its deadline with this error, which is then also the error it ends with otherwise: a confirmed
+    publish's :class:`PublishTimeout`, an RPC call's :class:`RpcTimeout`, and :class:`ConnectionLost` for a
+    consume, a declare or a get. ``Broker.access_refused`` says why while it lasts.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="refused")
 
 
 class ConnectionLost(AmqpkitError):
@@ -296,6 +314,27 @@ class RemoteError(RpcError):
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.details = details or {}
+
+
+class _RefusedPublish(AccessRefused, PublishTimeout):
+    """A confirmed publish whose deadline came while the broker refused the reconnect's login."""
+
+
+class _RefusedCall(AccessRefused, RpcTimeout):
+    """An RPC call whose deadline came while the broker refused the reconnect's login."""
+
+
+class _RefusedWait(AccessRefused, ConnectionLost):
+    """A consume, declare or get whose wait for the connection ended while the broker refused the reconnect's login."""
+
+
+_REFUSED_AS = {PublishTimeout: _RefusedPublish, RpcTimeout: _RefusedCall, ConnectionLost: _RefusedWait}
+
+
+def refused_error(otherwise: type[PublishTimeout | RpcTimeout | ConnectionLost], message: str) -> AccessRefused:
+    """:class:`AccessRefused` for a wait that would otherwise end with ``otherwise``, and is that too (code that
+    catches it, and not this, goes on as it did)."""
+    return _REFUSED_AS[otherwise](message)
 
 
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (queue|exchange) '([^']*)'")

@@ -29,6 +29,7 @@ from .errors import (
     map_exceptions,
     publish_refused_for,
     refusal_is_for,
+    refused_error,
 )
 from .message import ENCODER_REFUSALS, Envelope, basic_properties, explain_refusal
 from .topology import Exchange
@@ -241,6 +242,11 @@ class Publishing(BrokerCore):
                 explain_refusal(properties, routing_key)
                 raise
             except TimeoutError:
+                refused = self.access_refused
+                if refused is not None:  # not "not reachable": the broker answers, and refuses the login
+                    shown = exchange_name or "(default exchange)"
+                    raise refused_error(PublishTimeout, f"publish to {shown!r} not confirmed within {wait:g} s: "
+                                        f"{refused}") from None  # fmt: skip
                 raise _not_confirmed(exchange_name, wait, self._why_unconfirmed(closed_over_frames)) from None
             except TopologyError as exc:
                 refusals = self._after_refusal(exc, exchange_name, routing_key, len(body), refusals)

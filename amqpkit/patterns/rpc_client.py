@@ -33,6 +33,7 @@ from ..errors import (
     map_exceptions,
     publish_refused_for,
     refusal_is_for,
+    refused_error,
 )
 from ..message import Delivery, Envelope, as_doubles, check_header_names
 from ..topology import Queue
@@ -372,6 +373,9 @@ class RpcClient:
                 why = f"no reply to {method or 'call'!r} on {self.routing_key!r} within {wait:g} s"
                 if unsent:
                     why += f"; not sent: the broker has blocked this connection ({self.broker.blocked})"
+                refused = self.broker.access_refused
+                if refused is not None:  # waited for a reconnect the broker refuses: not "no reply"
+                    raise refused_error(RpcTimeout, f"{why}: {refused}") from None
                 raise RpcTimeout(why) from None
             # The call's outcome was set in the loop turn the deadline fired in, before its timer ran: in time.
             error = future.exception()
@@ -410,6 +414,9 @@ class RpcClient:
             )
             if self.broker.blocked is not None:
                 why += f" (the broker has blocked this connection: {self.broker.blocked})"
+            refused = self.broker.access_refused
+            if refused is not None:
+                raise refused_error(RpcTimeout, f"{why}: {refused}") from None
             raise RpcTimeout(why) from None
 
     def _decode_reply(self, reply: bytes, returns: Any, content_type: str | None, media: str) -> Any:
