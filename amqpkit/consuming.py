@@ -183,13 +183,18 @@ class Consuming(TopologyRegistry):
         consumer._starting = True
         consumer._owns_queue = declared and (not queue.name or queue.exclusive or queue.auto_delete)
         self._consumers[consumer.consumer_tag] = consumer
+        ready = False
         try:
             # A reconnect meanwhile leaves it to this call (_starting): what it cannot attach is this caller's
             # error, not a consumer said to wait for a channel (or stopped) that the caller then never gets.
             await self._ready()
+            ready = True
             self._raise_refused(consumer)
             await self._attach(consumer)
         except ConnectionLost:
+            if not ready:  # waited for the connection until the deadline already: not a second time
+                await self._drop_unstarted(consumer)
+                raise
             # The connection dropped under the attach: wait for the reconnect and attach it then, rather than
             # leave an attached consumer nobody holds.
             try:

@@ -164,14 +164,20 @@ async def test_a_refused_reconnect_is_named_keeps_trying_and_gets_back(
         await refuse(how, vhost, user)
         await wait_for(lambda: broker.access_refused is not None, 5)
         # What waits for the connection meanwhile fails at its deadline, with the cause, typed.
-        published, consumed = await asyncio.gather(
+        started = time.monotonic()
+        published, consumed, attached = await asyncio.gather(
             failure(broker.publish(Envelope(b"lost?"), routing_key="orders", timeout=1)),
             failure(broker.consume(Queue("other", durable=False), handler)),
+            failure(broker.consume(queue, handler, declare=False)),
         )
+        # Each at its deadline (1 s); before, a consume of a queue it need not declare waited for it twice.
+        assert time.monotonic() - started < 1.6
         assert isinstance(published, AccessRefused) and isinstance(published, PublishTimeout), repr(published)
-        assert isinstance(consumed, AccessRefused) and isinstance(consumed, ConnectionLost), repr(consumed)
+        for error in (consumed, attached):
+            assert isinstance(error, AccessRefused) and isinstance(error, ConnectionLost), repr(error)
+        assert broker.consumers == (consumer,)
         expected = "ACCESS_REFUSED" if how == "password" else f"access to vhost '{vhost}' refused"
-        for error in (published, consumed):
+        for error in (published, consumed, attached):
             assert "refused" in str(error) and expected in str(error), str(error)
             assert f"vhost '{vhost}'" in str(error)
         assert "not confirmed within 1 s" in str(published)
