@@ -82,6 +82,9 @@ class RunningService:
         if not self.started:
             return False, "starting"
         if not self.broker.is_connected:
+            refused = self.broker.access_refused
+            if refused is not None:  # not the network: the broker answers, and refuses the login
+                return False, f"not connected to the broker: {refused}"
             return False, "not connected to the broker (reconnecting)"
         detached = self.broker.detached_consumers()
         if detached:
@@ -226,7 +229,11 @@ class RunningService:
             await self.broker.wait_connected(timeout=limit)
         except TimeoutError:
             if not self._stopping:
-                self.fail(f"the broker was unreachable for {limit:g} s (--give-up-after)")
+                refused = self.broker.access_refused
+                if refused is not None:  # not the network: the broker answers, and refuses the login
+                    self.fail(f"no connection to the broker for {limit:g} s (--give-up-after): {refused}")
+                else:
+                    self.fail(f"the broker was unreachable for {limit:g} s (--give-up-after)")
 
     async def _reconnected(self) -> None:
         self._notify()

@@ -34,6 +34,7 @@ from amqpkit import (
     RpcClient,
     RpcServer,
     RpcTimeout,
+    Service,
     Worker,
     WorkQueue,
 )
@@ -256,3 +257,18 @@ async def test_an_rpc_call_and_a_worker_while_the_user_is_deleted(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("amqpkit")]
     assert len(errors) == 1 and "refused" in errors[0], errors
     no_secret(caplog.text, str(called), str(enqueued))
+
+
+async def test_a_service_says_the_login_is_refused_not_that_the_broker_is_unreachable(
+    amqp_url: str, vhost: str, user: str, name: str
+) -> None:
+    """/readyz said "not connected to the broker (reconnecting)", and --give-up-after "the broker was unreachable"."""
+    service = Service(f"{name}.svc")
+    async with service.serve(as_user(amqp_url, vhost, user), grace=1, give_up_after=1.5) as running:
+        assert running.readiness() == (True, None)
+        await refuse("permission", vhost, user)
+        await wait_for(lambda: running.broker.access_refused is not None, 5)
+        ready, why = running.readiness()
+        assert not ready and f"access to vhost '{vhost}' refused" in (why or ""), why
+        failed = await asyncio.wait_for(running.wait_failed(), 10)
+        assert f"access to vhost '{vhost}' refused" in failed and "unreachable" not in failed, failed
