@@ -20,7 +20,6 @@ from typing import Any
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from . import _hooks
 from .errors import ChannelLimitReached, ConnectionLost, TopologyError, access_refused, map_exceptions, same_refusal
@@ -329,29 +328,32 @@ class Consuming(TopologyRegistry):
         self._spawn(close_then_reattach())
 
     async def _reattach(self, consumer: Consumer, *, redeclare: bool = False) -> None:
+        # Only a lost connection is worth trying again; a refused declare or a missing queue goes straight to the
+        # consumer's on_error. While the connection is down, the reconnect attaches it however long that takes (a
+        # limit of 10 attempts here stopped it for good after an outage of about 10 publish timeouts); with the
+        # connection up, a channel lost under the attach is tried again 10 times.
+        failures = 0
         try:
-            # Only a lost connection is worth retrying; a refused declare or a
-            # missing queue goes straight to the consumer's on_error.
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(10),
-                wait=self._wait_strategy(),
-                retry=retry_if_exception_type(ConnectionLost),
-                reraise=True,
-            ):
-                with attempt:
-                    if consumer.cancelled or self._closing:
-                        return
-                    await self._ready()
-                    if consumer._channel is not None:
-                        return  # a reconnect got there first
-                    if consumer.queue.server_named and consumer.queue not in self._queues:
-                        raise TopologyError("its server-named queue is gone and was not ours to declare",
-                                            kind="queue", name=consumer.queue.name)  # fmt: skip
-                    if redeclare and consumer.queue in self._queues:
-                        await self._declare_queue_on(consumer.queue)
-                        for b in [b for b in self._bindings if b.queue == consumer.queue]:
-                            await self._bind_on(b)
-                    await self._attach(consumer)
+            while True:
+                if consumer.cancelled or self._closing:
+                    return
+                if consumer._channel is not None or consumer.waiting_for_channel is not None:
+                    return  # a reconnect got there first, or left it waiting for a channel (tried again there)
+                if consumer._access_refusal is not None:
+                    return  # waits for the broker to allow it (Consuming._retry_refused)
+                if not self.is_connected:
+                    await self._connected.wait()  # the reconnect attaches it, or says why not
+                    continue
+                try:
+                    await self._attach_again(consumer, redeclare=redeclare)
+                    return
+                except ConnectionLost:
+                    if not self.is_connected:
+                        continue
+                    failures += 1
+                    if failures >= 10:
+                        raise
+                    await asyncio.sleep(self._retry_delay(failures - 1))
         except Exception as exc:
             if consumer.cancelled or self._closing:
                 return
@@ -364,6 +366,17 @@ class Consuming(TopologyRegistry):
                 self._wait_for_access(consumer, exc)
                 return
             self._stop_consumer(consumer, exc)
+
+    async def _attach_again(self, consumer: Consumer, *, redeclare: bool) -> None:
+        await self._ready()
+        if consumer.queue.server_named and consumer.queue not in self._queues:
+            raise TopologyError("its server-named queue is gone and was not ours to declare",
+                                kind="queue", name=consumer.queue.name)  # fmt: skip
+        if redeclare and consumer.queue in self._queues:
+            await self._declare_queue_on(consumer.queue)
+            for b in [b for b in self._bindings if b.queue == consumer.queue]:
+                await self._bind_on(b)
+        await self._attach(consumer)
 
     async def _detach(self, consumer: Consumer, *, grace: float) -> None:
         if consumer.cancelled:

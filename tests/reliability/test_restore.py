@@ -347,3 +347,39 @@ async def test_a_cancelled_private_consumer_is_named_in_the_log(
         await wait_for(lambda: "broker cancelled consumer" in caplog.text, 10)
     line = next(r.getMessage() for r in caplog.records if "broker cancelled consumer" in r.getMessage())
     assert " on ; " not in line and (live in line or "server-named" in line), line
+
+
+async def test_a_re_attach_under_way_outlasts_an_outage_longer_than_its_attempts(
+    proxy: FaultProxy, amqp_url: str, name: str, cleanup: list[str]
+) -> None:
+    """A consumer's re-attach (after the broker cancelled it, or closed its channel) that meets a lost connection
+    waits for the reconnect. It gave up after 10 attempts of publish_timeout each, about 5 minutes with the defaults
+    (a vhost deleted and made again, a node down that long), and the consumer stopped for good."""
+    from amqpkit import ReconnectPolicy
+
+    from .proxy import proxied_settings
+
+    settings = proxied_settings(
+        proxy, amqp_url, publish_timeout=0.3,
+        reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=0.3, jitter=0, connect_attempts=3),
+    )  # fmt: skip
+    queue = Queue(f"{name}.kept", auto_delete=False)
+    cleanup.append(f"q:{queue.name}")
+    got: list[bytes] = []
+    errors: list[BaseException] = []
+
+    async def handler(d: Delivery[bytes]) -> None:
+        got.append(d.body)
+        await d.ack()
+
+    async with Broker(settings) as b:
+        consumer = await b.consume(queue, handler, on_error=errors.append)
+        await hold_out(proxy, b)
+        # What the broker's cancel of the consumer starts, here while the connection is down.
+        b._spawn(b._reattach(consumer, redeclare=True))
+        await asyncio.sleep(8)  # 10 attempts of 0.3 s, with up to 0.3 s between them: about 6 s
+        await let_in(proxy, b)
+        await asyncio.wait_for(consumer.attached.wait(), 10)
+        assert not consumer.cancelled and errors == [], errors
+        await b.publish(Envelope(b"after"), routing_key=queue.name)
+        await wait_for(lambda: got == [b"after"], 10)
