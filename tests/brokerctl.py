@@ -132,6 +132,31 @@ def with_vhost(url: str, vhost: str) -> str:
     return ",".join(one(u) for u in url.split(","))
 
 
+@contextlib.contextmanager
+def made_vhost(prefix: str) -> Iterator[str]:
+    """A vhost of the caller's own, ``guest`` allowed everything on it; deleted after."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+@contextlib.contextmanager
+def made_user(prefix: str, vhost: str, password: str) -> Iterator[str]:
+    """A user of the caller's own, allowed everything on ``vhost``; deleted after (unless a test did)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_user", name, password)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, name, ".*", ".*", ".*")
+        yield name
+    finally:
+        with contextlib.suppress(RuntimeError):  # deleted by the test (or a test that failed meanwhile)
+            rabbitmqctl("delete_user", name)
+
+
 def as_user(url: str, user: str, password: str) -> str:
     """``url`` with ``user`` and ``password`` in place of its own credentials (the same host, port and vhost)."""
     parts = urlsplit(url)

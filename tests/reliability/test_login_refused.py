@@ -11,7 +11,6 @@ of its own, deleted afterwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -40,7 +39,7 @@ from amqpkit import (
 )
 from amqpkit.testing import own_vhost, vhost_of
 
-from ..brokerctl import arabbitmqctl, rabbitmqctl, rabbitmqctl_available, with_vhost
+from ..brokerctl import arabbitmqctl, made_user, made_vhost, rabbitmqctl_available, with_vhost
 from ..waiting import wait_for
 from .proxy import FaultProxy
 
@@ -57,25 +56,14 @@ def vhost(amqp_url: str) -> Iterator[str]:
     if own_vhost(amqp_url):
         yield vhost_of(amqp_url)
         return
-    name = f"amqpkit-login-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    try:
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    with made_vhost("amqpkit-login") as name:
         yield name
-    finally:
-        rabbitmqctl("delete_vhost", name)
 
 
 @pytest.fixture
 def user(vhost: str) -> Iterator[str]:
-    name = f"amqpkit-login-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_user", name, PASSWORD)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost, name, ".*", ".*", ".*")
+    with made_user("amqpkit-login", vhost, PASSWORD) as name:
         yield name
-    finally:
-        with contextlib.suppress(RuntimeError):  # a test that failed while the user was deleted
-            rabbitmqctl("delete_user", name)
 
 
 def as_user(
@@ -165,7 +153,7 @@ async def test_a_refused_reconnect_is_named_keeps_trying_and_gets_back(
         await delivery.ack()
 
     async with Broker(as_user(amqp_url, vhost, user, via=proxy)) as broker:
-        queue = Queue("orders", durable=False)
+        queue = Queue("orders")
         consumer = await broker.consume(queue, handler)
         assert broker.access_refused is None
         mark = len(caplog.records)
@@ -175,7 +163,7 @@ async def test_a_refused_reconnect_is_named_keeps_trying_and_gets_back(
         started = time.monotonic()
         published, consumed, attached = await asyncio.gather(
             failure(broker.publish(Envelope(b"lost?"), routing_key="orders", timeout=1)),
-            failure(broker.consume(Queue("other", durable=False), handler)),
+            failure(broker.consume(Queue("other"), handler)),
             failure(broker.consume(queue, handler, declare=False)),
         )
         # Each at its deadline (1 s); before, a consume of a queue it need not declare waited for it twice.
