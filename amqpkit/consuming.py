@@ -373,9 +373,7 @@ class Consuming(TopologyRegistry):
             raise TopologyError("its server-named queue is gone and was not ours to declare",
                                 kind="queue", name=consumer.queue.name)  # fmt: skip
         if redeclare and consumer.queue in self._queues:
-            await self._declare_queue_on(consumer.queue)
-            for b in [b for b in self._bindings if b.queue == consumer.queue]:
-                await self._bind_on(b)
+            await self._declare_with_bindings(consumer.queue)
         await self._attach(consumer)
 
     async def _detach(self, consumer: Consumer, *, grace: float) -> None:
@@ -521,42 +519,56 @@ class Consuming(TopologyRegistry):
                 log.exception("declaring again what the broker refused access to failed; tried again later")
 
     async def _declare_refused(self) -> set[Queue]:
-        """Declare the specs refused access, exchanges first, then queues (with their bindings), then bindings;
-        what is still refused stays, what is refused otherwise now is forgotten and reported. The queues declared."""
+        """Declare the specs refused access, exchanges first, then queues, then bindings (a declared queue's own
+        too); what is still refused stays, what is refused otherwise now is forgotten and reported, each spec for
+        its own error (a bind's is not its queue's). A binding whose exchange is still refused is not tried. The
+        queues declared."""
         pending = self._access_refused
-        order: list[Exchange | Queue | Binding] = [s for s in pending if isinstance(s, Exchange)]
-        order += [s for s in pending if isinstance(s, Queue)]
-        order += [s for s in pending if isinstance(s, Binding)]
-        declared: set[Queue] = set()
-        for spec in order:
-            if spec not in pending or not self.remembers(spec):
-                continue
+
+        async def again(spec: Exchange | Queue | Binding) -> bool:
             try:
                 await self._declare_spec_on(spec)
-                if isinstance(spec, Queue):
-                    # its bindings were left out with it at the reconnect
-                    for binding in [b for b in self._bindings if b.queue == spec]:
-                        await self._bind_on(binding)
-                        pending.pop(binding, None)
-                    declared.add(spec)
             except TopologyError as exc:
                 if access_refused(exc):
                     self._keep_refused(spec, exc)
-                    continue
-                pending.pop(spec, None)
-                self._forget_refused(spec, exc)
+                else:
+                    pending.pop(spec, None)
+                    self._forget_refused(spec, exc)
+                return False
+            if pending.pop(spec, None) is not None:
+                log.info("declared %s again: the broker allows it again", _describe(spec))
+            return True
+
+        held: dict[str, TopologyError] = {}
+        for exchange in [s for s in pending if isinstance(s, Exchange)]:
+            if self.remembers(exchange) and not await again(exchange) and exchange in pending:
+                held[exchange.name] = pending[exchange]  # still refused
+        declared: set[Queue] = set()
+        for queue in [s for s in pending if isinstance(s, Queue)]:
+            if self.remembers(queue) and await again(queue):
+                declared.add(queue)
+        # its bindings were left out with a queue refused at the reconnect
+        bindings = [s for s in pending if isinstance(s, Binding)]
+        bindings += [b for b in self._bindings if b.queue in declared and b not in pending]
+        for binding in bindings:
+            if not self.remembers(binding) or (binding.queue in pending and binding.queue not in declared):
+                continue  # forgotten meanwhile, or goes with its queue
+            if binding.exchange.name in held:
+                pending[binding] = held[binding.exchange.name]  # waits with its exchange
                 continue
-            pending.pop(spec, None)
-            log.info("declared %s again: the broker allows it again", _describe(spec))
+            await again(binding)
         return declared
 
     async def _reattach_refused(self, consumer: Consumer, declared: set[Queue]) -> None:
-        """Declare ``consumer``'s queue and bindings again (ours to declare, and not just declared), then attach."""
+        """Declare ``consumer``'s queue and bindings again (ours to declare, and not just declared), then attach;
+        not while its queue, one of its bindings or their exchange is still refused (it waits with them)."""
         queue = consumer.queue
+        pending = self._access_refused
+        held = {s.name for s in pending if isinstance(s, Exchange)}
+        if queue in pending or any(b in pending or b.exchange.name in held for b in self._bindings if b.queue == queue):
+            return
         if queue in self._queues and queue not in declared:
-            await self._declare_queue_on(queue)
-            for binding in [b for b in self._bindings if b.queue == queue]:
-                await self._bind_on(binding)
+            await self._declare_with_bindings(queue)
         elif queue.server_named and queue not in self._queues:
             raise TopologyError("its server-named queue is gone and was not ours to declare", kind="queue")
         await self._attach(consumer)

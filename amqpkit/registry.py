@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 
+from aiormq.exceptions import ChannelNotFoundEntity
+
 from .channels import BrokerCore
-from .errors import TopologyError, map_exceptions, same_refusal
+from .errors import TopologyError, access_refused, map_exceptions, same_refusal
 from .topology import Binding, Exchange, Queue
 
 __all__ = ["TopologyRegistry"]
@@ -188,6 +190,21 @@ class TopologyRegistry(BrokerCore):
                     arguments=binding.bind_arguments() or None,
                 )
 
+    async def _bind_again(self, binding: Binding) -> None:
+        """Bind again after a reconnect or a refusal; a bind to an exchange of the Broker's own that a 404 says is
+        missing declares the exchange and binds once more: deleted between the Broker's declare and its bind (its
+        vhost being deleted), or meanwhile by someone else, it is the Broker's to declare."""
+        try:
+            await self._bind_on(binding)
+        except TopologyError as exc:
+            exchange = binding.exchange
+            if not (
+                isinstance(exc.__cause__, ChannelNotFoundEntity) and self._exchanges.get(exchange.name) == exchange
+            ):
+                raise
+            await self._declare_exchange_on(exchange)
+            await self._bind_on(binding)
+
     async def _restore_topology(self) -> tuple[list[Refused], dict[Queue, TopologyError]]:
         """Declare again everything remembered, on a new connection.
 
@@ -196,11 +213,14 @@ class TopologyRegistry(BrokerCore):
         consumers can be stopped.
         """
         refused: list[Refused] = []
+        held: dict[str, TopologyError] = {}  # exchanges refused access: their bindings wait with them
         for spec in list(self._exchanges.values()):
             try:
                 await self._declare_exchange_on(spec)
             except TopologyError as exc:
                 refused.append((spec, exc))
+                if access_refused(exc):
+                    held[spec.name] = exc
         failed_queues: dict[Queue, TopologyError] = {}
         for queue in list(self._queues):
             try:
@@ -211,12 +231,45 @@ class TopologyRegistry(BrokerCore):
         for binding in list(self._bindings):
             if binding.queue in failed_queues:
                 continue  # goes with its queue
+            if binding.exchange.name in held:
+                # Not tried: while its exchange is refused access the bind is a 404, which would forget it (and stop
+                # its consumer) for good; it waits with the exchange instead.
+                refused.append((binding, held[binding.exchange.name]))
+                failed_queues.setdefault(binding.queue, held[binding.exchange.name])
+                continue
             try:
-                await self._bind_on(binding)
+                await self._bind_again(binding)
             except TopologyError as exc:
                 refused.append((binding, exc))
                 failed_queues.setdefault(binding.queue, exc)
         return refused, failed_queues
+
+    async def _declare_with_bindings(self, queue: Queue) -> None:
+        """Declare ``queue`` again with its bindings, and first the exchanges they bind to that are ours to declare:
+        after a queue was deleted under its consumer, or its vhost deleted and made again, those may be gone too (a
+        bind to a missing exchange is a 404, which stops the consumer for good). A server-named queue of this
+        connection's that is still there is kept, not replaced by a new one at each attempt."""
+        bindings = [b for b in self._bindings if b.queue == queue]
+        for exchange in {b.exchange.name: b.exchange for b in bindings}.values():
+            if self._exchanges.get(exchange.name) == exchange:
+                await self._declare_exchange_on(exchange)
+        if not (queue.server_named and await self._live_queue_there(queue)):
+            await self._declare_queue_on(queue)
+        for binding in bindings:
+            await self._bind_again(binding)
+
+    async def _live_queue_there(self, queue: Queue) -> bool:
+        """Whether the queue the broker named for server-named ``queue`` on this connection still exists."""
+        name = self._queues.get(queue)
+        if not name:
+            return False
+        try:
+            async with self._topology() as channel:
+                with map_exceptions(kind="queue", name=name):
+                    await channel.queue_declare(name, passive=True)
+        except TopologyError:
+            return False
+        return True
 
     def _keep_refused(self, spec: Exchange | Queue | Binding, exc: TopologyError) -> None:
         """A spec the broker refused access to (403, see :func:`~amqpkit.errors.access_refused`) at a reconnect:
@@ -234,7 +287,7 @@ class TopologyRegistry(BrokerCore):
         elif isinstance(spec, Queue):
             await self._declare_queue_on(spec)
         else:
-            await self._bind_on(spec)
+            await self._bind_again(spec)
 
     def _forget_refused(self, spec: Exchange | Queue | Binding, exc: TopologyError) -> None:
         log.error("could not restore %s after the reconnect (forgotten): %s", _describe(spec), exc)
