@@ -250,6 +250,8 @@ class Consuming(TopologyRegistry):
             await self._attach_now(consumer)
 
     async def _attach_now(self, consumer: Consumer) -> None:
+        if consumer.cancelled:
+            return
         conn = self._conn
         if conn is None or conn.is_closed:
             raise ConnectionLost("not connected")
@@ -268,6 +270,12 @@ class Consuming(TopologyRegistry):
                 arguments=consumer.arguments or None,
                 consumer_tag=consumer.consumer_tag,
             )
+        if consumer.cancelled or self._closing:
+            # Cancelled while its consume was on the way (cancel() does not wait for an attach under way): closed
+            # again, which returns what was delivered meanwhile, rather than left running for nobody.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), timeout=5)
+            return
         consumer._channel = channel
         if consumer.waiting_for_channel is not None:
             consumer.waiting_for_channel = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from typing import Any
 
 import pytest
 
@@ -383,3 +384,55 @@ async def test_a_re_attach_under_way_outlasts_an_outage_longer_than_its_attempts
         assert not consumer.cancelled and errors == [], errors
         await b.publish(Envelope(b"after"), routing_key=queue.name)
         await wait_for(lambda: got == [b"after"], 10)
+
+
+@pytest.mark.parametrize("window", ["before-its-channel", "while-its-channel-opens"])
+async def test_a_consumer_cancelled_while_the_reconnect_attaches_it_stays_cancelled(
+    proxied: BrokerSettings,
+    proxy: FaultProxy,
+    name: str,
+    cleanup: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    window: str,
+) -> None:
+    """A review: cancel() does not wait for an attach under way (a reconnect's, or a retry's in the background), and
+    the attach did not look again once its basic.consume was answered: the consumer ended cancelled, gone from
+    Broker.consumers, and attached all the same, its callback run for messages published after the cancel, with
+    nothing left to stop it but Broker.close(). The attach is slowed here to open the window."""
+    queue = Queue(f"{name}.late", auto_delete=False)
+    cleanup.append(f"q:{queue.name}")
+    got: list[bytes] = []
+
+    async def handler(d: Delivery[bytes]) -> None:
+        got.append(d.body)
+        await d.ack()
+
+    async with Broker(proxied) as b:
+        consumer = await b.consume(queue, handler)
+        original_attach, original_channel = Broker._attach_now, Broker._new_channel
+        attaching = asyncio.Event()
+
+        async def slow_attach(self: Broker, attached: Consumer) -> None:
+            attaching.set()
+            if window == "before-its-channel":
+                await asyncio.sleep(1)  # past the look at cancelled in _attach, before anything is sent
+            await original_attach(self, attached)
+
+        async def slow_channel(self: Broker, *args: Any, **kwargs: Any) -> Any:
+            channel = await original_channel(self, *args, **kwargs)
+            if attaching.is_set() and window == "while-its-channel-opens":
+                await asyncio.sleep(1)  # its channel open, its basic.consume not yet sent
+            return channel
+
+        monkeypatch.setattr(Broker, "_attach_now", slow_attach)
+        monkeypatch.setattr(Broker, "_new_channel", slow_channel)
+        assert proxy.cut()
+        await asyncio.wait_for(attaching.wait(), 15)  # the reconnect's attach is under way
+        await consumer.cancel()
+        await b.wait_connected(15)
+        await asyncio.sleep(0.5)
+        monkeypatch.undo()
+        await b.publish(Envelope(b"after the cancel"), routing_key=queue.name)
+        await asyncio.sleep(0.5)
+        assert got == [] and not consumer.attached.is_set()
+        assert (await b.queue_counts(queue)) == (1, 0)
