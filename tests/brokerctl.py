@@ -387,17 +387,45 @@ def consumer_timeout_node(directory: Path, timeout_ms: int) -> Iterator[SpareNod
 
 
 def main() -> None:
-    """``python -m tests.brokerctl``: a node of one's own until Enter or Ctrl-C, for the whole-broker tests."""
+    """``python -m tests.brokerctl``: a node of one's own, for the whole-broker tests.
+
+    With no arguments, the node runs until Enter or Ctrl-C. With ``--run CMD ...`` it runs CMD with
+    ``AMQP_URL`` and ``AMQPKIT_RABBITMQCTL_NODE`` set to that node, then stops the node (also on SIGTERM)
+    and exits with CMD's status: CI's long checks run this way, beside the suite on the default node.
+    """
+    import signal
     import sys
 
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    command = sys.argv[2:] if sys.argv[1:2] == ["--run"] else None
+    if command == []:
+        sys.exit("usage: python -m tests.brokerctl [--run CMD ...]")
     with tempfile.TemporaryDirectory(prefix="amqpkit-node-") as d:
         spare = SpareNode(Path(d))
         spare.start()
         try:
-            print(f"export AMQP_URL={spare.url} {NODE_ENV}={spare.name}", flush=True)
-            print("(Enter or Ctrl-C stops the node)", file=sys.stderr, flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                sys.stdin.readline()
+            if command is None:
+                print(f"export AMQP_URL={spare.url} {NODE_ENV}={spare.name}", flush=True)
+                print("(Enter or Ctrl-C stops the node)", file=sys.stderr, flush=True)
+                with contextlib.suppress(KeyboardInterrupt):
+                    sys.stdin.readline()
+                return
+            env = {**os.environ, "AMQP_URL": spare.url, NODE_ENV: spare.name}
+            child = subprocess.Popen(command, env=env)
+            try:
+                status = child.wait()
+            finally:
+                if child.poll() is None:
+                    child.terminate()
+                    try:
+                        child.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+                        child.wait()
+            sys.exit(status)
         finally:
             spare.stop()
 
