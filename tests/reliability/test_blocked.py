@@ -191,3 +191,36 @@ async def test_a_delay_queue_that_expired_while_the_broker_read_nothing_is_not_r
             await worker.stop(grace=1)  # its queues go with the node, which is the test module's own
     assert work.delay_queues_vanished == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+async def test_a_stop_during_a_start_the_blocked_broker_holds_up_ends_at_once(node: SpareNode, name: str) -> None:
+    """A SIGTERM during an alarm: the worker's start waits unread for its declares, and its stop waited for that
+    start, the whole alarm (a review). The stop ends the start and returns within its grace; the start returns
+    with the worker stopped, and once the broker reads again nothing of it is left attached."""
+    async with Broker(settings(node)) as broker:
+        work = WorkQueue(broker, f"{name}.tasks")
+        worker = Worker(work, lambda task: None, concurrency=1)
+        async with memory_alarm(node):
+            await block(broker)
+            starting = asyncio.ensure_future(worker.start())
+            await asyncio.sleep(1)
+            assert not starting.done(), "the start did not wait for the blocked broker: the test shows nothing"
+            began = time.monotonic()
+            await asyncio.wait_for(worker.stop(grace=1), 30)
+            took = time.monotonic() - began
+            assert took < 3, f"the stop took {took:.1f} s during the alarm, with a 1 s grace"
+            await asyncio.wait_for(starting, 5)  # it returns: the worker is stopped, as asked
+            assert worker._consumer is None and worker._keeper is None
+        await wait_for(lambda: broker.blocked is None, 10)
+        # The start's declares are answered once the alarm clears; what it started is taken down, not left running.
+        await asyncio.sleep(2)
+        assert not [c for c in broker.consumers if c.queue.name == work.queue.name]
+        listed = await asyncio.to_thread(node.ctl, "list_queues", "name", "consumers", "-q")
+        assert not [line for line in listed.stdout.splitlines() if line.split()[:1] == [work.queue.name]
+                    and line.split()[1:] != ["0"]], listed.stdout  # fmt: skip
+        # It starts again, and takes tasks.
+        done: list[int] = []
+        again = Worker(work, lambda task: done.append(1), concurrency=1)
+        async with again:
+            await work.enqueue({"n": 1})
+            await wait_for(lambda: done == [1], 15)
