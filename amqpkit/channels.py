@@ -43,6 +43,7 @@ from .errors import (
     MessageTooLarge,
     PublishTimeout,
     TopologyError,
+    _NotBackInTime,
     map_exceptions,
     refused_error,
     reply_text,
@@ -113,6 +114,7 @@ class BrokerCore:
         self._consumers: dict[str, Consumer] = {}
         self._connected = asyncio.Event()
         self._closing = False
+        self._closed = asyncio.Event()  # set with _closing: ends every wait for the connection
         self._reconnect_task: asyncio.Task[None] | None = None
         self._blocked_at = 0.0  # loop time the broker last blocked the connection (see Broker.blocked)
         self._url_index = 0
@@ -187,9 +189,31 @@ class BrokerCore:
         return self._lowlevel
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until the Broker is connected (after a reconnect); ``TimeoutError`` past ``timeout``."""
-        async with asyncio.timeout(timeout):
-            await self._connected.wait()
+        """Wait until the Broker is connected (after a reconnect).
+
+        :class:`~amqpkit.ConnectionLost` at once for a closed Broker, or one closed meanwhile. Past ``timeout``,
+        a ``ConnectionLost`` that is also a ``TimeoutError`` and says why (an :class:`~amqpkit.AccessRefused`
+        too while the broker refuses the reconnect's login).
+        """
+        if self._connected.is_set():
+            return
+        if self._closing:
+            raise ConnectionLost("this Broker is closed")
+        connected = asyncio.ensure_future(self._connected.wait())
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait((connected, closed), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connected.cancel()
+            closed.cancel()
+        if self._connected.is_set():
+            return
+        if self._closing:
+            raise ConnectionLost("this Broker is closed")
+        refused = self.access_refused
+        if refused is not None:
+            raise refused_error(_NotBackInTime, f"not connected after {timeout} s: {refused}")
+        raise _NotBackInTime(f"not connected after {timeout} s: the reconnect did not finish in time")
 
     def check_message_size(self, body: bytes) -> None:
         """Raise :class:`~amqpkit.MessageTooLarge` for a body over ``settings.max_message_size``, unless it is

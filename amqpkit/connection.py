@@ -185,6 +185,7 @@ class Broker(Consuming, Publishing):
         if self._closing:
             return
         self._closing = True
+        self._closed.set()
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None

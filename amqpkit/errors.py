@@ -328,10 +328,25 @@ class _RefusedWait(AccessRefused, ConnectionLost):
     """A consume, declare or get whose wait for the connection ended while the broker refused the reconnect's login."""
 
 
-_REFUSED_AS = {PublishTimeout: _RefusedPublish, RpcTimeout: _RefusedCall, ConnectionLost: _RefusedWait}
+class _NotBackInTime(ConnectionLost, TimeoutError):
+    """``Broker.wait_connected(timeout)`` past its timeout: still disconnected (a TimeoutError, as it was before)."""
 
 
-def refused_error(otherwise: type[PublishTimeout | RpcTimeout | ConnectionLost], message: str) -> AccessRefused:
+class _RefusedNotBack(AccessRefused, _NotBackInTime):
+    """``Broker.wait_connected(timeout)`` past its timeout while the broker refused the reconnect's login."""
+
+
+_REFUSED_AS = {
+    PublishTimeout: _RefusedPublish,
+    RpcTimeout: _RefusedCall,
+    ConnectionLost: _RefusedWait,
+    _NotBackInTime: _RefusedNotBack,
+}
+
+
+def refused_error(
+    otherwise: type[PublishTimeout | RpcTimeout | ConnectionLost | _NotBackInTime], message: str
+) -> AccessRefused:
     """:class:`AccessRefused` for a wait that would otherwise end with ``otherwise``, and is that too (code that
     catches it, and not this, goes on as it did)."""
     return _REFUSED_AS[otherwise](message)

@@ -256,6 +256,8 @@ class Worker(Generic[T]):
                     finally:
                         back.cancel()
                         stopping.cancel()
+                    if back.done() and not back.cancelled() and back.exception() is not None:
+                        break  # the Broker was closed: nothing to look for any more
         except Exception as exc:
             log.warning("could not look for the existing delay queues of %s: %s", self.queue.name, exc)
         finally:
