@@ -148,28 +148,41 @@ class Broker(Consuming, Publishing):
         if self.is_connected:
             return
         policy = self.settings.reconnect
+        n_urls = len(self.settings.urls)
         failures: list[str] = []
+        refusals: dict[int, str] = {}  # URL index: the last refusal of the login there
+
+        def worth_retrying(exc: BaseException) -> bool:
+            # A refused login does not get better by waiting, but another URL (other credentials, another node)
+            # may let this Broker in: it stops once every URL has refused.
+            return isinstance(exc, _Unreachable) and (not exc.refused or len(refusals) < n_urls)
+
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(policy.connect_attempts * len(self.settings.urls)),
+                stop=stop_after_attempt(policy.connect_attempts * n_urls),
                 wait=self._wait_strategy(),
-                retry=retry_if_exception(_worth_retrying),
+                retry=retry_if_exception(worth_retrying),
                 reraise=True,
             ):
                 with attempt:
+                    index = self._url_index % n_urls
                     try:
                         await self._open()
                     except _Unreachable as exc:
                         log.warning("connect to %s failed: %s", exc.where, exc.reason)
                         failures.append(str(exc))
+                        if exc.refused:
+                            refusals[index] = str(exc)
                         raise
         except _Unreachable as exc:
             targets = ", ".join(dict.fromkeys(host_port(u) for u in self.settings.urls))
             last = failures[-1] if failures else "no attempt made"
             attempts = f"{len(failures)} attempt{'s' if len(failures) != 1 else ''}"
-            if exc.refused:
+            if refusals:
+                refused = list(refusals.values())[-1]
+                rest = "" if exc.refused else f"; the last attempt: {last}"
                 raise AccessRefused(
-                    f"RabbitMQ refused the login after {attempts} (check user, password and vhost): {last}"
+                    f"RabbitMQ refused the login after {attempts} (check user, password and vhost): {refused}{rest}"
                 ) from None
             if exc.limit:
                 raise ConnectError(
@@ -448,11 +461,6 @@ async def _connect_reading_leniently(conn: AmqpConnection) -> None:
     pamqp cannot; the caller's context is not marked (aiormq connections it opens read as pamqp does)."""
     reading_leniently()
     await conn.connect()
-
-
-def _worth_retrying(exc: BaseException) -> bool:
-    """A connect attempt is tried again unless the broker refused the login: that does not get better."""
-    return isinstance(exc, _Unreachable) and not exc.refused
 
 
 def _discard(items: list[Any], item: Any) -> None:

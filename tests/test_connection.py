@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from amqpkit import (
+    AccessRefused,
     Binding,
     Broker,
     BrokerSettings,
@@ -86,6 +87,25 @@ async def test_second_url_is_tried(amqp_url: str) -> None:
     )
     async with Broker(settings) as broker:
         assert broker.is_connected
+
+
+async def test_a_url_that_refuses_the_login_does_not_stop_the_others(
+    amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """connect() raised AccessRefused at the first URL that refused the login (a node with other credentials, an
+    old password in one entry) and never tried the next; it tries every URL, and says the refusal once all do."""
+    from yarl import URL
+
+    wrong = str(URL(amqp_url).with_password("Wr0ngPassw0rd"))
+    policy = ReconnectPolicy(initial_delay=0.01, connect_attempts=2)
+    caplog.set_level(logging.DEBUG)
+    async with Broker(BrokerSettings(url=[wrong, amqp_url], reconnect=policy)) as broker:
+        assert broker.is_connected
+        assert broker.access_refused is None
+    with pytest.raises(AccessRefused) as info:
+        await Broker(BrokerSettings(url=[wrong, wrong.replace("127.0.0.1", "localhost")], reconnect=policy)).connect()
+    assert "after 2 attempts" in str(info.value)  # each URL once: a refusal does not get better by waiting
+    assert "Wr0ngPassw0rd" not in str(info.value) and "Wr0ngPassw0rd" not in caplog.text
 
 
 async def test_declare_is_idempotent(broker: Broker, name: str, cleanup: list[str]) -> None:
