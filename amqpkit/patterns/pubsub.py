@@ -29,6 +29,7 @@ from ..executors import ExecutorKind
 from ..message import Delivery
 from ..topology import Binding, Exchange, ExchangeType, Queue
 from ..unreadable import refusal
+from ._starts import Starts
 from .publisher import Publisher
 
 __all__ = ["Publisher", "Subscriber"]
@@ -176,6 +177,7 @@ class Subscriber(Generic[T]):
         self._declared = False
         self._queue_name: str | None = None
         self._stopped = asyncio.Event()
+        self._starts = Starts()  # start() and stop() take turns; a stop ends a start under way
         self._inbox: asyncio.Queue[Delivery[Any] | _Failed] | None = None
         self.handled = 0
         self.failed = 0
@@ -211,7 +213,15 @@ class Subscriber(Generic[T]):
         self._declared = True
 
     async def start(self) -> None:
-        """Declare (unless :meth:`declare` ran), then start consuming."""
+        """Declare (unless :meth:`declare` ran), then start consuming.
+
+        A stop() called meanwhile ends the start (its declares may wait for a broker that reads nothing from this
+        connection during an alarm): start() then returns with the subscription stopped.
+        """
+        async with self._starts.turn:
+            await self._starts.run(self._start)
+
+    async def _start(self) -> None:
         if self._consumer is not None:
             return
         try:
@@ -259,13 +269,15 @@ class Subscriber(Generic[T]):
         deleted: it stays bound on the broker and keeps messages for the next
         start. What another consumer on this Broker still reads is kept.
         """
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.cancel(grace=grace)
-        if self._handler is not None:
-            self._handler.close()
-        self._forget()
-        self._stopped.set()
+        self._starts.overtake()
+        async with self._starts.turn:
+            consumer, self._consumer = self._consumer, None
+            if consumer is not None:
+                await consumer.cancel(grace=grace)
+            if self._handler is not None:
+                self._handler.close()
+            self._forget()
+            self._stopped.set()
 
     async def wait_stopped(self) -> None:
         """Return once the subscription has stopped: by :meth:`stop`, or failed (then :attr:`error` says why)."""

@@ -21,6 +21,7 @@ from ..executors import ExecutorKind
 from ..message import Delivery
 from ..topology import Queue
 from ..unreadable import refusal
+from ._starts import Starts
 from .pubsub import consumed_elsewhere
 from .rpc_wire import DEFAULT_CONCURRENCY, ERROR_CONTENT_TYPE, TIMEOUT_HEADER, error_body
 
@@ -79,6 +80,7 @@ class RpcServer:
         self.on_error = on_error
         self.error: BaseException | None = None
         self._stopped = asyncio.Event()
+        self._starts = Starts()  # start() and stop() take turns; a stop ends a start under way
         self._methods: dict[str, tuple[HandlerInfo, Codec[Any]]] = {}
         for name, fn in (handlers or {}).items():
             self.add(name, fn)
@@ -128,8 +130,17 @@ class RpcServer:
         await self.stop()
 
     async def start(self) -> None:
+        """Declare the request queue and take requests.
+
+        A stop() called meanwhile ends the start (its declare may wait for a broker that reads nothing from this
+        connection during an alarm): start() then returns with the server stopped.
+        """
         if not self._methods:
             raise ValueError("an RpcServer needs at least one method")
+        async with self._starts.turn:
+            await self._starts.run(self._start)
+
+    async def _start(self) -> None:
         if self._consumer is None:
             await self.broker.declare_queue(self.queue)
             self.error = None
@@ -173,14 +184,16 @@ class RpcServer:
         sent while no server runs is returned (``NoResponder``) instead of
         waiting in a queue nobody reads.
         """
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.cancel(grace=grace)
-            for info, _ in self._methods.values():
-                info.close()
+        self._starts.overtake()
+        async with self._starts.turn:
+            consumer, self._consumer = self._consumer, None
+            if consumer is not None:
+                await consumer.cancel(grace=grace)
+                for info, _ in self._methods.values():
+                    info.close()
             if not consumed_elsewhere(self.broker, self.queue):
                 self.broker.forget(self.queue)
-        self._stopped.set()
+            self._stopped.set()
 
     def _lookup(self, method: str | None) -> tuple[HandlerInfo, Codec[Any]] | None:
         if method:

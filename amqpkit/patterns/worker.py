@@ -24,6 +24,7 @@ from ..executors import ExecutorKind, ProcessRunner, ThreadRunner
 from ..message import Delivery
 from ..topology import DeadLetterStrategy
 from ..unreadable import refusal
+from ._starts import Starts
 from .long_tasks import ConsumerTimeouts, task_context
 from .tasks import (
     ATTEMPT,
@@ -131,11 +132,10 @@ class Worker(Generic[T]):
         self._keeper: asyncio.Task[None] | None = None
         self._keeper_events = _KeeperEvents()  # the current keeper's: see _keep_delay_queues
         self._stopped = asyncio.Event()
-        # start() and stop() take turns: a start during a stop's grace kept the keeper the stop then cancelled,
-        # and a stop during a start returned before the start attached a consumer that then ran on.
-        self._turn = asyncio.Lock()
-        self._start_overtaken: asyncio.Event | None = None  # set by a stop() during the start under way
-        self._overtaken_starts: set[asyncio.Future[None]] = set()  # held until their clean-up ends
+        # start() and stop() take turns, and a stop ends a start under way (see _starts.Starts): a start during a
+        # stop's grace kept the keeper the stop then cancelled, and a stop during a start returned before the start
+        # attached a consumer that then ran on.
+        self._starts = Starts()
         self.completed = 0
         self.retried = 0
         self.dead_lettered = 0
@@ -161,29 +161,8 @@ class Worker(Generic[T]):
         A stop() called meanwhile ends the start (its declares may wait for a broker that reads nothing from this
         connection during an alarm): start() then returns with the worker stopped, as if the stop came after it.
         """
-        async with self._turn:
-            overtaken = self._start_overtaken = asyncio.Event()
-            starting = asyncio.ensure_future(self._start())
-            stopping = asyncio.ensure_future(overtaken.wait())
-            try:
-                await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting  # consume() takes down what it began; cancelled from outside: as before
-                raise
-            finally:
-                stopping.cancel()
-                self._start_overtaken = None
-            if starting.done():
-                starting.result()
-                return
-            # A stop overtook it: what the start began is taken down in the background, once the broker answers
-            # (consume() drops a consumer it did not finish starting), and the stop does not wait for that.
-            starting.cancel()
-            self._overtaken_starts.add(starting)
-            starting.add_done_callback(self._overtaken_starts.discard)
-            starting.add_done_callback(_overtaken_start_ended)
+        async with self._starts.turn:
+            await self._starts.run(self._start)
 
     async def _start(self) -> None:
         if self._consumer is None:
@@ -218,9 +197,8 @@ class Worker(Generic[T]):
         A stop called while a start runs ends that start (see start()); a start called while a stop runs waits
         for the stop.
         """
-        if self._start_overtaken is not None:
-            self._start_overtaken.set()
-        async with self._turn:
+        self._starts.overtake()
+        async with self._starts.turn:
             await self._stop(grace)
 
     async def _stop(self, grace: float | None) -> None:
@@ -494,12 +472,6 @@ class _KeeperEvents:
     def __init__(self) -> None:
         self.stop = asyncio.Event()
         self.adopted = asyncio.Event()
-
-
-def _overtaken_start_ended(starting: asyncio.Future[None]) -> None:
-    """A start a stop overtook has ended: its error, if any, is nobody's to raise any more (the worker stopped)."""
-    if not starting.cancelled() and (exc := starting.exception()) is not None:
-        log.debug("a start overtaken by a stop ended with: %s", _error_text(exc))
 
 
 def _error_text(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ from amqpkit import (
     BrokerSettings,
     Delivery,
     Envelope,
+    Exchange,
     PublishTimeout,
     Queue,
     ReconnectPolicy,
@@ -29,6 +30,7 @@ from amqpkit import (
     RpcClient,
     RpcServer,
     RpcTimeout,
+    Subscriber,
     Worker,
     WorkQueue,
 )
@@ -224,3 +226,34 @@ async def test_a_stop_during_a_start_the_blocked_broker_holds_up_ends_at_once(no
         async with again:
             await work.enqueue({"n": 1})
             await wait_for(lambda: done == [1], 15)
+
+
+@pytest.mark.parametrize("kind", ["subscriber", "rpc_server"])
+async def test_a_stop_during_a_start_is_not_undone_by_that_start(node: SpareNode, name: str, kind: str) -> None:
+    """A Subscriber's or an RpcServer's stop() during its start() returned at once, and the start, answered once
+    the broker read again, attached a consumer after all: stopped, it took messages (or requests) for good."""
+    runs: list[object] = []
+    async with Broker(settings(node)) as broker:
+        exchange = Exchange(f"{name}.x", type="fanout")
+        pattern: Subscriber[Any] | RpcServer
+        if kind == "subscriber":
+            pattern = Subscriber(broker, exchange, runs.append, queue=f"{name}.sub")
+        else:
+            pattern = RpcServer(broker, f"{name}.rpc", handlers={"run": runs.append})
+        async with memory_alarm(node):
+            await block(broker)
+            starting = asyncio.ensure_future(pattern.start())
+            await asyncio.sleep(1)
+            assert not starting.done(), "the start did not wait for the blocked broker: the test shows nothing"
+            await asyncio.wait_for(pattern.stop(grace=1), 10)
+            await asyncio.wait_for(starting, 5)  # it returns: stopped, as asked
+        await wait_for(lambda: broker.blocked is None, 10)
+        await asyncio.sleep(2)  # the start's declares are answered now
+        listed = await asyncio.to_thread(node.ctl, "list_consumers", "queue_name", "-q")
+        assert not [line for line in listed.stdout.splitlines() if line.startswith(name)], listed.stdout
+        assert not [c for c in broker.consumers if c.queue.name.startswith(name)]
+        if kind == "subscriber":
+            with contextlib.suppress(Exception):  # no queue bound, or no exchange: nothing to deliver either way
+                await broker.publish(Envelope(b"{}"), exchange=exchange.name, confirm=True)
+        await asyncio.sleep(1)
+        assert runs == []

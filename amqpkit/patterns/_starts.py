@@ -1,0 +1,62 @@
+"""Starts a stop can overtake: shared by the patterns that consume (Worker, Subscriber, RpcServer)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("amqpkit.patterns")
+
+
+class Starts:
+    """One start at a time, which a stop ends.
+
+    A start's declares and its basic.consume can wait a long time: during a memory alarm RabbitMQ reads nothing
+    from a connection that has published. A stop then must not wait for it (a SIGTERM's stop would wait the
+    whole alarm), nor let it attach a consumer afterwards (stopped, the pattern would take messages for good).
+    :meth:`run` runs the start; :meth:`overtake`, called by the stop first, cancels it. What the cancelled
+    start began is taken down by its own clean-up (consume() drops a consumer it did not finish starting) in
+    the background, once the broker answers; the next start waits for that clean-up before its own.
+    """
+
+    def __init__(self) -> None:
+        self.turn = asyncio.Lock()  # held by run(): starts one at a time
+        self._overtaken: asyncio.Event | None = None  # the start under way's; set by overtake()
+        self._left: set[asyncio.Future[None]] = set()  # overtaken starts still cleaning up, held until they end
+
+    async def run(self, start: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``start()`` (the caller holds :attr:`turn`); False when a stop overtook it."""
+        if self._left:
+            await asyncio.wait(set(self._left))
+        overtaken = self._overtaken = asyncio.Event()
+        starting = asyncio.ensure_future(start())
+        stopping = asyncio.ensure_future(overtaken.wait())
+        try:
+            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            starting.cancel()  # cancelled from outside: its clean-up ends before this does, as before
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            raise
+        finally:
+            stopping.cancel()
+            self._overtaken = None
+        if starting.done():
+            starting.result()
+            return True
+        starting.cancel()
+        self._left.add(starting)
+        starting.add_done_callback(self._cleaned_up)
+        return False
+
+    def overtake(self) -> None:
+        """Called by a stop: the start under way, if any, ends now (see the class)."""
+        if self._overtaken is not None:
+            self._overtaken.set()
+
+    def _cleaned_up(self, starting: asyncio.Future[None]) -> None:
+        self._left.discard(starting)
+        if not starting.cancelled() and (exc := starting.exception()) is not None:
+            log.debug("a start overtaken by a stop ended with %s: %s", type(exc).__name__, exc)
