@@ -1,0 +1,47 @@
+"""A DLQ listed again and again keeps every dead letter, on RabbitMQ 4.x too.
+
+RabbitMQ 4.0 gives every quorum queue a delivery limit of 20 unless it says otherwise, and counts every message
+handed back (a nack or reject with requeue, a closed channel: measured on 4.0.5) against it. A WorkQueue's DLQ
+is a quorum queue without a limit or a dead-letter exchange of its own. The listing (``amqpkit dlq list``,
+``replay --dry-run``) read it with ``basic.get`` and handed back what it read: past the 20th listing the broker
+dropped every dead letter, without a word. (Found by a hunt; on 3.10 the same under a ``delivery-limit`` policy.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from amqpkit import Broker, Reject, RetryPolicy, Worker, WorkQueue
+from amqpkit.patterns.dlq import count_dead_letters, list_dead_letters
+
+from ..waiting import wait_for
+
+
+@pytest.fixture
+async def work(broker: Broker, name: str) -> AsyncIterator[WorkQueue[int]]:
+    queue: WorkQueue[int] = WorkQueue(broker, f"{name}.jobs", retry=RetryPolicy(max_attempts=1))
+    yield queue
+    for q in [queue.name, queue.dlq_name, f"{queue.name}.retry.300000"]:
+        with contextlib.suppress(Exception):
+            await broker.delete_queue(q)
+
+
+async def test_listing_the_dlq_again_and_again_keeps_every_dead_letter(broker: Broker, work: WorkQueue[int]) -> None:
+    async def handler(n: int) -> None:
+        raise Reject("kept aside")
+
+    async with Worker(work, handler) as worker:
+        for n in range(5):
+            await work.enqueue(n)
+        await wait_for(lambda: worker.dead_lettered == 5)
+    held = []
+    for _ in range(25):  # an operator's `amqpkit dlq list` now and then, or a dashboard every minute
+        await list_dead_letters(broker, work.name)
+        await asyncio.sleep(0.1)  # the handed-back messages are ready again
+        held.append(await count_dead_letters(broker, work.name))
+    # RabbitMQ 4.0.5, before: 5 for the first 20 listings, then 0: every dead letter dropped by the broker
+    assert held == [5] * 25
