@@ -19,7 +19,7 @@ from .. import _hooks
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import Codec
 from ..connection import Consumer
-from ..errors import ConnectionLost, DecodeError, MessageTooLarge, TopologyError, Unroutable
+from ..errors import ConnectionLost, DecodeError, MessageTooLarge, PublishNacked, TopologyError, Unroutable
 from ..executors import ExecutorKind, ProcessRunner, ThreadRunner
 from ..message import Delivery
 from ..topology import DeadLetterStrategy
@@ -338,7 +338,16 @@ class Worker(Generic[T]):
         async def redeclare() -> None:
             await self.queue.delay_queue(real_delay, renew=True)
 
-        moved = await self._forward(raw, queue_name, headers, redeclare)
+        async def copy_refused(nacked: PublishNacked) -> None:
+            # The delay queue refused the copy (full under an operator's reject-publish length limit): requeued,
+            # the task ran again every requeue_backoff as the same attempt, past its retry policy, until the
+            # work queue's delivery limit (21 runs with max_attempts=3, in a hunt). Kept in the DLQ instead.
+            log.error("task %s failed on attempt %d (%s: %s) and delay queue %s refused its retry (%s); "
+                      "dead-lettered instead of retried", task_id, attempt, type(exc).__name__, exc, queue_name,
+                      nacked)  # fmt: skip
+            await self._dead_letter(raw, attempt, "retry-refused", exc, tb)  # which says so, in the events too
+
+        moved = await self._forward(raw, queue_name, headers, redeclare, refused=copy_refused)
         if moved == "moved":
             self.retried += 1
             if self.queue.events:
@@ -383,12 +392,19 @@ class Worker(Generic[T]):
         return headers
 
     async def _forward(
-        self, raw: Delivery[bytes], routing_key: str, headers: dict[str, Any], redeclare: Callable[[], Awaitable[None]]
-    ) -> Literal["moved", "requeued", "rejected"]:
+        self,
+        raw: Delivery[bytes],
+        routing_key: str,
+        headers: dict[str, Any],
+        redeclare: Callable[[], Awaitable[None]],
+        *,
+        refused: Callable[[PublishNacked], Awaitable[None]] | None = None,
+    ) -> Literal["moved", "requeued", "rejected", "refused"]:
         """Publish a copy with ``headers`` to our own queue ``routing_key`` (mandatory, confirmed), then ack
-        the original ("moved"). A copy no queue took: ``redeclare`` the queue and try once more. Failed: requeue
-        it ("requeued"), or, if no copy of it can ever be sent, reject it to its dead-letter exchange ("rejected",
-        see :meth:`_reject_whole`)."""
+        the original ("moved"). A copy no queue took: ``redeclare`` the queue and try once more. A copy the queue
+        refused (a nack) goes to ``refused`` when given, which settles the task ("refused"). Failed otherwise:
+        requeue it ("requeued"), or, if no copy of it can ever be sent, reject it to its dead-letter exchange
+        ("rejected", see :meth:`_reject_whole`)."""
         copy = raw.forwarded(headers)
         try:
             with self.broker.lowlevel.sending_received(raw.body):  # the broker took it: not refused for its size
@@ -408,6 +424,12 @@ class Worker(Generic[T]):
         except MessageTooLarge as exc:
             # The broker's own limit, lowered below this task since it took it: no copy of it can ever be sent.
             return await self._reject_whole(raw, routing_key, exc)
+        except PublishNacked as exc:
+            if refused is None:
+                await self._hold_then_requeue(raw, routing_key, exc)
+                return "requeued"
+            await refused(exc)
+            return "refused"
         except Exception as exc:
             # Not safely stored elsewhere: the original goes back to the queue instead.
             await self._hold_then_requeue(raw, routing_key, exc)
