@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Any
 import aiormq.exceptions
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
-from tenacity import wait_exponential, wait_random
-from tenacity.wait import wait_base
+from tenacity import RetryCallState
 from yarl import URL
 
 from . import aiormq_compat
@@ -240,18 +239,20 @@ class BrokerCore:
                 text = text.replace(password, "***")
         return text
 
-    def _wait_strategy(self) -> wait_base:
-        p = self.settings.reconnect
-        return wait_exponential(multiplier=p.initial_delay, max=p.max_delay, exp_base=p.multiplier) + wait_random(
-            0, p.jitter
-        )
-
     def _retry_delay(self, attempt: int) -> float:
-        """Seconds before retry ``attempt`` (from 0) of something the broker refused for now: the reconnect
-        policy's backoff, up to its ``max_delay``, with its jitter."""
+        """Seconds before retry ``attempt`` (from 0) of a connect or of something the broker refused for now: the
+        reconnect policy's backoff, ``initial_delay * multiplier ** attempt`` up to ``max_delay``, plus a random
+        ``0..jitter`` s (tenacity's ``wait_exponential + wait_random``, which the reconnects used)."""
         p = self.settings.reconnect
-        delay = min(p.initial_delay * p.multiplier ** min(attempt, 64), p.max_delay)
+        try:
+            delay = min(p.initial_delay * p.multiplier**attempt, p.max_delay)
+        except OverflowError:  # past max_delay long before
+            delay = p.max_delay
         return delay + random.uniform(0, p.jitter)
+
+    def _wait_strategy(self, state: RetryCallState) -> float:
+        """The same backoff as tenacity's ``wait=``: its ``attempt_number`` counts from 1."""
+        return self._retry_delay(state.attempt_number - 1)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

@@ -160,7 +160,7 @@ class Broker(Consuming, Publishing):
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(policy.connect_attempts * n_urls),
-                wait=self._wait_strategy(),
+                wait=self._wait_strategy,
                 retry=retry_if_exception(worth_retrying),
                 reraise=True,
             ):
@@ -395,7 +395,7 @@ class Broker(Consuming, Publishing):
     async def _reconnect(self) -> None:
         started = asyncio.get_running_loop().time()
         # Tried until it succeeds or the Broker is closed, a refused login too: access may be given back.
-        async for attempt in AsyncRetrying(wait=self._wait_strategy(), retry=retry_if_exception_type(_Unreachable)):
+        async for attempt in AsyncRetrying(wait=self._wait_strategy, retry=retry_if_exception_type(_Unreachable)):
             with attempt:
                 try:
                     await self._open()
