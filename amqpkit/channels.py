@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiormq.exceptions
@@ -95,6 +96,25 @@ class _SameId:
         self.shared = shared  # none is mandatory and no mandatory one waits: one that is not may join
 
 
+@dataclass(slots=True)
+class _Refusal:
+    """The broker refusing the reconnects' login, while it does (see BrokerCore.access_refused): its last refusal
+    (host:port, the broker's words, the vhost), since when (time.monotonic()), how many attempts it refused, and
+    how many attempts in a row failed otherwise since (a round of URLs that does not refuse ends it)."""
+
+    where: str
+    words: str
+    vhost: str
+    since: float
+    attempts: int = 1
+    unrefused_in_a_row: int = 0
+
+    def lasted(self) -> str:
+        """How long and how many attempts so far: ``12.3 s (4 attempts)``."""
+        n = self.attempts
+        return f"{time.monotonic() - self.since:.1f} s ({n} attempt{'s' if n != 1 else ''})"
+
+
 class BrokerCore:
     """State shared by the Broker's layers, with what each of them needs: readiness, channels, size checks."""
 
@@ -117,13 +137,7 @@ class BrokerCore:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._blocked_at = 0.0  # loop time the broker last blocked the connection (see Broker.blocked)
         self._url_index = 0
-        # While the broker refuses the reconnects' login (see access_refused): the last refusal (host:port, the
-        # broker's words, the vhost), since when (time.monotonic()), how many attempts it refused, and how many
-        # attempts in a row failed otherwise since (a round of URLs that does not refuse ends it).
-        self._refusal: tuple[str, str, str] | None = None
-        self._refused_since = 0.0
-        self._refused_attempts = 0
-        self._unrefused_in_a_row = 0
+        self._refusal: _Refusal | None = None  # while the broker refuses the reconnects' login (see access_refused)
         # The most channels the broker let this Broker have when it last refused one (a limit it counts itself, a
         # user's max-channels), kept until _channel_cap_until (loop time); see _new_channel.
         self._channel_cap: int | None = None
@@ -174,13 +188,9 @@ class BrokerCore:
         refusal = self._refusal
         if refusal is None or self.is_connected:
             return None
-        where, words, vhost = refusal
-        took = time.monotonic() - self._refused_since
-        n = self._refused_attempts
-        attempts = f"{n} attempt{'s' if n != 1 else ''}"
-        return (f"the broker at {where} has refused this Broker's login for {took:.1f} s ({attempts}): "
-                f"{words.rstrip('.')}; check the user, its password and its permissions on vhost {vhost!r} (the "
-                "Broker keeps trying)")  # fmt: skip
+        return (f"the broker at {refusal.where} has refused this Broker's login for {refusal.lasted()}: "
+                f"{refusal.words.rstrip('.')}; check the user, its password and its permissions on vhost "
+                f"{refusal.vhost!r} (the Broker keeps trying)")  # fmt: skip
 
     @property
     def lowlevel(self) -> LowLevel:

@@ -39,7 +39,7 @@ from yarl import URL
 
 from . import _hooks
 from .aiormq_compat import AmqpConnection, ClosedOnOpen, closed_on_open
-from .channels import DisconnectCallback, ReconnectCallback, TopologyErrorCallback
+from .channels import DisconnectCallback, ReconnectCallback, TopologyErrorCallback, _Refusal
 from .consuming import Consumer, ConsumerCallback, Consuming
 from .errors import AccessRefused, ChannelLimitReached, ConnectError, ConnectionLost, TopologyError, access_refused
 from .publishing import Publishing
@@ -419,24 +419,24 @@ class Broker(Consuming, Publishing):
         few seconds for as long as it lasts. Keeps what :attr:`access_refused` says."""
         if not exc.refused:
             log.warning("connect to %s failed: %s", exc.where, exc.reason)
-            if self._refusal is not None:
-                self._unrefused_in_a_row += 1
-                if self._unrefused_in_a_row >= len(self.settings.urls):  # no URL refuses any more
+            refusal = self._refusal
+            if refusal is not None:
+                refusal.unrefused_in_a_row += 1
+                if refusal.unrefused_in_a_row >= len(self.settings.urls):  # no URL refuses any more
                     log.info("the broker no longer refuses the login%s", self._refusal_ended())
             return
-        self._unrefused_in_a_row = 0
-        previous = self._refusal
-        if previous is None:
-            self._refused_since = time.monotonic()
-            self._refused_attempts = 0
-        self._refused_attempts += 1
-        self._refusal = (exc.where, exc.reason, exc.vhost)
-        if previous is not None:
-            if previous[1] == exc.reason:
+        refusal = self._refusal
+        if refusal is not None:
+            said_before = refusal.words
+            refusal.where, refusal.words, refusal.vhost = exc.where, exc.reason, exc.vhost
+            refusal.attempts += 1
+            refusal.unrefused_in_a_row = 0
+            if said_before == exc.reason:
                 log.debug("connect to %s failed: %s", exc.where, exc.reason)
             else:  # another cause (an operator half-way through giving access back): said, once
                 log.warning("the broker at %s still refuses this Broker's login, now: %s", exc.where, exc.reason)
             return
+        self._refusal = _Refusal(exc.where, exc.reason, exc.vhost, since=time.monotonic())
         log.error("the broker at %s refused this Broker's login at a reconnect: %s; check the user, its password "
                   "and its permissions on vhost %r. Trying again every %g s at most, without a line per attempt; "
                   "meanwhile what waits for the connection ends at its deadline with AccessRefused",
@@ -444,13 +444,8 @@ class Broker(Consuming, Publishing):
 
     def _refusal_ended(self) -> str:
         """Forget a refusal of the login: what to add to the line that says it ended ('' when there was none)."""
-        if self._refusal is None:
-            return ""
-        self._refusal = None
-        self._unrefused_in_a_row = 0
-        took = time.monotonic() - self._refused_since
-        n = self._refused_attempts
-        return f"; the broker had refused the login for {took:.1f} s ({n} attempt{'s' if n != 1 else ''})"
+        refusal, self._refusal = self._refusal, None
+        return "" if refusal is None else f"; the broker had refused the login for {refusal.lasted()}"
 
 
 install()  # amqpkit's connections read what another client sent that pamqp cannot (amqpkit.unreadable)
