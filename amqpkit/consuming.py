@@ -377,9 +377,7 @@ class Consuming(TopologyRegistry):
 
     async def _attach_again(self, consumer: Consumer, *, redeclare: bool) -> None:
         await self._ready()
-        if consumer.queue.server_named and consumer.queue not in self._queues:
-            raise TopologyError("its server-named queue is gone and was not ours to declare",
-                                kind="queue", name=consumer.queue.name)  # fmt: skip
+        self._raise_if_gone(consumer.queue)
         if redeclare and consumer.queue in self._queues:
             await self._declare_with_bindings(consumer.queue)
         await self._attach(consumer)
@@ -575,11 +573,16 @@ class Consuming(TopologyRegistry):
         held = {s.name for s in pending if isinstance(s, Exchange)}
         if queue in pending or any(b in pending or b.exchange.name in held for b in self._bindings if b.queue == queue):
             return
+        self._raise_if_gone(queue)
         if queue in self._queues and queue not in declared:
             await self._declare_with_bindings(queue)
-        elif queue.server_named and queue not in self._queues:
-            raise TopologyError("its server-named queue is gone and was not ours to declare", kind="queue")
         await self._attach(consumer)
+
+    def _raise_if_gone(self, queue: Queue) -> None:
+        """A consumer's server-named queue this Broker no longer remembers (forgotten, or never declared by it)
+        cannot be made again for it: a re-attach fails with a TopologyError."""
+        if queue.server_named and queue not in self._queues:
+            raise TopologyError("its server-named queue is gone and was not ours to declare", kind="queue")
 
     def _consumers_detached(self) -> None:
         """The connection is gone: no consumer is attached until the reconnect attaches it again."""
