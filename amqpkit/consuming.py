@@ -502,12 +502,12 @@ class Consuming(TopologyRegistry):
                 await self._connected.wait()
                 continue  # the reconnect declared everything again and attached what it could: look again
             try:
-                declared = await self._declare_refused()
+                declared, held = await self._declare_refused()
                 for consumer in waiting:
                     if consumer.cancelled or consumer._access_refusal is None:
                         continue
                     try:
-                        await self._reattach_refused(consumer, declared)
+                        await self._reattach_refused(consumer, declared, held)
                     except TopologyError as exc:
                         if access_refused(exc):
                             self._wait_for_access(consumer, exc)  # still refused: said again only if it differs
@@ -524,11 +524,12 @@ class Consuming(TopologyRegistry):
             except Exception:
                 log.exception("declaring again what the broker refused access to failed; tried again later")
 
-    async def _declare_refused(self) -> set[Queue]:
+    async def _declare_refused(self) -> tuple[set[Queue], set[str]]:
         """Declare the specs refused access, exchanges first, then queues, then bindings (a declared queue's own
         too); what is still refused stays, what is refused otherwise now is forgotten and reported, each spec for
         its own error (a bind's is not its queue's). A binding whose exchange is still refused is not tried. The
-        queues declared."""
+        queues declared, and the names of the exchanges still waiting (for :meth:`_reattach_refused`, once a round:
+        every exchange left in ``_access_refused``, also one no longer remembered, which the next round drops)."""
         pending = self._access_refused
 
         async def again(spec: Exchange | Queue | Binding) -> bool:
@@ -563,14 +564,14 @@ class Consuming(TopologyRegistry):
                 pending[binding] = held[binding.exchange.name]  # waits with its exchange
                 continue
             await again(binding)
-        return declared
+        return declared, {s.name for s in pending if isinstance(s, Exchange)}
 
-    async def _reattach_refused(self, consumer: Consumer, declared: set[Queue]) -> None:
+    async def _reattach_refused(self, consumer: Consumer, declared: set[Queue], held: set[str]) -> None:
         """Declare ``consumer``'s queue and bindings again (ours to declare, and not just declared), then attach;
-        not while its queue, one of its bindings or their exchange is still refused (it waits with them)."""
+        not while its queue, one of its bindings or their exchange (named in ``held``) is still refused (it waits
+        with them)."""
         queue = consumer.queue
         pending = self._access_refused
-        held = {s.name for s in pending if isinstance(s, Exchange)}
         if queue in pending or any(b in pending or b.exchange.name in held for b in self._bindings if b.queue == queue):
             return
         self._raise_if_gone(queue)
