@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -65,6 +65,29 @@ def as_user(amqp_url: str, vhost: str, user: str, **overrides: Any) -> BrokerSet
     return BrokerSettings(url=url, **options)
 
 
+@contextlib.asynccontextmanager
+async def proxied_as_user(
+    amqp_url: str, vhost: str, user: str, **overrides: Any
+) -> AsyncIterator[tuple[BrokerSettings, FaultProxy]]:
+    """Settings of ``user`` on ``vhost`` (see :func:`as_user`) through a fault proxy of their own: (settings, proxy)."""
+    settings = as_user(amqp_url, vhost, user, **overrides)
+    host, port = settings.urls[0].split("@", 1)[1].split("/", 1)[0].split(":")
+    proxy = await FaultProxy(host, int(port)).start()
+    try:
+        yield settings.model_copy(update={"urls": (with_vhost(proxy.url(user, PASSWORD), vhost),)}), proxy
+    finally:
+        await proxy.close()
+
+
+@contextlib.asynccontextmanager
+async def through_proxy(
+    amqp_url: str, vhost: str, user: str, **overrides: Any
+) -> AsyncIterator[tuple[Broker, FaultProxy]]:
+    """A Broker of ``user`` on ``vhost`` through a fault proxy of its own: (broker, proxy)."""
+    async with proxied_as_user(amqp_url, vhost, user, **overrides) as (proxied, proxy), Broker(proxied) as broker:
+        yield broker, proxy
+
+
 def lift_limits(vhost: str) -> None:
     """Clear the vhost's limits (rabbitmqctl fails when there are none: that is fine)."""
     with contextlib.suppress(RuntimeError):
@@ -107,44 +130,38 @@ async def test_an_exclusive_reply_queue_refused_at_a_reconnect_is_made_again_onc
     """The reconnect could not declare the client's exclusive reply queue again (the vhost's max-queues): every
     call after it failed at once with "used before it was declared", for good, even after the limit was lifted
     (3 of 3 runs, in a hunt). The client now starts again, with a new reply queue, at its next call."""
-    settings = as_user(amqp_url, vhost, user)
-    host, port = settings.urls[0].split("@", 1)[1].split("/", 1)[0].split(":")
-    proxy = await FaultProxy(host, int(port)).start()
-    try:
-        slow = ReconnectPolicy(initial_delay=0.5, max_delay=0.5, jitter=0)  # time to call while it is down
-        proxied = settings.model_copy(
-            update={"urls": (with_vhost(proxy.url(user, PASSWORD), vhost),), "reconnect": slow}
-        )
-        async with Broker(settings) as server_broker, Broker(proxied) as client_broker:
-            server = RpcServer(server_broker, f"{name}.rpc")
+    slow = ReconnectPolicy(initial_delay=0.5, max_delay=0.5, jitter=0)  # time to call while it is down
+    async with (
+        Broker(as_user(amqp_url, vhost, user)) as server_broker,
+        through_proxy(amqp_url, vhost, user, reconnect=slow) as (client_broker, proxy),
+    ):
+        server = RpcServer(server_broker, f"{name}.rpc")
 
-            @server.method("add")
-            async def add(n: int) -> int:
-                return n + 1
+        @server.method("add")
+        async def add(n: int) -> int:
+            return n + 1
 
-            await server.start()
-            client = RpcClient(client_broker, f"{name}.rpc", reply_queue="exclusive")
-            try:
-                assert await client.call("add", 1, timeout=5) == 2
-                rabbitmqctl("set_vhost_limits", "-p", vhost, f'{{"max-queues": {len(queues(vhost)) - 1}}}')
-                reconnects = client_broker.reconnects
-                proxy.cut()  # the exclusive reply queue goes with the connection; no room to declare it again
-                await wait_for(lambda: not client_broker.is_connected, 5)
-                # Made while it is down, this call waits for the reconnect, which cannot bring its reply queue
-                # back: a typed error with the broker's reason (a review: AttributeError).
-                with pytest.raises((ConnectionLost, TopologyError), match="queue limit in vhost"):
-                    await client.call("add", 2, timeout=5)
-                await wait_for(lambda: client_broker.reconnects > reconnects, 15)
-                with pytest.raises(TopologyError, match="queue limit in vhost"):
-                    await client.call("add", 2, timeout=5)
-                lift_limits(vhost)
-                assert await client.call("add", 3, timeout=5) == 4
-            finally:
-                lift_limits(vhost)
-                await client.close()
-                await server.stop()
-    finally:
-        await proxy.close()
+        await server.start()
+        client = RpcClient(client_broker, f"{name}.rpc", reply_queue="exclusive")
+        try:
+            assert await client.call("add", 1, timeout=5) == 2
+            rabbitmqctl("set_vhost_limits", "-p", vhost, f'{{"max-queues": {len(queues(vhost)) - 1}}}')
+            reconnects = client_broker.reconnects
+            proxy.cut()  # the exclusive reply queue goes with the connection; no room to declare it again
+            await wait_for(lambda: not client_broker.is_connected, 5)
+            # Made while it is down, this call waits for the reconnect, which cannot bring its reply queue
+            # back: a typed error with the broker's reason (a review: AttributeError).
+            with pytest.raises((ConnectionLost, TopologyError), match="queue limit in vhost"):
+                await client.call("add", 2, timeout=5)
+            await wait_for(lambda: client_broker.reconnects > reconnects, 15)
+            with pytest.raises(TopologyError, match="queue limit in vhost"):
+                await client.call("add", 2, timeout=5)
+            lift_limits(vhost)
+            assert await client.call("add", 3, timeout=5) == 4
+        finally:
+            lift_limits(vhost)
+            await client.close()
+            await server.stop()
 
 
 async def test_a_task_whose_delay_queue_is_refused_is_dead_lettered_not_run_again_and_again(
@@ -327,51 +344,44 @@ async def test_a_consumer_refused_access_at_a_reconnect_waits_and_comes_back_onc
 
     caplog.set_level(logging.INFO, logger="amqpkit.broker")
     events = Exchange(f"{name}.events", type="fanout")
-    settings = as_user(amqp_url, vhost, user)
-    host, port = settings.urls[0].split("@", 1)[1].split("/", 1)[0].split(":")
-    proxy = await FaultProxy(host, int(port)).start()
     errors: list[BaseException] = []
     got: list[Any] = []
-    try:
-        proxied = settings.model_copy(update={"urls": (with_vhost(proxy.url(user, PASSWORD), vhost),)})
-        async with Broker(proxied) as broker:
+    async with through_proxy(amqp_url, vhost, user) as (broker, proxy):
 
-            async def on_event(event: Any) -> None:
-                got.append(event)
+        async def on_event(event: Any) -> None:
+            got.append(event)
 
-            async def on_plain(delivery: Delivery[bytes]) -> None:
-                got.append(delivery.body)
-                await delivery.ack()
+        async def on_plain(delivery: Delivery[bytes]) -> None:
+            got.append(delivery.body)
+            await delivery.ack()
 
-            subscriber = Subscriber(broker, events, on_event, on_error=errors.append)  # private: declared again
-            await subscriber.start()
-            plain = await broker.consume(Queue(f"{name}.plain"), on_plain, on_error=errors.append)
-            consumers: list[Consumer] = list(broker.consumers)
-            try:
-                rabbitmqctl("set_permissions", "-p", vhost, user, "^$", ".*", "^$")  # no configure, no read
-                await bounce(proxy, broker)
-                await wait_for(lambda: all(c.error is not None for c in consumers), 10)
-                await asyncio.sleep(1)  # tried again and again meanwhile (the backoff here: 0.5 s at most)
-                assert errors == [] and subscriber.error is None
-                for consumer in consumers:
-                    assert not consumer.cancelled and not consumer.attached.is_set()
-                    assert isinstance(consumer.error, TopologyError) and "ACCESS_REFUSED" in str(consumer.error)
-                assert broker.consumers == tuple(consumers) and len(broker.detached_consumers()) == 2
-                refusals = [r for r in caplog.records if "is not attached" in r.getMessage()]
-                assert len(refusals) == 2, [r.getMessage() for r in refusals]  # once each, not once per attempt
-                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-                await wait_for(lambda: not broker.detached_consumers(), 10)
-                assert all(c.error is None and not c.cancelled for c in consumers)
-                await broker.publish(Envelope(b"{}", content_type="application/json"), exchange=events.name)
-                await broker.publish(Envelope(b"plain"), routing_key=plain.queue_name)
-                await wait_for(lambda: len(got) == 2, 10)
-                assert errors == []
-            finally:
-                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-                await plain.cancel()
-                await subscriber.stop()
-    finally:
-        await proxy.close()
+        subscriber = Subscriber(broker, events, on_event, on_error=errors.append)  # private: declared again
+        await subscriber.start()
+        plain = await broker.consume(Queue(f"{name}.plain"), on_plain, on_error=errors.append)
+        consumers: list[Consumer] = list(broker.consumers)
+        try:
+            rabbitmqctl("set_permissions", "-p", vhost, user, "^$", ".*", "^$")  # no configure, no read
+            await bounce(proxy, broker)
+            await wait_for(lambda: all(c.error is not None for c in consumers), 10)
+            await asyncio.sleep(1)  # tried again and again meanwhile (the backoff here: 0.5 s at most)
+            assert errors == [] and subscriber.error is None
+            for consumer in consumers:
+                assert not consumer.cancelled and not consumer.attached.is_set()
+                assert isinstance(consumer.error, TopologyError) and "ACCESS_REFUSED" in str(consumer.error)
+            assert broker.consumers == tuple(consumers) and len(broker.detached_consumers()) == 2
+            refusals = [r for r in caplog.records if "is not attached" in r.getMessage()]
+            assert len(refusals) == 2, [r.getMessage() for r in refusals]  # once each, not once per attempt
+            rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+            await wait_for(lambda: not broker.detached_consumers(), 10)
+            assert all(c.error is None and not c.cancelled for c in consumers)
+            await broker.publish(Envelope(b"{}", content_type="application/json"), exchange=events.name)
+            await broker.publish(Envelope(b"plain"), routing_key=plain.queue_name)
+            await wait_for(lambda: len(got) == 2, 10)
+            assert errors == []
+        finally:
+            rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+            await plain.cancel()
+            await subscriber.stop()
 
 
 async def test_a_service_refused_access_at_a_reconnect_is_not_ready_then_ready_again(
@@ -380,35 +390,28 @@ async def test_a_service_refused_access_at_a_reconnect_is_not_ready_then_ready_a
     """The same refusal failed the whole service (on_topology_error and on_error: `amqpkit run` exits), though
     an operator may give the rights back a minute later. It now leaves the service running and not ready, its
     readiness naming the refusal, until the rights are back."""
-    settings = as_user(amqp_url, vhost, user)
-    host, port = settings.urls[0].split("@", 1)[1].split("/", 1)[0].split(":")
-    proxy = await FaultProxy(host, int(port)).start()
     svc = Service(f"{name}.svc")
 
     @svc.rpc(f"{name}.rpc")
     async def add(n: int) -> int:
         return n + 1
 
-    try:
-        proxied = settings.model_copy(update={"urls": (with_vhost(proxy.url(user, PASSWORD), vhost),)})
-        async with svc.serve(proxied, grace=1) as running:
-            assert running.ready
-            try:
-                rabbitmqctl("set_permissions", "-p", vhost, user, "^$", ".*", "^$")
-                await bounce(proxy, running.broker)
-                await wait_for(lambda: "ACCESS_REFUSED" in str(running.readiness()[1]), 10)
-                await asyncio.sleep(1)
-                ready, reason = running.readiness()
-                assert not ready and running.error is None and running.failures == [], reason
-                assert reason is not None and f"{name}.rpc" in reason, reason
-                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-                await wait_for(lambda: running.ready, 10)
-                async with RpcClient(running.broker, f"{name}.rpc") as client:
-                    assert await client.call("add", 1, timeout=5) == 2
-            finally:
-                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-    finally:
-        await proxy.close()
+    async with proxied_as_user(amqp_url, vhost, user) as (proxied, proxy), svc.serve(proxied, grace=1) as running:
+        assert running.ready
+        try:
+            rabbitmqctl("set_permissions", "-p", vhost, user, "^$", ".*", "^$")
+            await bounce(proxy, running.broker)
+            await wait_for(lambda: "ACCESS_REFUSED" in str(running.readiness()[1]), 10)
+            await asyncio.sleep(1)
+            ready, reason = running.readiness()
+            assert not ready and running.error is None and running.failures == [], reason
+            assert reason is not None and f"{name}.rpc" in reason, reason
+            rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+            await wait_for(lambda: running.ready, 10)
+            async with RpcClient(running.broker, f"{name}.rpc") as client:
+                assert await client.call("add", 1, timeout=5) == 2
+        finally:
+            rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
 
 
 async def test_an_rpc_client_whose_reply_queue_is_refused_access_fails_its_calls_at_once_until_allowed(
@@ -418,54 +421,36 @@ async def test_an_rpc_client_whose_reply_queue_is_refused_access_fails_its_calls
     made meanwhile were sent with the old reply queue's name, so each ended only at its timeout (RpcTimeout), its
     reply lost. Each now fails at once with the refusal, and calls work again once the broker allows the queue."""
     server_settings = BrokerSettings(url=with_vhost(amqp_url, vhost), heartbeat=5, reconnect=FAST)
-    settings = as_user(amqp_url, vhost, user)
-    host, port = settings.urls[0].split("@", 1)[1].split("/", 1)[0].split(":")
-    proxy = await FaultProxy(host, int(port)).start()
-    try:
-        proxied = settings.model_copy(update={"urls": (with_vhost(proxy.url(user, PASSWORD), vhost),)})
-        async with Broker(server_settings) as server_broker, Broker(proxied) as client_broker:
-            server = RpcServer(server_broker, f"{name}.rpc")
+    async with (
+        Broker(server_settings) as server_broker,
+        through_proxy(amqp_url, vhost, user) as (client_broker, proxy),
+    ):
+        server = RpcServer(server_broker, f"{name}.rpc")
 
-            @server.method("add")
-            async def add(n: int) -> int:
-                return n + 1
+        @server.method("add")
+        async def add(n: int) -> int:
+            return n + 1
 
-            await server.start()
-            client = RpcClient(client_broker, f"{name}.rpc", reply_queue="exclusive")
-            try:
-                assert await client.call("add", 1, timeout=5) == 2
-                rabbitmqctl("set_permissions", "-p", vhost, user, "^$", ".*", "^$")  # no configure, no read
-                await bounce(proxy, client_broker)
-                await wait_for(lambda: client_broker.detached_consumers(), 10)
-                loop = asyncio.get_running_loop()
-                for _ in range(2):
-                    started = loop.time()
-                    with pytest.raises(TopologyError, match="ACCESS_REFUSED"):
-                        await client.call("add", 2, timeout=5)
-                    assert loop.time() - started < 2  # at once, not at its timeout
-                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-                await wait_for(lambda: not client_broker.detached_consumers(), 10)
-                assert await client.call("add", 3, timeout=5) == 4
-            finally:
-                rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-                await client.close()
-                await server.stop()
-    finally:
-        await proxy.close()
-
-
-@contextlib.asynccontextmanager
-async def through_proxy(amqp_url: str, vhost: str, user: str) -> Any:
-    """A Broker of ``user`` on ``vhost`` through a fault proxy of its own: (broker, proxy)."""
-    settings = as_user(amqp_url, vhost, user)
-    host, port = settings.urls[0].split("@", 1)[1].split("/", 1)[0].split(":")
-    proxy = await FaultProxy(host, int(port)).start()
-    try:
-        proxied = settings.model_copy(update={"urls": (with_vhost(proxy.url(user, PASSWORD), vhost),)})
-        async with Broker(proxied) as broker:
-            yield broker, proxy
-    finally:
-        await proxy.close()
+        await server.start()
+        client = RpcClient(client_broker, f"{name}.rpc", reply_queue="exclusive")
+        try:
+            assert await client.call("add", 1, timeout=5) == 2
+            rabbitmqctl("set_permissions", "-p", vhost, user, "^$", ".*", "^$")  # no configure, no read
+            await bounce(proxy, client_broker)
+            await wait_for(lambda: client_broker.detached_consumers(), 10)
+            loop = asyncio.get_running_loop()
+            for _ in range(2):
+                started = loop.time()
+                with pytest.raises(TopologyError, match="ACCESS_REFUSED"):
+                    await client.call("add", 2, timeout=5)
+                assert loop.time() - started < 2  # at once, not at its timeout
+            rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+            await wait_for(lambda: not client_broker.detached_consumers(), 10)
+            assert await client.call("add", 3, timeout=5) == 4
+        finally:
+            rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+            await client.close()
+            await server.stop()
 
 
 @pytest.mark.parametrize("queue_allowed_first", [False, True], ids=["both-refused", "exchange-refused"])
