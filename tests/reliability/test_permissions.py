@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -88,6 +88,27 @@ async def through_proxy(
         yield broker, proxy
 
 
+@contextlib.asynccontextmanager
+async def rpc_adder(
+    server_broker: Broker, client_broker: Broker, name: str, reply_queue: Literal["direct", "exclusive"]
+) -> AsyncIterator[RpcClient]:
+    """An RpcServer on ``server_broker`` for ``{name}.rpc`` whose "add" adds 1, started, and an RpcClient of it on
+    ``client_broker``: the client, closed and the server stopped at the end."""
+    server = RpcServer(server_broker, f"{name}.rpc")
+
+    @server.method("add")
+    async def add(n: int) -> int:
+        return n + 1
+
+    await server.start()
+    client = RpcClient(client_broker, f"{name}.rpc", reply_queue=reply_queue)
+    try:
+        yield client
+    finally:
+        await client.close()
+        await server.stop()
+
+
 def lift_limits(vhost: str) -> None:
     """Clear the vhost's limits (rabbitmqctl fails when there are none: that is fine)."""
     with contextlib.suppress(RuntimeError):
@@ -134,15 +155,8 @@ async def test_an_exclusive_reply_queue_refused_at_a_reconnect_is_made_again_onc
     async with (
         Broker(as_user(amqp_url, vhost, user)) as server_broker,
         through_proxy(amqp_url, vhost, user, reconnect=slow) as (client_broker, proxy),
+        rpc_adder(server_broker, client_broker, name, "exclusive") as client,
     ):
-        server = RpcServer(server_broker, f"{name}.rpc")
-
-        @server.method("add")
-        async def add(n: int) -> int:
-            return n + 1
-
-        await server.start()
-        client = RpcClient(client_broker, f"{name}.rpc", reply_queue="exclusive")
         try:
             assert await client.call("add", 1, timeout=5) == 2
             rabbitmqctl("set_vhost_limits", "-p", vhost, f'{{"max-queues": {len(queues(vhost)) - 1}}}')
@@ -160,8 +174,6 @@ async def test_an_exclusive_reply_queue_refused_at_a_reconnect_is_made_again_onc
             assert await client.call("add", 3, timeout=5) == 4
         finally:
             lift_limits(vhost)
-            await client.close()
-            await server.stop()
 
 
 async def test_a_task_whose_delay_queue_is_refused_is_dead_lettered_not_run_again_and_again(
@@ -245,32 +257,24 @@ async def test_a_publish_a_topic_permission_refuses_fails_alone_and_at_once(
 
 @pytest.mark.parametrize("reply_queue", ["direct", "exclusive"])
 async def test_an_rpc_request_the_broker_refuses_fails_with_the_broker_s_reason(
-    amqp_url: str, vhost: str, user: str, name: str, reply_queue: str
+    amqp_url: str, vhost: str, user: str, name: str, reply_queue: Literal["direct", "exclusive"]
 ) -> None:
     """Over direct reply-to, a refused request closed the reply channel and the call failed as ConnectionLost,
     "the reply channel closed", without the broker's reason (and call_with_retry retried it)."""
     server_settings = BrokerSettings(url=with_vhost(amqp_url, vhost), heartbeat=5, reconnect=FAST)
     # RabbitMQ keeps a channel's granted permissions for that channel's life: narrowed before any channel opens.
     rabbitmqctl("set_permissions", "-p", vhost, user, ".*", "^$", ".*")  # may write nowhere
-    async with Broker(server_settings) as server_broker, Broker(as_user(amqp_url, vhost, user)) as client_broker:
-        server = RpcServer(server_broker, f"{name}.rpc")
-
-        @server.method("add")
-        async def add(n: int) -> int:
-            return n + 1
-
-        await server.start()
-        client = RpcClient(client_broker, f"{name}.rpc", reply_queue=reply_queue)  # type: ignore[arg-type]
-        try:
-            for _ in range(2):
-                # 3.10 says "access to", 4.x "write access to"
-                with pytest.raises(PublishError, match=r"ACCESS_REFUSED - (write )?access to exchange 'amq\.default'"):
-                    await client.call("add", 2, timeout=5)
-            rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-            assert await client.call("add", 3, timeout=5) == 4
-        finally:
-            await client.close()
-            await server.stop()
+    async with (
+        Broker(server_settings) as server_broker,
+        Broker(as_user(amqp_url, vhost, user)) as client_broker,
+        rpc_adder(server_broker, client_broker, name, reply_queue) as client,
+    ):
+        for _ in range(2):
+            # 3.10 says "access to", 4.x "write access to"
+            with pytest.raises(PublishError, match=r"ACCESS_REFUSED - (write )?access to exchange 'amq\.default'"):
+                await client.call("add", 2, timeout=5)
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        assert await client.call("add", 3, timeout=5) == 4
 
 
 async def test_consumers_come_back_when_their_vhost_is_deleted_and_made_again(
@@ -424,15 +428,8 @@ async def test_an_rpc_client_whose_reply_queue_is_refused_access_fails_its_calls
     async with (
         Broker(server_settings) as server_broker,
         through_proxy(amqp_url, vhost, user) as (client_broker, proxy),
+        rpc_adder(server_broker, client_broker, name, "exclusive") as client,
     ):
-        server = RpcServer(server_broker, f"{name}.rpc")
-
-        @server.method("add")
-        async def add(n: int) -> int:
-            return n + 1
-
-        await server.start()
-        client = RpcClient(client_broker, f"{name}.rpc", reply_queue="exclusive")
         try:
             assert await client.call("add", 1, timeout=5) == 2
             rabbitmqctl("set_permissions", "-p", vhost, user, "^$", ".*", "^$")  # no configure, no read
@@ -449,8 +446,6 @@ async def test_an_rpc_client_whose_reply_queue_is_refused_access_fails_its_calls
             assert await client.call("add", 3, timeout=5) == 4
         finally:
             rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-            await client.close()
-            await server.stop()
 
 
 @pytest.mark.parametrize("queue_allowed_first", [False, True], ids=["both-refused", "exchange-refused"])
