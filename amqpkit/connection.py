@@ -38,6 +38,7 @@ from tenacity import (
 from yarl import URL
 
 from . import _hooks
+from ._aio import first_of
 from .aiormq_compat import AmqpConnection, ClosedOnOpen, closed_on_open
 from .channels import DisconnectCallback, ReconnectCallback, TopologyErrorCallback, _Refusal
 from .consuming import Consumer, ConsumerCallback, Consuming
@@ -122,11 +123,7 @@ class Broker(Consuming, Publishing):
         conn = self._conn
         if conn is None or conn.blocked is None or conn.is_closed:
             return
-        unblocked = asyncio.ensure_future(conn.unblocked.wait())
-        try:
-            await asyncio.wait({unblocked, conn.closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            unblocked.cancel()
+        await first_of(conn.unblocked.wait(), conn.closing)
 
     def _blocked_changed(self, conn: AmqpConnection, reason: str | None) -> None:
         if conn is not self._conn:

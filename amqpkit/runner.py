@@ -25,6 +25,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ._aio import first_of
 from .health import HealthServer
 from .service import RunningService, Service
 from .settings import BrokerSettings
@@ -136,12 +137,7 @@ async def serve(
         await running.start()
         if on_started is not None:
             on_started(running)
-        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(running.wait_failed())}
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiting in waits:
-                waiting.cancel()
+        await first_of(stop.wait(), running.wait_failed())
         await running.stop(grace=options.grace)
     finally:
         if health is not None:

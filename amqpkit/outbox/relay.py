@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from typing import Any, Self
 
 from .. import _hooks
+from .._aio import first_of
 from ..connection import Broker
 from ..errors import AmqpkitError, ConnectError, ConnectionLost, InvalidMessage, MessageTooLarge, PublishError
 from ..message import ENCODER_REFUSALS
@@ -184,14 +185,11 @@ class Relay:
     async def _idle(self, stop: asyncio.Event | None) -> None:
         """Wait for a wake-up from the store, the poll interval, or a stop, whichever comes first."""
         waiting = asyncio.ensure_future(self.store.wait_for_rows(self.poll_interval))
-        stops = [asyncio.ensure_future(self._stop.wait())]
-        if stop is not None:
-            stops.append(asyncio.ensure_future(stop.wait()))
+        stops = [self._stop.wait()] if stop is None else [self._stop.wait(), stop.wait()]
         try:
-            await asyncio.wait([waiting, *stops], return_when=asyncio.FIRST_COMPLETED)
+            await first_of(waiting, *stops)
         finally:
-            for w in (waiting, *stops):
-                w.cancel()
+            waiting.cancel()  # its own task: cancelled here, and waited for (the store's wait cleans up)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await waiting
 
