@@ -37,6 +37,7 @@ from tenacity import RetryCallState
 from yarl import URL
 
 from . import aiormq_compat
+from ._aio import first_of
 from .errors import (
     ChannelLimitReached,
     ConnectionLost,
@@ -208,13 +209,7 @@ class BrokerCore:
             return
         if self._closing:
             raise ConnectionLost("this Broker is closed")
-        connected = asyncio.ensure_future(self._connected.wait())
-        closed = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait((connected, closed), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            connected.cancel()
-            closed.cancel()
+        await first_of(self._connected.wait(), self._closed.wait(), timeout=timeout)
         if self._connected.is_set():
             return
         if self._closing:

@@ -53,3 +53,10 @@ async def test_cancelled_itself_it_cancels_the_waits_it_made() -> None:
         await waiting
     await asyncio.sleep(0)
     assert waits.cancelled == ["one", "two"]
+
+
+async def test_past_its_timeout_it_returns_and_cancels_them() -> None:
+    waits = Waits()
+    await asyncio.wait_for(first_of(waits.sleep("one", 60), waits.sleep("two", 60), timeout=0.01), 5)
+    await asyncio.sleep(0)
+    assert waits.cancelled == ["one", "two"]
