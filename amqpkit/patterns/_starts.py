@@ -7,6 +7,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from .._aio import first_of
+
 log = logging.getLogger("amqpkit.patterns")
 
 
@@ -28,20 +30,21 @@ class Starts:
 
     async def run(self, start: Callable[[], Awaitable[None]]) -> bool:
         """Run ``start()`` (the caller holds :attr:`turn`); False when a stop overtook it."""
-        if self._left:
-            await asyncio.wait(set(self._left))
         overtaken = self._overtaken = asyncio.Event()
-        starting = asyncio.ensure_future(start())
-        stopping = asyncio.ensure_future(overtaken.wait())
         try:
-            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            starting.cancel()  # cancelled from outside: its clean-up ends before this does, as before
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
-            raise
+            if self._left:  # an earlier overtaken start still cleaning up: after it, unless overtaken too
+                await first_of(asyncio.wait(set(self._left)), overtaken.wait())
+                if overtaken.is_set():
+                    return False
+            starting = asyncio.ensure_future(start())
+            try:
+                await first_of(starting, overtaken.wait())  # the start is a task: first_of leaves it be
+            except asyncio.CancelledError:
+                starting.cancel()  # cancelled from outside: its clean-up ends before this does, as before
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                raise
         finally:
-            stopping.cancel()
             self._overtaken = None
         if starting.done():
             starting.result()
