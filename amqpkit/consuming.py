@@ -19,9 +19,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp.commands import Basic
 
 from . import _hooks
+from ._streams import StreamPosition, reads_stream
 from .errors import ChannelLimitReached, ConnectionLost, TopologyError, access_refused, map_exceptions, same_refusal
 from .message import Delivery, delivery_from_aiormq
 from .registry import TopologyRegistry, _describe
@@ -66,6 +68,7 @@ class Consumer:
         "_owns_queue",
         "_refused",
         "_starting",
+        "_stream",
         "arguments",
         "attached",
         "auto_ack",
@@ -121,6 +124,8 @@ class Consumer:
         self._owns_queue = False
         # the broker's refusal of access (403) it waits out, tried again in the background (Consuming._retry_refused)
         self._access_refusal: TopologyError | None = None
+        # a stream's consumer: where it got to, which a re-attach resumes from (amqpkit._streams); else None
+        self._stream = StreamPosition() if reads_stream(queue, arguments) else None
 
     async def cancel(self, *, grace: float = 0.0) -> None:
         """Stop receiving; wait up to ``grace`` seconds for running callbacks."""
@@ -164,6 +169,19 @@ class Consuming(TopologyRegistry):
         The queue is declared first (and remembered) unless ``declare=False``,
         for a queue someone else owns. Each delivery runs ``callback`` in its
         own task; settle it there (unless ``auto_ack``).
+
+        A consumer of a stream (an ``x-stream-offset`` argument, or a queue
+        declared as a stream) resumes where it got to whenever it is attached
+        again (a reconnect, a cancel by the broker, a lost channel), at least
+        once: from the lowest offset handed to ``callback`` and not yet
+        settled, else the last one settled + 1 (an auto-ack delivery is
+        settled when handed over). Until something was delivered the
+        ``x-stream-offset`` given stands: from ``"next"``, what is appended
+        while it is detached before its first delivery is not delivered (where
+        ``"next"`` pointed cannot be read over AMQP 0-9-1); start from a stored
+        offset, ``"first"`` or a timestamp where that matters. A stream deleted
+        under its consumer, and declared again by the re-attach, is read as
+        given again.
         """
         declared = False
         if declare and queue not in self._queues:
@@ -259,15 +277,14 @@ class Consuming(TopologyRegistry):
         with map_exceptions(kind="queue", name=queue_name):
             channel = await self._new_channel(conn, publisher_confirms=False)
             await channel.basic_qos(prefetch_count=consumer.prefetch)
-            # aiormq runs it in a task of its own per delivery: _dispatch itself, no coroutine wrapped around it.
-            on_message = functools.partial(self._dispatch, consumer)
+            arguments, on_message = self._consuming_with(consumer)
             channel.on_consumer_cancel_callbacks.add(lambda frame: self._on_broker_cancel(consumer, channel))
             await channel.basic_consume(
                 queue_name,
                 on_message,
                 no_ack=consumer.auto_ack,
                 exclusive=consumer.exclusive,
-                arguments=consumer.arguments or None,
+                arguments=arguments,
                 consumer_tag=consumer.consumer_tag,
             )
         if consumer.cancelled or self._closing:
@@ -289,12 +306,28 @@ class Consuming(TopologyRegistry):
         channel.closing.add_done_callback(lambda _: self._on_consumer_channel_closed(consumer, channel, generation))
         log.debug("consumer %s attached to %s", consumer.consumer_tag, queue_name)
 
-    async def _dispatch(self, consumer: Consumer, message: DeliveredMessage) -> None:
+    def _consuming_with(self, consumer: Consumer) -> tuple[dict[str, Any] | None, Callable[[DeliveredMessage], Any]]:
+        """The arguments of ``consumer``'s attach and what runs each of its deliveries. A stream's consumer
+        resumes where it got to, at least once (amqpkit._streams), and notes each delivery; the others, as given."""
+        if consumer._stream is None:
+            # aiormq runs it in a task of its own per delivery: _dispatch itself, no coroutine wrapped around it.
+            return consumer.arguments or None, functools.partial(self._dispatch, consumer)
+        arguments, read = consumer._stream.attach(consumer.arguments)
+        if read.start is not None:
+            log.debug("consumer %s resumes %s from offset %d", consumer.consumer_tag, self._shown(consumer), read.start)
+        return arguments or None, functools.partial(self._dispatch, consumer, deliver=read.delivery)
+
+    async def _dispatch(
+        self,
+        consumer: Consumer,
+        message: DeliveredMessage,
+        deliver: Callable[..., Delivery[bytes]] = delivery_from_aiormq,
+    ) -> None:
         task = asyncio.current_task()
         if task is not None:
             consumer.inflight.add(task)
         try:
-            delivery = delivery_from_aiormq(message, auto_ack=consumer.auto_ack)
+            delivery = deliver(message, auto_ack=consumer.auto_ack)
             if _hooks.consume is not None:  # amqpkit.telemetry: the callback in a CONSUMER span
                 await _hooks.consume(consumer, delivery)
             else:
@@ -329,11 +362,30 @@ class Consuming(TopologyRegistry):
         consumer._channel = None
 
         async def close_then_reattach() -> None:
+            if consumer._stream is not None:
+                await self._stream_gone(consumer)
             with contextlib.suppress(Exception):
                 await channel.close()
             await self._reattach(consumer, redeclare=True)
 
         self._spawn(close_then_reattach())
+
+    async def _stream_gone(self, consumer: Consumer) -> None:
+        """A stream's consumer the broker cancelled: if its stream was deleted (the usual why), where it got to means
+        nothing in the stream the re-attach declares again, whose offsets start at 0 again (an old offset would
+        wait for that many new messages first), and the argument given to consume() stands again. Asked before
+        the re-attach declares it: gone or not, this side keeps resuming."""
+        if not self.is_connected:
+            return  # the reconnect re-attaches it where it got to
+        try:
+            await asyncio.wait_for(self.queue_counts(consumer.queue), 10)
+        except TopologyError as exc:
+            if isinstance(exc.__cause__, ChannelNotFoundEntity):
+                log.info("consumer %s: its stream %s was deleted; read from %r again", consumer.consumer_tag,
+                         self._shown(consumer), consumer.arguments.get("x-stream-offset", "next"))  # fmt: skip
+                consumer._stream = StreamPosition()
+        except Exception as exc:  # the connection went meanwhile: the reconnect re-attaches it where it got to
+            log.debug("consumer %s: could not ask whether its stream is still there: %r", consumer.consumer_tag, exc)
 
     async def _reattach(self, consumer: Consumer, *, redeclare: bool = False) -> None:
         # Only a lost connection is worth trying again; a refused declare or a missing queue goes straight to the
