@@ -209,11 +209,18 @@ class BrokerCore:
             return
         if self._closing:
             raise ConnectionLost("this Broker is closed")
-        await first_of(self._connected.wait(), self._closed.wait(), timeout=timeout)
-        if self._connected.is_set():
-            return
-        if self._closing:
-            raise ConnectionLost("this Broker is closed")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            await first_of(self._connected.wait(), self._closed.wait(), timeout=left)
+            if self._connected.is_set():
+                return
+            if self._closing:
+                raise ConnectionLost("this Broker is closed")
+            if deadline is not None and loop.time() >= deadline:
+                break
+            # Connected and lost again before this task ran (a node stopping just after the reconnect): wait on.
         refused = self.access_refused
         if refused is not None:
             raise refused_error(_NotBackInTime, f"not connected after {timeout} s: {refused}")

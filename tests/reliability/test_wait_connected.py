@@ -47,3 +47,17 @@ async def test_a_wait_past_its_timeout_says_why(proxy: FaultProxy, amqp_url: str
         assert 0.4 < time.monotonic() - began < 2
         await let_in(proxy, broker)
         await broker.wait_connected(0)  # connected: returns at once, even with no time to wait
+
+
+async def test_a_connection_back_and_lost_again_before_the_waiter_ran_is_waited_for(amqp_url: str) -> None:
+    """Connected and lost again within a loop step (a node stopping just after the reconnect): the wait went on
+    before, and after the first version of this change raised "not connected after None s" (a review)."""
+    broker = Broker(amqp_url)  # never connected: the test drives its connected state by hand
+    waiting = asyncio.ensure_future(broker.wait_connected())
+    await asyncio.sleep(0.05)
+    broker._connected.set()
+    broker._connected.clear()
+    await asyncio.sleep(0.2)
+    assert not waiting.done(), waiting
+    broker._connected.set()
+    await asyncio.wait_for(waiting, 1)
