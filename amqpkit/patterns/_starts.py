@@ -25,11 +25,20 @@ class Starts:
 
     def __init__(self) -> None:
         self.turn = asyncio.Lock()  # held by run(): starts one at a time
+        self._stops = 0  # how many stops have begun: a start waiting for its turn meanwhile does not run
         self._overtaken: asyncio.Event | None = None  # the start under way's; set by overtake()
         self._left: set[asyncio.Future[None]] = set()  # overtaken starts still cleaning up, held until they end
 
+    async def start(self, start: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``start()`` when its turn comes, unless a stop begun meanwhile ended it; False when a stop did."""
+        stops = self._stops
+        async with self.turn:
+            if self._stops != stops:  # a stop came while this waited for its turn (behind another start)
+                return False
+            return await self.run(start)
+
     async def run(self, start: Callable[[], Awaitable[None]]) -> bool:
-        """Run ``start()`` (the caller holds :attr:`turn`); False when a stop overtook it."""
+        """Run ``start()`` (the caller holds :attr:`turn`, see :meth:`start`); False when a stop overtook it."""
         overtaken = self._overtaken = asyncio.Event()
         try:
             if self._left:  # an earlier overtaken start still cleaning up: after it, unless overtaken too
@@ -55,7 +64,8 @@ class Starts:
         return False
 
     def overtake(self) -> None:
-        """Called by a stop: the start under way, if any, ends now (see the class)."""
+        """Called by a stop: the start under way, if any, ends now, and those waiting for their turn do not run."""
+        self._stops += 1
         if self._overtaken is not None:
             self._overtaken.set()
 

@@ -218,8 +218,7 @@ class Subscriber(Generic[T]):
         A stop() called meanwhile ends the start (its declares may wait for a broker that reads nothing from this
         connection during an alarm): start() then returns with the subscription stopped.
         """
-        async with self._starts.turn:
-            await self._starts.run(self._start)
+        await self._starts.start(self._start)
 
     async def _start(self) -> None:
         if self._consumer is not None:

@@ -137,8 +137,7 @@ class RpcServer:
         """
         if not self._methods:
             raise ValueError("an RpcServer needs at least one method")
-        async with self._starts.turn:
-            await self._starts.run(self._start)
+        await self._starts.start(self._start)
 
     async def _start(self) -> None:
         if self._consumer is None:

@@ -161,8 +161,7 @@ class Worker(Generic[T]):
         A stop() called meanwhile ends the start (its declares may wait for a broker that reads nothing from this
         connection during an alarm): start() then returns with the worker stopped, as if the stop came after it.
         """
-        async with self._starts.turn:
-            await self._starts.run(self._start)
+        await self._starts.start(self._start)
 
     async def _start(self) -> None:
         if self._consumer is None:
