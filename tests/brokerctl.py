@@ -397,6 +397,7 @@ def main() -> None:
     import sys
 
     def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up below is not cut short by another
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
@@ -405,8 +406,8 @@ def main() -> None:
         sys.exit("usage: python -m tests.brokerctl [--run CMD ...]")
     with tempfile.TemporaryDirectory(prefix="amqpkit-node-") as d:
         spare = SpareNode(Path(d))
-        spare.start()
         try:
+            spare.start()  # inside: a SIGTERM while it starts stops it too
             if command is None:
                 print(f"export AMQP_URL={spare.url} {NODE_ENV}={spare.name}", flush=True)
                 print("(Enter or Ctrl-C stops the node)", file=sys.stderr, flush=True)
@@ -425,8 +426,9 @@ def main() -> None:
                     except subprocess.TimeoutExpired:
                         child.kill()
                         child.wait()
-            sys.exit(status)
+            sys.exit(status if status >= 0 else 128 - status)  # killed by signal N: 128 + N, as a shell says
         finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             spare.stop()
 
 
