@@ -366,10 +366,12 @@ async def test_iterating_the_dlq_holds_one_message_at_a_time(broker: Broker, wor
     # ~9.6 MB of bodies went through; far less was held at once.
     assert peak < count * size / 4, f"peak {peak:,} bytes"
     await until_ready(broker, work.dlq_name, count)
-    # A whole listing leaves the DLQ in its order; leaving early leaves it whole.
+    # Leaving early hands every message back too.
     async with contextlib.aclosing(dlq_module.iter_dead_letters(broker, work.name)) as letters:
         async for letter in letters:
-            assert letter.task_id == seen[0]
+            # Which one comes first depends on how the broker ordered the hand-backs of the
+            # first pass (a quorum queue does not promise their order); that it is one of them does.
+            assert letter.task_id in set(seen)
             break
     await until_ready(broker, work.dlq_name, count)
 
