@@ -150,6 +150,9 @@ class BrokerCore:
         # deleted and made again): kept remembered and declared again with the consumers refused so, by
         # Consuming._retry_refused (running in _access_task while any waits), once the broker allows them.
         self._access_refused: dict[Exchange | Queue | Binding, TopologyError] = {}
+        # Of those, named exclusive queues another connection holds (405, TopologyRegistry._locked): since when
+        # (time.monotonic()), and whether the WARNING that it lasts was logged.
+        self._locked_since: dict[Queue, tuple[float, bool]] = {}
         self._access_task: asyncio.Task[None] | None = None
         self._on_disconnect: list[DisconnectCallback] = []
         self._on_reconnect: list[ReconnectCallback] = []

@@ -42,7 +42,7 @@ from ._aio import first_of
 from .aiormq_compat import AmqpConnection, ClosedOnOpen, closed_on_open
 from .channels import DisconnectCallback, ReconnectCallback, TopologyErrorCallback, _Refusal
 from .consuming import Consumer, ConsumerCallback, Consuming
-from .errors import AccessRefused, ChannelLimitReached, ConnectError, ConnectionLost, TopologyError, access_refused
+from .errors import AccessRefused, ChannelLimitReached, ConnectError, ConnectionLost, TopologyError
 from .publishing import Publishing
 from .settings import TlsSettings, host_port, redact_url
 from .unreadable import install, reading_leniently
@@ -344,14 +344,14 @@ class Broker(Consuming, Publishing):
                 except ChannelLimitReached as exc:  # refused without asking: the connection is up
                     self._wait_for_channel(consumer, exc)
                     continue
-            if isinstance(cause, TopologyError) and access_refused(cause):
+            if isinstance(cause, TopologyError) and self._waits_out(consumer.queue, cause):
                 refused_access.append((consumer, cause))
                 continue
             stopped.append((consumer, cause))
         generation = self.generation
         conn.closing.add_done_callback(lambda fut: self._on_closed(fut, generation))
         self._connected.set()
-        kept = {spec for spec, error in refused if access_refused(error)}
+        kept = {spec for spec, error in refused if self._waits_out(spec, error)}
         for spec in [s for s in self._access_refused if s not in kept]:
             del self._access_refused[spec]  # declared again by this reconnect (or with its queue, later)
         for refused_spec, error in refused:

@@ -57,7 +57,11 @@ class Consumer:
     ``cancelled`` is false, and the Broker tries again with the reconnect
     policy's backoff, declaring its queue and bindings again, until the
     broker allows it; then ``error`` is None again. Its ``on_error`` is not
-    called (it has not stopped).
+    called (it has not stopped). So is a consumer of a named exclusive queue
+    the Broker declared that another connection holds when it is declared
+    again (405 RESOURCE_LOCKED): most often the Broker's own previous
+    connection, which the broker drops a few heartbeats after the Broker
+    noticed the link dead and reconnected.
     """
 
     __slots__ = (
@@ -523,9 +527,11 @@ class Consuming(TopologyRegistry):
         attached, ``error`` says why, and it is tried again in the background until the broker allows it. Said
         once per refusal (again only when the broker's words change), not at each attempt."""
         if not same_refusal(consumer._access_refusal, exc):
-            log.error("consumer %s on %s is not attached: %s; it is tried again until the broker allows it "
-                      "(Broker.detached_consumers() lists it meanwhile)", consumer.consumer_tag, self._shown(consumer),
-                      exc)  # fmt: skip
+            # a named exclusive queue another connection holds (405) is said once, for the queue (_say_locked)
+            log.log(logging.DEBUG if self._locked(consumer.queue, exc) else logging.ERROR,
+                    "consumer %s on %s is not attached: %s; it is tried again until the broker allows it "
+                    "(Broker.detached_consumers() lists it meanwhile)", consumer.consumer_tag, self._shown(consumer),
+                    exc)  # fmt: skip
         consumer._access_refusal = exc
         consumer.error = exc
         consumer.waiting_for_channel = None
@@ -588,7 +594,7 @@ class Consuming(TopologyRegistry):
             try:
                 await self._declare_spec_on(spec)
             except TopologyError as exc:
-                if access_refused(exc):
+                if self._waits_out(spec, exc):
                     self._keep_refused(spec, exc)
                 else:
                     pending.pop(spec, None)

@@ -9,10 +9,11 @@ name the broker gave it on the current connection (:meth:`queue_name`).
 from __future__ import annotations
 
 import logging
+import time
 
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
 
-from .channels import BrokerCore
+from .channels import BrokerCore, channel_cap_hold
 from .errors import TopologyError, access_refused, map_exceptions, same_refusal
 from .topology import Binding, Exchange, Queue
 
@@ -271,15 +272,71 @@ class TopologyRegistry(BrokerCore):
             return False
         return True
 
+    def _waits_out(self, spec: Exchange | Queue | Binding, exc: BaseException) -> bool:
+        """Whether a refusal of ``spec`` at a reconnect is waited out (the spec kept, its consumers registered and
+        not attached, both tried again with the backoff) rather than given up: a refusal of access (403), or a
+        named exclusive queue of this Broker's that the broker still holds for another connection (405, see
+        :meth:`_locked`)."""
+        return access_refused(exc) or self._locked(spec, exc)
+
+    def _locked(self, spec: Exchange | Queue | Binding, exc: BaseException) -> bool:
+        """Whether ``exc`` is the broker refusing a named exclusive queue this Broker declared (and remembers)
+        because another connection holds it (405 RESOURCE_LOCKED). Most often that connection is this Broker's
+        previous one: a dead link is noticed here after a heartbeat and a second, and by the broker only after
+        two or three heartbeats, so the reconnect re-declares the queue while the broker still holds the old
+        connection, and the queue with it, for a few seconds. It lets the queue go with that connection."""
+        if not (isinstance(spec, Queue) and spec.exclusive and not spec.server_named and spec in self._queues):
+            return False
+        seen: BaseException | None = exc
+        while seen is not None:
+            if isinstance(seen, ChannelLockedResource):
+                return True
+            seen = seen.__cause__
+        return False
+
     def _keep_refused(self, spec: Exchange | Queue | Binding, exc: TopologyError) -> None:
-        """A spec the broker refused access to (403, see :func:`~amqpkit.errors.access_refused`) at a reconnect:
-        not forgotten but kept, and declared again once the broker allows it (Consuming._retry_refused). Said once
-        per refusal, not at each attempt."""
+        """A spec the broker refused access to (403, see :func:`~amqpkit.errors.access_refused`) at a reconnect,
+        or a named exclusive queue another connection holds (405, :meth:`_locked`): not forgotten but kept, and
+        declared again once the broker allows it (Consuming._retry_refused). Said once per refusal, not at each
+        attempt."""
         before = self._access_refused.get(spec)
         self._access_refused[spec] = exc
+        if isinstance(spec, Queue) and self._locked(spec, exc):
+            self._say_locked(spec, exc, again=before is not None and self._locked(spec, before))
+            return
         if not same_refusal(before, exc):
             log.error("could not restore %s after the reconnect: %s; kept, and declared again until the broker "
                       "allows it", _describe(spec), exc)  # fmt: skip
+
+    def _say_locked(self, queue: Queue, exc: TopologyError, *, again: bool) -> None:
+        """A named exclusive queue held by another connection (:meth:`_locked`), said once when it starts (INFO:
+        most often the broker is about to drop this Broker's previous connection), and once more, as a WARNING,
+        if it still is past the time the broker takes to drop a dead connection (:func:`channel_cap_hold`: three
+        heartbeats and 10 s): then a live connection holds it. It is waited out either way (see RELIABILITY.md,
+        "A named exclusive queue held by another connection")."""
+        now = time.monotonic()
+        for stale in [q for q in self._locked_since if q not in self._access_refused]:
+            del self._locked_since[stale]
+        since, warned = self._locked_since.get(queue, (now, False)) if again else (now, False)
+        n = sum(1 for c in self._consumers.values() if c.queue == queue and not c.cancelled)
+        readers = f"{n} consumer{'s' if n != 1 else ''} of it" if n else ""
+        if not again:
+            log.info("could not restore %s after the reconnect: %s; another connection holds it, most likely this "
+                     "Broker's previous one, which the broker drops within a few heartbeats: declared again with the "
+                     "reconnect policy's backoff%s", _describe(queue), exc,
+                     f", and the {readers} attached then" if n else "")  # fmt: skip
+        elif not warned and now - since >= channel_cap_hold(self.settings.heartbeat):
+            heartbeat = self.settings.heartbeat
+            log.warning("%s is still held by another connection %.0f s after the reconnect, longer than the broker "
+                        "takes to drop a dead connection (%s): %s holds it exclusively, or a queue of that name that "
+                        "is not exclusive was declared meanwhile (the broker's 405 says either). %sit is declared "
+                        "again until the broker allows it", _describe(queue), now - since,
+                        f"heartbeat {heartbeat} s" if heartbeat else "heartbeats off",
+                        "a live connection" if heartbeat else "most likely a live connection",
+                        f"The {readers} {'stay' if n != 1 else 'stays'} not attached (Consumer.error says why); "
+                        if n else "")  # fmt: skip
+            warned = True
+        self._locked_since[queue] = (since, warned)
 
     async def _declare_spec_on(self, spec: Exchange | Queue | Binding) -> None:
         if isinstance(spec, Exchange):
