@@ -29,6 +29,11 @@ consumer that must not miss anything starts from a stored offset,
 ``"first"`` or a timestamp, which a re-attach before the first delivery
 repeats safely (nothing was appended since, or it would have come).
 
+Not handled: a stream deleted while the connection is down and declared again
+by the reconnect (or deleted and declared again at once by someone else) is
+read from where the old one was left, and that many of its first messages are
+skipped (RELIABILITY.md).
+
 Per delivery, this costs only consumers of a stream (an ``x-stream-offset``
 argument, or a queue declared as a stream); the others do no work of it.
 """
