@@ -234,7 +234,7 @@ class Worker(Generic[T]):
                         back.cancel()
                         stopping.cancel()
                     if back.done() and not back.cancelled() and back.exception() is not None:
-                        break  # the Broker was closed: nothing to look for any more
+                        return  # the Broker was closed: nothing to look for or renew any more
         except Exception as exc:
             log.warning("could not look for the existing delay queues of %s: %s", self.queue.name, exc)
         finally:
@@ -243,6 +243,8 @@ class Worker(Generic[T]):
             return
         while True:
             await asyncio.sleep(self.queue.delay_queue_check_interval())
+            if self.broker._closing:
+                return  # closed under a worker nobody stopped: nothing can be renewed on it any more
             try:
                 await self.queue.renew_delay_queues()
             except Exception as exc:

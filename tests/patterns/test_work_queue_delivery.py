@@ -437,3 +437,31 @@ async def test_a_delay_queue_declared_otherwise_does_not_stop_the_look_for_the_o
     finally:
         for queue in (f"{name}.retry.1000", f"{name}.retry.2000"):
             await broker.delete_queue(queue)
+
+
+async def test_a_worker_left_running_on_a_closed_broker_stops_renewing_quietly(
+    amqp_url: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Broker closed under a Worker nobody stopped (a script that leaves its `async with Broker` first): the
+    keeper went on trying to renew the delay queues, a WARNING for each at every check, for as long as the
+    process lived. It ends once the Broker is closed."""
+    caplog.set_level(logging.WARNING, logger="amqpkit")
+    done: list[str] = []
+    async with Broker(amqp_url) as broker:
+        work: WorkQueue[Job] = WorkQueue(broker, f"{name}.jobs", retry=ONCE)
+        work.delay_queue_min_expiry = 1.2  # checked every 0.2 s, renewed every 0.4 s
+        worker = Worker(work, fails_once(done))
+        await worker.start()
+        try:
+            sent = await work.enqueue(Job(n=1))
+            await wait_for(lambda: done == [sent])  # the delay queue was used: its renewals are due from now on
+        finally:
+            keeper = worker._keeper
+            for q in [work.name, work.dlq_name, f"{work.name}.retry.{DELAY_QUEUE_MS}"]:
+                with contextlib.suppress(Exception):
+                    await broker.delete_queue(q)
+    assert keeper is not None
+    await asyncio.sleep(1.5)
+    renewals = [r.getMessage() for r in caplog.records if "renew" in r.getMessage()]
+    assert keeper.done() and not renewals, renewals
+    await worker.stop(grace=0)
