@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
@@ -141,8 +142,14 @@ async def _put_back_at_the_end(broker: Broker, dlq: str, delivery: Delivery[byte
     """A copy of ``delivery`` at the end of the DLQ, confirmed: same body, properties and headers (``x-death``
     with them), less the count of deliveries the broker keeps itself."""
     headers = {k: v for k, v in delivery.headers.items() if k != "x-delivery-count"}
-    with broker.lowlevel.sending_received(delivery.body):  # the broker took it: not refused for its size
-        await broker.publish(delivery.forwarded(headers), routing_key=dlq, mandatory=True)
+    await _send_copy(broker, delivery, headers, dlq)
+
+
+async def _send_copy(broker: Broker, delivery: Delivery[bytes], headers: dict[str, Any], queue: str) -> None:
+    """``delivery`` with ``headers`` to ``queue``, mandatory and confirmed (a body the broker took is not refused
+    for its size)."""
+    with broker.lowlevel.sending_received(delivery.body):
+        await broker.publish(delivery.forwarded(headers), routing_key=queue, mandatory=True)
 
 
 async def list_dead_letters(broker: Broker, queue: str, *, limit: int | None = None) -> list[DeadLetter]:
@@ -190,8 +197,7 @@ async def replay_dead_letters(
         replays = headers.get("x-replayed")
         headers["x-replayed"] = replays + 1 if isinstance(replays, int) else 1
         try:
-            with broker.lowlevel.sending_received(delivery.body):  # the broker took it: not refused for its size
-                await broker.publish(delivery.forwarded(headers), routing_key=target, mandatory=True)
+            await _send_copy(broker, delivery, headers, target)
         except BaseException:
             # Not stored in the work queue: it stays in the DLQ (if the channel is gone, it went back already).
             with contextlib.suppress(Exception):

@@ -319,10 +319,7 @@ class Worker(Generic[T]):
             # The broker refused the delay queue itself (a permission, the vhost's max-queues): requeued, the
             # task ran again every requeue_backoff, beyond its retry policy, for as long as the refusal lasted
             # (21 runs in 21 s with max_attempts=3, in a hunt). Kept in the DLQ instead, to be replayed.
-            log.error("task %s failed on attempt %d (%s: %s) and its delay queue for %.3g s was refused (%s); "
-                      "dead-lettered instead of retried", task_id, attempt, type(exc).__name__, exc, wanted,
-                      refused)  # fmt: skip
-            await self._dead_letter(raw, attempt, "retry-refused", exc, tb)
+            await self._retry_refused(raw, attempt, exc, tb, f"its delay queue for {wanted:.3g} s was refused", refused)
             return
         except Exception as failure:
             await self._hold_then_requeue(raw, f"the delay queue for {wanted:.3g} s", failure)
@@ -343,10 +340,7 @@ class Worker(Generic[T]):
             # The delay queue refused the copy (full under an operator's reject-publish length limit): requeued,
             # the task ran again every requeue_backoff as the same attempt, past its retry policy, until the
             # work queue's delivery limit (21 runs with max_attempts=3, in a hunt). Kept in the DLQ instead.
-            log.error("task %s failed on attempt %d (%s: %s) and delay queue %s refused its retry (%s); "
-                      "dead-lettered instead of retried", task_id, attempt, type(exc).__name__, exc, queue_name,
-                      nacked)  # fmt: skip
-            await self._dead_letter(raw, attempt, "retry-refused", exc, tb)  # which says so, in the events too
+            await self._retry_refused(raw, attempt, exc, tb, f"delay queue {queue_name} refused its retry", nacked)
 
         moved = await self._forward(raw, queue_name, headers, redeclare, refused=copy_refused)
         if moved == "moved":
@@ -357,6 +351,15 @@ class Worker(Generic[T]):
                 )
         elif moved == "rejected" and self.queue.events:
             await self._event(task_id, TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=_error_text(exc))
+
+    async def _retry_refused(
+        self, raw: Delivery[bytes], attempt: int, exc: BaseException, tb: Any, what: str, refusal: BaseException
+    ) -> None:
+        """The broker refused the retry (``what``: its delay queue, or the copy sent there): the task goes to the
+        DLQ with reason ``retry-refused``, to be replayed, rather than requeued to run again past its policy."""
+        log.error("task %s failed on attempt %d (%s: %s) and %s (%s); dead-lettered instead of retried",
+                  raw.message_id or "", attempt, type(exc).__name__, exc, what, refusal)  # fmt: skip
+        await self._dead_letter(raw, attempt, "retry-refused", exc, tb)  # which says so, in the events too
 
     async def _dead_letter(self, raw: Delivery[bytes], attempt: int, reason: str, exc: BaseException, tb: Any) -> None:
         headers = self._failure_headers(raw, attempt, exc, tb)
@@ -425,13 +428,10 @@ class Worker(Generic[T]):
         except MessageTooLarge as exc:
             # The broker's own limit, lowered below this task since it took it: no copy of it can ever be sent.
             return await self._reject_whole(raw, routing_key, exc)
-        except PublishNacked as exc:
-            if refused is None:
-                await self._hold_then_requeue(raw, routing_key, exc)
-                return "requeued"
-            await refused(exc)
-            return "refused"
         except Exception as exc:
+            if refused is not None and isinstance(exc, PublishNacked):
+                await refused(exc)
+                return "refused"
             # Not safely stored elsewhere: the original goes back to the queue instead.
             await self._hold_then_requeue(raw, routing_key, exc)
             return "requeued"
