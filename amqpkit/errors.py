@@ -247,9 +247,14 @@ def access_refused(exc: BaseException) -> bool:
     permissions (configure, write, read), a vhost being deleted, or a queue in exclusive use by another consumer.
     Each may be lifted without a change on this side (rights given back, the vhost made again, the other
     consumer gone): a consumer refused so at a reconnect waits and is tried again (see Consumer.error)."""
+    return caused_by(exc, aiormq.exceptions.ChannelAccessRefused)
+
+
+def caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` or one of its causes (map_exceptions chains the broker's error as the cause) is a ``kind``."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, aiormq.exceptions.ChannelAccessRefused):
+        if isinstance(seen, kind):
             return True
         seen = seen.__cause__
     return False

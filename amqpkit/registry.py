@@ -14,7 +14,7 @@ import time
 from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
 
 from .channels import BrokerCore, channel_cap_hold
-from .errors import TopologyError, access_refused, map_exceptions, same_refusal
+from .errors import TopologyError, access_refused, caused_by, map_exceptions, same_refusal
 from .topology import Binding, Exchange, Queue
 
 __all__ = ["TopologyRegistry"]
@@ -285,14 +285,13 @@ class TopologyRegistry(BrokerCore):
         previous one: a dead link is noticed here after a heartbeat and a second, and by the broker only after
         two or three heartbeats, so the reconnect re-declares the queue while the broker still holds the old
         connection, and the queue with it, for a few seconds. It lets the queue go with that connection."""
-        if not (isinstance(spec, Queue) and spec.exclusive and not spec.server_named and spec in self._queues):
-            return False
-        seen: BaseException | None = exc
-        while seen is not None:
-            if isinstance(seen, ChannelLockedResource):
-                return True
-            seen = seen.__cause__
-        return False
+        return (
+            isinstance(spec, Queue)
+            and spec.exclusive
+            and not spec.server_named
+            and spec in self._queues
+            and caused_by(exc, ChannelLockedResource)
+        )
 
     def _keep_refused(self, spec: Exchange | Queue | Binding, exc: TopologyError) -> None:
         """A spec the broker refused access to (403, see :func:`~amqpkit.errors.access_refused`) at a reconnect,
