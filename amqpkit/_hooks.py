@@ -14,6 +14,8 @@ without OpenTelemetry installed.
 - ``handler_failed(exc)``: a handler raised and the pattern handled it (RPC error reply).
 - ``retry(headers, exc)`` / ``dead_letter(headers, reason, exc)``: a work-queue task is about to be copied to a
   delay queue / the DLQ with ``headers`` (the hook may add to them).
+- ``retried()`` / ``dead_lettered(reason)``: the copy is stored (or, for ``dead_lettered``, the broker was left
+  to dead-letter the task); counted only then, since the copy may yet be refused or fail (the task requeued).
 - ``outbox_add(headers)``: ``Outbox.add`` is storing a row with ``headers`` (its own dict); the hook writes the
   current trace context into them (``traceparent``/``tracestate``) when a span is current.
 - ``relayed(headers)``: a context manager the outbox relay publishes a row in; it makes the trace context the
@@ -30,7 +32,9 @@ consume: Any = None
 rpc_call: Any = None
 handler_failed: Any = None
 retry: Any = None
+retried: Any = None
 dead_letter: Any = None
+dead_lettered: Any = None
 outbox_add: Any = None
 relayed: Any = None
 disconnected: Any = None

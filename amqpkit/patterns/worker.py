@@ -345,6 +345,8 @@ class Worker(Generic[T]):
         moved = await self._forward(raw, queue_name, headers, redeclare, refused=copy_refused)
         if moved == "moved":
             self.retried += 1
+            if _hooks.retried is not None:  # amqpkit.telemetry: counted once the copy is stored, not before
+                _hooks.retried()
             if self.queue.events:
                 await self._event(
                     task_id, TaskStatus.RETRYING, attempt, raw.headers, error=_error_text(exc), retry_in=real_delay
@@ -374,6 +376,8 @@ class Worker(Generic[T]):
         moved = await self._forward(raw, self.queue.dlq_name, headers, redeclare)
         if moved == "moved":
             self.dead_lettered += 1
+            if _hooks.dead_lettered is not None:  # amqpkit.telemetry
+                _hooks.dead_lettered(reason)
         if moved != "requeued" and self.queue.events:
             await self._event(
                 raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=_error_text(exc)
@@ -459,6 +463,8 @@ class Worker(Generic[T]):
             return "requeued"
         self.forward_failures += 1
         self.dead_lettered += 1
+        if _hooks.dead_lettered is not None:  # amqpkit.telemetry: as the DLQ listing says (the broker's x-death)
+            _hooks.dead_lettered("rejected")
         log.error("could not move task %s to %s (%s); rejected, so the broker dead-letters it as it is, without "
                   "the worker's error headers", raw.message_id, target, exc)  # fmt: skip
         await _quietly(raw.reject(requeue=False))

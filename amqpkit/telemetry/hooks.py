@@ -245,7 +245,6 @@ def handler_failed(exc: BaseException) -> None:
 
 
 def retry(headers: dict[str, Any], exc: BaseException) -> None:
-    state = current
     span = trace.get_current_span()
     if span.is_recording():
         _fail(span, exc)
@@ -254,12 +253,15 @@ def retry(headers: dict[str, Any], exc: BaseException) -> None:
         first = traceparent(span)
         if first is not None:
             headers.setdefault(FIRST_ATTEMPT_HEADER, first)
+
+
+def retried() -> None:
+    state = current
     if state is not None:
         state.retried.add(1, {"messaging.system": "rabbitmq"})
 
 
 def dead_letter(headers: dict[str, Any], reason: str, exc: BaseException) -> None:
-    state = current
     span = trace.get_current_span()
     if span.is_recording():
         _fail(span, exc)
@@ -268,6 +270,10 @@ def dead_letter(headers: dict[str, Any], reason: str, exc: BaseException) -> Non
         first = traceparent(span)
         if first is not None:
             headers.setdefault(FIRST_ATTEMPT_HEADER, first)
+
+
+def dead_lettered(reason: str) -> None:
+    state = current
     if state is not None:
         state.dead_lettered.add(1, {"messaging.system": "rabbitmq", "amqpkit.task.dead_letter_reason": reason})
 

@@ -31,7 +31,9 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None) -> None:
     _hooks.rpc_call = hooks.rpc_call
     _hooks.handler_failed = hooks.handler_failed
     _hooks.retry = hooks.retry
+    _hooks.retried = hooks.retried
     _hooks.dead_letter = hooks.dead_letter
+    _hooks.dead_lettered = hooks.dead_lettered
     _hooks.outbox_add = hooks.outbox_add
     _hooks.relayed = hooks.relayed
     _hooks.disconnected = hooks.disconnected
@@ -46,7 +48,9 @@ def uninstrument() -> None:
     _hooks.rpc_call = None
     _hooks.handler_failed = None
     _hooks.retry = None
+    _hooks.retried = None
     _hooks.dead_letter = None
+    _hooks.dead_lettered = None
     _hooks.outbox_add = None
     _hooks.relayed = None
     _hooks.disconnected = None

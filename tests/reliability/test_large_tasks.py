@@ -36,6 +36,7 @@ from amqpkit.patterns.dlq import replay_dead_letters
 
 from ..brokerctl import rabbitmqctl
 from ..retrying import failed_once_then_done, retried_queue
+from ..telemetry.conftest import Telemetry, otel  # noqa: F401  (the in-memory readers)
 from ..waiting import until_ready, wait_for
 
 LIMIT = 64 * 1024  # amqpkit's own limit in these tests; the tasks are larger, the broker's limit larger still
@@ -154,13 +155,19 @@ async def worker_under_a_lower_limit(work: WorkQueue[Any], handler: AlwaysFails)
 
 @pytest.mark.whole_broker  # every channel opened on the node while it runs gets the lowered max_message_size
 async def test_a_task_the_broker_no_longer_takes_is_dead_lettered_as_it_is(
-    broker: Broker, amqp_url: str, name: str, caplog: pytest.LogCaptureFixture
+    broker: Broker,
+    amqp_url: str,
+    name: str,
+    caplog: pytest.LogCaptureFixture,
+    otel: Telemetry,  # noqa: F811
 ) -> None:
     """A task queued before the broker's own limit was lowered below its size (RabbitMQ 4.0 lowered the default
     from 128 to 16 MiB): no copy of it can be sent. Before, each failed copy was a PublishError naming the
     exchange '' as refused, and the task was requeued and run again every second, until the queue's delivery
     limit (20) had the broker dead-letter it. Now the broker's refusal is MessageTooLarge, and the worker
-    rejects the task at once, so the broker dead-letters it whole (its queue's dead-letter exchange)."""
+    rejects the task at once, so the broker dead-letters it whole (its queue's dead-letter exchange). The
+    metrics count it as the worker does: a dead letter (reason ``rejected``, as the DLQ listing reads it), not
+    the retry its instrumentation counted before the copy was refused."""
     work: WorkQueue[Any] = WorkQueue(broker, name, retry=RetryPolicy(max_attempts=3, initial_delay=0.1, jitter=0))
     handler = AlwaysFails()
     try:
@@ -179,6 +186,10 @@ async def test_a_task_the_broker_no_longer_takes_is_dead_lettered_as_it_is(
         assert dead is not None and dead.message_id == "large-4" and dead.body == BODY
         assert dead.headers["x-death"][0]["reason"] == "rejected"
         assert any("over its max_message_size" in r.getMessage() for r in caplog.records), caplog.text
+        assert otel.total("amqpkit.tasks.retried") == 0
+        assert otel.metric("amqpkit.tasks.dead_lettered") == [
+            ({"messaging.system": "rabbitmq", "amqpkit.task.dead_letter_reason": "rejected"}, 1)
+        ]
     finally:
         for queue in (work.name, work.dlq_name, f"{name}.retry.100"):
             await broker.delete_queue(queue)

@@ -11,6 +11,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from amqpkit import Broker, RetryPolicy, Worker, WorkQueue
 from amqpkit.telemetry import FIRST_ATTEMPT_HEADER, extract
 
+from ..brokerctl import arabbitmqctl, vhost_of
 from ..waiting import until_ready, wait_for
 from .conftest import Telemetry
 
@@ -70,3 +71,44 @@ async def test_retried_task_keeps_its_trace_into_the_dlq(broker: Broker, name: s
     assert otel.total("amqpkit.tasks.retried") == 2
     assert otel.total("amqpkit.tasks.dead_lettered") == 1
     assert otel.total("messaging.client.consumed.messages") == 3
+
+
+async def test_a_retry_its_delay_queue_refuses_counts_as_a_dead_letter_only(
+    broker: Broker, name: str, otel: Telemetry
+) -> None:
+    """An operator's length limit on the delay queues (``reject-publish``): the broker nacks the retry's copy and
+    the task goes to the DLQ (``retry-refused``). The hooks counted a retry before the copy was sent, so that task
+    was counted as retried and dead-lettered, and ``amqpkit.tasks.retried`` said more than the worker did."""
+    work: WorkQueue[int] = WorkQueue(
+        broker, f"{name}.jobs", retry=RetryPolicy(max_attempts=3, initial_delay=30, jitter=0)
+    )
+    vhost = vhost_of(broker.settings.urls[0])
+    policy = f"{work.name}.delay-full"
+    pattern = "^" + work.name.replace(".", "\\.") + "\\.retry\\."
+    await arabbitmqctl("set_policy", "-p", vhost, policy, pattern, '{"max-length": 1, "overflow": "reject-publish"}',
+                       "--apply-to", "queues")  # fmt: skip
+    runs: list[int] = []
+
+    async def handle(n: int) -> None:
+        runs.append(n)
+        raise RuntimeError("the service it calls is down")
+
+    try:
+        async with Worker(work, handle) as worker:
+            for n in range(1, 6):  # until the full delay queue refuses one (a quorum queue takes one past the limit)
+                await work.enqueue(n)
+                await wait_for(lambda n=n: n in runs and worker.retried + worker.dead_lettered >= n)  # type: ignore[misc]
+                if worker.dead_lettered:
+                    break
+            assert worker.dead_lettered == 1, (worker.retried, worker.dead_lettered)
+            retried = worker.retried
+    finally:
+        await arabbitmqctl("clear_policy", "-p", vhost, policy)
+        for q in [work.name, work.dlq_name, f"{work.name}.retry.30000"]:
+            with contextlib.suppress(Exception):
+                await broker.delete_queue(q)
+
+    assert otel.total("amqpkit.tasks.retried") == retried  # before: retried + 1, the refused copy counted too
+    assert otel.metric("amqpkit.tasks.dead_lettered") == [
+        ({"messaging.system": "rabbitmq", "amqpkit.task.dead_letter_reason": "retry-refused"}, 1)
+    ]
