@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiormq.abc import DeliveredMessage
 
 from amqpkit import (
     Broker,
@@ -465,3 +466,49 @@ async def test_a_worker_left_running_on_a_closed_broker_stops_renewing_quietly(
     renewals = [r.getMessage() for r in caplog.records if "renew" in r.getMessage()]
     assert keeper.done() and not renewals, renewals
     await worker.stop(grace=0)
+
+
+async def test_lease_renewals_leave_each_retry_due_on_time(broker: Broker, name: str) -> None:
+    """A lease renewal takes the first retry of a delay queue with basic.get and gives it back. Given back with
+    basic.reject, RabbitMQ 3.10 kept it past its delay, behind the retries after it, until a later event on the
+    queue: with renewals 1.5 s apart, 1.0 and 2.0 s late (r3 out before r1); a hunt saw 15 s late on a 20 s
+    delay, renewals being max(20 s, delay) apart. Given back by closing its channel, it leaves when due (0.00-0.03
+    s late), on 3.10 and 4.0."""
+    work: WorkQueue[Job] = WorkQueue(broker, f"{name}.jobs", retry=ONCE)
+    delay, count, apart, every = 3.0, 5, 1.0, 1.5
+    queue = ""
+    arrived: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
+    channel = await broker.lowlevel.open_channel()
+    try:
+        await work.declare()
+        queue, _ = await work.delay_queue(delay)
+
+        async def took(message: DeliveredMessage) -> None:
+            arrived[message.header.properties.message_id or ""] = loop.time()
+
+        async def renew() -> None:
+            while True:
+                await work._touch(queue)  # as often as many workers' renewals would, together
+                await asyncio.sleep(every)
+
+        await channel.basic_consume(work.name, took, no_ack=True)
+        sent: dict[str, float] = {}
+        renewing = asyncio.create_task(renew())
+        try:
+            for i in range(count):
+                await broker.publish(Envelope(b"{}", message_id=f"r{i}"), routing_key=queue)
+                sent[f"r{i}"] = loop.time()
+                await asyncio.sleep(apart)
+            await wait_for(lambda: len(arrived) == count, timeout=delay + count * apart + 10)
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+        late = {key: round(arrived[key] - sent[key] - delay, 2) for key in arrived}
+        assert max(late.values()) < 0.5, late
+    finally:
+        await channel.close()
+        for q in [work.name, work.dlq_name, queue]:
+            with contextlib.suppress(Exception):
+                await broker.delete_queue(q)
