@@ -325,6 +325,7 @@ class Broker(Consuming, Publishing):
         self._known_exchanges.clear()
         self.generation += 1
         await self._channel("publish")
+        await self._streams_gone(list(self._queues))  # deleted while the connection was down: declared anew
         refused, failed_queues = await self._restore_topology()
         stopped: list[tuple[Consumer, BaseException]] = []
         refused_access: list[tuple[Consumer, TopologyError]] = []

@@ -15,15 +15,14 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
-from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp.commands import Basic
 
 from . import _hooks
-from ._streams import StreamPosition, reads_stream
+from ._streams import OFFSET, StreamPosition, reads_stream
 from .errors import ChannelLimitReached, ConnectionLost, TopologyError, access_refused, map_exceptions, same_refusal
 from .message import Delivery, delivery_from_aiormq
 from .registry import TopologyRegistry, _describe
@@ -184,8 +183,10 @@ class Consuming(TopologyRegistry):
         while it is detached before its first delivery is not delivered (where
         ``"next"`` pointed cannot be read over AMQP 0-9-1); start from a stored
         offset, ``"first"`` or a timestamp where that matters. A stream deleted
-        under its consumer, and declared again by the re-attach, is read as
-        given again.
+        (under its consumer, or while the connection is down) and declared
+        again by the Broker is a new one, read from its first message; one
+        deleted and declared again by someone else meanwhile cannot be told
+        from the old one (amqpkit._streams).
         """
         declared = False
         if declare and queue not in self._queues:
@@ -377,19 +378,46 @@ class Consuming(TopologyRegistry):
     async def _stream_gone(self, consumer: Consumer) -> None:
         """A stream's consumer the broker cancelled: if its stream was deleted (the usual why), where it got to means
         nothing in the stream the re-attach declares again, whose offsets start at 0 again (an old offset would
-        wait for that many new messages first), and the argument given to consume() stands again. Asked before
-        the re-attach declares it: gone or not, this side keeps resuming."""
+        wait for that many new messages first): it reads the new one from its first message. Asked before the
+        re-attach declares it: gone or not, this side keeps resuming."""
         if not self.is_connected:
-            return  # the reconnect re-attaches it where it got to
+            return  # the reconnect asks (_streams_gone), then re-attaches it
         try:
-            await asyncio.wait_for(self.queue_counts(consumer.queue), 10)
-        except TopologyError as exc:
-            if isinstance(exc.__cause__, ChannelNotFoundEntity):
-                log.info("consumer %s: its stream %s was deleted; read from %r again", consumer.consumer_tag,
-                         self._shown(consumer), consumer.arguments.get("x-stream-offset", "next"))  # fmt: skip
-                consumer._stream = StreamPosition()
-        except Exception as exc:  # the connection went meanwhile: the reconnect re-attaches it where it got to
+            there = await asyncio.wait_for(self._exists(self.queue_name(consumer.queue)), 10)
+        except Exception as exc:  # the connection went meanwhile: the reconnect asks again
             log.debug("consumer %s: could not ask whether its stream is still there: %r", consumer.consumer_tag, exc)
+            return
+        if there is False:
+            self._new_stream(consumer, "was deleted under it")
+
+    async def _streams_gone(self, queues: Iterable[Queue], *, why: str = "while the connection was down") -> None:
+        """Before ``queues`` are declared again (a reconnect, or once the broker allows them after a refusal):
+        whether each that a consumer reads as a stream is still there. One that is not (404) was deleted while the
+        connection was down, and the declare that follows makes a new stream, whose offsets start at 0 again: its
+        consumers read it from its first message, not from where they got to in the old one, which would skip
+        that many of the new one's messages. One passive declare per such stream, at that time only. A stream
+        deleted and declared again by someone else meanwhile is still there to this question (amqpkit._streams)."""
+        readers: dict[Queue, list[Consumer]] = {}
+        for consumer in self._consumers.values():
+            if consumer._stream is not None and not consumer.cancelled and consumer.queue.name:
+                readers.setdefault(consumer.queue, []).append(consumer)
+        for queue in [q for q in queues if q in readers]:
+            if await self._exists(queue.name) is False:
+                for consumer in readers[queue]:
+                    self._new_stream(consumer, f"was deleted {why}")
+
+    def _new_stream(self, consumer: Consumer, why: str) -> None:
+        """``consumer``'s stream is declared again as a new one: read from its first message (amqpkit._streams)."""
+        assert consumer._stream is not None
+        had = consumer._stream.new_stream()
+        where = (
+            f"offset {had}, where it had got to in the old one"
+            if had is not None
+            else f"{consumer.arguments.get(OFFSET, 'next')!r} as given to consume() (nothing delivered yet)"
+        )
+        log.warning("consumer %s: its stream %s %s, and is declared again as a new stream, whose offsets start at 0: "
+                    "read from its first message, not from %s", consumer.consumer_tag, self._shown(consumer), why,
+                    where)  # fmt: skip
 
     async def _reattach(self, consumer: Consumer, *, redeclare: bool = False) -> None:
         # Only a lost connection is worth trying again; a refused declare or a missing queue goes straight to the
@@ -609,6 +637,7 @@ class Consuming(TopologyRegistry):
             if self.remembers(exchange) and not await again(exchange) and exchange in pending:
                 held[exchange.name] = pending[exchange]  # still refused
         declared: set[Queue] = set()
+        await self._streams_gone([s for s in pending if isinstance(s, Queue) and self.remembers(s)], why="meanwhile")
         for queue in [s for s in pending if isinstance(s, Queue)]:
             if self.remembers(queue) and await again(queue):
                 declared.add(queue)

@@ -264,12 +264,19 @@ class TopologyRegistry(BrokerCore):
         name = self._queues.get(queue)
         if not name:
             return False
+        return await self._exists(name) is True
+
+    async def _exists(self, name: str) -> bool | None:
+        """Whether queue ``name`` exists, by a passive declare on the topology channel (which a 404 closes; the next
+        use opens another), without waiting for the Broker to be connected (a reconnect asks before it declares
+        anything again): False on a 404, None when the broker refuses otherwise (403: unknown). A lost connection
+        raises."""
         try:
             async with self._topology() as channel:
                 with map_exceptions(kind="queue", name=name):
                     await channel.queue_declare(name, passive=True)
-        except TopologyError:
-            return False
+        except TopologyError as exc:
+            return False if caused_by(exc, ChannelNotFoundEntity) else None
         return True
 
     def _waits_out(self, spec: Exchange | Queue | Binding, exc: BaseException) -> bool:

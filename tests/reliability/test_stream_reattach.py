@@ -10,11 +10,15 @@ is delivered again. Measured on RabbitMQ 4.0.5: 'next', 3 messages appended duri
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+
+import pytest
 
 from amqpkit import Broker, Delivery, Envelope, Queue, QueueType, ReconnectPolicy, TopologyError
 
 from ..waiting import until, wait_for
-from .proxy import FaultProxy, proxied_settings
+from .proxy import FaultProxy, hold_out, let_in, proxied_settings
 
 
 async def test_a_stream_consumer_from_next_misses_nothing_appended_during_a_reconnect(
@@ -213,5 +217,85 @@ async def test_a_stream_consumer_from_next_with_nothing_delivered_attaches_from_
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.3)
             assert bodies and set(bodies) == {b"after"}, bodies
+    finally:
+        await broker.delete_queue(stream.name)
+
+
+async def test_a_stream_deleted_during_an_outage_and_declared_again_by_the_reconnect_is_read_from_its_start(
+    broker: Broker, proxy: FaultProxy, amqp_url: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleted (by another connection) while the consumer's connection is down, the stream its reconnect declares
+    again is a new one, whose offsets start at 0: every message of it is delivered, none skipped for the offset the
+    consumer had reached in the old one."""
+    stream = Queue(f"{name}.stream", type=QueueType.STREAM)
+    bodies: list[bytes] = []
+
+    async def take(delivery: Delivery[bytes]) -> None:
+        bodies.append(delivery.body)
+        await delivery.ack()
+
+    try:
+        async with Broker(proxied_settings(proxy, amqp_url)) as reader:
+            consumer = await reader.consume(stream, take, prefetch=50, arguments={"x-stream-offset": "first"})
+            for n in range(20):
+                await broker.publish(Envelope(f"old {n}".encode()), routing_key=stream.name)
+            await wait_for(lambda: len(bodies) == 20)
+            await asyncio.sleep(0.2)  # the acks written: the reader would resume at offset 20
+            await hold_out(proxy, reader)
+            await broker.delete_queue(stream.name)
+            await let_in(proxy, reader)  # its reconnect declares the stream again: a new one
+            await asyncio.wait_for(consumer.attached.wait(), 10)
+            new = [f"new {n}".encode() for n in range(25)]
+            for body in new:
+                await broker.publish(Envelope(body), routing_key=stream.name)
+            with contextlib.suppress(AssertionError):
+                await wait_for(lambda: len(bodies) >= 45, timeout=5)
+            await asyncio.sleep(0.3)
+            # before: ['new 20', ..., 'new 24'], the first 20 skipped (the old stream's offset, 20)
+            assert bodies[20:] == new, bodies[20:]
+            said = [
+                r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "new stream" in r.message
+            ]
+            assert len(said) == 1, said
+            assert f"its stream '{stream.name}' was deleted while the connection was down" in said[0], said
+            assert "not from offset 20, where it had got to in the old one" in said[0], said
+    finally:
+        await broker.delete_queue(stream.name)
+
+
+async def test_a_stream_deleted_under_a_consumer_given_a_numeric_offset_is_read_from_the_new_streams_start(
+    broker: Broker, name: str
+) -> None:
+    """A consumer started at a stored offset (a number): its stream deleted under it and declared again by the
+    re-attach, that number means nothing in the new stream, whose messages all arrive."""
+    stream = Queue(f"{name}.stream", type=QueueType.STREAM)
+    await broker.declare_queue(stream)
+    bodies: list[bytes] = []
+
+    async def take(delivery: Delivery[bytes]) -> None:
+        bodies.append(delivery.body)
+        await delivery.ack()
+
+    try:
+        for n in range(5):
+            await broker.publish(Envelope(f"old {n}".encode()), routing_key=stream.name)
+        async with Broker(broker.settings) as reader:
+            consumer = await reader.consume(stream, take, prefetch=50, arguments={"x-stream-offset": 3})
+            try:
+                await wait_for(lambda: len(bodies) == 2)
+                await asyncio.sleep(0.2)
+                await broker.delete_queue(stream.name)
+                await wait_for(lambda: not consumer.attached.is_set(), timeout=10)
+                await asyncio.wait_for(consumer.attached.wait(), 10)  # declared again by the re-attach
+                new = [f"new {n}".encode() for n in range(5)]
+                for body in new:
+                    await broker.publish(Envelope(body), routing_key=stream.name)
+                with contextlib.suppress(AssertionError):
+                    await wait_for(lambda: len(bodies) >= 7, timeout=5)
+                await asyncio.sleep(0.3)
+                # before: ['new 3', 'new 4'], read from offset 3 (the argument given) of the new stream
+                assert bodies == [b"old 3", b"old 4", *new], bodies
+            finally:
+                await consumer.cancel()
     finally:
         await broker.delete_queue(stream.name)
