@@ -16,8 +16,8 @@ to 49 on 3.10 and of 33 to 49 on 4.0).
 
 A stream deleted and declared again by the Broker is a new stream, whose
 offsets start at 0 again; attached at an old offset, the consumer waits for
-that many new messages and never gets them (measured: resumed at 20, 5 of 25
-new messages delivered, on 3.10 and 4.0). Everything in the new stream came
+that many new messages and never gets them (measured before this was
+handled: resumed at 20, 5 of 25 new messages delivered, on 3.10 and 4.0). Everything in the new stream came
 after what the consumer read of the old one, so it is read from its first
 message (offset 0): neither where the consumer got to nor the argument given
 to ``consume()`` (a stored number means nothing in the new stream; ``"next"``
@@ -29,7 +29,8 @@ reads, before the topology is declared again (Consuming._streams_gone: one
 round trip per stream, at a reconnect only). A WARNING names the consumer,
 the stream and the offset it had got to.
 
-Before anything was delivered, the argument given to ``consume()`` stands.
+Before anything was delivered, the argument given to ``consume()`` stands
+(but in a stream found new, above).
 For ``"next"`` that leaves a gap: an outage before the first delivery loses
 what was appended during it, since where ``"next"`` pointed when the consumer
 attached is nowhere to be read over AMQP 0-9-1. Guessing a timestamp for it
