@@ -154,6 +154,12 @@ class BrokerCore:
         # (time.monotonic()), and whether the WARNING that it lasts was logged.
         self._locked_since: dict[Queue, tuple[float, bool]] = {}
         self._access_task: asyncio.Task[None] | None = None
+        # The bindings' keeper (TopologyRegistry._keep_bindings): its task; set to run it now rather than at its
+        # period (a publish found an exchange of the Broker's own gone); the exchanges it found gone and could not
+        # declare again, with since when (time.monotonic()), said once until they are back.
+        self._binding_keeper: asyncio.Task[None] | None = None
+        self._rebind_wanted = asyncio.Event()
+        self._exchanges_gone: dict[str, float] = {}
         self._on_disconnect: list[DisconnectCallback] = []
         self._on_reconnect: list[ReconnectCallback] = []
         self._on_topology_error: list[TopologyErrorCallback] = []
@@ -268,6 +274,16 @@ class BrokerCore:
     def _wait_strategy(self, state: RetryCallState) -> float:
         """The same backoff as tenacity's ``wait=``: its ``attempt_number`` counts from 1."""
         return self._retry_delay(state.attempt_number - 1)
+
+    def _rebind_soon(self, exchange: str) -> None:
+        """A publish found ``exchange`` missing: if the Broker declared it and binds to it a queue it consumes, the
+        keeper of bindings declares it and binds again now, not at its next period (see
+        TopologyRegistry._keep_bindings)."""
+        if self._binding_keeper is None or self._exchanges.get(exchange) is None:
+            return
+        consumed = {c.queue for c in self._consumers.values() if not c.cancelled}
+        if any(b.exchange.name == exchange and b.queue in consumed for b in self._bindings):
+            self._rebind_wanted.set()
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

@@ -189,6 +189,7 @@ class Broker(Consuming, Publishing):
             raise ConnectError(f"cannot connect to RabbitMQ at {targets} after {attempts}: {last}") from None
         if self._unwatch is None:
             self._unwatch = watch(self.settings.loop_block_threshold, self.settings.heartbeat)
+        self._keep_bindings_running()
 
     async def close(self, *, grace: float = 5.0) -> None:
         """Stop consumers (letting running callbacks finish within ``grace``), then close."""

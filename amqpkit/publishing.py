@@ -316,6 +316,7 @@ class Publishing(BrokerCore):
         try:
             await self._check_exchange(name)
         except TopologyError as exc:
+            self._rebind_soon(name)  # one of the Broker's own, that queues it consumes are bound to: made again now
             raise PublishError(f"publish refused: {exc}") from exc
 
     def _why_unconfirmed(self, closed_over_frames: int) -> str:

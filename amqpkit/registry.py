@@ -8,13 +8,15 @@ name the broker gave it on the current connection (:meth:`queue_name`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 
 from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
 
 from .channels import BrokerCore, channel_cap_hold
-from .errors import TopologyError, access_refused, caused_by, map_exceptions, same_refusal
+from .errors import ConnectionLost, TopologyError, access_refused, caused_by, map_exceptions, reply_text, same_refusal
 from .topology import Binding, Exchange, Queue
 
 __all__ = ["TopologyRegistry"]
@@ -22,6 +24,9 @@ __all__ = ["TopologyRegistry"]
 Refused = tuple[Exchange | Queue | Binding, TopologyError]
 
 log = logging.getLogger("amqpkit.broker")
+
+REBIND_AT_MOST_EVERY = 1.0
+"""Seconds between two rounds of the keeper of bindings that publishes finding an exchange gone ask for, at least."""
 
 
 class TopologyRegistry(BrokerCore):
@@ -206,6 +211,123 @@ class TopologyRegistry(BrokerCore):
             await self._declare_exchange_on(exchange)
             await self._bind_on(binding)
 
+    def _keep_bindings_running(self) -> None:
+        """Start the keeper of bindings (:meth:`_keep_bindings`), unless it runs or ``binding_check_interval`` is 0."""
+        if self.settings.binding_check_interval > 0 and (self._binding_keeper is None or self._binding_keeper.done()):
+            self._binding_keeper = self._spawn(self._keep_bindings())
+
+    async def _keep_bindings(self) -> None:
+        """Bind again, every ``settings.binding_check_interval`` seconds, the bindings of the queues this Broker's
+        consumers read: one ``queue.bind`` each, which the broker takes as done when the binding is there.
+
+        Deleting an exchange deletes its bindings, and an exchange made again (by an operator, a definitions
+        import, another service's start or reconnect) has none: a consumer of a queue bound to it went on reading
+        a queue nothing was routed to, and every message published to the exchange reached nobody, without an
+        error, for as long as the process ran. A bind that finds the exchange missing (404) declares it first if
+        this Broker declared it (a reconnect or a restart of the service would declare it too), and says so once,
+        as a WARNING; one that cannot (not the Broker's, or refused) says once that the queue receives nothing
+        from it, and once, as INFO, that it is bound again when it is. A bind cannot tell a binding it made again
+        from one that was there: an exchange someone else made again is not said.
+
+        A publish that finds an exchange of the Broker's own missing asks for a round at once (at most one a
+        second), which declares it and binds again this Broker's queues, so its next publish reaches them; the
+        bindings of other processes' queues come back at their own keeper's next round. Nothing is sent per
+        message; while the connection is down the reconnect declares everything again."""
+        interval = self.settings.binding_check_interval
+        loop = asyncio.get_running_loop()
+        due = loop.time() + interval
+        last = float("-inf")  # when the last round ran
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, due - loop.time())):
+                    await self._rebind_wanted.wait()
+            early = last + min(REBIND_AT_MOST_EVERY, interval) - loop.time()
+            if early > 0:
+                await asyncio.sleep(early)
+            self._rebind_wanted.clear()
+            last = loop.time()
+            due = last + interval
+            if self._closing:
+                return
+            if not self.is_connected:
+                continue  # the reconnect binds everything again
+            try:
+                await self._rebind_consumed()
+            except ConnectionLost:
+                continue
+            except Exception:
+                log.exception("binding again the queues this Broker consumes failed; tried again in %g s", interval)
+
+    async def _rebind_consumed(self) -> None:
+        """One round of :meth:`_keep_bindings`: the bindings of attached consumers' queues, exchange by exchange
+        (not those waiting for the broker to allow them: see :meth:`_keep_refused`)."""
+        consumed = {c.queue for c in self._consumers.values() if not c.cancelled and c.attached.is_set()}
+        refused = self._access_refused
+        by_exchange: dict[str, list[Binding]] = {}
+        for binding in self._bindings:
+            if binding.queue in consumed and binding not in refused and binding.queue not in refused:
+                by_exchange.setdefault(binding.exchange.name, []).append(binding)
+        for name, bindings in by_exchange.items():
+            await self._rebind_exchange(name, bindings)
+        for name in [n for n in self._exchanges_gone if n not in by_exchange]:
+            del self._exchanges_gone[name]  # nothing consumed here is bound to it any more
+
+    async def _rebind_exchange(self, name: str, bindings: list[Binding]) -> None:
+        """Bind ``bindings`` (all to the exchange ``name``) again; declare the exchange first if it is gone and the
+        Broker's own. Says what it found, once (see :meth:`_keep_bindings`)."""
+        redeclared = False
+        gone: TopologyError | None = None
+        bound: list[Binding] = []
+        for binding in bindings:
+            if binding not in self._bindings:
+                continue  # forgotten meanwhile (its subscription stopped)
+            try:
+                try:
+                    await self._bind_on(binding)
+                except TopologyError as exc:
+                    if not _no_exchange(exc):
+                        raise
+                    if redeclared or self._exchanges.get(name) != binding.exchange:
+                        why = "deleted again at once" if redeclared else "not declared by this Broker"
+                        gone = TopologyError(f"{why}: {exc}", kind="exchange", name=name)
+                        break
+                    try:
+                        await self._declare_exchange_on(binding.exchange)
+                    except TopologyError as refused:
+                        gone = TopologyError(f"declaring it again was refused: {refused}", kind="exchange", name=name)
+                        break
+                    self._known_exchanges.add(name)
+                    redeclared = True
+                    await self._bind_on(binding)
+            except TopologyError as exc:
+                # its queue deleted under its consumer (the consumer's cancel brings it back), a refusal of access
+                # (the reconnect's and the consumer's own retries look after it), ...: not this keeper's
+                log.debug("could not bind %s again: %s", _describe(binding), exc)
+                continue
+            bound.append(binding)
+        queues = ", ".join(dict.fromkeys(repr(self._shown_queue(b.queue)) for b in (bound or bindings)))
+        since = self._exchanges_gone.get(name)
+        if gone is not None:
+            if since is None:
+                self._exchanges_gone[name] = time.monotonic()
+                log.warning("exchange %r is gone (%s): queue %s receives nothing from it until it is back; bound "
+                            "again every %g s", name, gone, queues,
+                            self.settings.binding_check_interval)  # fmt: skip
+            return
+        if since is not None:
+            del self._exchanges_gone[name]
+        if redeclared:
+            log.warning("exchange %r was gone (deleted by someone else%s): declared again, as this Broker declared "
+                        "it, and queue %s bound to it again", name,
+                        f", gone for {time.monotonic() - since:.1f} s" if since is not None else "",
+                        queues)  # fmt: skip
+        elif since is not None and bound:
+            log.info("exchange %r is back after %.1f s: queue %s bound to it again", name, time.monotonic() - since,
+                     queues)  # fmt: skip
+
+    def _shown_queue(self, queue: Queue) -> str:
+        return queue.name or self._queues.get(queue, "") or "(server-named)"
+
     async def _restore_topology(self) -> tuple[list[Refused], dict[Queue, TopologyError]]:
         """Declare again everything remembered, on a new connection.
 
@@ -360,6 +482,16 @@ class TopologyRegistry(BrokerCore):
                 callback(spec, exc)
             except Exception:
                 log.exception("topology error callback failed")
+
+
+def _no_exchange(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broker's 404 for a missing exchange (a bind's 404 may be its queue's too)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ChannelNotFoundEntity):
+            return "no exchange" in reply_text(seen)
+        seen = seen.__cause__
+    return False
 
 
 def _describe(spec: Exchange | Queue | Binding) -> str:

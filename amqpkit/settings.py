@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "DEFAULT_BINDING_CHECK_INTERVAL",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_HEARTBEAT",
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -31,6 +32,7 @@ DEFAULT_HEARTBEAT = 10
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_PUBLISH_TIMEOUT = 30.0
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+DEFAULT_BINDING_CHECK_INTERVAL = 5.0
 
 
 def redact_url(url: str) -> str:
@@ -108,6 +110,12 @@ class BrokerSettings(_Frozen):
     tls: TlsSettings | None = None
     max_message_size: int = Field(default=DEFAULT_MAX_MESSAGE_SIZE, gt=0)
     reconnect: ReconnectPolicy = ReconnectPolicy()
+    binding_check_interval: float = Field(
+        default=DEFAULT_BINDING_CHECK_INTERVAL,
+        ge=0,
+        description="seconds between two binds again of the bindings of the queues this Broker consumes: an "
+        "exchange deleted and made again has lost them (one queue.bind per binding each time); 0: never",
+    )
     loop_block_warning: float | None = Field(
         default=None,
         ge=0,
