@@ -16,7 +16,16 @@ import time
 from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
 
 from .channels import BrokerCore, channel_cap_hold
-from .errors import ConnectionLost, TopologyError, access_refused, caused_by, map_exceptions, reply_text, same_refusal
+from .errors import (
+    ChannelLimitReached,
+    ConnectionLost,
+    TopologyError,
+    access_refused,
+    caused_by,
+    map_exceptions,
+    reply_text,
+    same_refusal,
+)
 from .topology import Binding, Exchange, Queue
 
 __all__ = ["TopologyRegistry"]
@@ -255,6 +264,8 @@ class TopologyRegistry(BrokerCore):
                 await self._rebind_consumed()
             except ConnectionLost:
                 continue
+            except ChannelLimitReached as exc:  # the topology channel, closed by a 404, not given back for now
+                log.debug("binding again the queues this Broker consumes waits for a channel: %s", exc)
             except Exception:
                 log.exception("binding again the queues this Broker consumes failed; tried again in %g s", interval)
 
