@@ -316,24 +316,27 @@ class TopologyRegistry(BrokerCore):
                 log.debug("could not bind %s again: %s", _describe(binding), exc)
                 continue
             bound.append(binding)
-        queues = ", ".join(dict.fromkeys(repr(self._shown_queue(b.queue)) for b in (bound or bindings)))
+        names = list(dict.fromkeys(repr(self._shown_queue(b.queue)) for b in (bound or bindings)))
+        queues = f"queue{'s' if len(names) > 1 else ''} {', '.join(names)}"
         since = self._exchanges_gone.get(name)
         if gone is not None:
             if since is None:
                 self._exchanges_gone[name] = time.monotonic()
-                log.warning("exchange %r is gone (%s): queue %s receives nothing from it until it is back; bound "
-                            "again every %g s", name, gone, queues,
+                log.warning("exchange %r is gone (%s): %s %s nothing from it until it is back; bound again every "
+                            "%g s", name, gone, queues, "receive" if len(names) > 1 else "receives",
                             self.settings.binding_check_interval)  # fmt: skip
             return
+        if not (bound or redeclared):
+            return  # none bound, for reasons of their own (said at DEBUG): whether it is back is not known yet
         if since is not None:
             del self._exchanges_gone[name]
         if redeclared:
             log.warning("exchange %r was gone (deleted by someone else%s): declared again, as this Broker declared "
-                        "it, and queue %s bound to it again", name,
+                        "it, and %s bound to it again", name,
                         f", gone for {time.monotonic() - since:.1f} s" if since is not None else "",
                         queues)  # fmt: skip
-        elif since is not None and bound:
-            log.info("exchange %r is back after %.1f s: queue %s bound to it again", name, time.monotonic() - since,
+        elif since is not None:
+            log.info("exchange %r is back after %.1f s: %s bound to it again", name, time.monotonic() - since,
                      queues)  # fmt: skip
 
     def _shown_queue(self, queue: Queue) -> str:
