@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiormq.exceptions
 
@@ -247,17 +247,21 @@ def access_refused(exc: BaseException) -> bool:
     permissions (configure, write, read), a vhost being deleted, or a queue in exclusive use by another consumer.
     Each may be lifted without a change on this side (rights given back, the vhost made again, the other
     consumer gone): a consumer refused so at a reconnect waits and is tried again (see Consumer.error)."""
-    return caused_by(exc, aiormq.exceptions.ChannelAccessRefused)
+    return caused_by(exc, aiormq.exceptions.ChannelAccessRefused) is not None
 
 
-def caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
-    """Whether ``exc`` or one of its causes (map_exceptions chains the broker's error as the cause) is a ``kind``."""
+_E = TypeVar("_E", bound=BaseException)
+
+
+def caused_by(exc: BaseException, kind: type[_E]) -> _E | None:
+    """``exc`` or the first of its causes (map_exceptions chains the broker's error as the cause) that is a ``kind``;
+    None if none is."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, kind):
-            return True
+            return seen
         seen = seen.__cause__
-    return False
+    return None
 
 
 _SERVER_NAMED = re.compile(r"amq\.gen-[\w-]+")

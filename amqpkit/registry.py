@@ -412,7 +412,7 @@ class TopologyRegistry(BrokerCore):
                 with map_exceptions(kind="queue", name=name):
                     await channel.queue_declare(name, passive=True)
         except TopologyError as exc:
-            return False if caused_by(exc, ChannelNotFoundEntity) else None
+            return False if caused_by(exc, ChannelNotFoundEntity) is not None else None
         return True
 
     def _waits_out(self, spec: Exchange | Queue | Binding, exc: BaseException) -> bool:
@@ -433,7 +433,7 @@ class TopologyRegistry(BrokerCore):
             and spec.exclusive
             and not spec.server_named
             and spec in self._queues
-            and caused_by(exc, ChannelLockedResource)
+            and caused_by(exc, ChannelLockedResource) is not None
         )
 
     def _keep_refused(self, spec: Exchange | Queue | Binding, exc: TopologyError) -> None:
@@ -500,12 +500,8 @@ class TopologyRegistry(BrokerCore):
 
 def _no_exchange(exc: BaseException) -> bool:
     """Whether ``exc`` is the broker's 404 for a missing exchange (a bind's 404 may be its queue's too)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ChannelNotFoundEntity):
-            return "no exchange" in reply_text(seen)
-        seen = seen.__cause__
-    return False
+    not_found = caused_by(exc, ChannelNotFoundEntity)
+    return not_found is not None and "no exchange" in reply_text(not_found)
 
 
 def _describe(spec: Exchange | Queue | Binding) -> str:

@@ -4,7 +4,7 @@ Deleting an exchange deletes its bindings. Made again (by an operator, a definit
 restart or reconnect), the exchange has none: a Subscriber kept consuming a queue nothing was routed to any more,
 and every event published to the exchange reached nobody, without an error, for as long as the process ran (each
 of these tests failed before, on 3.10 and 4.0: nothing in 20 s). Now the Broker binds the queues it consumes again
-every ``binding_check_interval`` seconds (0.5 s here, 5 s by default), declaring first an exchange of its own that
+every ``binding_check_interval`` seconds (0.5 s here, 30 s by default), declaring first an exchange of its own that
 is gone.
 """
 
