@@ -54,7 +54,7 @@ async def test_a_dba_timeout_under_the_inbox_requeues_the_message(
             await tx.rollback()
             await asyncio.sleep(1.0)
             left = await broker.queue_counts(queue.name)
-            assert sub.failed == 0, f"the message was dropped: failed={sub.failed}, queue (ready, unacked) {left}"
+            assert sub.failed == 0, f"the message was dropped: failed={sub.failed}, queue (messages, consumers) {left}"
             await wait_for(lambda: sub.handled >= 1, timeout=10)
         assert await balance(store) == 5
     finally:
