@@ -1,0 +1,69 @@
+"""A Worker whose handler is wrapped by an Inbox on PostgreSQL, while PostgreSQL is unreachable for a while
+(a restart, a failover): reached through a TCP proxy that refuses connections and cuts the open ones."""
+
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from amqpkit import Broker, Worker, WorkQueue
+from amqpkit.outbox import Inbox, PostgresStore
+from amqpkit.patterns.dlq import list_dead_letters
+
+from ..reliability.proxy import FaultProxy
+from .test_inbox import Deposit, accounts_table, balance, deposit, make_accounts
+
+
+async def test_a_database_outage_under_an_inbox_worker(broker: Broker, name: str, pg_url: str, pg_schema: str) -> None:
+    """Five tasks arrive while PostgreSQL is unreachable for 30 s. The inbox requeues each delivery after
+    ``requeue_delay`` (1 s), as it promises, and its handler returns. Expected: no task counted completed while
+    none was applied, and every task applied once PostgreSQL is back (nothing was wrong with the tasks).
+
+    Before: the Worker took the inbox's return as success: ``worker.completed`` 92 (and a COMPLETED status event,
+    and with ``idempotency=`` the id remembered as done) while 0 were applied; and every requeue counted against
+    the work queue's delivery limit (20), so after ~20 s of outage the broker dead-lettered the tasks: 4 of 5 in the
+    DLQ (x-death reason delivery_limit), balance 1 instead of 5, though no handler ever failed."""
+    direct = PostgresStore(pg_url, schema=pg_schema)
+    await direct.open()
+    await direct.create_tables()
+    await make_accounts(direct)
+    proxy = await FaultProxy("127.0.0.1", 5432).start()
+    store = PostgresStore(f"postgresql://postgres@127.0.0.1:{proxy.port}/test", schema=pg_schema, connect_timeout=2)
+    await store.open()
+    inbox = Inbox(store, consumer="ledger", requeue_delay=1.0)
+    applied = 0
+
+    async def apply(d: Deposit, tx: Any) -> None:
+        nonlocal applied
+        await tx.execute(
+            f"UPDATE {accounts_table(store)} SET balance = balance + $1 WHERE account = $2", d.amount, d.account
+        )
+        applied += 1
+
+    queue: WorkQueue[Any] = WorkQueue(broker, f"{name}.ledger")
+    try:
+        async with Worker(queue, inbox.handler(apply), concurrency=4) as worker:
+            await queue.declare()
+            proxy.refusing = True
+            proxy.cut()
+            for i in range(5):
+                await broker.publish(deposit(1, f"m{i}"), routing_key=queue.name)
+            await asyncio.sleep(30)  # PostgreSQL away for 30 s
+            during = (worker.completed, inbox.requeued, applied)
+            proxy.refusing = False
+            await asyncio.sleep(10)
+            dead = await list_dead_letters(broker, queue.name)
+            said = (
+                f"during the outage: completed={during[0]} requeued={during[1]} applied={during[2]}; after: "
+                f"completed={worker.completed} applied={applied} dead-lettered={len(dead)} "
+                f"({sorted({str(d.reason) for d in dead})}) balance={await balance(direct)}"
+            )
+            assert during[0] == 0 and not dead and await balance(direct) == 5, said
+    finally:
+        await store.close()
+        await proxy.close()
+        await direct.close()
+        for q in (queue.name, queue.dlq_name):
+            await broker.delete_queue(q)
