@@ -67,3 +67,52 @@ async def test_a_database_outage_under_an_inbox_worker(broker: Broker, name: str
         await direct.close()
         for q in (queue.name, queue.dlq_name):
             await broker.delete_queue(q)
+
+
+async def test_a_database_outage_under_an_inbox_worker_with_idempotency_loses_nothing(
+    broker: Broker, name: str, pg_url: str, pg_schema: str
+) -> None:
+    """The same with the Worker's own deduplication on (``idempotency=MemoryIdempotencyStore()``, as
+    ``amqpkit worker --dedupe``): PostgreSQL away for 3 s. Before: the inbox's requeue was taken as success and the
+    task id remembered as done, so its next delivery was acked unrun ("already completed"): 5 of 5 tasks lost,
+    balance 0, nothing in the DLQ."""
+    from amqpkit.patterns.tasks import MemoryIdempotencyStore
+
+    direct = PostgresStore(pg_url, schema=pg_schema)
+    await direct.open()
+    await direct.create_tables()
+    await make_accounts(direct)
+    proxy = await FaultProxy("127.0.0.1", 5432).start()
+    store = PostgresStore(f"postgresql://postgres@127.0.0.1:{proxy.port}/test", schema=pg_schema, connect_timeout=2)
+    await store.open()
+    inbox = Inbox(store, consumer="ledger", requeue_delay=0.5)
+
+    async def apply(d: Deposit, tx: Any) -> None:
+        await tx.execute(
+            f"UPDATE {accounts_table(store)} SET balance = balance + $1 WHERE account = $2", d.amount, d.account
+        )
+
+    queue: WorkQueue[Any] = WorkQueue(broker, f"{name}.ledger")
+    try:
+        async with Worker(queue, inbox.handler(apply), concurrency=4, idempotency=MemoryIdempotencyStore()) as w:
+            await queue.declare()
+            proxy.refusing = True
+            proxy.cut()
+            for i in range(5):
+                await broker.publish(deposit(1, f"m{i}"), routing_key=queue.name)
+            await asyncio.sleep(3)
+            proxy.refusing = False
+            await asyncio.sleep(5)
+            dead = await list_dead_letters(broker, queue.name)
+            left = await broker.queue_counts(queue.name)
+            got = await balance(direct)
+            assert got == 5, (
+                f"balance {got} of 5; skipped as duplicates {w.duplicates}, dead-lettered {len(dead)}, "
+                f"left in the queue {left[0]}, inbox requeued {inbox.requeued}"
+            )
+    finally:
+        await store.close()
+        await proxy.close()
+        await direct.close()
+        for q in (queue.name, queue.dlq_name):
+            await broker.delete_queue(q)
