@@ -116,3 +116,56 @@ async def test_a_database_outage_under_an_inbox_worker_with_idempotency_loses_no
         await direct.close()
         for q in (queue.name, queue.dlq_name):
             await broker.delete_queue(q)
+
+
+async def test_an_rpc_request_the_inbox_requeues_gets_no_made_up_reply(
+    broker: Broker, name: str, pg_url: str, pg_schema: str
+) -> None:
+    """An RpcServer method wrapped with ``inbox.handler(fn, requeue_on_storage_error=True)`` (documented: the
+    request is requeued when the database fails), PostgreSQL unreachable. Expected: the call gets its real result
+    once the request is run again, or a typed error; never a result the method did not return. Before: the
+    server took the inbox's return (None) as the method's result and replied ``null`` at once: the caller got
+    None for a deposit that was never applied."""
+    from amqpkit import RpcClient, RpcServer
+
+    direct = PostgresStore(pg_url, schema=pg_schema)
+    await direct.open()
+    await direct.create_tables()
+    await make_accounts(direct)
+    proxy = await FaultProxy("127.0.0.1", 5432).start()
+    store = PostgresStore(f"postgresql://postgres@127.0.0.1:{proxy.port}/test", schema=pg_schema, connect_timeout=2)
+    await store.open()
+    inbox = Inbox(store, consumer="ledger", requeue_delay=0.5)
+
+    async def apply(d: Deposit, tx: Any) -> int:
+        return int(
+            await tx.fetchval(
+                f"UPDATE {accounts_table(store)} SET balance = balance + $1 WHERE account = $2 RETURNING balance",
+                d.amount,
+                d.account,
+            )
+        )
+
+    server = RpcServer(broker, f"{name}.rpc")
+    server.add("deposit", inbox.handler(apply, requeue_on_storage_error=True))
+    try:
+        async with server, RpcClient(broker, f"{name}.rpc", timeout=10) as client:
+            proxy.refusing = True
+            proxy.cut()
+            call = asyncio.ensure_future(client.call("deposit", Deposit(account="a", amount=5)))
+            await asyncio.sleep(2)
+            proxy.refusing = False
+            try:
+                result: Any = await call
+            except Exception as exc:
+                result = exc
+            await asyncio.sleep(2)
+            got = await balance(direct)
+            assert result == 5 or isinstance(result, Exception), (
+                f"the call returned {result!r}; balance {got}; inbox requeued {inbox.requeued}"
+            )
+    finally:
+        await store.close()
+        await proxy.close()
+        await direct.close()
+        await broker.delete_queue(f"{name}.rpc")
