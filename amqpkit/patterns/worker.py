@@ -336,11 +336,12 @@ class Worker(Generic[T]):
         async def redeclare() -> None:
             await self.queue.delay_queue(real_delay, renew=True)
 
-        async def copy_refused(nacked: PublishNacked) -> None:
+        async def copy_refused(nacked: PublishNacked) -> Literal["refused"]:
             # The delay queue refused the copy (full under an operator's reject-publish length limit): requeued,
             # the task ran again every requeue_backoff as the same attempt, past its retry policy, until the
             # work queue's delivery limit (21 runs with max_attempts=3, in a hunt). Kept in the DLQ instead.
             await self._retry_refused(raw, attempt, exc, tb, f"delay queue {queue_name} refused its retry", nacked)
+            return "refused"
 
         moved = await self._forward(raw, queue_name, headers, redeclare, refused=copy_refused)
         if moved == "moved":
@@ -373,7 +374,13 @@ class Worker(Generic[T]):
         async def redeclare() -> None:
             await self.broker.declare_queue(self.queue.dlq)
 
-        moved = await self._forward(raw, self.queue.dlq_name, headers, redeclare)
+        async def dlq_refused(nacked: PublishNacked) -> Literal["requeued", "rejected"]:
+            # The DLQ refused the copy (full under an operator's reject-publish length limit): requeued, the
+            # task ran again every requeue_backoff for as long as the DLQ stayed full (6 runs in 6 s). Left to
+            # the broker to dead-letter instead, which keeps it until the DLQ takes it.
+            return await self._reject_whole(raw, self.queue.dlq_name, nacked)
+
+        moved = await self._forward(raw, self.queue.dlq_name, headers, redeclare, refused=dlq_refused)
         if moved == "moved":
             self.dead_lettered += 1
             if _hooks.dead_lettered is not None:  # amqpkit.telemetry
@@ -406,11 +413,11 @@ class Worker(Generic[T]):
         headers: dict[str, Any],
         redeclare: Callable[[], Awaitable[None]],
         *,
-        refused: Callable[[PublishNacked], Awaitable[None]] | None = None,
+        refused: Callable[[PublishNacked], Awaitable[Literal["requeued", "rejected", "refused"]]] | None = None,
     ) -> Literal["moved", "requeued", "rejected", "refused"]:
         """Publish a copy with ``headers`` to our own queue ``routing_key`` (mandatory, confirmed), then ack
         the original ("moved"). A copy no queue took: ``redeclare`` the queue and try once more. A copy the queue
-        refused (a nack) goes to ``refused`` when given, which settles the task ("refused"). Failed otherwise:
+        refused (a nack) goes to ``refused`` when given, which settles the task and says how. Failed otherwise:
         requeue it ("requeued"), or, if no copy of it can ever be sent, reject it to its dead-letter exchange
         ("rejected", see :meth:`_reject_whole`)."""
         copy = raw.forwarded(headers)
@@ -434,8 +441,7 @@ class Worker(Generic[T]):
             return await self._reject_whole(raw, routing_key, exc)
         except Exception as exc:
             if refused is not None and isinstance(exc, PublishNacked):
-                await refused(exc)
-                return "refused"
+                return await refused(exc)
             # Not safely stored elsewhere: the original goes back to the queue instead.
             await self._hold_then_requeue(raw, routing_key, exc)
             return "requeued"
@@ -443,10 +449,11 @@ class Worker(Generic[T]):
         return "moved"
 
     async def _reject_whole(
-        self, raw: Delivery[bytes], target: str, exc: MessageTooLarge
+        self, raw: Delivery[bytes], target: str, exc: MessageTooLarge | PublishNacked
     ) -> Literal["requeued", "rejected"]:
-        """No copy of the task can be sent: rejected, so the broker dead-letters it as it is to the DLQ, without
-        the worker's error headers. Run again and again, it would only be refused again.
+        """No copy of the task can be sent (too large), or the DLQ refused it: rejected, so the broker
+        dead-letters it as it is to the DLQ, without the worker's error headers. Run again and again, it would
+        only be refused again.
 
         Only where the queue is known to dead-letter to its DLQ and keep what it cannot yet deliver there (a
         WorkQueue's own spec: the default exchange, the DLQ's name, at least once). A spec of the user's own
@@ -458,7 +465,7 @@ class Worker(Generic[T]):
             and spec.dead_letter_routing_key == self.queue.dlq_name
             and spec.dead_letter_strategy is DeadLetterStrategy.AT_LEAST_ONCE
         )
-        if not exc.by_broker or not to_dlq:
+        if (isinstance(exc, MessageTooLarge) and not exc.by_broker) or not to_dlq:
             await self._hold_then_requeue(raw, target, exc)
             return "requeued"
         self.forward_failures += 1

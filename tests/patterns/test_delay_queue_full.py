@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
 
-from amqpkit import Broker, RetryPolicy, Worker, WorkQueue
+from amqpkit import Broker, Envelope, Reject, RetryPolicy, Worker, WorkQueue
 from amqpkit.patterns.dlq import list_dead_letters
 
 from ..brokerctl import arabbitmqctl, vhost_of
-from ..waiting import wait_for
+from ..waiting import until_ready, wait_for
 
 
 @pytest.fixture
@@ -61,5 +62,50 @@ async def test_a_task_whose_delay_queue_is_full_runs_no_more_than_its_policy_all
             letters = {letter.task_id: letter for letter in await list_dead_letters(broker, work.name)}
             assert letters[task].reason == "retry-refused", letters
             assert letters[task].attempts == 1
+    finally:
+        await arabbitmqctl("clear_policy", "-p", vhost, policy)
+
+
+async def test_a_task_whose_dlq_is_full_runs_once_and_reaches_the_dlq_when_it_has_room(
+    broker: Broker, work: WorkQueue[int]
+) -> None:
+    """The DLQ itself full under an operator's length limit (``reject-publish``): the broker nacks the dead
+    letter's copy. The worker requeued the task after ``requeue_backoff``, and it ran again each second for as
+    long as the DLQ stayed full (a handler that rejected it: 6 runs in 6 s). Now it is rejected, so that the
+    broker dead-letters it itself (the work queue dead-letters at least once: it keeps the task until the DLQ
+    takes it), without the worker's headers: run once, and in the DLQ once there is room (the broker tries again
+    every dead_letter_worker_publisher_confirm_timeout, 180 s by default; AMQPKIT_TEST_DLX_WAIT=240 waits for it,
+    with --timeout 300). After the policy was cleared instead, it was still held 400 s later (3.10.8)."""
+    vhost = vhost_of(broker.settings.urls[0])
+    policy = f"{work.name}.dlq-full"
+    pattern = "^" + work.dlq_name.replace(".", "\\.") + "$"
+    await work.declare()
+    for filler in ("filler-1", "filler-2"):  # over the limit below (a quorum queue takes one past it)
+        await broker.publish(Envelope(b"0", message_id=filler), routing_key=work.dlq_name)
+    await arabbitmqctl("set_policy", "-p", vhost, policy, pattern, '{"max-length": 1, "overflow": "reject-publish"}',
+                       "--apply-to", "queues")  # fmt: skip
+    runs: Counter[int] = Counter()
+    try:
+
+        async def handler(n: int) -> None:
+            runs[n] += 1
+            raise Reject("not a task this service can ever run")
+
+        async with Worker(work, handler):
+            task = await work.enqueue(1)
+            await wait_for(lambda: runs[1] == 1)
+            await asyncio.sleep(6)
+            assert runs[1] == 1, dict(runs)  # before: 6 runs in 6 s
+            # Held by the work queue for the broker to dead-letter: counted in it, not ready to deliver.
+            listed = await arabbitmqctl("list_queues", "-q", "-p", vhost, "name", "messages", "messages_ready")
+            counts = {line.split()[0]: line.split()[1:] for line in listed.splitlines() if line.startswith(work.name)}
+            assert counts[work.name] == ["1", "0"], listed
+            if os.environ.get("AMQPKIT_TEST_DLX_WAIT"):  # the broker tries again every 180 s by default
+                for _ in range(2):  # room in the DLQ, read below its limit
+                    assert await broker.get(work.dlq_name, auto_ack=True) is not None
+                await until_ready(broker, work.dlq_name, 1, timeout=float(os.environ["AMQPKIT_TEST_DLX_WAIT"]))
+                letters = {letter.task_id: letter for letter in await list_dead_letters(broker, work.name)}
+                assert task in letters, letters
+        assert runs[1] == 1
     finally:
         await arabbitmqctl("clear_policy", "-p", vhost, policy)
