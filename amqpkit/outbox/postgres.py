@@ -65,6 +65,10 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
+    # A DBA's lock_timeout (55P03) or statement_timeout (57014) ran out, most often waiting for a row another
+    # transaction holds: nothing was committed. Not transient, the inbox's Subscriber dropped the message.
+    asyncpg.LockNotAvailableError,
+    asyncpg.QueryCanceledError,
 )
 
 
