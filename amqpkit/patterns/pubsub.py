@@ -26,7 +26,7 @@ from ..codec import AutoCodec, Codec
 from ..connection import Broker, Consumer
 from ..errors import DecodeError, SettlementError
 from ..executors import ExecutorKind
-from ..message import Delivery
+from ..message import Delivery, Settlement
 from ..topology import Binding, Exchange, ExchangeType, Queue
 from ..unreadable import refusal
 from ._starts import Starts
@@ -340,6 +340,8 @@ class Subscriber(Generic[T]):
             if delivery.settled is None:
                 await _settle_quietly(delivery.nack(requeue=False))
             return
+        if delivery.settled is Settlement.REQUEUED:
+            return  # given back by the handler (the inbox, its database down): handled when it comes again
         self.handled += 1
         if delivery.settled is None:
             await _settle_quietly(delivery.ack())

@@ -18,7 +18,7 @@ from ..codec import Codec, codec_for
 from ..connection import Broker, Consumer
 from ..errors import DecodeError
 from ..executors import ExecutorKind
-from ..message import Delivery
+from ..message import Delivery, Settlement
 from ..topology import Queue
 from ..unreadable import refusal
 from ._starts import Starts
@@ -260,6 +260,10 @@ class RpcServer:
             details = getattr(exc, "details", None)
             body = error_body(type(exc).__name__, str(exc), details if isinstance(details, Mapping) else None)
             content_type = ERROR_CONTENT_TYPE
+        if raw.settled is Settlement.REQUEUED:
+            # The handler gave the request back (the inbox, its database down): it runs again and is answered
+            # then. Answered now, the caller got the handler's None for a request that had not run.
+            return
         await self._reply(reply_to, correlation_id, body, content_type)
         self.served += 1
         # The reply is only queued for the connection's writer. Let the writer send it before the ack is
