@@ -23,7 +23,7 @@ from ..topology import Queue
 from ..unreadable import refusal
 from ._starts import Starts
 from .pubsub import consumed_elsewhere
-from .rpc_wire import DEFAULT_CONCURRENCY, ERROR_CONTENT_TYPE, TIMEOUT_HEADER, error_body, readable_reply_to
+from .rpc_wire import DEFAULT_CONCURRENCY, ERROR_CONTENT_TYPE, TIMEOUT_HEADER, error_body, safe_reply_to
 
 __all__ = ["RpcServer"]
 
@@ -223,7 +223,7 @@ class RpcServer:
             log.error("rejected request id=%s on %s: no %s", raw.message_id, self.queue.name, missing)
             await raw.reject(requeue=False)
             return
-        if not readable_reply_to(reply_to):
+        if not safe_reply_to(reply_to):
             # Answered, the broker would close this Broker's whole connection (541), and the request, delivered
             # again, cut it again: 3 such requests, 3-8 reconnects on 3.10, 4-12 on 4.0, in a hunt.
             self.rejected += 1
