@@ -24,7 +24,7 @@ to ``consume()`` (a stored number means nothing in the new stream; ``"next"``
 would miss what came between the declare and the attach) applies. The Broker
 asks whether the stream is still there, with a passive declare (404: gone),
 before it declares it again: when the broker cancels the consumer
-(Consuming._stream_gone), and at a reconnect, for each stream a consumer
+(Consuming._on_broker_cancel), and at a reconnect, for each stream a consumer
 reads, before the topology is declared again (Consuming._streams_gone: one
 round trip per stream, at a reconnect only). A WARNING names the consumer,
 the stream and the offset it had got to.

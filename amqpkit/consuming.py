@@ -35,6 +35,11 @@ log = logging.getLogger("amqpkit.broker")
 WAITING_CHECK = 5.0
 """Seconds between two asks for the channels of consumers a limit on channels left waiting, at the least."""
 
+CANCEL_GRACE = 5.0
+"""Seconds the callbacks running when the broker cancels a consumer get to finish before its old channel is
+closed (unless ``consume()`` is given another ``grace``): the default grace of ``Broker.close()`` and of a
+Subscriber's or an RpcServer's stop."""
+
 ConsumerCallback = Callable[[Delivery[bytes]], Awaitable[None]]
 
 
@@ -45,7 +50,12 @@ class Consumer:
     ``attached`` (an event) whether it is attached now; ``cancelled`` and
     ``error`` whether it stopped, and why when it could not be re-attached;
     ``lost_in_flight`` counts deliveries whose callback a lost channel or
-    connection cut short (the broker delivers them again);
+    connection cut short (the broker delivers them again; the callbacks
+    a broker's cancel cut short past ``grace`` when its queue was deleted
+    are not counted: their messages went with the queue);
+    ``grace`` is how long the callbacks running when the broker cancels it
+    (its queue deleted, a quorum queue's leader lost) get to finish on its
+    old channel, while it is attached again on a new one at once;
     ``waiting_for_channel`` says why it is not attached while a limit on
     channels leaves it waiting (the Broker asks for its channel again).
 
@@ -68,6 +78,7 @@ class Consumer:
         "_attach_lock",
         "_broker",
         "_channel",
+        "_gone_with_queue",
         "_owns_queue",
         "_refused",
         "_starting",
@@ -80,6 +91,7 @@ class Consumer:
         "consumer_tag",
         "error",
         "exclusive",
+        "grace",
         "inflight",
         "lost_in_flight",
         "on_error",
@@ -98,8 +110,10 @@ class Consumer:
         exclusive: bool,
         arguments: dict[str, Any],
         on_error: Callable[[BaseException], None] | None = None,
+        grace: float = CANCEL_GRACE,
     ) -> None:
         self._broker = broker
+        self.grace = grace
         self.queue = queue
         self.callback = callback
         self.prefetch = prefetch
@@ -114,6 +128,8 @@ class Consumer:
         # why it stopped, when it could not be re-attached; or, not cancelled, why the broker refuses it for now
         self.error: BaseException | None = None
         self.lost_in_flight = 0
+        # callbacks of an old channel whose queue the broker's cancel found deleted: cut short, not lost_in_flight
+        self._gone_with_queue: set[asyncio.Task[Any]] = set()
         # why it is not attached while a limit on channels leaves it waiting (the Broker asks again), else None
         self.waiting_for_channel: ChannelLimitReached | None = None
         self._channel: AbstractChannel | None = None
@@ -166,12 +182,21 @@ class Consuming(TopologyRegistry):
         arguments: dict[str, Any] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
         declare: bool = True,
+        grace: float = CANCEL_GRACE,
     ) -> Consumer:
         """Attach ``callback`` to ``queue`` on a channel of its own, kept attached across reconnects.
 
         The queue is declared first (and remembered) unless ``declare=False``,
         for a queue someone else owns. Each delivery runs ``callback`` in its
         own task; settle it there (unless ``auto_ack``).
+
+        When the broker cancels the consumer (its queue deleted, a quorum
+        queue's leader lost), it is attached again at once on a new channel
+        (its queue declared again); the callbacks running then get ``grace``
+        seconds to finish on the old channel, where their settlements still
+        land, before that channel is closed and those still running are
+        cancelled (their messages go back to the queue if it is still there;
+        a deleted queue's went with it).
 
         A consumer of a stream (an ``x-stream-offset`` argument, or a queue
         declared as a stream) resumes where it got to whenever it is attached
@@ -201,6 +226,7 @@ class Consuming(TopologyRegistry):
             exclusive=exclusive,
             arguments=dict(arguments or {}),
             on_error=on_error,
+            grace=grace,
         )
         consumer._starting = True
         consumer._owns_queue = declared and (not queue.name or queue.exclusive or queue.auto_delete)
@@ -338,7 +364,9 @@ class Consuming(TopologyRegistry):
             else:
                 await consumer.callback(delivery)
         except asyncio.CancelledError:
-            if not consumer.cancelled:  # cut short by a lost channel or connection, not by a stop
+            # cut short by a lost channel or connection, not by a stop; nor after its queue was deleted (not
+            # delivered again: the broker's cancel says so, see _retire_channel)
+            if not consumer.cancelled and task not in consumer._gone_with_queue:
                 consumer.lost_in_flight += 1
             raise
         except Exception:
@@ -359,36 +387,81 @@ class Consuming(TopologyRegistry):
         self._spawn(self._reattach(consumer))
 
     def _on_broker_cancel(self, consumer: Consumer, channel: AbstractChannel) -> None:
-        """The broker cancelled the consumer (queue deleted, node down): declare the queue again and re-attach."""
+        """The broker cancelled the consumer (queue deleted, node down): declare the queue again and re-attach it
+        on a new channel at once, and give the callbacks running on the old one ``consumer.grace`` seconds to
+        finish before that channel is closed (:meth:`_retire_channel`).
+
+        Closing the old channel at once (as before) cancelled every running callback, after whatever side effect
+        it had made: an RpcServer sent no reply (it goes on the Broker's publish channel, which the cancel does not
+        touch), and each caller waited out its whole timeout (4 of 4 calls, 10 s each, in a hunt)."""
         if consumer.cancelled or self._closing:
             return
         log.warning("broker cancelled consumer %s on %s; re-attaching", consumer.consumer_tag, self._shown(consumer))
         consumer.attached.clear()
         consumer._channel = None
 
-        async def close_then_reattach() -> None:
-            if consumer._stream is not None:
-                await self._stream_gone(consumer)
-            with contextlib.suppress(Exception):
-                await channel.close()
+        async def reattach_then_retire() -> None:
+            # The callbacks of the old channel: aiormq made a task for each delivery it read before the cancel,
+            # each has run its first step (queued before this task's) and so is in inflight; nothing of the new
+            # channel is there yet (it is attached below).
+            running = {t for t in consumer.inflight if not t.done()}
+            there: bool | None = None
+            if consumer._stream is not None or running:
+                there = await self._still_there(consumer)  # asked before the re-attach declares it again
+            if consumer._stream is not None and there is False:
+                self._new_stream(consumer, "was deleted under it")
+            self._spawn(self._retire_channel(consumer, channel, running, there))
             await self._reattach(consumer, redeclare=True)
 
-        self._spawn(close_then_reattach())
+        self._spawn(reattach_then_retire())
 
-    async def _stream_gone(self, consumer: Consumer) -> None:
-        """A stream's consumer the broker cancelled: if its stream was deleted (the usual why), where it got to means
-        nothing in the stream the re-attach declares again, whose offsets start at 0 again (an old offset would
-        wait for that many new messages first): it reads the new one from its first message. Asked before the
-        re-attach declares it: gone or not, this side keeps resuming."""
-        if not self.is_connected:
-            return  # the reconnect asks (_streams_gone), then re-attaches it
-        try:
-            there = await asyncio.wait_for(self._exists(self.queue_name(consumer.queue)), 10)
-        except Exception as exc:  # the connection went meanwhile: the reconnect asks again
-            log.debug("consumer %s: could not ask whether its stream is still there: %r", consumer.consumer_tag, exc)
-            return
+    async def _retire_channel(
+        self, consumer: Consumer, channel: AbstractChannel, running: set[asyncio.Task[Any]], there: bool | None
+    ) -> None:
+        """Close the channel the broker cancelled ``consumer`` on once the callbacks ``running`` on it have ended,
+        or ``consumer.grace`` seconds have passed; those still running then are cancelled, and said. ``there``:
+        whether its queue was still there after the cancel (False: deleted, its messages are not delivered
+        again, so not counted as ``lost_in_flight``)."""
         if there is False:
-            self._new_stream(consumer, "was deleted under it")
+            consumer._gone_with_queue |= running
+        try:
+            if running:
+                _, overdue = await asyncio.wait(running, timeout=consumer.grace)
+                if overdue and consumer.cancelled:
+                    # A stop meanwhile gives them its own grace, and cancels them after it: not cut short here by
+                    # closing their channel.
+                    await asyncio.wait(overdue)
+                elif overdue:
+                    for task in overdue:
+                        task.cancel()
+                    await asyncio.wait(overdue, timeout=5)
+                cut = sum(1 for t in running if t.cancelled())
+                if cut:
+                    fate = {
+                        False: "its queue was deleted: their messages went with it and are not delivered again",
+                        True: "their messages go back to the queue, and the broker delivers them again",
+                        None: "if its queue is still there, the broker delivers their messages again",
+                    }[there]
+                    log.warning("consumer %s on %s: %d of %d callbacks running when the broker cancelled it were "
+                                "cut short (grace %.3g s); %s", consumer.consumer_tag, self._shown(consumer), cut,
+                                len(running), consumer.grace, fate)  # fmt: skip
+        finally:
+            consumer._gone_with_queue -= running
+            if not channel.is_closed:
+                # Returns whatever is still unacked on it to its queue, if the queue is still there.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(channel.close(), timeout=5)
+
+    async def _still_there(self, consumer: Consumer) -> bool | None:
+        """Whether ``consumer``'s queue is there (one passive declare), after the broker cancelled it: False when
+        it was deleted; None when that cannot be told (a refusal, the connection down or lost meanwhile)."""
+        if not self.is_connected:
+            return None
+        try:
+            return await asyncio.wait_for(self._exists(self.queue_name(consumer.queue)), 10)
+        except Exception as exc:  # the connection went meanwhile: the reconnect asks again (a stream's)
+            log.debug("consumer %s: could not ask whether its queue is still there: %r", consumer.consumer_tag, exc)
+            return None
 
     async def _streams_gone(self, queues: Iterable[Queue], *, why: str = "while the connection was down") -> None:
         """Before ``queues`` are declared again (a reconnect, or once the broker allows them after a refusal):

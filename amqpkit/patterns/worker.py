@@ -169,7 +169,7 @@ class Worker(Generic[T]):
             self._stopped.clear()
             self._consumer = await self.broker.consume(
                 self.queue.queue, self._timeouts.wrap(self._on_task), prefetch=self.concurrency,
-                on_error=self._failed,
+                on_error=self._failed, grace=self.grace,
             )  # fmt: skip
             if self._keeper is None or self._keeper.done() or self._keeper_events.stop.is_set():
                 events = self._keeper_events = _KeeperEvents()  # its own: one told to stop may still end
