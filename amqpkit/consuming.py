@@ -5,7 +5,9 @@ queue, whether it is attached now, why it stopped, and :meth:`Consumer.cancel`.
 Each delivery runs the callback in a task of its own. A channel the broker
 closes under a consumer (or a consumer the broker cancels, e.g. its queue
 deleted) is re-attached; a consumer whose queue cannot come back stops, and
-its ``on_error`` hears why.
+its ``on_error`` hears why. The callbacks running when the broker cancels a
+consumer are not cut: they get its ``grace`` to finish on the old channel
+while it is re-attached on a new one (a lost channel cancels them at once).
 """
 
 from __future__ import annotations
