@@ -1,0 +1,18 @@
+"""A service whose plain-def worker handler hangs (a blocking call that never returns), for the SIGTERM test."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from amqpkit.service import Service
+
+PREFIX = os.environ.get("SVC_PREFIX", "svc")
+
+hangs = Service("hangs")
+
+
+@hangs.worker(f"{PREFIX}.jobs")
+def stuck(job: dict) -> None:  # type: ignore[type-arg]
+    print("handler started", flush=True)
+    time.sleep(3600)  # a blocking call that does not return: a hung socket read, a lock

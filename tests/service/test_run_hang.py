@@ -1,0 +1,48 @@
+"""`amqpkit run` with a plain-def handler that hangs: SIGTERM must still end the process after --grace."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+
+from amqpkit import Broker, Envelope
+
+from .test_run_cli import Run
+
+
+@pytest.mark.usefixtures("spawned")
+async def test_sigterm_ends_a_service_whose_sync_handler_hangs(amqp_url: str, broker: Broker, name: str) -> None:
+    """A `def` handler blocked for good (here time.sleep(3600)); SIGTERM with --grace 2. The documented stop is:
+    stop taking messages, give running handlers --grace seconds, exit. Before: the service logged that it stopped
+    and then never exited: the interpreter's exit joins the thread pool's threads, and the hung one never ends
+    (still running 30 s after the SIGTERM; only SIGKILL ends it, so an orchestrator's stop takes its whole kill
+    timeout and the task's message is redelivered only then)."""
+    run = await Run.start("tests.service.hang_apps:hangs", "--grace", "2",
+                          env={"AMQP_URL": amqp_url, "SVC_PREFIX": name})  # fmt: skip
+    try:
+        await run.until_err("service hangs running")
+        await broker.publish(Envelope(b"{}", content_type="application/json"), routing_key=f"{name}.jobs")
+        for _ in range(100):
+            if any("handler started" in line for line in run.out):
+                break
+            await asyncio.sleep(0.1)
+        assert any("handler started" in line for line in run.out), run.text()
+        began = time.monotonic()
+        run.proc.send_signal(signal.SIGTERM)
+        try:
+            code = await run.exit(timeout=30)
+        except TimeoutError:
+            raise AssertionError(
+                f"still running {time.monotonic() - began:.0f} s after SIGTERM with --grace 2\n{run.text()}"
+            ) from None
+        assert time.monotonic() - began < 15, run.text()
+        assert code == 0, run.text()
+    finally:
+        if run.proc.returncode is None:
+            run.proc.kill()
+            await run.proc.wait()
+        await broker.delete_queue(f"{name}.jobs")
+        await broker.delete_queue(f"{name}.jobs.dlq")
