@@ -16,3 +16,19 @@ hangs = Service("hangs")
 def stuck(job: dict) -> None:  # type: ignore[type-arg]
     print("handler started", flush=True)
     time.sleep(3600)  # a blocking call that does not return: a hung socket read, a lock
+
+
+slow_start = Service("slow_start")
+
+
+@slow_start.on_startup
+async def wait_for_a_database() -> None:
+    import asyncio
+
+    print("startup hook waiting", flush=True)
+    await asyncio.sleep(60)  # a database not up yet, tried again and again
+
+
+@slow_start.worker(f"{PREFIX}.jobs")
+async def job(job: dict) -> None:  # type: ignore[type-arg]
+    print("task ran", flush=True)

@@ -46,3 +46,35 @@ async def test_sigterm_ends_a_service_whose_sync_handler_hangs(amqp_url: str, br
             await run.proc.wait()
         await broker.delete_queue(f"{name}.jobs")
         await broker.delete_queue(f"{name}.jobs.dlq")
+
+
+@pytest.mark.usefixtures("spawned")
+async def test_sigterm_during_startup_stops_the_service_without_starting_its_handlers(
+    amqp_url: str, broker: Broker, name: str
+) -> None:
+    """SIGTERM while a startup hook waits (60 s here: a database not up yet). Expected: the start is ended, no
+    handler is attached, the process exits within a few seconds. Before: the SIGTERM was only noted; the process
+    ran on until the hook returned (59.9 s), then attached its worker ("started: worker on ...") and only then
+    stopped."""
+    run = await Run.start("tests.service.hang_apps:slow_start", "--grace", "2",
+                          env={"AMQP_URL": amqp_url, "SVC_PREFIX": name})  # fmt: skip
+    try:
+        for _ in range(100):
+            if any("startup hook waiting" in line for line in run.out):
+                break
+            await asyncio.sleep(0.1)
+        assert any("startup hook waiting" in line for line in run.out), run.text()
+        began = time.monotonic()
+        run.proc.send_signal(signal.SIGTERM)
+        try:
+            await run.exit(timeout=20)
+        except TimeoutError:
+            took = time.monotonic() - began
+            raise AssertionError(f"still running {took:.0f} s after SIGTERM\n{run.text()}") from None
+        assert not any("started: worker" in line for line in run.out), run.text()
+    finally:
+        if run.proc.returncode is None:
+            run.proc.kill()
+            await run.proc.wait()
+        await broker.delete_queue(f"{name}.jobs")
+        await broker.delete_queue(f"{name}.jobs.dlq")
