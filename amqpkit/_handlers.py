@@ -102,7 +102,7 @@ class HandlerInfo:
         future = self.adopt(key) if key and delivery.redelivered else None
         if future is None:
             arg, kwargs = self._arguments(delivery)
-            future = await self.runner.submit(self.fn, arg, kwargs)
+            future = await self.runner.submit(self.fn, arg, kwargs, about=f"message {key}" if key else None)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError as cancelled:

@@ -37,6 +37,7 @@ import signal
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Literal
@@ -44,15 +45,36 @@ from typing import Any, Literal
 from .context import TaskContext, _child_relay
 from .errors import HandlerCrashed
 
-__all__ = ["ExecutorKind", "ProcessRunner", "ThreadRunner"]
+__all__ = ["ExecutorKind", "ProcessRunner", "RunningCall", "ThreadRunner", "running_calls"]
 
 log = logging.getLogger("amqpkit.executors")
 
 ExecutorKind = Literal["thread", "process"]
 
 
+class RunningCall:
+    """A call running in a :class:`ThreadRunner`'s thread: which handler, which message, which thread, since when."""
+
+    __slots__ = ("about", "handler", "since", "thread")
+
+    def __init__(self, handler: str, about: str | None) -> None:
+        self.handler = handler
+        self.about = about
+        self.thread = ""
+        self.since = time.monotonic()
+
+    def describe(self) -> str:
+        """'handler mod.fn (message ID) in thread amqpkit-fn_0, running 12 s'."""
+        about = f" ({self.about})" if self.about else ""
+        return f"handler {self.handler}{about} in thread {self.thread}, running {time.monotonic() - self.since:.0f} s"
+
+
 class ThreadRunner:
-    """Up to ``max_workers`` threads for plain ``def`` handlers; made on first use."""
+    """Up to ``max_workers`` threads for plain ``def`` handlers; made on first use.
+
+    :attr:`running` holds the calls under way in its threads, for a stop to say which it leaves behind (a thread
+    cannot be stopped: see :meth:`close`).
+    """
 
     def __init__(self, max_workers: int, name: str = "handler") -> None:
         if max_workers < 1:
@@ -61,8 +83,19 @@ class ThreadRunner:
         self.name = name
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._running: set[RunningCall] = set()
+        _thread_runners.add(self)
 
-    async def submit(self, fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any]) -> concurrent.futures.Future[Any]:
+    @property
+    def running(self) -> list[RunningCall]:
+        """The calls running in this pool's threads now (those a stop's grace did not see end are still here)."""
+        with self._lock:
+            return list(self._running)
+
+    async def submit(
+        self, fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any], *, about: str | None = None
+    ) -> concurrent.futures.Future[Any]:
+        """Start ``fn(arg, **kwargs)`` in a thread; ``about`` names what it works on (a message id), for logs."""
         with self._lock:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -71,7 +104,19 @@ class ThreadRunner:
             pool = self._pool
         # The handler sees the context variables of the task that received the message.
         ctx = contextvars.copy_context()
-        return pool.submit(ctx.run, _call_sync, fn, arg, kwargs)
+        call = RunningCall(getattr(fn, "__qualname__", repr(fn)), about)
+        return pool.submit(ctx.run, self._track, call, fn, arg, kwargs)
+
+    def _track(self, call: RunningCall, fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any]) -> Any:
+        call.thread = threading.current_thread().name
+        call.since = time.monotonic()
+        with self._lock:
+            self._running.add(call)
+        try:
+            return _call_sync(fn, arg, kwargs)
+        finally:
+            with self._lock:
+                self._running.discard(call)
 
     def close(self) -> None:
         """Queued calls are dropped; running ones finish in their threads (a thread cannot be stopped)."""
@@ -79,6 +124,14 @@ class ThreadRunner:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+_thread_runners: weakref.WeakSet[ThreadRunner] = weakref.WeakSet()
+
+
+def running_calls() -> list[RunningCall]:
+    """Every plain ``def`` handler call running in a :class:`ThreadRunner`'s thread in this process now."""
+    return [call for runner in list(_thread_runners) for call in runner.running]
 
 
 class _Slot:
@@ -110,7 +163,9 @@ class ProcessRunner:
         self._reader: threading.Thread | None = None
         self._closed = False
 
-    async def submit(self, fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any]) -> concurrent.futures.Future[Any]:
+    async def submit(
+        self, fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any], *, about: str | None = None
+    ) -> concurrent.futures.Future[Any]:
         """Wait for a free process, then start ``fn(arg, **kwargs)`` in it; the call's future."""
         loop = asyncio.get_running_loop()
         if self._closed or self._free is None or self._loop is not loop:

@@ -23,9 +23,10 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._aio import first_of
+from .executors import RunningCall
 from .health import HealthServer
 from .service import RunningService, Service
 from .settings import BrokerSettings
@@ -40,6 +41,7 @@ Main = Callable[[asyncio.Event], Awaitable[int | None]]
 EXIT_OK = 0
 EXIT_FAILED = 1  # a consumer or declared topology could not be restored, the broker stayed away, a startup error
 EXIT_USAGE = 2  # bad MODULE:ATTR, a service whose declarations do not add up, no broker to connect to
+EXIT_ABANDONED = 3  # stopped, but plain def handlers were still running when the grace ran out (left unfinished)
 
 
 def run_until_signal(main: Main) -> int:
@@ -95,11 +97,16 @@ class RunOptions:
 
 @dataclass
 class Outcome:
-    """How a run ended: the exit code, and the reason when it is not 0."""
+    """How a run ended: the exit code, and the reason when it is not 0.
+
+    ``abandoned``: the plain ``def`` handler calls still running in their threads when the grace ran out; the
+    process cannot end normally while they run (the interpreter waits for them at exit).
+    """
 
     code: int
     reason: str | None = None
     running: RunningService | None = None
+    abandoned: list[RunningCall] = field(default_factory=list)
 
 
 async def serve(
@@ -142,8 +149,18 @@ async def serve(
     finally:
         if health is not None:
             await health.close()
+    # A plain def handler still running once the grace is over cannot be stopped (a thread cannot be): it is
+    # left to the process's end, its message unacknowledged, so the broker delivers it again.
+    left = running._calls_left()
+    for call in left:
+        log.error("%s: still running when the grace of %g s ran out; left unfinished and unacknowledged, its "
+                  "message goes back to the queue", call.describe(), options.grace)  # fmt: skip
     if running.error is not None:
-        return Outcome(EXIT_FAILED, running.error, running)
+        return Outcome(EXIT_FAILED, running.error, running, left)
+    if left:
+        few = "; ".join(call.describe() for call in left[:3]) + ("; ..." if len(left) > 3 else "")
+        why = f"{len(left)} handler call{'s' if len(left) > 1 else ''} still running after the grace ({few})"
+        return Outcome(EXIT_ABANDONED, why, running, left)
     return Outcome(EXIT_OK, None, running)
 
 

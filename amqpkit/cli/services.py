@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
+import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -112,9 +114,48 @@ def worker(
     if outcome.code:
         why = running.failures[0][1] if running is not None and running.failures else outcome.reason
         typer.echo(f"error: worker on {queue!r} stopped ({counts}): {why}", err=True)
-        raise typer.Exit(outcome.code)
+        _exit(outcome, outcome.code)
     typer.echo(f"worker stopped: {counts}", err=True)
-    raise typer.Exit(0)
+    _exit(outcome, 0)
+
+
+def _exit(outcome: Any, code: int) -> NoReturn:
+    """End the command with ``code``; at once, with ``os._exit``, when def handlers still run in their threads.
+
+    The interpreter's exit waits for every thread of a handler pool to end, and one that hangs (a socket read
+    with no timeout, a lock) never does: the process would stay after its "stopped", until a SIGKILL. The
+    service is stopped by now: consumers cancelled, resources closed, the connection closed, so the broker
+    has the unfinished calls' messages back (not acknowledged). What remains is only these threads, which
+    nothing can stop: the process ends without running them to the end, as a SIGKILL would (a transaction
+    they hold open is rolled back by the database when the connection drops), after the logs are flushed.
+    """
+    from ..executors import running_calls
+    from ..runner import EXIT_ABANDONED
+
+    left = running_calls()
+    if not left:
+        raise typer.Exit(code)
+    if not outcome.abandoned:  # stopped by a second signal before the grace was over: not said yet
+        for call in left:
+            logging.getLogger("amqpkit.runner").error(
+                "%s: still running at a forced stop; left unfinished and unacknowledged, its message goes back "
+                "to the queue", call.describe())  # fmt: skip
+        typer.echo(f"error: {len(left)} handler call(s) still running, left unfinished", err=True)
+    _exit_now(code or EXIT_ABANDONED)
+
+
+def _exit_now(code: int) -> NoReturn:
+    def flush() -> None:
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+
+    # In a thread of its own, and not waited for long: a hung handler may hold a lock the flush wants.
+    flushing = threading.Thread(target=flush, name="amqpkit-exit-flush", daemon=True)
+    flushing.start()
+    flushing.join(timeout=2)
+    os._exit(code)
 
 
 def _run_service(
@@ -231,9 +272,9 @@ def run(
     outcome = _run_service(service, url, options, on_started=started, status_fd=status_fd)
     if outcome.code:
         typer.echo(f"error: service {service.name} stopped: {outcome.reason}", err=True)
-        raise typer.Exit(outcome.code)
+        _exit(outcome, outcome.code)
     typer.echo(f"service {service.name} stopped", err=True)
-    raise typer.Exit(0)
+    _exit(outcome, 0)
 
 
 @app.command()

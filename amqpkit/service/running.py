@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..connection import Broker
+from ..executors import RunningCall, ThreadRunner
 from ..patterns.pubsub import Subscriber
 from ..patterns.rpc import RpcServer
 from ..patterns.work_queue import CONSUMER_TIMEOUT_ARG, PER_QUEUE_CONSUMER_TIMEOUT, Worker, WorkQueue
@@ -213,6 +214,16 @@ class RunningService:
             self._outage.cancel()
         if self._own_broker:
             await self.broker.close(grace=0)
+
+    def _calls_left(self) -> list[RunningCall]:
+        """The plain ``def`` handler calls still running in their threads (after a stop: those its grace left)."""
+        plan = self.plan
+        if plan is None:
+            return []
+        runners = [w.runner for _, _, w in plan.workers]
+        runners += [sub._handler.runner for _, sub in plan.subscribers if sub._handler is not None]
+        runners += [info.runner for server, _ in plan.servers.values() for info, _ in server._methods.values()]
+        return [call for runner in runners if isinstance(runner, ThreadRunner) for call in runner.running]
 
     # ------------------------------------------------------------------ what the broker tells
 

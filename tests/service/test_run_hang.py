@@ -9,6 +9,7 @@ import time
 import pytest
 
 from amqpkit import Broker, Envelope
+from amqpkit.runner import EXIT_ABANDONED
 
 from .test_run_cli import Run
 
@@ -16,10 +17,11 @@ from .test_run_cli import Run
 @pytest.mark.usefixtures("spawned")
 async def test_sigterm_ends_a_service_whose_sync_handler_hangs(amqp_url: str, broker: Broker, name: str) -> None:
     """A `def` handler blocked for good (here time.sleep(3600)); SIGTERM with --grace 2. The documented stop is:
-    stop taking messages, give running handlers --grace seconds, exit. Before: the service logged that it stopped
-    and then never exited: the interpreter's exit joins the thread pool's threads, and the hung one never ends
-    (still running 30 s after the SIGTERM; only SIGKILL ends it, so an orchestrator's stop takes its whole kill
-    timeout and the task's message is redelivered only then)."""
+    stop taking messages, give running handlers --grace seconds, exit; a handler still running then is left
+    unfinished, said in the log and by exit status 3, its message back in the queue. Before: the service logged
+    that it stopped and then never exited: the interpreter's exit joins the thread pool's threads, and the hung
+    one never ends (still running 30 s after the SIGTERM; only SIGKILL ends it, so an orchestrator's stop takes
+    its whole kill timeout and the task's message is redelivered only then)."""
     run = await Run.start("tests.service.hang_apps:hangs", "--grace", "2",
                           env={"AMQP_URL": amqp_url, "SVC_PREFIX": name})  # fmt: skip
     try:
@@ -39,7 +41,14 @@ async def test_sigterm_ends_a_service_whose_sync_handler_hangs(amqp_url: str, br
                 f"still running {time.monotonic() - began:.0f} s after SIGTERM with --grace 2\n{run.text()}"
             ) from None
         assert time.monotonic() - began < 15, run.text()
-        assert code == 0, run.text()
+        # Not a clean stop: the handler was left unfinished. Exit 3 says so, and the log names what was left.
+        assert code == EXIT_ABANDONED, run.text()
+        left = [line for line in run.out if "still running" in line and "ERROR" in line]
+        assert left and "amqpkit-" in left[0] and "stuck" in left[0], run.text()
+        # Its message was not acknowledged: the broker has it back, to deliver again.
+        back = await broker.get(f"{name}.jobs")
+        assert back is not None and back.redelivered, run.text()
+        await back.ack()
     finally:
         if run.proc.returncode is None:
             run.proc.kill()
