@@ -141,7 +141,23 @@ async def serve(
 
             running.on_change(changed)
             changed()
-        await running.start()
+        # A stop during the start (a startup hook waiting for a database, a broker not up yet) ends the start:
+        # cancelled, it takes down what it began (RunningService.start), and no handler is attached after it.
+        starting = asyncio.ensure_future(running.start())
+        try:
+            await first_of(starting, stop.wait())
+        except asyncio.CancelledError:  # a second signal: the start ends as well
+            starting.cancel()
+            await asyncio.wait({starting})
+            raise
+        if not starting.done():
+            log.info("service %s: stop asked during its start; the start is cancelled", service.name)
+            starting.cancel()
+            await asyncio.wait({starting})
+        if starting.cancelled():
+            log.info("service %s stopped before it started", service.name)
+            return Outcome(EXIT_OK, None, running)
+        starting.result()  # a startup error raises, as before
         if on_started is not None:
             on_started(running)
         await first_of(stop.wait(), running.wait_failed())
