@@ -328,7 +328,22 @@ async def serve(
             update={"connect_attempts": max(20, settings.reconnect.connect_attempts)}
         )
         settings = settings.model_copy(update={"reconnect": reconnect})
-        async with Broker(settings) as broker:
+        broker = Broker(settings)
+        # The connect, which waits for a broker not up yet, is raced against the stop: a SIGTERM meanwhile
+        # (a deploy, a pod evicted during the outage) ends it at once, nothing claimed.
+        connecting = asyncio.ensure_future(broker.connect())
+        try:
+            await first_of(connecting, stop.wait())
+        finally:
+            if not connecting.done():
+                connecting.cancel()
+                await asyncio.wait({connecting})
+        if connecting.cancelled():
+            await broker.close(grace=0)
+            print("outbox relay stopped before it could connect to RabbitMQ: nothing claimed", file=sys.stderr)
+            return 0
+        connecting.result()  # ConnectError, AccessRefused: the process ends with 2, as before
+        try:  # connected: closed as `async with Broker` would
             relay = Relay(store, broker, **(relay_options or {}))
             print(f"outbox relay: {store.description} -> {', '.join(settings.safe_urls)}", file=sys.stderr)
             await relay.run(stop)
@@ -336,6 +351,8 @@ async def serve(
                 f"outbox relay stopped: {relay.sent} sent, {relay.retried} retried, {relay.failed} failed",
                 file=sys.stderr,
             )
+        finally:
+            await broker.close()
     finally:
         await store.close()
     return 0
