@@ -228,7 +228,10 @@ def run(
     the reason when a consumer or a declared exchange, queue or binding
     cannot be restored after a reconnect, or the broker stays unreachable
     past --give-up-after; exit 2 when MODULE:ATTR is not a service, its
-    declarations do not add up, or no broker answers at start.
+    declarations do not add up, or no broker answers at start; exit 3 when
+    plain def handlers were still running after --grace (a thread cannot be
+    stopped: they are left unfinished, named in the log, and their messages
+    go back to the queue). A stop during the start ends it, exit 0.
     """
     from ..runner import RunOptions, run_until_signal
     from ..service import RunningService, ServiceError, load_service
