@@ -46,7 +46,11 @@ async def test_sigterm_ends_a_service_whose_sync_handler_hangs(amqp_url: str, br
         left = [line for line in run.out if "still running" in line and "ERROR" in line]
         assert left and "amqpkit-" in left[0] and "stuck" in left[0], run.text()
         # Its message was not acknowledged: the broker has it back, to deliver again.
-        back = await broker.get(f"{name}.jobs")
+        back = None
+        for _ in range(50):  # the broker requeues it as it closes the channel: polled, not read once
+            if (back := await broker.get(f"{name}.jobs")) is not None:
+                break
+            await asyncio.sleep(0.1)
         assert back is not None and back.redelivered, run.text()
         await back.ack()
     finally:
@@ -76,11 +80,12 @@ async def test_sigterm_during_startup_stops_the_service_without_starting_its_han
         began = time.monotonic()
         run.proc.send_signal(signal.SIGTERM)
         try:
-            await run.exit(timeout=20)
+            code = await run.exit(timeout=20)
         except TimeoutError:
             took = time.monotonic() - began
             raise AssertionError(f"still running {took:.0f} s after SIGTERM\n{run.text()}") from None
         assert not any("started: worker" in line for line in run.out), run.text()
+        assert code == 0, run.text()  # a clean stop: nothing was started, nothing left
     finally:
         if run.proc.returncode is None:
             run.proc.kill()
