@@ -132,15 +132,8 @@ def _exit(outcome: Any, code: int) -> NoReturn:
     from ..executors import running_calls
     from ..runner import EXIT_ABANDONED
 
-    left = running_calls()
-    if not left:
+    if not outcome.abandoned and not running_calls():
         raise typer.Exit(code)
-    if not outcome.abandoned:  # stopped by a second signal before the grace was over: not said yet
-        for call in left:
-            logging.getLogger("amqpkit.runner").error(
-                "%s: still running at a forced stop; left unfinished and unacknowledged, its message goes back "
-                "to the queue", call.describe())  # fmt: skip
-        typer.echo(f"error: {len(left)} handler call(s) still running, left unfinished", err=True)
     _exit_now(code or EXIT_ABANDONED)
 
 
@@ -192,7 +185,19 @@ def _run_service(
     except AmqpkitError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    return outcome[0] if outcome else Outcome(code)
+    if outcome:
+        return outcome[0]
+    from ..executors import running_calls
+    from ..runner import EXIT_ABANDONED
+
+    left = running_calls()  # a second signal cancelled the stop: def handlers it did not wait for may still run
+    for call in left:
+        logging.getLogger("amqpkit.runner").error(
+            "%s: still running at a forced stop; left unfinished and unacknowledged, its message goes back to "
+            "the queue", call.describe())  # fmt: skip
+    if left:
+        return Outcome(code or EXIT_ABANDONED, f"forced stop: {len(left)} handler call(s) left unfinished", None, left)
+    return Outcome(code)
 
 
 @app.command()

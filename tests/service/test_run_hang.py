@@ -92,3 +92,40 @@ async def test_sigterm_during_startup_stops_the_service_without_starting_its_han
             await run.proc.wait()
         await broker.delete_queue(f"{name}.jobs")
         await broker.delete_queue(f"{name}.jobs.dlq")
+
+
+@pytest.mark.usefixtures("spawned")
+async def test_a_second_sigterm_ends_a_service_whose_sync_handler_hangs_before_the_grace(
+    amqp_url: str, broker: Broker, name: str
+) -> None:
+    """A second SIGTERM (or Ctrl-C) cancels the stop without waiting for --grace 30: with the hung handler's
+    thread still there, the process must end all the same (exit 3, the call named), not hang at exit."""
+    run = await Run.start("tests.service.hang_apps:hangs", "--grace", "30",
+                          env={"AMQP_URL": amqp_url, "SVC_PREFIX": name})  # fmt: skip
+    try:
+        await run.until_err("service hangs running")
+        await broker.publish(Envelope(b"{}", content_type="application/json"), routing_key=f"{name}.jobs")
+        for _ in range(100):
+            if any("handler started" in line for line in run.out):
+                break
+            await asyncio.sleep(0.1)
+        assert any("handler started" in line for line in run.out), run.text()
+        began = time.monotonic()
+        run.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1)
+        run.proc.send_signal(signal.SIGTERM)
+        try:
+            code = await run.exit(timeout=20)
+        except TimeoutError:
+            raise AssertionError(
+                f"still running {time.monotonic() - began:.0f} s after SIGTERM\n{run.text()}"
+            ) from None
+        assert time.monotonic() - began < 10, run.text()
+        assert code == EXIT_ABANDONED, run.text()
+        assert any("forced stop" in line and "amqpkit-" in line for line in run.out), run.text()
+    finally:
+        if run.proc.returncode is None:
+            run.proc.kill()
+            await run.proc.wait()
+        await broker.delete_queue(f"{name}.jobs")
+        await broker.delete_queue(f"{name}.jobs.dlq")
