@@ -161,8 +161,13 @@ async def test_an_exclusive_reply_queue_refused_at_a_reconnect_is_made_again_onc
             assert await client.call("add", 1, timeout=5) == 2
             rabbitmqctl("set_vhost_limits", "-p", vhost, f'{{"max-queues": {len(queues(vhost)) - 1}}}')
             reconnects = client_broker.reconnects
+            lost = asyncio.Event()
+            client_broker.on_disconnect(lambda _: lost.set())
             proxy.cut()  # the exclusive reply queue goes with the connection; no room to declare it again
-            await wait_for(lambda: not client_broker.is_connected, 5)
+            # Heard through on_disconnect: polling is_connected did not see the Broker disconnected within 5 s in
+            # 2 of 3 runs (at eeab449 too, and in a CI run), though its log says it lost the connection and came
+            # back; why the poll missed it I did not find.
+            await asyncio.wait_for(lost.wait(), 5)
             # Made while it is down, this call waits for the reconnect, which cannot bring its reply queue
             # back: a typed error with the broker's reason (a review: AttributeError).
             with pytest.raises((ConnectionLost, TopologyError), match="queue limit in vhost"):
