@@ -194,8 +194,13 @@ class TopologyRegistry(BrokerCore):
                 self._queues[queue] = name
             return name
 
-    async def _bind_on(self, binding: Binding) -> None:
+    async def _bind_on(self, binding: Binding, *, if_remembered: bool = False) -> bool:
+        """Bind ``binding`` on the topology channel; with ``if_remembered``, only if the Broker still remembers it
+        once it holds the channel (an unbind() or forget() meanwhile: the keeper of bindings must not bind again
+        what was just removed). Whether it was bound."""
         async with self._topology() as channel:
+            if if_remembered and binding not in self._bindings:
+                return False
             queue_name = self.queue_name(binding.queue)
             with map_exceptions(kind="binding", name=f"{binding.exchange.name}->{queue_name}"):
                 await channel.queue_bind(
@@ -204,6 +209,7 @@ class TopologyRegistry(BrokerCore):
                     routing_key=binding.routing_key,
                     arguments=binding.bind_arguments() or None,
                 )
+        return True
 
     async def _bind_again(self, binding: Binding) -> None:
         """Bind again after a reconnect or a refusal; a bind to an exchange of the Broker's own that a 404 says is
@@ -278,7 +284,10 @@ class TopologyRegistry(BrokerCore):
         for binding in self._bindings:
             if binding.queue in consumed and binding not in refused and binding.queue not in refused:
                 by_exchange.setdefault(binding.exchange.name, []).append(binding)
+        generation = self.generation
         for name, bindings in by_exchange.items():
+            if self.generation != generation or not self.is_connected:
+                return  # a reconnect meanwhile binds everything again (and names server-named queues anew)
             await self._rebind_exchange(name, bindings)
         for name in [n for n in self._exchanges_gone if n not in by_exchange]:
             del self._exchanges_gone[name]  # nothing consumed here is bound to it any more
@@ -290,11 +299,10 @@ class TopologyRegistry(BrokerCore):
         gone: TopologyError | None = None
         bound: list[Binding] = []
         for binding in bindings:
-            if binding not in self._bindings:
-                continue  # forgotten meanwhile (its subscription stopped)
             try:
                 try:
-                    await self._bind_on(binding)
+                    if not await self._bind_on(binding, if_remembered=True):
+                        continue  # unbound or forgotten meanwhile (its subscription stopped)
                 except TopologyError as exc:
                     if not _no_exchange(exc):
                         raise
@@ -309,7 +317,8 @@ class TopologyRegistry(BrokerCore):
                         break
                     self._known_exchanges.add(name)
                     redeclared = True
-                    await self._bind_on(binding)
+                    if not await self._bind_on(binding, if_remembered=True):
+                        continue
             except TopologyError as exc:
                 # its queue deleted under its consumer (the consumer's cancel brings it back), a refusal of access
                 # (the reconnect's and the consumer's own retries look after it), ...: not this keeper's
