@@ -412,7 +412,12 @@ class Consuming(TopologyRegistry):
                 there = await self._still_there(consumer)  # asked before the re-attach declares it again
             if consumer._stream is not None and there is False:
                 self._new_stream(consumer, "was deleted under it")
-            self._spawn(self._retire_channel(consumer, channel, running, there))
+            if consumer._stream is not None:
+                # A stream's consumer resumes at its lowest unsettled offset: attached again while these still
+                # ran, it would be handed them again at once, to run beside themselves. Their grace first.
+                await self._retire_channel(consumer, channel, running, there)
+            else:
+                self._spawn(self._retire_channel(consumer, channel, running, there))
             await self._reattach(consumer, redeclare=True)
 
         self._spawn(reattach_then_retire())
@@ -430,10 +435,11 @@ class Consuming(TopologyRegistry):
             if running:
                 _, overdue = await asyncio.wait(running, timeout=consumer.grace)
                 if overdue and consumer.cancelled:
-                    # A stop meanwhile gives them its own grace, and cancels them after it: not cut short here by
-                    # closing their channel.
-                    await asyncio.wait(overdue)
-                elif overdue:
+                    # A pattern's stop meanwhile gives them its own grace, and cancels them after it: not cut short
+                    # here by closing their channel. A consumer the Broker stopped (its queue could not come back)
+                    # cancels nothing: after one more grace they are cut short all the same.
+                    _, overdue = await asyncio.wait(overdue, timeout=consumer.grace)
+                if overdue:
                     for task in overdue:
                         task.cancel()
                     await asyncio.wait(overdue, timeout=5)

@@ -137,3 +137,38 @@ async def test_callbacks_past_the_grace_are_cut_short_and_the_log_says_their_mes
         assert LOST not in caplog.text
     finally:
         await broker.delete_queue(queue.name)
+
+
+async def test_a_hung_callback_of_a_consumer_that_cannot_come_back_is_cut_after_its_grace(
+    broker: Broker, settings: BrokerSettings, name: str
+) -> None:
+    """A consumer of a queue it did not declare (``declare=False``) whose queue someone deletes cannot come back:
+    the Broker stops it. Its retiring channel then waited, with no end, for a stop to cut the callbacks still
+    running (a review: the Broker's own stop cancels none), so a hung callback held the old channel for as long as
+    the Broker lived. Now it is cut after a second grace, and the channel closed."""
+    queue = Queue(f"{name}.foreign", durable=True)
+    await broker.declare_queue(queue)
+    outcome: list[str] = []
+    started = asyncio.Event()
+
+    async def hangs(delivery: Delivery[bytes]) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            outcome.append("cut")
+            raise
+
+    try:
+        async with Broker(settings) as owner:
+            consumer = await owner.consume(queue, hangs, declare=False, grace=0.3)
+            await broker.publish(Envelope(b"x"), routing_key=queue.name)
+            await asyncio.wait_for(started.wait(), 10)
+            channel = consumer._channel
+            assert channel is not None
+            await broker.delete_queue(queue.name)
+            await wait_for(lambda: consumer.cancelled, 10)  # its queue cannot be declared again: stopped
+            await wait_for(lambda: outcome == ["cut"] and channel.is_closed, 10)  # before: never
+    finally:
+        with contextlib.suppress(Exception):
+            await broker.delete_queue(queue.name)
