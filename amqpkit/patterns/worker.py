@@ -292,10 +292,7 @@ class Worker(Generic[T]):
         except Exception as exc:
             await self._retry_or_dead_letter(raw, attempt, exc, exc.__traceback__, None)
             return
-        if delivery.settled not in (None, Settlement.ACKED):
-            # The handler gave the task back (requeued, as the inbox does when its database fails) or rejected it
-            # itself: not completed. Counted and remembered as done, the next delivery of a requeued task was
-            # acked unrun ("already completed") by a Worker with idempotency: 5 of 5 lost after a 3 s outage.
+        if await self._settled_by_handler(raw, attempt):
             return
         if self.idempotency is not None and task_id:
             await self.idempotency.remember(task_id)
@@ -304,6 +301,24 @@ class Worker(Generic[T]):
         self.completed += 1
         if self.queue.events:
             await self._event(task_id, TaskStatus.COMPLETED, attempt, raw.headers)
+
+    async def _settled_by_handler(self, raw: Delivery[bytes], attempt: int) -> bool:
+        """Whether the handler settled the task itself other than with an ack; if so, counted and said as what it
+        is, not as completed (nor remembered as done)."""
+        if raw.settled is Settlement.REQUEUED:
+            # Given back (as the inbox does when its database fails): counted and remembered as done, its next
+            # delivery was acked unrun ("already completed") by a Worker with idempotency: 5 of 5 lost after a
+            # 3 s outage. It runs again when it comes back.
+            return True
+        if raw.settled in (Settlement.NACKED, Settlement.REJECTED):
+            # Rejected: the broker dead-letters it (the work queue's DLQ, reason rejected).
+            self.dead_lettered += 1
+            if _hooks.dead_lettered is not None:  # amqpkit.telemetry
+                _hooks.dead_lettered("rejected")
+            if self.queue.events:
+                await self._event(raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, raw.headers)
+            return True
+        return False
 
     async def _retry_or_dead_letter(
         self, raw: Delivery[bytes], attempt: int, exc: BaseException, tb: Any, delay: float | None

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import pytest
 
-from amqpkit import Broker, BrokerSettings, PublishTimeout, RetryPolicy, Unroutable, Worker, WorkQueue
+from amqpkit import Broker, BrokerSettings, Delivery, PublishTimeout, RetryPolicy, Unroutable, Worker, WorkQueue
 
 from ..reliability.proxy import FaultProxy
 from ..waiting import wait_for
@@ -107,3 +107,21 @@ async def test_a_task_whose_confirm_came_too_late_is_not_said_to_be_not_enqueued
             assert not seen[1]["error"].startswith("not enqueued"), seen[1]["error"]
             assert "may still be enqueued" in seen[1]["error"]
             proxy.latency = 0.0
+
+
+async def test_a_task_its_handler_rejects_itself_is_said_dead_lettered(broker: Broker, name: str) -> None:
+    """A handler that rejects its task itself (``delivery.reject()``): the broker dead-letters it to the DLQ. The
+    Worker counted it completed and said "completed"; then, once given-back tasks were no longer counted (16fb934),
+    nothing at all: a status page saw it running for ever (a review). It is a dead letter, counted and said so."""
+    work: WorkQueue[Job] = WorkQueue(broker, f"{name}.self", events=True)
+
+    async def handler(delivery: Delivery[Job]) -> None:
+        await delivery.reject()
+
+    async with status_events(broker, work) as events:
+        await work.declare()
+        async with Worker(work, handler) as worker:
+            task = await work.enqueue(Job(n=1))
+            await wait_for(lambda: [e.value["status"] for e in events][-1:] == ["dead_lettered"], 15)
+            assert (worker.completed, worker.dead_lettered) == (0, 1)
+    assert [e.value["status"] for e in events if e.value["task_id"] == task] == ["pending", "running", "dead_lettered"]
