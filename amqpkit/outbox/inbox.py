@@ -248,7 +248,8 @@ class Inbox:
 
     def requeue_wait(self, delivery: Delivery[Any]) -> float:
         """Seconds before ``delivery`` is given back: ``requeue_delay``, doubled at each delivery of the same message,
-        up to ``requeue_delay_max``.
+        up to ``requeue_delay_max``, as far as the queue counts deliveries (a quorum queue's ``x-delivery-count``;
+        a classic queue says only that a message was delivered before: 1 s, then 2 s each time).
 
         Each hand-back counts against a quorum queue's delivery limit (a WorkQueue's 20, RabbitMQ 4.x's default
         20), past which the broker dead-letters the message. Given back every second, the tasks of a Worker were
@@ -261,7 +262,10 @@ class Inbox:
         try:
             await delivery.nack(requeue=True)
         except Exception as settle_error:
+            # Not given back, and not done either: raised, so that the pattern takes it as a failure (returning,
+            # a Worker with idempotency would remember it as done and ack its next delivery unrun).
             log.warning("could not requeue message %s: %s", delivery.message_id, settle_error)
+            raise
 
     async def process(
         self,
