@@ -27,6 +27,26 @@ def checking(settings: BrokerSettings, interval: float = CHECK) -> BrokerSetting
     return settings.model_copy(update={"binding_check_interval": interval})
 
 
+async def probe_until_delivered(
+    publisher: Publisher[str], got: list[str], routing_key: str = ""
+) -> tuple[float, int, int]:
+    """Publish a probe every 50 ms, from now, until the subscriber has an event past its first: (seconds it took,
+    probes published, of which refused with PublishError). AssertionError if none arrives in 20 s."""
+    loop = asyncio.get_running_loop()
+    since = loop.time()
+    published = refused = 0
+    while not got[1:]:
+        published += 1
+        try:
+            await publisher.publish(f"probe-{published}", routing_key=routing_key)
+        except PublishError:
+            refused += 1
+        waited = loop.time() - since
+        assert waited < 20, f"no event reached the subscriber in {waited:.1f} s ({published} sent, {refused} refused)"
+        await asyncio.sleep(0.05)
+    return loop.time() - since, published, refused
+
+
 # Fanout, direct and topic subscriptions (routing, amqpkit/patterns/routing.py, is a Subscriber on a direct or
 # topic exchange): the routing key each one's events go with, and the binding key it subscribes with.
 KINDS = {
@@ -66,16 +86,9 @@ async def test_a_subscriber_gets_events_again_once_its_exchange_is_made_again(
                 # The operator deletes the exchange and makes it again, as it was.
                 await ops.exchange_delete(exchange.name)
                 await ops.exchange_declare(exchange.name, exchange_type=kind, durable=True)
-                made_again = asyncio.get_running_loop().time()
-                n = 0
-                while not got[1:]:
-                    n += 1
-                    await publisher.publish(f"probe-{n}", routing_key=routing_key)
-                    waited = asyncio.get_running_loop().time() - made_again
-                    # before: no event in 20 s (nor ever after, in this process)
-                    assert waited < 20, f"no event reached the subscriber in {waited:.1f} s ({n} published)"
-                    await asyncio.sleep(0.05)
-                back = asyncio.get_running_loop().time() - made_again
+                # before: no event in 20 s (nor ever after, in this process)
+                back, n, refused = await probe_until_delivered(publisher, got, routing_key)
+                assert refused == 0  # the exchange is there all along: every probe is taken
                 for i in range(10):
                     await publisher.publish(f"after-{i}", routing_key=routing_key)
                 await wait_for(lambda: all(f"after-{i}" in got for i in range(10)))
@@ -109,17 +122,8 @@ async def test_an_exchange_deleted_and_not_made_again_comes_back_for_its_subscri
                 await publisher.publish("before")
                 await wait_for(lambda: got == ["before"])
                 await ops.exchange_delete(exchange.name)
-                deleted = asyncio.get_running_loop().time()
-                refused = 0
-                while not got[1:]:
-                    try:
-                        await publisher.publish("probe")
-                    except PublishError:
-                        refused += 1
-                    waited = asyncio.get_running_loop().time() - deleted
-                    # before: every publish refused, for as long as the test waited
-                    assert waited < 20, f"no event reached the subscriber in {waited:.1f} s ({refused} refused)"
-                    await asyncio.sleep(0.05)
+                # before: every publish refused, for as long as the test waited
+                waited, _, refused = await probe_until_delivered(publisher, got)
                 assert waited < 3 * CHECK + 1, waited
                 await asyncio.sleep(4 * CHECK)  # more rounds: said once
                 said = [r for r in caplog.records if exchange.name in r.getMessage()]
@@ -154,16 +158,7 @@ async def test_a_publish_that_finds_the_exchange_gone_brings_it_back_for_its_own
                 await publisher.publish("before")
                 await wait_for(lambda: got == ["before"])
                 await ops.exchange_delete(exchange.name)
-                deleted = asyncio.get_running_loop().time()
-                refused = 0
-                while not got[1:]:
-                    try:
-                        await publisher.publish("probe")
-                    except PublishError:
-                        refused += 1
-                    waited = asyncio.get_running_loop().time() - deleted
-                    assert waited < 20, f"no event reached the subscriber in {waited:.1f} s ({refused} refused)"
-                    await asyncio.sleep(0.05)
+                waited, _, refused = await probe_until_delivered(publisher, got)
                 assert refused >= 1
                 assert waited < 3, waited
                 report["exchange_deleted_publish_on_same_broker"] = {
