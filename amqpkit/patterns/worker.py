@@ -312,9 +312,7 @@ class Worker(Generic[T]):
             return True
         if raw.settled in (Settlement.NACKED, Settlement.REJECTED):
             # Rejected: the broker dead-letters it (the work queue's DLQ, reason rejected).
-            self.dead_lettered += 1
-            if _hooks.dead_lettered is not None:  # amqpkit.telemetry
-                _hooks.dead_lettered("rejected")
+            self._count_dead_letter("rejected")
             if self.queue.events:
                 await self._event(raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, raw.headers)
             return True
@@ -375,6 +373,13 @@ class Worker(Generic[T]):
         elif moved == "rejected" and self.queue.events:
             await self._event(task_id, TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=_error_text(exc))
 
+    def _count_dead_letter(self, reason: str) -> None:
+        """A dead letter stored (or left to the broker to dead-letter): counted here and, instrumented, in the
+        ``amqpkit.tasks.dead_lettered`` metric, with ``reason``."""
+        self.dead_lettered += 1
+        if _hooks.dead_lettered is not None:  # amqpkit.telemetry
+            _hooks.dead_lettered(reason)
+
     async def _retry_refused(
         self, raw: Delivery[bytes], attempt: int, exc: BaseException, tb: Any, what: str, refusal: BaseException
     ) -> None:
@@ -402,9 +407,7 @@ class Worker(Generic[T]):
 
         moved = await self._forward(raw, self.queue.dlq_name, headers, redeclare, refused=dlq_refused)
         if moved == "moved":
-            self.dead_lettered += 1
-            if _hooks.dead_lettered is not None:  # amqpkit.telemetry
-                _hooks.dead_lettered(reason)
+            self._count_dead_letter(reason)
         if moved != "requeued" and self.queue.events:
             await self._event(
                 raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=_error_text(exc)
@@ -489,9 +492,7 @@ class Worker(Generic[T]):
             await self._hold_then_requeue(raw, target, exc)
             return "requeued"
         self.forward_failures += 1
-        self.dead_lettered += 1
-        if _hooks.dead_lettered is not None:  # amqpkit.telemetry: as the DLQ listing says (the broker's x-death)
-            _hooks.dead_lettered("rejected")
+        self._count_dead_letter("rejected")  # as the DLQ listing reads it (the broker's x-death)
         log.error("could not move task %s to %s (%s); rejected, so the broker dead-letters it as it is, without "
                   "the worker's error headers", raw.message_id, target, exc)  # fmt: skip
         await _quietly(raw.reject(requeue=False))
