@@ -178,6 +178,13 @@ class BrokerCore:
         # Confirmed publishes that were in flight when the broker closed the connection over a frame, sent again
         # one at a time, so that the one it could not read closes it alone (amqpkit.publishing).
         self._suspects = asyncio.Lock()
+        # Set while no suspect is being sent: other confirmed publishes wait while one is, and the one being sent
+        # waits first until those sent before it have settled (_sending of them in flight; _settled when none).
+        self._alone = asyncio.Event()
+        self._alone.set()
+        self._sending = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
         self._unwatch: Callable[[], None] | None = None  # the event-loop watchdog (amqpkit.watchdog)
         self._lowlevel = LowLevel(self)
 

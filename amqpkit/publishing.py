@@ -64,9 +64,12 @@ def _count_frame_closes(exc: BaseException, before: int) -> int:
     Perhaps the message itself (a header RabbitMQ cannot read): sent again after each reconnect, such a message
     closed every new connection until its deadline, and everything else on it each time. After the first such
     close a publish is sent again only alone (``_suspects``), so the others in flight beside it that time are
-    confirmed one by one, and only the one the broker cannot read is refused three times. One by one costs a
-    confirm's round trip each: 1 ms on localhost; over a 50 ms link, 300 of them take 15 s, and those whose
-    deadline comes first end with :class:`PublishTimeout`."""
+    confirmed one by one, and only the one the broker cannot read is refused three times. Alone means alone on
+    the wire: new confirmed publishes wait while one is sent again, and it waits for those already sent to
+    settle (before, each new one the broker could not read closed the connection under it too, and failed a
+    good publish with the third such close). One by one costs a confirm's round trip each: 1 ms on localhost;
+    over a 50 ms link, 300 of them take 15 s, and those whose deadline comes first end with
+    :class:`PublishTimeout`. Unconfirmed publishes are not held back."""
     refused = _refused_frames(exc)
     if refused is None:
         return before
@@ -211,8 +214,9 @@ class Publishing(BrokerCore):
             try:
                 async with asyncio.timeout_at(deadline):
                     suspect = closed_over_frames > 0  # sent again alone (see _count_frame_closes)
-                    if suspect:
-                        await self._suspects.acquire()
+                    if suspect or not self._alone.is_set():
+                        await self._take_turn(suspect)
+                    counted = False
                     try:
                         if not self._connected.is_set():
                             await self._connected.wait()
@@ -221,6 +225,10 @@ class Publishing(BrokerCore):
                         channel = self._channels.get("publish")
                         if channel is None or aiormq_compat.closing(channel):
                             channel = await self._channel("publish", confirms=True)
+                        if suspect:
+                            await self._others_settled()
+                        elif not (counted := self._count_sending()):
+                            continue  # a publish to send alone came meanwhile: this one waits for it
                         with map_exceptions(kind="exchange", name=exchange_name):
                             # Not waiting for the frames to be written (the confirm says more): aiormq holds the
                             # channel's lock until then, and publishes queued behind that lock were written even
@@ -234,20 +242,14 @@ class Publishing(BrokerCore):
                                 wait=False,
                             )
                     finally:
-                        if suspect:
-                            self._suspects.release()
+                        self._end_turn(suspect, counted)
                 return
             except ENCODER_REFUSALS:
                 # Nothing was sent (aiormq encodes the frames before it queues them): said in words, or as it is
                 explain_refusal(properties, routing_key)
                 raise
             except TimeoutError:
-                refused = self.access_refused
-                if refused is not None:  # not "not reachable": the broker answers, and refuses the login
-                    shown = exchange_name or "(default exchange)"
-                    raise refused_error(PublishTimeout, f"publish to {shown!r} not confirmed within {wait:g} s: "
-                                        f"{refused}") from None  # fmt: skip
-                raise _not_confirmed(exchange_name, wait, self._why_unconfirmed(closed_over_frames)) from None
+                raise self._unconfirmed_error(exchange_name, wait, closed_over_frames) from None
             except TopologyError as exc:
                 refusals = self._after_refusal(exc, exchange_name, routing_key, len(body), refusals)
                 continue
@@ -273,6 +275,40 @@ class Publishing(BrokerCore):
                 self.republished += 1
                 await asyncio.sleep(0.01)
                 continue
+
+    async def _take_turn(self, suspect: bool) -> None:
+        """A suspect (see :func:`_count_frame_closes`) takes the suspects' lock and holds new publishes back; any
+        other publish waits while one is sent."""
+        if suspect:
+            await self._suspects.acquire()
+            self._alone.clear()
+        else:
+            await self._alone.wait()
+
+    def _count_sending(self) -> bool:
+        """Just before a publish that is not a suspect is sent: counted in flight, unless a suspect came meanwhile
+        (False: it waits for it)."""
+        if not self._alone.is_set():
+            return False
+        self._sending += 1
+        return True
+
+    def _end_turn(self, suspect: bool, counted: bool) -> None:
+        """After a publish that :meth:`_take_turn` or :meth:`_count_sending` let go: the next may."""
+        if suspect:
+            self._alone.set()
+            self._suspects.release()
+        elif counted:
+            self._sending -= 1
+            if not self._sending:
+                self._settled.set()
+
+    async def _others_settled(self) -> None:
+        """Wait until no publish sent beside a suspect (see :func:`_count_frame_closes`) is still in flight, so that
+        the suspect is alone on the wire and a close over a frame is its own."""
+        while self._sending:
+            self._settled.clear()
+            await self._settled.wait()
 
     def _after_refusal(self, exc: TopologyError, exchange_name: str, routing_key: str, size: int, refusals: int) -> int:
         """The broker closed the publishing channel over a publish: this one, or another one in flight on it (say,
@@ -319,11 +355,21 @@ class Publishing(BrokerCore):
             self._rebind_soon(name)  # one of the Broker's own, that queues it consumes are bound to: made again now
             raise PublishError(f"publish refused: {exc}") from exc
 
+    def _unconfirmed_error(self, exchange_name: str, wait: float, closed_over_frames: int) -> Exception:
+        """The error of a confirmed publish whose deadline passed, saying why as far as the Broker knows."""
+        refused = self.access_refused
+        if refused is not None:  # not "not reachable": the broker answers, and refuses the login
+            shown = exchange_name or "(default exchange)"
+            return refused_error(PublishTimeout, f"publish to {shown!r} not confirmed within {wait:g} s: {refused}")
+        return _not_confirmed(exchange_name, wait, self._why_unconfirmed(closed_over_frames))
+
     def _why_unconfirmed(self, closed_over_frames: int) -> str:
         if not self.is_connected:
             return "broker not reachable"
         if closed_over_frames:
             return "waiting to be sent again alone, after the broker closed the connection over a frame"
+        if not self._alone.is_set():
+            return "waiting while a publish the broker closed the connection over is sent again alone"
         blocked = self._conn.blocked if self._conn is not None else None
         if blocked is not None:
             return f"the broker has blocked this connection: {blocked}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
+from collections.abc import Awaitable
 from typing import Any
 
 import aiormq
@@ -198,6 +199,35 @@ async def test_publishes_beside_one_the_broker_cannot_read_are_confirmed(broker:
     assert broker.reconnects - reconnects <= 3
     bodies = set(await _drain(broker, queue.name))
     assert {str(i).encode() for i in range(200)} <= bodies  # (sent again: some may be there twice)
+    await broker.delete_queue(queue.name)
+
+
+async def test_a_publish_sent_again_alone_is_not_failed_by_new_publishes_sent_beside_it(
+    broker: Broker, name: str
+) -> None:
+    """A publish in flight at a close over a frame is sent again alone among such publishes, but new publishes
+    went beside it: each new one the broker could not read closed the connection under it too, and the third
+    such close failed a good publish with the bad ones' PublishError (the 4.0 run of
+    test_permissions' cut-reply test lost 6 allowed publishes so, under CI's load). Now nothing new is sent while
+    such a publish is in flight, so a close counts only against the publish that was alone on the wire."""
+    queue = Queue(f"{name}.q", auto_delete=True)
+    await broker.declare_queue(queue)
+
+    def bad() -> Awaitable[None]:
+        return broker._publish(b"bad", Basic.Properties(headers={"score": math.nan}), "", queue.name, False, True, 30)
+
+    async def bad_later(i: int) -> None:
+        await asyncio.sleep(0.03 * i)  # new publishes, each meeting suspects being sent again
+        await bad()
+
+    goods = [broker.publish(Envelope(str(i).encode()), routing_key=queue.name, timeout=30) for i in range(5)]
+    outcomes = await asyncio.gather(*goods, bad(), *(bad_later(i) for i in range(1, 31)), return_exceptions=True)
+    failed_good = [o for o in outcomes[:5] if o is not None]
+    assert failed_good == [], f"{len(failed_good)} of 5 good publishes failed, e.g. {failed_good[:1]}"
+    for outcome in outcomes[5:]:
+        assert isinstance(outcome, PublishError) and not isinstance(outcome, PublishTimeout), outcome
+    bodies = set(await _drain(broker, queue.name))
+    assert {str(i).encode() for i in range(5)} <= bodies
     await broker.delete_queue(queue.name)
 
 
