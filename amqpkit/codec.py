@@ -133,6 +133,10 @@ class JsonCodec:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DecodeError(f"body is not valid JSON: {exc}") from exc
+        except RecursionError:
+            # json.loads reads arrays and objects by recursion: some 1,000 levels (a 6 KB body of brackets)
+            # are past Python's limit. Not JSONDecodeError, so it went past every pattern's decode-error path.
+            raise DecodeError("body is JSON nested too deeply to read") from None
 
     def __repr__(self) -> str:
         return "JsonCodec()"

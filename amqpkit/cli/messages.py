@@ -148,7 +148,7 @@ def call(
 
     try:
         request = json.loads(payload)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise typer.BadParameter(f"PAYLOAD is not valid JSON: {exc}") from None
 
     async def job(broker: Broker) -> Any:

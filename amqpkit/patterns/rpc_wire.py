@@ -42,7 +42,7 @@ def parse_error(body: bytes) -> RemoteError:
     try:
         doc = json.loads(body)["error"]
         return RemoteError(str(doc["type"]), str(doc["message"]), doc.get("details"))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deeply
         return RemoteError("UnreadableError", body[:200].decode("utf-8", "replace"))
 
 

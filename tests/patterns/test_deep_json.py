@@ -21,12 +21,13 @@ from typing import Any
 import pytest
 
 from amqpkit import (
-    AmqpkitError,
     Broker,
+    DecodeError,
     Delivery,
     Envelope,
     Exchange,
     Queue,
+    RemoteError,
     RpcClient,
     Subscriber,
 )
@@ -84,8 +85,9 @@ async def test_deeply_nested_bodies_do_not_stall_a_subscriber(
 
 
 async def test_a_deeply_nested_reply_ends_the_call_with_a_typed_error(broker: Broker, name: str) -> None:
-    """A server (another client's) replies with a deep JSON document: the call raises RecursionError."""
-    requests = Queue(f"{name}.rpc", durable=False, auto_delete=True)
+    """A server (another client's) replies with a deep JSON document: the call raised RecursionError; it is now
+    a DecodeError, as for any reply that does not decode."""
+    requests = Queue(f"{name}.rpc", exclusive=True)
 
     async def serve(request: Delivery[bytes]) -> None:
         reply = Envelope(DEEP, content_type="application/json", correlation_id=request.correlation_id)
@@ -94,22 +96,18 @@ async def test_a_deeply_nested_reply_ends_the_call_with_a_typed_error(broker: Br
     server = await broker.consume(requests, serve, auto_ack=True)
     try:
         for reply_queue in ("direct", "exclusive"):
-            async with RpcClient(broker, requests.name, reply_queue=reply_queue) as client:  # type: ignore[arg-type]
-                try:
+            async with RpcClient(broker, requests.name, reply_queue=reply_queue) as client:
+                with pytest.raises(DecodeError, match="nested too deeply"):  # as any reply that does not decode
                     await client.call("anything", 1, timeout=5)
-                except AmqpkitError:
-                    pass  # a DecodeError, as for any reply that does not decode
-                except RecursionError as exc:
-                    pytest.fail(f"{reply_queue}: the call raised {type(exc).__name__}, not an amqpkit error")
                 assert client.pending == 0
     finally:
         await server.cancel()
 
 
 async def test_a_deeply_nested_error_reply_ends_the_call_with_a_typed_error(broker: Broker, name: str) -> None:
-    """The same document under amqpkit's error content type: read by ``parse_error``, which catches ValueError,
-    KeyError and TypeError only."""
-    requests = Queue(f"{name}.rpc", durable=False, auto_delete=True)
+    """The same document under amqpkit's error content type: read by ``parse_error``, which caught ValueError,
+    KeyError and TypeError only (the call raised RecursionError); now an unreadable RemoteError."""
+    requests = Queue(f"{name}.rpc", exclusive=True)
 
     async def serve(request: Delivery[bytes]) -> None:
         reply = Envelope(DEEP, content_type="application/vnd.amqpkit.error+json", correlation_id=request.correlation_id)
@@ -118,11 +116,8 @@ async def test_a_deeply_nested_error_reply_ends_the_call_with_a_typed_error(brok
     server = await broker.consume(requests, serve, auto_ack=True)
     try:
         async with RpcClient(broker, requests.name) as client:
-            try:
+            with pytest.raises(RemoteError) as refused:  # as any error document it cannot read
                 await client.call("anything", 1, timeout=5)
-            except AmqpkitError:
-                pass  # RemoteError("UnreadableError", ...), as for any error document it cannot read
-            except RecursionError as exc:
-                pytest.fail(f"the call raised {type(exc).__name__}, not an amqpkit error")
+            assert refused.value.remote_type == "UnreadableError"
     finally:
         await server.cancel()

@@ -91,4 +91,4 @@ async def test_a_deep_body_is_dead_lettered_rejected_and_answered(
 
 
 async def _equal(got: Any, wanted: Any) -> bool:
-    return await got == wanted
+    return bool(await got == wanted)
