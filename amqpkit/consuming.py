@@ -81,6 +81,7 @@ class Consumer:
         "_broker",
         "_channel",
         "_gone_with_queue",
+        "_on_broker_cancel",
         "_owns_queue",
         "_refused",
         "_starting",
@@ -147,6 +148,8 @@ class Consumer:
         self._access_refusal: TopologyError | None = None
         # a stream's consumer: where it got to, which a re-attach resumes from (amqpkit._streams); else None
         self._stream = StreamPosition() if reads_stream(queue, arguments) else None
+        # called when the broker cancels it, before it is attached again (a pattern's own hook: see RpcClient)
+        self._on_broker_cancel: Callable[[], None] | None = None
 
     async def cancel(self, *, grace: float = 0.0) -> None:
         """Stop receiving; wait up to ``grace`` seconds for running callbacks."""
@@ -401,6 +404,11 @@ class Consuming(TopologyRegistry):
         log.warning("broker cancelled consumer %s on %s; re-attaching", consumer.consumer_tag, self._shown(consumer))
         consumer.attached.clear()
         consumer._channel = None
+        if consumer._on_broker_cancel is not None:
+            try:
+                consumer._on_broker_cancel()
+            except Exception:
+                log.exception("the broker-cancel hook of consumer %s failed", consumer.consumer_tag)
 
         async def reattach_then_retire() -> None:
             # The callbacks of the old channel: aiormq made a task for each delivery it read before the cancel,
