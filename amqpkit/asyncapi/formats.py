@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 
@@ -20,7 +21,23 @@ def to_yaml(doc: Any) -> str:
 def _scalar(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float):
+        return _float(value)
     return json.dumps(value)
+
+
+def _float(value: float) -> str:
+    """A float as YAML 1.1 and 1.2 both read it: with a dot before an exponent (JSON's ``1e-05`` is a string to a
+    YAML 1.1 reader such as PyYAML), and infinities and NaN in YAML's spelling."""
+    if math.isnan(value):
+        return ".nan"
+    if math.isinf(value):
+        return ".inf" if value > 0 else "-.inf"
+    text = repr(value)
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent if exponent[0] in '+-' else '+' + exponent}"
+    return text
 
 
 def _yaml(value: Any, indent: int, lines: list[str]) -> None:
