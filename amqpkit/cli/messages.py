@@ -94,9 +94,16 @@ def consume(
     if (queue is None) == (exchange is None):
         raise typer.BadParameter("give --queue or --exchange (with --binding)")
 
+    stopped: list[BaseException] = []
+
     async def job(broker: Broker) -> int:
         done = asyncio.Event()
         seen = 0
+
+        def lost(exc: BaseException) -> None:
+            # Stopped for good (its queue deleted and not ours to declare, say): nothing more can come.
+            stopped.append(exc)
+            done.set()
 
         async def show(delivery: Any) -> None:
             nonlocal seen
@@ -111,14 +118,14 @@ def consume(
 
         if queue is not None:
             # Someone else's queue: consumed as it is, never declared with a spec of ours.
-            consumer = await broker.consume(Queue(queue), show, prefetch=count or 100, declare=False)
+            consumer = await broker.consume(Queue(queue), show, prefetch=count or 100, declare=False, on_error=lost)
         else:
             assert exchange is not None
             private = Queue(exclusive=True, auto_delete=True, durable=False)
             spec = Exchange(exchange, type=ExchangeType(exchange_type))
             for key in binding or ["#"]:
                 await broker.bind(Binding(spec, private, routing_key=key))
-            consumer = await broker.consume(private, show, prefetch=count or 100)
+            consumer = await broker.consume(private, show, prefetch=count or 100, on_error=lost)
         typer.echo(f"consuming from {queue or exchange!r}; Ctrl-C stops", err=True)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
@@ -131,6 +138,9 @@ def consume(
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
     typer.echo(f"{seen} message(s)", err=True)
+    if stopped:
+        typer.echo(f"error: the consumer stopped: {stopped[0]}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
