@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from ._aio import first_of
 from .executors import RunningCall
 from .health import HealthServer
-from .service import RunningService, Service
+from .service import RunningService, Service, ServiceError
 from .settings import BrokerSettings
 
 __all__ = ["Outcome", "RunOptions", "run_until_signal", "serve", "supervise"]
@@ -109,6 +109,15 @@ class Outcome:
     abandoned: list[RunningCall] = field(default_factory=list)
 
 
+async def _health_server(readiness: Callable[[], tuple[bool, str | None]], options: RunOptions) -> HealthServer:
+    """The health endpoints, started; a port that cannot be taken (another process has it) is a start error."""
+    try:
+        return await HealthServer(readiness, host=options.health_host, port=options.health_port or 0).start()
+    except OSError as exc:
+        raise ServiceError(f"cannot serve the health endpoints on {options.health_host}:{options.health_port}: "
+                           f"{exc.strerror or exc}") from None  # fmt: skip
+
+
 async def serve(
     service: Service,
     stop: asyncio.Event,
@@ -128,7 +137,7 @@ async def serve(
     running = RunningService(service, settings=settings, give_up_after=options.give_up_after)
     health: HealthServer | None = None
     if options.health_port is not None:
-        health = await HealthServer(running.readiness, host=options.health_host, port=options.health_port).start()
+        health = await _health_server(running.readiness, options)
     try:
         if on_change is not None:
             last: list[tuple[bool, str | None]] = []
@@ -212,7 +221,7 @@ async def supervise(
         return (not waiting, "; ".join(waiting) or None)
 
     if options.health_port is not None:
-        health = await HealthServer(readiness, host=options.health_host, port=options.health_port).start()
+        health = await _health_server(readiness, options)
     try:
         for index in range(1, processes + 1):
             children.append(await _Child.start(index, argv, env, status_flag))

@@ -28,8 +28,9 @@ def _load_handler(spec: str) -> Any:
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise typer.BadParameter(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # any error while importing the user's module, in one line, as `amqpkit run` says it
+        typer.echo(f"error: cannot import {module_name!r}: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -185,6 +186,10 @@ def _run_service(
     except AmqpkitError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except Exception as exc:  # a startup hook's or resource's own error: one line (the traceback with --verbose)
+        logging.getLogger("amqpkit.runner").debug("the service did not start", exc_info=True)
+        typer.echo(f"error: the service did not start: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
     if outcome:
         return outcome[0]
     from ..executors import running_calls
@@ -232,8 +237,9 @@ def run(
     Logs go to stdout, one line per event (JSON with --log-json). Exit 1 with
     the reason when a consumer or a declared exchange, queue or binding
     cannot be restored after a reconnect, or the broker stays unreachable
-    past --give-up-after; exit 2 when MODULE:ATTR is not a service, its
-    declarations do not add up, or no broker answers at start; exit 3 when
+    past --give-up-after, or a startup hook raises; exit 2 when MODULE:ATTR
+    is not a service, its declarations do not add up, --health-port is
+    taken, or no broker answers at start; exit 3 when
     plain def handlers were still running after --grace (a thread cannot be
     stopped: they are left unfinished, named in the log, and their messages
     go back to the queue). A stop during the start ends it, exit 0.
@@ -269,7 +275,11 @@ def run(
         if url:
             env["AMQP_URL"] = url  # in the environment, not on a command line `ps` shows
         typer.echo(f"service {service.name}: {processes} processes; Ctrl-C or SIGTERM stops them", err=True)
-        code = run_until_signal(lambda stop: _supervised(argv, processes, stop, env, options))
+        try:
+            code = run_until_signal(lambda stop: _supervised(argv, processes, stop, env, options))
+        except ServiceError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         raise typer.Exit(code)
 
     def started(running: RunningService) -> None:
