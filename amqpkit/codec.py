@@ -21,9 +21,9 @@ import json
 from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from pydantic import TypeAdapter, ValidationError
-from pydantic_core import to_jsonable_python
+from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from .errors import DecodeError
+from .errors import DecodeError, InvalidMessage
 
 __all__ = [
     "AutoCodec",
@@ -101,7 +101,10 @@ class TextCodec:
     def encode(self, value: str) -> bytes:
         if not isinstance(value, str):
             raise TypeError(f"TextCodec encodes str, not {type(value).__name__}")
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800", which JSON may carry in): no UTF-8 for it
+            raise _unencodable("text", exc) from None
 
     def decode(self, body: bytes, content_type: str | None = None) -> str:
         _check_type("TextCodec", content_type, self.accepts)
@@ -125,7 +128,10 @@ class JsonCodec:
 
     def encode(self, value: Any) -> bytes:
         # Pydantic models, dataclasses, datetimes and UUIDs encode as pydantic would encode them.
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=to_jsonable_python).encode()
+        try:
+            return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=to_jsonable_python).encode()
+        except (UnicodeEncodeError, RecursionError, PydanticSerializationError) as exc:
+            raise _unencodable("JSON", exc) from None
 
     def decode(self, body: bytes, content_type: str | None = None) -> Any:
         _check_type("JsonCodec", content_type, self.accepts)
@@ -157,7 +163,10 @@ class PydanticCodec(Generic[M]):
         self._adapter: TypeAdapter[M] = TypeAdapter(type_)
 
     def encode(self, value: M) -> bytes:
-        return self._adapter.dump_json(value)
+        try:
+            return self._adapter.dump_json(value)
+        except PydanticSerializationError as exc:  # a lone surrogate in a str field, say
+            raise _unencodable("JSON", exc) from None
 
     def decode(self, body: bytes, content_type: str | None = None) -> M:
         _check_type(repr(self), content_type, self.accepts)
@@ -168,6 +177,13 @@ class PydanticCodec(Generic[M]):
 
     def __repr__(self) -> str:
         return f"PydanticCodec({_type_name(self.type)})"
+
+
+def _unencodable(what: str, exc: BaseException) -> InvalidMessage:
+    """A value a codec cannot write (a lone surrogate has no UTF-8; a value nested past Python's recursion limit):
+    amqpkit's typed error, raised before anything is sent; a ValueError, as the codecs' own errors were."""
+    why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+    return InvalidMessage(f"the value cannot be encoded as {what}: {why}")
 
 
 def _type_name(type_: Any) -> str:

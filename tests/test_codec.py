@@ -3,7 +3,7 @@ from typing import Annotated, Any
 import pytest
 from pydantic import BaseModel
 
-from amqpkit import BytesCodec, Codec, DecodeError, JsonCodec, PydanticCodec, TextCodec, codec_for
+from amqpkit import BytesCodec, Codec, DecodeError, InvalidMessage, JsonCodec, PydanticCodec, TextCodec, codec_for
 from amqpkit.codec import AutoCodec, encode_body
 
 
@@ -263,3 +263,37 @@ def test_codec_for_builds_each_annotation_once() -> None:
     assert codec_for(list[int]) is not codec_for(list[str])
     unhashable = Annotated[int, {"not": "hashable"}]
     assert codec_for(unhashable).decode(b"3", "application/json") == 3
+
+
+class _Named(BaseModel):
+    name: str
+
+
+def _nested(depth: int) -> list[Any]:
+    outer: list[Any] = []
+    inner = outer
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    return outer
+
+
+@pytest.mark.parametrize(
+    ("codec", "value"),
+    [
+        (JsonCodec(), {"name": "a\ud800"}),
+        (PydanticCodec(_Named), _Named(name="a\ud800")),
+        (AutoCodec(_Named), _Named(name="a\ud800")),
+        (TextCodec(), "a\ud800"),
+        (JsonCodec(), _nested(5000)),
+    ],
+    ids=["json-lone-surrogate", "model-lone-surrogate", "auto-lone-surrogate", "text-lone-surrogate", "json-deep"],
+)
+def test_a_value_a_codec_cannot_write_is_invalid_message(codec: Any, value: Any) -> None:
+    """A lone surrogate (valid in JSON that a client sent) has no UTF-8, and a value nested past Python's limit
+    cannot be written: each raised the codec's own UnicodeEncodeError, PydanticSerializationError or
+    RecursionError, past handlers of amqpkit's errors (the shop's gateway answered 500). Now InvalidMessage,
+    still a ValueError."""
+    with pytest.raises(InvalidMessage, match="cannot be encoded") as refused:
+        codec.encode(value)
+    assert isinstance(refused.value, ValueError)

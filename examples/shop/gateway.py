@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -62,6 +63,8 @@ from amqpkit import (
     Broker,
     BrokerSettings,
     ConnectionLost,
+    InvalidMessage,
+    MessageTooLarge,
     NoResponder,
     RemoteError,
     RpcClient,
@@ -321,11 +324,27 @@ async def get_product(request: Request) -> Response:
     return cache_header(JSONResponse(body), hit)
 
 
+MAX_BODY = 64 * 1024  # bytes of a request body: a cart item is a few dozen
+
+
+async def json_body(request: Request) -> Any:
+    """The request's body as JSON: 413 past MAX_BODY, 422 when it is not JSON (nested too deeply included)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise HTTPException(413, f"the body is over {MAX_BODY} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise HTTPException(422, "the body is not JSON") from None
+
+
 async def add_to_cart(request: Request) -> Response:
     b = backend(request)
     try:
-        wanted = AddToCart.model_validate(await request.json())
-    except (ValueError, ValidationError) as exc:
+        wanted = AddToCart.model_validate(await json_body(request))
+    except ValidationError as exc:
         raise HTTPException(422, _validation_text(exc)) from None
     product, _ = await product_of(b, wanted.product_id)
     item = CartItem(product_id=product.id, name=product.name, price=product.price, quantity=wanted.quantity)
@@ -448,9 +467,19 @@ def _queue_of(exc: BaseException) -> str:
     return "a request queue"
 
 
+async def on_unsendable(request: Request, exc: Exception) -> Response:
+    # What the client sent cannot go into a request: a string with a lone surrogate, a value too large.
+    if isinstance(exc, MessageTooLarge):
+        return error(413, "too_large", "the request is too large to send on")
+    return error(422, "invalid", str(exc))
+
+
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    codes = {401: "unauthenticated", 403: "forbidden", 404: "not_found", 422: "invalid", 405: "method_not_allowed"}
+    codes = {
+        401: "unauthenticated", 403: "forbidden", 404: "not_found", 422: "invalid", 405: "method_not_allowed",
+        413: "too_large",
+    }  # fmt: skip
     return error(exc.status_code, codes.get(exc.status_code, "error"), str(exc.detail))
 
 
@@ -599,6 +628,8 @@ def make_app() -> Starlette:
         exception_handlers={
             RpcError: on_rpc_error,
             ConnectionLost: on_rpc_error,
+            InvalidMessage: on_unsendable,
+            MessageTooLarge: on_unsendable,
             HTTPException: on_http_error,
             Exception: on_any_error,
         },
