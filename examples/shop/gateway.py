@@ -40,10 +40,10 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
@@ -94,6 +94,7 @@ from .common import (
 )
 
 log = logging.getLogger("shop.gateway")
+T = TypeVar("T")
 
 DEMO_KEYS = "demo-key-ada:ada,demo-key-bob:bob,demo-key-cy:cy:5/60"  # cy: a low limit, to see a 429
 PUBLIC_PATHS = {"/healthz"}
@@ -358,6 +359,19 @@ async def get_cart(request: Request) -> Response:
     return JSONResponse(cart.model_dump())
 
 
+async def again_if_cut(call: Callable[[], Awaitable[T]], attempts: int = 3) -> T:
+    """``call()``, made again (up to ``attempts`` in all) when the connection was lost before its reply: only for
+    a call that is safe to run twice."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except ConnectionLost:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(0.1 * attempt)
+    raise AssertionError("unreachable")
+
+
 async def place_order(request: Request) -> Response:
     """202: the order is accepted; its task says how it goes (``GET /tasks/{id}``)."""
     b = backend(request)
@@ -367,9 +381,12 @@ async def place_order(request: Request) -> Response:
         raise HTTPException(422, "the cart is empty")
     order_id = f"o-{uuid.uuid4().hex[:12]}"
     command = PlaceOrder(order_id=order_id, user=user, items=cart.items)
-    accepted = await b.orders.call("place", command, returns=OrderAccepted, **b.call_args())
+    # Both sent again after a cut that hid their outcome: the order's id makes a second place the same order
+    # (the order-manager's inbox takes an order once), and a clear is a clear. Answered 503 instead, a placed
+    # order's cart stayed full, and the retry the 503 invites placed it a second time.
+    accepted = await again_if_cut(lambda: b.orders.call("place", command, returns=OrderAccepted, **b.call_args()))
     b.tasks.placed(accepted.task_id, user)
-    await b.cart.call("clear", user, returns=Cart, **b.call_args())
+    await again_if_cut(lambda: b.cart.call("clear", user, returns=Cart, **b.call_args()))
     body = {"order_id": order_id, "task_id": accepted.task_id, "status_url": f"/tasks/{accepted.task_id}",
             "order_url": f"/orders/{order_id}"}  # fmt: skip
     return JSONResponse(body, status_code=202, headers={"Location": f"/tasks/{accepted.task_id}"})
