@@ -66,6 +66,7 @@ from amqpkit import (
     InvalidMessage,
     MessageTooLarge,
     NoResponder,
+    PublishError,
     RemoteError,
     RpcClient,
     RpcError,
@@ -190,6 +191,9 @@ class Tasks:
     """
 
     EARLY_LIMIT = 10_000
+    # Views kept: the latest placed, so the gateway's memory stays level (about 750 bytes a view; before, every
+    # order ever placed was kept). An older one's GET /tasks/{id} is a 404; GET /orders/{id} still answers.
+    KEPT_LIMIT = 10_000
 
     def __init__(self) -> None:
         self.tasks: dict[str, TaskView] = {}
@@ -198,6 +202,10 @@ class Tasks:
 
     def placed(self, task_id: str, user: str) -> TaskView:
         view = self.tasks.setdefault(task_id, TaskView(task_id, user))
+        while len(self.tasks) > self.KEPT_LIMIT:
+            oldest = next(iter(self.tasks))
+            del self.tasks[oldest]
+            self._failed_at.pop(oldest, None)
         for event in self.early.pop(task_id, []):
             self.update(event)
         return view
@@ -468,6 +476,9 @@ async def on_rpc_error(request: Request, exc: Exception) -> Response:
         return error(503, "service_unavailable", f"no server answers on {_queue_of(exc)}")
     if isinstance(exc, RpcTimeout):
         return error(504, "service_timeout", "a service did not answer in time")
+    if isinstance(exc, PublishError):  # the broker refused the request (a permission taken away, say)
+        log.warning("the broker refused a request: %s", exc)
+        return error(503, "service_unavailable", "the broker refused the request")
     if isinstance(exc, RemoteError):
         if exc.remote_type in REFUSED_INPUT:
             return error(422, "rejected", exc.remote_message)
@@ -645,6 +656,7 @@ def make_app() -> Starlette:
         exception_handlers={
             RpcError: on_rpc_error,
             ConnectionLost: on_rpc_error,
+            PublishError: on_rpc_error,
             InvalidMessage: on_unsendable,
             MessageTooLarge: on_unsendable,
             HTTPException: on_http_error,

@@ -16,7 +16,9 @@ import json
 import httpx
 import pytest
 
+from amqpkit.testing import vhost_of
 from examples.shop.gateway import make_app
+from tests.brokerctl import as_user, own_user, rabbitmqctl
 
 ADA = {"X-API-Key": "demo-key-ada"}
 
@@ -38,3 +40,22 @@ async def test_a_bad_body_is_a_client_error(body: bytes, amqp_url: str, monkeypa
         response = await http.post("/cart/add", headers=ADA, content=body)
     error = response.json()["error"]
     assert 400 <= response.status_code < 500 and error["code"] != "internal", (response.status_code, error)
+
+
+async def test_a_request_the_broker_refuses_is_a_503(amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's user may no longer write (an operator narrowed its permissions): each RPC request is refused,
+    a PublishError. It was a 500 'internal' with a traceback each time (155 of them in a hunt's 9 s revoke); the
+    broker refusing is the service's unavailability, 503, as a lost connection is."""
+    with own_user(amqp_url, "shop-gw", "shop-gw-password") as user:
+        # may write anywhere but the default exchange, which every RPC request goes through
+        rabbitmqctl("set_permissions", "-p", vhost_of(amqp_url), user, ".*", r"^(?!amq\.default$).*", ".*")
+        monkeypatch.setenv("AMQP_URL", as_user(amqp_url, user, "shop-gw-password"))
+        app = make_app()
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://shop") as http,
+        ):
+            response = await http.post("/cart/add", headers=ADA, json={"product_id": "p1"})
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "service_unavailable"
