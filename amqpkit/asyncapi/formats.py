@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 
@@ -18,9 +19,15 @@ def to_yaml(doc: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Characters YAML does not allow as they are (DEL, the C1 controls, NEL among them, surrogates, BOM and the
+# non-characters): escaped as \uXXXX, which a double-quoted YAML string reads as JSON does.
+_NOT_PRINTABLE = re.compile("[\x7f-\x9f\ud800-\udfff\ufeff\ufffe\uffff]")
+
+
 def _scalar(value: Any) -> str:
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        text = json.dumps(value, ensure_ascii=False)
+        return _NOT_PRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     if isinstance(value, float):
         return _float(value)
     return json.dumps(value)

@@ -42,3 +42,14 @@ def test_a_yaml_document_with_a_small_bound_validates(asyncapi_schema: dict[str,
     read = yaml.safe_load(to_yaml(doc))
     assert read["components"]["schemas"]["Reading"]["properties"]["value"]["exclusiveMinimum"] == 1e-05
     jsonschema.Draft7Validator(asyncapi_schema).validate(read)
+
+
+@pytest.mark.parametrize("text", ["a\x7fb", "a\x80b", "a\x85b", "a\x9fb", "a\ud800b", "\ufeffa", "é€ and 𝄞"])
+def test_a_string_with_characters_yaml_does_not_allow_reads_back_the_same(text: str) -> None:
+    """Written raw in a double-quoted string (as JSON does), DEL, the C1 controls (NEL among them) and a lone
+    surrogate are not allowed in a YAML stream: PyYAML refused the document, and a lone surrogate could not be
+    written as UTF-8 at all. Printable characters stay as they are."""
+    written = to_yaml({"description": text})
+    assert yaml.safe_load(written) == {"description": text}
+    if text.isprintable():
+        assert text in written
