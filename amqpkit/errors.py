@@ -425,3 +425,15 @@ def reply_text(exc: BaseException) -> str:
     if isinstance(text, str) and text:
         return text
     return type(exc).__name__
+
+
+ERROR_TEXT_SHOWN = 500  # characters of an exception's text a log line or task event shows
+
+
+def brief(exc: BaseException) -> str:
+    """``Type: text`` for a log line or a task event, the text cut to :data:`ERROR_TEXT_SHOWN` characters: a
+    handler's exception may carry a whole body in its message (a 2 MB product id made a 2 MB WARNING line)."""
+    text = str(exc)
+    if len(text) > ERROR_TEXT_SHOWN:
+        text = f"{text[:ERROR_TEXT_SHOWN]}... ({len(text) - ERROR_TEXT_SHOWN} more characters)"
+    return f"{type(exc).__name__}: {text}"

@@ -24,7 +24,7 @@ from typing_extensions import TypeVar  # with a default (PEP 696)
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import AutoCodec, Codec
 from ..connection import Broker, Consumer
-from ..errors import DecodeError, SettlementError
+from ..errors import DecodeError, SettlementError, brief
 from ..executors import ExecutorKind
 from ..message import Delivery, Settlement
 from ..topology import Binding, Exchange, ExchangeType, Queue
@@ -330,13 +330,7 @@ class Subscriber(Generic[T]):
             await self._handler(delivery)
         except Exception as exc:
             self.failed += 1
-            log.error(
-                "handler failed for message id=%s from %s: %s: %s",
-                raw.message_id,
-                self.queue_name,
-                type(exc).__name__,
-                exc,
-            )
+            log.error("handler failed for message id=%s from %s: %s", raw.message_id, self.queue_name, brief(exc))
             if delivery.settled is None:
                 await _settle_quietly(delivery.nack(requeue=False))
             return

@@ -16,7 +16,7 @@ from .. import _hooks
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import Codec, codec_for
 from ..connection import Broker, Consumer
-from ..errors import DecodeError
+from ..errors import DecodeError, brief
 from ..executors import ExecutorKind
 from ..message import Delivery, Settlement
 from ..topology import Queue
@@ -262,10 +262,7 @@ class RpcServer:
             self.failed += 1
             if _hooks.handler_failed is not None:  # amqpkit.telemetry: error.type on the SERVER span
                 _hooks.handler_failed(exc)
-            log.warning(
-                "method %s failed for request id=%s: %s: %s",
-                raw.type or "(default)", raw.message_id, type(exc).__name__, exc,
-            )  # fmt: skip
+            log.warning("method %s failed for request id=%s: %s", raw.type or "(default)", raw.message_id, brief(exc))
             details = getattr(exc, "details", None)
             body = error_body(type(exc).__name__, str(exc), details if isinstance(details, Mapping) else None)
             content_type = ERROR_CONTENT_TYPE

@@ -19,7 +19,15 @@ from .. import _hooks
 from .._handlers import HandlerInfo, inspect_handler
 from ..codec import Codec
 from ..connection import Consumer
-from ..errors import ConnectionLost, DecodeError, MessageTooLarge, PublishNacked, TopologyError, Unroutable
+from ..errors import (
+    ConnectionLost,
+    DecodeError,
+    MessageTooLarge,
+    PublishNacked,
+    TopologyError,
+    Unroutable,
+    brief,
+)
 from ..executors import ExecutorKind, ProcessRunner, ThreadRunner
 from ..message import Delivery, Settlement
 from ..topology import DeadLetterStrategy
@@ -325,8 +333,8 @@ class Worker(Generic[T]):
         policy = self.queue.retry
         if attempt >= policy.max_attempts:
             log.error(
-                "task %s failed on attempt %d of %d, dead-lettered: %s: %s",
-                task_id, attempt, policy.max_attempts, type(exc).__name__, exc,
+                "task %s failed on attempt %d of %d, dead-lettered: %s",
+                task_id, attempt, policy.max_attempts, brief(exc),
             )  # fmt: skip
             await self._dead_letter(raw, attempt, "max-attempts", exc, tb)
             return
@@ -347,8 +355,8 @@ class Worker(Generic[T]):
         if _hooks.retry is not None:  # amqpkit.telemetry: the attempt's span fails, the copy links to the first
             _hooks.retry(headers, exc)
         log.warning(
-            "task %s failed on attempt %d (%s: %s); retry in %.3g s",
-            task_id, attempt, type(exc).__name__, exc, real_delay,
+            "task %s failed on attempt %d (%s); retry in %.3g s",
+            task_id, attempt, brief(exc), real_delay,
         )  # fmt: skip
 
         async def redeclare() -> None:
@@ -368,10 +376,10 @@ class Worker(Generic[T]):
                 _hooks.retried()
             if self.queue.events:
                 await self._event(
-                    task_id, TaskStatus.RETRYING, attempt, raw.headers, error=_error_text(exc), retry_in=real_delay
+                    task_id, TaskStatus.RETRYING, attempt, raw.headers, error=brief(exc), retry_in=real_delay
                 )
         elif moved == "rejected" and self.queue.events:
-            await self._event(task_id, TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=_error_text(exc))
+            await self._event(task_id, TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=brief(exc))
 
     def _count_dead_letter(self, reason: str) -> None:
         """A dead letter stored (or left to the broker to dead-letter): counted here and, instrumented, in the
@@ -385,8 +393,8 @@ class Worker(Generic[T]):
     ) -> None:
         """The broker refused the retry (``what``: its delay queue, or the copy sent there): the task goes to the
         DLQ with reason ``retry-refused``, to be replayed, rather than requeued to run again past its policy."""
-        log.error("task %s failed on attempt %d (%s: %s) and %s (%s); dead-lettered instead of retried",
-                  raw.message_id or "", attempt, type(exc).__name__, exc, what, refusal)  # fmt: skip
+        log.error("task %s failed on attempt %d (%s) and %s (%s); dead-lettered instead of retried",
+                  raw.message_id or "", attempt, brief(exc), what, refusal)  # fmt: skip
         await self._dead_letter(raw, attempt, "retry-refused", exc, tb)  # which says so, in the events too
 
     async def _dead_letter(self, raw: Delivery[bytes], attempt: int, reason: str, exc: BaseException, tb: Any) -> None:
@@ -409,9 +417,7 @@ class Worker(Generic[T]):
         if moved == "moved":
             self._count_dead_letter(reason)
         if moved != "requeued" and self.queue.events:
-            await self._event(
-                raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=_error_text(exc)
-            )
+            await self._event(raw.message_id or "", TaskStatus.DEAD_LETTERED, attempt, raw.headers, error=brief(exc))
 
     def _failure_headers(self, raw: Delivery[bytes], attempt: int, exc: BaseException, tb: Any) -> dict[str, Any]:
         headers = dict(raw.headers)
@@ -529,10 +535,6 @@ class _KeeperEvents:
     def __init__(self) -> None:
         self.stop = asyncio.Event()
         self.adopted = asyncio.Event()
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 async def _quietly(settling: Awaitable[None]) -> None:
