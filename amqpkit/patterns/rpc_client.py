@@ -156,20 +156,29 @@ class RpcClient:
             unsubscribe()
         self._unsubscribe.clear()
         self._fail_pending(ConnectionLost("RpcClient closed"))
-        if self._reply_consumer is not None:
-            await self._reply_consumer.cancel()
-            self._reply_consumer = None
-        if self._reply_spec is not None:
-            # Not declared again after a reconnect: a new start makes a new reply queue.
-            self.broker.forget(self._reply_spec)
-            self._reply_spec = None
+        # Everything is taken first: cancelled part way (a timeout landing in the exit of 'async with'), the
+        # close left the reply channel open, and an exclusive reply queue with its consumer, for the connection's
+        # life (20 of 20 such closes, in a hunt).
+        consumer, self._reply_consumer = self._reply_consumer, None
+        spec, self._reply_spec = self._reply_spec, None
         channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            try:
-                await asyncio.wait_for(channel.close(), 5)
-            except Exception as exc:
-                log.debug("closing the reply channel: %s", exc)
         self._started = False
+        try:
+            if consumer is not None:
+                await consumer.cancel()  # closes its channel, also when cancelled (Consuming._detach)
+        finally:
+            if spec is not None:
+                # Not declared again after a reconnect: a new start makes a new reply queue.
+                self.broker.forget(spec)
+            closing = None
+            if channel is not None and not channel.is_closed:
+                # In a task of its own, which a cancelled close does not cut short (a close cancelled after its
+                # first frame makes aiormq send a second one).
+                closing = asyncio.ensure_future(_close_reply_channel(channel))
+                self._tasks.add(closing)
+                closing.add_done_callback(self._tasks.discard)
+        if closing is not None:
+            await asyncio.shield(closing)
 
     def _reply_queue_lost(self, exc: BaseException) -> None:
         """The exclusive reply queue could not come back after a reconnect (the broker refused it: a vhost's
@@ -565,6 +574,13 @@ class RpcClient:
             with attempt:
                 return await self.call(method, payload, returns=returns, timeout=timeout)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _close_reply_channel(channel: AbstractChannel) -> None:
+    try:
+        await asyncio.wait_for(channel.close(), 5)
+    except Exception as exc:
+        log.debug("closing the reply channel: %s", exc)
 
 
 def _settle_unread(future: asyncio.Future[Any]) -> None:
