@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import re
 import time
@@ -99,25 +100,29 @@ class _TimedOut:
         return (self.timeout_ms or 60_000) / 2000
 
 
-class ConsumerTimeouts:
-    """Notices channels the broker closed for ``consumer_timeout``, and keeps the copies from looping."""
+class _TimeoutWatch:
+    """Notices channels the broker closed for ``consumer_timeout``: which delivery was held (the oldest in flight
+    on the channel: the broker checks only that one), remembered until its copy comes back."""
 
-    def __init__(self, worker: Worker[Any], handler: HandlerInfo, dead_letter: DeadLetter) -> None:
-        self.worker = worker
-        self.handler = handler  # the worker's handler: where its runs go on, and their orphaned futures
-        self.dead_letter = dead_letter  # the worker's way to the DLQ (headers, telemetry, settlement)
-        self.timed_out = 0  # tasks the broker took back for consumer_timeout
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+        self.timed_out = 0  # deliveries the broker took back for consumer_timeout
         # Runs by channel: running ones, and those cut short (kept until their channel's close is seen:
         # aiormq cancels a channel's tasks before the close reaches us).
         self._runs: dict[int, dict[int, _Run]] = {}
         self._remembered: OrderedDict[str, _TimedOut] = OrderedDict()
 
+    @staticmethod
+    def key(raw: Delivery[bytes]) -> str:
+        """What tells a delivery's copy: its message id (a task's id)."""
+        return raw.message_id or ""
+
     def wrap(self, inner: TaskCallback) -> TaskCallback:
         async def on_task(raw: Delivery[bytes]) -> None:
-            key = raw.message_id
+            key = self.key(raw)
             if key and raw.redelivered and key in self._remembered and await self._copy(raw, key):
                 return
-            channel = self.worker.broker.lowlevel.channel_of(raw)
+            channel = self.broker.lowlevel.channel_of(raw)
             run = _Run(key or "")
             runs = self._watch(channel)
             runs[id(run)] = run
@@ -154,8 +159,7 @@ class ConsumerTimeouts:
         timeout_ms = int(match.group(1)) if match else None
         runs = sorted(held_runs.values(), key=lambda r: r.started)
         if not runs:
-            log.error("the broker closed a worker channel on %s for consumer_timeout (%s); no task was running "
-                      "on it any more", self.worker.queue.name, _ms(timeout_ms))  # fmt: skip
+            self._said(None, 0, timeout_ms, 0.0)
             return
         held, others = runs[0], len(runs) - 1
         held_for = time.monotonic() - held.started
@@ -165,6 +169,30 @@ class ConsumerTimeouts:
             self._remembered.move_to_end(held.task_id)
             while len(self._remembered) > REMEMBER:
                 self._remembered.popitem(last=False)
+        self._said(held, others, timeout_ms, held_for)
+
+    def _said(self, held: _Run | None, others: int, timeout_ms: int | None, held_for: float) -> None:
+        raise NotImplementedError
+
+    async def _copy(self, raw: Delivery[bytes], key: str) -> bool:
+        """Handle the copy of a delivery held past the timeout; False: let it run."""
+        raise NotImplementedError
+
+
+class ConsumerTimeouts(_TimeoutWatch):
+    """A Worker's :class:`_TimeoutWatch`, which keeps the copies of its tasks from looping."""
+
+    def __init__(self, worker: Worker[Any], handler: HandlerInfo, dead_letter: DeadLetter) -> None:
+        super().__init__(worker.broker)
+        self.worker = worker
+        self.handler = handler  # the worker's handler: where its runs go on, and their orphaned futures
+        self.dead_letter = dead_letter  # the worker's way to the DLQ (headers, telemetry, settlement)
+
+    def _said(self, held: _Run | None, others: int, timeout_ms: int | None, held_for: float) -> None:
+        if held is None:
+            log.error("the broker closed a worker channel on %s for consumer_timeout (%s); no task was running "
+                      "on it any more", self.worker.queue.name, _ms(timeout_ms))  # fmt: skip
+            return
         handler = self.handler
         if handler.runs_on == "loop":
             then = "its run is cancelled, and its copy goes to the DLQ (reason consumer-timeout) instead of running"
@@ -202,6 +230,55 @@ class ConsumerTimeouts:
         log.error("task %s delivered again after its consumer_timeout: dead-lettered (reason %s), not run again",
                   key, DEAD_LETTER_REASON)  # fmt: skip
         await self.dead_letter(raw, attempt_of(raw.headers), DEAD_LETTER_REASON, why, None)
+        return True
+
+
+class HandlerTimeouts(_TimeoutWatch):
+    """The same for a Subscriber's or an RpcServer's deliveries: the copy of one held past the broker's
+    ``consumer_timeout`` is refused (``refuse``: rejected, or answered with the error and acked), not run again.
+
+    Run again, an ``async def`` handler was cancelled with its channel at each timeout and started anew on the
+    copy, for as long as the process ran (5 starts in 25 s with a 5 s timeout, in a hunt), and an RPC caller
+    waited out its timeout while the method ran over and over. A copy is told by its message id, else its
+    correlation id, else its body."""
+
+    def __init__(
+        self,
+        broker: Any,
+        queue: Callable[[], str],
+        what: str,
+        refuse: Callable[[Delivery[bytes], str], Awaitable[None]],
+    ) -> None:
+        super().__init__(broker)
+        self.queue = queue  # the queue's name, for the log
+        self.what = what  # "message", "request"
+        self.refuse = refuse
+
+    @staticmethod
+    def key(raw: Delivery[bytes]) -> str:
+        return raw.message_id or raw.correlation_id or hashlib.sha256(raw.body).hexdigest()
+
+    def _said(self, held: _Run | None, others: int, timeout_ms: int | None, held_for: float) -> None:
+        if held is None:
+            log.error("the broker closed a consumer channel on %s for consumer_timeout (%s); no %s was being "
+                      "handled on it any more", self.queue(), _ms(timeout_ms), self.what)  # fmt: skip
+            return
+        log.error(
+            "%s %s on %s was held %.1f s, past the broker's consumer_timeout (%s): RabbitMQ closed the channel and "
+            "gives it back; its handler's run is cancelled (a def handler's thread runs on), and its copy is "
+            "refused, not run again.%s For handlers this long, raise consumer_timeout",
+            self.what, held.task_id[:80] or "(no id)", self.queue(), held_for, _ms(timeout_ms),
+            f" {others} other {self.what}{'s' if others != 1 else ''} in flight on that channel go back to the "
+            "queue too." if others else "",
+        )  # fmt: skip
+
+    async def _copy(self, raw: Delivery[bytes], key: str) -> bool:
+        info = self._remembered.pop(key)
+        why = (f"held {info.held_for:.0f} s, past the broker's consumer_timeout ({_ms(info.timeout_ms)}); not run "
+               "again: raise consumer_timeout")  # fmt: skip
+        log.error("%s %s on %s delivered again after its consumer_timeout: refused, not run again", self.what,
+                  key[:80], self.queue())  # fmt: skip
+        await self.refuse(raw, why)
         return True
 
 

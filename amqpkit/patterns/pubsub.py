@@ -30,6 +30,7 @@ from ..message import Delivery, Settlement
 from ..topology import Binding, Exchange, ExchangeType, Queue
 from ..unreadable import refusal
 from ._starts import Starts
+from .long_tasks import HandlerTimeouts
 from .publisher import Publisher
 
 __all__ = ["Publisher", "Subscriber"]
@@ -182,6 +183,8 @@ class Subscriber(Generic[T]):
         self.handled = 0
         self.failed = 0
         self.rejected = 0
+        # the copy of a message held past the broker's consumer_timeout is rejected, not handled again
+        self._timeouts = HandlerTimeouts(broker, lambda: self.queue_name, "message", self._refuse_held)
 
     @property
     def private(self) -> bool:
@@ -235,7 +238,11 @@ class Subscriber(Generic[T]):
             self.error = None
             self._stopped.clear()
             self._consumer = await self.broker.consume(
-                self.queue, self._on_delivery, prefetch=self.prefetch, auto_ack=self.auto_ack, on_error=self._failed
+                self.queue,
+                self._timeouts.wrap(self._on_delivery),
+                prefetch=self.prefetch,
+                auto_ack=self.auto_ack,
+                on_error=self._failed,
             )
         except BaseException:
             # Not started: undone, so that a reconnect does not declare and bind again a queue nobody reads,
@@ -307,6 +314,10 @@ class Subscriber(Generic[T]):
             if isinstance(item, _Failed):
                 raise item.error
             yield item
+
+    async def _refuse_held(self, raw: Delivery[bytes], why: str) -> None:
+        self.rejected += 1
+        await _settle_quietly(raw.nack(requeue=False))  # to the queue's dead-letter exchange, if it has one
 
     async def _on_delivery(self, raw: Delivery[bytes]) -> None:
         try:

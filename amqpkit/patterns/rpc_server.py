@@ -22,6 +22,7 @@ from ..message import Delivery, Settlement
 from ..topology import Queue
 from ..unreadable import refusal
 from ._starts import Starts
+from .long_tasks import HandlerTimeouts
 from .pubsub import consumed_elsewhere
 from .rpc_wire import DEFAULT_CONCURRENCY, ERROR_CONTENT_TYPE, TIMEOUT_HEADER, error_body, safe_reply_to
 
@@ -88,6 +89,8 @@ class RpcServer:
         self.served = 0
         self.failed = 0
         self.rejected = 0
+        # the copy of a request held past the broker's consumer_timeout is answered with that, not run again
+        self._timeouts = HandlerTimeouts(broker, lambda: self.queue.name, "request", self._refuse_held)
         self.expired = 0
 
     def add(
@@ -146,7 +149,7 @@ class RpcServer:
             self._stopped.clear()
             try:
                 self._consumer = await self.broker.consume(
-                    self.queue, self._on_request, prefetch=self.concurrency, on_error=self._failed
+                    self.queue, self._timeouts.wrap(self._on_request), prefetch=self.concurrency, on_error=self._failed
                 )
             except BaseException:
                 # Not started: undone, so that a reconnect does not declare the request queue again for a
@@ -211,6 +214,13 @@ class RpcServer:
         if reply_to and correlation_id:
             await self._reply(reply_to, correlation_id, error_body("DecodeError", str(exc), {"errors": exc.errors}))
         await raw.reject(requeue=False)
+
+    async def _refuse_held(self, raw: Delivery[bytes], why: str) -> None:
+        self.failed += 1
+        reply_to, correlation_id = raw.reply_to, raw.correlation_id
+        if reply_to and correlation_id and safe_reply_to(reply_to):
+            await self._reply(reply_to, correlation_id, error_body("ConsumerTimeoutExceeded", why))
+        await raw.ack()
 
     async def _on_request(self, raw: Delivery[bytes]) -> None:
         reply_to, correlation_id = raw.reply_to, raw.correlation_id

@@ -15,13 +15,12 @@ On a node of the test's own (tests.brokerctl.consumer_timeout_node, 3.10: 5 s, c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator
 
 import pytest
 
 from amqpkit import Broker, BrokerSettings, Exchange, Publisher, RpcClient
-from amqpkit.errors import RpcTimeout
+from amqpkit.errors import RemoteError
 from amqpkit.service import Service
 
 from ..brokerctl import SpareNode, consumer_timeout_node
@@ -54,10 +53,13 @@ async def test_a_handler_past_consumer_timeout_is_not_run_again_and_again(timeou
     try:
         async with svc.serve(settings, grace=1) as running, RpcClient(running.broker, "slow.rpc") as client:
             await Publisher(running.broker, events).publish(1)
-            with contextlib.suppress(RpcTimeout):  # 8 s of work; the call gives it 25 s
+            with pytest.raises(RemoteError) as refused:  # 8 s of work; the call gives it 25 s
                 await client.call("slow", 1, timeout=25)
+            await asyncio.sleep(6)  # past one more timeout: a copy run again would have started by now
     finally:
         async with Broker(settings) as broker:
             await broker.delete_queue("slow.events")
             await broker.delete_exchange(events)
     assert starts == {"subscriber": 1, "rpc": 1}
+    # the caller is told why, as soon as the copy comes back, rather than waiting out its timeout
+    assert refused.value.remote_type == "ConsumerTimeoutExceeded", refused.value
