@@ -1,0 +1,58 @@
+"""An RPC request over the broker's own ``max_message_size``, lower than amqpkit's (an operator's setting; RabbitMQ
+4.0's default is 16 MiB), with other calls in flight on the same client.
+
+Over direct reply-to, requests and replies share one channel, and RabbitMQ
+closes the channel that carries a message over its limit (406
+PRECONDITION_FAILED). The client then fails every pending call with
+ConnectionLost ("the reply channel closed"), the large one included: the calls
+already being served lose their replies (and ``call_with_retry`` retries
+ConnectionLost, so they run again), and the large call is not told
+MessageTooLarge. With an exclusive reply queue the same request is
+MessageTooLarge and every other call gets its result (the publish path knows
+the broker's size refusal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+import pytest
+
+from amqpkit import Broker, BrokerSettings, MessageTooLarge, Queue, RpcClient, RpcServer
+
+from ..reliability.test_large_tasks import max_message_size_lowered
+
+LIMIT = 1024 * 1024  # the node's, for the test; amqpkit's own stays 16 MiB
+LARGE = "y" * (2 * LIMIT)
+
+
+@pytest.mark.whole_broker  # every channel opened on the node while it runs gets the lowered max_message_size
+@pytest.mark.parametrize("reply_queue", ["direct", "exclusive"])
+async def test_a_request_too_large_for_the_broker_fails_alone(
+    broker: Broker, settings: BrokerSettings, name: str, reply_queue: Literal["direct", "exclusive"]
+) -> None:
+    server = RpcServer(broker, Queue(f"{name}.rpc", durable=True), concurrency=64)
+
+    @server.method("slow")
+    async def slow(text: str) -> int:
+        await asyncio.sleep(1.0)
+        return len(text)
+
+    try:
+        with max_message_size_lowered(LIMIT):
+            async with (
+                server,
+                Broker(settings) as client_broker,
+                RpcClient(client_broker, f"{name}.rpc", reply_queue=reply_queue) as client,
+            ):
+                assert await client.call("slow", "a", timeout=5) == 1
+                calls = [asyncio.ensure_future(client.call("slow", "x" * n, timeout=5)) for n in range(20)]
+                await asyncio.sleep(0.2)  # all 20 are with the server
+                large = await asyncio.gather(client.call("slow", LARGE, timeout=5), return_exceptions=True)
+                results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await broker.delete_queue(f"{name}.rpc")
+    failed = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+    assert not failed, f"{len(failed)} of 20 calls in flight beside the large request failed, e.g. {failed[0]}"
+    assert isinstance(large[0], MessageTooLarge), f"the large request ended with {large[0]!r}"
