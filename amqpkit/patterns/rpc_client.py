@@ -25,11 +25,13 @@ from ..connection import Broker, Consumer
 from ..errors import (
     ConnectionLost,
     DecodeError,
+    MessageTooLarge,
     NoResponder,
     PublishError,
     RpcTimeout,
     TopologyError,
     Unroutable,
+    broker_size_limit,
     map_exceptions,
     publish_refused_for,
     refusal_is_for,
@@ -40,6 +42,10 @@ from ..topology import Queue
 from .rpc_wire import DEFAULT_RPC_TIMEOUT, DIRECT_REPLY_TO, ERROR_CONTENT_TYPE, TIMEOUT_HEADER, parse_error
 
 __all__ = ["RpcClient"]
+
+# A request body over this many bytes has its size kept while it is pending (see _too_large_for_the_broker): far
+# below any max_message_size a broker is given, and above almost every request, which pays nothing for it.
+BIG_REQUEST = 64 * 1024
 
 log = logging.getLogger("amqpkit.rpc")
 
@@ -82,6 +88,10 @@ class RpcClient:
         self._pending: dict[str, asyncio.Future[tuple[bytes, str | None]]] = {}
         # With an exclusive reply queue: the queue each pending call's request named for its reply.
         self._sent_to: dict[str, str] = {}
+        # Over direct reply-to: the size of each pending request over BIG_REQUEST bytes, and the broker's own
+        # max_message_size once a request over it closed the reply channel (with the Broker's generation).
+        self._big: dict[str, int] = {}
+        self._broker_limit: tuple[int, int] | None = None
         self._ids = itertools.count()
         self._prefix = os.urandom(6).hex()
         self._channel: AbstractChannel | None = None
@@ -232,6 +242,7 @@ class RpcClient:
     def _fail_pending(self, exc: BaseException, *, as_is: bool = False) -> None:
         pending, self._pending = self._pending, {}
         self._sent_to = {}
+        self._big = {}
         for future in pending.values():
             if not future.done():
                 error = exc if as_is else ConnectionLost(f"connection lost while waiting for a reply: {exc}")
@@ -272,6 +283,9 @@ class RpcClient:
         self._channel = None
         closing = channel.closing
         why = closing.exception() if closing.done() and not closing.cancelled() else None
+        limit = broker_size_limit(why) if why is not None else None
+        if limit is not None:
+            self._too_large_for_the_broker(limit, why)
         refused = publish_refused_for(why) if why is not None else None
         if refused is not None and refusal_is_for(refused, self.exchange, self.routing_key) is not False:
             # The broker closed it over a request of this client's, which all go to the same place: refused alike.
@@ -281,6 +295,24 @@ class RpcClient:
             self._fail_pending(error, as_is=True)
             return
         self._fail_pending(ConnectionLost(f"the reply channel closed: {why or 'closed'}"), as_is=True)
+
+    def _too_large_for_the_broker(self, limit: int, why: BaseException | None) -> None:
+        """A request over the broker's own ``max_message_size`` (lower than amqpkit's) closed the reply channel,
+        which direct reply-to shares between requests and replies: that call fails with MessageTooLarge, the
+        others pending with it lose their replies (ConnectionLost, below), and the limit is kept, so that a later
+        request over it is refused before it is sent (until the next reconnect: the broker may be given another)."""
+        self._broker_limit = (self.broker.generation, limit)
+        for cid, size in list(self._big.items()):
+            future = self._pending.get(cid)
+            if size > limit and future is not None and not future.done():
+                error = MessageTooLarge(size, limit, by_broker=True)
+                error.__cause__ = why
+                future.set_exception(error)
+
+    def _check_broker_limit(self, size: int) -> None:
+        known = self._broker_limit
+        if known is not None and known[0] == self.broker.generation and size > known[1]:
+            raise MessageTooLarge(size, known[1], by_broker=True)
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
         """A reply over direct reply-to, in a task of aiormq's (when :meth:`_on_reply_frame` could not be hooked)."""
@@ -379,6 +411,8 @@ class RpcClient:
                 await self._start_by(deadline, method, wait)
         body, content_type = encode_body(self.codec, payload)
         self.broker.check_message_size(body)
+        if len(body) > BIG_REQUEST and self.reply_queue == "direct":
+            self._check_broker_limit(len(body))
         cid = f"{self._prefix}.{next(self._ids)}"
         future: asyncio.Future[tuple[bytes, str | None]] = loop.create_future()
         # No delivery mode: transient, as a request always is (one property less to encode per call).
@@ -390,6 +424,8 @@ class RpcClient:
             message_id=cid,
         )
         self._pending[cid] = future
+        if len(body) > BIG_REQUEST:
+            self._big[cid] = len(body)
         unsent = False
         try:
             async with asyncio.timeout_at(deadline):
@@ -418,6 +454,7 @@ class RpcClient:
         finally:
             self._pending.pop(cid, None)
             self._sent_to.pop(cid, None)
+            self._big.pop(cid, None)
             _settle_unread(future)
         if reply_type == "application/octet-stream" and returns is bytes:
             return reply  # the common bytes reply, without parsing its content type
