@@ -22,6 +22,8 @@ from amqpkit.patterns.dlq import list_dead_letters
 from ..brokerctl import arabbitmqctl, vhost_of
 from ..waiting import until_ready, wait_for
 
+REQUEUE_BACKOFF = 0.2  # seconds; Worker.requeue_backoff is 1 s by default
+
 
 @pytest.fixture
 async def work(broker: Broker, name: str) -> AsyncIterator[WorkQueue[int]]:
@@ -48,16 +50,20 @@ async def test_a_task_whose_delay_queue_is_full_runs_no_more_than_its_policy_all
             runs[n] += 1
             raise RuntimeError("the service it calls is down")
 
-        async with Worker(work, handler, concurrency=4):
+        async with Worker(work, handler, concurrency=4) as worker:
+            # A copy that could not be stored was requeued after requeue_backoff: at 0.2 s (1 s by default) that
+            # loop shows in a fifth of the time.
+            worker.requeue_backoff = REQUEUE_BACKOFF
             for n in (1, 2):  # their retries fill the delay queue (a quorum queue takes one past max-length 1)
                 await work.enqueue(n)
                 await wait_for(lambda n=n: runs[n] == 1)  # type: ignore[misc]
                 await asyncio.sleep(0.3)
             task = await work.enqueue(3)
             await wait_for(lambda: runs[3] >= 1)
-            await asyncio.sleep(8)
-            # before: 9 runs in 8 s, one a second, and on to 21 runs (the delivery limit)
+            await asyncio.sleep(8 * REQUEUE_BACKOFF)
+            # before: 9 runs in 8 s at the default requeue_backoff (1 s), and on to 21 runs (the delivery limit)
             assert runs[3] <= 3, dict(runs)
+            await wait_for(lambda: worker.dead_lettered >= 1)  # task 3's copy confirmed in the DLQ (waited 8 s before)
             # It is in the DLQ, with the worker's headers, to be replayed once there is room.
             letters = {letter.task_id: letter for letter in await list_dead_letters(broker, work.name)}
             assert letters[task].reason == "retry-refused", letters
