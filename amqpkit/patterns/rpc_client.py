@@ -172,11 +172,11 @@ class RpcClient:
         consumer, self._reply_consumer = self._reply_consumer, None
         spec, self._reply_spec = self._reply_spec, None
         channel, self._channel = self._channel, None
-        self._started = False
         try:
             if consumer is not None:
                 await consumer.cancel()  # closes its channel, also when cancelled (Consuming._detach)
         finally:
+            self._started = False  # only now: a call made while it closes fails, rather than starting it again
             if spec is not None:
                 # Not declared again after a reconnect: a new start makes a new reply queue.
                 self.broker.forget(spec)
