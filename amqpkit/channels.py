@@ -80,6 +80,16 @@ def channel_cap_hold(heartbeat: int) -> float:
     return 3 * heartbeat + 10.0 if heartbeat else 60.0
 
 
+async def close_quietly(channel: AbstractChannel, timeout: float = 5.0) -> None:
+    """Close ``channel`` within ``timeout`` seconds, its errors logged at DEBUG only (it is being let go of). Run it
+    in a task that is not cancelled, or shield it: a close cancelled after its first frame makes aiormq send a
+    second one, on a number the broker may have given out again."""
+    try:
+        await asyncio.wait_for(channel.close(), timeout)
+    except Exception as exc:
+        log.debug("closing channel %s: %s", getattr(channel, "number", "?"), exc)
+
+
 def _about_channels(exc: BaseException) -> bool:
     """Whether a 530 NOT_ALLOWED is RabbitMQ's over a limit on channels (3.10 and 4.x word both alike)."""
     text = reply_text(exc)

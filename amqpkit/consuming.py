@@ -25,6 +25,7 @@ from pamqp.commands import Basic
 
 from . import _hooks
 from ._streams import OFFSET, StreamPosition, reads_stream
+from .channels import close_quietly
 from .errors import ChannelLimitReached, ConnectionLost, TopologyError, access_refused, map_exceptions, same_refusal
 from .message import Delivery, delivery_from_aiormq
 from .registry import TopologyRegistry, _describe
@@ -571,18 +572,12 @@ class Consuming(TopologyRegistry):
                 self.forget(consumer.queue)
         channel, consumer._channel = consumer._channel, None
         consumer.attached.clear()
-        closing: asyncio.Task[None] | None = None
-        try:
-            await self._stop_on(consumer, channel, grace)
-        finally:
-            if channel is not None and not channel.is_closed:
-                # Closing the channel returns whatever is still unacked to the queue. In a task of its own: this
-                # stop may be cancelled (given less time than its grace, a timeout around an exit), and the
-                # channel, no one's any more, was then left open for the connection's life (10 of 10 such stops
-                # in a hunt); and a close cancelled after its first frame makes aiormq send a second one.
-                closing = self._spawn(self._close_quietly(channel))
-        if closing is not None:
-            await asyncio.shield(closing)
+        # The rest in a task of its own, which this stop, if cancelled (given less time than its grace, a timeout
+        # around an exit), stops waiting for but does not cut short. Cut short during the grace, the channel, no
+        # one's any more, was left open for the connection's life (10 of 10 such stops, in a hunt); closed at
+        # once instead, it gave the running handlers' messages back to the queue to run again beside them.
+        pending = {t for t in consumer.inflight if t is not asyncio.current_task()}  # not a callback's own stop
+        await asyncio.shield(self._spawn(self._stop_on(consumer, channel, pending, grace)))
         if consumer.lost_in_flight:
             n = consumer.lost_in_flight
             log.warning("consumer %s on %s stopped; %d message%s in flight %s lost with the connection or channel "
@@ -592,13 +587,15 @@ class Consuming(TopologyRegistry):
             log.info("consumer %s on %s stopped while the connection was down", consumer.consumer_tag,
                      consumer.queue.name)  # fmt: skip
 
-    async def _stop_on(self, consumer: Consumer, channel: AbstractChannel | None, grace: float) -> None:
-        """What :meth:`_detach` does on the consumer's ``channel`` before it closes it: cancel the consumer, give
-        its running callbacks ``grace`` seconds, cancel what still runs."""
+    async def _stop_on(
+        self, consumer: Consumer, channel: AbstractChannel | None, pending: set[asyncio.Task[Any]], grace: float
+    ) -> None:
+        """What :meth:`_detach` does on the consumer's ``channel``: cancel the consumer, give its running callbacks
+        (``pending``) ``grace`` seconds, cancel what still runs, close the channel (which returns whatever is
+        still unacked to the queue)."""
         if channel is not None and not channel.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(channel.basic_cancel(consumer.consumer_tag), timeout=5)
-        pending = {t for t in consumer.inflight if t is not asyncio.current_task()}
         if pending and grace > 0:
             await asyncio.wait(pending, timeout=grace)
         overdue = {t for t in pending if not t.done()}
@@ -610,11 +607,8 @@ class Consuming(TopologyRegistry):
             for task in overdue:
                 task.cancel()
             await asyncio.wait(overdue, timeout=5)
-
-    @staticmethod
-    async def _close_quietly(channel: AbstractChannel) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(channel.close(), timeout=5)
+        if channel is not None and not channel.is_closed:
+            await close_quietly(channel)
 
     def _wait_for_channel(self, consumer: Consumer, exc: ChannelLimitReached) -> None:
         """A limit on channels leaves ``consumer`` unattached: it stays registered, and is asked for again."""

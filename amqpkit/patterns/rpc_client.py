@@ -20,6 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from .. import _hooks
+from ..channels import close_quietly
 from ..codec import AutoCodec, Codec, TextCodec, codec_for, encode_body
 from ..connection import Broker, Consumer
 from ..errors import (
@@ -184,7 +185,7 @@ class RpcClient:
             if channel is not None and not channel.is_closed:
                 # In a task of its own, which a cancelled close does not cut short (a close cancelled after its
                 # first frame makes aiormq send a second one).
-                closing = asyncio.ensure_future(_close_reply_channel(channel))
+                closing = asyncio.ensure_future(close_quietly(channel))
                 self._tasks.add(closing)
                 closing.add_done_callback(self._tasks.discard)
         if closing is not None:
@@ -611,13 +612,6 @@ class RpcClient:
             with attempt:
                 return await self.call(method, payload, returns=returns, timeout=timeout)
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def _close_reply_channel(channel: AbstractChannel) -> None:
-    try:
-        await asyncio.wait_for(channel.close(), 5)
-    except Exception as exc:
-        log.debug("closing the reply channel: %s", exc)
 
 
 def _settle_unread(future: asyncio.Future[Any]) -> None:

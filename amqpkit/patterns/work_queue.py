@@ -42,6 +42,7 @@ from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 from typing_extensions import TypeVar  # with a default (PEP 696)
 
+from ..channels import close_quietly
 from ..codec import AutoCodec, Codec, encode_body
 from ..connection import Broker
 from ..errors import PublishError, PublishTimeout, TopologyError, Unroutable, map_exceptions
@@ -497,7 +498,7 @@ class WorkQueue(Generic[T]):
         self._delay_queues.clear()
         channel, self._touch_channel = self._touch_channel, None
         if channel is not None and not channel.is_closed:
-            self.broker._spawn(_close_quietly(channel))
+            self.broker._spawn(close_quietly(channel))
 
     async def _touch(self, queue: str) -> None:
         """One basic.get on ``queue``, which counts as use; a message it takes goes straight back.
@@ -526,8 +527,3 @@ class WorkQueue(Generic[T]):
             with contextlib.suppress(Exception):
                 await asyncio.shield(channel.close())
             raise
-
-
-async def _close_quietly(channel: AbstractChannel) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(channel.close(), 5)

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
+import pytest
+
 from amqpkit import Broker, BrokerSettings, Exchange, Publisher, Subscriber
+
+from ..waiting import wait_for
 
 STOPS = 10
 
@@ -52,3 +57,46 @@ async def test_a_stop_cut_short_during_its_grace_leaves_no_channel_open(
     assert (left, consumers) == (0, 0), (
         f"{STOPS} stops cut short during their grace left {left} channels open ({consumers} consumers kept)"
     )
+
+
+@pytest.mark.parametrize("kind", ["async-def", "def"])
+async def test_a_stop_cut_short_lets_the_running_handler_finish_once(
+    broker: Broker, settings: BrokerSettings, name: str, cleanup: list[str], kind: str
+) -> None:
+    """The stop, cut short during its grace, goes on in the background: the running handler gets its grace, and
+    only then is the channel closed. The first fix for the leak above closed the channel at once, which gave the
+    running message back to the queue: another subscriber ran it again beside a def handler's thread, and an
+    async handler was cancelled mid-run (a review)."""
+    exchange = Exchange(name, type="fanout")
+    queue = f"{name}.q"
+    cleanup += [f"q:{queue}", f"x:{name}"]
+    runs: list[tuple[str, str]] = []
+
+    def handler(label: str) -> Any:
+        if kind == "def":
+
+            def run(doc: dict[str, int]) -> None:
+                runs.append((label, "start"))
+                time.sleep(2.0)
+                runs.append((label, "end"))
+
+            return run
+
+        async def run_async(doc: dict[str, int]) -> None:
+            runs.append((label, "start"))
+            await asyncio.sleep(2.0)
+            runs.append((label, "end"))
+
+        return run_async
+
+    async with Broker(settings) as first_broker, Broker(settings) as second_broker:
+        first = Subscriber(first_broker, exchange, handler("first"), queue=queue, prefetch=1)
+        await first.start()
+        await Publisher(broker, exchange).publish({"n": 1})
+        await wait_for(lambda: ("first", "start") in runs, 5)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(first.stop(), 0.3)
+        async with Subscriber(second_broker, exchange, handler("second"), queue=queue, prefetch=1):
+            await asyncio.sleep(3.5)  # past the first run's end: a message given back would have run here
+    assert runs == [("first", "start"), ("first", "end")], runs
+    assert first.handled == 1
