@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import logging
 import re
 import time
@@ -112,8 +111,7 @@ class _TimeoutWatch:
         self._runs: dict[int, dict[int, _Run]] = {}
         self._remembered: OrderedDict[str, _TimedOut] = OrderedDict()
 
-    @staticmethod
-    def key(raw: Delivery[bytes]) -> str:
+    def key(self, raw: Delivery[bytes]) -> str:
         """What tells a delivery's copy: its message id (a task's id)."""
         return raw.message_id or ""
 
@@ -239,8 +237,10 @@ class HandlerTimeouts(_TimeoutWatch):
 
     Run again, an ``async def`` handler was cancelled with its channel at each timeout and started anew on the
     copy, for as long as the process ran (5 starts in 25 s with a 5 s timeout, in a hunt), and an RPC caller
-    waited out its timeout while the method ran over and over. A copy is told by its message id, else its
-    correlation id, else its body."""
+    waited out its timeout while the method ran over and over. A copy is told by its message id (a request's:
+    else its correlation id); one without is run again, as before. The held delivery is remembered by the
+    instance that held it: with several consumers on the queue (processes, replicas), a copy the broker gives
+    to another one runs there, so a delivery runs at most once per consumer, not for ever."""
 
     def __init__(
         self,
@@ -254,9 +254,10 @@ class HandlerTimeouts(_TimeoutWatch):
         self.what = what  # "message", "request"
         self.refuse = refuse
 
-    @staticmethod
-    def key(raw: Delivery[bytes]) -> str:
-        return raw.message_id or raw.correlation_id or hashlib.sha256(raw.body).hexdigest()
+    def key(self, raw: Delivery[bytes]) -> str:
+        if self.what == "request":
+            return raw.message_id or raw.correlation_id or ""
+        return raw.message_id or ""
 
     def _said(self, held: _Run | None, others: int, timeout_ms: int | None, held_for: float) -> None:
         if held is None:

@@ -44,8 +44,10 @@ from .rpc_wire import DEFAULT_RPC_TIMEOUT, DIRECT_REPLY_TO, ERROR_CONTENT_TYPE, 
 
 __all__ = ["RpcClient"]
 
-# A request body over this many bytes has its size kept while it is pending (see _too_large_for_the_broker): far
-# below any max_message_size a broker is given, and above almost every request, which pays nothing for it.
+# A request body over this many bytes has its size kept while it is pending (see _too_large_for_the_broker): below
+# any max_message_size an operator is likely to give a broker, and above almost every request, which pays nothing
+# for it. Under a lower limit, the first request over it fails as ConnectionLost instead of MessageTooLarge; once
+# the limit is known, every request is checked against it.
 BIG_REQUEST = 64 * 1024
 
 log = logging.getLogger("amqpkit.rpc")
@@ -412,7 +414,7 @@ class RpcClient:
                 await self._start_by(deadline, method, wait)
         body, content_type = encode_body(self.codec, payload)
         self.broker.check_message_size(body)
-        if len(body) > BIG_REQUEST and self.reply_queue == "direct":
+        if self._broker_limit is not None:  # learned from a request the broker refused (direct reply-to)
             self._check_broker_limit(len(body))
         cid = f"{self._prefix}.{next(self._ids)}"
         future: asyncio.Future[tuple[bytes, str | None]] = loop.create_future()
