@@ -133,6 +133,9 @@ class _TimeoutWatch:
                 raise
             runs.pop(id(run), None)
 
+        # Seen as the inner callback's owner, as a bound method of it would be (amqpkit.telemetry tells an
+        # RpcServer's deliveries, which run in SERVER spans, by the consumer callback's __self__).
+        on_task.__self__ = getattr(inner, "__self__", None)  # type: ignore[attr-defined]
         return on_task
 
     # ------------------------------------------------------------------ the broker closed a channel
