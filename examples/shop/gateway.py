@@ -34,10 +34,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -380,24 +382,52 @@ async def again_if_cut(call: Callable[[], Awaitable[T]], attempts: int = 3) -> T
     raise AssertionError("unreachable")
 
 
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def order_id_for(user: str, key: str | None) -> str:
+    """A new order's id; with the client's ``Idempotency-Key``, the same id for the same user and key."""
+    if key is None:
+        return f"o-{uuid.uuid4().hex[:12]}"
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise HTTPException(422, "the Idempotency-Key header must be 1 to 255 visible ASCII characters")
+    digest = hashlib.sha256(f"{user}\n{key}".encode()).hexdigest()
+    return f"o-{digest[:12]}"
+
+
+def accepted(order_id: str, task_id: str, replayed: bool = False) -> JSONResponse:
+    body = {"order_id": order_id, "task_id": task_id, "status_url": f"/tasks/{task_id}",
+            "order_url": f"/orders/{order_id}"}  # fmt: skip
+    headers = {"Location": f"/tasks/{task_id}"} | ({"Idempotent-Replayed": "true"} if replayed else {})
+    return JSONResponse(body, status_code=202, headers=headers)
+
+
 async def place_order(request: Request) -> Response:
-    """202: the order is accepted; its task says how it goes (``GET /tasks/{id}``)."""
+    """202: the order is accepted; its task says how it goes (``GET /tasks/{id}``).
+
+    With an ``Idempotency-Key`` header the order's id comes from the user and the key, so a request sent again
+    (its answer lost, or a 504 after the order went through) is the same order: answered as the first time once
+    the order is written, and placed again under the same id before that, which the order-manager's inbox takes
+    once. The cart is left as it is when the order was already written."""
     b = backend(request)
     user = user_of(request)
+    key = request.headers.get("Idempotency-Key")
+    order_id = order_id_for(user, key)
+    if key is not None:
+        written = await b.orders.call("status", order_id, **b.call_args())
+        if written is not None or task_of(request, order_id) is not None:
+            return accepted(order_id, order_id, replayed=True)  # the task's id is the order's (order-write)
     cart = await b.cart.call("get", user, returns=Cart, **b.call_args())
     if not cart.items:
         raise HTTPException(422, "the cart is empty")
-    order_id = f"o-{uuid.uuid4().hex[:12]}"
     command = PlaceOrder(order_id=order_id, user=user, items=cart.items)
     # Both sent again after a cut that hid their outcome: the order's id makes a second place the same order
     # (the order-manager's inbox takes an order once), and a clear is a clear. Answered 503 instead, a placed
     # order's cart stayed full, and the retry the 503 invites placed it a second time.
-    accepted = await again_if_cut(lambda: b.orders.call("place", command, returns=OrderAccepted, **b.call_args()))
-    b.tasks.placed(accepted.task_id, user)
+    answer = await again_if_cut(lambda: b.orders.call("place", command, returns=OrderAccepted, **b.call_args()))
+    b.tasks.placed(answer.task_id, user)
     await again_if_cut(lambda: b.cart.call("clear", user, returns=Cart, **b.call_args()))
-    body = {"order_id": order_id, "task_id": accepted.task_id, "status_url": f"/tasks/{accepted.task_id}",
-            "order_url": f"/orders/{order_id}"}  # fmt: skip
-    return JSONResponse(body, status_code=202, headers={"Location": f"/tasks/{accepted.task_id}"})
+    return accepted(order_id, answer.task_id)
 
 
 def task_of(request: Request, task_id: str) -> TaskView | None:

@@ -136,10 +136,19 @@ def check_flow(shop: Landscape, http: httpx.Client, env: dict[str, str], amqp_ur
     http.post("/cart/add", headers=ADA, json={"product_id": "p1", "quantity": 2}).raise_for_status()
     cart = http.post("/cart/add", headers=ADA, json={"product_id": "p3"}).json()
     assert cart["total"] == pytest.approx(2 * 9.5 + 21.9)
-    placed = http.post("/order/place", headers=ADA)
+    key = f"checkout-{uuid.uuid4().hex}"  # the client's Idempotency-Key: a retry of this request is this order
+    placed = http.post("/order/place", headers={**ADA, "Idempotency-Key": key})
     assert placed.status_code == 202, placed.text
     order_id = placed.json()["order_id"]
     assert http.get("/cart", headers=ADA).json()["items"] == []
+    # Sent again (its answer lost, or a 504): the same order, answered as the first time, not a second one and
+    # not "the cart is empty". The key is the user's own: bob's request with it is not ada's order.
+    again = http.post("/order/place", headers={**ADA, "Idempotency-Key": key})
+    assert (again.status_code, again.json(), again.headers.get("Idempotent-Replayed")) == (202, placed.json(), "true")
+    assert error_of(http.post("/order/place", headers={"X-API-Key": "demo-key-bob", "Idempotency-Key": key}), 422)
+    for bad in (b"", b"k" * 256, "café".encode()):
+        refused_key = http.post("/order/place", headers={b"X-API-Key": b"demo-key-ada", b"Idempotency-Key": bad})
+        assert "Idempotency-Key" in error_of(refused_key, 422)["message"]
     task = wait_for(
         "the order task to finish",
         lambda: (t := http.get(f"/tasks/{order_id}", headers=ADA).json())["status"] in ("completed", "failed") and t,
@@ -155,6 +164,9 @@ def check_flow(shop: Landscape, http: httpx.Client, env: dict[str, str], amqp_ur
 
     # An order the order-manager refuses (out of stock): the task fails, with the reason.
     http.post("/cart/add", headers=ADA, json={"product_id": "p4"}).raise_for_status()
+    # (The first order's key again, with something new in the cart: still that order, and the cart is left alone.)
+    assert http.post("/order/place", headers={**ADA, "Idempotency-Key": key}).json() == placed.json()
+    assert [i["product_id"] for i in http.get("/cart", headers=ADA).json()["items"]] == ["p4"]
     refused = http.post("/order/place", headers=ADA).json()["order_id"]
     failed = wait_for(
         "the refused task",
