@@ -16,7 +16,9 @@ result or a typed error.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 import pytest
 
@@ -84,40 +86,45 @@ async def test_deeply_nested_bodies_do_not_stall_a_subscriber(
         assert sub.rejected == 2, (sub.rejected, sub.handled, sub.failed)
 
 
-async def test_a_deeply_nested_reply_ends_the_call_with_a_typed_error(broker: Broker, name: str) -> None:
-    """A server (another client's) replies with a deep JSON document: the call raised RecursionError; it is now
-    a DecodeError, as for any reply that does not decode."""
+@contextlib.asynccontextmanager
+async def deep_server(broker: Broker, name: str, content_type: str) -> AsyncIterator[str]:
+    """Another client's server on an exclusive queue of the test's: it answers every request with ``DEEP`` under
+    ``content_type``. Yields the request queue's name."""
     requests = Queue(f"{name}.rpc", exclusive=True)
 
     async def serve(request: Delivery[bytes]) -> None:
-        reply = Envelope(DEEP, content_type="application/json", correlation_id=request.correlation_id)
+        reply = Envelope(DEEP, content_type=content_type, correlation_id=request.correlation_id)
         await broker.publish(reply, routing_key=request.reply_to or "", confirm=False)
 
     server = await broker.consume(requests, serve, auto_ack=True)
     try:
-        for reply_queue in ("direct", "exclusive"):
-            async with RpcClient(broker, requests.name, reply_queue=reply_queue) as client:
-                with pytest.raises(DecodeError, match="nested too deeply"):  # as any reply that does not decode
-                    await client.call("anything", 1, timeout=5)
-                assert client.pending == 0
+        yield requests.name
     finally:
         await server.cancel()
+
+
+@pytest.mark.parametrize("reply_queue", ["direct", "exclusive"])
+async def test_a_deeply_nested_reply_ends_the_call_with_a_typed_error(
+    broker: Broker, name: str, reply_queue: Literal["direct", "exclusive"]
+) -> None:
+    """A server (another client's) replies with a deep JSON document: the call raised RecursionError; it is now
+    a DecodeError, as for any reply that does not decode."""
+    async with (
+        deep_server(broker, name, "application/json") as requests,
+        RpcClient(broker, requests, reply_queue=reply_queue) as client,
+    ):
+        with pytest.raises(DecodeError, match="nested too deeply"):  # as any reply that does not decode
+            await client.call("anything", 1, timeout=5)
+        assert client.pending == 0
 
 
 async def test_a_deeply_nested_error_reply_ends_the_call_with_a_typed_error(broker: Broker, name: str) -> None:
     """The same document under amqpkit's error content type: read by ``parse_error``, which caught ValueError,
     KeyError and TypeError only (the call raised RecursionError); now an unreadable RemoteError."""
-    requests = Queue(f"{name}.rpc", exclusive=True)
-
-    async def serve(request: Delivery[bytes]) -> None:
-        reply = Envelope(DEEP, content_type="application/vnd.amqpkit.error+json", correlation_id=request.correlation_id)
-        await broker.publish(reply, routing_key=request.reply_to or "", confirm=False)
-
-    server = await broker.consume(requests, serve, auto_ack=True)
-    try:
-        async with RpcClient(broker, requests.name) as client:
-            with pytest.raises(RemoteError) as refused:  # as any error document it cannot read
-                await client.call("anything", 1, timeout=5)
-            assert refused.value.remote_type == "UnreadableError"
-    finally:
-        await server.cancel()
+    async with (
+        deep_server(broker, name, "application/vnd.amqpkit.error+json") as requests,
+        RpcClient(broker, requests) as client,
+    ):
+        with pytest.raises(RemoteError) as refused:  # as any error document it cannot read
+            await client.call("anything", 1, timeout=5)
+        assert refused.value.remote_type == "UnreadableError"
