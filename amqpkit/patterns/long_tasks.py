@@ -172,7 +172,30 @@ class _TimeoutWatch:
                 self._remembered.popitem(last=False)
         self._said(held, others, timeout_ms, held_for)
 
+    what = "message"  # what a delivery is, in the log: "task", "message", "request"
+    advice = "For handlers this long, raise consumer_timeout"
+
     def _said(self, held: _Run | None, others: int, timeout_ms: int | None, held_for: float) -> None:
+        """The one ERROR line for a channel the broker closed for consumer_timeout."""
+        queue = self._queue_name()
+        if held is None:
+            log.error("the broker closed a channel consuming %s for consumer_timeout (%s); no %s was in flight on "
+                      "it any more", queue, _ms(timeout_ms), self.what)  # fmt: skip
+            return
+        also = (f" {others} other {self.what}{'s' if others != 1 else ''} in flight on that channel go back to the "
+                "queue too." if others else "")  # fmt: skip
+        log.error(
+            "%s %s on %s was held %.1f s, past the broker's consumer_timeout (%s): RabbitMQ closed its channel and "
+            "gives it back; %s.%s %s",
+            self.what, held.task_id[:80] or "(no id)", queue, held_for, _ms(timeout_ms), self._then(timeout_ms), also,
+            self.advice,
+        )  # fmt: skip
+
+    def _queue_name(self) -> str:
+        raise NotImplementedError
+
+    def _then(self, timeout_ms: int | None) -> str:
+        """What happens to the held delivery's run and to its copy."""
         raise NotImplementedError
 
     async def _copy(self, raw: Delivery[bytes], key: str) -> bool:
@@ -189,26 +212,18 @@ class ConsumerTimeouts(_TimeoutWatch):
         self.handler = handler  # the worker's handler: where its runs go on, and their orphaned futures
         self.dead_letter = dead_letter  # the worker's way to the DLQ (headers, telemetry, settlement)
 
-    def _said(self, held: _Run | None, others: int, timeout_ms: int | None, held_for: float) -> None:
-        if held is None:
-            log.error("the broker closed a worker channel on %s for consumer_timeout (%s); no task was running "
-                      "on it any more", self.worker.queue.name, _ms(timeout_ms))  # fmt: skip
-            return
-        handler = self.handler
-        if handler.runs_on == "loop":
-            then = "its run is cancelled, and its copy goes to the DLQ (reason consumer-timeout) instead of running"
-        else:
-            then = (f"its run goes on in its {handler.runs_on}; the copy the broker delivers next waits up to "
-                    f"{_TimedOut(timeout_ms, 0).wait:g} s for it instead of running again, else goes to the "
-                    "DLQ (reason consumer-timeout)")  # fmt: skip
-        log.error(
-            "task %s on %s was held %.1f s, past the broker's consumer_timeout (%s): RabbitMQ closed the worker's "
-            "channel and gives the task back; %s.%s For tasks this long, raise consumer_timeout "
-            "(see patterns/work-queue.md)",
-            held.task_id or "(no id)", self.worker.queue.name, held_for, _ms(timeout_ms), then,
-            f" {others} other task{'s' if others != 1 else ''} in flight on that channel go back to the queue too."
-            if others else "",
-        )  # fmt: skip
+    what = "task"
+    advice = "For tasks this long, raise consumer_timeout (see patterns/work-queue.md)"
+
+    def _queue_name(self) -> str:
+        return self.worker.queue.name
+
+    def _then(self, timeout_ms: int | None) -> str:
+        if self.handler.runs_on == "loop":
+            return "its run is cancelled, and its copy goes to the DLQ (reason consumer-timeout) instead of running"
+        return (f"its run goes on in its {self.handler.runs_on}; the copy the broker delivers next waits up to "
+                f"{_TimedOut(timeout_ms, 0).wait:g} s for it instead of running again, else goes to the DLQ (reason "
+                "consumer-timeout)")  # fmt: skip
 
     # ------------------------------------------------------------------ its copy comes back
 
@@ -262,19 +277,11 @@ class HandlerTimeouts(_TimeoutWatch):
             return raw.message_id or raw.correlation_id or ""
         return raw.message_id or ""
 
-    def _said(self, held: _Run | None, others: int, timeout_ms: int | None, held_for: float) -> None:
-        if held is None:
-            log.error("the broker closed a consumer channel on %s for consumer_timeout (%s); no %s was being "
-                      "handled on it any more", self.queue(), _ms(timeout_ms), self.what)  # fmt: skip
-            return
-        log.error(
-            "%s %s on %s was held %.1f s, past the broker's consumer_timeout (%s): RabbitMQ closed the channel and "
-            "gives it back; its handler's run is cancelled (a def handler's thread runs on), and its copy is "
-            "refused, not run again.%s For handlers this long, raise consumer_timeout",
-            self.what, held.task_id[:80] or "(no id)", self.queue(), held_for, _ms(timeout_ms),
-            f" {others} other {self.what}{'s' if others != 1 else ''} in flight on that channel go back to the "
-            "queue too." if others else "",
-        )  # fmt: skip
+    def _queue_name(self) -> str:
+        return self.queue()
+
+    def _then(self, timeout_ms: int | None) -> str:
+        return "its handler's run is cancelled (a def handler's thread runs on), and its copy is refused, not run again"
 
     async def _copy(self, raw: Delivery[bytes], key: str) -> bool:
         info = self._remembered.pop(key)
