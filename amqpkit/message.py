@@ -522,12 +522,15 @@ class Delivery(Generic[T]):
     def forwarded(self, headers: dict[str, Any]) -> Envelope:
         """This message to publish elsewhere: same body and properties (message id included),
         ``headers`` in place of its own, persistent, and no expiration (it must not expire where it goes).
+        ``x-delivery-count`` is left out: it is the count a quorum queue keeps of this message's deliveries from
+        it, and a copy that carried it would be read as delivered that often where it goes, since RabbitMQ 4.x
+        leaves a published one as it is until it counts deliveries there itself.
 
         What another client sent that amqpkit cannot send again as it came is fitted, so the copy is not held up
         by it (:func:`fit_received_headers`): a header name over 128 bytes is cut to 128, with a warning; a value
         that is not UTF-8 text goes as a byte array holding the same bytes."""
         envelope = Envelope.from_properties(self.body, self._properties)
-        envelope.headers = fit_received_headers(headers)
+        envelope.headers = fit_received_headers({k: v for k, v in headers.items() if k != DELIVERY_COUNT})
         _keep_unreadable(self._properties, envelope.headers)
         envelope.persistent = True
         envelope.expiration = None
@@ -589,7 +592,7 @@ class Delivery(Generic[T]):
         back); a redelivery with neither counts as at least 2.
         """
         headers = self.headers
-        delivery_count = as_int(headers.get("x-delivery-count"))
+        delivery_count = as_int(headers.get(DELIVERY_COUNT))
         rejected = 0
         for death in headers.get("x-death") or ():
             if isinstance(death, Mapping) and death.get("reason") in ("rejected", "delivery_limit"):
@@ -625,6 +628,8 @@ class Delivery(Generic[T]):
 
 
 _NO_HEADERS: Mapping[str, Any] = MappingProxyType({})
+#: The header a quorum queue counts a message's deliveries from it in: the queue's, not the message's.
+DELIVERY_COUNT = "x-delivery-count"
 
 
 def delivery_from_aiormq(message: DeliveredMessage, *, auto_ack: bool = False) -> Delivery[bytes]:

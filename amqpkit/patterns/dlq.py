@@ -140,9 +140,8 @@ async def _give_back(channel: AbstractChannel, last_tag: int) -> None:
 
 async def _put_back_at_the_end(broker: Broker, dlq: str, delivery: Delivery[bytes]) -> None:
     """A copy of ``delivery`` at the end of the DLQ, confirmed: same body, properties and headers (``x-death``
-    with them), less the count of deliveries the broker keeps itself."""
-    headers = {k: v for k, v in delivery.headers.items() if k != "x-delivery-count"}
-    await _send_copy(broker, delivery, headers, dlq)
+    with them), less the count of deliveries the broker keeps itself (:meth:`~amqpkit.Delivery.forwarded`)."""
+    await _send_copy(broker, delivery, dict(delivery.headers), dlq)
 
 
 async def _send_copy(broker: Broker, delivery: Delivery[bytes], headers: dict[str, Any], queue: str) -> None:

@@ -432,7 +432,6 @@ class Worker(Generic[T]):
         headers[ERROR_TRACEBACK] = text[-TRACEBACK_LIMIT:]
         headers[ATTEMPT] = attempt
         headers.pop("x-death", None)  # the broker's history of the delay queues, not of the task
-        headers.pop("x-delivery-count", None)
         return headers
 
     async def _forward(

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from amqpkit import Broker, Reject, RetryPolicy, Worker, WorkQueue
-from amqpkit.patterns.dlq import count_dead_letters, list_dead_letters
+from amqpkit.patterns.dlq import count_dead_letters, list_dead_letters, replay_dead_letters
 
 from ..waiting import wait_for
 
@@ -45,3 +45,29 @@ async def test_listing_the_dlq_again_and_again_keeps_every_dead_letter(broker: B
         held.append(await count_dead_letters(broker, work.name))
     # RabbitMQ 4.0.5, before: 5 for the first 20 listings, then 0: every dead letter dropped by the broker
     assert held == [5] * 25
+
+
+async def test_a_replayed_task_does_not_carry_the_dlqs_delivery_count(broker: Broker, work: WorkQueue[int]) -> None:
+    """The DLQ's own count of deliveries is not the task's: a dead letter handed back to the DLQ (a listing on 3.x,
+    a failed replay) arrives with the broker's ``x-delivery-count`` header, and the replay copied it into the
+    task it sent to the work queue, where the broker leaves a published one as it is until it counts its own. The
+    replayed task then ran as attempt 3 (``Delivery.attempt``, which paces an Inbox's requeues), not 1."""
+
+    async def refuse(n: int) -> None:
+        raise Reject("kept aside")
+
+    async with Worker(work, refuse) as worker:
+        await work.enqueue(7)
+        await wait_for(lambda: worker.dead_lettered == 1)
+    # A dead letter handed back to the DLQ twice, as a listing on RabbitMQ 3.x or a replay that failed does.
+    for _ in range(2):
+        letter = await broker.get(work.dlq_name)
+        assert letter is not None
+        await letter.nack(requeue=True)
+        await asyncio.sleep(0.1)
+    assert len(await replay_dead_letters(broker, work.name)) == 1
+    task = await broker.get(work.name)
+    assert task is not None
+    await task.ack()
+    assert task.headers.get("x-delivery-count", 0) == 0, dict(task.headers)
+    assert (task.attempt, task.headers.get("x-attempt"), task.headers.get("x-replayed")) == (1, 1, 1)
