@@ -435,7 +435,15 @@ class WorkQueue(Generic[T]):
                 continue
             try:
                 await self._renew(ms, force=True)
-            except TopologyError as exc:  # declared otherwise (another release, another min expiry): one get
+            except TopologyError as exc:
+                if "'x-queue-type'" in str(exc):
+                    # another type of queue (a stream, whose basic.get the broker answers by closing the whole
+                    # connection): not a delay queue of this worker's kind, not touched
+                    log.warning("queue %s, named as a delay queue of %s, is of another type (%s); left alone",
+                                name, self.name, exc)  # fmt: skip
+                    found.discard(name)
+                    continue
+                # declared otherwise (another release, another min expiry): one get
                 log.warning("delay queue %s is declared otherwise than this worker would (%s); renewed once, not "
                             "kept renewed", name, exc)  # fmt: skip
                 with contextlib.suppress(Exception):

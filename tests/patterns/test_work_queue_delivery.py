@@ -452,6 +452,26 @@ async def test_a_delay_queue_declared_otherwise_does_not_stop_the_look_for_the_o
             await broker.delete_queue(queue)
 
 
+async def test_a_stream_under_a_delay_queues_name_does_not_cut_the_connection(
+    broker: Broker, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone declared a stream under a delay queue's name. Found at the look for existing delay queues, it was
+    "renewed once" with a ``basic.get``, which RabbitMQ answers on a stream by closing the whole connection (540
+    NOT_IMPLEMENTED): every consumer of the Broker lost its channel at each worker start (a hunt, 3.10.8 and
+    4.0.5), and tasks in flight ran again. Not a delay queue amqpkit can use: it is left alone, with a warning."""
+    caplog.set_level(logging.WARNING, logger="amqpkit")
+    policy = RetryPolicy(max_attempts=3, initial_delay=1.0, jitter=0)  # delay queues of 1 s and 2 s
+    work: WorkQueue[Job] = WorkQueue(broker, name, retry=policy)
+    await broker.declare_queue(Queue(f"{name}.retry.1000", type=QueueType.STREAM))
+    try:
+        assert await work.adopt_delay_queues() == 0  # 2 s: none; 1 s: not a delay queue
+        await broker.declare_queue(Queue(f"{name}.other", exclusive=True))  # the connection is still up
+        assert broker.reconnects == 0
+        assert any(f"{name}.retry.1000" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    finally:
+        await broker.delete_queue(f"{name}.retry.1000")
+
+
 async def test_a_worker_left_running_on_a_closed_broker_stops_renewing_quietly(
     amqp_url: str, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
