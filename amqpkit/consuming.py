@@ -783,6 +783,12 @@ class Consuming(TopologyRegistry):
         name = consumer.queue.name or self._queues.get(consumer.queue, "")
         return repr(name) if name else "(a server-named queue)"
 
+    def _exchange_changed(self, exchange: Exchange, exc: TopologyError) -> set[Queue]:
+        queues = super()._exchange_changed(exchange, exc)
+        for consumer in [c for c in self._consumers.values() if c.queue in queues and not c.cancelled]:
+            self._stop_consumer(consumer, exc)
+        return queues
+
     def _stop_consumer(self, consumer: Consumer, exc: BaseException) -> None:
         """The consumer cannot be attached again: it stops, and its owner hears why."""
         log.error("consumer %s on %s stopped: %s", consumer.consumer_tag, self._shown(consumer), exc)

@@ -325,6 +325,14 @@ class TopologyRegistry(BrokerCore):
                 log.debug("could not bind %s again: %s", _describe(binding), exc)
                 continue
             bound.append(binding)
+        if bound and not redeclared and not await self._still_as_declared(bound[0].exchange):
+            return
+        self._say_rebound(name, bindings, bound, redeclared, gone)
+
+    def _say_rebound(
+        self, name: str, bindings: list[Binding], bound: list[Binding], redeclared: bool, gone: TopologyError | None
+    ) -> None:
+        """What a round of :meth:`_rebind_exchange` found for the exchange ``name``, said once."""
         names = list(dict.fromkeys(repr(self._shown_queue(b.queue)) for b in (bound or bindings)))
         queues = f"queue{'s' if len(names) > 1 else ''} {', '.join(names)}"
         since = self._exchanges_gone.get(name)
@@ -348,6 +356,41 @@ class TopologyRegistry(BrokerCore):
             log.info("exchange %r is back after %.1f s: %s bound to it again", name, time.monotonic() - since,
                      queues)  # fmt: skip
 
+    async def _still_as_declared(self, exchange: Exchange) -> bool:
+        """False once ``exchange`` is found to be something else than this Broker declared (then forgotten, with its
+        bindings and their consumers: :meth:`_exchange_changed`). A bind is taken by an exchange of any type, so
+        one made again as another (a direct or fanout exchange where this Broker declared a topic one) is found by
+        declaring it as declared: one round trip per exchange and round. An exchange not of this Broker's is not
+        looked at."""
+        if self._exchanges.get(exchange.name) != exchange:
+            return True
+        try:
+            await self._declare_exchange_on(exchange)
+        except TopologyError as exc:
+            if access_refused(exc):
+                return True  # may not declare it now: as the binds, not this keeper's (see _keep_refused)
+            self._exchange_changed(exchange, exc)
+            return False
+        return True
+
+    def _exchange_changed(self, exchange: Exchange, exc: TopologyError) -> set[Queue]:
+        """``exchange``, declared by this Broker, is now something else (someone deleted it and declared it again
+        otherwise): forget it and the bindings to it, as a reconnect would (:meth:`_restore_topology`). Returns
+        the queues that were bound to it (their consumers stop: :meth:`Consuming._exchange_changed`)."""
+        log.error("exchange %r is not what this Broker declared any more (made again by someone else): %s; "
+                  "forgotten, with the subscriptions bound to it", exchange.name, exc)  # fmt: skip
+        bindings = [b for b in self._bindings if b.exchange.name == exchange.name]
+        self._exchanges_gone.pop(exchange.name, None)
+        specs: list[Exchange | Binding] = [exchange, *bindings]
+        for spec in specs:
+            self.forget(spec)
+            for callback in list(self._on_topology_error):
+                try:
+                    callback(spec, exc)
+                except Exception:
+                    log.exception("topology error callback failed")
+        return {b.queue for b in bindings}
+
     def _shown_queue(self, queue: Queue) -> str:
         return queue.name or self._queues.get(queue, "") or "(server-named)"
 
@@ -360,13 +403,13 @@ class TopologyRegistry(BrokerCore):
         """
         refused: list[Refused] = []
         held: dict[str, TopologyError] = {}  # exchanges refused access: their bindings wait with them
+        lost: dict[str, TopologyError] = {}  # exchanges refused otherwise: made again as another type, say
         for spec in list(self._exchanges.values()):
             try:
                 await self._declare_exchange_on(spec)
             except TopologyError as exc:
                 refused.append((spec, exc))
-                if access_refused(exc):
-                    held[spec.name] = exc
+                (held if access_refused(exc) else lost)[spec.name] = exc
         failed_queues: dict[Queue, TopologyError] = {}
         for queue in list(self._queues):
             try:
@@ -382,6 +425,12 @@ class TopologyRegistry(BrokerCore):
                 # its consumer) for good; it waits with the exchange instead.
                 refused.append((binding, held[binding.exchange.name]))
                 failed_queues.setdefault(binding.queue, held[binding.exchange.name])
+                continue
+            if binding.exchange.name in lost:
+                # Not tried either: on an exchange someone made again as another type (or otherwise) the bind would
+                # be taken, and route what the subscription never asked for, or nothing; its consumer stops.
+                refused.append((binding, lost[binding.exchange.name]))
+                failed_queues.setdefault(binding.queue, lost[binding.exchange.name])
                 continue
             try:
                 await self._bind_again(binding)

@@ -15,9 +15,19 @@ import logging
 
 import pytest
 
-from amqpkit import Broker, BrokerSettings, Envelope, Exchange, ExchangeType, Publisher, PublishError, Subscriber
+from amqpkit import (
+    Broker,
+    BrokerSettings,
+    Envelope,
+    Exchange,
+    ExchangeType,
+    Publisher,
+    PublishError,
+    Subscriber,
+    TopologyError,
+)
 
-from ..brokerctl import arabbitmqctl, as_user, own_user, vhost_of
+from ..brokerctl import arabbitmqctl, as_user, close_connections, own_user, vhost_of
 from ..waiting import wait_for
 
 CHECK = 0.5  # binding_check_interval in these tests
@@ -294,3 +304,40 @@ async def test_a_binding_unbound_while_a_round_waits_is_not_bound_again(settings
                 assert got == ["to b"], got  # before: ["to a", "to b"], "a" bound again
         finally:
             await broker.delete_exchange(exchange.name)
+
+
+@pytest.mark.parametrize("how", ["kept", pytest.param("reconnect", marks=pytest.mark.whole_broker(vhost_only=True))])
+@pytest.mark.parametrize("other", ["direct", "fanout"])
+async def test_an_exchange_made_again_as_another_type_stops_its_subscriber(
+    settings: BrokerSettings, amqp_url: str, name: str, other: str, how: str
+) -> None:
+    """Someone deletes the subscription's topic exchange and declares it again as a direct (or fanout) one: the
+    subscription cannot get what it asked for there, so it stops, with the error for its ``on_error``, as one whose
+    queue is made again otherwise does. Before (a hunt, 3.10.8 and 4.0.5), its ``orders.*.created`` binding was
+    made again on the new exchange, by the keeper (``kept``) and at a reconnect: 0 of 10 events reached it from a
+    direct exchange, and from a fanout one it got every event, whatever its key, and nothing said so."""
+    exchange = Exchange(f"{name}.events", type=ExchangeType.TOPIC)
+    errors: list[BaseException] = []
+
+    async def on_event(event: str) -> None:
+        pass
+
+    # kept: the keeper's round finds it; reconnect: a round would come only after the test's timeout
+    interval = CHECK if how == "kept" else 3600
+    async with Broker(settings) as operator, Broker(checking(settings, interval)) as broker:
+        ops = await operator.lowlevel.open_channel()
+        try:
+            sub = Subscriber(broker, exchange, on_event, binding_keys=["orders.*.created"], on_error=errors.append)
+            async with sub:
+                generation = broker.generation
+                await ops.exchange_delete(exchange.name)
+                await ops.exchange_declare(exchange.name, exchange_type=other, durable=True)
+                if how == "reconnect":
+                    await close_connections(amqp_url, "exchange made again as another type")
+                    await wait_for(lambda: broker.generation > generation and broker.is_connected)
+                await wait_for(lambda: errors, timeout=10)  # before: none, ever
+                assert sub.error is errors[0]
+                assert isinstance(errors[0], TopologyError) and f"current is '{other}'" in str(errors[0]), errors
+                await sub.wait_stopped()
+        finally:
+            await operator.delete_exchange(exchange.name)  # its channel, ops, went with the connection on a reconnect
