@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import pytest
 
 from amqpkit import Broker, ConfirmingPublisher, Outcome, Overflow, PublishNacked, Queue, TextCodec, Unroutable
@@ -55,3 +58,31 @@ async def test_returns_are_reported_per_message(broker: Broker, name: str, clean
 def test_window_must_be_positive(broker: Broker) -> None:
     with pytest.raises(ValueError, match="window"):
         ConfirmingPublisher(broker, window=0)
+
+
+@pytest.mark.parametrize("window", [1, 16])
+async def test_kept_failures_do_not_keep_their_messages(broker: Broker, name: str, window: int) -> None:
+    """``failures`` keeps the latest 1,000 outcomes by default, a count, not a size: each kept its error with its
+    traceback, whose frames held the message (body and envelope), the returned message and the channel, and after
+    a reconnect the connection of that time. 256 KiB messages came back unroutable: 520 KiB kept per failure (a
+    hunt, 3.10.8; 200 failures held 106 MB). An outcome now keeps its error's type, text and fields only."""
+    body = b"x" * (256 * 1024)
+    async with ConfirmingPublisher(broker, "", window=window, mandatory=True) as publisher:
+        for _ in range(5):  # what is made once (channel, caches) made before the count
+            await publisher.publish(body, routing_key=f"{name}.nobody")
+        await publisher.flush()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(40):
+                await publisher.publish(body, routing_key=f"{name}.nobody")  # no such queue: returned
+            await publisher.flush()
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert publisher.failed == len(publisher.failures) == 45
+        assert all(isinstance(o.error, Unroutable) and "NO_ROUTE" in str(o.error) for o in publisher.failures)
+        per_failure = kept / 40 / 1024  # the last message's frame may be held a while: 6.4 KiB of it each
+        assert per_failure < 32, f"{per_failure:.1f} KiB kept per failure"  # before: 527 KiB
