@@ -184,6 +184,8 @@ class ProcessRunner:
                     self._contexts[token] = value
             future = pool.submit(_call_in_child, fn, arg, kwargs, asyncio.iscoroutinefunction(fn))
         except BaseException:
+            if token is not None:
+                self._contexts.pop(token, None)
             self._free.put_nowait(slot)
             raise
         future.add_done_callback(lambda f: self._from_any_thread(self._release, slot, pool, f, token))
@@ -214,9 +216,13 @@ class ProcessRunner:
         self, slot: _Slot, pool: concurrent.futures.ProcessPoolExecutor, future: concurrent.futures.Future[Any],
         token: int | None,
     ) -> None:  # fmt: skip
-        broken = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
-        if token is not None and (broken or future.cancelled()):
-            self._contexts.pop(token, None)  # else the child's end-of-call marker on the progress queue drops it
+        failed = None if future.cancelled() else future.exception()
+        broken = isinstance(failed, BrokenProcessPool)
+        if token is not None and (future.cancelled() or (failed is not None and not isinstance(failed, _Carried))):
+            # Cancelled, the process died, or the call never reached it (its arguments could not be pickled): no
+            # end-of-call report will come. A call that ran in the process ends with its result or a _Carried
+            # error, and its report on the progress queue, after the last progress it made, drops the context.
+            self._contexts.pop(token, None)
         if slot.pool is not pool or self._free is None:
             return  # closed since: the slot is not handed out from this pool any more
         if broken:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -317,6 +318,46 @@ async def test_progress_is_published_as_task_events(broker: Broker, name: str) -
         assert fractions == sorted(fractions)
     finally:
         for q in (work.name, work.dlq_name):
+            with contextlib.suppress(Exception):
+                await broker.delete_queue(q)
+
+
+class _Unsendable:
+    """A decoded task no process can be sent (it refuses pickling)."""
+
+    def __reduce__(self) -> Any:
+        raise TypeError("this task cannot go to another process")
+
+
+class _UnsendableCodec:
+    content_type = "application/octet-stream"
+
+    def encode(self, value: Any) -> bytes:
+        return b"task"
+
+    def decode(self, body: bytes, content_type: str | None = None) -> Any:
+        return _Unsendable()
+
+
+async def test_a_process_call_that_never_reached_its_process_keeps_no_context(broker: Broker, name: str) -> None:
+    """A task whose value cannot be sent to the pool (pickling refuses it) fails before it runs there: no
+    end-of-call report comes from a process for it, and its TaskContext (holding the delivery, body and all) was
+    kept by the runner until the worker stopped: 200 such tasks, 200 kept (a hunt)."""
+    work: WorkQueue[Any] = WorkQueue(broker, f"{name}.jobs", codec=_UnsendableCodec(), retry=FAST)
+    try:
+        async with Worker(work, handlers.report_progress, executor="process", processes=1) as worker:
+            for _ in range(4):
+                await work.enqueue("anything")
+            await wait_for(lambda: worker.dead_lettered == 4, timeout=60)
+
+            def kept() -> int:
+                gc.collect()
+                return sum(type(o) is TaskContext for o in gc.get_objects())
+
+            # At most the last call's: the pool's feeder thread holds the last call it tried to send until the next.
+            assert kept() <= 1, f"{kept()} task contexts kept after 12 failed calls"  # before: 12
+    finally:
+        for q in (work.name, work.dlq_name, *(f"{work.name}.retry.{ms}" for ms in work._delay_queues)):
             with contextlib.suppress(Exception):
                 await broker.delete_queue(q)
 
