@@ -20,7 +20,8 @@ without OpenTelemetry installed.
   current trace context into them (``traceparent``/``tracestate``) when a span is current.
 - ``relayed(headers)``: a context manager the outbox relay publishes a row in; it makes the trace context the
   row's ``headers`` carry current, so the PRODUCER span is a child of the span that added the row.
-- ``disconnected(broker)`` / ``reconnected(broker, seconds)``: a Broker lost its connection / got it back.
+- ``disconnected(broker)`` / ``reconnected(broker, seconds)``: a Broker lost its connection / got it back;
+  ``closed(broker)``: it was closed.
 - ``quiet``: a ``contextvars.ContextVar[bool]`` once instrumented; set while ``rpc_call``'s own call runs, so
   the request's publish is not traced as a message of its own.
 """
@@ -39,4 +40,5 @@ outbox_add: Any = None
 relayed: Any = None
 disconnected: Any = None
 reconnected: Any = None
+closed: Any = None
 quiet: Any = None

@@ -197,6 +197,8 @@ class Broker(Consuming, Publishing):
             return
         self._closing = True
         self._closed.set()
+        if _hooks.closed is not None:
+            _hooks.closed(self)
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
@@ -279,6 +281,11 @@ class Broker(Consuming, Publishing):
                 await asyncio.wait_for(conn.close(), timeout=1)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            task = asyncio.current_task()
+            if self._closing or (task is not None and task.cancelling()):
+                # Cancelled (a close) as the attempt failed: aiormq's connect may end with the connection's error
+                # instead of the cancellation, which the reconnect took for one more failed attempt, for ever.
+                raise asyncio.CancelledError from exc
             self._url_index += 1
             refused = isinstance(
                 exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
@@ -395,6 +402,8 @@ class Broker(Consuming, Publishing):
         started = asyncio.get_running_loop().time()
         # Tried until it succeeds or the Broker is closed, a refused login too: access may be given back.
         async for attempt in AsyncRetrying(wait=self._wait_strategy, retry=retry_if_exception_type(_Unreachable)):
+            if self._closing:
+                return  # closed between two attempts
             with attempt:
                 try:
                     await self._open()

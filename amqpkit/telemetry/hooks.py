@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -300,16 +301,22 @@ def relayed(headers: Mapping[str, Any]) -> Iterator[None]:
         otel_context.detach(token)
 
 
-_disconnected_at: dict[int, float] = {}
+# When each Broker's outage began, until it reconnects or is closed (closed during an outage, it was kept for
+# ever, and a later Broker given its id would have counted that outage's time as its own); weakly, as a net.
+_disconnected_at: weakref.WeakKeyDictionary[Broker, float] = weakref.WeakKeyDictionary()
 
 
 def disconnected(broker: Broker) -> None:
-    _disconnected_at.setdefault(id(broker), time.monotonic())
+    _disconnected_at.setdefault(broker, time.monotonic())
+
+
+def closed(broker: Broker) -> None:
+    _disconnected_at.pop(broker, None)
 
 
 def reconnected(broker: Broker, seconds: float) -> None:
     state = current
-    since = _disconnected_at.pop(id(broker), None)
+    since = _disconnected_at.pop(broker, None)
     if state is None:
         return
     away = time.monotonic() - since if since is not None else seconds

@@ -38,6 +38,7 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None) -> None:
     _hooks.relayed = hooks.relayed
     _hooks.disconnected = hooks.disconnected
     _hooks.reconnected = hooks.reconnected
+    _hooks.closed = hooks.closed
 
 
 def uninstrument() -> None:
@@ -55,6 +56,7 @@ def uninstrument() -> None:
     _hooks.relayed = None
     _hooks.disconnected = None
     _hooks.reconnected = None
+    _hooks.closed = None
     if _old_record_factory is not None:
         logging.setLogRecordFactory(_old_record_factory)
         _old_record_factory = None
