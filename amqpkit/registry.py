@@ -383,12 +383,7 @@ class TopologyRegistry(BrokerCore):
         self._exchanges_gone.pop(exchange.name, None)
         specs: list[Exchange | Binding] = [exchange, *bindings]
         for spec in specs:
-            self.forget(spec)
-            for callback in list(self._on_topology_error):
-                try:
-                    callback(spec, exc)
-                except Exception:
-                    log.exception("topology error callback failed")
+            self._forget_with(spec, exc)
         return {b.queue for b in bindings}
 
     def _shown_queue(self, queue: Queue) -> str:
@@ -548,6 +543,10 @@ class TopologyRegistry(BrokerCore):
 
     def _forget_refused(self, spec: Exchange | Queue | Binding, exc: TopologyError) -> None:
         log.error("could not restore %s after the reconnect (forgotten): %s", _describe(spec), exc)
+        self._forget_with(spec, exc)
+
+    def _forget_with(self, spec: Exchange | Queue | Binding, exc: TopologyError) -> None:
+        """Forget ``spec``, and tell the ``on_topology_error`` callbacks why."""
         self.forget(spec)
         for callback in list(self._on_topology_error):
             try:
