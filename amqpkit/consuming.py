@@ -783,9 +783,12 @@ class Consuming(TopologyRegistry):
         name = consumer.queue.name or self._queues.get(consumer.queue, "")
         return repr(name) if name else "(a server-named queue)"
 
-    def _exchange_changed(self, exchange: Exchange, exc: TopologyError) -> set[Queue]:
-        queues = super()._exchange_changed(exchange, exc)
+    async def _exchange_changed(self, exchange: Exchange, exc: TopologyError) -> set[Queue]:
+        queues = await super()._exchange_changed(exchange, exc)
         for consumer in [c for c in self._consumers.values() if c.queue in queues and not c.cancelled]:
+            # attached: cancelled on the broker and its channel closed (its handlers get their grace), then
+            # stopped with the error for its owner
+            await self._detach(consumer, grace=consumer.grace)
             self._stop_consumer(consumer, exc)
         return queues
 

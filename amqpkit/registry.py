@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 
-from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
+from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from .channels import BrokerCore, channel_cap_hold
 from .errors import (
@@ -325,7 +325,7 @@ class TopologyRegistry(BrokerCore):
                 log.debug("could not bind %s again: %s", _describe(binding), exc)
                 continue
             bound.append(binding)
-        if bound and not redeclared and not await self._still_as_declared(bound[0].exchange):
+        if bound and not redeclared and not await self._still_as_declared(name):
             return
         self._say_rebound(name, bindings, bound, redeclared, gone)
 
@@ -356,27 +356,29 @@ class TopologyRegistry(BrokerCore):
             log.info("exchange %r is back after %.1f s: %s bound to it again", name, time.monotonic() - since,
                      queues)  # fmt: skip
 
-    async def _still_as_declared(self, exchange: Exchange) -> bool:
-        """False once ``exchange`` is found to be something else than this Broker declared (then forgotten, with its
-        bindings and their consumers: :meth:`_exchange_changed`). A bind is taken by an exchange of any type, so
-        one made again as another (a direct or fanout exchange where this Broker declared a topic one) is found by
-        declaring it as declared: one round trip per exchange and round. An exchange not of this Broker's is not
-        looked at."""
-        if self._exchanges.get(exchange.name) != exchange:
+    async def _still_as_declared(self, name: str) -> bool:
+        """False once the exchange ``name`` is found to be something else than this Broker declared (then forgotten,
+        with its bindings and their consumers: :meth:`_exchange_changed`). A bind is taken by an exchange of any
+        type, so one made again as another (a direct or fanout exchange where this Broker declared a topic one) is
+        found by declaring it as declared: one round trip per exchange and round. An exchange not of this Broker's
+        is not looked at."""
+        exchange = self._exchanges.get(name)
+        if exchange is None:
             return True
         try:
             await self._declare_exchange_on(exchange)
         except TopologyError as exc:
-            if access_refused(exc):
-                return True  # may not declare it now: as the binds, not this keeper's (see _keep_refused)
-            self._exchange_changed(exchange, exc)
+            if not _made_otherwise(exc):
+                return True  # refused access, say: as the binds, not this keeper's (see _keep_refused)
+            await self._exchange_changed(exchange, exc)
             return False
         return True
 
-    def _exchange_changed(self, exchange: Exchange, exc: TopologyError) -> set[Queue]:
+    async def _exchange_changed(self, exchange: Exchange, exc: TopologyError) -> set[Queue]:
         """``exchange``, declared by this Broker, is now something else (someone deleted it and declared it again
-        otherwise): forget it and the bindings to it, as a reconnect would (:meth:`_restore_topology`). Returns
-        the queues that were bound to it (their consumers stop: :meth:`Consuming._exchange_changed`)."""
+        otherwise): forget it and the bindings to it, and take those bindings off it (the keeper's round has just
+        made them there). Returns the queues that were bound to it; their consumers stop
+        (:meth:`Consuming._exchange_changed`)."""
         log.error("exchange %r is not what this Broker declared any more (made again by someone else): %s; "
                   "forgotten, with the subscriptions bound to it", exchange.name, exc)  # fmt: skip
         bindings = [b for b in self._bindings if b.exchange.name == exchange.name]
@@ -384,6 +386,9 @@ class TopologyRegistry(BrokerCore):
         specs: list[Exchange | Binding] = [exchange, *bindings]
         for spec in specs:
             self._forget_with(spec, exc)
+        for binding in bindings:
+            with contextlib.suppress(Exception):
+                await self.unbind(binding)
         return {b.queue for b in bindings}
 
     def _shown_queue(self, queue: Queue) -> str:
@@ -404,7 +409,10 @@ class TopologyRegistry(BrokerCore):
                 await self._declare_exchange_on(spec)
             except TopologyError as exc:
                 refused.append((spec, exc))
-                (held if access_refused(exc) else lost)[spec.name] = exc
+                if access_refused(exc):
+                    held[spec.name] = exc
+                elif _made_otherwise(exc):
+                    lost[spec.name] = exc
         failed_queues: dict[Queue, TopologyError] = {}
         for queue in list(self._queues):
             try:
@@ -553,6 +561,12 @@ class TopologyRegistry(BrokerCore):
                 callback(spec, exc)
             except Exception:
                 log.exception("topology error callback failed")
+
+
+def _made_otherwise(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broker's 406 for a declare of something that is there otherwise (another type, other
+    arguments)."""
+    return caused_by(exc, ChannelPreconditionFailed) is not None
 
 
 def _no_exchange(exc: BaseException) -> bool:

@@ -318,9 +318,10 @@ async def test_an_exchange_made_again_as_another_type_stops_its_subscriber(
     direct exchange, and from a fanout one it got every event, whatever its key, and nothing said so."""
     exchange = Exchange(f"{name}.events", type=ExchangeType.TOPIC)
     errors: list[BaseException] = []
+    got: list[str] = []
 
     async def on_event(event: str) -> None:
-        pass
+        got.append(event)
 
     # kept: the keeper's round finds it; reconnect: a round would come only after the test's timeout
     interval = CHECK if how == "kept" else 3600
@@ -339,5 +340,12 @@ async def test_an_exchange_made_again_as_another_type_stops_its_subscriber(
                 assert sub.error is errors[0]
                 assert isinstance(errors[0], TopologyError) and f"current is '{other}'" in str(errors[0]), errors
                 await sub.wait_stopped()
+                # Stopped on the broker too: not bound, not consuming (a first version stopped it only here, and
+                # it went on taking what the new exchange routed to it).
+                publisher = Publisher(operator, Exchange(exchange.name, type=ExchangeType(other)))
+                for key in ("orders.*.created", "orders.eu.created"):  # the binding key, as a direct one routes it
+                    await publisher.publish("after", routing_key=key)
+                await asyncio.sleep(1)
+                assert got == []
         finally:
             await operator.delete_exchange(exchange.name)  # its channel, ops, went with the connection on a reconnect
