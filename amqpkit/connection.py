@@ -282,9 +282,10 @@ class Broker(Consuming, Publishing):
             if isinstance(exc, asyncio.CancelledError):
                 raise
             task = asyncio.current_task()
-            if self._closing or (task is not None and task.cancelling()):
-                # Cancelled (a close) as the attempt failed: aiormq's connect may end with the connection's error
-                # instead of the cancellation, which the reconnect took for one more failed attempt, for ever.
+            if task is not None and task is self._reconnect_task and (self._closing or task.cancelling()):
+                # The reconnect, cancelled by close() as the attempt failed: aiormq's connect may end with the
+                # connection's error instead of the cancellation, which it took for one more failed attempt, for
+                # ever. (Only the reconnect's own task: connect() runs in its caller's, whose cancels are its own.)
                 raise asyncio.CancelledError from exc
             self._url_index += 1
             refused = isinstance(

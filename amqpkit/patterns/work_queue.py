@@ -436,10 +436,9 @@ class WorkQueue(Generic[T]):
             try:
                 await self._renew(ms, force=True)
             except TopologyError as exc:
-                if "'x-queue-type'" in str(exc):
-                    # another type of queue (a stream, whose basic.get the broker answers by closing the whole
-                    # connection): not a delay queue of this worker's kind, not touched
-                    log.warning("queue %s, named as a delay queue of %s, is of another type (%s); left alone",
+                if "current is 'stream'" in str(exc):
+                    # a stream, whose basic.get the broker answers by closing the whole connection: not touched
+                    log.warning("queue %s, named as a delay queue of %s, is a stream (%s); left alone",
                                 name, self.name, exc)  # fmt: skip
                     found.discard(name)
                     continue
