@@ -218,11 +218,15 @@ class ProcessRunner:
     ) -> None:  # fmt: skip
         failed = None if future.cancelled() else future.exception()
         broken = isinstance(failed, BrokenProcessPool)
-        if token is not None and (future.cancelled() or (failed is not None and not isinstance(failed, _Carried))):
-            # Cancelled, the process died, or the call never reached it (its arguments could not be pickled): no
-            # end-of-call report will come. A call that ran in the process ends with its result or a _Carried
-            # error, and its report on the progress queue, after the last progress it made, drops the context.
+        if token is not None and (broken or future.cancelled()):
             self._contexts.pop(token, None)
+        elif token is not None and failed is not None and not isinstance(failed, _Carried):
+            # Its arguments could not be pickled (it never ran: no end-of-call report will come), or its result
+            # could not be (it ran, and its reports may still be on the way): an end-of-call report of our own,
+            # behind whatever the process put on the queue before it answered, drops the context either way.
+            with contextlib.suppress(Exception):
+                if self._progress is not None:
+                    self._progress.put((token, None, None))
         if slot.pool is not pool or self._free is None:
             return  # closed since: the slot is not handed out from this pool any more
         if broken:
