@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 
-from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity, ChannelPreconditionFailed
+from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
 
 from .channels import BrokerCore, channel_cap_hold
 from .errors import (
@@ -563,10 +563,10 @@ class TopologyRegistry(BrokerCore):
                 log.exception("topology error callback failed")
 
 
-def _made_otherwise(exc: BaseException) -> bool:
+def _made_otherwise(exc: TopologyError) -> bool:
     """Whether ``exc`` is the broker's 406 for a declare of something that is there otherwise (another type, other
-    arguments)."""
-    return caused_by(exc, ChannelPreconditionFailed) is not None
+    arguments): :func:`~amqpkit.errors.map_exceptions` names the argument that differs."""
+    return exc.argument is not None
 
 
 def _no_exchange(exc: BaseException) -> bool:

@@ -413,10 +413,11 @@ async def place_order(request: Request) -> Response:
     user = user_of(request)
     key = request.headers.get("Idempotency-Key")
     order_id = order_id_for(user, key)
-    if key is not None:
-        written = await b.orders.call("status", order_id, **b.call_args())
-        if written is not None or task_of(request, order_id) is not None:
-            return accepted(order_id, order_id, replayed=True)  # the task's id is the order's (order-write)
+    if key is not None and (
+        task_of(request, order_id) is not None  # placed here: no need to ask
+        or await b.orders.call("status", order_id, **b.call_args()) is not None
+    ):
+        return accepted(order_id, order_id, replayed=True)  # the task's id is the order's (order-write)
     cart = await b.cart.call("get", user, returns=Cart, **b.call_args())
     if not cart.items:
         raise HTTPException(422, "the cart is empty")
