@@ -190,8 +190,9 @@ class Inbox:
         before it is requeued after ``requeue_delay`` seconds (see
         :meth:`requeue_wait`), with a warning, and never lost.
 
-        When the database fails (a lost connection, a lock, a DBA's
-        ``lock_timeout`` or ``statement_timeout``), nothing was committed:
+        When the database fails (a lost connection, a session the server
+        ended, a lock, a DBA's ``lock_timeout`` or ``statement_timeout``, a
+        read-only standby after a failover), nothing was committed:
         with ``requeue_on_storage_error`` the delivery is requeued after
         ``requeue_delay`` seconds, doubled at each delivery of the same
         message up to ``requeue_delay_max``, and the pattern takes it as

@@ -69,6 +69,13 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     # transaction holds: nothing was committed. Not transient, the inbox's Subscriber dropped the message.
     asyncpg.LockNotAvailableError,
     asyncpg.QueryCanceledError,
+    # The server ended the session (57P01 a fast shutdown or pg_terminate_backend, 57P02 a crash): nothing
+    # committed. asyncpg may instead say InternalClientError ("cannot switch to state ...; another operation
+    # is in progress") when the end meets a query in flight. The Subscriber dropped those messages too.
+    asyncpg.OperatorInterventionError,
+    asyncpg.InternalClientError,
+    # 25006: a primary that came back as a standby after a failover refuses every write until it is one again.
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 
