@@ -250,9 +250,26 @@ class PostgresStore:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             yield conn
             await _committable(conn)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the pool, given back at the end. The pool resets a connection it is given back, one more
+        query: when the server ends the session then, that error comes after the block's COMMIT returned, and
+        raised it told a writer whose change had committed that it failed (it wrote it again: a second effect, a
+        second event under a new message id). What the block did is settled by then; the pool lets that
+        connection go either way, so its error is only logged."""
+        conn = await self.pool.acquire()
+        try:
+            yield conn
+        finally:
+            try:
+                await self.pool.release(conn)
+            except Exception as exc:
+                log.debug("a connection the database ended after its work was let go (%s: %s)",
+                          type(exc).__name__, exc)  # fmt: skip
 
     def in_transaction(self, tx: Any) -> bool:
         return isinstance(tx, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) and bool(tx.is_in_transaction())
@@ -282,7 +299,7 @@ class PostgresStore:
 
     @contextlib.asynccontextmanager
     async def claim(self, limit: int) -> AsyncIterator[Claim]:
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             try:
                 async with conn.transaction():
                     claim = await self._take(conn, limit)
@@ -399,7 +416,7 @@ class PostgresStore:
                 return total
 
     async def failed_rows(self, limit: int = 100) -> list[FailedRow]:
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             records = await conn.fetch(
                 f"SELECT id, message_id, exchange, routing_key, length(body), last_error FROM {self.outbox_table}"
                 f" WHERE state = {FAILED} ORDER BY id LIMIT $1",
@@ -425,7 +442,7 @@ class PostgresStore:
         return _count(status)
 
     async def counts(self) -> dict[str, int]:
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             records = await conn.fetch(f"SELECT state, count(*) FROM {self.outbox_table} GROUP BY state")
         names = {PENDING: "pending", SENT: "sent", FAILED: "failed"}
         counts = {"pending": 0, "sent": 0, "failed": 0}
