@@ -156,25 +156,40 @@ class OutboxRow:
     properties: dict[str, Any]
     mandatory: bool
     attempts: int
+    #: Why a column could not be read (a row written outside amqpkit, say a text body): kept aside, never sent.
+    unreadable: str | None = None
 
     @classmethod
     def from_db(cls, record: Sequence[Any]) -> OutboxRow:
-        """From the columns in :data:`ROW_COLUMNS` order."""
+        """From the columns in :data:`ROW_COLUMNS` order. A value of the wrong type (SQLite keeps what it is given)
+        makes the row ``unreadable``, not the whole batch: raised here, it stopped every row behind it, each round."""
         rid, message_id, exchange, routing_key, ordering_key, body, content_type, headers, props, mandatory, att = (
             record
         )
+        problems = []
+        if body is None or isinstance(body, bytes | bytearray | memoryview):
+            data = bytes(body or b"")
+        else:
+            data = b""
+            problems.append(f"its body is {type(body).__name__}, not bytes")
+        try:
+            attempts = int(att or 0)
+        except (TypeError, ValueError, OverflowError):
+            attempts = 0
+            problems.append(f"its attempts column is {type(att).__name__}, not a number")
         return cls(
             id=int(rid),
             message_id=str(message_id),
             exchange=str(exchange or ""),
             routing_key=str(routing_key or ""),
-            ordering_key=ordering_key,
-            body=bytes(body or b""),
-            content_type=content_type,
+            ordering_key=ordering_key if ordering_key is None or isinstance(ordering_key, str) else str(ordering_key),
+            body=data,
+            content_type=content_type if content_type is None or isinstance(content_type, str) else None,
             headers=_loads(headers),
             properties=_loads(props),
             mandatory=bool(mandatory),
-            attempts=int(att or 0),
+            attempts=attempts,
+            unreadable="; ".join(problems) or None,
         )
 
     def envelope(self) -> Envelope:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,44 @@ async def test_a_stored_row_amqp_cannot_carry_is_kept_aside_and_its_key_goes_on(
         assert "priority" in failed.reason and "InvalidMessage" in failed.reason
     finally:
         await consumer.cancel()
+
+
+@pytest.mark.parametrize("column", ["body", "attempts"])
+async def test_a_sqlite_row_written_by_hand_with_a_wrong_type_is_kept_aside_and_the_others_go(
+    tmp_path: Path, pg_url: str, broker: Broker, queue: Queue, column: str
+) -> None:
+    """SQLite keeps whatever another tool writes (a text body, ``attempts='n/a'``); such a row failed the whole
+    batch as it was read, every round: nothing was published, not even the good rows before it (the hunt: pending
+    3, sent 0, for ever). It is kept aside as failed, saying which column, and the others go out."""
+    store = make_store("sqlite", tmp_path, pg_url, "")
+    await store.open()
+    try:
+        await store.create_tables()
+        outbox = Outbox(store)
+        async with store.transaction() as tx:
+            await outbox.add(tx, b"good-1", routing_key=queue.name)
+        body, attempts = ("hello", 0) if column == "body" else (b"\x00", "n/a")
+        with sqlite3.connect(tmp_path / "outbox.db") as db:
+            db.execute(
+                "INSERT INTO amqpkit_outbox (message_id, exchange, routing_key, body, created_at, attempts)"
+                " VALUES ('by-hand', '', ?, ?, 0, ?)",
+                (queue.name, body, attempts),
+            )
+        async with store.transaction() as tx:
+            await outbox.add(tx, b"good-2", routing_key=queue.name)
+        got, consumer = await collect(broker, queue)
+        try:
+            relay = Relay(store, broker)
+            await relay.run_once()
+            await wait_for(lambda: len(got) >= 2)
+            assert sorted(d.body for d in got) == [b"good-1", b"good-2"]
+            assert relay.failed == 1
+            [failed] = await store.failed_rows()
+            assert failed.message_id == "by-hand" and column in failed.reason, failed
+        finally:
+            await consumer.cancel()
+    finally:
+        await store.close()
 
 
 async def test_same_ordering_key_goes_out_in_commit_order(store: Store, broker: Broker, queue: Queue) -> None:
