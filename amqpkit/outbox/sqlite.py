@@ -88,6 +88,7 @@ class SqliteStore:
         self._new_rows = asyncio.Event()
         self._added = False
         self._relay_fd: int | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file opened
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path} prefix={self.prefix!r}>"
@@ -111,10 +112,32 @@ class SqliteStore:
         try:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        except sqlite3.Error as exc:
+            self._file = _identity(self.path)
+        except (sqlite3.Error, OSError) as exc:
             await conn.close()
             raise StorageUnreachable(f"cannot use SQLite database {self.path}: {exc}", target=str(self.path)) from None
         self._conn = conn
+
+    async def _still_the_file(self) -> None:
+        """Before a relay's round: the file this store opened is still the one at its path. Removed or replaced
+        (restored from a backup, moved aside), the open connection kept reading the old, unlinked file, and rows
+        committed to the new one by other processes stayed pending for ever with nothing said. Replaced: opened
+        again, with a warning. Removed: a StorageError each round until a file is back."""
+        try:
+            now: tuple[int, int] | None = _identity(self.path)
+        except FileNotFoundError:
+            now = None
+        if now == self._file:
+            return
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await conn.close()
+        if now is None:
+            raise StorageError(f"{self.description} was removed while this store had it open: nothing to relay "
+                               "until a database is there again")  # fmt: skip
+        log.warning("%s was replaced by another file while this store had it open; opened again", self.description)
+        await self.open()
 
     async def close(self) -> None:
         self._release_relay_lock()
@@ -278,6 +301,7 @@ class SqliteStore:
 
     @contextlib.asynccontextmanager
     async def claim(self, limit: int) -> AsyncIterator[Claim]:
+        await self._still_the_file()
         if not self._take_relay_lock():
             yield Claim(rows=[], standby=True)
             return
@@ -441,3 +465,8 @@ async def _shape_problems(
         if sorted(unique) not in keys:
             problems.append(f"{table} has no unique key on ({', '.join(unique)}), so nothing would be deduplicated")
     return problems
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino

@@ -176,6 +176,39 @@ async def test_a_sqlite_row_written_by_hand_with_a_wrong_type_is_kept_aside_and_
         await store.close()
 
 
+async def test_a_sqlite_file_removed_or_replaced_under_the_relay_is_said_and_opened_again(
+    tmp_path: Path, pg_url: str, broker: Broker, queue: Queue
+) -> None:
+    """The database file removed under a running relay (or replaced: restored from a backup): the relay kept its
+    connection to the unlinked file, and a row a writer committed to the new file stayed pending for ever, with
+    nothing said (the hunt: pending 1, relay errors 0). Removed: each round fails, saying so; a new file there:
+    opened again, and its rows go out."""
+    path = tmp_path / "outbox.db"
+    store = make_store("sqlite", tmp_path, pg_url, "")
+    await store.open()
+    got, consumer = await collect(broker, queue)
+    try:
+        await store.create_tables()
+        async with Relay(store, broker, poll_interval=0.1) as relay:
+            await asyncio.sleep(0.3)
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            await wait_for(lambda: relay.errors >= 1, timeout=10)
+            writer = make_store("sqlite", tmp_path, pg_url, "")
+            await writer.open()
+            try:
+                await writer.create_tables()
+                async with writer.transaction() as tx:
+                    await Outbox(writer).add(tx, b"after", routing_key=queue.name)
+                await wait_for(lambda: len(got) >= 1, timeout=15)
+            finally:
+                await writer.close()
+        assert [d.body for d in got] == [b"after"]
+    finally:
+        await consumer.cancel()
+        await store.close()
+
+
 async def test_same_ordering_key_goes_out_in_commit_order(store: Store, broker: Broker, queue: Queue) -> None:
     """T1 adds first but commits late; T2 adds the same key meanwhile and commits as soon as it can.
 
