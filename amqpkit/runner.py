@@ -208,8 +208,9 @@ async def supervise(
     (the descriptor reaches end of file). On ``stop`` every child gets
     SIGTERM and ``options.grace`` seconds (plus a margin) before SIGKILL.
     The health endpoints, if any, are served here: ready while every child
-    is. The code is 0 when every child stopped cleanly, else the first
-    failure's.
+    is. The code is 0 when every child stopped cleanly (a child that ended of
+    the SIGTERM sent to it, still starting, stopped cleanly), else the first
+    failure's: its exit code, or 1 for a child killed by another signal.
     """
     children: list[_Child] = []
     health: HealthServer | None = None
@@ -233,8 +234,7 @@ async def supervise(
         first: _Child | None = None
         if stopping not in done:
             first = next(exits[d] for d in done)
-            log.error("process %d (pid %d) exited with code %s; stopping the others", first.index, first.pid,
-                      first.proc.returncode)  # fmt: skip
+            log.error("process %d (pid %d) %s; stopping the others", first.index, first.pid, first.ended())
         await asyncio.gather(*(c.end(options.grace + 15) for c in children))
     finally:
         for child in children:
@@ -242,12 +242,11 @@ async def supervise(
         if health is not None:
             await health.close()
     if first is not None:
-        code = first.proc.returncode or EXIT_FAILED
-        return Outcome(code, f"process {first.index} (pid {first.pid}) exited with code {first.proc.returncode}")
-    failed = [c for c in children if c.proc.returncode not in (0, None)]
+        return Outcome(first.code() or EXIT_FAILED, f"process {first.index} (pid {first.pid}) {first.ended()}")
+    failed = [c for c in children if c.code()]
     if failed:
         c = failed[0]
-        return Outcome(c.proc.returncode or EXIT_FAILED, f"process {c.index} exited with code {c.proc.returncode}")
+        return Outcome(c.code(), f"process {c.index} (pid {c.pid}) {c.ended()}")
     return Outcome(EXIT_OK)
 
 
@@ -259,6 +258,7 @@ class _Child:
         self.sock = sock
         self.ready = False
         self.reason: str | None = "starting"
+        self.terminated = False  # this process sent it SIGTERM (the stop it forwards)
         self._reader: asyncio.Task[None] | None = None
 
     @classmethod
@@ -275,6 +275,25 @@ class _Child:
         child = cls(index, proc, ours)
         child._reader = asyncio.get_running_loop().create_task(child._read())
         return child
+
+    def code(self) -> int:
+        """Its part in the supervisor's exit code: 0, its own exit code, or 1 for a death by a signal.
+
+        A child that ended of the SIGTERM forwarded to it (one still importing the service has no handler for
+        it yet) stopped cleanly: 0. Another signal (a SIGKILL: ours past the grace, an OOM killer's) is a
+        failure, 1: a negative return code is never an exit status.
+        """
+        code = self.proc.returncode
+        if code is None or code >= 0:
+            return code or 0
+        return EXIT_OK if self.terminated and code == -signal.SIGTERM else EXIT_FAILED
+
+    def ended(self) -> str:
+        code = self.proc.returncode
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
 
     async def _read(self) -> None:
         reader, writer = await asyncio.open_connection(sock=self.sock)
@@ -294,6 +313,7 @@ class _Child:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
+                self.terminated = True
             try:
                 await asyncio.wait_for(self.proc.wait(), grace)
             except TimeoutError:
