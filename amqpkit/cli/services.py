@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from types import FrameType
+from typing import Annotated, Any, NoReturn, ParamSpec
 
 import typer
 
@@ -16,6 +20,48 @@ from ..errors import AmqpkitError, ConnectError
 from ..logs import configure_logging
 from ..settings import BrokerSettings
 from . import UrlOption, app, connect_failed, settings_for
+
+P = ParamSpec("P")
+
+
+class _StoppedBeforeStart(BaseException):
+    """A SIGINT or SIGTERM before the service runs (a BaseException: the user's module's ``except`` lets it by)."""
+
+
+def _stops_from_the_start(command: Callable[P, None]) -> Callable[P, None]:
+    """A command that runs a service, stopped by SIGINT or SIGTERM from its first line on: exit 0, no traceback.
+
+    Until :func:`~amqpkit.runner.run_until_signal` takes the signals over (the graceful stop, with --grace),
+    nothing has started that a stop would wind down: the user's module is being imported, the options read.
+    A signal then raises where the code is, even in the middle of that import, and the command ends, exit 0,
+    as a stop during the start does. (Before, it ended the process: 143 for a SIGTERM, a KeyboardInterrupt
+    traceback for a Ctrl-C.) The handlers there were before are put back at the end.
+    """
+
+    @functools.wraps(command)
+    def stoppable(*args: P.args, **kwargs: P.kwargs) -> None:
+        if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+            return command(*args, **kwargs)
+        stopping: list[int] = []
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if not stopping:  # once: a second signal does not break into the way out
+                stopping.append(signum)
+                raise _StoppedBeforeStart
+
+        previous: dict[signal.Signals, Any] = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, on_signal)
+            command(*args, **kwargs)
+        except _StoppedBeforeStart:
+            typer.echo(f"stopped by {signal.Signals(stopping[0]).name} before the start", err=True)
+            raise typer.Exit(0) from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    return stoppable
 
 
 def _load_handler(spec: str) -> Any:
@@ -38,6 +84,7 @@ def _load_handler(spec: str) -> Any:
 
 
 @app.command()
+@_stops_from_the_start
 def worker(
     handler: Annotated[str, typer.Argument(help="the task handler, as MODULE:FUNCTION")],
     queue: Annotated[str, typer.Option("--queue", "-q", help="work queue name")],
@@ -206,6 +253,7 @@ def _run_service(
 
 
 @app.command()
+@_stops_from_the_start
 def run(
     target: Annotated[str, typer.Argument(help="the service, as MODULE:ATTR (an amqpkit Service)")],
     grace: Annotated[float, typer.Option("--grace", help="seconds running handlers get on SIGTERM")] = 30.0,
