@@ -49,7 +49,7 @@ from .errors import (
     refused_error,
     reply_text,
 )
-from .message import Delivery, delivery_channel, delivery_from_aiormq
+from .message import CLOSING, Delivery, delivery_channel, delivery_from_aiormq
 from .settings import BrokerSettings, redact_url
 from .topology import Binding, Exchange, Queue
 
@@ -83,7 +83,13 @@ def channel_cap_hold(heartbeat: int) -> float:
 async def close_quietly(channel: AbstractChannel, timeout: float = 5.0) -> None:
     """Close ``channel`` within ``timeout`` seconds, its errors logged at DEBUG only (it is being let go of). Run it
     in a task that is not cancelled, or shield it: a close cancelled after its first frame makes aiormq send a
-    second one, on a number the broker may have given out again."""
+    second one, on a number the broker may have given out again.
+
+    From its first frame on, the channel is in :data:`~amqpkit.message.CLOSING`: a delivery settled on it is
+    refused as on a closed channel (its message goes back to the queue with the close). aiormq refuses only once
+    the broker's close-ok is in, and an ack sent between the two reached the broker on a channel it had already
+    let go of: it closed the whole connection (504 CHANNEL_ERROR, "expected 'channel.open'")."""
+    CLOSING.add(channel)
     try:
         await asyncio.wait_for(channel.close(), timeout)
     except Exception as exc:

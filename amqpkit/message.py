@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import struct
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
+import aiormq.exceptions
 from pamqp import encode
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
@@ -429,6 +431,10 @@ class Settlement(Enum):
     AUTO = "auto-acked"
 
 
+CLOSING: weakref.WeakSet[AbstractChannel] = weakref.WeakSet()
+"""Channels amqpkit has begun to close (:func:`~amqpkit.channels.close_quietly`): nothing more may be sent on them."""
+
+
 class _Settler:
     """The one settle-once state shared by a delivery and its decoded copies.
 
@@ -455,6 +461,8 @@ class _Settler:
             raise SettlementError(f"delivery {self.tag} has no channel to settle on")
         self.writing = outcome
         try:
+            if self.channel in CLOSING:  # amqpkit closes it: sent now, the settlement would reach a channel let go of
+                raise aiormq.exceptions.ChannelInvalidStateError(f"channel {self.channel.number} is closing")
             await write(self.channel)
         except Exception:
             # Translated here, off the hot path: a context manager entered on every settlement costs.
