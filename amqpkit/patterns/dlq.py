@@ -33,6 +33,7 @@ replay stops with :class:`~amqpkit.Unroutable`.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,8 @@ from ..connection import Broker
 from ..errors import map_exceptions
 from ..message import Delivery
 from .tasks import ATTEMPT, describe_dead_letter
+
+log = logging.getLogger("amqpkit.dlq")
 
 __all__ = [
     "LIST_LIMIT",
@@ -197,14 +200,35 @@ async def replay_dead_letters(
         headers["x-replayed"] = replays + 1 if isinstance(replays, int) else 1
         try:
             await _send_copy(broker, delivery, headers, target)
+        except Exception as exc:
+            # Not stored in the work queue: it stays in the DLQ.
+            await _keep(broker, dlq, delivery)
+            if replayed:
+                log.warning("replay of %s stopped after %d of %d dead letters: %s", queue, len(replayed), wanted, exc)
+            raise
         except BaseException:
-            # Not stored in the work queue: it stays in the DLQ (if the channel is gone, it went back already).
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # cancelled: handed back as it is (if the channel is gone, it was)
                 await delivery.nack(requeue=True)
             raise
         await delivery.ack()
         replayed.append(_letter(delivery))
     return replayed
+
+
+async def _keep(broker: Broker, dlq: str, delivery: Delivery[bytes]) -> None:
+    """A dead letter a replay could not move stays in the DLQ: a copy at its end, confirmed, then the one read is
+    acked. Handed back with a requeue instead, each failed replay counted one more delivery of it against the
+    DLQ's delivery limit (RabbitMQ 4.x's default 20, or an operator's policy), past which the broker dropped it:
+    a DLQ has no dead-letter exchange of its own (1 of 2 letters gone after 21 failed replays, on 4.0.5). The copy
+    not stored either, it is handed back as before."""
+    try:
+        await _put_back_at_the_end(broker, dlq, delivery)
+    except Exception:
+        with contextlib.suppress(Exception):
+            await delivery.nack(requeue=True)
+        return
+    with contextlib.suppress(Exception):
+        await delivery.ack()  # not written: the channel's close hands it back, beside its copy (one more, none lost)
 
 
 async def purge_dead_letters(broker: Broker, queue: str) -> int:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 
 import pytest
 
-from amqpkit import Broker, Reject, RetryPolicy, Worker, WorkQueue
+from amqpkit import Broker, PublishError, Reject, RetryPolicy, Worker, WorkQueue
 from amqpkit.patterns.dlq import count_dead_letters, list_dead_letters, replay_dead_letters
 
+from ..brokerctl import arabbitmqctl, vhost_of
 from ..waiting import wait_for
 
 
@@ -71,3 +73,42 @@ async def test_a_replayed_task_does_not_carry_the_dlqs_delivery_count(broker: Br
     await task.ack()
     assert task.headers.get("x-delivery-count", 0) == 0, dict(task.headers)
     assert (task.attempt, task.headers.get("x-attempt"), task.headers.get("x-replayed")) == (1, 1, 1)
+
+
+async def test_a_replay_that_fails_again_and_again_keeps_every_dead_letter(
+    broker: Broker, work: WorkQueue[int]
+) -> None:
+    """A replay into a full work queue fails (the broker nacks the copy): the dead letter stays in the DLQ. It was
+    handed back with a requeue, which counts against the DLQ's delivery limit (RabbitMQ 4.x's default 20, or an
+    operator's, 2 here, on both versions); past it the broker dropped the letter, which has nowhere to go (before:
+    2 letters, 1 left after a few failed replays, as `amqpkit dlq replay` run again by an operator or a cron)."""
+
+    async def refuse(n: int) -> None:
+        raise Reject("kept aside")
+
+    async with Worker(work, refuse) as worker:
+        for n in range(2):
+            await work.enqueue(n)
+        await wait_for(lambda: worker.dead_lettered == 2)
+    vhost = vhost_of(broker.settings.urls[0])
+    full, limit = f"{work.name}.full", f"{work.name}.dlq-limit"
+    await arabbitmqctl("set_policy", "-p", vhost, full, f"^{re.escape(work.name)}$", '{"max-length": 1}',
+                       "--apply-to", "queues")  # fmt: skip
+    await arabbitmqctl("set_operator_policy", "-p", vhost, limit, f"^{re.escape(work.dlq_name)}$",
+                       '{"delivery-limit": 2}', "--apply-to", "queues")  # fmt: skip
+    try:
+        await asyncio.sleep(0.5)  # the policies reach the queues
+        for n in (10, 11):  # full (a quorum queue takes one past its max-length)
+            with contextlib.suppress(PublishError):
+                await work.enqueue(n)
+        for _ in range(6):
+            with pytest.raises(PublishError):
+                await replay_dead_letters(broker, work.name)
+            await asyncio.sleep(0.1)
+            assert await count_dead_letters(broker, work.name) == 2
+        await broker.purge_queue(work.name)
+    finally:
+        await arabbitmqctl("clear_policy", "-p", vhost, full)
+        await arabbitmqctl("clear_operator_policy", "-p", vhost, limit)
+    await asyncio.sleep(0.5)
+    assert len(await replay_dead_letters(broker, work.name)) == 2
