@@ -332,8 +332,7 @@ class Consuming(TopologyRegistry):
         if consumer.cancelled or self._closing:
             # Cancelled while its consume was on the way (cancel() does not wait for an attach under way): closed
             # again, which returns what was delivered meanwhile, rather than left running for nobody.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), timeout=5)
+            await close_quietly(channel)
             return
         consumer._channel = channel
         if consumer.waiting_for_channel is not None:
@@ -471,8 +470,7 @@ class Consuming(TopologyRegistry):
             consumer._gone_with_queue -= running
             if not channel.is_closed:
                 # Returns whatever is still unacked on it to its queue, if the queue is still there.
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(channel.close(), timeout=5)
+                await close_quietly(channel)
 
     async def _still_there(self, consumer: Consumer) -> bool | None:
         """Whether ``consumer``'s queue is there (one passive declare), after the broker cancelled it: False when
