@@ -127,13 +127,14 @@ class SqliteStore:
             now: tuple[int, int] | None = _identity(self.path)
         except FileNotFoundError:
             now = None
-        if now == self._file:
+        if now is not None and now == self._file:
             return
         async with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None:
                 await conn.close()
         if now is None:
+            self._file = None  # whatever file comes next is another, even on the same inode number
             raise StorageError(f"{self.description} was removed while this store had it open: nothing to relay "
                                "until a database is there again")  # fmt: skip
         log.warning("%s was replaced by another file while this store had it open; opened again", self.description)
