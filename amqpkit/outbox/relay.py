@@ -238,12 +238,10 @@ class Relay:
 
     async def _publish_in_order(self, rows: Sequence[OutboxRow], claim: Claim) -> None:
         for row in rows:
-            if row.unreadable is not None:
-                log.error("outbox row %d (message %s) kept aside as failed: %s (written outside amqpkit?)",
-                          row.id, row.message_id, row.unreadable)  # fmt: skip
-                claim.failed(row, f"unreadable: {row.unreadable}")
-                continue
-            error = await self._publish(row)
+            if row.unreadable is not None:  # written outside amqpkit: never publishable as it is
+                error: tuple[bool, str] | None = (True, f"unreadable: {row.unreadable}")
+            else:
+                error = await self._publish(row)
             if error is None:
                 claim.sent(row)
                 continue
