@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import pytest
 
@@ -32,14 +32,21 @@ async def work(broker: Broker, name: str) -> AsyncIterator[WorkQueue[int]]:
             await broker.delete_queue(q)
 
 
-async def test_listing_the_dlq_again_and_again_keeps_every_dead_letter(broker: Broker, work: WorkQueue[int]) -> None:
-    async def handler(n: int) -> None:
+async def dead_letter(work: WorkQueue[int], tasks: Iterable[int]) -> None:
+    """Each of ``tasks`` enqueued, refused by a Worker and so in the DLQ."""
+
+    async def refuse(n: int) -> None:
         raise Reject("kept aside")
 
-    async with Worker(work, handler) as worker:
-        for n in range(5):
+    numbers = list(tasks)
+    async with Worker(work, refuse) as worker:
+        for n in numbers:
             await work.enqueue(n)
-        await wait_for(lambda: worker.dead_lettered == 5)
+        await wait_for(lambda: worker.dead_lettered == len(numbers))
+
+
+async def test_listing_the_dlq_again_and_again_keeps_every_dead_letter(broker: Broker, work: WorkQueue[int]) -> None:
+    await dead_letter(work, range(5))
     held = []
     for _ in range(25):  # an operator's `amqpkit dlq list` now and then, or a dashboard every minute
         await list_dead_letters(broker, work.name)
@@ -55,12 +62,7 @@ async def test_a_replayed_task_does_not_carry_the_dlqs_delivery_count(broker: Br
     task it sent to the work queue, where the broker leaves a published one as it is until it counts its own. The
     replayed task then ran as attempt 3 (``Delivery.attempt``, which paces an Inbox's requeues), not 1."""
 
-    async def refuse(n: int) -> None:
-        raise Reject("kept aside")
-
-    async with Worker(work, refuse) as worker:
-        await work.enqueue(7)
-        await wait_for(lambda: worker.dead_lettered == 1)
+    await dead_letter(work, [7])
     # A dead letter handed back to the DLQ twice, as a listing on RabbitMQ 3.x or a replay that failed does.
     for _ in range(2):
         letter = await broker.get(work.dlq_name)
@@ -82,14 +84,7 @@ async def test_a_replay_that_fails_again_and_again_keeps_every_dead_letter(
     handed back with a requeue, which counts against the DLQ's delivery limit (RabbitMQ 4.x's default 20, or an
     operator's, 2 here, on both versions); past it the broker dropped the letter, which has nowhere to go (before:
     2 letters, 1 left after a few failed replays, as `amqpkit dlq replay` run again by an operator or a cron)."""
-
-    async def refuse(n: int) -> None:
-        raise Reject("kept aside")
-
-    async with Worker(work, refuse) as worker:
-        for n in range(2):
-            await work.enqueue(n)
-        await wait_for(lambda: worker.dead_lettered == 2)
+    await dead_letter(work, range(2))
     vhost = vhost_of(broker.settings.urls[0])
     full, limit = f"{work.name}.full", f"{work.name}.dlq-limit"
     await arabbitmqctl("set_policy", "-p", vhost, full, f"^{re.escape(work.name)}$", '{"max-length": 1}',
