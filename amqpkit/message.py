@@ -444,13 +444,15 @@ class _Settler:
     delivery unsettled (the broker delivers it again when the channel closes).
     """
 
-    __slots__ = ("channel", "outcome", "tag", "writing")
+    __slots__ = ("channel", "counted", "outcome", "tag", "writing")
 
     def __init__(self, channel: AbstractChannel | None, tag: int, auto_ack: bool) -> None:
         self.channel = channel
         self.tag = tag
         self.outcome: Settlement | None = Settlement.AUTO if auto_ack else None
         self.writing: Settlement | None = None
+        # Told the outcome once it is set: instrumentation's count of a delivery settled after its hand-over.
+        self.counted: Callable[[Settlement], None] | None = None
 
     async def settle(self, outcome: Settlement, write: Callable[[AbstractChannel], Awaitable[None]]) -> None:
         if self.outcome is not None:
@@ -471,6 +473,8 @@ class _Settler:
         finally:
             self.writing = None
         self.outcome = outcome
+        if self.counted is not None:
+            self.counted(outcome)
 
 
 class Delivery(Generic[T]):

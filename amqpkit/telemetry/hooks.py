@@ -13,6 +13,7 @@ import contextvars
 import time
 import weakref
 from collections.abc import Iterator, Mapping
+from functools import partial
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -183,15 +184,22 @@ async def consume(consumer: Consumer, delivery: Delivery[bytes]) -> None:
         state.process_duration.record(time.perf_counter() - started, route.duration_attributes, running)
         route.in_flight[0] -= 1
         settled = delivery.settled
-        if settled is Settlement.ACKED:
-            route.acked[0] += 1
-        elif settled is not None and settled is not Settlement.AUTO:
-            state.nacked.add(1, (("amqpkit.settlement", settled.value), *route.key))
+        if settled is None:  # handed over (an iterated subscription): counted when the reader settles it
+            delivery._settler.counted = partial(_count_settled, state, route)
+        else:
+            _count_settled(state, route, settled)
         if quiet is not None:
             QUIET.reset(quiet)
         otel_context.detach(token)
         if span is not None:
             span.end()
+
+
+def _count_settled(state: Instruments, route: ProcessRoute, settled: Settlement) -> None:
+    if settled is Settlement.ACKED:
+        route.acked[0] += 1
+    elif settled is not Settlement.AUTO:
+        state.nacked.add(1, (("amqpkit.settlement", settled.value), *route.key))
 
 
 async def rpc_call(

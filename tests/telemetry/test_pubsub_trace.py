@@ -153,3 +153,36 @@ async def test_a_publish_while_instruments_are_gone_is_sent_as_asked(
     assert got is not None and got.body == b"x" and "traceparent" not in got.headers
     assert not otel.spans()
     await broker.delete_queue(queue.name)
+
+
+async def test_an_iterated_subscriptions_settlements_are_counted_when_made(
+    broker: Broker, name: str, otel: Telemetry
+) -> None:
+    """Read by iteration, a delivery is settled after the hand-over: its ack or nack still counts, once."""
+    exchange = Exchange(f"{name}.iterated", type="fanout")
+    publisher: Publisher[bytes] = Publisher(broker, exchange)
+    settled: list[str] = []
+    try:
+        async with Subscriber(broker, exchange) as subscriber:
+            for n in range(7):
+                await publisher.publish(b"%d" % n)
+            async for delivery in subscriber:
+                n = int(delivery.body)
+                if n < 3:
+                    await delivery.ack()
+                elif n < 5:
+                    await delivery.nack(requeue=False)
+                else:
+                    await delivery.reject()
+                settled.append(delivery.body.decode())
+                with pytest.raises(Exception, match="already settled"):
+                    await delivery.ack()  # refused: not a second count
+                if len(settled) == 7:
+                    break
+    finally:
+        await broker.delete_exchange(exchange.name)
+
+    assert otel.total("messaging.client.consumed.messages") == 7
+    assert otel.total("amqpkit.messages.acked") == 3
+    nacked = {attrs["amqpkit.settlement"]: value for attrs, value in otel.metric("amqpkit.messages.nacked")}
+    assert nacked == {"nacked": 2, "rejected": 2}
