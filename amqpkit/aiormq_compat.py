@@ -42,6 +42,10 @@ path. What amqpkit relies on:
   gives its queue a gate that refuses a ``basic.publish`` for a channel that
   is closing or gone (the publish fails as on a closed channel, and is not
   counted as sent).
+- ``Connection.close`` with a ``CancelledError`` instance (not the class, its default) and
+  ``Connection.is_connection_was_stuck``: how aiormq ends a connection whose heartbeat found the link
+  silent (it cancels its reader, then closes with what that raised). :class:`AmqpConnection` closes it
+  with an ``AMQPConnectionError`` instead, so that the calls in flight end as a lost connection.
 - ``Connection._rpc`` (a static method the handshake in ``Connection.connect``
   calls for each step, reading the answer with ``frame_receiver.get_frame``):
   aiormq raises ``InvalidFrameError`` when the broker answers a step with
@@ -125,6 +129,21 @@ class AmqpConnection(aiormq.Connection):
         self.unblocked.set()
         #: Called with the reason when the broker blocks the connection, and with None when it unblocks it.
         self.on_blocked: Callable[[str | None], None] | None = None
+
+    async def close(self, exc: Any = asyncio.CancelledError, timeout: Any = None) -> None:
+        """aiormq's close; a link its heartbeat found silent ends the calls in flight as a lost connection.
+
+        aiormq ends such a connection by cancelling its reader and closes it with that ``CancelledError``
+        (an instance: a close asked for passes the class), which every call waiting on the broker then
+        raised, in tasks nobody had cancelled: a confirmed publish was not sent again after the reconnect.
+        """
+        if isinstance(exc, asyncio.CancelledError):
+            if self.is_connection_was_stuck:
+                why = f"the broker sent nothing for {self.heartbeat_timeout + 1} s (heartbeat): the link is silent"
+            else:
+                why = "the connection's reader stopped"
+            exc = aiormq.exceptions.AMQPConnectionError(why)
+        await super().close(exc, timeout)
 
     async def channel(self, *args: Any, **kwargs: Any) -> AbstractChannel:
         channel = await super().channel(*args, **kwargs)

@@ -55,6 +55,11 @@ def test_the_internals_are_where_the_compat_module_says() -> None:
         assert inspect.iscoroutinefunction(getattr(aiormq.Connection, handler))
         assert handler.removeprefix("_Connection") in reader
     assert "self.__connection_unblocked" in inspect.getsource(aiormq.Connection.__init__)
+    # What AmqpConnection.close turns into a lost connection: a reader cancelled by the heartbeat, closing
+    # the connection with the CancelledError it raised.
+    assert isinstance(inspect.getattr_static(aiormq.Connection, "is_connection_was_stuck"), property)
+    assert "await self.close(exc)" in inspect.getsource(aiormq.Connection._on_reader_done)
+    assert "self._reader_task.cancel()" in inspect.getsource(vars(aiormq.Connection)["_Connection__heartbeat"])
 
 
 async def test_a_channel_the_broker_is_closing_is_seen_as_closing(broker: Broker) -> None:
