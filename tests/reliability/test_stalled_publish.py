@@ -75,7 +75,9 @@ async def test_a_confirmed_publish_in_flight_when_the_link_goes_silent_is_sent_a
         task = await _through_a_stall(proxy, lambda: b.publish(Envelope(b"two"), routing_key=queue))
         assert task.exception() is None, task.exception()
         assert b.reconnects > reconnects
-    assert sorted(await _bodies(settings, queue)) == [b"one", b"two"]
+    bodies = await _bodies(settings, queue)
+    # at least once: the copy written before the silence may reach the broker too, once the proxy forwards again
+    assert bodies.count(b"one") == 1 and bodies.count(b"two") >= 1, bodies
 
 
 async def test_a_task_enqueued_when_the_link_goes_silent_is_sent_again(
