@@ -26,7 +26,7 @@ from pamqp.commands import Basic
 from . import _hooks
 from ._streams import OFFSET, StreamPosition, reads_stream
 from .channels import close_quietly
-from .errors import ChannelLimitReached, ConnectionLost, TopologyError, access_refused, map_exceptions, same_refusal
+from .errors import ChannelLimitReached, ConnectionLost, TopologyError, map_exceptions, queue_unavailable, same_refusal
 from .message import Delivery, delivery_from_aiormq
 from .registry import TopologyRegistry, _describe
 from .topology import Binding, Exchange, Queue
@@ -545,9 +545,9 @@ class Consuming(TopologyRegistry):
             if isinstance(exc, ChannelLimitReached):
                 self._wait_for_channel(consumer, exc)
                 return
-            if isinstance(exc, TopologyError) and access_refused(exc):
+            if isinstance(exc, TopologyError) and self._waits_out(consumer.queue, exc):
                 # e.g. its vhost being deleted: the broker refuses access, then cancels the consumer, then closes
-                # the connection; the vhost made again, the reconnect attaches it
+                # the connection; the vhost made again, the reconnect attaches it. Or its queue's node down.
                 self._wait_for_access(consumer, exc)
                 return
             self._stop_consumer(consumer, exc)
@@ -679,7 +679,7 @@ class Consuming(TopologyRegistry):
                 except ConnectionLost:
                     break  # the reconnect attaches what fits, and leaves the rest waiting
                 except TopologyError as exc:
-                    if access_refused(exc):
+                    if self._waits_out(consumer.queue, exc):
                         self._wait_for_access(consumer, exc)
                     else:
                         self._stop_consumer(consumer, exc)
@@ -687,12 +687,18 @@ class Consuming(TopologyRegistry):
                     self._stop_consumer(consumer, exc)
 
     def _wait_for_access(self, consumer: Consumer, exc: TopologyError) -> None:
-        """The broker refused ``consumer`` access (403, which an operator may lift): it stays registered and not
-        attached, ``error`` says why, and it is tried again in the background until the broker allows it. Said
-        once per refusal (again only when the broker's words change), not at each attempt."""
+        """The broker refused ``consumer`` access (403, which an operator may lift), or cannot serve its queue yet
+        (see ``TopologyRegistry._waits_out``): it stays registered and not attached, ``error`` says why, and it is
+        tried again in the background until the broker allows it. Said once per refusal (again only when the
+        broker's words change), not at each attempt."""
         if not same_refusal(consumer._access_refusal, exc):
             # a named exclusive queue another connection holds (405) is said once, for the queue (_say_locked)
-            log.log(logging.DEBUG if self._locked(consumer.queue, exc) else logging.ERROR,
+            level = logging.ERROR
+            if self._locked(consumer.queue, exc):
+                level = logging.DEBUG
+            elif queue_unavailable(exc):
+                level = logging.WARNING  # most often a node just started: over in seconds
+            log.log(level,
                     "consumer %s on %s is not attached: %s; it is tried again until the broker allows it "
                     "(Broker.detached_consumers() lists it meanwhile)", consumer.consumer_tag, self._shown(consumer),
                     exc)  # fmt: skip
@@ -731,7 +737,7 @@ class Consuming(TopologyRegistry):
                     try:
                         await self._reattach_refused(consumer, declared, held)
                     except TopologyError as exc:
-                        if access_refused(exc):
+                        if self._waits_out(consumer.queue, exc):
                             self._wait_for_access(consumer, exc)  # still refused: said again only if it differs
                         else:
                             self._stop_consumer(consumer, exc)

@@ -250,6 +250,15 @@ def access_refused(exc: BaseException) -> bool:
     return caused_by(exc, aiormq.exceptions.ChannelAccessRefused) is not None
 
 
+def queue_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` or one of its causes is the broker's 404 for a durable queue it has but cannot serve now:
+    "home node ... of durable queue ... is down or inaccessible". A node that has just started says it of its
+    own streams until their members are back (RabbitMQ 4.0.5: a few seconds); a cluster says it of a queue whose
+    node is down. Either passes without a change on this side, so it is waited out, not taken for a deletion."""
+    not_found = caused_by(exc, aiormq.exceptions.ChannelNotFoundEntity)
+    return not_found is not None and "is down or inaccessible" in reply_text(not_found)
+
+
 _E = TypeVar("_E", bound=BaseException)
 
 

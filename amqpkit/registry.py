@@ -23,6 +23,7 @@ from .errors import (
     access_refused,
     caused_by,
     map_exceptions,
+    queue_unavailable,
     reply_text,
     same_refusal,
 )
@@ -473,15 +474,18 @@ class TopologyRegistry(BrokerCore):
                 with map_exceptions(kind="queue", name=name):
                     await channel.queue_declare(name, passive=True)
         except TopologyError as exc:
+            if queue_unavailable(exc):
+                return None  # there, but its node cannot serve it now (see queue_unavailable)
             return False if caused_by(exc, ChannelNotFoundEntity) is not None else None
         return True
 
     def _waits_out(self, spec: Exchange | Queue | Binding, exc: BaseException) -> bool:
         """Whether a refusal of ``spec`` at a reconnect is waited out (the spec kept, its consumers registered and
-        not attached, both tried again with the backoff) rather than given up: a refusal of access (403), or a
+        not attached, both tried again with the backoff) rather than given up: a refusal of access (403), a
         named exclusive queue of this Broker's that the broker still holds for another connection (405, see
-        :meth:`_locked`)."""
-        return access_refused(exc) or self._locked(spec, exc)
+        :meth:`_locked`), or a durable queue the broker has but cannot serve yet (404 "home node ... is down or
+        inaccessible", see :func:`~amqpkit.errors.queue_unavailable`: a node's streams just after it started)."""
+        return access_refused(exc) or self._locked(spec, exc) or queue_unavailable(exc)
 
     def _locked(self, spec: Exchange | Queue | Binding, exc: BaseException) -> bool:
         """Whether ``exc`` is the broker refusing a named exclusive queue this Broker declared (and remembers)
@@ -507,7 +511,13 @@ class TopologyRegistry(BrokerCore):
         if isinstance(spec, Queue) and self._locked(spec, exc):
             self._say_locked(spec, exc, again=before is not None and self._locked(spec, before))
             return
-        if not same_refusal(before, exc):
+        if same_refusal(before, exc):
+            return
+        if queue_unavailable(exc):
+            log.warning("could not restore %s after the reconnect: %s; the broker has it but cannot serve it yet "
+                        "(its node just started, or is down): declared again with the reconnect policy's backoff",
+                        _describe(spec), exc)  # fmt: skip
+        else:
             log.error("could not restore %s after the reconnect: %s; kept, and declared again until the broker "
                       "allows it", _describe(spec), exc)  # fmt: skip
 
