@@ -24,7 +24,7 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
 from . import _hooks
-from ._streams import OFFSET, StreamPosition, reads_stream
+from ._streams import FILTER, OFFSET, StreamPosition, reads_stream
 from .channels import close_quietly
 from .errors import ChannelLimitReached, ConnectionLost, TopologyError, map_exceptions, queue_unavailable, same_refusal
 from .message import Delivery, delivery_from_aiormq
@@ -61,6 +61,9 @@ class Consumer:
     connection cut short (the broker delivers them again; the callbacks
     a broker's cancel cut short past ``grace`` when its queue was deleted
     are not counted: their messages went with the queue);
+    ``skipped_offsets`` counts, for a stream's consumer, the offsets it
+    never got because the stream's retention removed them before it was
+    attached again (each time said in a WARNING);
     ``grace`` is how long the callbacks running when the broker cancels it
     (its queue deleted, a quorum queue's leader lost) get to finish on its
     old channel, while it is attached again on a new one at once;
@@ -106,6 +109,7 @@ class Consumer:
         "on_error",
         "prefetch",
         "queue",
+        "skipped_offsets",
         "waiting_for_channel",
     )
 
@@ -137,6 +141,7 @@ class Consumer:
         # why it stopped, when it could not be re-attached; or, not cancelled, why the broker refuses it for now
         self.error: BaseException | None = None
         self.lost_in_flight = 0
+        self.skipped_offsets = 0  # a stream's offsets its retention removed before a re-attach got to them
         # callbacks of an old channel whose queue the broker's cancel found deleted: cut short, not lost_in_flight
         self._gone_with_queue: set[asyncio.Task[Any]] = set()
         # why it is not attached while a limit on channels leaves it waiting (the Broker asks again), else None
@@ -356,7 +361,19 @@ class Consuming(TopologyRegistry):
         arguments, read = consumer._stream.attach(consumer.arguments)
         if read.start is not None:
             log.debug("consumer %s resumes %s from offset %d", consumer.consumer_tag, self._shown(consumer), read.start)
+            if FILTER not in arguments:  # a filter leaves out offsets by itself
+                read.skipped = functools.partial(self._offsets_skipped, consumer)
         return arguments or None, functools.partial(self._dispatch, consumer, deliver=read.delivery)
+
+    def _offsets_skipped(self, consumer: Consumer, asked: int, first: int) -> None:
+        """A resumed attach of ``consumer`` asked for offset ``asked`` and was first handed ``first``: the
+        stream's retention removed what lay between (amqpkit._streams). Said and counted; nothing brings it back."""
+        skipped = first - asked
+        consumer.skipped_offsets += skipped
+        log.warning("consumer %s on %s resumed at offset %d, the broker started at %d: %d offsets skipped, removed "
+                    "by the stream's retention (x-max-length-bytes, x-max-age) before it was attached again; their "
+                    "messages are not delivered", consumer.consumer_tag, self._shown(consumer), asked, first,
+                    skipped)  # fmt: skip
 
     async def _dispatch(
         self,
