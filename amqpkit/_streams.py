@@ -11,7 +11,8 @@ or for access) asks for the lowest offset delivered to the callback and not
 yet settled, else the last one settled + 1: at least once, as with any queue.
 The broker starts exactly there: RabbitMQ 3.10 and 4.0 leave out the messages
 of the chunk before a numeric offset (measured: from 47, 47 first, in a chunk
-of 45 to 49 on 3.10 and of 33 to 49 on 4.0).
+of 45 to 49 on 3.10 and of 33 to 49 on 4.0). A consumer of a stream acks:
+``consume()`` refuses ``auto_ack`` for one (:func:`refuse_auto_ack`).
 
 Unless retention removed it meanwhile: a stream with ``x-max-length-bytes``
 or ``x-max-age`` drops its oldest segments whole, and an attach at an offset
@@ -85,9 +86,24 @@ OFFSET = "x-stream-offset"
 FILTER = "x-stream-filter"
 
 
+def is_stream(queue: Queue) -> bool:
+    """Whether ``queue`` is declared as a stream (its type, or an ``x-queue-type`` argument)."""
+    return queue.type is QueueType.STREAM or queue.arguments.get("x-queue-type") == "stream"
+
+
 def reads_stream(queue: Queue, arguments: Mapping[str, Any]) -> bool:
     """Whether a consumer with these ``arguments`` reads a stream (where it got to is then worth noting)."""
-    return OFFSET in arguments or queue.type is QueueType.STREAM
+    return OFFSET in arguments or is_stream(queue)
+
+
+def refuse_auto_ack(queue: Queue, arguments: Mapping[str, Any], auto_ack: bool) -> None:
+    """Raise ValueError for an auto-ack consumer of a stream: RabbitMQ answers its basic.consume by closing the
+    whole connection (540 NOT_IMPLEMENTED, on 3.10 and 4.0.5), every other consumer and publish of it with it."""
+    if auto_ack and reads_stream(queue, arguments):
+        raise ValueError(
+            f"queue {queue.name!r} is a stream, which RabbitMQ delivers only to a consumer that acks (auto_ack=False, "
+            "with a prefetch): it closes the whole connection at an auto-ack consume of one (540 NOT_IMPLEMENTED)"
+        )
 
 
 def offset_of(message: DeliveredMessage) -> int | None:

@@ -24,7 +24,7 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
 from . import _hooks
-from ._streams import FILTER, OFFSET, StreamPosition, reads_stream
+from ._streams import FILTER, OFFSET, StreamPosition, reads_stream, refuse_auto_ack
 from .channels import close_quietly
 from .errors import ChannelLimitReached, ConnectionLost, TopologyError, map_exceptions, queue_unavailable, same_refusal
 from .message import Delivery, delivery_from_aiormq
@@ -218,17 +218,22 @@ class Consuming(TopologyRegistry):
         declared as a stream) resumes where it got to whenever it is attached
         again (a reconnect, a cancel by the broker, a lost channel), at least
         once: from the lowest offset handed to ``callback`` and not yet
-        settled, else the last one settled + 1 (an auto-ack delivery is
-        settled when handed over). Until something was delivered the
-        ``x-stream-offset`` given stands: from ``"next"``, what is appended
-        while it is detached before its first delivery is not delivered (where
-        ``"next"`` pointed cannot be read over AMQP 0-9-1); start from a stored
-        offset, ``"first"`` or a timestamp where that matters. A stream deleted
+        settled, else the last one settled + 1. Until something was
+        delivered the ``x-stream-offset`` given stands: from ``"next"``, what
+        is appended while it is detached before its first delivery is not
+        delivered (where ``"next"`` pointed cannot be read over AMQP 0-9-1);
+        start from a stored offset, ``"first"`` or a timestamp where that
+        matters. A stream deleted
         (under its consumer, or while the connection is down) and declared
         again by the Broker is a new one, read from its first message; one
         deleted and declared again by someone else meanwhile cannot be told
-        from the old one (amqpkit._streams).
+        from the old one (amqpkit._streams). RabbitMQ delivers a stream only
+        to a consumer that acks, with a prefetch: ``auto_ack=True`` on a queue
+        declared as a stream (or with an ``x-stream-offset``) raises
+        ValueError, before anything is sent (the broker would close the whole
+        connection).
         """
+        refuse_auto_ack(queue, arguments or {}, auto_ack)
         declared = False
         if declare and queue not in self._queues:
             await self.declare_queue(queue)

@@ -22,6 +22,7 @@ from typing import Any, Generic, Self, cast, overload
 from typing_extensions import TypeVar  # with a default (PEP 696)
 
 from .._handlers import HandlerInfo, inspect_handler
+from .._streams import refuse_auto_ack
 from ..codec import AutoCodec, Codec
 from ..connection import Broker, Consumer
 from ..errors import DecodeError, SettlementError, brief
@@ -76,7 +77,9 @@ class Subscriber(Generic[T]):
     also ignores ``prefetch`` then: a handler (or an iteration) slower than
     the messages come leaves them waiting in this process, without bound, and
     a lost connection loses all of them. Keep ``auto_ack`` for consumers that
-    keep up; the default (acks) bounds them by ``prefetch``.
+    keep up; the default (acks) bounds them by ``prefetch``. A stream is
+    read with acks only: ``auto_ack=True`` on a queue declared as a stream
+    raises ValueError (RabbitMQ would close the whole connection).
     """
 
     @overload
@@ -165,6 +168,7 @@ class Subscriber(Generic[T]):
             self.queue = Queue(queue, durable=True, dead_letter_exchange=dead_letter_exchange)
         else:
             self.queue = queue
+        refuse_auto_ack(self.queue, {}, auto_ack)  # before anything is declared
         if exchange.is_default:
             # The default exchange routes by queue name; there is nothing to bind.
             self.bindings: tuple[Binding, ...] = ()

@@ -15,7 +15,7 @@ import logging
 
 import pytest
 
-from amqpkit import Broker, Delivery, Envelope, Queue, QueueType, ReconnectPolicy, TopologyError
+from amqpkit import Broker, Delivery, Envelope, Exchange, Queue, QueueType, ReconnectPolicy, Subscriber, TopologyError
 
 from ..waiting import until, wait_for
 from .proxy import FaultProxy, hold_out, let_in, proxied_settings
@@ -389,5 +389,42 @@ async def test_a_stream_consumer_given_a_filter_is_not_said_to_skip_what_the_fil
             said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "retention" in r.message]
             assert said == [], said
             assert consumer.skipped_offsets == 0
+    finally:
+        await broker.delete_queue(stream.name)
+
+
+async def test_consuming_a_stream_with_auto_ack_is_refused_before_the_broker_closes_the_connection(
+    broker: Broker, name: str
+) -> None:
+    """RabbitMQ does not deliver a stream to an auto-ack consumer: it closes the whole connection (540
+    NOT_IMPLEMENTED), cutting every other consumer and publish of the Broker. consume() says so first."""
+    stream = Queue(f"{name}.stream", type=QueueType.STREAM)
+    by_argument = Queue(f"{name}.stream", arguments={"x-queue-type": "stream"})
+    await broker.declare_queue(stream)
+    bodies: list[bytes] = []
+
+    async def take(delivery: Delivery[bytes]) -> None:
+        bodies.append(delivery.body)
+        await delivery.ack()
+
+    try:
+        reconnects = broker.reconnects
+        with pytest.raises(ValueError, match="auto_ack"):
+            await broker.consume(stream, take, auto_ack=True)
+        with pytest.raises(ValueError, match="auto_ack"):
+            await broker.consume(by_argument, take, auto_ack=True, declare=False)
+        with pytest.raises(ValueError, match="auto_ack"):
+            Subscriber(broker, Exchange(""), take, queue=stream, auto_ack=True)
+        await asyncio.sleep(0.3)
+        # before: the broker closed the connection at the first consume, and the Broker reconnected
+        assert broker.is_connected and broker.reconnects == reconnects
+        assert broker.consumers == ()
+        consumer = await broker.consume(stream, take, prefetch=10, arguments={"x-stream-offset": "first"})
+        try:
+            await broker.publish(Envelope(b"after"), routing_key=stream.name)
+            await wait_for(lambda: bodies == [b"after"])
+            assert broker.reconnects == reconnects
+        finally:
+            await consumer.cancel()
     finally:
         await broker.delete_queue(stream.name)
