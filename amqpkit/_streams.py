@@ -68,12 +68,21 @@ one was left, and that many of its first messages are skipped
 (``consume(..., declare=False)``) that its owner deletes and declares again
 during an outage: the reconnect does not ask about it.
 
+RabbitMQ 3.10 answers a basic.nack or basic.reject of a stream's delivery by
+closing the whole connection (540 NOT_IMPLEMENTED); 4.0.5 takes them, and a
+stream neither requeues nor dead-letters, so they do there what an ack does:
+let the prefetch move on. On a broker before 4.0 (and one whose version is
+not known; the releases between 3.10 and 4.0 were not measured) a stream
+delivery's nack or reject is written as a basic.ack, said once per consumer
+at DEBUG, and the delivery's ``settled`` says what its reader asked for.
+
 Per delivery, this costs only consumers of a stream (an ``x-stream-offset``
 argument, or a queue declared as a stream); the others do no work of it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -96,6 +105,15 @@ def reads_stream(queue: Queue, arguments: Mapping[str, Any]) -> bool:
     return OFFSET in arguments or is_stream(queue)
 
 
+def acks_only(server_properties: Mapping[str, Any]) -> bool:
+    """Whether a broker that announced these properties closes the connection at a nack or reject of a stream's
+    delivery: RabbitMQ before 4.0, or a version not known (an ack does there what they would do)."""
+    version = server_properties.get("version", "")
+    text = version.decode(errors="replace") if isinstance(version, bytes) else str(version)
+    match = re.match(r"(\d+)\.(\d+)", text)
+    return match is None or (int(match[1]), int(match[2])) < (4, 0)
+
+
 def refuse_auto_ack(queue: Queue, arguments: Mapping[str, Any], auto_ack: bool) -> None:
     """Raise ValueError for an auto-ack consumer of a stream: RabbitMQ answers its basic.consume by closing the
     whole connection (540 NOT_IMPLEMENTED, on 3.10 and 4.0.5), every other consumer and publish of it with it."""
@@ -116,7 +134,7 @@ def offset_of(message: DeliveredMessage) -> int | None:
 class StreamRead:
     """What one attach of a stream's consumer delivered: offsets handed over and not settled, the next one."""
 
-    __slots__ = ("next", "skipped", "start", "unsettled")
+    __slots__ = ("nack_as_ack", "next", "skipped", "start", "unsettled")
 
     def __init__(self, at: int | None) -> None:
         self.start = at  # the offset this attach asked for; None: the consumer's own argument
@@ -125,6 +143,9 @@ class StreamRead:
         # told (the offset asked for, the first one delivered) when the first delivery of an attach that asked for
         # an offset comes more than one past it: retention removed what lay between; None once the first came
         self.skipped: Callable[[int, int], None] | None = None
+        # set for a broker that closes the connection at a nack or reject of a stream's delivery: they are written
+        # as an ack, and this is told the outcome asked for
+        self.nack_as_ack: Callable[[Settlement], None] | None = None
 
     def resume_at(self) -> int | None:
         """Where the next attach starts: the lowest offset handed over and unsettled, else the next one."""
@@ -164,17 +185,27 @@ class _NotedSettler(_Settler):
         self.offset = offset
 
     async def settle(self, outcome: Settlement, write: Callable[[AbstractChannel], Awaitable[None]]) -> None:
+        told = self.read.nack_as_ack if outcome is not Settlement.ACKED else None
+        if told is not None:
+            tag = self.tag
+
+            async def write(channel: AbstractChannel) -> None:  # an ack, what the broker takes
+                await channel.basic_ack(tag, wait=False)
+
         await super().settle(outcome, write)  # a write that fails leaves it unsettled: resumed from
         self.read.settled(self.offset)
+        if told is not None:
+            told(outcome)
 
 
 class StreamPosition:
     """Where a stream's consumer got to, across its attaches."""
 
-    __slots__ = ("_read",)
+    __slots__ = ("_read", "said_nack_as_ack")
 
     def __init__(self) -> None:
         self._read = StreamRead(None)
+        self.said_nack_as_ack = False  # a nack written as an ack was said (once per consumer)
 
     def attach(self, arguments: dict[str, Any]) -> tuple[dict[str, Any], StreamRead]:
         """The arguments of the next attach, and the record of what it delivers. Nothing delivered yet: the

@@ -17,17 +17,17 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
 from . import _hooks
-from ._streams import FILTER, OFFSET, StreamPosition, reads_stream, refuse_auto_ack
+from ._streams import FILTER, OFFSET, StreamPosition, acks_only, reads_stream, refuse_auto_ack
 from .channels import close_quietly
 from .errors import ChannelLimitReached, ConnectionLost, TopologyError, map_exceptions, queue_unavailable, same_refusal
-from .message import Delivery, delivery_from_aiormq
+from .message import Delivery, Settlement, delivery_from_aiormq
 from .registry import TopologyRegistry, _describe
 from .topology import Binding, Exchange, Queue
 
@@ -329,7 +329,7 @@ class Consuming(TopologyRegistry):
         with map_exceptions(kind="queue", name=queue_name):
             channel = await self._new_channel(conn, publisher_confirms=False)
             await channel.basic_qos(prefetch_count=consumer.prefetch)
-            arguments, on_message = self._consuming_with(consumer)
+            arguments, on_message = self._consuming_with(consumer, conn.server_properties)
             channel.on_consumer_cancel_callbacks.add(lambda frame: self._on_broker_cancel(consumer, channel))
             await channel.basic_consume(
                 queue_name,
@@ -357,9 +357,12 @@ class Consuming(TopologyRegistry):
         channel.closing.add_done_callback(lambda _: self._on_consumer_channel_closed(consumer, channel, generation))
         log.debug("consumer %s attached to %s", consumer.consumer_tag, queue_name)
 
-    def _consuming_with(self, consumer: Consumer) -> tuple[dict[str, Any] | None, Callable[[DeliveredMessage], Any]]:
+    def _consuming_with(
+        self, consumer: Consumer, server_properties: Mapping[str, Any]
+    ) -> tuple[dict[str, Any] | None, Callable[[DeliveredMessage], Any]]:
         """The arguments of ``consumer``'s attach and what runs each of its deliveries. A stream's consumer
-        resumes where it got to, at least once (amqpkit._streams), and notes each delivery; the others, as given."""
+        resumes where it got to, at least once (amqpkit._streams), and notes each delivery; the others, as given.
+        ``server_properties``: what the broker said of itself (whether a nack of a stream's delivery is an ack)."""
         if consumer._stream is None:
             # aiormq runs it in a task of its own per delivery: _dispatch itself, no coroutine wrapped around it.
             return consumer.arguments or None, functools.partial(self._dispatch, consumer)
@@ -368,6 +371,8 @@ class Consuming(TopologyRegistry):
             log.debug("consumer %s resumes %s from offset %d", consumer.consumer_tag, self._shown(consumer), read.start)
             if FILTER not in arguments:  # a filter leaves out offsets by itself
                 read.skipped = functools.partial(self._offsets_skipped, consumer)
+        if acks_only(server_properties):
+            read.nack_as_ack = functools.partial(self._nacked_as_ack, consumer)
         return arguments or None, functools.partial(self._dispatch, consumer, deliver=read.delivery)
 
     def _offsets_skipped(self, consumer: Consumer, asked: int, first: int) -> None:
@@ -379,6 +384,17 @@ class Consuming(TopologyRegistry):
                     "by the stream's retention (x-max-length-bytes, x-max-age) before it was attached again; their "
                     "messages are not delivered", consumer.consumer_tag, self._shown(consumer), asked, first,
                     skipped)  # fmt: skip
+
+    def _nacked_as_ack(self, consumer: Consumer, outcome: Settlement) -> None:
+        """A delivery of ``consumer``'s stream was nacked or rejected, and written as an ack (amqpkit._streams);
+        said once per consumer."""
+        assert consumer._stream is not None
+        if not consumer._stream.said_nack_as_ack:
+            consumer._stream.said_nack_as_ack = True
+            log.debug("consumer %s on %s: a delivery %s is acked: this broker closes the connection at a nack or "
+                      "reject of a stream's delivery, which would do nothing else there (a stream neither requeues "
+                      "nor dead-letters); said once", consumer.consumer_tag, self._shown(consumer),
+                      outcome.value)  # fmt: skip
 
     async def _dispatch(
         self,

@@ -15,7 +15,18 @@ import logging
 
 import pytest
 
-from amqpkit import Broker, Delivery, Envelope, Exchange, Queue, QueueType, ReconnectPolicy, Subscriber, TopologyError
+from amqpkit import (
+    Broker,
+    Delivery,
+    Envelope,
+    Exchange,
+    Queue,
+    QueueType,
+    ReconnectPolicy,
+    Settlement,
+    Subscriber,
+    TopologyError,
+)
 
 from ..waiting import until, wait_for
 from .proxy import FaultProxy, hold_out, let_in, proxied_settings
@@ -424,6 +435,56 @@ async def test_consuming_a_stream_with_auto_ack_is_refused_before_the_broker_clo
             await broker.publish(Envelope(b"after"), routing_key=stream.name)
             await wait_for(lambda: bodies == [b"after"])
             assert broker.reconnects == reconnects
+        finally:
+            await consumer.cancel()
+    finally:
+        await broker.delete_queue(stream.name)
+
+
+async def test_a_stream_delivery_nacked_or_rejected_leaves_the_connection_up_and_is_reported_as_asked(
+    broker: Broker, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RabbitMQ 3.10 closes the whole connection (540 NOT_IMPLEMENTED) at a basic.nack or basic.reject of a stream's
+    delivery; 4.0 takes them, and does nothing else for them than for an ack (a stream neither requeues nor
+    dead-letters). The Broker writes an ack to a broker before 4.0; the delivery says what its reader asked."""
+    stream = Queue(f"{name}.stream", type=QueueType.STREAM)
+    await broker.declare_queue(stream)
+    outcomes: dict[int, Settlement | None] = {}
+
+    async def take(delivery: Delivery[bytes]) -> None:
+        offset = int(delivery.headers["x-stream-offset"])
+        if offset == 0:
+            await delivery.nack()
+        elif offset == 1:
+            await delivery.nack(requeue=False)
+        elif offset == 2:
+            await delivery.reject()
+        else:
+            await delivery.ack()
+        outcomes[offset] = delivery.settled
+
+    caplog.set_level(logging.DEBUG, logger="amqpkit.broker")
+    try:
+        reconnects = broker.reconnects
+        consumer = await broker.consume(stream, take, prefetch=10, arguments={"x-stream-offset": "first"})
+        try:
+            for n in range(3):
+                await broker.publish(Envelope(str(n).encode()), routing_key=stream.name)
+            await wait_for(lambda: len(outcomes) == 3)
+            await asyncio.sleep(0.3)
+            await broker.publish(Envelope(b"3"), routing_key=stream.name)
+            await wait_for(lambda: 3 in outcomes)
+            await asyncio.sleep(0.3)
+            assert outcomes == {
+                0: Settlement.REQUEUED,
+                1: Settlement.NACKED,
+                2: Settlement.REJECTED,
+                3: Settlement.ACKED,
+            }, outcomes  # each delivered once: the connection stayed up, nothing was read again
+            # before, on 3.10: the connection closed at the first nack, and the Broker reconnected
+            assert broker.is_connected and broker.reconnects == reconnects
+            said = [r.getMessage() for r in caplog.records if "is acked" in r.message]
+            assert len(said) == (1 if broker.server_version < (4,) else 0), said  # once, for the three
         finally:
             await consumer.cancel()
     finally:
