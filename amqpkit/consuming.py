@@ -204,7 +204,11 @@ class Consuming(TopologyRegistry):
 
         The queue is declared first (and remembered) unless ``declare=False``,
         for a queue someone else owns. Each delivery runs ``callback`` in its
-        own task; settle it there (unless ``auto_ack``).
+        own task; settle it there (unless ``auto_ack``). A delivery whose
+        callback raises before settling it stays unsettled (the broker
+        delivers it again once the channel closes); a stream's is rejected,
+        which leaves its message in the stream (unsettled, it would be read
+        again at each re-attach, with everything after it).
 
         When the broker cancels the consumer (its queue deleted, a quorum
         queue's leader lost), it is attached again at once on a new channel
@@ -405,6 +409,7 @@ class Consuming(TopologyRegistry):
         task = asyncio.current_task()
         if task is not None:
             consumer.inflight.add(task)
+        delivery: Delivery[bytes] | None = None
         try:
             delivery = deliver(message, auto_ack=consumer.auto_ack)
             if _hooks.consume is not None:  # amqpkit.telemetry: the callback in a CONSUMER span
@@ -420,9 +425,27 @@ class Consuming(TopologyRegistry):
         except Exception:
             # Patterns settle and log their own failures; this is the last net.
             log.exception("consumer %s callback failed", consumer.consumer_tag)
+            if consumer._stream is not None and delivery is not None:
+                await self._reject_failed(consumer, delivery)
         finally:
             if task is not None:
                 consumer.inflight.discard(task)
+
+    async def _reject_failed(self, consumer: Consumer, delivery: Delivery[bytes]) -> None:
+        """The callback of a stream's ``consumer`` raised and left ``delivery`` unsettled: rejected. Left so, it held
+        a prefetch slot for good, and every re-attach read the stream again from it, with all read since
+        (amqpkit._streams). A stream neither requeues nor dead-letters: its message stays in the stream."""
+        settler = delivery._settler
+        if settler.outcome is not None or settler.writing is not None:
+            return
+        try:
+            await delivery.reject()
+        except Exception as exc:  # its channel gone meanwhile: resumed from it, as any delivery left unsettled
+            log.debug("consumer %s: could not reject the delivery its callback failed on: %r", consumer.consumer_tag,
+                      exc)  # fmt: skip
+            return
+        log.warning("consumer %s on %s: the delivery its callback failed on (offset %s) is rejected; it stays in the "
+                    "stream", consumer.consumer_tag, self._shown(consumer), delivery.headers.get(OFFSET))  # fmt: skip
 
     def _on_consumer_channel_closed(self, consumer: Consumer, channel: AbstractChannel, generation: int) -> None:
         if consumer.cancelled or self._closing or consumer._channel is not channel:

@@ -489,3 +489,41 @@ async def test_a_stream_delivery_nacked_or_rejected_leaves_the_connection_up_and
             await consumer.cancel()
     finally:
         await broker.delete_queue(stream.name)
+
+
+async def test_a_stream_delivery_whose_callback_raises_is_settled_rather_than_read_again_with_all_after_it(
+    broker: Broker, proxy: FaultProxy, amqp_url: str, name: str
+) -> None:
+    """A consume() callback that raises leaves its delivery unsettled. A stream's held a prefetch slot for good, and
+    was where every re-attach read the stream again from, with everything read since. It is rejected now: a
+    stream neither requeues nor dead-letters, and its message stays in the stream."""
+    stream = Queue(f"{name}.stream", type=QueueType.STREAM)
+    await broker.declare_queue(stream)
+    offsets: list[int] = []
+    failed: list[Delivery[bytes]] = []
+
+    async def take(delivery: Delivery[bytes]) -> None:
+        offset = int(delivery.headers["x-stream-offset"])
+        offsets.append(offset)
+        if offset == 1:
+            failed.append(delivery)
+            raise RuntimeError("offset 1 cannot be handled")
+        await delivery.ack()
+
+    try:
+        for n in range(5):
+            await broker.publish(Envelope(str(n).encode()), routing_key=stream.name)
+        async with Broker(proxied_settings(proxy, amqp_url)) as reader:
+            await reader.consume(stream, take, prefetch=50, arguments={"x-stream-offset": "first"})
+            await wait_for(lambda: len(offsets) == 5)
+            await asyncio.sleep(0.2)  # the settlements written
+            assert failed[0].settled is Settlement.REJECTED
+            assert proxy.cut()
+            await reader.wait_connected()
+            await broker.publish(Envelope(b"5"), routing_key=stream.name)
+            await wait_for(lambda: 5 in offsets)
+            await asyncio.sleep(0.5)
+            # before: [0, 1, 2, 3, 4, 1, 2, 3, 4, 5], read again from the failed delivery at each re-attach
+            assert offsets == [0, 1, 2, 3, 4, 5], offsets
+    finally:
+        await broker.delete_queue(stream.name)
