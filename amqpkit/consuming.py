@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp.commands import Basic
 
 from . import _hooks
@@ -42,6 +43,10 @@ CANCEL_GRACE = 5.0
 """Seconds the callbacks running when the broker cancels a consumer get to finish before its old channel is
 closed (unless ``consume()`` is given another ``grace``): the default grace of ``Broker.close()`` and of a
 Subscriber's or an RpcServer's stop."""
+
+FOREIGN_RECHECK = 0.25
+"""Seconds, after the broker cancelled the consumer of a queue not this Broker's to declare, before a second
+look at a queue the first found still there (see Consuming._on_broker_cancel)."""
 
 STOP_STEP = 1.0
 """Seconds a consumer's stop waits, past its grace, for each of: the callbacks it cancelled to end, the broker's
@@ -481,9 +486,23 @@ class Consuming(TopologyRegistry):
             # each has run its first step (queued before this task's) and so is in inflight; nothing of the new
             # channel is there yet (it is attached below).
             running = {t for t in consumer.inflight if not t.done()}
+            # A queue not ours to declare again: the re-attach would send only its basic.consume.
+            foreign = not consumer.queue.server_named and consumer.queue not in self._queues
             there: bool | None = None
-            if consumer._stream is not None or running:
+            if consumer._stream is not None or running or foreign:
                 there = await self._still_there(consumer)  # asked before the re-attach declares it again
+                log.debug("consumer %s: its queue there after the cancel: %s", consumer.consumer_tag, there)
+            if foreign and there is True:
+                # RabbitMQ 4.0.5 cancels a quorum queue's consumers before the queue is gone for a passive declare
+                await asyncio.sleep(FOREIGN_RECHECK)
+                there = await self._still_there(consumer)
+            if foreign and there is False:
+                # Deleted by its owner: stopped without that basic.consume. On RabbitMQ 4.0.5 a consume racing a
+                # quorum queue's deletion crashed the broker's channel, and the broker closed the whole connection
+                # (541 INTERNAL_ERROR), every other consumer and publish of it with it.
+                self._spawn(self._retire_channel(consumer, channel, running, there))
+                self._stop_consumer(consumer, _deleted(self.queue_name(consumer.queue)))
+                return
             if consumer._stream is not None and there is False:
                 self._new_stream(consumer, "was deleted under it")
             if consumer._stream is not None:
@@ -908,3 +927,12 @@ class Consuming(TopologyRegistry):
                 consumer.on_error(exc)
             except Exception:
                 log.exception("on_error of consumer %s failed", consumer.consumer_tag)
+
+
+def _deleted(name: str) -> TopologyError:
+    """What stops a consumer whose queue, not this Broker's to declare, a passive declare found deleted after the
+    broker cancelled it: the broker's 404 as a basic.consume would have had it, as its cause."""
+    text = f"NOT_FOUND - no queue {name!r}"
+    error = TopologyError(f"queue {name!r}: {text} (the broker cancelled its consumer)", kind="queue", name=name)
+    error.__cause__ = ChannelNotFoundEntity(text)
+    return error
