@@ -27,7 +27,16 @@ from pamqp.commands import Basic
 from . import _hooks
 from ._streams import FILTER, OFFSET, StreamPosition, acks_only, reads_stream, refuse_auto_ack
 from .channels import close_quietly
-from .errors import ChannelLimitReached, ConnectionLost, TopologyError, map_exceptions, queue_unavailable, same_refusal
+from .errors import (
+    ChannelLimitReached,
+    ConnectionLost,
+    TopologyError,
+    caused_by,
+    map_exceptions,
+    queue_unavailable,
+    reply_text,
+    same_refusal,
+)
 from .message import Delivery, Settlement, delivery_from_aiormq
 from .registry import TopologyRegistry, _describe
 from .topology import Binding, Exchange, Queue
@@ -44,9 +53,15 @@ CANCEL_GRACE = 5.0
 closed (unless ``consume()`` is given another ``grace``): the default grace of ``Broker.close()`` and of a
 Subscriber's or an RpcServer's stop."""
 
-FOREIGN_RECHECK = 0.25
-"""Seconds, after the broker cancelled the consumer of a queue not this Broker's to declare, before a second
-look at a queue the first found still there (see Consuming._on_broker_cancel)."""
+DELETED_AGAIN = 5
+"""Times a consumer's queue of this Broker's, deleted under it, is declared again when the consume after that
+declare gets 404 (the deletion was not over), with the reconnect policy's backoff between, before it stops."""
+
+DELETION_RECHECK = 0.25
+"""Seconds, after the broker cancelled a consumer of a named queue, before a second look at a queue the first
+found still there, and only then the re-attach. RabbitMQ 4.0.5 cancels a quorum queue's consumers before its
+deletion is over: a declare then still found the queue and the consume after it got 404, and a consume at the
+wrong moment crashed the broker's channel, which closed the whole connection (541 INTERNAL_ERROR)."""
 
 STOP_STEP = 1.0
 """Seconds a consumer's stop waits, past its grace, for each of: the callbacks it cancelled to end, the broker's
@@ -486,15 +501,17 @@ class Consuming(TopologyRegistry):
             # each has run its first step (queued before this task's) and so is in inflight; nothing of the new
             # channel is there yet (it is attached below).
             running = {t for t in consumer.inflight if not t.done()}
+            named = not consumer.queue.server_named
             # A queue not ours to declare again: the re-attach would send only its basic.consume.
-            foreign = not consumer.queue.server_named and consumer.queue not in self._queues
+            foreign = named and consumer.queue not in self._queues
             there: bool | None = None
-            if consumer._stream is not None or running or foreign:
+            if consumer._stream is not None or running or named:
                 there = await self._still_there(consumer)  # asked before the re-attach declares it again
                 log.debug("consumer %s: its queue there after the cancel: %s", consumer.consumer_tag, there)
-            if foreign and there is True:
-                # RabbitMQ 4.0.5 cancels a quorum queue's consumers before the queue is gone for a passive declare
-                await asyncio.sleep(FOREIGN_RECHECK)
+            if named and there is True:
+                # RabbitMQ 4.0.5 cancels a quorum queue's consumers before a passive declare finds the queue gone;
+                # a declare or consume meanwhile meets the deletion half done (see DELETION_RECHECK).
+                await asyncio.sleep(DELETION_RECHECK)
                 there = await self._still_there(consumer)
             if foreign and there is False:
                 # Deleted by its owner: stopped without that basic.consume. On RabbitMQ 4.0.5 a consume racing a
@@ -598,6 +615,7 @@ class Consuming(TopologyRegistry):
         # limit of 10 attempts here stopped it for good after an outage of about 10 publish timeouts); with the
         # connection up, a channel lost under the attach is tried again 10 times.
         failures = 0
+        deleted = 0  # 404s for a queue of ours the declare had just found there (see DELETED_AGAIN)
         try:
             while True:
                 if consumer.cancelled or self._closing:
@@ -612,6 +630,11 @@ class Consuming(TopologyRegistry):
                 try:
                     await self._attach_again(consumer, redeclare=redeclare)
                     return
+                except TopologyError as exc:
+                    if not (redeclare and self._deleted_as_declared(consumer, exc, deleted)):
+                        raise
+                    deleted += 1
+                    await asyncio.sleep(self._retry_delay(deleted - 1))
                 except ConnectionLost:
                     if not self.is_connected:
                         continue
@@ -631,6 +654,17 @@ class Consuming(TopologyRegistry):
                 self._wait_for_access(consumer, exc)
                 return
             self._stop_consumer(consumer, exc)
+
+    def _deleted_as_declared(self, consumer: Consumer, exc: TopologyError, times: int) -> bool:
+        """Whether a re-attach of ``consumer`` that failed with ``exc`` declares its queue again: a 404 for a queue of
+        this Broker's that the declare just before found there, its deletion not over (RabbitMQ 4.0.5 cancels a
+        quorum queue's consumers while the queue still answers a declare); ``times`` so far, up to
+        :data:`DELETED_AGAIN`."""
+        if consumer.queue not in self._queues or not _no_queue(exc) or times >= DELETED_AGAIN:
+            return False
+        log.debug("consumer %s: %s was being deleted as it was declared again (%s); declared again",
+                  consumer.consumer_tag, self._shown(consumer), exc)  # fmt: skip
+        return True
 
     async def _attach_again(self, consumer: Consumer, *, redeclare: bool) -> None:
         await self._ready()
@@ -936,3 +970,9 @@ def _deleted(name: str) -> TopologyError:
     error = TopologyError(f"queue {name!r}: {text} (the broker cancelled its consumer)", kind="queue", name=name)
     error.__cause__ = ChannelNotFoundEntity(text)
     return error
+
+
+def _no_queue(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broker's 404 for a missing queue (not for an exchange, nor a queue it cannot serve)."""
+    not_found = caused_by(exc, ChannelNotFoundEntity)
+    return not_found is not None and "no queue" in reply_text(not_found)
