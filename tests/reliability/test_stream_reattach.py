@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -32,16 +33,23 @@ from ..waiting import until, wait_for
 from .proxy import FaultProxy, hold_out, let_in, proxied_settings
 
 
-async def test_a_stream_consumer_from_next_misses_nothing_appended_during_a_reconnect(
-    broker: Broker, proxy: FaultProxy, amqp_url: str, name: str
-) -> None:
-    stream = Queue(f"{name}.stream", type=QueueType.STREAM)
-    await broker.declare_queue(stream)
+def acked_offsets() -> tuple[list[int], Callable[[Delivery[bytes]], Awaitable[None]]]:
+    """A list of the offsets delivered, and a callback that appends each delivery's offset and acks it."""
     offsets: list[int] = []
 
     async def take(delivery: Delivery[bytes]) -> None:
         offsets.append(int(delivery.headers["x-stream-offset"]))
         await delivery.ack()
+
+    return offsets, take
+
+
+async def test_a_stream_consumer_from_next_misses_nothing_appended_during_a_reconnect(
+    broker: Broker, proxy: FaultProxy, amqp_url: str, name: str
+) -> None:
+    stream = Queue(f"{name}.stream", type=QueueType.STREAM)
+    await broker.declare_queue(stream)
+    offsets, take = acked_offsets()
 
     slow = ReconnectPolicy(initial_delay=1.0, max_delay=1.0, jitter=0)
     try:
@@ -67,11 +75,7 @@ async def test_a_stream_consumer_from_first_is_not_given_the_stream_again_after_
 ) -> None:
     stream = Queue(f"{name}.stream", type=QueueType.STREAM)
     await broker.declare_queue(stream)
-    offsets: list[int] = []
-
-    async def take(delivery: Delivery[bytes]) -> None:
-        offsets.append(int(delivery.headers["x-stream-offset"]))
-        await delivery.ack()
+    offsets, take = acked_offsets()
 
     try:
         for n in range(5):
@@ -333,11 +337,7 @@ async def test_a_stream_consumer_resumed_at_an_offset_retention_removed_says_how
         arguments={"x-stream-max-segment-size-bytes": 5_000},
     )
     await broker.declare_queue(stream)
-    offsets: list[int] = []
-
-    async def take(delivery: Delivery[bytes]) -> None:
-        offsets.append(int(delivery.headers["x-stream-offset"]))
-        await delivery.ack()
+    offsets, take = acked_offsets()
 
     try:
         for n in range(5):
@@ -373,11 +373,7 @@ async def test_a_stream_consumer_given_a_filter_is_not_said_to_skip_what_the_fil
     filter's doing, not retention's, and nothing is said of it."""
     stream = Queue(f"{name}.stream", type=QueueType.STREAM)
     await broker.declare_queue(stream)
-    offsets: list[int] = []
-
-    async def take(delivery: Delivery[bytes]) -> None:
-        offsets.append(int(delivery.headers["x-stream-offset"]))
-        await delivery.ack()
+    offsets, take = acked_offsets()
 
     try:
         await broker.publish(Envelope(b"0"), routing_key=stream.name)
