@@ -31,10 +31,9 @@ from .errors import (
     ChannelLimitReached,
     ConnectionLost,
     TopologyError,
-    caused_by,
     map_exceptions,
+    not_found_saying,
     queue_unavailable,
-    reply_text,
     same_refusal,
 )
 from .message import Delivery, Settlement, delivery_from_aiormq
@@ -660,7 +659,7 @@ class Consuming(TopologyRegistry):
         this Broker's that the declare just before found there, its deletion not over (RabbitMQ 4.0.5 cancels a
         quorum queue's consumers while the queue still answers a declare); ``times`` so far, up to
         :data:`DELETED_AGAIN`."""
-        if consumer.queue not in self._queues or not _no_queue(exc) or times >= DELETED_AGAIN:
+        if consumer.queue not in self._queues or not not_found_saying(exc, "no queue") or times >= DELETED_AGAIN:
             return False
         log.debug("consumer %s: %s was being deleted as it was declared again (%s); declared again",
                   consumer.consumer_tag, self._shown(consumer), exc)  # fmt: skip
@@ -970,9 +969,3 @@ def _deleted(name: str) -> TopologyError:
     error = TopologyError(f"queue {name!r}: {text} (the broker cancelled its consumer)", kind="queue", name=name)
     error.__cause__ = ChannelNotFoundEntity(text)
     return error
-
-
-def _no_queue(exc: BaseException) -> bool:
-    """Whether ``exc`` is the broker's 404 for a missing queue (not for an exchange, nor a queue it cannot serve)."""
-    not_found = caused_by(exc, ChannelNotFoundEntity)
-    return not_found is not None and "no queue" in reply_text(not_found)

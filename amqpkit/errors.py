@@ -255,8 +255,14 @@ def queue_unavailable(exc: BaseException) -> bool:
     "home node ... of durable queue ... is down or inaccessible". A node that has just started says it of its
     own streams until their members are back (RabbitMQ 4.0.5: a few seconds); a cluster says it of a queue whose
     node is down. Either passes without a change on this side, so it is waited out, not taken for a deletion."""
+    return not_found_saying(exc, "is down or inaccessible")
+
+
+def not_found_saying(exc: BaseException, words: str) -> bool:
+    """Whether ``exc`` or one of its causes is the broker's 404 NOT_FOUND with ``words`` in its text ("no queue",
+    "no exchange": what it did not find)."""
     not_found = caused_by(exc, aiormq.exceptions.ChannelNotFoundEntity)
-    return not_found is not None and "is down or inaccessible" in reply_text(not_found)
+    return not_found is not None and words in reply_text(not_found)
 
 
 _E = TypeVar("_E", bound=BaseException)

@@ -23,8 +23,8 @@ from .errors import (
     access_refused,
     caused_by,
     map_exceptions,
+    not_found_saying,
     queue_unavailable,
-    reply_text,
     same_refusal,
 )
 from .topology import Binding, Exchange, Queue
@@ -581,8 +581,7 @@ def _made_otherwise(exc: TopologyError) -> bool:
 
 def _no_exchange(exc: BaseException) -> bool:
     """Whether ``exc`` is the broker's 404 for a missing exchange (a bind's 404 may be its queue's too)."""
-    not_found = caused_by(exc, ChannelNotFoundEntity)
-    return not_found is not None and "no exchange" in reply_text(not_found)
+    return not_found_saying(exc, "no exchange")
 
 
 def _describe(spec: Exchange | Queue | Binding) -> str:
