@@ -82,7 +82,6 @@ argument, or a queue declared as a stream); the others do no work of it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -105,13 +104,10 @@ def reads_stream(queue: Queue, arguments: Mapping[str, Any]) -> bool:
     return OFFSET in arguments or is_stream(queue)
 
 
-def acks_only(server_properties: Mapping[str, Any]) -> bool:
-    """Whether a broker that announced these properties closes the connection at a nack or reject of a stream's
-    delivery: RabbitMQ before 4.0, or a version not known (an ack does there what they would do)."""
-    version = server_properties.get("version", "")
-    text = version.decode(errors="replace") if isinstance(version, bytes) else str(version)
-    match = re.match(r"(\d+)\.(\d+)", text)
-    return match is None or (int(match[1]), int(match[2])) < (4, 0)
+NACKS_TAKEN = (4, 0)
+"""The first RabbitMQ version known to take a nack or reject of a stream's delivery: one before it (or whose
+version is not known) closes the connection at one, so an ack is written instead (an ack does there what they
+would do)."""
 
 
 def refuse_auto_ack(queue: Queue, arguments: Mapping[str, Any], auto_ack: bool) -> None:

@@ -24,8 +24,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,14 @@ def _about_channels(exc: BaseException) -> bool:
     """Whether a 530 NOT_ALLOWED is RabbitMQ's over a limit on channels (3.10 and 4.x word both alike)."""
     text = reply_text(exc)
     return "number of channels" in text or "channel_max" in text
+
+
+def version_numbers(server_properties: Mapping[str, Any]) -> tuple[int, ...]:
+    """The version a broker announced on connect as numbers, e.g. (4, 0, 5); () when it is not known."""
+    value = server_properties.get("version", "")
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    match = re.match(r"\d+(?:\.\d+)*", text)
+    return tuple(int(part) for part in match.group().split(".")) if match else ()
 
 
 class _SameId:

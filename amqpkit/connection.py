@@ -40,7 +40,7 @@ from yarl import URL
 from . import _hooks
 from ._aio import first_of
 from .aiormq_compat import AmqpConnection, ClosedOnOpen, closed_on_open
-from .channels import DisconnectCallback, ReconnectCallback, TopologyErrorCallback, _Refusal
+from .channels import DisconnectCallback, ReconnectCallback, TopologyErrorCallback, _Refusal, version_numbers
 from .consuming import Consumer, ConsumerCallback, Consuming
 from .errors import AccessRefused, ChannelLimitReached, ConnectError, ConnectionLost, TopologyError
 from .publishing import Publishing
@@ -104,7 +104,7 @@ class Broker(Consuming, Publishing):
 
         For features that depend on the version: compare with a tuple (``>= (3, 12)``).
         """
-        return _version(self.server_properties.get("version", ""))
+        return version_numbers(self.server_properties)
 
     @property
     def blocked(self) -> str | None:
@@ -474,11 +474,6 @@ def _discard(items: list[Any], item: Any) -> None:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _version(value: Any) -> tuple[int, ...]:
-    match = re.match(r"\d+(?:\.\d+)*", _text(value))
-    return tuple(int(part) for part in match.group().split(".")) if match else ()
 
 
 def _product(props: Any) -> tuple[str, str]:

@@ -25,8 +25,8 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp.commands import Basic
 
 from . import _hooks
-from ._streams import FILTER, OFFSET, StreamPosition, acks_only, reads_stream, refuse_auto_ack
-from .channels import close_quietly
+from ._streams import FILTER, NACKS_TAKEN, OFFSET, StreamPosition, reads_stream, refuse_auto_ack
+from .channels import close_quietly, version_numbers
 from .errors import (
     ChannelLimitReached,
     ConnectionLost,
@@ -394,7 +394,7 @@ class Consuming(TopologyRegistry):
             log.debug("consumer %s resumes %s from offset %d", consumer.consumer_tag, self._shown(consumer), read.start)
             if FILTER not in arguments:  # a filter leaves out offsets by itself
                 read.skipped = functools.partial(self._offsets_skipped, consumer)
-        if acks_only(server_properties):
+        if version_numbers(server_properties) < NACKS_TAKEN:
             read.nack_as_ack = functools.partial(self._nacked_as_ack, consumer)
         return arguments or None, functools.partial(self._dispatch, consumer, deliver=read.delivery)
 
