@@ -16,6 +16,7 @@ import pytest
 
 from amqpkit import Broker, BrokerSettings, Delivery, Envelope, Queue, QueueType, RetryPolicy, Worker, WorkQueue
 
+from ..deliveries import acked_bodies
 from ..waiting import wait_for
 
 LOST = "in flight were lost"  # the line a stop says when callbacks were cut short (the broker delivers them again)
@@ -184,11 +185,7 @@ async def test_quorum_queues_someone_else_deletes_under_their_consumers_stop_the
     queues = [Queue(f"{name}.theirs.{i}", type=QueueType.QUORUM) for i in range(10)]
     kept = Queue(f"{name}.kept", type=QueueType.QUORUM)
     errors: list[BaseException] = []
-    got: list[bytes] = []
-
-    async def take(delivery: Delivery[bytes]) -> None:
-        got.append(delivery.body)
-        await delivery.ack()
+    got, take = acked_bodies()
 
     for queue in [*queues, kept]:
         await broker.declare_queue(queue)
@@ -218,11 +215,7 @@ async def test_quorum_queues_of_ours_someone_else_deletes_are_declared_again_and
     consumer stopped for good, 10 of 10 in 3 runs of 3 (3.10.8: each attached again)."""
     queues = [Queue(f"{name}.ours.{i}", type=QueueType.QUORUM) for i in range(10)]
     errors: list[BaseException] = []
-    got: list[bytes] = []
-
-    async def take(delivery: Delivery[bytes]) -> None:
-        got.append(delivery.body)
-        await delivery.ack()
+    got, take = acked_bodies()
 
     async with Broker(settings) as reader:
         try:

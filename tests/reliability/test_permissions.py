@@ -37,6 +37,7 @@ from amqpkit.patterns.tasks import DEAD_LETTER_REASON
 from amqpkit.service import Service
 
 from ..brokerctl import arabbitmqctl, made_user, made_vhost, rabbitmqctl, rabbitmqctl_available, with_vhost
+from ..deliveries import acked_bodies
 from ..waiting import wait_for
 from .proxy import FaultProxy, bounce
 
@@ -467,11 +468,7 @@ async def test_a_binding_waits_with_its_exchange_refused_access_and_nothing_is_f
     exchange = Exchange(f"{name}.x", type="fanout")
     queue = Queue(f"{name}.q")
     errors: list[BaseException] = []
-    got: list[bytes] = []
-
-    async def on_message(delivery: Delivery[bytes]) -> None:
-        got.append(delivery.body)
-        await delivery.ack()
+    got, on_message = acked_bodies()
 
     async with through_proxy(amqp_url, vhost, user) as (broker, proxy):
         await broker.declare(exchange, queue, Binding(exchange, queue))

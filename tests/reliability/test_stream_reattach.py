@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -29,19 +28,9 @@ from amqpkit import (
     TopologyError,
 )
 
+from ..deliveries import acked_bodies, acked_offsets
 from ..waiting import until, wait_for
 from .proxy import FaultProxy, hold_out, let_in, proxied_settings
-
-
-def acked_offsets() -> tuple[list[int], Callable[[Delivery[bytes]], Awaitable[None]]]:
-    """A list of the offsets delivered, and a callback that appends each delivery's offset and acks it."""
-    offsets: list[int] = []
-
-    async def take(delivery: Delivery[bytes]) -> None:
-        offsets.append(int(delivery.headers["x-stream-offset"]))
-        await delivery.ack()
-
-    return offsets, take
 
 
 async def test_a_stream_consumer_from_next_misses_nothing_appended_during_a_reconnect(
@@ -213,11 +202,7 @@ async def test_a_stream_consumer_from_next_with_nothing_delivered_attaches_from_
     """Before anything was delivered, the argument given stands: 'next' again, not the stream from its start."""
     stream = Queue(f"{name}.stream", type=QueueType.STREAM)
     await broker.declare_queue(stream)
-    bodies: list[bytes] = []
-
-    async def take(delivery: Delivery[bytes]) -> None:
-        bodies.append(delivery.body)
-        await delivery.ack()
+    bodies, take = acked_bodies()
 
     try:
         await broker.publish(Envelope(b"before"), routing_key=stream.name)
@@ -243,11 +228,7 @@ async def test_a_stream_deleted_during_an_outage_and_declared_again_by_the_recon
     again is a new one, whose offsets start at 0: every message of it is delivered, none skipped for the offset the
     consumer had reached in the old one."""
     stream = Queue(f"{name}.stream", type=QueueType.STREAM)
-    bodies: list[bytes] = []
-
-    async def take(delivery: Delivery[bytes]) -> None:
-        bodies.append(delivery.body)
-        await delivery.ack()
+    bodies, take = acked_bodies()
 
     try:
         async with Broker(proxied_settings(proxy, amqp_url)) as reader:
@@ -285,11 +266,7 @@ async def test_a_stream_deleted_under_a_consumer_given_a_numeric_offset_is_read_
     re-attach, that number means nothing in the new stream, whose messages all arrive."""
     stream = Queue(f"{name}.stream", type=QueueType.STREAM)
     await broker.declare_queue(stream)
-    bodies: list[bytes] = []
-
-    async def take(delivery: Delivery[bytes]) -> None:
-        bodies.append(delivery.body)
-        await delivery.ack()
+    bodies, take = acked_bodies()
 
     try:
         for n in range(5):
@@ -408,11 +385,7 @@ async def test_consuming_a_stream_with_auto_ack_is_refused_before_the_broker_clo
     stream = Queue(f"{name}.stream", type=QueueType.STREAM)
     by_argument = Queue(f"{name}.stream", arguments={"x-queue-type": "stream"})
     await broker.declare_queue(stream)
-    bodies: list[bytes] = []
-
-    async def take(delivery: Delivery[bytes]) -> None:
-        bodies.append(delivery.body)
-        await delivery.ack()
+    bodies, take = acked_bodies()
 
     try:
         reconnects = broker.reconnects

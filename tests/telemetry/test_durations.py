@@ -17,10 +17,11 @@ from opentelemetry.sdk.metrics._internal import instrument as sdk_instrument
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader, MetricsData
 from opentelemetry.sdk.trace import TracerProvider
 
-from amqpkit import Broker, Delivery, Envelope, Queue, RpcClient, RpcServer, telemetry
+from amqpkit import Broker, Envelope, Queue, RpcClient, RpcServer, telemetry
 from amqpkit.telemetry.instruments import RUN, Durations
 from amqpkit.telemetry.lean import _release
 
+from ..deliveries import acked_bodies
 from ..waiting import wait_for
 from .conftest import Telemetry
 
@@ -87,11 +88,7 @@ async def test_messages_record_their_durations_in_runs(
     async def echo(payload: str) -> str:
         return payload
 
-    seen: list[bytes] = []
-
-    async def handle(delivery: Delivery[bytes]) -> None:
-        seen.append(delivery.body)
-        await delivery.ack()
+    seen, handle = acked_bodies()
 
     consumer = await broker.consume(queue, handle)
     try:
@@ -216,11 +213,7 @@ async def test_uninstrument_hands_on_what_was_pending(broker: Broker, name: str)
     meter_provider = MeterProvider(metric_readers=[reader])
     tracer_provider = TracerProvider()
     queue = Queue(f"{name}.q", auto_delete=True)
-    seen: list[bytes] = []
-
-    async def handle(delivery: Delivery[bytes]) -> None:
-        seen.append(delivery.body)
-        await delivery.ack()
+    seen, handle = acked_bodies()
 
     telemetry.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
     try:
