@@ -13,10 +13,12 @@ from amqpkit import telemetry
 
 
 def aborted(port: int) -> None:
-    """Send a request line too long to read in one go and reset the connection (SO_LINGER 0) at once."""
+    """Send the start of a request line and reset the connection (SO_LINGER 0) at once: the server is still
+    reading the line when the reset comes, and its read fails. (A whole line too long to read, as before, was
+    sometimes read and answered with a 414 before the reset came: no error, nothing to see; 1 CI run in 2.)"""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        s.sendall(b"GET /" + b"A" * 70000 + b" HTTP/1.1\r\n\r\n")
+        s.sendall(b"GET /" + b"A" * 1000)
 
 
 def test_scrapers_that_reset_leave_no_traceback_on_stderr(
