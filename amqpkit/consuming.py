@@ -353,7 +353,9 @@ class Consuming(TopologyRegistry):
             channel = await self._new_channel(conn, publisher_confirms=False)
             await channel.basic_qos(prefetch_count=consumer.prefetch)
             arguments, on_message = self._consuming_with(consumer, conn.server_properties)
-            channel.on_consumer_cancel_callbacks.add(lambda frame: self._on_broker_cancel(consumer, channel))
+            channel.on_consumer_cancel_callbacks.add(
+                lambda frame: self._on_broker_cancel(consumer, channel, queue_name)
+            )
             await channel.basic_consume(
                 queue_name,
                 on_message,
@@ -476,15 +478,19 @@ class Consuming(TopologyRegistry):
         log.warning("consumer %s lost its channel; re-attaching", consumer.consumer_tag)
         self._spawn(self._reattach(consumer))
 
-    def _on_broker_cancel(self, consumer: Consumer, channel: AbstractChannel) -> None:
+    def _on_broker_cancel(self, consumer: Consumer, channel: AbstractChannel, queue_name: str) -> None:
         """The broker cancelled the consumer (queue deleted, node down): declare the queue again and re-attach it
         on a new channel at once, and give the callbacks running on the old one ``consumer.grace`` seconds to
-        finish before that channel is closed (:meth:`_retire_channel`).
+        finish before that channel is closed (:meth:`_retire_channel`). ``queue_name``: what it was attached to.
+        A queue this Broker's :meth:`delete_queue` deleted stops it instead (:meth:`_deleted_here_under`).
 
         Closing the old channel at once (as before) cancelled every running callback, after whatever side effect
         it had made: an RpcServer sent no reply (it goes on the Broker's publish channel, which the cancel does not
         touch), and each caller waited out its whole timeout (4 of 4 calls, 10 s each, in a hunt)."""
         if consumer.cancelled or self._closing:
+            return
+        if queue_name in self._deleted_here:
+            self._deleted_here_under(consumer, channel, queue_name)
             return
         log.warning("broker cancelled consumer %s on %s; re-attaching", consumer.consumer_tag, self._shown(consumer))
         consumer.attached.clear()
@@ -530,6 +536,17 @@ class Consuming(TopologyRegistry):
             await self._reattach(consumer, redeclare=True)
 
         self._spawn(reattach_then_retire())
+
+    def _deleted_here_under(self, consumer: Consumer, channel: AbstractChannel, queue_name: str) -> None:
+        """The broker cancelled ``consumer`` as this Broker's :meth:`delete_queue` deleted its queue: it stops,
+        quietly, as asked. Its running callbacks get their grace (their messages went with the queue); its owner
+        hears why (``error``, ``on_error``). Before, it was taken for a queue deleted by someone else: a WARNING
+        that it re-attaches, a passive declare, then an ERROR that it stopped, for a deletion its user asked for."""
+        running = {t for t in consumer.inflight if not t.done()}
+        self._spawn(self._retire_channel(consumer, channel, running, False))
+        error = TopologyError(f"queue {queue_name!r} was deleted by this Broker's delete_queue()", kind="queue",
+                              name=queue_name)  # fmt: skip
+        self._stop_consumer(consumer, error, level=logging.INFO)
 
     async def _retire_channel(
         self, consumer: Consumer, channel: AbstractChannel, running: set[asyncio.Task[Any]], there: bool | None
@@ -947,9 +964,9 @@ class Consuming(TopologyRegistry):
             self._stop_consumer(consumer, exc)
         return queues
 
-    def _stop_consumer(self, consumer: Consumer, exc: BaseException) -> None:
+    def _stop_consumer(self, consumer: Consumer, exc: BaseException, *, level: int = logging.ERROR) -> None:
         """The consumer cannot be attached again: it stops, and its owner hears why."""
-        log.error("consumer %s on %s stopped: %s", consumer.consumer_tag, self._shown(consumer), exc)
+        log.log(level, "consumer %s on %s stopped: %s", consumer.consumer_tag, self._shown(consumer), exc)
         self._consumers.pop(consumer.consumer_tag, None)
         consumer.cancelled = True
         consumer.error = exc

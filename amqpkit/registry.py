@@ -128,17 +128,40 @@ class TopologyRegistry(BrokerCore):
         return queue.name
 
     async def delete_queue(self, queue: Queue | str, *, if_unused: bool = False, if_empty: bool = False) -> int:
-        """Delete a queue and forget it (with its bindings and consumers); returns the messages it held."""
+        """Delete a queue and forget it, with its bindings; returns the messages it held.
+
+        This Broker's consumers of it stop when the broker cancels them: quietly (an INFO line), each with a
+        TopologyError saying so as its ``error`` and for its ``on_error``, where a queue someone else deleted is
+        a WARNING and an ERROR. A deletion the broker refuses (``if_unused``, ``if_empty``: a TopologyError)
+        forgets nothing.
+        """
         name = queue if isinstance(queue, str) else self.queue_name(queue)
-        for spec in [q for q in self._queues if self._queues[q] == name]:
+        # Forgotten before the delete is sent: the broker's cancel of a consumer of it may come first, and must not
+        # find it remembered, to declare it again.
+        queues = {spec: live for spec, live in self._queues.items() if live == name}
+        bindings = [b for b in self._bindings if b.queue in queues]
+        for spec in queues:
             del self._queues[spec]
-            for b in [b for b in self._bindings if b.queue is spec or b.queue == spec]:
-                del self._bindings[b]
-        await self._ready()
-        async with self._topology() as channel:
-            with map_exceptions(kind="queue", name=name):
-                result = await channel.queue_delete(name, if_unused=if_unused, if_empty=if_empty)
-            return int(result.message_count or 0)
+        for b in bindings:
+            del self._bindings[b]
+        known = name in self._deleted_here
+        self._deleted_here.add(name)
+        try:
+            await self._ready()
+            async with self._topology() as channel:
+                with map_exceptions(kind="queue", name=name):
+                    result = await channel.queue_delete(name, if_unused=if_unused, if_empty=if_empty)
+        except TopologyError:
+            # Refused (in use, not empty, no access): the queue is still there, and remembered again.
+            if not known:
+                self._deleted_here.discard(name)
+            for spec, live in queues.items():
+                self._queues.setdefault(spec, live)
+            for b in bindings:
+                if b.queue in self._queues:
+                    self._bindings.setdefault(b, None)
+            raise
+        return int(result.message_count or 0)
 
     async def delete_exchange(self, name: str | Exchange, *, if_unused: bool = False) -> None:
         name = name if isinstance(name, str) else name.name
@@ -191,6 +214,7 @@ class TopologyRegistry(BrokerCore):
                     arguments=queue.declare_arguments() or None,
                 )
             name = str(result.queue)
+            self._deleted_here.discard(name)
             if queue.server_named:
                 self._queues[queue] = name
             return name

@@ -1,0 +1,109 @@
+"""``Broker.delete_queue``: what the Broker remembers when the broker refuses it, and its own consumers of the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from amqpkit import Binding, Broker, Envelope, Exchange, Queue, TopologyError
+from amqpkit.message import Delivery
+
+from .deliveries import acked_bodies
+from .waiting import until_ready, wait_for
+
+
+async def test_a_refused_delete_forgets_nothing(broker: Broker, name: str, cleanup: list[str]) -> None:
+    # if_empty / if_unused refused (406): the queue is still there, and so must be what the Broker declares again
+    # after a reconnect. It forgot the queue and its bindings before asking, and did not take them back.
+    ex = Exchange(f"{name}.x", type="direct", durable=False, auto_delete=True)
+    queue = Queue(f"{name}.q", auto_delete=False)
+    binding = Binding(ex, queue, "k")
+    cleanup += [f"q:{queue.name}", f"x:{ex.name}"]
+    await broker.declare(ex, queue, binding)
+    await broker.publish(Envelope(b"kept"), exchange=ex.name, routing_key="k")
+    await until_ready(broker, queue.name, 1)
+    with pytest.raises(TopologyError):
+        await broker.delete_queue(queue, if_empty=True)
+    assert broker.remembers(queue) and broker.remembers(binding)
+
+    async with Broker(broker.settings) as other:
+
+        async def hold(delivery: Delivery[bytes]) -> None:
+            return None  # unsettled: back in the queue when its consumer stops
+
+        reader = await other.consume(queue, hold, declare=False)
+        with pytest.raises(TopologyError):
+            await broker.delete_queue(queue.name, if_unused=True)
+        await reader.cancel()
+    assert broker.remembers(queue) and broker.remembers(binding)
+    await until_ready(broker, queue.name, 1)
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["declared-by-it", "declare-false"])
+async def test_its_own_consumer_of_a_queue_it_deletes_stops_without_alarm(
+    broker: Broker, name: str, caplog: pytest.LogCaptureFixture, declared: bool
+) -> None:
+    # The deletion was asked for: the consumer stops, its owner hears why (on_error), and nothing is logged as a
+    # warning or an error. Before: "broker cancelled consumer ...; re-attaching" (WARNING), then "consumer ...
+    # stopped: ... NOT_FOUND" (ERROR), as for a queue someone else deleted.
+    queue = Queue(f"{name}.q", auto_delete=False)
+    if not declared:
+        async with Broker(broker.settings) as owner:
+            await owner.declare_queue(queue)
+    other = Queue(f"{name}.other", auto_delete=False)
+    errors: list[BaseException] = []
+    got, take = acked_bodies()
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(delivery: Delivery[bytes]) -> None:
+        started.set()
+        await release.wait()
+        await delivery.ack()
+
+    try:
+        consumer = await broker.consume(queue, slow, declare=declared, on_error=errors.append)
+        kept = await broker.consume(other, take)
+        await broker.publish(Envelope(b"in-flight"), routing_key=queue.name)
+        await asyncio.wait_for(started.wait(), 5)
+        with caplog.at_level(logging.INFO, logger="amqpkit"):
+            await broker.delete_queue(queue.name if not declared else queue)
+            await wait_for(lambda: consumer.cancelled, 10)
+            release.set()  # its handler's ack comes after the deletion: nothing to close the connection over
+            await asyncio.sleep(0.5)
+            await broker.publish(Envelope(b"after"), routing_key=other.name)
+            await wait_for(lambda: got == [b"after"], 5)
+        assert kept.attached.is_set() and not kept.cancelled
+        assert len(errors) == 1 and consumer.error is errors[0]
+        assert isinstance(errors[0], TopologyError) and "delete_queue" in str(errors[0])
+        loud = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("amqpkit")]
+        assert not loud, [r.getMessage() for r in loud]
+        assert any("delete_queue" in r.getMessage() for r in caplog.records), "the stop is said, at INFO"
+        assert broker.consumers == (kept,)
+        with pytest.raises(TopologyError):
+            await broker.queue_counts(queue)  # not declared again by a re-attach
+    finally:
+        release.set()
+        await broker.delete_queue(other)
+        await broker.delete_queue(queue)
+
+
+async def test_declared_again_it_is_read_again(broker: Broker, name: str) -> None:
+    # A queue deleted through the Broker and declared again by it is an ordinary queue again: a broker cancel
+    # there later is re-attached as before, not taken for that deletion.
+    queue = Queue(f"{name}.q", auto_delete=False)
+    got, take = acked_bodies()
+    try:
+        await broker.declare_queue(queue)
+        await broker.delete_queue(queue)
+        consumer = await broker.consume(queue, take)
+        async with Broker(broker.settings) as other:
+            await other.delete_queue(queue.name)  # someone else's deletion: the queue is declared again
+        await wait_for(lambda: consumer.attached.is_set() and not consumer.cancelled, 10)
+        await broker.publish(Envelope(b"again"), routing_key=queue.name)
+        await wait_for(lambda: got == [b"again"], 10)
+        assert consumer.error is None
+    finally:
+        await broker.delete_queue(queue)
