@@ -130,8 +130,11 @@ class Publishing(BrokerCore):
         Raises :class:`MessageTooLarge`, :class:`InvalidMessage` (a property or
         header AMQP cannot carry; nothing was sent), :class:`Unroutable` (mandatory and no
         queue took it), :class:`PublishNacked`, :class:`PublishTimeout`, or
-        :class:`PublishError` (e.g. the exchange does not exist).
+        :class:`PublishError` (e.g. the exchange does not exist); TypeError for
+        anything but an :class:`Envelope`.
         """
+        if not isinstance(envelope, Envelope):
+            raise _not_an_envelope(envelope)
         if _hooks.publish is not None and not _hooks.quiet.get():  # amqpkit.telemetry: traced, then sent below
             await _hooks.publish(self, envelope, exchange, routing_key, mandatory, confirm, timeout)
             return
@@ -413,3 +416,11 @@ class Publishing(BrokerCore):
                 # minutes of short-lived exchanges, in a hunt). Started again; the next publishes check again.
                 self._known_exchanges = {e.name for e in self._exchanges.values()}
             self._known_exchanges.add(name)
+
+
+def _not_an_envelope(value: object) -> TypeError:
+    """What Broker.publish raises for a body handed to it bare (its callers used to meet an AttributeError)."""
+    return TypeError(
+        f"Broker.publish takes an amqpkit.Envelope, not {type(value).__name__}: wrap the body, "
+        "Envelope(body=b'...'), or publish values through a Publisher, which encodes them"
+    )

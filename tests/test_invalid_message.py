@@ -242,3 +242,12 @@ def test_only_a_close_the_error_was_caused_by_counts() -> None:
     forced.__cause__ = aiormq.exceptions.ConnectionClosed(320, "CONNECTION_FORCED")
     forced.__context__ = internal
     assert _refused_frames(forced) is None
+
+
+@pytest.mark.parametrize("body", [b"bytes", "text", None, {"a": 1}], ids=["bytes", "str", "none", "dict"])
+async def test_publishing_something_that_is_not_an_envelope_is_a_type_error(broker: Broker, body: Any) -> None:
+    # Before: AttributeError "'bytes' object has no attribute 'body'", from deep inside.
+    with pytest.raises(TypeError, match=r"Envelope\(body=") as refused:
+        await broker.publish(body, routing_key="amqpkit.nowhere")
+    assert type(body).__name__ in str(refused.value)
+    await broker.publish(Envelope(b"after"), routing_key="amqpkit.nowhere")  # the Broker goes on

@@ -186,3 +186,11 @@ async def test_an_iterated_subscriptions_settlements_are_counted_when_made(
     assert otel.total("amqpkit.messages.acked") == 3
     nacked = {attrs["amqpkit.settlement"]: value for attrs, value in otel.metric("amqpkit.messages.nacked")}
     assert nacked == {"nacked": 2, "rejected": 2}
+
+
+async def test_publishing_something_that_is_not_an_envelope_is_a_type_error_traced_too(
+    broker: Broker, otel: Telemetry
+) -> None:
+    with pytest.raises(TypeError, match=r"Envelope\(body="):
+        await broker.publish(b"bytes", routing_key="amqpkit.nowhere")  # type: ignore[arg-type]
+    assert not otel.spans()  # refused before any span: nothing was published
