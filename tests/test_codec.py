@@ -1,3 +1,4 @@
+import warnings
 from typing import Annotated, Any
 
 import pytest
@@ -297,3 +298,47 @@ def test_a_value_a_codec_cannot_write_is_invalid_message(codec: Any, value: Any)
     with pytest.raises(InvalidMessage, match="cannot be encoded") as refused:
         codec.encode(value)
     assert isinstance(refused.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("codec", "value"),
+    [
+        (JsonCodec(), b"\xff\xfe"),
+        (PydanticCodec(Order), {"id": "x", "item": "book"}),
+        (PydanticCodec(Order), 5),
+        (AutoCodec(Order), {"item": "book"}),
+        (PydanticCodec(list[int]), ["x"]),
+    ],
+    ids=["json-bytes-not-utf8", "model-field-wrong", "model-not-a-model", "auto-field-missing", "list-item-wrong"],
+)
+def test_a_value_not_of_the_codecs_type_is_invalid_message(codec: Any, value: Any) -> None:
+    """Bytes that are not UTF-8 raised a bare UnicodeDecodeError from JsonCodec; a value that is not of a
+    PydanticCodec's type was written anyway, with only pydantic's UserWarning, for every consumer to fail to
+    decode (and dead-letter) later. Refused before anything is sent now, naming the type and the fields."""
+    with pytest.raises(InvalidMessage) as refused:
+        codec.encode(value)
+    assert isinstance(refused.value, ValueError)
+    if not isinstance(value, bytes):
+        assert _type_name_in(refused.value, codec.type)
+
+
+def _type_name_in(error: BaseException, type_: Any) -> bool:
+    return getattr(type_, "__name__", repr(type_)) in str(error) or repr(type_) in str(error)
+
+
+@pytest.mark.parametrize(
+    ("codec", "value", "written"),
+    [
+        (PydanticCodec(Order), {"id": "7", "item": "book"}, b'{"id":7,"item":"book"}'),
+        (PydanticCodec(list[int]), (1, "2"), b"[1,2]"),
+        (AutoCodec(int), "5", b"5"),
+    ],
+    ids=["model-from-a-dict", "list-from-a-tuple", "int-from-text"],
+)
+def test_a_value_that_validates_as_the_codecs_type_is_written_as_that_type(
+    codec: Any, value: Any, written: bytes
+) -> None:
+    # What pydantic would accept as the type is written as the type (as a consumer will read it), not refused.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert codec.encode(value) == written
