@@ -194,6 +194,10 @@ class Consumer:
         return f"<Consumer {self.consumer_tag} on {self.queue.name or '(server-named)'!r} {state}>"
 
 
+MAX_PREFETCH = 65535
+"""The largest prefetch a basic.qos carries (a 16-bit count)."""
+
+
 class Consuming(TopologyRegistry):
     """The Broker's consuming layer (a base of :class:`~amqpkit.Broker`)."""
 
@@ -256,6 +260,8 @@ class Consuming(TopologyRegistry):
         ValueError, before anything is sent (the broker would close the whole
         connection).
         """
+        if not 0 <= prefetch <= MAX_PREFETCH:
+            raise ValueError(f"prefetch must be 0 (no limit) to {MAX_PREFETCH}, the most AMQP carries; got {prefetch}")
         refuse_auto_ack(queue, arguments or {}, auto_ack)
         declared = False
         if declare and queue not in self._queues:

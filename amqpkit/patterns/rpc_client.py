@@ -78,7 +78,7 @@ class RpcClient:
         timeout: float = DEFAULT_RPC_TIMEOUT,
         reply_queue: Literal["direct", "exclusive"] = "direct",
     ) -> None:
-        if timeout <= 0:
+        if not timeout > 0:  # nan too
             raise ValueError("an RPC timeout must be positive (calls always end)")
         self.broker = broker
         self._lowlevel = broker.lowlevel
@@ -385,8 +385,11 @@ class RpcClient:
         :class:`~amqpkit.NoResponder`, :class:`~amqpkit.ConnectionLost`,
         :class:`~amqpkit.DecodeError` (a reply that does not decode),
         :class:`~amqpkit.PublishError` (the broker refused the request: a
-        permission on its exchange or routing key).
+        permission on its exchange or routing key); ValueError for a
+        ``timeout`` that is not positive.
         """
+        if timeout is not None and not timeout > 0:  # nan too
+            raise ValueError(f"an RPC timeout must be positive (calls always end); got {timeout}")
         if _hooks.rpc_call is not None and not _hooks.quiet.get():  # amqpkit.telemetry: a CLIENT span, then _call
             return await _hooks.rpc_call(self, method, payload, returns, timeout, headers)
         return await self._call(method, payload, returns, timeout, dict(headers) if headers else {})

@@ -1,0 +1,41 @@
+"""Arguments out of range get a clear ValueError from amqpkit, before anything is sent, and the Broker goes on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from amqpkit import Broker, Queue, RpcClient
+from amqpkit.message import Delivery
+
+
+async def _ignore(delivery: Delivery[bytes]) -> None:
+    return None
+
+
+@pytest.mark.parametrize("prefetch", [-1, 65536, 70000])
+async def test_a_prefetch_amqp_cannot_carry_is_a_value_error(broker: Broker, name: str, prefetch: int) -> None:
+    # Before: pamqp's TypeError "Short unsigned integer range: 0 to 65535", from the basic.qos being encoded,
+    # after the queue had been declared.
+    queue = Queue(f"{name}.q", auto_delete=True)
+    with pytest.raises(ValueError, match="prefetch"):
+        await broker.consume(queue, _ignore, prefetch=prefetch)
+    assert not broker.remembers(queue) and broker.consumers == ()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - any refusal: the point is that it was never declared
+        await broker.queue_counts(queue)
+    consumer = await broker.consume(queue, _ignore, prefetch=65535)  # the largest AMQP carries
+    await consumer.cancel()
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, math.nan])
+async def test_a_call_timeout_that_is_not_positive_is_a_value_error(broker: Broker, name: str, timeout: float) -> None:
+    # Before: RpcTimeout "not sent, the client was still starting", as if the broker had been slow.
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        RpcClient(broker, f"{name}.rpc", timeout=timeout)
+    client = RpcClient(broker, f"{name}.rpc")
+    try:
+        with pytest.raises(ValueError, match="timeout must be positive"):
+            await client.call("m", 1, timeout=timeout)
+    finally:
+        await client.close()
