@@ -162,29 +162,31 @@ class PydanticCodec(Generic[M]):
         self.type = type_
         self._adapter: TypeAdapter[M] = TypeAdapter(type_)
         # the values a failed write is not worth validating again: the type's own instances, when it is a class
-        self._instances: type | tuple[type, ...] = type_ if isinstance(type_, type) else ()
+        self._instances = _instances_of(type_)
         self._serializer = self._adapter.serializer
 
     def encode(self, value: M) -> bytes:
-        """``value`` as JSON; a value not of the codec's type is written as that type if it validates as one (a
-        dict for a model), and refused with :class:`~amqpkit.InvalidMessage` if not, before anything is sent.
-        Written as it was, with only pydantic's warning, every consumer failed to read it."""
-        # pydantic-core's serializer, as TypeAdapter.dump_json calls it less its Python wrapper (0.6 against 1.9 µs
-        # for a small model); a warning made an error costs 1.7 µs more, so the type's own instances go without.
-        own = isinstance(value, self._instances)
+        """``value`` as JSON. A value not of the codec's type is written as it is when a consumer's decode of the
+        body would read it (a dict for a model), and refused with :class:`~amqpkit.InvalidMessage` when it would
+        not, before anything is sent: written with only pydantic's warning, every consumer failed to read it."""
+        if isinstance(value, self._instances):
+            # pydantic-core's serializer, as TypeAdapter.dump_json calls it less its Python wrapper (0.6 against
+            # 1.9 µs for a small model)
+            try:
+                return self._serializer.to_json(value)
+            except PydanticSerializationError as exc:  # of the type and still not writable: a lone surrogate
+                raise _unencodable("JSON", exc) from None
         try:
-            return self._serializer.to_json(value) if own else self._serializer.to_json(value, warnings="error")
-        except PydanticSerializationError as exc:
-            if own:
-                raise _unencodable("JSON", exc) from None  # of the type, and still not writable: a lone surrogate
-        try:
-            checked = self._adapter.validate_python(value)
-        except ValidationError as invalid:
-            raise _not_of_type(invalid, self.type) from None
-        try:
-            return self._serializer.to_json(checked, warnings="error")
+            body = self._serializer.to_json(value, warnings=False)
         except PydanticSerializationError as exc:
             raise _unencodable("JSON", exc) from None
+        try:
+            # What every consumer's decode will do with it. Its cost: a list[int] of 10 written in 1.5 µs, not
+            # 0.4; of 1,000, 71 µs, not 24. A value of a class's own (a model) goes without (above).
+            self._adapter.validate_json(body)
+        except ValidationError as invalid:
+            raise _not_of_type(invalid, self.type) from None
+        return body
 
     def decode(self, body: bytes, content_type: str | None = None) -> M:
         _check_type(repr(self), content_type, self.accepts)
@@ -202,6 +204,18 @@ def _unencodable(what: str, exc: BaseException) -> InvalidMessage:
     amqpkit's typed error, raised before anything is sent; a ValueError, as the codecs' own errors were."""
     why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
     return InvalidMessage(f"the value cannot be encoded as {what}: {why}")
+
+
+def _instances_of(type_: Any) -> type | tuple[type, ...]:
+    """What ``isinstance`` can tell are ``type_``'s own values: the class itself, or nothing (``list[int]``; a
+    TypedDict and ``typing.Any`` are classes that refuse the question)."""
+    if not isinstance(type_, type):
+        return ()
+    try:
+        isinstance(None, type_)
+    except TypeError:
+        return ()
+    return type_
 
 
 def _not_of_type(exc: ValidationError, type_: Any) -> InvalidMessage:
