@@ -156,9 +156,6 @@ class BrokerCore:
         self._exchanges: dict[str, Exchange] = {}
         self._queues: dict[Queue, str] = {}
         self._bindings: dict[Binding, None] = {}
-        # Queue names this Broker's delete_queue() deleted (or is deleting), until it declares one of them again:
-        # a broker cancel of its own consumers there is that deletion, not someone else's (Consuming._on_broker_cancel)
-        self._deleted_here: set[str] = set()
         self._consumers: dict[str, Consumer] = {}
         self._connected = asyncio.Event()
         self._closing = False

@@ -106,8 +106,10 @@ class Consumer:
     __slots__ = (
         "_access_refusal",
         "_attach_lock",
+        "_attached_to",
         "_broker",
         "_channel",
+        "_deleted_here",
         "_gone_with_queue",
         "_on_broker_cancel",
         "_owns_queue",
@@ -180,6 +182,10 @@ class Consumer:
         self._stream = StreamPosition() if reads_stream(queue, arguments) else None
         # called when the broker cancels it, before it is attached again (a pattern's own hook: see RpcClient)
         self._on_broker_cancel: Callable[[], None] | None = None
+        # the queue name it was last attached to; and whether this Broker's delete_queue() is deleting that queue
+        # (a broker cancel then stops it, quietly: Consuming._on_broker_cancel)
+        self._attached_to: str | None = None
+        self._deleted_here = False
 
     async def cancel(self, *, grace: float = 0.0) -> None:
         """Stop receiving; wait up to ``grace`` seconds for running callbacks."""
@@ -376,6 +382,7 @@ class Consuming(TopologyRegistry):
             await close_quietly(channel)
             return
         consumer._channel = channel
+        consumer._attached_to = queue_name
         if consumer.waiting_for_channel is not None:
             consumer.waiting_for_channel = None
             log.info("consumer %s attached to %s after waiting for a channel", consumer.consumer_tag, queue_name)
@@ -495,7 +502,7 @@ class Consuming(TopologyRegistry):
         touch), and each caller waited out its whole timeout (4 of 4 calls, 10 s each, in a hunt)."""
         if consumer.cancelled or self._closing:
             return
-        if queue_name in self._deleted_here:
+        if consumer._deleted_here:
             self._deleted_here_under(consumer, channel, queue_name)
             return
         log.warning("broker cancelled consumer %s on %s; re-attaching", consumer.consumer_tag, self._shown(consumer))
@@ -550,9 +557,17 @@ class Consuming(TopologyRegistry):
         that it re-attaches, a passive declare, then an ERROR that it stopped, for a deletion its user asked for."""
         running = {t for t in consumer.inflight if not t.done()}
         self._spawn(self._retire_channel(consumer, channel, running, False))
-        error = TopologyError(f"queue {queue_name!r} was deleted by this Broker's delete_queue()", kind="queue",
-                              name=queue_name)  # fmt: skip
-        self._stop_consumer(consumer, error, level=logging.INFO)
+        self._stop_consumer(consumer, _deleted_here(queue_name))
+
+    def _deleting(self, name: str, deleting: bool, which: list[Any] | None = None) -> list[Any]:
+        if which is None:
+            which = [
+                c for c in self._consumers.values()
+                if not c.cancelled and (c._attached_to == name or (c._attached_to is None and c.queue.name == name))
+            ]  # fmt: skip
+        for consumer in which:
+            consumer._deleted_here = deleting
+        return which
 
     async def _retire_channel(
         self, consumer: Consumer, channel: AbstractChannel, running: set[asyncio.Task[Any]], there: bool | None
@@ -970,8 +985,12 @@ class Consuming(TopologyRegistry):
             self._stop_consumer(consumer, exc)
         return queues
 
-    def _stop_consumer(self, consumer: Consumer, exc: BaseException, *, level: int = logging.ERROR) -> None:
-        """The consumer cannot be attached again: it stops, and its owner hears why."""
+    def _stop_consumer(self, consumer: Consumer, exc: BaseException) -> None:
+        """The consumer cannot be attached again: it stops, and its owner hears why. Its queue deleted by this
+        Broker's delete_queue(), it says so, at INFO: that deletion was asked for."""
+        level = logging.ERROR
+        if consumer._deleted_here:
+            exc, level = _deleted_here(consumer._attached_to or consumer.queue.name), logging.INFO
         log.log(level, "consumer %s on %s stopped: %s", consumer.consumer_tag, self._shown(consumer), exc)
         self._consumers.pop(consumer.consumer_tag, None)
         consumer.cancelled = True
@@ -983,6 +1002,11 @@ class Consuming(TopologyRegistry):
                 consumer.on_error(exc)
             except Exception:
                 log.exception("on_error of consumer %s failed", consumer.consumer_tag)
+
+
+def _deleted_here(name: str) -> TopologyError:
+    """What stops a consumer whose queue this Broker's delete_queue() deleted."""
+    return TopologyError(f"queue {name!r} was deleted by this Broker's delete_queue()", kind="queue", name=name)
 
 
 def _deleted(name: str) -> TopologyError:

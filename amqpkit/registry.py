@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
 
@@ -132,36 +133,40 @@ class TopologyRegistry(BrokerCore):
 
         This Broker's consumers of it stop when the broker cancels them: quietly (an INFO line), each with a
         TopologyError saying so as its ``error`` and for its ``on_error``, where a queue someone else deleted is
-        a WARNING and an ERROR. A deletion the broker refuses (``if_unused``, ``if_empty``: a TopologyError)
-        forgets nothing.
+        a WARNING and an ERROR. A deletion that fails (refused with ``if_unused`` or ``if_empty``, the
+        connection lost, cancelled) forgets nothing.
         """
         name = queue if isinstance(queue, str) else self.queue_name(queue)
-        # Forgotten before the delete is sent: the broker's cancel of a consumer of it may come first, and must not
-        # find it remembered, to declare it again.
-        queues = {spec: live for spec, live in self._queues.items() if live == name}
-        bindings = [b for b in self._bindings if b.queue in queues]
-        for spec in queues:
-            del self._queues[spec]
-        for b in bindings:
-            del self._bindings[b]
-        known = name in self._deleted_here
-        self._deleted_here.add(name)
-        try:
-            await self._ready()
-            async with self._topology() as channel:
+        await self._ready()
+        async with self._topology() as channel:
+            # Forgotten only now, with the connection up and its channel held: a reconnect under way has declared
+            # it again and attached its consumers by now. Before the delete is sent: the broker's cancel of a
+            # consumer of it may come before the delete-ok, and must not find it remembered, to declare it again.
+            queues = {spec: live for spec, live in self._queues.items() if live == name}
+            bindings = [b for b in self._bindings if b.queue in queues]
+            for spec in queues:
+                del self._queues[spec]
+            for b in bindings:
+                del self._bindings[b]
+            deleting = self._deleting(name, True)
+            try:
                 with map_exceptions(kind="queue", name=name):
                     result = await channel.queue_delete(name, if_unused=if_unused, if_empty=if_empty)
-        except TopologyError:
-            # Refused (in use, not empty, no access): the queue is still there, and remembered again.
-            if not known:
-                self._deleted_here.discard(name)
-            for spec, live in queues.items():
-                self._queues.setdefault(spec, live)
-            for b in bindings:
-                if b.queue in self._queues:
-                    self._bindings.setdefault(b, None)
-            raise
+            except BaseException:
+                # Not deleted, or not known to be: remembered again, as it was.
+                self._deleting(name, False, deleting)
+                for spec, live in queues.items():
+                    self._queues.setdefault(spec, live)
+                for b in bindings:
+                    if b.queue in self._queues:
+                        self._bindings.setdefault(b, None)
+                raise
         return int(result.message_count or 0)
+
+    def _deleting(self, name: str, deleting: bool, which: list[Any] | None = None) -> list[Any]:
+        """Mark (or with ``which``, unmark) what reads the queue ``name`` while :meth:`delete_queue` deletes it;
+        returns what was marked. Nothing here; the consuming layer marks its consumers."""
+        return []
 
     async def delete_exchange(self, name: str | Exchange, *, if_unused: bool = False) -> None:
         name = name if isinstance(name, str) else name.name
@@ -214,7 +219,6 @@ class TopologyRegistry(BrokerCore):
                     arguments=queue.declare_arguments() or None,
                 )
             name = str(result.queue)
-            self._deleted_here.discard(name)
             if queue.server_named:
                 self._queues[queue] = name
             return name

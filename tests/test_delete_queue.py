@@ -7,10 +7,11 @@ import logging
 
 import pytest
 
-from amqpkit import Binding, Broker, Envelope, Exchange, Queue, TopologyError
+from amqpkit import Binding, Broker, BrokerSettings, Envelope, Exchange, Queue, TopologyError
 from amqpkit.message import Delivery
 
 from .deliveries import acked_bodies
+from .reliability.proxy import FaultProxy
 from .waiting import until_ready, wait_for
 
 
@@ -107,3 +108,48 @@ async def test_declared_again_it_is_read_again(broker: Broker, name: str) -> Non
         assert consumer.error is None
     finally:
         await broker.delete_queue(queue)
+
+
+async def test_a_name_it_deleted_once_is_not_taken_for_its_deletion_later(
+    broker: Broker, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The Broker deletes a name (a cleanup), then reads a queue of that name someone else declared, without
+    # declaring it: that owner's deletion later is theirs, said as such (an ERROR and the broker's NOT_FOUND), not
+    # taken for the Broker's own deletion of long before.
+    queue = Queue(f"{name}.q", auto_delete=False)
+    got, take = acked_bodies()
+    errors: list[BaseException] = []
+    async with Broker(broker.settings) as owner:
+        try:
+            await broker.delete_queue(queue.name)
+            await owner.declare_queue(queue)
+            consumer = await broker.consume(queue, take, declare=False, on_error=errors.append)
+            await owner.publish(Envelope(b"read"), routing_key=queue.name)
+            await wait_for(lambda: got == [b"read"], 10)
+            await owner.delete_queue(queue)
+            await wait_for(lambda: consumer.cancelled, 10)
+            assert len(errors) == 1 and "NOT_FOUND" in str(errors[0]) and "delete_queue" not in str(errors[0])
+            assert any(r.levelno == logging.ERROR and "stopped" in r.getMessage() for r in caplog.records)
+        finally:
+            await owner.delete_queue(queue)
+
+
+async def test_a_delete_while_the_connection_comes_back_forgets_nothing(
+    proxied: BrokerSettings, proxy: FaultProxy, name: str
+) -> None:
+    # The queue went with the connection (auto-delete); the reconnect under way declares it again and attaches its
+    # consumer, and only then is the delete sent: refused (in use), it must leave both as they were. It had been
+    # forgotten before the reconnect got to it: not declared again, its consumer stopped with a 404.
+    queue = Queue(f"{name}.q", auto_delete=True)
+    got, take = acked_bodies()
+    async with Broker(proxied) as broker:
+        consumer = await broker.consume(queue, take)
+        proxy.cut()
+        await wait_for(lambda: not broker.is_connected, 5)
+        with pytest.raises(TopologyError):
+            await broker.delete_queue(queue, if_unused=True)
+        assert broker.remembers(queue)
+        await wait_for(lambda: consumer.attached.is_set() or consumer.cancelled, 10)
+        assert not consumer.cancelled, consumer.error
+        await broker.publish(Envelope(b"still"), routing_key=queue.name)
+        await wait_for(lambda: got == [b"still"], 10)
