@@ -169,15 +169,27 @@ class TopologyRegistry(BrokerCore):
         return []
 
     async def delete_exchange(self, name: str | Exchange, *, if_unused: bool = False) -> None:
+        """Delete an exchange and forget it, with the bindings to it. A deletion that fails (refused with
+        ``if_unused``, the connection lost, cancelled) forgets nothing."""
         name = name if isinstance(name, str) else name.name
-        self._exchanges.pop(name, None)
-        self._known_exchanges.discard(name)
-        for b in [b for b in self._bindings if b.exchange.name == name]:
-            del self._bindings[b]
         await self._ready()
         async with self._topology() as channel:
-            with map_exceptions(kind="exchange", name=name):
-                await channel.exchange_delete(name, if_unused=if_unused)
+            # Forgotten once the connection is up and its channel held, as in delete_queue.
+            exchange = self._exchanges.pop(name, None)
+            bindings = [b for b in self._bindings if b.exchange.name == name]
+            for b in bindings:
+                del self._bindings[b]
+            try:
+                with map_exceptions(kind="exchange", name=name):
+                    await channel.exchange_delete(name, if_unused=if_unused)
+            except BaseException:
+                if exchange is not None:
+                    self._exchanges.setdefault(name, exchange)
+                for b in bindings:
+                    if b.queue in self._queues:
+                        self._bindings.setdefault(b, None)
+                raise
+            self._known_exchanges.discard(name)
 
     async def purge_queue(self, queue: Queue | str) -> int:
         name = queue if isinstance(queue, str) else self.queue_name(queue)

@@ -153,3 +153,16 @@ async def test_a_delete_while_the_connection_comes_back_forgets_nothing(
         assert not consumer.cancelled, consumer.error
         await broker.publish(Envelope(b"still"), routing_key=queue.name)
         await wait_for(lambda: got == [b"still"], 10)
+
+
+async def test_a_refused_exchange_delete_forgets_nothing(broker: Broker, name: str, cleanup: list[str]) -> None:
+    # delete_exchange(if_unused=True) of an exchange with a binding is refused (406): it had forgotten the exchange
+    # and its bindings before asking, so a reconnect would not declare or bind them again.
+    ex = Exchange(f"{name}.x", type="direct", durable=False, auto_delete=False)
+    queue = Queue(f"{name}.q", auto_delete=False)
+    binding = Binding(ex, queue, "k")
+    cleanup += [f"q:{queue.name}", f"x:{ex.name}"]
+    await broker.declare(ex, queue, binding)
+    with pytest.raises(TopologyError):
+        await broker.delete_exchange(ex, if_unused=True)
+    assert broker.remembers(ex) and broker.remembers(binding)
