@@ -149,6 +149,14 @@ class HandlerInfo:
             self.runner.close()
 
 
+def checked_concurrency(concurrency: int, owner: str) -> int:
+    """``concurrency`` for a pattern that takes that many messages at a time (its prefetch): 1 to 65,535. A 0
+    would be the prefetch's "no limit", the whole backlog taken into memory and run at once."""
+    if not 1 <= concurrency <= 65535:
+        raise ValueError(f"{owner} concurrency must be 1 to 65535 (messages in flight at a time); got {concurrency}")
+    return concurrency
+
+
 def inspect_handler(
     fn: Handler,
     codec: Codec[Any] | None = None,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from amqpkit import Broker, Queue, RpcClient
+from amqpkit import Broker, Queue, RpcClient, RpcServer, Worker, WorkQueue
 from amqpkit.message import Delivery
 
 
@@ -39,3 +39,20 @@ async def test_a_call_timeout_that_is_not_positive_is_a_value_error(broker: Brok
             await client.call("m", 1, timeout=timeout)
     finally:
         await client.close()
+
+
+async def _handler(value: int) -> None:
+    return None
+
+
+@pytest.mark.parametrize("concurrency", [0, -1, 65536])
+async def test_a_concurrency_a_worker_or_server_cannot_keep_is_a_value_error(
+    broker: Broker, name: str, concurrency: int
+) -> None:
+    # 0 was taken as the prefetch's "no limit": one worker took the whole backlog into memory and ran all of it
+    # at once. Refused where it is given, before anything is declared.
+    with pytest.raises(ValueError, match="concurrency"):
+        Worker(WorkQueue(broker, f"{name}.work"), _handler, concurrency=concurrency)
+    with pytest.raises(ValueError, match="concurrency"):
+        RpcServer(broker, f"{name}.rpc", concurrency=concurrency, handlers={"m": _handler})
+    assert not broker.remembers(Queue(f"{name}.work")) and not broker.remembers(Queue(f"{name}.rpc"))

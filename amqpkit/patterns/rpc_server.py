@@ -13,7 +13,7 @@ from typing import Any, Self, TypeVar
 from pamqp.commands import Basic
 
 from .. import _hooks
-from .._handlers import HandlerInfo, inspect_handler
+from .._handlers import HandlerInfo, checked_concurrency, inspect_handler
 from ..codec import Codec, codec_for
 from ..connection import Broker, Consumer
 from ..errors import DecodeError, brief
@@ -77,7 +77,7 @@ class RpcServer:
         # A name alone: a durable classic queue, shared by competing servers. Requests carry their own
         # expiration, so nothing piles up in it; a transient non-exclusive queue is deprecated on RabbitMQ 4.x.
         self.queue = Queue(queue) if isinstance(queue, str) else queue
-        self.concurrency = concurrency
+        self.concurrency = checked_concurrency(concurrency, "an RpcServer's")
         self.on_error = on_error
         self.error: BaseException | None = None
         self._stopped = asyncio.Event()

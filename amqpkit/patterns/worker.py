@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Self, cast
 from typing_extensions import TypeVar  # with a default (PEP 696)
 
 from .. import _hooks
-from .._handlers import HandlerInfo, inspect_handler
+from .._handlers import HandlerInfo, checked_concurrency, inspect_handler
 from ..codec import Codec
 from ..connection import Consumer
 from ..errors import (
@@ -125,7 +125,7 @@ class Worker(Generic[T]):
     ) -> None:
         self.queue = queue
         self.broker = queue.broker
-        self.concurrency = concurrency
+        self.concurrency = checked_concurrency(concurrency, "a Worker's")
         self.grace = grace
         self.idempotency = idempotency
         self.on_error = on_error
