@@ -383,6 +383,7 @@ class Consuming(TopologyRegistry):
             return
         consumer._channel = channel
         consumer._attached_to = queue_name
+        consumer._deleted_here = False  # attached again: whatever delete marked it did not take its queue
         if consumer.waiting_for_channel is not None:
             consumer.waiting_for_channel = None
             log.info("consumer %s attached to %s after waiting for a channel", consumer.consumer_tag, queue_name)
@@ -559,15 +560,19 @@ class Consuming(TopologyRegistry):
         self._spawn(self._retire_channel(consumer, channel, running, False))
         self._stop_consumer(consumer, _deleted_here(queue_name))
 
-    def _deleting(self, name: str, deleting: bool, which: list[Any] | None = None) -> list[Any]:
-        if which is None:
-            which = [
-                c for c in self._consumers.values()
-                if not c.cancelled and (c._attached_to == name or (c._attached_to is None and c.queue.name == name))
-            ]  # fmt: skip
-        for consumer in which:
-            consumer._deleted_here = deleting
-        return which
+    def _deleting(self, name: str) -> list[Any]:
+        marked = [
+            c for c in self._consumers.values()
+            if not c.cancelled and not c._deleted_here
+            and (c._attached_to == name or (c._attached_to is None and c.queue.name == name))
+        ]  # fmt: skip
+        for consumer in marked:
+            consumer._deleted_here = True
+        return marked
+
+    def _not_deleting(self, marked: list[Any]) -> None:
+        for consumer in marked:
+            consumer._deleted_here = False
 
     async def _retire_channel(
         self, consumer: Consumer, channel: AbstractChannel, running: set[asyncio.Task[Any]], there: bool | None

@@ -133,28 +133,30 @@ class TopologyRegistry(BrokerCore):
 
         This Broker's consumers of it stop when the broker cancels them: quietly (an INFO line), each with a
         TopologyError saying so as its ``error`` and for its ``on_error``, where a queue someone else deleted is
-        a WARNING and an ERROR. A deletion that fails (refused with ``if_unused`` or ``if_empty``, the
-        connection lost, cancelled) forgets nothing.
+        a WARNING and an ERROR. A deletion the broker refuses (``if_unused``, ``if_empty``, a permission: a
+        TopologyError) forgets nothing; one cut short after it was sent (the connection lost, a timeout) may
+        have happened, and stays a deletion.
         """
-        name = queue if isinstance(queue, str) else self.queue_name(queue)
         await self._ready()
         async with self._topology() as channel:
-            # Forgotten only now, with the connection up and its channel held: a reconnect under way has declared
-            # it again and attached its consumers by now. Before the delete is sent: the broker's cancel of a
-            # consumer of it may come before the delete-ok, and must not find it remembered, to declare it again.
+            # The name and what to forget are taken only now, with the connection up and its channel held: a
+            # reconnect under way has declared the queue again (a server-named one under a new name) and attached
+            # its consumers by now. Forgotten before the delete is sent: the broker's cancel of a consumer of it
+            # may come before the delete-ok, and must not find it remembered, to declare it again.
+            name = queue if isinstance(queue, str) else self.queue_name(queue)
             queues = {spec: live for spec, live in self._queues.items() if live == name}
             bindings = [b for b in self._bindings if b.queue in queues]
             for spec in queues:
                 del self._queues[spec]
             for b in bindings:
                 del self._bindings[b]
-            deleting = self._deleting(name, True)
+            marked = self._deleting(name)
             try:
                 with map_exceptions(kind="queue", name=name):
                     result = await channel.queue_delete(name, if_unused=if_unused, if_empty=if_empty)
-            except BaseException:
-                # Not deleted, or not known to be: remembered again, as it was.
-                self._deleting(name, False, deleting)
+            except TopologyError:
+                # Refused: the queue is still there, remembered again as it was.
+                self._not_deleting(marked)
                 for spec, live in queues.items():
                     self._queues.setdefault(spec, live)
                 for b in bindings:
@@ -163,14 +165,17 @@ class TopologyRegistry(BrokerCore):
                 raise
         return int(result.message_count or 0)
 
-    def _deleting(self, name: str, deleting: bool, which: list[Any] | None = None) -> list[Any]:
-        """Mark (or with ``which``, unmark) what reads the queue ``name`` while :meth:`delete_queue` deletes it;
-        returns what was marked. Nothing here; the consuming layer marks its consumers."""
+    def _deleting(self, name: str) -> list[Any]:
+        """Mark what reads the queue ``name`` as :meth:`delete_queue` deletes it (what another delete has not
+        marked already); returns what it marked. Nothing here; the consuming layer marks its consumers."""
         return []
 
+    def _not_deleting(self, marked: list[Any]) -> None:
+        """Unmark what :meth:`_deleting` marked, the delete refused."""
+
     async def delete_exchange(self, name: str | Exchange, *, if_unused: bool = False) -> None:
-        """Delete an exchange and forget it, with the bindings to it. A deletion that fails (refused with
-        ``if_unused``, the connection lost, cancelled) forgets nothing."""
+        """Delete an exchange and forget it, with the bindings to it. A deletion the broker refuses (``if_unused``,
+        a permission) forgets nothing."""
         name = name if isinstance(name, str) else name.name
         await self._ready()
         async with self._topology() as channel:
@@ -182,7 +187,7 @@ class TopologyRegistry(BrokerCore):
             try:
                 with map_exceptions(kind="exchange", name=name):
                     await channel.exchange_delete(name, if_unused=if_unused)
-            except BaseException:
+            except TopologyError:  # refused; cut short after it was sent, it may have happened: stays forgotten
                 if exchange is not None:
                     self._exchanges.setdefault(name, exchange)
                 for b in bindings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -166,3 +167,65 @@ async def test_a_refused_exchange_delete_forgets_nothing(broker: Broker, name: s
     with pytest.raises(TopologyError):
         await broker.delete_exchange(ex, if_unused=True)
     assert broker.remembers(ex) and broker.remembers(binding)
+
+
+async def test_a_delete_given_up_on_after_it_was_sent_stays_a_delete(
+    proxied: BrokerSettings, proxy: FaultProxy, broker: Broker, name: str
+) -> None:
+    # The delete reached the broker, but its caller stopped waiting before the answer (a timeout): the queue is
+    # gone, so it stays forgotten and its consumer stops as for any delete of its own. It had been remembered
+    # again: the consumer re-attached and declared the queue again, for nobody.
+    queue = Queue(f"{name}.q", auto_delete=False)
+    _, take = acked_bodies()
+    async with Broker(proxied) as mine:
+        try:
+            consumer = await mine.consume(queue, take)
+            proxy.latency = 0.5  # each way: the delete is at the broker after 0.5 s, its answer back after 1.0
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(mine.delete_queue(queue), 0.75)
+            await wait_for(lambda: consumer.cancelled, 10)
+            proxy.latency = 0
+            assert "delete_queue" in str(consumer.error)
+            assert not mine.remembers(queue)
+            await asyncio.sleep(0.5)
+            with pytest.raises(TopologyError):
+                await broker.queue_counts(queue)  # not declared again
+        finally:
+            proxy.latency = 0
+            await broker.delete_queue(queue)
+
+
+async def test_a_second_delete_given_up_on_leaves_the_first_ones_consumers_to_it(broker: Broker, name: str) -> None:
+    # Two deletes of one queue, the second cancelled before it is answered: the consumers the first one is
+    # deleting under still stop as deleted by it (the broker's cancel often comes after the delete-ok), not
+    # with an ERROR and the broker's 404.
+    errors: list[BaseException] = []
+    queue = Queue(f"{name}.q", type="quorum")
+    _, take = acked_bodies()
+    consumer = await broker.consume(queue, take, on_error=errors.append)
+    first = asyncio.create_task(broker.delete_queue(queue))
+    second = asyncio.create_task(broker.delete_queue(queue.name))
+    await first
+    second.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await second
+    await wait_for(lambda: consumer.cancelled, 10)
+    assert len(errors) == 1 and "delete_queue" in str(errors[0]), errors
+
+
+async def test_a_server_named_queue_deleted_while_the_connection_comes_back(
+    proxied: BrokerSettings, proxy: FaultProxy, name: str
+) -> None:
+    # Its name is the one the reconnect gave it: the delete must go to that name, not to the old one (gone with
+    # the old connection), which it answered with 0 while the queue and its consumer went on.
+    queue = Queue("", exclusive=True)
+    _, take = acked_bodies()
+    async with Broker(proxied) as mine:
+        consumer = await mine.consume(queue, take)
+        old = mine.queue_name(queue)
+        proxy.cut()
+        await wait_for(lambda: not mine.is_connected, 5)
+        await mine.delete_queue(queue)
+        assert not mine.remembers(queue)
+        await wait_for(lambda: consumer.cancelled, 10)
+        assert "delete_queue" in str(consumer.error) and old not in str(consumer.error)
