@@ -166,27 +166,31 @@ class PydanticCodec(Generic[M]):
         self._serializer = self._adapter.serializer
 
     def encode(self, value: M) -> bytes:
-        """``value`` as JSON. A value not of the codec's type is written as it is when a consumer's decode of the
-        body would read it (a dict for a model), and refused with :class:`~amqpkit.InvalidMessage` when it would
-        not, before anything is sent: written with only pydantic's warning, every consumer failed to read it."""
+        """``value`` as JSON. A value not of the codec's type that a consumer's decode reads as one (a dict for a
+        model) is written as that value of the type would be (its defaults in, keys the type does not have out);
+        one it would not read is refused with :class:`~amqpkit.InvalidMessage`, before anything is sent. Written
+        as it was, with only pydantic's warning, every consumer failed to read it."""
+        # pydantic-core's serializer, as TypeAdapter.dump_json calls it, less its Python wrapper (a small model's
+        # instance in 0.6 µs against 1.9)
+        serializer = self._serializer
         if isinstance(value, self._instances):
-            # pydantic-core's serializer, as TypeAdapter.dump_json calls it less its Python wrapper (0.6 against
-            # 1.9 µs for a small model)
             try:
-                return self._serializer.to_json(value)
+                return serializer.to_json(value)
             except PydanticSerializationError as exc:  # of the type and still not writable: a lone surrogate
                 raise _unencodable("JSON", exc) from None
         try:
-            body = self._serializer.to_json(value, warnings=False)
+            # What the type's serializer takes as it is (a list of ints, a list of the models): written. Asking
+            # costs 1.5 to 4 µs more than not asking; checking every body with a decode cost twice the writing.
+            return serializer.to_json(value, warnings="error")
+        except PydanticSerializationError:
+            pass
+        try:
+            checked = self._adapter.validate_json(serializer.to_json(value, warnings=False))  # as a consumer reads it
+            return serializer.to_json(checked, warnings=False)
         except PydanticSerializationError as exc:
             raise _unencodable("JSON", exc) from None
-        try:
-            # What every consumer's decode will do with it. Its cost: a list[int] of 10 written in 1.5 µs, not
-            # 0.4; of 1,000, 71 µs, not 24. A value of a class's own (a model) goes without (above).
-            self._adapter.validate_json(body)
         except ValidationError as invalid:
             raise _not_of_type(invalid, self.type) from None
-        return body
 
     def decode(self, body: bytes, content_type: str | None = None) -> M:
         _check_type(repr(self), content_type, self.accepts)
