@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from amqpkit import Broker, Queue, RpcClient, RpcServer, Worker, WorkQueue
+from amqpkit import Broker, Exchange, Queue, RpcClient, RpcServer, Service, Subscriber, TopologyError, Worker, WorkQueue
 from amqpkit.message import Delivery
 
 
@@ -56,3 +56,19 @@ async def test_a_concurrency_a_worker_or_server_cannot_keep_is_a_value_error(
     with pytest.raises(ValueError, match="concurrency"):
         RpcServer(broker, f"{name}.rpc", concurrency=concurrency, handlers={"m": _handler})
     assert not broker.remembers(Queue(f"{name}.work")) and not broker.remembers(Queue(f"{name}.rpc"))
+
+
+async def test_a_subscriber_refuses_its_prefetch_before_it_declares_anything(broker: Broker, name: str) -> None:
+    queue = Queue(f"{name}.sub", auto_delete=False)
+    with pytest.raises(ValueError, match="prefetch"):
+        Subscriber(broker, Exchange(f"{name}.x", type="fanout"), _handler, queue=queue, prefetch=70000)
+    with pytest.raises(TopologyError):
+        await broker.queue_counts(queue)
+
+
+def test_a_service_refuses_a_concurrency_where_it_is_declared() -> None:
+    svc = Service("bad-concurrency")
+    with pytest.raises(ValueError, match="concurrency"):
+        svc.worker("jobs", concurrency=0)
+    with pytest.raises(ValueError, match="concurrency"):
+        svc.rpc("calls", concurrency=70000)

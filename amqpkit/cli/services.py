@@ -88,7 +88,7 @@ def _load_handler(spec: str) -> Any:
 def worker(
     handler: Annotated[str, typer.Argument(help="the task handler, as MODULE:FUNCTION")],
     queue: Annotated[str, typer.Option("--queue", "-q", help="work queue name")],
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="tasks in flight")] = 16,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, max=65535, help="tasks in flight")] = 16,
     max_attempts: Annotated[int, typer.Option("--max-attempts", help="attempts before dead-lettering")] = 5,
     retry_delay: Annotated[float, typer.Option("--retry-delay", help="first retry delay, seconds")] = 1.0,
     grace: Annotated[float, typer.Option("--grace", help="seconds running tasks get on SIGTERM")] = 30.0,

@@ -25,6 +25,7 @@ from .._handlers import HandlerInfo, inspect_handler
 from .._streams import refuse_auto_ack
 from ..codec import AutoCodec, Codec
 from ..connection import Broker, Consumer
+from ..consuming import MAX_PREFETCH
 from ..errors import DecodeError, SettlementError, brief
 from ..executors import ExecutorKind
 from ..message import Delivery, Settlement
@@ -142,6 +143,8 @@ class Subscriber(Generic[T]):
     ) -> None:
         if isinstance(binding_keys, str):
             raise TypeError("binding_keys takes a list of keys, not one string")
+        if not 0 <= prefetch <= MAX_PREFETCH:  # refused here, before start() declares and binds its queue
+            raise ValueError(f"prefetch must be 0 (no limit) to {MAX_PREFETCH}, the most AMQP carries; got {prefetch}")
         self.broker = broker
         self.exchange = exchange
         self.prefetch = prefetch

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
+from .._handlers import checked_concurrency
 from ..codec import Codec
 from ..connection import Broker
 from ..patterns.work_queue import IdempotencyStore, RetryPolicy
@@ -127,6 +128,7 @@ class Service:
         """
         if consumer_timeout is not None and not consumer_timeout > 0:
             raise ValueError(f"consumer_timeout is in seconds and positive, not {consumer_timeout!r}")
+        checked_concurrency(concurrency, "a worker's")
         options = {
             "queue": queue, "concurrency": concurrency, "retry": retry, "codec": codec, "queue_spec": queue_spec,
             "delivery_limit": delivery_limit, "events": events, "event_headers": tuple(event_headers),
@@ -153,6 +155,7 @@ class Service:
         ``executor="process"``: as for :meth:`worker` (a module-level function that
         gets only the request's value; its return value is the reply).
         """
+        checked_concurrency(concurrency, "an rpc method's")
         options = {
             "queue": Queue(queue) if isinstance(queue, str) else queue, "method": method,  # durable, as RpcServer's
             "concurrency": concurrency, "codec": codec, "reply_codec": reply_codec,
