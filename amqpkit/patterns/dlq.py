@@ -8,20 +8,23 @@ is, and :func:`list_dead_letters` returns a list, so it stops at ``limit``
 leaves it in its order (what is dead-lettered meanwhile may come among
 them); after a listing that stopped early, the ones listed come last.
 
-How the messages stay depends on the broker. On RabbitMQ 3.x they are
-handed back with a requeue once the listing ends. RabbitMQ 4.x counts every
-such return against a quorum queue's delivery limit (20 unless set
-otherwise) and drops the message past it, and a DLQ has no dead-letter
-exchange of its own: a dashboard that listed it every minute emptied it in
-21 minutes (measured on 4.0.5). So on 4.x each message is put back at the
-end of the DLQ as it is read, a copy (same body, properties and headers)
-confirmed by the broker before the one read is acked. That needs the right
-to write to the DLQ, not only to read it; it gives each copy a fresh
-``message-ttl`` of a policy's, if one applies to the DLQ; and a listing that
-fails (no write right, a DLQ full under ``reject-publish``) hands back the
-one message it holds, which counts once. An interrupted listing loses
-nothing: at worst a dead letter is in the DLQ twice (same task id), when
-the copy was confirmed and the read one not yet acked.
+Each message is put back at the end of the DLQ as it is read, a copy (same
+body, properties and headers) confirmed by the broker before the one read is
+acked. A message handed back with a requeue instead counts against a quorum
+queue's delivery limit, and past it the broker drops it, since a DLQ has no
+dead-letter exchange of its own: RabbitMQ 4.x sets that limit to 20 unless
+told otherwise (a dashboard that listed a DLQ every minute emptied it in 21
+minutes, measured on 4.0.5), and on 3.x an operator's policy sets one (the
+third listing under ``delivery-limit`` 2 emptied it, on 3.10.8). The copy
+gives each dead letter a fresh ``message-ttl`` of a policy's, if one
+applies to the DLQ, and needs the right to write to the DLQ. Where it is
+refused (no write right, a DLQ full under ``reject-publish``), a listing on
+4.x fails, handing back the one message it holds, which counts once; on 3.x,
+which sets no limit of its own, the rest of the listing hands the messages
+back with a requeue at its end, as it did before, and says so in a warning.
+An interrupted listing loses nothing: at worst a dead letter is in the DLQ
+twice (same task id), when the copy was confirmed and the read one not yet
+acked.
 
 Replaying re-publishes each task to its work queue, mandatory and with a
 publisher confirm, *before* acking it in the DLQ: an interrupted replay
@@ -42,7 +45,7 @@ from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 
 from ..connection import Broker
-from ..errors import map_exceptions
+from ..errors import PublishError, access_refused, map_exceptions
 from ..message import Delivery
 from .tasks import ATTEMPT, describe_dead_letter
 
@@ -89,11 +92,12 @@ async def iter_dead_letters(
 ) -> AsyncGenerator[DeadLetter, None]:
     """The dead-lettered tasks of work queue ``queue``, oldest first, one at a time; the DLQ keeps every one.
 
-    At most ``limit`` (default: every task in the DLQ when it starts). On
-    RabbitMQ 3.x the messages read stay unacked on the broker until the
-    iteration ends, then all go back at once in their order; close it when
-    leaving early (``async with contextlib.aclosing(...)``). On 4.x each one
-    is put back at the end of the DLQ before it is yielded (see the module).
+    At most ``limit`` (default: every task in the DLQ when it starts). Each
+    one is put back at the end of the DLQ before it is yielded (see the
+    module). Where that copy is refused on RabbitMQ 3.x, the messages read
+    from then on stay unacked on the broker until the iteration ends, then go
+    back in their order; close it when leaving early (``async with
+    contextlib.aclosing(...)``).
     """
     dlq = dlq_name(queue)
     wanted = await count_dead_letters(broker, queue)
@@ -101,9 +105,9 @@ async def iter_dead_letters(
         wanted = min(wanted, limit)
     if wanted <= 0:
         return
-    copying = broker.server_version >= (4,)
+    copying = True
     channel = await broker.lowlevel.open_channel()
-    last_tag = 0
+    held: list[int] = []  # the delivery tags of the messages to hand back at the end, in order
     try:
         for _ in range(wanted):
             with map_exceptions(kind="queue", name=dlq):
@@ -114,18 +118,31 @@ async def iter_dead_letters(
             delivery = broker.lowlevel.delivery(message)
             letter = _letter(delivery)
             if copying:
-                await _put_back_at_the_end(broker, dlq, delivery)
-                with map_exceptions(kind="queue", name=dlq):
-                    await channel.basic_ack(tag)
-            else:
-                last_tag = tag or last_tag
+                try:
+                    await _put_back_at_the_end(broker, dlq, delivery)
+                except PublishError as exc:
+                    if broker.server_version >= (4,):
+                        raise
+                    # RabbitMQ 3.x, a copy refused (a user who may read the DLQ but not write to it, a dashboard;
+                    # a DLQ full under reject-publish): the rest are handed back, as every listing on 3.x did
+                    # before. 3.x sets no delivery limit of its own; a policy's counts each one.
+                    copying = False
+                    why = "no right to write to it" if access_refused(exc) else "a copy was refused"
+                    log.warning("listing DLQ %s: %s (%s), so the dead letters listed are handed back with a requeue, "
+                                "which counts against a delivery limit if a policy sets one: past it the broker "
+                                "drops them", dlq, why, exc)  # fmt: skip
+                else:
+                    with map_exceptions(kind="queue", name=dlq):
+                        await channel.basic_ack(tag)
+            if not copying:
+                held.append(tag)
             yield letter
     finally:
-        await _give_back(channel, last_tag)
+        await _give_back(channel, held)
 
 
-async def _give_back(channel: AbstractChannel, last_tag: int) -> None:
-    """Requeue every message read on ``channel`` (its delivery tags are 1 to ``last_tag``), then close it.
+async def _give_back(channel: AbstractChannel, tags: list[int]) -> None:
+    """Requeue every message read on ``channel`` and not acked (``tags``, in the order read), then close it.
 
     One nack per message, in order: a quorum queue puts requeued messages
     back in the order they come back, and a multiple nack of more than 32
@@ -133,7 +150,7 @@ async def _give_back(channel: AbstractChannel, last_tag: int) -> None:
     A channel that already closed has handed them back by itself.
     """
     with contextlib.suppress(Exception):
-        for tag in range(1, last_tag + 1):
+        for tag in tags:
             if channel.is_closed:
                 break
             await channel.basic_nack(tag, requeue=True, wait=False)

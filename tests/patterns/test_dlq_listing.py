@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Iterable
 
 import pytest
 
-from amqpkit import Broker, PublishError, Reject, RetryPolicy, Worker, WorkQueue
+from amqpkit import Broker, BrokerSettings, PublishError, Reject, RetryPolicy, Worker, WorkQueue
 from amqpkit.patterns.dlq import count_dead_letters, list_dead_letters, replay_dead_letters
 
-from ..brokerctl import arabbitmqctl, vhost_of
+from ..brokerctl import arabbitmqctl, as_user, own_user, vhost_of
 from ..waiting import wait_for
 
 
@@ -54,6 +54,49 @@ async def test_listing_the_dlq_again_and_again_keeps_every_dead_letter(broker: B
         held.append(await count_dead_letters(broker, work.name))
     # RabbitMQ 4.0.5, before: 5 for the first 20 listings, then 0: every dead letter dropped by the broker
     assert held == [5] * 25
+
+
+async def test_listing_under_an_operators_delivery_limit_keeps_every_dead_letter(
+    broker: Broker, work: WorkQueue[int]
+) -> None:
+    """An operator's ``delivery-limit`` on the DLQ (a policy for every quorum queue of a vhost, say). On RabbitMQ
+    3.x the listing handed each message back with a requeue, which counts against that limit as on 4.x; past it
+    the broker dropped the letter, which has nowhere to go (before, 3.10.8, limit 2: 5 dead letters through the
+    first two listings, none after the third, without a word)."""
+    await dead_letter(work, range(5))
+    vhost = vhost_of(broker.settings.urls[0])
+    limit = f"{work.name}.dlq-limit"
+    await arabbitmqctl("set_operator_policy", "-p", vhost, limit, f"^{re.escape(work.dlq_name)}$",
+                       '{"delivery-limit": 2}', "--apply-to", "queues")  # fmt: skip
+    held = []
+    try:
+        await asyncio.sleep(0.5)  # the policy reaches the queue
+        for _ in range(6):
+            assert len(await list_dead_letters(broker, work.name)) == 5
+            await asyncio.sleep(0.1)  # the handed-back messages are ready again
+            held.append(await count_dead_letters(broker, work.name))
+    finally:
+        await arabbitmqctl("clear_operator_policy", "-p", vhost, limit)
+    assert held == [5] * 6
+
+
+async def test_a_reader_without_the_right_to_write_lists_the_dlq_on_3x(broker: Broker, work: WorkQueue[int]) -> None:
+    """The listing copies on RabbitMQ 3.x too (above); a user who may read the DLQ but not write to it (a
+    dashboard) still lists it there, each letter handed back as before. On 4.x such a listing fails, keeping
+    every letter: its default delivery limit would drop them after 20."""
+    await dead_letter(work, range(5))
+    url = broker.settings.urls[0]
+    with own_user(url, "dlq-reader", "reader") as user:
+        await arabbitmqctl("set_permissions", "-p", vhost_of(url), user, "^$", "^$", ".*")
+        async with Broker(BrokerSettings(url=as_user(url, user, "reader"), publish_timeout=10)) as reader:
+            if reader.server_version >= (4,):
+                with pytest.raises(PublishError):
+                    await list_dead_letters(reader, work.name)
+            else:
+                for _ in range(2):
+                    assert len(await list_dead_letters(reader, work.name)) == 5
+    await asyncio.sleep(0.1)
+    assert await count_dead_letters(broker, work.name) == 5
 
 
 async def test_a_replayed_task_does_not_carry_the_dlqs_delivery_count(broker: Broker, work: WorkQueue[int]) -> None:
