@@ -29,6 +29,15 @@ eighth, in segments of 5 kB, on 3.10 and 4.0); the count includes such
 entries. Nor is a gap with an ``x-stream-filter``, which leaves out what does
 not match.
 
+Retention also overtakes a consumer that stays attached but reads slower
+than the stream is written (an operator's ``max-length-bytes`` or
+``max-age`` policy set for every stream of a vhost, say): the broker removes
+the segments ahead of it and goes on at the first offset still there
+(measured: offsets 95 to 1769 skipped in one attach, on 4.0.5; the same on
+3.10). Each delivery more than one offset past the one before it in the same
+attach is said in a WARNING and counted in ``Consumer.skipped_offsets`` the
+same way, but for a consumer with a filter.
+
 A stream deleted and declared again by the Broker is a new stream, whose
 offsets start at 0 again; attached at an old offset, the consumer waits for
 that many new messages and never gets them (measured before this was
@@ -130,7 +139,7 @@ def offset_of(message: DeliveredMessage) -> int | None:
 class StreamRead:
     """What one attach of a stream's consumer delivered: offsets handed over and not settled, the next one."""
 
-    __slots__ = ("nack_as_ack", "next", "skipped", "start", "unsettled")
+    __slots__ = ("jumped", "last", "nack_as_ack", "next", "skipped", "start", "unsettled")
 
     def __init__(self, at: int | None) -> None:
         self.start = at  # the offset this attach asked for; None: the consumer's own argument
@@ -139,6 +148,10 @@ class StreamRead:
         # told (the offset asked for, the first one delivered) when the first delivery of an attach that asked for
         # an offset comes more than one past it: retention removed what lay between; None once the first came
         self.skipped: Callable[[int, int], None] | None = None
+        # told (the offset delivered before, the one delivered now) when a later delivery of the attach comes more
+        # than one offset past the one before it: retention overtook the consumer (None: not watched, a filter)
+        self.jumped: Callable[[int, int], None] | None = None
+        self.last: int | None = None  # the highest offset this attach delivered
         # set for a broker that closes the connection at a nack or reject of a stream's delivery: they are written
         # as an ack, and this is told the outcome asked for
         self.nack_as_ack: Callable[[Settlement], None] | None = None
@@ -161,6 +174,11 @@ class StreamRead:
                 skipped, self.skipped = self.skipped, None
                 if self.start is not None and offset > self.start + 1:
                     skipped(self.start, offset)
+            last = self.last
+            if last is None or offset > last:
+                if last is not None and offset > last + 2 and self.jumped is not None:
+                    self.jumped(last, offset)
+                self.last = offset
             if auto_ack:
                 self.settled(offset)  # settled as it is handed over
             else:

@@ -82,7 +82,8 @@ class Consumer:
     are not counted: their messages went with the queue);
     ``skipped_offsets`` counts, for a stream's consumer, the offsets it
     never got because the stream's retention removed them before it was
-    attached again (each time said in a WARNING);
+    attached again, or before it read them while attached (each time said
+    in a WARNING);
     ``grace`` is how long the callbacks running when the broker cancels it
     (its queue deleted, a quorum queue's leader lost) get to finish on its
     old channel, while it is attached again on a new one at once;
@@ -410,6 +411,8 @@ class Consuming(TopologyRegistry):
             log.debug("consumer %s resumes %s from offset %d", consumer.consumer_tag, self._shown(consumer), read.start)
             if FILTER not in arguments:  # a filter leaves out offsets by itself
                 read.skipped = functools.partial(self._offsets_skipped, consumer)
+        if FILTER not in arguments:
+            read.jumped = functools.partial(self._offsets_overtaken, consumer)
         if version_numbers(server_properties) < NACKS_TAKEN:
             read.nack_as_ack = functools.partial(self._nacked_as_ack, consumer)
         return arguments or None, functools.partial(self._dispatch, consumer, deliver=read.delivery)
@@ -422,6 +425,17 @@ class Consuming(TopologyRegistry):
         log.warning("consumer %s on %s resumed at offset %d, the broker started at %d: %d offsets skipped, removed "
                     "by the stream's retention (x-max-length-bytes, x-max-age) before it was attached again; their "
                     "messages are not delivered", consumer.consumer_tag, self._shown(consumer), asked, first,
+                    skipped)  # fmt: skip
+
+    def _offsets_overtaken(self, consumer: Consumer, before: int, after: int) -> None:
+        """``consumer`` was handed offset ``after`` next after ``before``, in one attach: the stream's retention
+        removed what lay between before the consumer got to it (amqpkit._streams). Said and counted, as a resumed
+        attach's gap is; nothing brings it back."""
+        skipped = after - before - 1
+        consumer.skipped_offsets += skipped
+        log.warning("consumer %s on %s was handed offset %d after %d: %d offsets skipped, removed by the stream's "
+                    "retention (x-max-length-bytes, x-max-age, or a policy's) before it read them; their messages "
+                    "are not delivered", consumer.consumer_tag, self._shown(consumer), after, before,
                     skipped)  # fmt: skip
 
     def _nacked_as_ack(self, consumer: Consumer, outcome: Settlement) -> None:

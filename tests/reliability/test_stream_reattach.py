@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import re
 
 import pytest
 
@@ -28,6 +30,7 @@ from amqpkit import (
     TopologyError,
 )
 
+from ..brokerctl import arabbitmqctl, vhost_of
 from ..deliveries import acked_bodies, acked_offsets
 from ..waiting import until, wait_for
 from .proxy import FaultProxy, hold_out, let_in, proxied_settings
@@ -340,6 +343,55 @@ async def test_a_stream_consumer_resumed_at_an_offset_retention_removed_says_how
             assert f"resumed at offset 5, the broker started at {first}: {skipped} offsets skipped" in said[0], said
             assert consumer.skipped_offsets == skipped
     finally:
+        await broker.delete_queue(stream.name)
+
+
+async def test_a_stream_consumer_overtaken_by_retention_while_attached_says_how_many_offsets_it_skipped(
+    broker: Broker, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer that reads slower than the stream is written, under an operator's retention policy
+    (``max-length-bytes``): the broker removes the segments ahead of it and goes on at the first offset still
+    there, with no reconnect in between. Before, nothing was said (4.0.5: offsets 95 to 1769 and two more runs of
+    them skipped in one attach, ``skipped_offsets`` 0); it is said and counted as a resumed attach's gap is."""
+    stream = Queue(f"{name}.stream", type=QueueType.STREAM, arguments={"x-stream-max-segment-size-bytes": 5_000})
+    await broker.declare_queue(stream)
+    vhost = vhost_of(broker.settings.urls[0])
+    policy = f"{name}.retention"
+    offsets: list[int] = []
+    release = asyncio.Event()
+
+    async def slow(delivery: Delivery[bytes]) -> None:
+        offsets.append(int(delivery.headers["x-stream-offset"]))
+        await release.wait()  # behind the writer: the first delivery is held until the retention has run
+        await delivery.ack()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="amqpkit.broker"):
+            consumer = await broker.consume(stream, slow, prefetch=1, arguments={"x-stream-offset": "first"})
+            for _ in range(5):
+                await broker.publish(Envelope(b"x" * 500), routing_key=stream.name)
+            await wait_for(lambda: offsets == [0])
+            await arabbitmqctl("set_policy", "-p", vhost, policy, f"^{re.escape(stream.name)}$",
+                               '{"max-length-bytes": 20000}', "--apply-to", "queues")  # fmt: skip
+            for _ in range(400):  # 200 kB, in segments of 5 kB of which about 20 kB are kept
+                await broker.publish(Envelope(b"x" * 500), routing_key=stream.name)
+            await asyncio.sleep(1)  # the broker applies retention when a segment is rolled over, in the background
+            release.set()
+            await wait_for(lambda: offsets[-1] >= 400, timeout=20)
+            await asyncio.sleep(0.3)
+        gaps = [(before, after) for before, after in itertools.pairwise(offsets) if after > before + 2]
+        assert gaps, offsets  # retention went past the consumer
+        skipped = sum(after - before - 1 for before, after in gaps)
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "retention" in r.message]
+        # before: [] and 0, the skipped offsets never delivered with nothing said
+        assert len(said) == len(gaps), said
+        before, after = gaps[0]
+        assert f"was handed offset {after} after {before}: {after - before - 1} offsets skipped" in said[0], said
+        assert consumer.skipped_offsets == skipped
+        await consumer.cancel()
+    finally:
+        release.set()
+        await arabbitmqctl("clear_policy", "-p", vhost, policy)
         await broker.delete_queue(stream.name)
 
 
