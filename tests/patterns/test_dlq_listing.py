@@ -20,7 +20,7 @@ from amqpkit import Broker, BrokerSettings, PublishError, Reject, RetryPolicy, W
 from amqpkit.patterns.dlq import count_dead_letters, list_dead_letters, replay_dead_letters
 
 from ..brokerctl import arabbitmqctl, as_user, own_user, vhost_of
-from ..waiting import wait_for
+from ..waiting import until_ready, wait_for
 
 
 @pytest.fixture
@@ -95,7 +95,8 @@ async def test_a_reader_without_the_right_to_write_lists_the_dlq_on_3x(broker: B
             else:
                 for _ in range(2):
                     assert len(await list_dead_letters(reader, work.name)) == 5
-    await asyncio.sleep(0.1)
+                    await until_ready(broker, work.dlq_name, 5)  # handed back: ready again shortly after
+    await until_ready(broker, work.dlq_name, 5)
     assert await count_dead_letters(broker, work.name) == 5
 
 
