@@ -377,6 +377,8 @@ def refused_error(
 
 
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (queue|exchange) '([^']*)'")
+# the live value in that refusal: 4.x "current is 'quorum'", 3.10 "current is the value 'quorum' of type ..."
+_CURRENT = re.compile(r"current is (?:the value )?'(classic|quorum|stream)'")
 
 
 @contextmanager
@@ -393,8 +395,16 @@ def map_exceptions(*, kind: str = "", name: str = "") -> Iterator[None]:
         match = _INEQUIVALENT.search(text)
         if match:
             argument, found_kind, found_name = match.groups()
+            hint = ""
+            if argument == "x-queue-type":
+                current = _CURRENT.search(text)  # not there when the broker cut its text short (255 bytes)
+                live = repr(current.group(1)) if current is not None else "..."
+                hint = (
+                    f"; declare it with the type it has (Queue({found_name!r}, type={live})), or delete it "
+                    "(a vhost's default queue type makes a queue declared without a type one of that type)"
+                )
             raise TopologyError(
-                f"{found_kind} {found_name!r} exists with a different {argument!r}: {text}",
+                f"{found_kind} {found_name!r} exists with a different {argument!r}: {text}{hint}",
                 kind=found_kind,
                 name=found_name,
                 argument=argument,

@@ -101,6 +101,9 @@ _BUILTIN_EXCHANGES = frozenset(
 class Queue:
     """A queue. ``name=""`` asks the broker to name it (a fresh name after every reconnect).
 
+    Its type is always declared (``x-queue-type``), ``classic`` too, so a vhost's default queue type does not
+    make it another one; a queue that exists with another type is a :class:`~amqpkit.TopologyError`.
+
     Named queues compare by value; server-named ones by identity, since two of
     them are always two different queues.
     """
@@ -163,9 +166,10 @@ class Queue:
 
     def declare_arguments(self) -> dict[str, Any]:
         """The ``x-`` arguments this spec declares, as the broker wants them."""
-        args: dict[str, Any] = {}
-        if self.type is not QueueType.CLASSIC:
-            args["x-queue-type"] = str(self.type)
+        # The type always, classic too: a vhost's default queue type (``add_vhost --default-queue-type``) makes a
+        # queue declared without one a quorum queue or a stream, and a classic queue made before the default was
+        # set is then refused at its next declare (406 inequivalent arg 'x-queue-type').
+        args: dict[str, Any] = {"x-queue-type": str(self.type)}
         if self.message_ttl is not None:
             args["x-message-ttl"] = round(self.message_ttl * 1000)
         if self.expires is not None:

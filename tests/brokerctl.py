@@ -193,6 +193,44 @@ def vhost_args(url: str) -> list[str]:
     return ["-p", vhost_of(url)]
 
 
+async def set_default_queue_type(vhost: str, queue_type: str) -> None:
+    """Give ``vhost`` a default queue type, as an operator does: what is declared there without an ``x-queue-type``
+    afterwards is of that type. RabbitMQ 4.x has ``update_vhost_metadata``; 3.10 has no command for it (only
+    ``add_vhost --default-queue-type``), so there the vhost's metadata is changed as that command would."""
+    try:
+        await arabbitmqctl("update_vhost_metadata", vhost, "--default-queue-type", queue_type)
+        return
+    except RuntimeError as exc:
+        if "not found" not in str(exc):
+            raise
+    binary = vhost.replace("\\", "\\\\").replace('"', '\\"')
+    await arabbitmqctl(
+        "eval",
+        "rabbit_misc:execute_mnesia_transaction(fun() -> rabbit_vhost:update_metadata("
+        f'<<"{binary}">>, fun(M) -> M#{{default_queue_type => <<"{queue_type}">>}} end) end).',
+    )
+
+
+async def default_queue_type(vhost: str) -> str:
+    """``vhost``'s default queue type as the broker lists it (``undefined`` when none was set, on 3.10)."""
+    out = await arabbitmqctl("list_vhosts", "-q", "--no-table-headers", "name", "default_queue_type")
+    for line in out.splitlines():
+        fields = line.split("\t")
+        if fields[0] == vhost:
+            return fields[1]
+    raise AssertionError(f"vhost {vhost} is not listed: {out!r}")
+
+
+async def queue_type(url: str, queue: str) -> str:
+    """The type the broker gave ``queue`` in ``url``'s vhost (classic, quorum, stream)."""
+    out = await arabbitmqctl("list_queues", *vhost_args(url), "-q", "--no-table-headers", "name", "type")
+    for line in out.splitlines():
+        fields = line.split("\t")
+        if fields[0] == queue:
+            return fields[1]
+    raise AssertionError(f"{queue} is not listed: {out!r}")
+
+
 async def close_connections(url: str, reason: str) -> None:
     """Close every connection in ``url``'s vhost from the broker's side (connection.close, not a reset).
 

@@ -191,6 +191,8 @@ class Plan:
 
 def _describe_queue(q: Queue) -> str:
     args = q.declare_arguments()
+    if args.get("x-queue-type") == str(q.type):
+        del args["x-queue-type"]  # shown first, as the type
     shown = ", ".join(f"{k}={v}" for k, v in sorted(args.items()))
     flags = [f for f, on in (("durable", q.durable), ("exclusive", q.exclusive), ("auto-delete", q.auto_delete)) if on]
     return f"({', '.join([str(q.type), *flags, *([shown] if shown else [])])})"
