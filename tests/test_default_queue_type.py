@@ -178,3 +178,19 @@ async def test_a_queue_the_default_made_another_type_is_refused_saying_which(
     quorum = RpcServer(broker, Queue(f"{name}.rpc", type="quorum"), handlers={"echo": lambda x: x})
     async with quorum, RpcClient(broker, f"{name}.rpc") as client:
         assert await client.call("echo", 4, timeout=10) == 4
+
+
+async def test_the_bench_s_bare_oneway_consumer_reads_a_classic_queue_too(amqp_url: str, name: str) -> None:
+    """``raw-oneway``, the bare-aiormq baseline amqpkit's one-way consumer is compared with, declared its queue
+    without a type: a quorum queue under a default of quorum (the two compared on different queue types), and
+    under a default of stream a stream, whose no-ack consume made the broker close the connection."""
+    from amqpkit.bench.base import ServerOptions
+    from amqpkit.bench.servers import RawOnewayConsumer
+
+    await set_default_queue_type(vhost_of(amqp_url), "stream")
+    side = RawOnewayConsumer(ServerOptions(url=amqp_url, queue=f"{name}.oneway"))
+    await side.start()
+    try:
+        assert await queue_type(amqp_url, f"{name}.oneway") == "classic"
+    finally:
+        await side.stop()

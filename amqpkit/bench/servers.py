@@ -123,7 +123,8 @@ class RawOnewayConsumer(ServerSide):
     async def start(self) -> None:
         self.conn = await aiormq.connect(self.options.url)
         self.channel = await self.conn.channel(publisher_confirms=False)
-        await self.channel.queue_declare(self.options.queue, durable=True)
+        # classic, as amqpkit's one-way consumer declares it: not whatever a vhost's default queue type makes it
+        await self.channel.queue_declare(self.options.queue, durable=True, arguments={"x-queue-type": "classic"})
         await self.channel.basic_qos(prefetch_count=self.options.prefetch)
 
         async def on_message(message: DeliveredMessage) -> None:
