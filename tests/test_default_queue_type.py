@@ -16,11 +16,13 @@ import contextlib
 import pytest
 
 from amqpkit import (
+    Binding,
     Broker,
     BrokerSettings,
     Delivery,
     Envelope,
     Exchange,
+    PublishNacked,
     Queue,
     RpcClient,
     RpcError,
@@ -31,7 +33,7 @@ from amqpkit import (
 from amqpkit.errors import ConnectionLost
 
 from .brokerctl import close_connections, default_queue_type, queue_type, set_default_queue_type, vhost_of
-from .waiting import wait_for
+from .waiting import until_ready, wait_for
 
 
 async def _call_until_answered(client: RpcClient, value: int, within: float) -> int:
@@ -160,6 +162,34 @@ async def test_a_priority_queue_in_a_quorum_default_vhost(broker: Broker, amqp_u
                 break
     assert got == [2, 3, 1]
     assert await queue_type(amqp_url, f"{name}.prio") == "classic"
+
+
+async def test_reject_publish_dlx_in_a_quorum_default_vhost_refuses_the_newest(
+    broker: Broker, amqp_url: str, name: str
+) -> None:
+    """``reject-publish-dlx`` is a classic queue's: a quorum queue takes it as ``drop-head``, so the publish past
+    the limit was confirmed and the oldest message dropped (dead-lettered) in its place, without a word."""
+    await set_default_queue_type(vhost_of(amqp_url), "quorum")
+    dlx = Exchange(f"{name}.dlx", type="fanout")
+    dead = Queue(f"{name}.dead")
+    limited = Queue(f"{name}.limited", max_length=2, overflow="reject-publish-dlx", dead_letter_exchange=dlx.name)
+    await broker.declare_exchange(dlx)
+    await broker.bind(Binding(dlx, dead))
+    await broker.declare_queue(limited)
+    for body in (b"1", b"2"):
+        await broker.publish(Envelope(body), routing_key=limited.name)
+    with pytest.raises(PublishNacked):
+        await broker.publish(Envelope(b"3"), routing_key=limited.name)
+    kept = []
+    while (got := await broker.get(limited.name)) is not None:
+        kept.append(got.body)
+        await got.ack()
+    assert kept == [b"1", b"2"]
+    await until_ready(broker, dead.name, 1)
+    first_dead = await broker.get(dead.name)
+    assert first_dead is not None and first_dead.body == b"3"
+    await first_dead.ack()
+    assert await queue_type(amqp_url, limited.name) == "classic"
 
 
 async def test_a_queue_the_default_made_another_type_is_refused_saying_which(
