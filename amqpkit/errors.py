@@ -377,8 +377,9 @@ def refused_error(
 
 
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (queue|exchange) '([^']*)'")
-# the live value in that refusal: 4.x "current is 'quorum'", 3.10 "current is the value 'quorum' of type ..."
-_CURRENT = re.compile(r"current is (?:the value )?'(classic|quorum|stream)'")
+# the live type in that refusal: 4.x "current is 'quorum'", 3.10 "current is the value 'quorum' of type ...", and
+# 3.10's "current is none" for a queue declared without one (classic: a default queue type writes its type down)
+_CURRENT = re.compile(r"current is (?:the value )?'(classic|quorum|stream)'|current is (none)")
 
 
 @contextmanager
@@ -398,7 +399,7 @@ def map_exceptions(*, kind: str = "", name: str = "") -> Iterator[None]:
             hint = ""
             if argument == "x-queue-type":
                 current = _CURRENT.search(text)  # not there when the broker cut its text short (255 bytes)
-                live = repr(current.group(1)) if current is not None else "..."
+                live = "..." if current is None else repr(current.group(1) or "classic")
                 hint = (
                     f"; declare it with the type it has (Queue({found_name!r}, type={live})), or delete it "
                     "(a vhost's default queue type makes a queue declared without a type one of that type)"

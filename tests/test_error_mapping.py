@@ -59,3 +59,26 @@ def test_a_cut_refusal_names_a_publish_only_when_its_names_begin_alike() -> None
     assert refusal_is_for(cut_exchange, "events", "bad.1") is None
     assert refusal_is_for(cut_exchange, "events", "bad.2") is False
     assert refusal_is_for(cut_exchange, "orders", "bad.1") is False
+
+
+QUEUE_TYPE_REFUSALS = [
+    # 406 for x-queue-type: 4.0.5's text, 3.10.8's (a queue declared without a type: "none"), and one cut short
+    ("received 'classic' but current is 'quorum'", "type='quorum')"),
+    (
+        "received the value 'classic' of type 'longstr' but current is the value 'stream' of type 'longstr'",
+        "type='stream')",
+    ),
+    ("received the value 'quorum' of type 'longstr' but current is none", "type='classic')"),
+    ("received the value 'classic' of type 'longstr' but curr...", "type=...)"),
+]
+
+
+@pytest.mark.parametrize(("tail", "hint"), QUEUE_TYPE_REFUSALS)
+def test_a_queue_of_another_type_is_named_with_the_type_to_declare(tail: str, hint: str) -> None:
+    from amqpkit import TopologyError
+
+    text = f"PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'jobs' in vhost 'v': {tail}"
+    with pytest.raises(TopologyError) as caught, map_exceptions(kind="queue", name="jobs"):
+        raise aiormq.exceptions.ChannelPreconditionFailed(text)
+    assert caught.value.argument == "x-queue-type"
+    assert f"Queue('jobs', {hint}" in str(caught.value)
