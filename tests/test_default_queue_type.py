@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 
 import pytest
 
@@ -31,9 +32,29 @@ from amqpkit import (
     TopologyError,
 )
 from amqpkit.errors import ConnectionLost
+from amqpkit.testing import own_vhost
 
-from .brokerctl import close_connections, default_queue_type, queue_type, set_default_queue_type, vhost_of
+from .brokerctl import (
+    close_connections,
+    default_queue_type,
+    made_vhost,
+    queue_type,
+    set_default_queue_type,
+    vhost_of,
+    with_vhost,
+)
 from .waiting import until_ready, wait_for
+
+
+@pytest.fixture
+def amqp_url(amqp_url: str) -> Iterator[str]:
+    """The test's own vhost: a default queue type is the vhost's, and outlives the test on one shared with others
+    (``AMQPKIT_TEST_VHOST=0``), where these tests make a vhost of their own instead."""
+    if own_vhost(amqp_url):
+        yield amqp_url
+        return
+    with made_vhost("amqpkit-dqt") as vhost:
+        yield with_vhost(amqp_url, vhost)
 
 
 async def _call_until_answered(client: RpcClient, value: int, within: float) -> int:
