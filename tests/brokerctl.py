@@ -211,24 +211,24 @@ async def set_default_queue_type(vhost: str, queue_type: str) -> None:
     )
 
 
-async def default_queue_type(vhost: str) -> str:
-    """``vhost``'s default queue type as the broker lists it (``undefined`` when none was set, on 3.10)."""
-    out = await arabbitmqctl("list_vhosts", "-q", "--no-table-headers", "name", "default_queue_type")
+async def listed(what: str, name: str, field: str, *args: str) -> str:
+    """``field`` of the ``name`` row of ``rabbitmqctl list_WHAT ARGS name FIELD`` (``what``: queues, vhosts)."""
+    out = await arabbitmqctl(f"list_{what}", *args, "-q", "--no-table-headers", "name", field)
     for line in out.splitlines():
         fields = line.split("\t")
-        if fields[0] == vhost:
+        if fields[0] == name:
             return fields[1]
-    raise AssertionError(f"vhost {vhost} is not listed: {out!r}")
+    raise AssertionError(f"{name} is not listed: {out!r}")
+
+
+async def default_queue_type(vhost: str) -> str:
+    """``vhost``'s default queue type as the broker lists it (``undefined`` when none was set, on 3.10)."""
+    return await listed("vhosts", vhost, "default_queue_type")
 
 
 async def queue_type(url: str, queue: str) -> str:
     """The type the broker gave ``queue`` in ``url``'s vhost (classic, quorum, stream)."""
-    out = await arabbitmqctl("list_queues", *vhost_args(url), "-q", "--no-table-headers", "name", "type")
-    for line in out.splitlines():
-        fields = line.split("\t")
-        if fields[0] == queue:
-            return fields[1]
-    raise AssertionError(f"{queue} is not listed: {out!r}")
+    return await listed("queues", queue, "type", *vhost_args(url))
 
 
 async def close_connections(url: str, reason: str) -> None:

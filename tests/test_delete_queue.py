@@ -16,14 +16,20 @@ from .reliability.proxy import FaultProxy
 from .waiting import until_ready, wait_for
 
 
-async def test_a_refused_delete_forgets_nothing(broker: Broker, name: str, cleanup: list[str]) -> None:
-    # if_empty / if_unused refused (406): the queue is still there, and so must be what the Broker declares again
-    # after a reconnect. It forgot the queue and its bindings before asking, and did not take them back.
-    ex = Exchange(f"{name}.x", type="direct", durable=False, auto_delete=True)
+async def _bound(broker: Broker, name: str, cleanup: list[str]) -> tuple[Exchange, Queue, Binding]:
+    """A direct exchange and a queue bound to it with key ``k``, declared, deleted after the test."""
+    ex = Exchange(f"{name}.x", type="direct", durable=False, auto_delete=False)
     queue = Queue(f"{name}.q", auto_delete=False)
     binding = Binding(ex, queue, "k")
     cleanup += [f"q:{queue.name}", f"x:{ex.name}"]
     await broker.declare(ex, queue, binding)
+    return ex, queue, binding
+
+
+async def test_a_refused_delete_forgets_nothing(broker: Broker, name: str, cleanup: list[str]) -> None:
+    # if_empty / if_unused refused (406): the queue is still there, and so must be what the Broker declares again
+    # after a reconnect. It forgot the queue and its bindings before asking, and did not take them back.
+    ex, queue, binding = await _bound(broker, name, cleanup)
     await broker.publish(Envelope(b"kept"), exchange=ex.name, routing_key="k")
     await until_ready(broker, queue.name, 1)
     with pytest.raises(TopologyError):
@@ -159,11 +165,7 @@ async def test_a_delete_while_the_connection_comes_back_forgets_nothing(
 async def test_a_refused_exchange_delete_forgets_nothing(broker: Broker, name: str, cleanup: list[str]) -> None:
     # delete_exchange(if_unused=True) of an exchange with a binding is refused (406): it had forgotten the exchange
     # and its bindings before asking, so a reconnect would not declare or bind them again.
-    ex = Exchange(f"{name}.x", type="direct", durable=False, auto_delete=False)
-    queue = Queue(f"{name}.q", auto_delete=False)
-    binding = Binding(ex, queue, "k")
-    cleanup += [f"q:{queue.name}", f"x:{ex.name}"]
-    await broker.declare(ex, queue, binding)
+    ex, _, binding = await _bound(broker, name, cleanup)
     with pytest.raises(TopologyError):
         await broker.delete_exchange(ex, if_unused=True)
     assert broker.remembers(ex) and broker.remembers(binding)

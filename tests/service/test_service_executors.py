@@ -45,7 +45,7 @@ from amqpkit.service import Service, ServiceContext, ServiceError
 from amqpkit.service.plan import build_plan
 
 from .. import long_task_handlers as handlers
-from ..brokerctl import arabbitmqctl, vhost_args
+from ..brokerctl import listed, vhost_args
 from ..waiting import wait_for
 from .test_run_cli import Run
 
@@ -265,12 +265,7 @@ async def test_an_async_handler_that_blocks_is_named_though_the_service_wraps_it
 
 
 async def _queue_arguments(amqp_url: str, queue: str) -> str:
-    out = await arabbitmqctl("list_queues", *vhost_args(amqp_url), "-q", "--no-table-headers", "name", "arguments")
-    for line in out.splitlines():
-        fields = line.split("\t")
-        if fields[0] == queue:
-            return fields[1]
-    raise AssertionError(f"{queue} is not listed: {out!r}")
+    return await listed("queues", queue, "arguments", *vhost_args(amqp_url))
 
 
 async def test_a_worker_s_consumer_timeout_is_its_queue_s_or_the_service_says_why_not(
