@@ -992,7 +992,7 @@ class Consuming(TopologyRegistry):
 
     def _shown(self, consumer: Consumer) -> str:
         """A consumer's queue as a log line names it (a server-named queue by its live name)."""
-        name = consumer.queue.name or self._queues.get(consumer.queue, "")
+        name = consumer.queue.name or self._queues.get(consumer.queue, "") or consumer._attached_to or ""
         return repr(name) if name else "(a server-named queue)"
 
     async def _exchange_changed(self, exchange: Exchange, exc: TopologyError) -> set[Queue]:
