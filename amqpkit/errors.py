@@ -145,7 +145,17 @@ class Unroutable(PublishError):
 
 
 class PublishNacked(PublishError):
-    """Raised when the broker answered the publish with basic.nack."""
+    """Raised when the broker answered the publish with basic.nack.
+
+    A nack is for the whole publish: routed to several queues and refused by one (full under reject-publish, say),
+    the others took it all the same. ``sends`` counts the times it was sent, each nacked: 2 when
+    :meth:`Broker.publish <amqpkit.Broker.publish>` sent it once more on a fresh channel, and then a queue that
+    took it holds it twice. A caller that publishes it again adds one more copy to those queues.
+    """
+
+    def __init__(self, message: str, *, sends: int = 1) -> None:
+        super().__init__(message)
+        self.sends = sends
 
 
 class PublishTimeout(PublishError, TimeoutError):
@@ -179,7 +189,8 @@ class MessageTooLarge(PublishError):
 _NACK_CAUSES = (
     "a queue it was routed to refused it, most often one full under a length limit (max-length or "
     "max-length-bytes, its own or a policy's: rabbitmqctl list_policies, list_operator_policies) with overflow "
-    "reject-publish; or a quorum queue without a leader"
+    "reject-publish; or a quorum queue without a leader. Other queues it was routed to took it if they could "
+    "(a nack is for the whole publish)"
 )
 
 _SIZE_REFUSAL = re.compile(r"message size \d+ is larger than (?:configured )?max size (\d+)")  # 3.10 to 4.x

@@ -125,7 +125,9 @@ class Publishing(BrokerCore):
         by its id. Publishes that are not mandatory share an id freely. A
         publish the broker nacks is sent once more on a fresh channel (a
         channel opened during a failover can nack what a later one accepts),
-        unless the channel was replaced less than a second before.
+        unless the channel was replaced less than a second before. A nack is
+        for the whole publish: other queues it was routed to took it, twice if
+        it was sent twice (:attr:`PublishNacked.sends`).
 
         Raises :class:`MessageTooLarge`, :class:`InvalidMessage` (a property or
         header AMQP cannot carry; nothing was sent), :class:`Unroutable` (mandatory and no
@@ -256,14 +258,14 @@ class Publishing(BrokerCore):
             except TopologyError as exc:
                 refusals = self._after_refusal(exc, exchange_name, routing_key, len(body), refusals)
                 continue
-            except PublishNacked:
+            except PublishNacked as exc:
                 # The next publish goes on a fresh channel. On RabbitMQ 3.10 a channel opened while a quorum
                 # queue had no leader (a reconnect within a failover) nacked every publish to it for minutes,
                 # while a channel opened later had the same publishes acked. So a nacked publish is sent once
                 # more, if that channel was replaced (at most once a second: a full queue's nacks come fast).
                 self._retire_publish_channel(channel)
                 if nacked or self._channels.get("publish") is channel:
-                    raise
+                    raise (_nacked_twice(exc) if nacked else exc) from exc.__cause__  # the broker's nack
                 nacked = True
                 self.republished += 1
                 continue
@@ -423,4 +425,14 @@ def _not_an_envelope(value: object) -> TypeError:
     return TypeError(
         f"Broker.publish takes an amqpkit.Envelope, not {type(value).__name__}: wrap the body, "
         "Envelope(body=b'...'), or publish values through a Publisher, which encodes them"
+    )
+
+
+def _nacked_twice(exc: PublishNacked) -> PublishNacked:
+    """``exc``, the second nack of a publish sent once more on a fresh channel, saying so: whatever queue took it
+    the first time took it again."""
+    return PublishNacked(
+        f"{exc}; it was sent twice (once more on a fresh channel), both nacked: the other queues it was routed to "
+        "may hold it twice",
+        sends=2,
     )

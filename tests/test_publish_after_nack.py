@@ -15,7 +15,7 @@ import asyncio
 
 import pytest
 
-from amqpkit import Broker, Envelope, Overflow, PublishNacked, Queue
+from amqpkit import Binding, Broker, Envelope, Exchange, ExchangeType, Overflow, PublishNacked, Queue
 
 
 async def test_the_publish_after_a_nack_goes_on_a_new_channel(broker: Broker, name: str, cleanup: list[str]) -> None:
@@ -68,3 +68,27 @@ async def test_a_nack_says_what_usually_refuses_a_publish(broker: Broker, name: 
         await broker.publish(Envelope(b"second"), routing_key=name)
     text = str(nacked.value)
     assert "reject-publish" in text and "length limit" in text and "list_policies" in text, text
+
+
+async def test_a_nack_says_the_other_queues_may_hold_it_twice(broker: Broker, name: str, cleanup: list[str]) -> None:
+    """A nack is for the whole publish: routed to two queues and refused by one (full, reject-publish), the other
+    took it, and took it again when it was sent once more. Before, the error read as if nothing had been
+    delivered, and a caller retrying it added a third copy where two already were."""
+    kept, full = f"{name}.kept", f"{name}.full"
+    cleanup.extend([f"q:{kept}", f"q:{full}", f"x:{name}"])
+    exchange = Exchange(name, type=ExchangeType.FANOUT, durable=False, auto_delete=True)
+    await broker.bind(Binding(exchange, Queue(kept, durable=False)))
+    await broker.bind(Binding(exchange, Queue(full, durable=False, max_length=1, overflow=Overflow.REJECT_PUBLISH)))
+    await broker.publish(Envelope(b"first"), exchange=name)
+    with pytest.raises(PublishNacked) as nacked:
+        await broker.publish(Envelope(b"second"), exchange=name)
+    assert nacked.value.sends == 2
+    text = str(nacked.value)
+    assert "sent twice" in text and "other queues it was routed to" in text and "may hold it twice" in text, text
+    assert (await broker.queue_counts(kept))[0] == 3  # first, and second twice: nothing lost, one duplicate
+
+    with pytest.raises(PublishNacked) as again:  # within the second after the replacement: sent once
+        await broker.publish(Envelope(b"third"), exchange=name)
+    assert again.value.sends == 1
+    assert "sent twice" not in str(again.value) and "other queues it was routed to" in str(again.value).lower()
+    assert (await broker.queue_counts(kept))[0] == 4
