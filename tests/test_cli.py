@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from amqpkit import Broker, Queue, RpcServer, __version__
+from amqpkit import Broker, Delivery, Envelope, Queue, RpcServer, __version__
 
 from . import processes
+from .waiting import wait_for
 
 pytestmark = pytest.mark.usefixtures("spawned")  # every CLI process ends with its test
 
@@ -108,3 +109,69 @@ async def test_bad_arguments_exit_2(args: list[str]) -> None:
     code, _, err = await cli(*args)
     assert code == 2
     assert "Traceback" not in err
+
+
+async def test_consume_count_takes_no_more_than_it_shows(broker: Broker, amqp_url: str, name: str) -> None:
+    """Before, ``--count N`` asked for N at a time and acked each as it showed it, so the broker sent more while it
+    got to N; each extra was nacked back: marked redelivered, and on a quorum queue counted towards its delivery
+    limit (RabbitMQ 4.x's default 20: a queue read that way 20 times lost what it returned). Now no more than N are
+    delivered: the last acks wait until the Nth message is shown."""
+    await broker.declare_queue(Queue(name, type="quorum"))
+    try:
+        for i in range(40):
+            await broker.publish(Envelope(str(i).encode()), routing_key=name)
+        code, out, err = await cli("consume", "--queue", name, "--count", "5", "--timeout", "10", "--url", amqp_url)
+        assert code == 0, err
+        assert [line.rsplit("] ", 1)[1] for line in out.splitlines()] == ["0", "1", "2", "3", "4"]
+        assert (await broker.queue_counts(name))[0] == 35
+        rest: list[Delivery[bytes]] = []
+
+        async def keep(delivery: Delivery[bytes]) -> None:
+            rest.append(delivery)
+            await delivery.ack()
+
+        consumer = await broker.consume(Queue(name, type="quorum"), keep, prefetch=50)
+        await wait_for(lambda: len(rest) == 35)
+        await consumer.cancel()
+        assert [d.body for d in rest] == [str(i).encode() for i in range(5, 40)]
+        assert [d.body for d in rest if d.redelivered] == []
+    finally:
+        await broker.delete_queue(name)
+
+
+async def test_consume_count_over_a_prefetch(broker: Broker, amqp_url: str, name: str) -> None:
+    """Before, ``--count 70000`` failed with a traceback: the count was the consumer's prefetch, at most 65535."""
+    await broker.declare_queue(Queue(name))
+    try:
+        for i in range(3):
+            await broker.publish(Envelope(str(i).encode()), routing_key=name)
+        code, out, err = await cli("consume", "--queue", name, "--count", "70000", "--timeout", "3", "--url", amqp_url)
+        assert code == 0, err
+        assert len(out.splitlines()) == 3
+        assert (await broker.queue_counts(name))[0] == 0
+    finally:
+        await broker.delete_queue(name)
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+async def test_consume_count_below_one_is_a_usage_error(broker: Broker, amqp_url: str, name: str, count: str) -> None:
+    """Before, ``--count 0`` nacked every message back at once, again and again until the timeout (each counted
+    towards a quorum queue's delivery limit)."""
+    await broker.declare_queue(Queue(name, type="quorum"))
+    try:
+        await broker.publish(Envelope(b"kept"), routing_key=name)
+        code, out, err = await cli("consume", "--queue", name, "--count", count, "--timeout", "2", "--url", amqp_url)
+        assert code == 2, (out, err)
+        assert "Traceback" not in err
+        got: list[Delivery[bytes]] = []
+
+        async def keep(delivery: Delivery[bytes]) -> None:
+            got.append(delivery)
+            await delivery.ack()
+
+        consumer = await broker.consume(Queue(name, type="quorum"), keep)
+        await wait_for(lambda: len(got) == 1)
+        await consumer.cancel()
+        assert not got[0].redelivered
+    finally:
+        await broker.delete_queue(name)

@@ -13,6 +13,8 @@ from ..connection import Broker
 from ..errors import PublishError, RpcError
 from . import UrlOption, app, run_broker_job
 
+CONSUME_PREFETCH = 100  # `consume`'s messages unacked at a time, at most (fewer with a smaller --count)
+
 
 def _headers(pairs: list[str] | None) -> dict[str, Any]:
     headers: dict[str, Any] = {}
@@ -84,11 +86,16 @@ def consume(
     exchange: Annotated[str | None, typer.Option("--exchange", "-e", help="or bind a private queue to this")] = None,
     binding: Annotated[list[str] | None, typer.Option("--binding", "-b", help="binding key, repeatable")] = None,
     exchange_type: Annotated[str, typer.Option("--exchange-type", help="type of --exchange")] = "topic",
-    count: Annotated[int | None, typer.Option("--count", "-n", help="stop after N messages")] = None,
+    count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="stop after N messages")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="stop after S seconds")] = None,
     url: UrlOption = None,
 ) -> None:
-    """Print the messages of a queue, or of an exchange through a private queue, one line each."""
+    """Print the messages of a queue, or of an exchange through a private queue, one line each.
+
+    With ``--count N`` no more than N are delivered, so none is handed back: the broker may have at most
+    ``prefetch`` unacked, and the acks that would let it send past N wait until the Nth is shown (or the timeout).
+    Handed back, a message would be marked redelivered, go to the back of a quorum queue, and count towards its
+    delivery limit."""
     from ..topology import Binding, Exchange, ExchangeType, Queue
 
     if (queue is None) == (exchange is None):
@@ -96,9 +103,12 @@ def consume(
 
     stopped: list[BaseException] = []
 
+    prefetch = min(count or CONSUME_PREFETCH, CONSUME_PREFETCH)
+
     async def job(broker: Broker) -> int:
         done = asyncio.Event()
-        seen = 0
+        seen = acked = 0
+        held: list[Any] = []  # shown, acked once the count is reached (see the docstring)
 
         def lost(exc: BaseException) -> None:
             # Stopped for good (its queue deleted and not ours to declare, say): nothing more can come.
@@ -106,30 +116,36 @@ def consume(
             done.set()
 
         async def show(delivery: Any) -> None:
-            nonlocal seen
-            if count is not None and seen >= count:
+            nonlocal seen, acked
+            if count is not None and seen >= count:  # cannot come (at most `count` delivered); kept as a guard
                 await delivery.nack(requeue=True)
                 return
             seen += 1
             typer.echo(_show(delivery))
-            await delivery.ack()
+            if count is None or acked + 1 + prefetch <= count:
+                acked += 1
+                await delivery.ack()
+            else:
+                held.append(delivery)
             if count is not None and seen >= count:
                 done.set()
 
         if queue is not None:
             # Someone else's queue: consumed as it is, never declared with a spec of ours.
-            consumer = await broker.consume(Queue(queue), show, prefetch=count or 100, declare=False, on_error=lost)
+            consumer = await broker.consume(Queue(queue), show, prefetch=prefetch, declare=False, on_error=lost)
         else:
             assert exchange is not None
             private = Queue(exclusive=True, auto_delete=True, durable=False)
             spec = Exchange(exchange, type=ExchangeType(exchange_type))
             for key in binding or ["#"]:
                 await broker.bind(Binding(spec, private, routing_key=key))
-            consumer = await broker.consume(private, show, prefetch=count or 100, on_error=lost)
+            consumer = await broker.consume(private, show, prefetch=prefetch, on_error=lost)
         typer.echo(f"consuming from {queue or exchange!r}; Ctrl-C stops", err=True)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await done.wait()
+        if held:
+            await _settle_after_cancel(consumer, held)
         await consumer.cancel()
         return seen
 
@@ -141,6 +157,21 @@ def consume(
     if stopped:
         typer.echo(f"error: the consumer stopped: {stopped[0]}", err=True)
         raise typer.Exit(1)
+
+
+async def _settle_after_cancel(consumer: Any, held: list[Any]) -> None:
+    """Ack the messages ``consume`` showed and held, once the broker has answered the consumer's basic.cancel: an ack
+    before it would let the broker send more (to be handed back), and the close of the channel that the stop makes
+    would hand back what is not acked."""
+    channel = consumer._channel
+    if channel is not None and not channel.is_closed:
+        with contextlib.suppress(Exception):  # the connection lost meanwhile: the held messages go back, not lost
+            await asyncio.wait_for(channel.basic_cancel(consumer.consumer_tag), 5)
+    running = [t for t in consumer.inflight if not t.done()]  # deliveries sent before the cancel-ok, shown now
+    if running:
+        await asyncio.wait(running, timeout=5)
+    for delivery in held:
+        await delivery.ack()
 
 
 @app.command()
