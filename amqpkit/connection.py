@@ -272,8 +272,11 @@ class Broker(Consuming, Publishing):
             await asyncio.sleep(wait)
         conn = AmqpConnection(url, context=context, client_properties=properties)
         conn.on_blocked = lambda reason: self._blocked_changed(conn, reason)
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0  # more after the attempt: it was cancelled
+        out_of_time = asyncio.timeout(self.settings.connect_timeout)
         try:
-            async with asyncio.timeout(self.settings.connect_timeout):
+            async with out_of_time:
                 await asyncio.create_task(_connect_reading_leniently(conn))
                 await self._setup(conn)
         except (Exception, asyncio.CancelledError) as exc:
@@ -281,11 +284,14 @@ class Broker(Consuming, Publishing):
                 await asyncio.wait_for(conn.close(), timeout=1)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            task = asyncio.current_task()
-            if task is not None and task is self._reconnect_task and (self._closing or task.cancelling()):
-                # The reconnect, cancelled by close() as the attempt failed: aiormq's connect may end with the
-                # connection's error instead of the cancellation, which it took for one more failed attempt, for
-                # ever. (Only the reconnect's own task: connect() runs in its caller's, whose cancels are its own.)
+            if task is not None and (
+                task.cancelling() > cancels or (task is self._reconnect_task and (self._closing or task.cancelling()))
+            ):
+                # Cancelled during the attempt (connect()'s caller, a timeout around it, close() cancelling the
+                # reconnect): aiormq's connect may end with the connection's error ("the connection's reader
+                # stopped") instead of the cancellation. Taken for one more failed attempt, a cancelled connect()
+                # went on to its next ones (20 s on a broker that said nothing), and the reconnect for ever.
+                # (The attempt's own timeout is not counted: it takes its cancel back as it expires.)
                 raise asyncio.CancelledError from exc
             self._url_index += 1
             refused = isinstance(
@@ -293,7 +299,7 @@ class Broker(Consuming, Publishing):
             )
             said = exc if isinstance(exc, ClosedOnOpen) else None  # the broker's close, with its reason
             limit = said is not None and said.reply_code == 530 and bool(_CONNECTION_LIMIT.search(said.reply_text))
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError) or out_of_time.expired():  # aiormq may end it with its own error instead
                 reason = f"timed out after {self.settings.connect_timeout:g} s"
             elif refused:
                 reason = self._scrub(str(exc.args[0]) if exc.args else str(exc))
