@@ -72,3 +72,36 @@ def test_a_service_refuses_a_concurrency_where_it_is_declared() -> None:
         svc.worker("jobs", concurrency=0)
     with pytest.raises(ValueError, match="concurrency"):
         svc.rpc("calls", concurrency=70000)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"poll_interval": 0},  # looked again at once, for ever: a busy loop on the database while idle
+        {"poll_interval": -1.0},
+        {"poll_interval": math.nan},
+        {"retention": -1.0},
+        {"publish_timeout": 0},
+        {"cleanup_interval": 0},
+        {"retry_initial": 0},
+        {"retry_max": -1.0},
+        {"retry_jitter": 1.5},
+        {"max_attempts": 0},
+    ],
+)
+async def test_a_relay_refuses_values_it_cannot_run_with(broker: Broker, arguments: dict[str, float]) -> None:
+    from amqpkit.outbox import Relay, SqliteStore
+
+    with pytest.raises(ValueError, match=next(iter(arguments))):
+        Relay(SqliteStore(":memory:"), broker, **arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("limit", [-1, -100])
+async def test_a_negative_dead_letter_limit_is_a_value_error(broker: Broker, name: str, limit: int) -> None:
+    # Before: an empty list, as if the DLQ held nothing.
+    from amqpkit.patterns.dlq import list_dead_letters, replay_dead_letters
+
+    with pytest.raises(ValueError, match="limit"):
+        await list_dead_letters(broker, f"{name}.work", limit=limit)
+    with pytest.raises(ValueError, match="limit"):
+        await replay_dead_letters(broker, f"{name}.work", limit=limit)

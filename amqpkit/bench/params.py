@@ -44,7 +44,7 @@ class BenchParams(BaseModel):
     inproc: bool = False
     queue_type: str = "classic"
     repeat: int = Field(default=1, ge=1)
-    prefetch: int = Field(default=256, ge=1)
+    prefetch: int = Field(default=256, ge=1, le=65535)  # the most a basic.qos carries
     workers: int = Field(default=1, ge=1, description="worker processes for the workqueue scenarios")
     stall_ms: int = Field(default=0, ge=0)
     stall_after: int = Field(default=0, ge=0)

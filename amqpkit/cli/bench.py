@@ -138,7 +138,10 @@ def bench(
             otel=tuple(part.strip() for part in (otel or "").split(",") if part.strip()),
         )
     except ValidationError as exc:
-        message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        first = exc.errors()[0]
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if first["loc"]:  # a field's own bound: named as its option (a check across fields names them itself)
+            message = f"--{str(first['loc'][0]).replace('_', '-')}: {message}"
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2) from None
     to_stdout = json_path == "-"

@@ -29,7 +29,7 @@ def _print_dead_letters(letters: Any, title: str) -> None:
 @dlq_app.command("list")
 def dlq_list(
     queue: Annotated[str, typer.Argument(help="work queue (its DLQ is QUEUE.dlq)")],
-    limit: Annotated[int | None, typer.Option("--limit", help="show at most N (default 1000)")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=0, help="show at most N (default 1000)")] = None,
     url: UrlOption = None,
 ) -> None:
     """Show dead-lettered tasks (id, error, attempts, age), leaving the DLQ as it was."""
@@ -46,7 +46,7 @@ def dlq_list(
 @dlq_app.command("replay")
 def dlq_replay(
     queue: Annotated[str, typer.Argument(help="work queue (its DLQ is QUEUE.dlq)")],
-    limit: Annotated[int | None, typer.Option("--limit", help="replay at most N")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=0, help="replay at most N")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would move; move nothing")] = False,
     url: UrlOption = None,
 ) -> None:

@@ -87,7 +87,7 @@ def consume(
     binding: Annotated[list[str] | None, typer.Option("--binding", "-b", help="binding key, repeatable")] = None,
     exchange_type: Annotated[str, typer.Option("--exchange-type", help="type of --exchange")] = "topic",
     count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="stop after N messages")] = None,
-    timeout: Annotated[float | None, typer.Option("--timeout", help="stop after S seconds")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0, help="stop after S seconds")] = None,
     url: UrlOption = None,
 ) -> None:
     """Print the messages of a queue, or of an exchange through a private queue, one line each.
@@ -187,6 +187,8 @@ def call(
 
     from ..patterns.rpc import RpcClient
 
+    if not timeout > 0:  # nan too: a call always ends
+        raise typer.BadParameter(f"seconds, more than 0, not {timeout:g}", param_hint="--timeout")
     try:
         request = json.loads(payload)
     except (ValueError, RecursionError) as exc:

@@ -24,15 +24,17 @@ def outbox_relay(
     ] = None,
     schema: Annotated[str | None, typer.Option("--schema", help="PostgreSQL schema of the outbox tables")] = None,
     prefix: Annotated[str | None, typer.Option("--prefix", help="table name prefix (default amqpkit_)")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="rows per round")] = 200,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="rows per round")] = 200,
     poll_interval: Annotated[float, typer.Option("--poll-interval", help="seconds between looks when idle")] = 1.0,
-    retention: Annotated[float, typer.Option("--retention", help="seconds sent rows are kept")] = 86400.0,
+    retention: Annotated[float, typer.Option("--retention", min=0, help="seconds sent rows are kept")] = 86400.0,
     url: UrlOption = None,
 ) -> None:
     """Publish committed outbox rows with publisher confirms until SIGTERM or Ctrl-C.
 
     Exits 0 after a signal, 2 when the database or the broker cannot be reached (one error line).
     """
+    if not poll_interval > 0:  # 0 looked again at once, for ever: a busy loop on the database while idle
+        raise typer.BadParameter(f"seconds, more than 0, not {poll_interval:g}", param_hint="--poll-interval")
     from ..outbox.relay import main as relay_main
 
     code = relay_main(

@@ -89,9 +89,9 @@ def worker(
     handler: Annotated[str, typer.Argument(help="the task handler, as MODULE:FUNCTION")],
     queue: Annotated[str, typer.Option("--queue", "-q", help="work queue name")],
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, max=65535, help="tasks in flight")] = 16,
-    max_attempts: Annotated[int, typer.Option("--max-attempts", help="attempts before dead-lettering")] = 5,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", min=1, help="attempts before dead-lettering")] = 5,
     retry_delay: Annotated[float, typer.Option("--retry-delay", help="first retry delay, seconds")] = 1.0,
-    grace: Annotated[float, typer.Option("--grace", help="seconds running tasks get on SIGTERM")] = 30.0,
+    grace: Annotated[float, typer.Option("--grace", min=0, help="seconds running tasks get on SIGTERM")] = 30.0,
     events: Annotated[bool, typer.Option("--events", help="publish task status events on amqpkit.tasks")] = False,
     dedupe: Annotated[bool, typer.Option("--dedupe", help="skip tasks this process already completed")] = False,
     executor: Annotated[
@@ -136,6 +136,8 @@ def worker(
         raise typer.BadParameter("only with --executor process", param_hint="--pool-size")
     if pool_size is not None and pool_size < 1:
         raise typer.BadParameter(f"must be at least 1, not {pool_size}", param_hint="--pool-size")
+    if not retry_delay > 0:  # nan too
+        raise typer.BadParameter(f"seconds, more than 0, not {retry_delay:g}", param_hint="--retry-delay")
     if consumer_timeout is not None and not consumer_timeout > 0:
         raise typer.BadParameter(f"seconds, more than 0, not {consumer_timeout:g}", param_hint="--consumer-timeout")
     configure_logging(json_lines=log_json, verbose=verbose)
@@ -256,12 +258,13 @@ def _run_service(
 @_stops_from_the_start
 def run(
     target: Annotated[str, typer.Argument(help="the service, as MODULE:ATTR (an amqpkit Service)")],
-    grace: Annotated[float, typer.Option("--grace", help="seconds running handlers get on SIGTERM")] = 30.0,
+    grace: Annotated[float, typer.Option("--grace", min=0, help="seconds running handlers get on SIGTERM")] = 30.0,
     processes: Annotated[
         int, typer.Option("--processes", "-p", min=1, help="run N copies in child processes (CPU-bound handlers)")
     ] = 1,
     health_port: Annotated[
-        int | None, typer.Option("--health-port", help="serve GET /healthz and /readyz on this port")
+        int | None,
+        typer.Option("--health-port", min=0, max=65535, help="serve GET /healthz and /readyz on this port"),
     ] = None,
     health_host: Annotated[
         str, typer.Option("--health-host", help="address of the health endpoints (0.0.0.0 in a container)")
@@ -277,7 +280,10 @@ def run(
     url: UrlOption = None,
     status_fd: Annotated[int | None, typer.Option("--status-fd", hidden=True)] = None,
     metrics_port: Annotated[
-        int | None, typer.Option("--metrics-port", help="serve /metrics in Prometheus text (needs amqpkit[otel])")
+        int | None,
+        typer.Option(
+            "--metrics-port", min=0, max=65535, help="serve /metrics in Prometheus text (needs amqpkit[otel])"
+        ),
     ] = None,
 ) -> None:
     """Run a service until SIGTERM or Ctrl-C; then stop taking messages, let handlers finish within --grace, exit 0.
@@ -295,6 +301,8 @@ def run(
     from ..runner import RunOptions, run_until_signal
     from ..service import RunningService, ServiceError, load_service
 
+    if give_up_after is not None and not give_up_after > 0:  # nan too
+        raise typer.BadParameter(f"seconds, more than 0, not {give_up_after:g}", param_hint="--give-up-after")
     configure_logging(json_lines=log_json, verbose=verbose)
     try:
         service = load_service(target)

@@ -84,6 +84,14 @@ class Relay:
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        _seconds(poll_interval=poll_interval, publish_timeout=publish_timeout, retry_initial=retry_initial,
+                 retry_max=retry_max, cleanup_interval=cleanup_interval)  # fmt: skip
+        if not retention >= 0:
+            raise ValueError(f"retention is in seconds, 0 or more, not {retention!r}")
+        if not 0 <= retry_jitter <= 1:
+            raise ValueError(f"retry_jitter is a fraction of the delay, 0 to 1, not {retry_jitter!r}")
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1 (None: no limit), not {max_attempts!r}")
         self.store = store
         self.broker = broker
         self.batch_size = batch_size
@@ -394,3 +402,11 @@ def main(db_url: str | None = None, amqp_url: str | None = None, **options: Any)
     except (AmqpkitError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _seconds(**values: float) -> None:
+    """ValueError for the first of ``values`` that is not a positive number of seconds (nan included): a poll
+    interval of 0 made an idle relay look again at once, for ever, a busy loop on the database."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} is in seconds, more than 0, not {value!r}")

@@ -99,6 +99,7 @@ async def iter_dead_letters(
     back in their order; close it when leaving early (``async with
     contextlib.aclosing(...)``).
     """
+    _check_limit(limit)
     dlq = dlq_name(queue)
     wanted = await count_dead_letters(broker, queue)
     if limit is not None:
@@ -197,6 +198,7 @@ async def replay_dead_letters(
     ``dry_run`` nothing moves: the tasks that would be replayed are returned
     and the DLQ is left as it was.
     """
+    _check_limit(limit)
     dlq = dlq_name(queue)
     target = work_queue_name(queue)
     wanted = await count_dead_letters(broker, queue)
@@ -251,3 +253,9 @@ async def _keep(broker: Broker, dlq: str, delivery: Delivery[bytes]) -> None:
 async def purge_dead_letters(broker: Broker, queue: str) -> int:
     """Delete every message in the DLQ of ``queue``; returns how many there were."""
     return await broker.purge_queue(dlq_name(queue))
+
+
+def _check_limit(limit: int | None) -> None:
+    """ValueError for a negative ``limit``, which listed and replayed nothing, as if the DLQ were empty."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit is a number of dead letters, 0 or more (None: all), not {limit!r}")
