@@ -8,6 +8,7 @@ milliseconds here, in one place.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -154,10 +155,16 @@ class Queue:
                 problems.append("at-least-once dead-lettering needs a quorum queue")
             if self.overflow not in (Overflow.REJECT_PUBLISH, None):
                 problems.append("at-least-once dead-lettering needs overflow reject-publish")
-        for name in ("message_ttl", "expires"):
+        # What the broker would refuse at the declare (406 "invalid arg", closing the channel it came on), or
+        # amqpkit could not write (a nan or an infinity in milliseconds), said here, where the spec is made.
+        if self.message_ttl is not None and not 0 <= self.message_ttl < math.inf:
+            problems.append(f"message_ttl must be a number of seconds, 0 or more, not {self.message_ttl!r}")
+        if self.expires is not None and not (0 < self.expires < math.inf and round(self.expires * 1000) >= 1):
+            problems.append(f"expires must be a number of seconds, 0.001 or more, not {self.expires!r}")
+        for name in ("max_length", "max_length_bytes"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                problems.append(f"{name} must not be negative")
+                problems.append(f"{name} must not be negative, not {value!r}")
         return problems
 
     @property

@@ -105,3 +105,27 @@ async def test_a_negative_dead_letter_limit_is_a_value_error(broker: Broker, nam
         await list_dead_letters(broker, f"{name}.work", limit=limit)
     with pytest.raises(ValueError, match="limit"):
         await replay_dead_letters(broker, f"{name}.work", limit=limit)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("message_ttl", math.nan),  # before: "cannot convert float NaN to integer", at the declare
+        ("message_ttl", math.inf),  # before: OverflowError, at the declare
+        ("expires", 0),  # before: the broker's 406 "invalid arg 'x-expires'", which closed the topology channel
+        ("expires", 0.0001),  # 0 ms once rounded: the same
+        ("expires", math.nan),
+        ("max_length", -1),  # before: the broker's 406 "invalid arg 'x-max-length'"
+        ("max_length_bytes", -5),
+    ],
+)
+def test_a_queue_argument_the_broker_refuses_is_a_value_error(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        Queue("q", **{field: value})  # type: ignore[arg-type]
+
+
+def test_the_smallest_queue_arguments_the_broker_takes_are_kept() -> None:
+    queue = Queue("q", message_ttl=0, expires=0.001, max_length=0, max_length_bytes=0)
+    arguments = queue.declare_arguments()
+    assert (arguments["x-message-ttl"], arguments["x-expires"]) == (0, 1)
+    assert (arguments["x-max-length"], arguments["x-max-length-bytes"]) == (0, 0)

@@ -47,7 +47,7 @@ def test_strings_become_enums() -> None:
         ({"type": "stream", "auto_delete": True}, "cannot be auto-delete"),
         ({"delivery_limit": 3}, "needs a quorum queue"),
         ({"dead_letter_strategy": "at-least-once"}, "needs a quorum queue"),
-        ({"message_ttl": -1}, "must not be negative"),
+        ({"message_ttl": -1}, "message_ttl must be a number of seconds, 0 or more"),
     ],
 )
 def test_invalid_queue_specs(kwargs: dict[str, object], message: str) -> None:
