@@ -77,8 +77,8 @@ async def test_a_nack_says_the_other_queues_may_hold_it_twice(broker: Broker, na
     kept, full = f"{name}.kept", f"{name}.full"
     cleanup.extend([f"q:{kept}", f"q:{full}", f"x:{name}"])
     exchange = Exchange(name, type=ExchangeType.FANOUT, durable=False, auto_delete=True)
-    await broker.bind(Binding(exchange, Queue(kept, durable=False)))
-    await broker.bind(Binding(exchange, Queue(full, durable=False, max_length=1, overflow=Overflow.REJECT_PUBLISH)))
+    await broker.bind(Binding(exchange, Queue(kept)))
+    await broker.bind(Binding(exchange, Queue(full, max_length=1, overflow=Overflow.REJECT_PUBLISH)))
     await broker.publish(Envelope(b"first"), exchange=name)
     with pytest.raises(PublishNacked) as nacked:
         await broker.publish(Envelope(b"second"), exchange=name)
