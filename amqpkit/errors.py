@@ -452,6 +452,35 @@ def map_exceptions(*, kind: str = "", name: str = "") -> Iterator[None]:
         raise
 
 
+# RabbitMQ 4.x configured to deny a deprecated feature (deprecated_features.permit.X = false) closes the whole
+# connection at its use, 541 INTERNAL_ERROR "Feature `X` is deprecated. Its use is not permitted ..." (4.0.5).
+_DEPRECATED_DENIED = re.compile(r"Feature `(\w+)` is deprecated\.\s+Its use is not permitted")
+_INSTEAD = {"transient_nonexcl_queues": "declare it durable, or exclusive (a connection's own)"}
+
+
+def denied_feature(exc: BaseException) -> str | None:
+    """The deprecated feature the broker closed the connection over, when ``exc`` (or a cause of it) says so."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        found = _DEPRECATED_DENIED.search(reply_text(seen))
+        if found is not None:
+            return found[1]
+        seen = seen.__cause__
+    return None
+
+
+def deprecated_denied(kind: str, name: str, feature: str) -> TopologyError:
+    """A declare the broker answered by closing the connection over a deprecated feature it denies: not a passing
+    fault (every retry would cut the connection again), so a TopologyError that names the feature."""
+    instead = _INSTEAD.get(feature, "see RabbitMQ's deprecated features")
+    return TopologyError(
+        f"{kind} {name!r} refused: it uses {feature}, a deprecated feature this RabbitMQ denies "
+        f"(deprecated_features.permit.{feature} = false), and the broker closed the connection over it; {instead}",
+        kind=kind,
+        name=name,
+    )
+
+
 def reply_text(exc: BaseException) -> str:
     """The broker's reply text of an aiormq exception, without the exception noise."""
     for arg in exc.args:

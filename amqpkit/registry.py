@@ -23,6 +23,8 @@ from .errors import (
     TopologyError,
     access_refused,
     caused_by,
+    denied_feature,
+    deprecated_denied,
     map_exceptions,
     not_found_saying,
     queue_unavailable,
@@ -37,6 +39,7 @@ Refused = tuple[Exchange | Queue | Binding, TopologyError]
 log = logging.getLogger("amqpkit.broker")
 
 REBIND_AT_MOST_EVERY = 1.0
+TRANSIENT_NON_EXCLUSIVE = "transient_nonexcl_queues"  # RabbitMQ's name of the deprecated feature
 """Seconds between two rounds of the keeper of bindings that publishes finding an exchange gone ask for, at least."""
 
 
@@ -227,14 +230,21 @@ class TopologyRegistry(BrokerCore):
 
     async def _declare_queue_on(self, queue: Queue) -> str:
         async with self._topology() as channel:
-            with map_exceptions(kind="queue", name=queue.name):
-                result = await channel.queue_declare(
-                    queue=queue.name,
-                    durable=queue.durable,
-                    exclusive=queue.exclusive,
-                    auto_delete=queue.auto_delete,
-                    arguments=queue.declare_arguments() or None,
-                )
+            try:
+                with map_exceptions(kind="queue", name=queue.name):
+                    result = await channel.queue_declare(
+                        queue=queue.name,
+                        durable=queue.durable,
+                        exclusive=queue.exclusive,
+                        auto_delete=queue.auto_delete,
+                        arguments=queue.declare_arguments() or None,
+                    )
+            except ConnectionLost as exc:
+                # RabbitMQ 4.x denying deprecated features closes the connection at a transient non-exclusive
+                # queue: a ConnectionLost reads as a passing fault, and each retry cut the connection again.
+                if not queue.durable and not queue.exclusive and denied_feature(exc) == TRANSIENT_NON_EXCLUSIVE:
+                    raise deprecated_denied("queue", queue.name, TRANSIENT_NON_EXCLUSIVE) from exc
+                raise
             name = str(result.queue)
             if queue.server_named:
                 self._queues[queue] = name
