@@ -455,7 +455,10 @@ def map_exceptions(*, kind: str = "", name: str = "") -> Iterator[None]:
 # RabbitMQ 4.x configured to deny a deprecated feature (deprecated_features.permit.X = false) closes the whole
 # connection at its use, 541 INTERNAL_ERROR "Feature `X` is deprecated. Its use is not permitted ..." (4.0.5).
 _DEPRECATED_DENIED = re.compile(r"Feature `(\w+)` is deprecated\.\s+Its use is not permitted")
-_INSTEAD = {"transient_nonexcl_queues": "declare it durable, or exclusive (a connection's own)"}
+_INSTEAD = {
+    "transient_nonexcl_queues": "declare it durable, or exclusive (a connection's own)",
+    "queue_master_locator": "leave out the x-queue-master-locator argument (x-queue-leader-locator replaces it)",
+}
 
 
 def denied_feature(exc: BaseException) -> str | None:

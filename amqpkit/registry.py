@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
@@ -39,7 +40,11 @@ Refused = tuple[Exchange | Queue | Binding, TopologyError]
 log = logging.getLogger("amqpkit.broker")
 
 REBIND_AT_MOST_EVERY = 1.0
-TRANSIENT_NON_EXCLUSIVE = "transient_nonexcl_queues"  # RabbitMQ's name of the deprecated feature
+_DEPRECATED_IN_QUEUE: dict[str, Callable[[Queue], bool]] = {
+    # RabbitMQ 4.x's deprecated features a queue's declare uses, by their names in its refusal
+    "transient_nonexcl_queues": lambda q: not q.durable and not q.exclusive,
+    "queue_master_locator": lambda q: "x-queue-master-locator" in q.declare_arguments(),
+}
 """Seconds between two rounds of the keeper of bindings that publishes finding an exchange gone ask for, at least."""
 
 
@@ -240,10 +245,11 @@ class TopologyRegistry(BrokerCore):
                         arguments=queue.declare_arguments() or None,
                     )
             except ConnectionLost as exc:
-                # RabbitMQ 4.x denying deprecated features closes the connection at a transient non-exclusive
-                # queue: a ConnectionLost reads as a passing fault, and each retry cut the connection again.
-                if not queue.durable and not queue.exclusive and denied_feature(exc) == TRANSIENT_NON_EXCLUSIVE:
-                    raise deprecated_denied("queue", queue.name, TRANSIENT_NON_EXCLUSIVE) from exc
+                # RabbitMQ 4.x denying deprecated features closes the connection at a queue that uses one: a
+                # ConnectionLost reads as a passing fault, and each retry cut the connection again.
+                feature = denied_feature(exc)
+                if feature is not None and feature in _DEPRECATED_IN_QUEUE and _DEPRECATED_IN_QUEUE[feature](queue):
+                    raise deprecated_denied("queue", queue.name, feature) from exc
                 raise
             name = str(result.queue)
             if queue.server_named:

@@ -164,30 +164,40 @@ def test_brokerctl_lock_follows_the_node(monkeypatch: pytest.MonkeyPatch) -> Non
 # ---------------------------------------------------------------- a deprecated feature the node denies
 
 
-async def test_a_queue_the_node_denies_as_deprecated_is_a_topology_error(broker: Broker, name: str) -> None:
-    """RabbitMQ 4.x configured to deny deprecated features answers the declare of a transient non-exclusive queue
-    by closing the whole connection (541 INTERNAL_ERROR). Before, declare_queue() and consume() raised
-    ConnectionLost, which reads as a passing fault worth retrying: each retry cut every consumer and publish of
-    the connection again. Now a TopologyError naming the feature and what to declare instead."""
+@pytest.mark.parametrize(
+    ("spec", "feature", "instead"),
+    [
+        ({"durable": False}, "transient_nonexcl_queues", "durable"),
+        ({"arguments": {"x-queue-master-locator": "min-masters"}}, "queue_master_locator", "x-queue-leader-locator"),
+    ],
+)
+async def test_a_queue_the_node_denies_as_deprecated_is_a_topology_error(
+    broker: Broker, name: str, spec: dict[str, Any], feature: str, instead: str
+) -> None:
+    """RabbitMQ 4.x configured to deny deprecated features answers the declare of a queue that uses one (a
+    transient non-exclusive queue, the x-queue-master-locator argument) by closing the whole connection (541
+    INTERNAL_ERROR). Before, declare_queue() and consume() raised ConnectionLost, which reads as a passing fault
+    worth retrying: each retry cut every consumer and publish of the connection again. Now a TopologyError naming
+    the feature and what to declare instead."""
     from amqpkit import Queue, TopologyError
 
-    transient = Queue(f"{name}.transient", durable=False)
+    transient = Queue(f"{name}.deprecated", **spec)
     try:
         await broker.declare_queue(transient)
     except TopologyError as exc:
         refused = exc
     else:
         await broker.delete_queue(transient)
-        pytest.skip("this node permits transient non-exclusive queues (3.x, or 4.x not denying deprecated features)")
+        pytest.skip(f"this node permits {feature} (3.x, or 4.x not denying deprecated features)")
     text = str(refused)
-    assert "transient_nonexcl_queues" in text and "durable" in text and "exclusive" in text, text
+    assert feature in text and instead in text, text
     assert refused.kind == "queue" and refused.name == transient.name
     assert not broker.remembers(transient)
 
     async def ignore(_: object) -> None:
         return None
 
-    with pytest.raises(TopologyError, match="transient_nonexcl_queues"):
+    with pytest.raises(TopologyError, match=feature):
         await broker.consume(transient, ignore)
     await broker.wait_connected(10)
     assert broker.consumers == ()
