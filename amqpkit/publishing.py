@@ -137,6 +137,8 @@ class Publishing(BrokerCore):
         """
         if not isinstance(envelope, Envelope):
             raise _not_an_envelope(envelope)
+        if type(envelope.body) is not bytes or type(routing_key) is not str or not isinstance(exchange, str):
+            _check_types(envelope.body, routing_key, exchange)  # the usual types pass with three cheap checks
         if _hooks.publish is not None and not _hooks.quiet.get():  # amqpkit.telemetry: traced, then sent below
             await _hooks.publish(self, envelope, exchange, routing_key, mandatory, confirm, timeout)
             return
@@ -426,6 +428,21 @@ def _not_an_envelope(value: object) -> TypeError:
         f"Broker.publish takes an amqpkit.Envelope, not {type(value).__name__}: wrap the body, "
         "Envelope(body=b'...'), or publish values through a Publisher, which encodes them"
     )
+
+
+def _check_types(body: object, routing_key: object, exchange: object) -> None:
+    """TypeError for a body, routing key or exchange of a type a publish cannot send, before anything is sent.
+    Before: aiormq's "sequence item 1: expected a bytes-like object, str found" for a text body, "object of type
+    'NoneType' has no len()" for a routing key of None, an AttributeError for an exchange of None."""
+    if not isinstance(body, bytes | bytearray | memoryview):
+        hint = ": encode it (body.encode()), or publish values through a Publisher and its codec"
+        raise TypeError(
+            f"a message body must be bytes, not {type(body).__name__}{hint if isinstance(body, str) else ''}"
+        )
+    if not isinstance(routing_key, str):
+        raise TypeError(f"a routing key must be text, not {type(routing_key).__name__}")
+    if not isinstance(exchange, str | Exchange):
+        raise TypeError(f"exchange must be its name or an amqpkit.Exchange, not {type(exchange).__name__}")
 
 
 def _nacked_twice(exc: PublishNacked) -> PublishNacked:

@@ -63,6 +63,17 @@ class DeadLetterStrategy(StrEnum):
     AT_LEAST_ONCE = "at-least-once"
 
 
+def _check_name(kind: str, name: object) -> None:
+    """TypeError or ValueError for a name AMQP cannot carry (a short string: at most 255 bytes of UTF-8), where the
+    spec is made rather than at its declare (pamqp's "Max length exceeded for queue", or a TypeError of len())."""
+    if not isinstance(name, str):
+        raise TypeError(f"a {kind} name must be text, not {type(name).__name__}")
+    if len(name) > 63:  # 255 bytes need at least 64 characters: a shorter name is always short enough
+        size = len(name.encode("utf-8", "surrogatepass"))
+        if size > 255:
+            raise ValueError(f"{kind} name is {size} bytes in UTF-8; AMQP carries at most 255: {name[:40]!r}...")
+
+
 def _freeze(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping)) if mapping else _EMPTY
 
@@ -79,6 +90,7 @@ class Exchange:
     arguments: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, hash=False)
 
     def __post_init__(self) -> None:
+        _check_name("exchange", self.name)
         object.__setattr__(self, "type", ExchangeType(self.type))
         object.__setattr__(self, "arguments", _freeze(self.arguments))
         if self.name.startswith("amq.") and not self.is_builtin:
@@ -127,6 +139,7 @@ class Queue:
     arguments: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
 
     def __post_init__(self) -> None:
+        _check_name("queue", self.name)
         object.__setattr__(self, "type", QueueType(self.type))
         object.__setattr__(self, "arguments", _freeze(self.arguments))
         if self.overflow is not None:

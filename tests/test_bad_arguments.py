@@ -129,3 +129,14 @@ def test_the_smallest_queue_arguments_the_broker_takes_are_kept() -> None:
     arguments = queue.declare_arguments()
     assert (arguments["x-message-ttl"], arguments["x-expires"]) == (0, 1)
     assert (arguments["x-max-length"], arguments["x-max-length-bytes"]) == (0, 0)
+
+
+@pytest.mark.parametrize("spec", [Queue, Exchange], ids=["queue", "exchange"])
+def test_a_name_amqp_cannot_carry_is_refused_where_the_spec_is_made(spec: type[Queue] | type[Exchange]) -> None:
+    # Before: TypeError "object of type 'int' has no len()" and pamqp's ValueError "Max length exceeded for queue",
+    # at the declare.
+    with pytest.raises(TypeError, match="name must be text, not int"):
+        spec(123)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="256 bytes in UTF-8; AMQP carries at most 255"):
+        spec("é" * 128)
+    assert spec("n" * 255).name == "n" * 255

@@ -251,3 +251,27 @@ async def test_publishing_something_that_is_not_an_envelope_is_a_type_error(brok
         await broker.publish(body, routing_key="amqpkit.nowhere")
     assert type(body).__name__ in str(refused.value)
     await broker.publish(Envelope(b"after"), routing_key="amqpkit.nowhere")  # the Broker goes on
+
+
+@pytest.mark.parametrize("confirm", [True, False], ids=["confirmed", "unconfirmed"])
+@pytest.mark.parametrize(
+    ("envelope", "where", "match"),
+    [
+        # Before: TypeError "sequence item 1: expected a bytes-like object, str found", from aiormq's frames.
+        (Envelope("text"), {}, r"body must be bytes.*not str.*encode"),  # type: ignore[arg-type]
+        (Envelope(None), {}, r"body must be bytes.*not NoneType"),  # type: ignore[arg-type]
+        # Before: TypeError "object of type 'NoneType' has no len()".
+        (Envelope(b"x"), {"routing_key": None}, r"routing key must be text, not NoneType"),
+        (Envelope(b"x"), {"routing_key": b"k"}, r"routing key must be text, not bytes"),
+        # Before: AttributeError "'NoneType' object has no attribute 'name'".
+        (Envelope(b"x"), {"exchange": None}, r"exchange must be .*Exchange.*not NoneType"),
+    ],
+    ids=["str-body", "none-body", "none-key", "bytes-key", "none-exchange"],
+)
+async def test_a_body_key_or_exchange_of_the_wrong_type_is_a_type_error(
+    broker: Broker, envelope: Envelope, where: dict[str, Any], match: str, confirm: bool
+) -> None:
+    arguments = {"routing_key": "amqpkit.nowhere", **where}
+    with pytest.raises(TypeError, match=match):
+        await broker.publish(envelope, confirm=confirm, **arguments)
+    await broker.publish(Envelope(b"after"), routing_key="amqpkit.nowhere")  # the Broker goes on

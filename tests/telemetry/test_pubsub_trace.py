@@ -194,3 +194,13 @@ async def test_publishing_something_that_is_not_an_envelope_is_a_type_error_trac
     with pytest.raises(TypeError, match=r"Envelope\(body="):
         await broker.publish(b"bytes", routing_key="amqpkit.nowhere")  # type: ignore[arg-type]
     assert not otel.spans()  # refused before any span: nothing was published
+
+
+async def test_a_publish_of_the_wrong_types_is_a_type_error_instrumented(broker: Broker, otel: Telemetry) -> None:
+    """The publish hook read the exchange's name and the body's size before the core's checks: an AttributeError
+    for an exchange of None, a TypeError of len() for a body of None. Refused before the hook now, with no span."""
+    with pytest.raises(TypeError, match="exchange must be"):
+        await broker.publish(Envelope(b"x"), exchange=None, routing_key="amqpkit.nowhere")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="body must be bytes"):
+        await broker.publish(Envelope(None), routing_key="amqpkit.nowhere")  # type: ignore[arg-type]
+    assert otel.spans() == []
