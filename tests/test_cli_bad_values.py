@@ -1,11 +1,11 @@
 """A value a command cannot run with is a usage error (exit 2) naming the option, before anything runs.
 
-Before: ``call --timeout 0`` and ``bench --prefetch 70000`` printed a traceback (a ValueError from the library,
-after connecting); ``worker --max-attempts 0`` and ``--retry-delay -1`` printed pydantic's ValidationError as a
-traceback; ``run --metrics-port -1`` said "Servname not supported for ai_socktype" and ``--health-port 70000``
-"OverflowError" as a failed start; ``worker --grace -1``, ``run --grace -1``, ``consume --timeout -1`` and
-``outbox relay --poll-interval 0`` (a busy loop on the database while idle) ran; ``dlq list --limit -1`` listed
-nothing, as if the DLQ were empty.
+Before: ``publish --count -1`` said "published -1 message(s)"; ``call --timeout 0`` and ``bench --prefetch
+70000`` printed a traceback (a ValueError from the library, after connecting); ``worker --max-attempts 0`` and
+``--retry-delay -1`` printed pydantic's ValidationError as a traceback; ``run --metrics-port -1`` said
+"Servname not supported for ai_socktype" and ``--health-port 70000`` "OverflowError" as a failed start;
+``worker --grace -1``, ``run --grace -1`` and ``consume --timeout -1`` and ``outbox relay --poll-interval 0``
+(a busy loop on the database while idle) ran; ``dlq list --limit -1`` listed nothing, as if the DLQ were empty.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ RELAY = ["outbox", "relay", "--db", "sqlite:///:memory:"]
 @pytest.mark.parametrize(
     ("args", "option"),
     [
+        (["publish", "x", "-k", "cli-bad-values", "--count", "-1"], "--count"),  # said "published -1 message(s)"
+        (["publish", "x", "-k", "cli-bad-values", "--count", "0"], "--count"),
         (["call", "cli-bad-values", "m", "--timeout", "0"], "--timeout"),
         (["call", "cli-bad-values", "m", "--timeout", "-1"], "--timeout"),
         (["consume", "-q", "cli-bad-values", "--timeout", "-1"], "--timeout"),

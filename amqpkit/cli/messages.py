@@ -42,7 +42,7 @@ def publish(
     routing_key: Annotated[str, typer.Option("--routing-key", "-k", help="routing key (a queue name on '')")] = "",
     json_body: Annotated[str | None, typer.Option("--json", help="body as a JSON document instead")] = None,
     header: Annotated[list[str] | None, typer.Option("--header", "-H", help="KEY=VALUE, repeatable")] = None,
-    count: Annotated[int, typer.Option("--count", "-n", help="how many copies")] = 1,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, help="how many copies")] = 1,
     transient: Annotated[bool, typer.Option("--transient", help="delivery mode 1 (not persistent)")] = False,
     mandatory: Annotated[bool, typer.Option("--mandatory", help="fail if no queue takes it")] = False,
     url: UrlOption = None,
