@@ -373,7 +373,7 @@ async def test_a_locked_database_requeues_the_delivery(tmp_path: Any, broker: Br
         async with Worker(queue, inbox.handler(note)) as worker:
             await queue.declare()
             await broker.publish(Envelope(b"x", message_id="m"), routing_key=queue.name)
-            await wait_for(lambda: inbox.requeued >= 2, timeout=20)
+            await wait_for(lambda: inbox.retried >= 2, timeout=20)
             assert seen == []
             other.execute("COMMIT")
             await wait_for(lambda: seen == ["m"], timeout=20)

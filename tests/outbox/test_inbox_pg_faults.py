@@ -50,7 +50,7 @@ async def test_a_dba_timeout_under_the_inbox_requeues_the_message(
         await holder.execute(f"SELECT * FROM {accounts_table(store)} WHERE account = 'a' FOR UPDATE")
         async with Subscriber(broker, exchange, inbox.handler(apply), queue=queue) as sub:
             await broker.publish(deposit(5, "m1"), exchange=exchange)
-            await wait_for(lambda: sub.failed + inbox.requeued >= 1, timeout=10)
+            await wait_for(lambda: sub.failed + inbox.retried >= 1, timeout=10)
             await tx.rollback()
             await asyncio.sleep(1.0)
             left = await broker.queue_counts(queue.name)
@@ -92,7 +92,7 @@ async def test_a_database_that_refuses_writes_under_the_inbox_requeues_the_messa
         async with Subscriber(broker, exchange, refused.handler(apply), queue=queue) as sub:
             for i in range(3):
                 await broker.publish(deposit(1, f"m{i}"), exchange=exchange)
-            await wait_for(lambda: refused.requeued >= 6 or sub.failed, timeout=10)
+            await wait_for(lambda: refused.retried >= 6 or sub.failed, timeout=10)
             assert sub.failed == 0, f"{sub.failed} dropped"
         inbox = Inbox(writable, consumer="ledger", requeue_delay=0.1)
         async with Subscriber(broker, exchange, inbox.handler(apply), queue=queue) as sub:
