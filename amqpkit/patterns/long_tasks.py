@@ -103,6 +103,8 @@ class _TimeoutWatch:
     """Notices channels the broker closed for ``consumer_timeout``: which delivery was held (the oldest in flight
     on the channel: the broker checks only that one), remembered until its copy comes back."""
 
+    log = log  # where its lines go: the pattern's logger
+
     def __init__(self, broker: Any) -> None:
         self.broker = broker
         self.timed_out = 0  # deliveries the broker took back for consumer_timeout
@@ -179,12 +181,12 @@ class _TimeoutWatch:
         """The one ERROR line for a channel the broker closed for consumer_timeout."""
         queue = self._queue_name()
         if held is None:
-            log.error("the broker closed a channel consuming %s for consumer_timeout (%s); no %s was in flight on "
-                      "it any more", queue, _ms(timeout_ms), self.what)  # fmt: skip
+            self.log.error("the broker closed a channel consuming %s for consumer_timeout (%s); no %s was in flight "
+                           "on it any more", queue, _ms(timeout_ms), self.what)  # fmt: skip
             return
         also = (f" {others} other {self.what}{'s' if others != 1 else ''} in flight on that channel go back to the "
                 "queue too." if others else "")  # fmt: skip
-        log.error(
+        self.log.error(
             "%s %s on %s was held %.1f s, past the broker's consumer_timeout (%s): RabbitMQ closed its channel and "
             "gives it back; %s.%s %s",
             self.what, held.task_id[:80] or "(no id)", queue, held_for, _ms(timeout_ms), self._then(timeout_ms), also,
@@ -266,8 +268,10 @@ class HandlerTimeouts(_TimeoutWatch):
         queue: Callable[[], str],
         what: str,
         refuse: Callable[[Delivery[bytes], str], Awaitable[None]],
+        logger: logging.Logger,
     ) -> None:
         super().__init__(broker)
+        self.log = logger  # the Subscriber's or the RpcServer's (amqpkit.worker was the Worker's)
         self.queue = queue  # the queue's name, for the log
         self.what = what  # "message", "request"
         self.refuse = refuse
@@ -287,8 +291,8 @@ class HandlerTimeouts(_TimeoutWatch):
         info = self._remembered.pop(key)
         why = (f"held {info.held_for:.0f} s, past the broker's consumer_timeout ({_ms(info.timeout_ms)}); not run "
                "again: raise consumer_timeout")  # fmt: skip
-        log.error("%s %s on %s delivered again after its consumer_timeout: refused, not run again", self.what,
-                  key[:80], self.queue())  # fmt: skip
+        self.log.error("%s %s on %s delivered again after its consumer_timeout: refused, not run again", self.what,
+                       key[:80], self.queue())  # fmt: skip
         await self.refuse(raw, why)
         return True
 

@@ -191,7 +191,7 @@ class Subscriber(Generic[T]):
         self.failed = 0
         self.rejected = 0
         # the copy of a message held past the broker's consumer_timeout is rejected, not handled again
-        self._timeouts = HandlerTimeouts(broker, lambda: self.queue_name, "message", self._refuse_held)
+        self._timeouts = HandlerTimeouts(broker, lambda: self.queue_name, "message", self._refuse_held, log)
 
     @property
     def private(self) -> bool:

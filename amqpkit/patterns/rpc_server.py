@@ -90,7 +90,7 @@ class RpcServer:
         self.failed = 0
         self.rejected = 0
         # the copy of a request held past the broker's consumer_timeout is answered with that, not run again
-        self._timeouts = HandlerTimeouts(broker, lambda: self.queue.name, "request", self._refuse_held)
+        self._timeouts = HandlerTimeouts(broker, lambda: self.queue.name, "request", self._refuse_held, log)
         self.expired = 0
 
     def add(

@@ -33,7 +33,9 @@ def timeout_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpareNode
 
 
 @pytest.mark.timeout(240)
-async def test_a_handler_past_consumer_timeout_is_not_run_again_and_again(timeout_node: SpareNode) -> None:
+async def test_a_handler_past_consumer_timeout_is_not_run_again_and_again(
+    timeout_node: SpareNode, caplog: pytest.LogCaptureFixture
+) -> None:
     starts = {"subscriber": 0, "rpc": 0}
     svc = Service("slow")
     events = Exchange("slow.events", type="fanout")
@@ -63,3 +65,6 @@ async def test_a_handler_past_consumer_timeout_is_not_run_again_and_again(timeou
     assert starts == {"subscriber": 1, "rpc": 1}
     # the caller is told why, as soon as the copy comes back, rather than waiting out its timeout
     assert refused.value.remote_type == "ConsumerTimeoutExceeded", refused.value
+    # said on the subscriber's and the RPC server's loggers (before: on amqpkit.worker, in a service without a worker)
+    said = {r.name for r in caplog.records if "past the broker's consumer_timeout" in r.getMessage()}
+    assert said == {"amqpkit.pubsub", "amqpkit.rpc"}, said
