@@ -148,9 +148,10 @@ class PublishNacked(PublishError):
     """Raised when the broker answered the publish with basic.nack.
 
     A nack is for the whole publish: routed to several queues and refused by one (full under reject-publish, say),
-    the others took it all the same. ``sends`` counts the times it was sent, each nacked: 2 when
+    the others took it all the same. ``sends`` counts the sends that were nacked: 2 when
     :meth:`Broker.publish <amqpkit.Broker.publish>` sent it once more on a fresh channel, and then a queue that
-    took it holds it twice. A caller that publishes it again adds one more copy to those queues.
+    took it holds it twice (more, if a lost connection made it send again in between). A caller that publishes
+    it again adds one more copy to those queues.
     """
 
     def __init__(self, message: str, *, sends: int = 1) -> None:

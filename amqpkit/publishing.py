@@ -133,7 +133,8 @@ class Publishing(BrokerCore):
         header AMQP cannot carry; nothing was sent), :class:`Unroutable` (mandatory and no
         queue took it), :class:`PublishNacked`, :class:`PublishTimeout`, or
         :class:`PublishError` (e.g. the exchange does not exist); TypeError for
-        anything but an :class:`Envelope`.
+        anything but an :class:`Envelope`, and for a body that is not bytes, a
+        routing key that is not text or an exchange that is neither.
         """
         if not isinstance(envelope, Envelope):
             raise _not_an_envelope(envelope)

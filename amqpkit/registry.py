@@ -40,12 +40,13 @@ Refused = tuple[Exchange | Queue | Binding, TopologyError]
 log = logging.getLogger("amqpkit.broker")
 
 REBIND_AT_MOST_EVERY = 1.0
+"""Seconds between two rounds of the keeper of bindings that publishes finding an exchange gone ask for, at least."""
+
 _DEPRECATED_IN_QUEUE: dict[str, Callable[[Queue], bool]] = {
     # RabbitMQ 4.x's deprecated features a queue's declare uses, by their names in its refusal
     "transient_nonexcl_queues": lambda q: not q.durable and not q.exclusive,
     "queue_master_locator": lambda q: "x-queue-master-locator" in q.declare_arguments(),
 }
-"""Seconds between two rounds of the keeper of bindings that publishes finding an exchange gone ask for, at least."""
 
 
 class TopologyRegistry(BrokerCore):

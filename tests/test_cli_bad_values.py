@@ -45,6 +45,10 @@ RELAY = ["outbox", "relay", "--db", "sqlite:///:memory:"]
         ([*RELAY, "--poll-interval", "0"], "--poll-interval"),
         ([*RELAY, "--retention", "-1"], "--retention"),
         ([*RELAY, "--batch-size", "0"], "--batch-size"),
+        (["consume", "-q", "cli-bad-values", "--timeout", "nan"], "--timeout"),  # typer's range refuses nan too
+        ([*WORKER, "--grace", "nan"], "--grace"),
+        ([*RUN, "--grace", "nan"], "--grace"),
+        ([*RELAY, "--retention", "nan"], "--retention"),
         (["dlq", "list", "cli-bad-values", "--limit", "-1"], "--limit"),
         (["dlq", "replay", "cli-bad-values", "--limit", "-1"], "--limit"),
     ],
@@ -59,3 +63,25 @@ async def test_a_value_out_of_range_is_a_usage_error(amqp_url: str, args: list[s
     assert proc.returncode == 2, (proc.returncode, out.decode()[-1000:], text[-2000:])
     assert "Traceback" not in text
     assert option in text, text[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("args", "argument"),
+    [
+        (["--poll-interval", "0"], "poll_interval"),
+        (["--retention", "-1"], "retention"),
+        (["--batch-size", "0"], "batch_size"),
+    ],
+)
+async def test_the_relay_module_refuses_a_value_before_it_opens_anything(args: list[str], argument: str) -> None:
+    """``python -m amqpkit.outbox relay`` checked its values in Relay(), once the database and the broker were
+    open: exit 1 after connecting. A broker URL no one answers shows that nothing is opened now."""
+    proc = await processes.spawn(
+        sys.executable, "-m", "amqpkit.outbox", "relay", "--db", "sqlite:///:memory:",
+        "--url", "amqp://guest:guest@127.0.0.1:1/", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    text = err.decode()
+    assert proc.returncode == 2, text
+    assert argument in text and "127.0.0.1:1" not in text, text

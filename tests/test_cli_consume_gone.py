@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 
 import pytest
 
-from amqpkit import Broker, Queue
+from amqpkit import Broker, Envelope, Queue
 
 from . import processes
+from .waiting import until
 
 pytestmark = pytest.mark.usefixtures("spawned")  # the CLI process ends with its test
 
@@ -39,3 +41,56 @@ async def test_consume_ends_when_its_queue_is_deleted(broker: Broker, amqp_url: 
         assert proc.returncode != 0
     finally:
         await broker.delete_queue(name)
+
+
+async def test_consume_count_deleted_under_it_ends_with_its_error(broker: Broker, amqp_url: str, name: str) -> None:
+    """With --count, the messages shown are held unacked until the count is reached; deleted under it, those acks
+    met a closed channel: a traceback, not the consumer's error (a review, 2 December)."""
+    await broker.declare_queue(Queue(name, durable=True))
+    try:
+        for i in range(3):
+            await broker.publish(Envelope(str(i).encode()), routing_key=name)
+        proc = await processes.spawn(
+            sys.executable, "-m", "amqpkit.cli", "consume", "--queue", name, "--count", "10",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "AMQP_URL": amqp_url, "COLUMNS": "200"},
+        )  # fmt: skip
+        assert proc.stdout is not None
+        for _ in range(3):
+            await asyncio.wait_for(proc.stdout.readline(), 30)
+        await broker.delete_queue(name)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        text = err.decode()
+        assert proc.returncode == 1, text
+        assert "Traceback" not in text, text
+        assert "3 message(s)" in text and "error: the consumer stopped" in text, text
+    finally:
+        await broker.delete_queue(name)
+
+
+async def test_consume_count_stopped_with_ctrl_c_keeps_what_it_showed(broker: Broker, amqp_url: str, name: str) -> None:
+    """Ctrl-C before the count: the messages shown were held unacked, and went back to the queue, redelivered (a
+    review, 2 December). They are acked as the command stops."""
+    await broker.declare_queue(Queue(name, type="quorum"))
+    try:
+        for i in range(3):
+            await broker.publish(Envelope(str(i).encode()), routing_key=name)
+        proc = await processes.spawn(
+            sys.executable, "-m", "amqpkit.cli", "consume", "--queue", name, "--count", "10",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "AMQP_URL": amqp_url, "COLUMNS": "200"},
+        )  # fmt: skip
+        assert proc.stdout is not None
+        for _ in range(3):
+            await asyncio.wait_for(proc.stdout.readline(), 30)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0, err.decode()
+        # a quorum queue's count follows its acks a moment later; handed back, the three would stay ready
+        await until(lambda: _empty(broker, name), timeout=10)
+    finally:
+        await broker.delete_queue(name)
+
+
+async def _empty(broker: Broker, name: str) -> bool:
+    return (await broker.queue_counts(name))[0] == 0

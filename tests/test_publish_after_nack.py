@@ -15,7 +15,7 @@ import asyncio
 
 import pytest
 
-from amqpkit import Binding, Broker, Envelope, Exchange, ExchangeType, Overflow, PublishNacked, Queue
+from amqpkit import Binding, Broker, Envelope, Exchange, ExchangeType, Overflow, PublishNacked, Queue, publishing
 
 
 async def test_the_publish_after_a_nack_goes_on_a_new_channel(broker: Broker, name: str, cleanup: list[str]) -> None:
@@ -70,10 +70,13 @@ async def test_a_nack_says_what_usually_refuses_a_publish(broker: Broker, name: 
     assert "reject-publish" in text and "length limit" in text and "list_policies" in text, text
 
 
-async def test_a_nack_says_the_other_queues_may_hold_it_twice(broker: Broker, name: str, cleanup: list[str]) -> None:
+async def test_a_nack_says_the_other_queues_may_hold_it_twice(
+    broker: Broker, name: str, cleanup: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A nack is for the whole publish: routed to two queues and refused by one (full, reject-publish), the other
     took it, and took it again when it was sent once more. Before, the error read as if nothing had been
     delivered, and a caller retrying it added a third copy where two already were."""
+    monkeypatch.setattr(publishing, "RETIRE_AT_MOST_EVERY", 60.0)  # the third publish within it, however slow
     kept, full = f"{name}.kept", f"{name}.full"
     cleanup.extend([f"q:{kept}", f"q:{full}", f"x:{name}"])
     exchange = Exchange(name, type=ExchangeType.FANOUT, durable=False, auto_delete=True)

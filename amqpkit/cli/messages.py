@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ..connection import Broker
-from ..errors import PublishError, RpcError
+from ..errors import AmqpkitError, PublishError, RpcError
 from . import UrlOption, app, run_broker_job
 
 CONSUME_PREFETCH = 100  # `consume`'s messages unacked at a time, at most (fewer with a smaller --count)
@@ -117,7 +117,8 @@ def consume(
 
         async def show(delivery: Any) -> None:
             nonlocal seen, acked
-            if count is not None and seen >= count:  # cannot come (at most `count` delivered); kept as a guard
+            if count is not None and seen >= count:
+                # Not on one channel (at most `count` delivered), but a re-attach hands the held ones again
                 await delivery.nack(requeue=True)
                 return
             seen += 1
@@ -130,22 +131,26 @@ def consume(
             if count is not None and seen >= count:
                 done.set()
 
-        if queue is not None:
-            # Someone else's queue: consumed as it is, never declared with a spec of ours.
-            consumer = await broker.consume(Queue(queue), show, prefetch=prefetch, declare=False, on_error=lost)
-        else:
-            assert exchange is not None
-            private = Queue(exclusive=True, auto_delete=True, durable=False)
-            spec = Exchange(exchange, type=ExchangeType(exchange_type))
-            for key in binding or ["#"]:
-                await broker.bind(Binding(spec, private, routing_key=key))
-            consumer = await broker.consume(private, show, prefetch=prefetch, on_error=lost)
-        typer.echo(f"consuming from {queue or exchange!r}; Ctrl-C stops", err=True)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await done.wait()
-        if held:
-            await _settle_after_cancel(consumer, held)
+        try:
+            if queue is not None:
+                # Someone else's queue: consumed as it is, never declared with a spec of ours.
+                consumer = await broker.consume(Queue(queue), show, prefetch=prefetch, declare=False, on_error=lost)
+            else:
+                assert exchange is not None
+                private = Queue(exclusive=True, auto_delete=True, durable=False)
+                spec = Exchange(exchange, type=ExchangeType(exchange_type))
+                for key in binding or ["#"]:
+                    await broker.bind(Binding(spec, private, routing_key=key))
+                consumer = await broker.consume(private, show, prefetch=prefetch, on_error=lost)
+            typer.echo(f"consuming from {queue or exchange!r}; Ctrl-C stops", err=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await done.wait()
+        finally:
+            # Ctrl-C too, even before consume() returned (messages may come first): shown, so acked, not handed
+            # back. The consumer is the Broker's only one.
+            if held:
+                await asyncio.shield(_settle_after_cancel(broker.consumers, held))
         await consumer.cancel()
         return seen
 
@@ -159,19 +164,22 @@ def consume(
         raise typer.Exit(1)
 
 
-async def _settle_after_cancel(consumer: Any, held: list[Any]) -> None:
-    """Ack the messages ``consume`` showed and held, once the broker has answered the consumer's basic.cancel: an ack
+async def _settle_after_cancel(consumers: tuple[Any, ...], held: list[Any]) -> None:
+    """Ack the messages ``consume`` showed and held, once the broker has answered its consumer's basic.cancel: an ack
     before it would let the broker send more (to be handed back), and the close of the channel that the stop makes
     would hand back what is not acked."""
-    channel = consumer._channel
-    if channel is not None and not channel.is_closed:
-        with contextlib.suppress(Exception):  # the connection lost meanwhile: the held messages go back, not lost
-            await asyncio.wait_for(channel.basic_cancel(consumer.consumer_tag), 5)
-    running = [t for t in consumer.inflight if not t.done()]  # deliveries sent before the cancel-ok, shown now
-    if running:
-        await asyncio.wait(running, timeout=5)
+    for consumer in consumers:
+        channel = consumer._channel
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):  # the connection lost meanwhile: the held messages go back, not lost
+                await asyncio.wait_for(channel.basic_cancel(consumer.consumer_tag), 5)
+        running = [t for t in consumer.inflight if not t.done()]  # deliveries sent before the cancel-ok, shown now
+        if running:
+            await asyncio.wait(running, timeout=5)
     for delivery in held:
-        await delivery.ack()
+        # A channel closed meanwhile (the queue deleted, the connection lost) gave it back already: nothing to ack
+        with contextlib.suppress(AmqpkitError):
+            await delivery.ack()
 
 
 @app.command()

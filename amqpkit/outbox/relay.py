@@ -82,16 +82,9 @@ class Relay:
         retention: float = 24 * 3600.0,
         cleanup_interval: float = 300.0,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        _seconds(poll_interval=poll_interval, publish_timeout=publish_timeout, retry_initial=retry_initial,
-                 retry_max=retry_max, cleanup_interval=cleanup_interval)  # fmt: skip
-        if not retention >= 0:
-            raise ValueError(f"retention is in seconds, 0 or more, not {retention!r}")
-        if not 0 <= retry_jitter <= 1:
-            raise ValueError(f"retry_jitter is a fraction of the delay, 0 to 1, not {retry_jitter!r}")
-        if max_attempts is not None and max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1 (None: no limit), not {max_attempts!r}")
+        _check_values(batch_size=batch_size, poll_interval=poll_interval, publish_timeout=publish_timeout,
+                      retry_initial=retry_initial, retry_max=retry_max, retry_jitter=retry_jitter,
+                      max_attempts=max_attempts, retention=retention, cleanup_interval=cleanup_interval)  # fmt: skip
         self.store = store
         self.broker = broker
         self.batch_size = batch_size
@@ -389,6 +382,11 @@ def main(db_url: str | None = None, amqp_url: str | None = None, **options: Any)
         return 2
     store_options = {k: options.pop(k) for k in ("prefix", "schema") if options.get(k) is not None}
     options = {k: v for k, v in options.items() if v is not None}
+    try:  # before the database and the broker are opened
+        _check_values(**{k: v for k, v in options.items() if k in _CHECKED})
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     configure_logging(stream=sys.stderr, level=logging.INFO)
 
     async def run(stop: asyncio.Event) -> int:
@@ -402,6 +400,35 @@ def main(db_url: str | None = None, amqp_url: str | None = None, **options: Any)
     except (AmqpkitError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+_CHECKED = frozenset({"batch_size", "poll_interval", "publish_timeout", "retry_initial", "retry_max",
+                      "retry_jitter", "max_attempts", "retention", "cleanup_interval"})  # fmt: skip
+
+
+def _check_values(
+    *,
+    batch_size: int = 200,
+    poll_interval: float = 1.0,
+    publish_timeout: float = 10.0,
+    retry_initial: float = 0.5,
+    retry_max: float = 60.0,
+    retry_jitter: float = 0.2,
+    max_attempts: int | None = None,
+    retention: float = 0.0,
+    cleanup_interval: float = 300.0,
+) -> None:
+    """ValueError for a :class:`Relay` keyword it cannot run with (``main`` asks before it opens anything)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
+    _seconds(poll_interval=poll_interval, publish_timeout=publish_timeout, retry_initial=retry_initial,
+             retry_max=retry_max, cleanup_interval=cleanup_interval)  # fmt: skip
+    if not retention >= 0:
+        raise ValueError(f"retention is in seconds, 0 or more, not {retention!r}")
+    if not 0 <= retry_jitter <= 1:
+        raise ValueError(f"retry_jitter is a fraction of the delay, 0 to 1, not {retry_jitter!r}")
+    if max_attempts is not None and max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1 (None: no limit), not {max_attempts!r}")
 
 
 def _seconds(**values: float) -> None:
