@@ -48,16 +48,7 @@ async def test_consume_count_deleted_under_it_ends_with_its_error(broker: Broker
     met a closed channel: a traceback, not the consumer's error (a review, 2 December)."""
     await broker.declare_queue(Queue(name, durable=True))
     try:
-        for i in range(3):
-            await broker.publish(Envelope(str(i).encode()), routing_key=name)
-        proc = await processes.spawn(
-            sys.executable, "-m", "amqpkit.cli", "consume", "--queue", name, "--count", "10",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "AMQP_URL": amqp_url, "COLUMNS": "200"},
-        )  # fmt: skip
-        assert proc.stdout is not None
-        for _ in range(3):
-            await asyncio.wait_for(proc.stdout.readline(), 30)
+        proc = await _three_shown_of_ten(broker, amqp_url, name)
         await broker.delete_queue(name)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
         text = err.decode()
@@ -73,16 +64,7 @@ async def test_consume_count_stopped_with_ctrl_c_keeps_what_it_showed(broker: Br
     review, 2 December). They are acked as the command stops."""
     await broker.declare_queue(Queue(name, type="quorum"))
     try:
-        for i in range(3):
-            await broker.publish(Envelope(str(i).encode()), routing_key=name)
-        proc = await processes.spawn(
-            sys.executable, "-m", "amqpkit.cli", "consume", "--queue", name, "--count", "10",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "AMQP_URL": amqp_url, "COLUMNS": "200"},
-        )  # fmt: skip
-        assert proc.stdout is not None
-        for _ in range(3):
-            await asyncio.wait_for(proc.stdout.readline(), 30)
+        proc = await _three_shown_of_ten(broker, amqp_url, name)
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
         assert proc.returncode == 0, err.decode()
@@ -94,3 +76,18 @@ async def test_consume_count_stopped_with_ctrl_c_keeps_what_it_showed(broker: Br
 
 async def _empty(broker: Broker, name: str) -> bool:
     return (await broker.queue_counts(name))[0] == 0
+
+
+async def _three_shown_of_ten(broker: Broker, amqp_url: str, name: str) -> asyncio.subprocess.Process:
+    """``consume --count 10`` of queue ``name``, once it has shown the 3 messages published to it."""
+    for i in range(3):
+        await broker.publish(Envelope(str(i).encode()), routing_key=name)
+    proc = await processes.spawn(
+        sys.executable, "-m", "amqpkit.cli", "consume", "--queue", name, "--count", "10",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "AMQP_URL": amqp_url, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for _ in range(3):
+        await asyncio.wait_for(proc.stdout.readline(), 30)
+    return proc

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import random
@@ -402,27 +403,28 @@ def main(db_url: str | None = None, amqp_url: str | None = None, **options: Any)
         return 1
 
 
-_CHECKED = frozenset({"batch_size", "poll_interval", "publish_timeout", "retry_initial", "retry_max",
-                      "retry_jitter", "max_attempts", "retention", "cleanup_interval"})  # fmt: skip
+_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(Relay.__init__).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+}
+_CHECKED = frozenset(_DEFAULTS)
 
 
-def _check_values(
-    *,
-    batch_size: int = 200,
-    poll_interval: float = 1.0,
-    publish_timeout: float = 10.0,
-    retry_initial: float = 0.5,
-    retry_max: float = 60.0,
-    retry_jitter: float = 0.2,
-    max_attempts: int | None = None,
-    retention: float = 0.0,
-    cleanup_interval: float = 300.0,
-) -> None:
-    """ValueError for a :class:`Relay` keyword it cannot run with (``main`` asks before it opens anything)."""
+def _check_values(**given: Any) -> None:
+    """ValueError for a :class:`Relay` keyword it cannot run with (``main`` asks before it opens anything, with
+    only the keywords it was given: the others are the constructor's defaults)."""
+    values = {**_DEFAULTS, **given}
+    batch_size, retention, retry_jitter, max_attempts = (
+        values["batch_size"],
+        values["retention"],
+        values["retry_jitter"],
+        values["max_attempts"],
+    )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
-    _seconds(poll_interval=poll_interval, publish_timeout=publish_timeout, retry_initial=retry_initial,
-             retry_max=retry_max, cleanup_interval=cleanup_interval)  # fmt: skip
+    _seconds(**{k: values[k] for k in ("poll_interval", "publish_timeout", "retry_initial", "retry_max",
+                                        "cleanup_interval")})  # fmt: skip
     if not retention >= 0:
         raise ValueError(f"retention is in seconds, 0 or more, not {retention!r}")
     if not 0 <= retry_jitter <= 1:
