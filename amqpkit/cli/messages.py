@@ -131,26 +131,28 @@ def consume(
             if count is not None and seen >= count:
                 done.set()
 
-        try:
+        async def start() -> Any:
             if queue is not None:
                 # Someone else's queue: consumed as it is, never declared with a spec of ours.
-                consumer = await broker.consume(Queue(queue), show, prefetch=prefetch, declare=False, on_error=lost)
-            else:
-                assert exchange is not None
-                private = Queue(exclusive=True, auto_delete=True, durable=False)
-                spec = Exchange(exchange, type=ExchangeType(exchange_type))
-                for key in binding or ["#"]:
-                    await broker.bind(Binding(spec, private, routing_key=key))
-                consumer = await broker.consume(private, show, prefetch=prefetch, on_error=lost)
+                return await broker.consume(Queue(queue), show, prefetch=prefetch, declare=False, on_error=lost)
+            assert exchange is not None
+            private = Queue(exclusive=True, auto_delete=True, durable=False)
+            spec = Exchange(exchange, type=ExchangeType(exchange_type))
+            for key in binding or ["#"]:
+                await broker.bind(Binding(spec, private, routing_key=key))
+            return await broker.consume(private, show, prefetch=prefetch, on_error=lost)
+
+        starting = asyncio.ensure_future(start())
+        try:
+            # Shielded: messages may come (and be shown) before consume() returns, and a Ctrl-C meanwhile must not
+            # stop consume() there, which closes the consumer's channel and hands them back unacked.
+            consumer = await asyncio.shield(starting)
             typer.echo(f"consuming from {queue or exchange!r}; Ctrl-C stops", err=True)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await done.wait()
-        finally:
-            # Ctrl-C too, even before consume() returned (messages may come first): shown, so acked, not handed
-            # back. The consumer is the Broker's only one.
-            if held:
-                await asyncio.shield(_settle_after_cancel(broker.consumers, held))
+        finally:  # Ctrl-C too: shown, so acked, not handed back
+            await asyncio.shield(_settle_held(broker, starting, held))
         await consumer.cancel()
         return seen
 
@@ -162,6 +164,19 @@ def consume(
     if stopped:
         typer.echo(f"error: the consumer stopped: {stopped[0]}", err=True)
         raise typer.Exit(1)
+
+
+async def _settle_held(broker: Broker, starting: asyncio.Future[Any], held: list[Any]) -> None:
+    """``consume``'s end: once ``starting`` (its consume()) has ended, ack what it showed and held (the consumer is
+    the Broker's only one)."""
+    if not starting.done():
+        await asyncio.wait({starting}, timeout=10)
+    if held:
+        await _settle_after_cancel(broker.consumers, held)
+    if not starting.done():
+        starting.cancel()
+    elif not starting.cancelled():
+        starting.exception()  # raised in consume when it failed, unless a Ctrl-C came first: retrieved here
 
 
 async def _settle_after_cancel(consumers: tuple[Any, ...], held: list[Any]) -> None:
