@@ -62,6 +62,12 @@ def connect_failed(exc: ConnectError, *, unreachable: str = "") -> NoReturn:
     raise typer.Exit(2) from None
 
 
+def positive_seconds(value: float | None, option: str) -> None:
+    """A usage error for ``option`` given as a number of seconds that is not more than 0 (nan too); None passes."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"seconds, more than 0, not {value:g}", param_hint=option)
+
+
 def command_logging(level: int = logging.ERROR) -> None:
     """Logs of the short commands: to stderr, from ``level`` up, without the client libraries' records.
 

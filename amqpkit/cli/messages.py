@@ -11,7 +11,7 @@ import typer
 
 from ..connection import Broker
 from ..errors import AmqpkitError, PublishError, RpcError
-from . import UrlOption, app, run_broker_job
+from . import UrlOption, app, positive_seconds, run_broker_job
 
 CONSUME_PREFETCH = 100  # `consume`'s messages unacked at a time, at most (fewer with a smaller --count)
 
@@ -167,34 +167,29 @@ def consume(
 
 
 async def _settle_held(broker: Broker, starting: asyncio.Future[Any], held: list[Any]) -> None:
-    """``consume``'s end: once ``starting`` (its consume()) has ended, ack what it showed and held (the consumer is
-    the Broker's only one)."""
+    """``consume``'s end: once ``starting`` (its consume()) has ended, ack the messages it showed and held, after
+    the broker has answered the consumer's basic.cancel (the consumer is the Broker's only one): an ack before it
+    would let the broker send more (to be handed back), and the close of the channel that the stop makes would hand
+    back what is not acked."""
     if not starting.done():
         await asyncio.wait({starting}, timeout=10)
     if held:
-        await _settle_after_cancel(broker.consumers, held)
+        for consumer in broker.consumers:
+            channel = consumer._channel
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):  # the connection lost meanwhile: the held ones go back, not lost
+                    await asyncio.wait_for(channel.basic_cancel(consumer.consumer_tag), 5)
+            running = [t for t in consumer.inflight if not t.done()]  # deliveries sent before the cancel-ok
+            if running:
+                await asyncio.wait(running, timeout=5)
+        for delivery in held:
+            # A channel closed meanwhile (the queue deleted, the connection lost) gave it back already: no ack
+            with contextlib.suppress(AmqpkitError):
+                await delivery.ack()
     if not starting.done():
         starting.cancel()
     elif not starting.cancelled():
         starting.exception()  # raised in consume when it failed, unless a Ctrl-C came first: retrieved here
-
-
-async def _settle_after_cancel(consumers: tuple[Any, ...], held: list[Any]) -> None:
-    """Ack the messages ``consume`` showed and held, once the broker has answered its consumer's basic.cancel: an ack
-    before it would let the broker send more (to be handed back), and the close of the channel that the stop makes
-    would hand back what is not acked."""
-    for consumer in consumers:
-        channel = consumer._channel
-        if channel is not None and not channel.is_closed:
-            with contextlib.suppress(Exception):  # the connection lost meanwhile: the held messages go back, not lost
-                await asyncio.wait_for(channel.basic_cancel(consumer.consumer_tag), 5)
-        running = [t for t in consumer.inflight if not t.done()]  # deliveries sent before the cancel-ok, shown now
-        if running:
-            await asyncio.wait(running, timeout=5)
-    for delivery in held:
-        # A channel closed meanwhile (the queue deleted, the connection lost) gave it back already: nothing to ack
-        with contextlib.suppress(AmqpkitError):
-            await delivery.ack()
 
 
 @app.command()
@@ -210,8 +205,7 @@ def call(
 
     from ..patterns.rpc import RpcClient
 
-    if not timeout > 0:  # nan too: a call always ends
-        raise typer.BadParameter(f"seconds, more than 0, not {timeout:g}", param_hint="--timeout")
+    positive_seconds(timeout, "--timeout")  # a call always ends
     try:
         request = json.loads(payload)
     except (ValueError, RecursionError) as exc:

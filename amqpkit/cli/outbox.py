@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import UrlOption, app
+from . import UrlOption, app, positive_seconds
 
 outbox_app = typer.Typer(help="Transactional outbox: the relay that publishes committed rows.", no_args_is_help=True)
 
@@ -33,8 +33,7 @@ def outbox_relay(
 
     Exits 0 after a signal, 2 when the database or the broker cannot be reached (one error line).
     """
-    if not poll_interval > 0:  # 0 looked again at once, for ever: a busy loop on the database while idle
-        raise typer.BadParameter(f"seconds, more than 0, not {poll_interval:g}", param_hint="--poll-interval")
+    positive_seconds(poll_interval, "--poll-interval")  # 0 looked again at once, for ever: a busy loop on the database
     from ..outbox.relay import main as relay_main
 
     code = relay_main(

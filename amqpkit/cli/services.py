@@ -19,7 +19,7 @@ import typer
 from ..errors import AmqpkitError, ConnectError
 from ..logs import configure_logging
 from ..settings import BrokerSettings
-from . import UrlOption, app, connect_failed, settings_for
+from . import UrlOption, app, connect_failed, positive_seconds, settings_for
 
 P = ParamSpec("P")
 
@@ -136,10 +136,8 @@ def worker(
         raise typer.BadParameter("only with --executor process", param_hint="--pool-size")
     if pool_size is not None and pool_size < 1:
         raise typer.BadParameter(f"must be at least 1, not {pool_size}", param_hint="--pool-size")
-    if not retry_delay > 0:  # nan too
-        raise typer.BadParameter(f"seconds, more than 0, not {retry_delay:g}", param_hint="--retry-delay")
-    if consumer_timeout is not None and not consumer_timeout > 0:
-        raise typer.BadParameter(f"seconds, more than 0, not {consumer_timeout:g}", param_hint="--consumer-timeout")
+    positive_seconds(retry_delay, "--retry-delay")
+    positive_seconds(consumer_timeout, "--consumer-timeout")
     configure_logging(json_lines=log_json, verbose=verbose)
     fn = _load_handler(handler)
     service = Service(f"worker-{queue}")
@@ -301,8 +299,7 @@ def run(
     from ..runner import RunOptions, run_until_signal
     from ..service import RunningService, ServiceError, load_service
 
-    if give_up_after is not None and not give_up_after > 0:  # nan too
-        raise typer.BadParameter(f"seconds, more than 0, not {give_up_after:g}", param_hint="--give-up-after")
+    positive_seconds(give_up_after, "--give-up-after")
     configure_logging(json_lines=log_json, verbose=verbose)
     try:
         service = load_service(target)

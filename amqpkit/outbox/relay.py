@@ -409,22 +409,18 @@ _DEFAULTS = {
     if parameter.kind is inspect.Parameter.KEYWORD_ONLY
 }
 _CHECKED = frozenset(_DEFAULTS)
+_SECONDS = ("poll_interval", "publish_timeout", "retry_initial", "retry_max", "cleanup_interval")  # each > 0
+_OTHERS = ("batch_size", "retention", "retry_jitter", "max_attempts")
 
 
 def _check_values(**given: Any) -> None:
     """ValueError for a :class:`Relay` keyword it cannot run with (``main`` asks before it opens anything, with
     only the keywords it was given: the others are the constructor's defaults)."""
     values = {**_DEFAULTS, **given}
-    batch_size, retention, retry_jitter, max_attempts = (
-        values["batch_size"],
-        values["retention"],
-        values["retry_jitter"],
-        values["max_attempts"],
-    )
+    batch_size, retention, retry_jitter, max_attempts = (values[k] for k in _OTHERS)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
-    _seconds(**{k: values[k] for k in ("poll_interval", "publish_timeout", "retry_initial", "retry_max",
-                                        "cleanup_interval")})  # fmt: skip
+    _seconds(**{k: values[k] for k in _SECONDS})
     if not retention >= 0:
         raise ValueError(f"retention is in seconds, 0 or more, not {retention!r}")
     if not 0 <= retry_jitter <= 1:
